@@ -1,0 +1,408 @@
+//! Settings, read once at start from environment variables (`TOLLGATE_*`) over an optional
+//! TOML file, and validated into [`Config`]. Every error names the setting and where its
+//! value came from; secret values are never part of an error or of `Debug` output.
+//!
+//! With no configuration at all Tollgate serves on [`DEFAULT_LISTEN`] with SQLite under
+//! `./data` (see the README's configuration table).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::crypto::MasterKey;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATA_DIR: &str = "./data";
+
+/// Development serves plain HTTP with generated secrets; production demands explicit ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// How hard SQLite pushes each commit to disk (`PRAGMA synchronous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqliteSync {
+    /// fsync the WAL on every commit: a committed ledger write survives power loss.
+    Full,
+    /// fsync at checkpoints only: survives a process crash, not a power cut.
+    Normal,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: Mode,
+    pub listen: SocketAddr,
+    /// The URL tenants' apps and browsers use to reach this server (links, snippets, cookies).
+    pub public_url: String,
+    pub data_dir: PathBuf,
+    pub database_url: SecretString,
+    pub database_max_connections: u32,
+    pub sqlite_synchronous: SqliteSync,
+    /// `None` means: use (or create) `master.key` in the data directory (development only).
+    pub master_key: Option<MasterKey>,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    /// How long shutdown waits for in-flight requests and streams before it cuts them.
+    pub shutdown_grace: Duration,
+    /// Whether `serve` also runs the background job workers in its own process.
+    pub run_workers: bool,
+}
+
+impl Config {
+    /// Reads the configuration from the process environment, and from the TOML file named
+    /// by `file` (or by `TOLLGATE_CONFIG`) when there is one.
+    pub fn from_env(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let vars: HashMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("TOLLGATE_")).collect();
+        Self::load(file, &vars)
+    }
+
+    /// Like [`Config::from_env`], with the environment given explicitly (for tests).
+    pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let file = file.map(Path::to_path_buf).or_else(|| env.get("TOLLGATE_CONFIG").map(PathBuf::from));
+        let mut raw = match &file {
+            Some(path) => RawConfig::from_file(path)?,
+            None => Sourced::default(),
+        };
+        raw.overlay_env(env)?;
+        raw.validate()
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.database_url.expose_secret().starts_with("sqlite:")
+    }
+
+    /// The database URL with any password replaced, safe to log.
+    pub fn database_url_redacted(&self) -> String {
+        redact_url(self.database_url.expose_secret())
+    }
+}
+
+/// Replaces the password part of `scheme://user:password@host/…` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("{setting} ({source_name}): {reason}")]
+    Invalid {
+        setting: &'static str,
+        source_name: String,
+        reason: String,
+    },
+    #[error("{setting} is required in production mode: {hint}")]
+    Required { setting: &'static str, hint: &'static str },
+}
+
+/// The file's shape: the same names as the environment variables, lower case, without
+/// the `TOLLGATE_` prefix. Unknown keys are an error, not silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    mode: Option<String>,
+    listen: Option<String>,
+    public_url: Option<String>,
+    data_dir: Option<String>,
+    database_url: Option<String>,
+    database_max_connections: Option<u32>,
+    sqlite_synchronous: Option<String>,
+    master_key: Option<String>,
+    log_format: Option<String>,
+    log: Option<String>,
+    shutdown_grace_seconds: Option<u64>,
+    workers: Option<bool>,
+}
+
+/// Raw settings plus where each came from, so errors can point at the right place.
+#[derive(Default)]
+struct Sourced {
+    raw: RawConfig,
+    sources: HashMap<&'static str, String>,
+}
+
+/// (file key, environment variable) for every setting.
+const SETTINGS: &[(&str, &str)] = &[
+    ("mode", "TOLLGATE_MODE"),
+    ("listen", "TOLLGATE_LISTEN"),
+    ("public_url", "TOLLGATE_PUBLIC_URL"),
+    ("data_dir", "TOLLGATE_DATA_DIR"),
+    ("database_url", "TOLLGATE_DATABASE_URL"),
+    ("database_max_connections", "TOLLGATE_DATABASE_MAX_CONNECTIONS"),
+    ("sqlite_synchronous", "TOLLGATE_SQLITE_SYNCHRONOUS"),
+    ("master_key", "TOLLGATE_MASTER_KEY"),
+    ("log_format", "TOLLGATE_LOG_FORMAT"),
+    ("log", "TOLLGATE_LOG"),
+    ("shutdown_grace_seconds", "TOLLGATE_SHUTDOWN_GRACE_SECONDS"),
+    ("workers", "TOLLGATE_WORKERS"),
+];
+
+fn env_name(key: &str) -> &'static str {
+    SETTINGS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, e)| *e)
+        .unwrap_or("TOLLGATE_?")
+}
+
+impl RawConfig {
+    fn from_file(path: &Path) -> Result<Sourced, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            reason: e.message().to_owned(),
+        })?;
+        let mut sources = HashMap::new();
+        let file_source = |key: &str| format!("`{key}` in {}", path.display());
+        for (key, _) in SETTINGS {
+            sources.insert(*key, file_source(key));
+        }
+        Ok(Sourced { raw, sources })
+    }
+}
+
+impl Sourced {
+    fn overlay_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        for (key, var) in SETTINGS {
+            let Some(value) = env.get(*var) else { continue };
+            self.sources.insert(key, var.to_string());
+            let invalid = |reason: String| ConfigError::Invalid {
+                setting: key,
+                source_name: var.to_string(),
+                reason,
+            };
+            let r = &mut self.raw;
+            let text = Some(value.clone());
+            match *key {
+                "mode" => r.mode = text,
+                "listen" => r.listen = text,
+                "public_url" => r.public_url = text,
+                "data_dir" => r.data_dir = text,
+                "database_url" => r.database_url = text,
+                "sqlite_synchronous" => r.sqlite_synchronous = text,
+                "master_key" => r.master_key = text,
+                "log_format" => r.log_format = text,
+                "log" => r.log = text,
+                "database_max_connections" => {
+                    r.database_max_connections = Some(
+                        value
+                            .trim()
+                            .parse()
+                            .map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
+                    )
+                }
+                "shutdown_grace_seconds" => {
+                    r.shutdown_grace_seconds = Some(
+                        value
+                            .trim()
+                            .parse()
+                            .map_err(|_| invalid(format!("expected a number of seconds, got {value:?}")))?,
+                    )
+                }
+                "workers" => r.workers = Some(parse_bool(value).ok_or_else(|| invalid(format!("expected true or false, got {value:?}")))?),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn source(&self, key: &'static str) -> String {
+        self.sources.get(key).cloned().unwrap_or_else(|| env_name(key).to_owned())
+    }
+
+    fn invalid(&self, key: &'static str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            setting: key,
+            source_name: self.source(key),
+            reason: reason.into(),
+        }
+    }
+
+    fn validate(self) -> Result<Config, ConfigError> {
+        let r = &self.raw;
+        let mode = match r.mode.as_deref().map(str::trim) {
+            None | Some("development") | Some("dev") => Mode::Development,
+            Some("production") | Some("prod") => Mode::Production,
+            Some(other) => return Err(self.invalid("mode", format!("expected development or production, got {other:?}"))),
+        };
+        let listen_text = r.listen.as_deref().unwrap_or(DEFAULT_LISTEN).trim();
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| self.invalid("listen", format!("expected an address like 127.0.0.1:8080, got {listen_text:?}")))?;
+        let public_url = match r.public_url.as_deref().map(str::trim) {
+            Some(url) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(self.invalid("public_url", format!("expected an http:// or https:// URL, got {url:?}")));
+                }
+                url.trim_end_matches('/').to_owned()
+            }
+            None => format!("http://{listen}"),
+        };
+        let data_dir = PathBuf::from(r.data_dir.as_deref().unwrap_or(DEFAULT_DATA_DIR));
+        if data_dir.as_os_str().is_empty() {
+            return Err(self.invalid("data_dir", "must not be empty"));
+        }
+        let database_url = match r.database_url.as_deref().map(str::trim) {
+            Some(url) if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                url.to_owned()
+            }
+            Some(url) => {
+                return Err(self.invalid(
+                    "database_url",
+                    format!("expected a sqlite: or postgres:// URL, got {:?}", redact_url(url)),
+                ));
+            }
+            None => format!("sqlite://{}", data_dir.join("tollgate.db").display()),
+        };
+        let database_max_connections = r.database_max_connections.unwrap_or(10);
+        if database_max_connections == 0 {
+            return Err(self.invalid("database_max_connections", "must be at least 1"));
+        }
+        let sqlite_synchronous = match r.sqlite_synchronous.as_deref().map(str::trim) {
+            None | Some("full") => SqliteSync::Full,
+            Some("normal") => SqliteSync::Normal,
+            Some(other) => return Err(self.invalid("sqlite_synchronous", format!("expected full or normal, got {other:?}"))),
+        };
+        let master_key = match r.master_key.as_deref() {
+            Some(text) => Some(
+                MasterKey::from_base64(text)
+                    .map_err(|e| self.invalid("master_key", format!("{e} (the value is not shown)")))?,
+            ),
+            None if mode == Mode::Production => {
+                return Err(ConfigError::Required {
+                    setting: "TOLLGATE_MASTER_KEY",
+                    hint: "generate one with `tollgate admin generate-master-key` and keep it safe: it decrypts every stored provider and Stripe secret",
+                });
+            }
+            None => None,
+        };
+        let log_format = match r.log_format.as_deref().map(str::trim) {
+            None | Some("human") | Some("text") => LogFormat::Human,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(self.invalid("log_format", format!("expected human or json, got {other:?}"))),
+        };
+        let log_filter = r.log.clone().unwrap_or_else(|| "info".to_owned());
+        let shutdown_grace = Duration::from_secs(r.shutdown_grace_seconds.unwrap_or(30));
+        Ok(Config {
+            mode,
+            listen,
+            public_url,
+            data_dir,
+            database_url: SecretString::from(database_url),
+            database_max_connections,
+            sqlite_synchronous,
+            master_key,
+            log_format,
+            log_filter,
+            shutdown_grace,
+            run_workers: r.workers.unwrap_or(true),
+        })
+    }
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn no_configuration_means_local_sqlite_in_development() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert_eq!(c.mode, Mode::Development);
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.database_url.expose_secret(), "sqlite://./data/tollgate.db");
+        assert_eq!(c.public_url, "http://127.0.0.1:8080");
+        assert!(c.master_key.is_none());
+        assert!(c.run_workers);
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_its_source() {
+        let e = Config::load(None, &env(&[("TOLLGATE_LISTEN", "not-an-address")])).unwrap_err();
+        assert!(e.to_string().starts_with("listen (TOLLGATE_LISTEN):"), "{e}");
+        let e = Config::load(None, &env(&[("TOLLGATE_DATABASE_MAX_CONNECTIONS", "many")])).unwrap_err();
+        assert!(e.to_string().contains("TOLLGATE_DATABASE_MAX_CONNECTIONS"), "{e}");
+        let e = Config::load(None, &env(&[("TOLLGATE_DATABASE_URL", "mysql://u:hunter2@h/db")])).unwrap_err();
+        assert!(e.to_string().contains("database_url"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "password leaked: {e}");
+    }
+
+    #[test]
+    fn production_requires_a_master_key() {
+        let e = Config::load(None, &env(&[("TOLLGATE_MODE", "production")])).unwrap_err();
+        assert!(e.to_string().contains("TOLLGATE_MASTER_KEY"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_master_key_is_named_but_not_shown() {
+        let e = Config::load(None, &env(&[("TOLLGATE_MASTER_KEY", "c2VjcmV0LXZhbHVl")])).unwrap_err();
+        assert!(e.to_string().contains("master_key"), "{e}");
+        assert!(!e.to_string().contains("c2VjcmV0LXZhbHVl"), "{e}");
+    }
+
+    #[test]
+    fn file_values_are_overridden_by_env_and_unknown_keys_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.toml");
+        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\ndatabase_max_connections = 3\n").unwrap();
+        let c = Config::load(Some(&path), &env(&[("TOLLGATE_LISTEN", "127.0.0.1:9001")])).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(c.database_max_connections, 3);
+
+        std::fs::write(&path, "lissten = \"0.0.0.0:9000\"\n").unwrap();
+        let e = Config::load(Some(&path), &env(&[])).unwrap_err();
+        assert!(e.to_string().contains("lissten"), "{e}");
+
+        std::fs::write(&path, "database_max_connections = 0\n").unwrap();
+        let e = Config::load(Some(&path), &env(&[])).unwrap_err();
+        assert!(e.to_string().contains("`database_max_connections` in"), "{e}");
+    }
+
+    #[test]
+    fn redacts_database_passwords() {
+        assert_eq!(redact_url("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://./data/x.db"), "sqlite://./data/x.db");
+    }
+}

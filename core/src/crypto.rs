@@ -1,0 +1,196 @@
+//! Secrets at rest and passwords.
+//!
+//! - [`MasterKey`]: 32 random bytes that encrypt every stored provider and Stripe secret
+//!   (XChaCha20-Poly1305, a fresh random nonce per value). In development it is generated
+//!   once into `<data_dir>/master.key`; production must supply it.
+//! - Passwords are hashed with argon2id (PHC strings), never stored or logged in clear.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use argon2::Argon2;
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+const KEY_LEN: usize = 32;
+const NONCE_LEN: usize = 24;
+const SEALED_PREFIX: &str = "v1:";
+
+/// The key that encrypts secrets at rest. Its `Debug` never shows the bytes.
+#[derive(Clone)]
+pub struct MasterKey([u8; KEY_LEN]);
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterKey([REDACTED])")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("expected 32 bytes in standard base64 (44 characters)")]
+    Malformed,
+    #[error("cannot read or create the master key file {path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("the stored secret is not in a known format")]
+    Format,
+    #[error("the stored secret cannot be decrypted with this master key")]
+    WrongKey,
+}
+
+impl MasterKey {
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; KEY_LEN];
+        rand::fill(&mut bytes);
+        Self(bytes)
+    }
+
+    pub fn from_base64(text: &str) -> Result<Self, KeyError> {
+        let bytes = B64.decode(text.trim()).map_err(|_| KeyError::Malformed)?;
+        let bytes: [u8; KEY_LEN] = bytes.try_into().map_err(|_| KeyError::Malformed)?;
+        Ok(Self(bytes))
+    }
+
+    /// The key in the form `TOLLGATE_MASTER_KEY` takes. Only for showing to an operator once.
+    pub fn to_base64(&self) -> String {
+        B64.encode(self.0)
+    }
+
+    /// Reads the key kept in `path`, or creates it (readable by its owner only) when absent.
+    pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
+        let io = |e: std::io::Error| KeyError::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::from_base64(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(io)?;
+                }
+                let key = Self::generate();
+                write_private(path, &key.to_base64()).map_err(io)?;
+                tracing::info!(path = %path.display(), "generated a new master key");
+                Ok(key)
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Encrypts `plaintext` into a printable string (`v1:<base64 nonce‖ciphertext>`).
+    pub fn seal(&self, plaintext: &str) -> String {
+        let cipher = XChaCha20Poly1305::new((&self.0).into());
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::fill(&mut nonce);
+        // Encryption with a valid key and nonce length cannot fail for in-memory buffers.
+        let ciphertext = cipher
+            .encrypt(XNonce::from_slice(&nonce), plaintext.as_bytes())
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(NONCE_LEN + ciphertext.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ciphertext);
+        format!("{SEALED_PREFIX}{}", B64.encode(out))
+    }
+
+    pub fn open(&self, sealed: &str) -> Result<String, SealError> {
+        let body = sealed.strip_prefix(SEALED_PREFIX).ok_or(SealError::Format)?;
+        let bytes = B64.decode(body).map_err(|_| SealError::Format)?;
+        if bytes.len() < NONCE_LEN {
+            return Err(SealError::Format);
+        }
+        let (nonce, ciphertext) = bytes.split_at(NONCE_LEN);
+        let cipher = XChaCha20Poly1305::new((&self.0).into());
+        let plain = cipher
+            .decrypt(XNonce::from_slice(nonce), ciphertext)
+            .map_err(|_| SealError::WrongKey)?;
+        String::from_utf8(plain).map_err(|_| SealError::Format)
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    std::fs::write(path, contents)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("password hashing failed")]
+pub struct PasswordHashError;
+
+/// Hashes a password with argon2id and a random salt, as a PHC string.
+pub fn hash_password(password: &str) -> Result<String, PasswordHashError> {
+    Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|_| PasswordHashError)
+}
+
+/// Whether `password` matches the PHC string `hash`. A malformed hash never matches.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_round_trips_and_differs_each_time() {
+        let key = MasterKey::generate();
+        let a = key.seal("sk-live-123");
+        let b = key.seal("sk-live-123");
+        assert_ne!(a, b, "nonce must be fresh");
+        assert!(!a.contains("sk-live"));
+        assert_eq!(key.open(&a).unwrap(), "sk-live-123");
+        assert!(matches!(MasterKey::generate().open(&a), Err(SealError::WrongKey)));
+        assert!(matches!(key.open("plain"), Err(SealError::Format)));
+    }
+
+    #[test]
+    fn key_file_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/master.key");
+        let k1 = MasterKey::load_or_create(&path).unwrap();
+        let k2 = MasterKey::load_or_create(&path).unwrap();
+        assert_eq!(k1.to_base64(), k2.to_base64());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(!format!("{k1:?}").contains(&k1.to_base64()));
+    }
+
+    #[test]
+    fn passwords_hash_with_argon2id() {
+        let h = hash_password("correct horse").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse", &h));
+        assert!(!verify_password("wrong", &h));
+        assert!(!verify_password("correct horse", "not-a-hash"));
+    }
+}

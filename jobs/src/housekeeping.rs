@@ -1,0 +1,48 @@
+//! Periodic upkeep. Every worker process beats a heartbeat (so an operator can see that
+//! workers run) and, once a minute, queues one [`Housekeeping`] job for the whole
+//! deployment (deduplicated by minute across replicas), which prunes what has gone stale.
+
+use serde::{Deserialize, Serialize};
+use tollgate_core::time::UnixMillis;
+use tollgate_core::{Db, with_db};
+
+/// Heartbeats older than this belong to workers that are gone.
+pub const STALE_HEARTBEAT_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// One housekeeping run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Housekeeping {
+    /// The minute (Unix ms) this run was scheduled for.
+    pub scheduled_for: i64,
+}
+
+/// Records that the worker process `worker` is alive now.
+pub async fn beat(db: &Db, worker: &str) -> Result<(), sqlx::Error> {
+    const SQL: &str = "INSERT INTO worker_heartbeats (worker, beat_at) VALUES ($1, $2) \
+                       ON CONFLICT (worker) DO UPDATE SET beat_at = excluded.beat_at";
+    let now = UnixMillis::now().0;
+    with_db!(db, pool => sqlx::query(SQL).bind(worker).bind(now).execute(pool).await.map(|_| ()))
+}
+
+/// What one housekeeping run did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HousekeepingReport {
+    pub stale_heartbeats_removed: u64,
+}
+
+/// Removes what has gone stale.
+pub async fn run(db: &Db, now: UnixMillis) -> Result<HousekeepingReport, sqlx::Error> {
+    const SQL: &str = "DELETE FROM worker_heartbeats WHERE beat_at < $1";
+    let cutoff = now.0 - STALE_HEARTBEAT_MS;
+    let removed = with_db!(db, pool => sqlx::query(SQL).bind(cutoff).execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(HousekeepingReport {
+        stale_heartbeats_removed: removed,
+    })
+}
+
+/// Age in milliseconds of the newest heartbeat of any worker, or `None` if none ever beat.
+pub async fn newest_heartbeat_age_ms(db: &Db) -> Result<Option<i64>, sqlx::Error> {
+    const SQL: &str = "SELECT MAX(beat_at) FROM worker_heartbeats";
+    let newest: Option<i64> = with_db!(db, pool => sqlx::query_scalar::<_, Option<i64>>(SQL).fetch_one(pool).await)?;
+    Ok(newest.map(|t| (UnixMillis::now().0 - t).max(0)))
+}

@@ -1,0 +1,14 @@
+//! The slow path: background work on apalis, in the `serve` process or in separate
+//! `tollgate worker` processes. It meets the hot path (proxy → ledger) only at the database
+//! and at the job queue, whose storage lives in the same database as everything else.
+//!
+//! - [`JobStore`]: the queues (apalis storage on SQLite or PostgreSQL) and how to push onto them.
+//! - [`run_workers`]: the workers of one process, until shutdown.
+//! - [`housekeeping`]: the periodic jobs (worker heartbeat, pruning).
+
+pub mod housekeeping;
+mod store;
+mod workers;
+
+pub use store::{JobStore, JobStoreError};
+pub use workers::{WorkerOptions, run_workers};

@@ -1,0 +1,105 @@
+//! The job queues. apalis keeps them in the application's own database: on SQLite in its
+//! own small pool opened with the application's connection settings (we run apalis's
+//! migrations ourselves instead of its `setup`, which would turn `synchronous` off on a
+//! connection), on PostgreSQL in the `apalis` schema.
+
+use apalis::prelude::{TaskBuilder, TaskSink};
+use apalis_postgres::PostgresStorage;
+use apalis_sqlite::SqliteStorage;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::SqlitePoolOptions;
+use std::str::FromStr;
+use std::time::Duration;
+use tollgate_core::config::{SqliteSync, redact_url};
+use tollgate_core::db::sqlite_options;
+
+use crate::housekeeping::Housekeeping;
+
+const HOUSEKEEPING_QUEUE: &str = "tollgate.housekeeping";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobStoreError {
+    #[error("cannot open the job queue database {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("setting up the job queue tables failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("pushing a job failed: {0}")]
+    Push(String),
+}
+
+/// The queues of one database. Cheap to clone; every clone pushes to the same queues.
+#[derive(Clone)]
+pub enum JobStore {
+    Sqlite { housekeeping: SqliteStorage<Housekeeping> },
+    Postgres { housekeeping: PostgresStorage<Housekeeping> },
+}
+
+impl std::fmt::Debug for JobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobStore::Sqlite { .. } => f.write_str("JobStore::Sqlite"),
+            JobStore::Postgres { .. } => f.write_str("JobStore::Postgres"),
+        }
+    }
+}
+
+impl JobStore {
+    /// Opens the queues in the database at `url` and brings their tables up to date.
+    pub async fn open(url: &str, sqlite_sync: SqliteSync) -> Result<Self, JobStoreError> {
+        let connect_err = |source| JobStoreError::Connect {
+            url: redact_url(url),
+            source,
+        };
+        if url.starts_with("sqlite:") {
+            let sync = match sqlite_sync {
+                SqliteSync::Full => sqlx::sqlite::SqliteSynchronous::Full,
+                SqliteSync::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
+            };
+            let options = sqlite_options(url).map_err(connect_err)?.synchronous(sync);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await
+                .map_err(connect_err)?;
+            SqliteStorage::<()>::migrations().run(&pool).await?;
+            let config = apalis_sqlite::Config::default().queue(HOUSEKEEPING_QUEUE);
+            Ok(JobStore::Sqlite {
+                housekeeping: SqliteStorage::new(&pool).with_config(config),
+            })
+        } else {
+            let options = sqlx::postgres::PgConnectOptions::from_str(url).map_err(connect_err)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await
+                .map_err(connect_err)?;
+            PostgresStorage::<()>::migrations().run(&pool).await?;
+            let config = apalis_postgres::Config::default().queue(HOUSEKEEPING_QUEUE);
+            Ok(JobStore::Postgres {
+                housekeeping: PostgresStorage::new(&pool).with_config(config),
+            })
+        }
+    }
+
+    /// Queues a housekeeping run. With an `idempotency_key`, a second push with the same key
+    /// (from another replica, for the same minute) is a no-op.
+    pub async fn push_housekeeping(&self, job: Housekeeping, idempotency_key: Option<String>) -> Result<(), JobStoreError> {
+        let mut builder = TaskBuilder::new(job).max_attempts(5);
+        if let Some(key) = idempotency_key {
+            builder = builder.idempotency_key(key);
+        }
+        let task = builder.build();
+        let result = match self {
+            JobStore::Sqlite { housekeeping } => housekeeping.clone().push_task(task).await.map_err(|e| e.to_string()),
+            JobStore::Postgres { housekeeping } => housekeeping.clone().push_task(task).await.map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            // PostgreSQL refuses a duplicate idempotency key; SQLite ignores it. Both mean "already queued".
+            Err(e) if e.contains("duplicate key") || e.contains("unique") => Ok(()),
+            Err(e) => Err(JobStoreError::Push(e)),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The workers of one process: a heartbeat every 15 seconds, a per-minute scheduler that
+//! queues housekeeping, and the housekeeping queue's consumer. They run until shutdown
+//! is requested, then get `grace` to finish what they hold.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use apalis::prelude::{BackendExt, BoxDynError, Data, Event, Monitor, WorkerBuilder, WorkerBuilderExt, WorkerContext};
+use apalis_cron::{CronScheduler, Tick};
+use tokio_util::sync::CancellationToken;
+use tollgate_core::Db;
+use tollgate_core::time::UnixMillis;
+
+use crate::housekeeping::{self, Housekeeping};
+use crate::store::JobStore;
+
+/// How this process runs its workers.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Unique per process (several replicas share one queue): appears in worker names.
+    pub process_name: String,
+    /// How often an idle queue consumer looks for new jobs.
+    pub poll_interval: Duration,
+    /// How long in-flight jobs may run on after shutdown is requested.
+    pub grace: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            process_name: format!("{}-{}", hostname(), std::process::id()),
+            poll_interval: Duration::from_millis(500),
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tollgate".to_owned())
+}
+
+#[derive(Clone)]
+struct JobContext {
+    db: Db,
+    store: JobStore,
+    process_name: String,
+}
+
+/// Runs this process's workers until `shutdown` is cancelled.
+pub async fn run_workers(db: Db, store: JobStore, options: WorkerOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let ctx = JobContext {
+        db,
+        store: store.clone(),
+        process_name: options.process_name.clone(),
+    };
+    // Beat once before the first tick so the process shows as alive immediately.
+    if let Err(e) = housekeeping::beat(&ctx.db, &ctx.process_name).await {
+        tracing::warn!(error = %e, "could not record worker heartbeat");
+    }
+
+    let every_15s = cron::Schedule::from_str("*/15 * * * * *")?;
+    let every_minute = cron::Schedule::from_str("0 * * * * *")?;
+    let process_name = options.process_name.clone();
+    let name = move |base: &str, restarts: usize| format!("{base}@{process_name}#{restarts}");
+
+    let monitor = Monitor::new()
+        .on_event(record_job_event)
+        .shutdown_timeout(options.grace)
+        .should_restart(|worker, error| {
+            tracing::warn!(worker = %worker.name(), %error, "worker stopped; restarting it");
+            true
+        });
+
+    let heartbeat_ctx = ctx.clone();
+    let scheduler_ctx = ctx.clone();
+    let monitor = monitor
+        .register({
+            let name = name.clone();
+            move |restarts| {
+                WorkerBuilder::new(name("heartbeat", restarts))
+                    .backend(CronScheduler::new(every_15s.clone()))
+                    .data(heartbeat_ctx.clone())
+                    .catch_panic()
+                    .build(heartbeat_tick)
+            }
+        })
+        .register({
+            let name = name.clone();
+            move |restarts| {
+                WorkerBuilder::new(name("housekeeping-scheduler", restarts))
+                    .backend(CronScheduler::new(every_minute.clone()))
+                    .data(scheduler_ctx.clone())
+                    .catch_panic()
+                    .build(schedule_housekeeping)
+            }
+        });
+    let monitor = match store {
+        JobStore::Sqlite { housekeeping } => {
+            let ctx = ctx.clone();
+            let poll = options.poll_interval;
+            monitor.register(move |restarts| {
+                WorkerBuilder::new(name("housekeeping", restarts))
+                    .backend(housekeeping.clone().poll_with_interval(poll))
+                    .data(ctx.clone())
+                    .catch_panic()
+                    .concurrency(1)
+                    .build(run_housekeeping)
+            })
+        }
+        JobStore::Postgres { housekeeping } => {
+            let ctx = ctx.clone();
+            let poll = options.poll_interval;
+            monitor.register(move |restarts| {
+                WorkerBuilder::new(name("housekeeping", restarts))
+                    .backend(housekeeping.clone().poll_with_interval(poll))
+                    .data(ctx.clone())
+                    .catch_panic()
+                    .concurrency(1)
+                    .build(run_housekeeping)
+            })
+        }
+    };
+    monitor
+        .run_with_signal(async move {
+            shutdown.cancelled().await;
+            Ok(())
+        })
+        .await?;
+    tracing::info!("job workers stopped");
+    Ok(())
+}
+
+/// Counts finished jobs per worker kind for `/metrics` (`tollgate_jobs_total`).
+fn record_job_event(worker: &WorkerContext, event: &Event) {
+    let kind = worker.name().split('@').next().unwrap_or("unknown").to_owned();
+    match event {
+        Event::Success(_) => metrics::counter!("tollgate_jobs_total", "job" => kind, "outcome" => "success").increment(1),
+        Event::Error(error) => {
+            tracing::warn!(job = %kind, %error, "job failed");
+            metrics::counter!("tollgate_jobs_total", "job" => kind, "outcome" => "failure").increment(1)
+        }
+        _ => {}
+    }
+}
+
+async fn heartbeat_tick(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+    housekeeping::beat(&ctx.db, &ctx.process_name).await?;
+    Ok(())
+}
+
+async fn schedule_housekeeping(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+    let now = UnixMillis::now().0;
+    let minute = now - now.rem_euclid(60_000);
+    ctx.store
+        .push_housekeeping(Housekeeping { scheduled_for: minute }, Some(format!("housekeeping:{minute}")))
+        .await?;
+    Ok(())
+}
+
+async fn run_housekeeping(job: Housekeeping, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+    let report = housekeeping::run(&ctx.db, UnixMillis::now()).await?;
+    tracing::debug!(scheduled_for = job.scheduled_for, ?report, "housekeeping done");
+    Ok(())
+}
