@@ -69,7 +69,10 @@ pub struct CreatedOrganization {
 
 /// Creates an organization and its owner in one transaction: either both exist afterwards
 /// or neither does.
-pub async fn create_organization_with_owner(db: &Db, new: NewOrganization<'_>) -> Result<CreatedOrganization, AccountError> {
+pub async fn create_organization_with_owner(
+    db: &Db,
+    new: NewOrganization<'_>,
+) -> Result<CreatedOrganization, AccountError> {
     let name = validate_org_name(new.name)?;
     let email = normalize_email(new.owner_email)?;
     validate_password(new.owner_password)?;
@@ -78,7 +81,8 @@ pub async fn create_organization_with_owner(db: &Db, new: NewOrganization<'_>) -
     let org_id = OrgId::generate();
     let owner_id = UserId::generate();
     let now = UnixMillis::now().0;
-    let result: Result<(), sqlx::Error> = with_db!(db, pool => {
+    // The transaction runs in its own async block so that `?` ends the block, not the function.
+    let result: Result<(), sqlx::Error> = with_db!(db, pool => async {
         let mut tx = pool.begin().await?;
         sqlx::query("INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3)")
             .bind(&org_id)
@@ -101,7 +105,8 @@ pub async fn create_organization_with_owner(db: &Db, new: NewOrganization<'_>) -
             .execute(&mut *tx)
             .await?;
         tx.commit().await
-    });
+    }
+    .await);
     match result {
         Ok(()) => Ok(CreatedOrganization { org_id, owner_id }),
         Err(e) if is_unique_violation(&e) => Err(AccountError::EmailTaken),

@@ -17,6 +17,8 @@ use crate::crypto::MasterKey;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "./data";
+/// Info for Tollgate; sqlx's per-statement notices only when asked for.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn";
 
 /// Development serves plain HTTP with generated secrets; production demands explicit ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +82,15 @@ impl Config {
         raw.validate()
     }
 
+    /// The master key: the configured one, or (development only) the one kept in
+    /// `<data_dir>/master.key`, created on first start.
+    pub fn resolve_master_key(&self) -> Result<MasterKey, crate::crypto::KeyError> {
+        match &self.master_key {
+            Some(key) => Ok(key.clone()),
+            None => MasterKey::load_or_create(&self.data_dir.join("master.key")),
+        }
+    }
+
     pub fn is_sqlite(&self) -> bool {
         self.database_url.expose_secret().starts_with("sqlite:")
     }
@@ -113,11 +124,7 @@ pub enum ConfigError {
     #[error("cannot read config file {path}: {reason}")]
     File { path: String, reason: String },
     #[error("{setting} ({source_name}): {reason}")]
-    Invalid {
-        setting: &'static str,
-        source_name: String,
-        reason: String,
-    },
+    Invalid { setting: &'static str, source_name: String, reason: String },
     #[error("{setting} is required in production mode: {hint}")]
     Required { setting: &'static str, hint: &'static str },
 }
@@ -165,23 +172,15 @@ const SETTINGS: &[(&str, &str)] = &[
 ];
 
 fn env_name(key: &str) -> &'static str {
-    SETTINGS
-        .iter()
-        .find(|(k, _)| *k == key)
-        .map(|(_, e)| *e)
-        .unwrap_or("TOLLGATE_?")
+    SETTINGS.iter().find(|(k, _)| *k == key).map(|(_, e)| *e).unwrap_or("TOLLGATE_?")
 }
 
 impl RawConfig {
     fn from_file(path: &Path) -> Result<Sourced, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::File {
-            path: path.display().to_string(),
-            reason: e.message().to_owned(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::File { path: path.display().to_string(), reason: e.to_string() })?;
+        let raw: RawConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::File { path: path.display().to_string(), reason: e.message().to_owned() })?;
         let mut sources = HashMap::new();
         let file_source = |key: &str| format!("`{key}` in {}", path.display());
         for (key, _) in SETTINGS {
@@ -196,11 +195,7 @@ impl Sourced {
         for (key, var) in SETTINGS {
             let Some(value) = env.get(*var) else { continue };
             self.sources.insert(key, var.to_string());
-            let invalid = |reason: String| ConfigError::Invalid {
-                setting: key,
-                source_name: var.to_string(),
-                reason,
-            };
+            let invalid = |reason: String| ConfigError::Invalid { setting: key, source_name: var.to_string(), reason };
             let r = &mut self.raw;
             let text = Some(value.clone());
             match *key {
@@ -215,10 +210,7 @@ impl Sourced {
                 "log" => r.log = text,
                 "database_max_connections" => {
                     r.database_max_connections = Some(
-                        value
-                            .trim()
-                            .parse()
-                            .map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
+                        value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
                     )
                 }
                 "shutdown_grace_seconds" => {
@@ -229,7 +221,11 @@ impl Sourced {
                             .map_err(|_| invalid(format!("expected a number of seconds, got {value:?}")))?,
                     )
                 }
-                "workers" => r.workers = Some(parse_bool(value).ok_or_else(|| invalid(format!("expected true or false, got {value:?}")))?),
+                "workers" => {
+                    r.workers = Some(
+                        parse_bool(value).ok_or_else(|| invalid(format!("expected true or false, got {value:?}")))?,
+                    )
+                }
                 _ => {}
             }
         }
@@ -241,11 +237,7 @@ impl Sourced {
     }
 
     fn invalid(&self, key: &'static str, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            setting: key,
-            source_name: self.source(key),
-            reason: reason.into(),
-        }
+        ConfigError::Invalid { setting: key, source_name: self.source(key), reason: reason.into() }
     }
 
     fn validate(self) -> Result<Config, ConfigError> {
@@ -253,12 +245,14 @@ impl Sourced {
         let mode = match r.mode.as_deref().map(str::trim) {
             None | Some("development") | Some("dev") => Mode::Development,
             Some("production") | Some("prod") => Mode::Production,
-            Some(other) => return Err(self.invalid("mode", format!("expected development or production, got {other:?}"))),
+            Some(other) => {
+                return Err(self.invalid("mode", format!("expected development or production, got {other:?}")));
+            }
         };
         let listen_text = r.listen.as_deref().unwrap_or(DEFAULT_LISTEN).trim();
-        let listen: SocketAddr = listen_text
-            .parse()
-            .map_err(|_| self.invalid("listen", format!("expected an address like 127.0.0.1:8080, got {listen_text:?}")))?;
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            self.invalid("listen", format!("expected an address like 127.0.0.1:8080, got {listen_text:?}"))
+        })?;
         let public_url = match r.public_url.as_deref().map(str::trim) {
             Some(url) => {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -273,7 +267,9 @@ impl Sourced {
             return Err(self.invalid("data_dir", "must not be empty"));
         }
         let database_url = match r.database_url.as_deref().map(str::trim) {
-            Some(url) if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Some(url)
+                if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") =>
+            {
                 url.to_owned()
             }
             Some(url) => {
@@ -291,7 +287,9 @@ impl Sourced {
         let sqlite_synchronous = match r.sqlite_synchronous.as_deref().map(str::trim) {
             None | Some("full") => SqliteSync::Full,
             Some("normal") => SqliteSync::Normal,
-            Some(other) => return Err(self.invalid("sqlite_synchronous", format!("expected full or normal, got {other:?}"))),
+            Some(other) => {
+                return Err(self.invalid("sqlite_synchronous", format!("expected full or normal, got {other:?}")));
+            }
         };
         let master_key = match r.master_key.as_deref() {
             Some(text) => Some(
@@ -311,7 +309,7 @@ impl Sourced {
             Some("json") => LogFormat::Json,
             Some(other) => return Err(self.invalid("log_format", format!("expected human or json, got {other:?}"))),
         };
-        let log_filter = r.log.clone().unwrap_or_else(|| "info".to_owned());
+        let log_filter = r.log.clone().unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned());
         let shutdown_grace = Duration::from_secs(r.shutdown_grace_seconds.unwrap_or(30));
         Ok(Config {
             mode,

@@ -66,10 +66,7 @@ impl MasterKey {
 
     /// Reads the key kept in `path`, or creates it (readable by its owner only) when absent.
     pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
-        let io = |e: std::io::Error| KeyError::Io {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
+        let io = |e: std::io::Error| KeyError::Io { path: path.to_path_buf(), reason: e.to_string() };
         match std::fs::read_to_string(path) {
             Ok(text) => Self::from_base64(&text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -91,9 +88,7 @@ impl MasterKey {
         let mut nonce = [0u8; NONCE_LEN];
         rand::fill(&mut nonce);
         // Encryption with a valid key and nonce length cannot fail for in-memory buffers.
-        let ciphertext = cipher
-            .encrypt(XNonce::from_slice(&nonce), plaintext.as_bytes())
-            .unwrap_or_default();
+        let ciphertext = cipher.encrypt(XNonce::from_slice(&nonce), plaintext.as_bytes()).unwrap_or_default();
         let mut out = Vec::with_capacity(NONCE_LEN + ciphertext.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ciphertext);
@@ -108,9 +103,7 @@ impl MasterKey {
         }
         let (nonce, ciphertext) = bytes.split_at(NONCE_LEN);
         let cipher = XChaCha20Poly1305::new((&self.0).into());
-        let plain = cipher
-            .decrypt(XNonce::from_slice(nonce), ciphertext)
-            .map_err(|_| SealError::WrongKey)?;
+        let plain = cipher.decrypt(XNonce::from_slice(nonce), ciphertext).map_err(|_| SealError::WrongKey)?;
         String::from_utf8(plain).map_err(|_| SealError::Format)
     }
 }
@@ -119,11 +112,7 @@ impl MasterKey {
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()
 }
@@ -139,10 +128,7 @@ pub struct PasswordHashError;
 
 /// Hashes a password with argon2id and a random salt, as a PHC string.
 pub fn hash_password(password: &str) -> Result<String, PasswordHashError> {
-    Argon2::default()
-        .hash_password(password.as_bytes())
-        .map(|h| h.to_string())
-        .map_err(|_| PasswordHashError)
+    Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()).map_err(|_| PasswordHashError)
 }
 
 /// Whether `password` matches the PHC string `hash`. A malformed hash never matches.

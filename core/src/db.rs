@@ -65,10 +65,7 @@ pub struct PoolSettings {
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        Self {
-            max_connections: 10,
-            sqlite_synchronous: SqliteSync::Full,
-        }
+        Self { max_connections: 10, sqlite_synchronous: SqliteSync::Full }
     }
 }
 
@@ -82,10 +79,7 @@ impl Db {
     }
 
     pub async fn connect_url(url: &str, settings: &PoolSettings) -> Result<Self, DbError> {
-        let connect_err = |source| DbError::Connect {
-            url: redact_url(url),
-            source,
-        };
+        let connect_err = |source| DbError::Connect { url: redact_url(url), source };
         if url.starts_with("sqlite:") {
             let options = sqlite_options(url).map_err(connect_err)?;
             let in_memory = url.contains(":memory:") || url.contains("mode=memory");
@@ -153,11 +147,7 @@ impl Db {
             Err(sqlx::Error::Database(e)) if is_undefined_table(e.message()) => Vec::new(),
             Err(e) => return Err(e.into()),
         };
-        Ok(migrator
-            .iter()
-            .map(|m| m.version)
-            .filter(|v| !applied.contains(v))
-            .collect())
+        Ok(migrator.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect())
     }
 
     /// One round trip, to prove the database answers.
@@ -189,10 +179,8 @@ pub fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, sqlx::Error> {
 
 fn ensure_parent_dir(path: &std::path::Path) -> Result<(), DbError> {
     match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir).map_err(|source| DbError::Directory {
-            path: dir.display().to_string(),
-            source,
-        }),
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir)
+            .map_err(|source| DbError::Directory { path: dir.display().to_string(), source }),
         _ => Ok(()),
     }
 }

@@ -9,9 +9,7 @@ use std::str::FromStr;
 pub const NANOS_PER_UNIT: i64 = 1_000_000_000;
 
 /// An amount of money in nano-units of the project's currency.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct Nanos(pub i64);
 
@@ -86,21 +84,16 @@ impl FromStr for Nanos {
         if frac_part.len() > 9 {
             return Err(ParseMoneyError::TooPrecise);
         }
-        let units: i64 = if int_part.is_empty() {
-            0
-        } else {
-            int_part.parse().map_err(|_| ParseMoneyError::Overflow)?
-        };
+        let units: i64 =
+            if int_part.is_empty() { 0 } else { int_part.parse().map_err(|_| ParseMoneyError::Overflow)? };
         let frac: i64 = if frac_part.is_empty() {
             0
         } else {
             let padded = format!("{frac_part:0<9}");
             padded.parse().map_err(|_| ParseMoneyError::Invalid)?
         };
-        let abs = units
-            .checked_mul(NANOS_PER_UNIT)
-            .and_then(|n| n.checked_add(frac))
-            .ok_or(ParseMoneyError::Overflow)?;
+        let abs =
+            units.checked_mul(NANOS_PER_UNIT).and_then(|n| n.checked_add(frac)).ok_or(ParseMoneyError::Overflow)?;
         Ok(Nanos(if negative { -abs } else { abs }))
     }
 }

@@ -35,9 +35,7 @@ pub async fn run(db: &Db, now: UnixMillis) -> Result<HousekeepingReport, sqlx::E
     const SQL: &str = "DELETE FROM worker_heartbeats WHERE beat_at < $1";
     let cutoff = now.0 - STALE_HEARTBEAT_MS;
     let removed = with_db!(db, pool => sqlx::query(SQL).bind(cutoff).execute(pool).await.map(|r| r.rows_affected()))?;
-    Ok(HousekeepingReport {
-        stale_heartbeats_removed: removed,
-    })
+    Ok(HousekeepingReport { stale_heartbeats_removed: removed })
 }
 
 /// Age in milliseconds of the newest heartbeat of any worker, or `None` if none ever beat.

@@ -30,8 +30,8 @@ pub enum JobStoreError {
 /// The queues of one database. Cheap to clone; every clone pushes to the same queues.
 #[derive(Clone)]
 pub enum JobStore {
-    Sqlite { housekeeping: SqliteStorage<Housekeeping> },
-    Postgres { housekeeping: PostgresStorage<Housekeeping> },
+    Sqlite { pool: sqlx::SqlitePool, housekeeping: SqliteStorage<Housekeeping> },
+    Postgres { pool: sqlx::PgPool, housekeeping: PostgresStorage<Housekeeping> },
 }
 
 impl std::fmt::Debug for JobStore {
@@ -46,10 +46,7 @@ impl std::fmt::Debug for JobStore {
 impl JobStore {
     /// Opens the queues in the database at `url` and brings their tables up to date.
     pub async fn open(url: &str, sqlite_sync: SqliteSync) -> Result<Self, JobStoreError> {
-        let connect_err = |source| JobStoreError::Connect {
-            url: redact_url(url),
-            source,
-        };
+        let connect_err = |source| JobStoreError::Connect { url: redact_url(url), source };
         if url.starts_with("sqlite:") {
             let sync = match sqlite_sync {
                 SqliteSync::Full => sqlx::sqlite::SqliteSynchronous::Full,
@@ -64,9 +61,7 @@ impl JobStore {
                 .map_err(connect_err)?;
             SqliteStorage::<()>::migrations().run(&pool).await?;
             let config = apalis_sqlite::Config::default().queue(HOUSEKEEPING_QUEUE);
-            Ok(JobStore::Sqlite {
-                housekeeping: SqliteStorage::new(&pool).with_config(config),
-            })
+            Ok(JobStore::Sqlite { housekeeping: SqliteStorage::new(&pool).with_config(config), pool })
         } else {
             let options = sqlx::postgres::PgConnectOptions::from_str(url).map_err(connect_err)?;
             let pool = PgPoolOptions::new()
@@ -77,23 +72,55 @@ impl JobStore {
                 .map_err(connect_err)?;
             PostgresStorage::<()>::migrations().run(&pool).await?;
             let config = apalis_postgres::Config::default().queue(HOUSEKEEPING_QUEUE);
-            Ok(JobStore::Postgres {
-                housekeeping: PostgresStorage::new(&pool).with_config(config),
-            })
+            Ok(JobStore::Postgres { housekeeping: PostgresStorage::new(&pool).with_config(config), pool })
+        }
+    }
+
+    /// Closes the queue's connections (after the workers have stopped).
+    pub async fn close(&self) {
+        match self {
+            JobStore::Sqlite { pool, .. } => pool.close().await,
+            JobStore::Postgres { pool, .. } => pool.close().await,
+        }
+    }
+
+    /// Jobs of any state in the housekeeping queue (for tests and diagnostics).
+    pub async fn housekeeping_jobs_count(&self) -> Result<i64, sqlx::Error> {
+        match self {
+            JobStore::Sqlite { pool, .. } => {
+                sqlx::query_scalar("SELECT COUNT(*) FROM Jobs WHERE job_type = $1")
+                    .bind(HOUSEKEEPING_QUEUE)
+                    .fetch_one(pool)
+                    .await
+            }
+            JobStore::Postgres { pool, .. } => {
+                sqlx::query_scalar("SELECT COUNT(*) FROM apalis.jobs WHERE job_type = $1")
+                    .bind(HOUSEKEEPING_QUEUE)
+                    .fetch_one(pool)
+                    .await
+            }
         }
     }
 
     /// Queues a housekeeping run. With an `idempotency_key`, a second push with the same key
     /// (from another replica, for the same minute) is a no-op.
-    pub async fn push_housekeeping(&self, job: Housekeeping, idempotency_key: Option<String>) -> Result<(), JobStoreError> {
+    pub async fn push_housekeeping(
+        &self,
+        job: Housekeeping,
+        idempotency_key: Option<String>,
+    ) -> Result<(), JobStoreError> {
         let mut builder = TaskBuilder::new(job).max_attempts(5);
         if let Some(key) = idempotency_key {
             builder = builder.idempotency_key(key);
         }
         let task = builder.build();
         let result = match self {
-            JobStore::Sqlite { housekeeping } => housekeeping.clone().push_task(task).await.map_err(|e| e.to_string()),
-            JobStore::Postgres { housekeeping } => housekeeping.clone().push_task(task).await.map_err(|e| e.to_string()),
+            JobStore::Sqlite { housekeeping, .. } => {
+                housekeeping.clone().push_task(task).await.map_err(|e| e.to_string())
+            }
+            JobStore::Postgres { housekeeping, .. } => {
+                housekeeping.clone().push_task(task).await.map_err(|e| e.to_string())
+            }
         };
         match result {
             Ok(()) => Ok(()),

@@ -28,11 +28,17 @@ pub struct WorkerOptions {
 impl Default for WorkerOptions {
     fn default() -> Self {
         Self {
-            process_name: format!("{}-{}", hostname(), std::process::id()),
+            // pid alone repeats across restarts of containers; a random tail keeps names unique.
+            process_name: format!("{}-{}-{:04x}", hostname(), std::process::id(), rand_tail()),
             poll_interval: Duration::from_millis(500),
             grace: Duration::from_secs(30),
         }
     }
+}
+
+fn rand_tail() -> u16 {
+    let bytes = *uuid::Uuid::new_v4().as_bytes();
+    u16::from_be_bytes([bytes[0], bytes[1]])
 }
 
 fn hostname() -> String {
@@ -51,12 +57,13 @@ struct JobContext {
 }
 
 /// Runs this process's workers until `shutdown` is cancelled.
-pub async fn run_workers(db: Db, store: JobStore, options: WorkerOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let ctx = JobContext {
-        db,
-        store: store.clone(),
-        process_name: options.process_name.clone(),
-    };
+pub async fn run_workers(
+    db: Db,
+    store: JobStore,
+    options: WorkerOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let ctx = JobContext { db, store: store.clone(), process_name: options.process_name.clone() };
     // Beat once before the first tick so the process shows as alive immediately.
     if let Err(e) = housekeeping::beat(&ctx.db, &ctx.process_name).await {
         tracing::warn!(error = %e, "could not record worker heartbeat");
@@ -67,10 +74,8 @@ pub async fn run_workers(db: Db, store: JobStore, options: WorkerOptions, shutdo
     let process_name = options.process_name.clone();
     let name = move |base: &str, restarts: usize| format!("{base}@{process_name}#{restarts}");
 
-    let monitor = Monitor::new()
-        .on_event(record_job_event)
-        .shutdown_timeout(options.grace)
-        .should_restart(|worker, error| {
+    let monitor =
+        Monitor::new().on_event(record_job_event).shutdown_timeout(options.grace).should_restart(|worker, error| {
             tracing::warn!(worker = %worker.name(), %error, "worker stopped; restarting it");
             true
         });
@@ -99,7 +104,7 @@ pub async fn run_workers(db: Db, store: JobStore, options: WorkerOptions, shutdo
             }
         });
     let monitor = match store {
-        JobStore::Sqlite { housekeeping } => {
+        JobStore::Sqlite { housekeeping, .. } => {
             let ctx = ctx.clone();
             let poll = options.poll_interval;
             monitor.register(move |restarts| {
@@ -111,7 +116,7 @@ pub async fn run_workers(db: Db, store: JobStore, options: WorkerOptions, shutdo
                     .build(run_housekeeping)
             })
         }
-        JobStore::Postgres { housekeeping } => {
+        JobStore::Postgres { housekeeping, .. } => {
             let ctx = ctx.clone();
             let poll = options.poll_interval;
             monitor.register(move |restarts| {
@@ -138,7 +143,9 @@ pub async fn run_workers(db: Db, store: JobStore, options: WorkerOptions, shutdo
 fn record_job_event(worker: &WorkerContext, event: &Event) {
     let kind = worker.name().split('@').next().unwrap_or("unknown").to_owned();
     match event {
-        Event::Success(_) => metrics::counter!("tollgate_jobs_total", "job" => kind, "outcome" => "success").increment(1),
+        Event::Success(_) => {
+            metrics::counter!("tollgate_jobs_total", "job" => kind, "outcome" => "success").increment(1)
+        }
         Event::Error(error) => {
             tracing::warn!(job = %kind, %error, "job failed");
             metrics::counter!("tollgate_jobs_total", "job" => kind, "outcome" => "failure").increment(1)
@@ -155,9 +162,7 @@ async fn heartbeat_tick(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDyn
 async fn schedule_housekeeping(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
     let now = UnixMillis::now().0;
     let minute = now - now.rem_euclid(60_000);
-    ctx.store
-        .push_housekeeping(Housekeeping { scheduled_for: minute }, Some(format!("housekeeping:{minute}")))
-        .await?;
+    ctx.store.push_housekeeping(Housekeeping { scheduled_for: minute }, Some(format!("housekeeping:{minute}"))).await?;
     Ok(())
 }
 

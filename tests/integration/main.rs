@@ -1,1 +1,31 @@
-fn main(){}
+//! Tollgate's integration tests: the real server on a real database over real HTTP.
+//!
+//! Every database test runs twice: on SQLite, and on PostgreSQL when
+//! `TOLLGATE_TEST_POSTGRES_URL` names a server (each test then gets a database of its own,
+//! dropped afterwards). Without it the PostgreSQL variants are reported as ignored, and
+//! a banner says so.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
+
+mod accounts;
+mod cli;
+mod helpers;
+mod jobs;
+mod ops;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let postgres = helpers::postgres_admin_url();
+    if postgres.is_none() && !args.list {
+        eprintln!(
+            "\n  PostgreSQL tests SKIPPED: set TOLLGATE_TEST_POSTGRES_URL (e.g. postgres://postgres@127.0.0.1:5432/postgres)\n  to run every database test on PostgreSQL as well.\n"
+        );
+    }
+    let db_cases = [ops::cases(), accounts::cases(), jobs::cases(), cli::db_cases()].into_iter().flatten().collect();
+    let mut trials = helpers::db_trials(db_cases, postgres);
+    trials.extend(helpers::plain_trials(cli::plain_cases()));
+    libtest_mimic::run(&args, trials).exit_code()
+}

@@ -1,0 +1,145 @@
+//! Building and running the server: one router with every face and the layers around it,
+//! the job workers beside it (unless disabled), and a shutdown that stops accepting, lets
+//! in-flight requests and streams finish up to the grace period, stops the workers and
+//! closes the database (flushing pending writes).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tollgate_core::{Config, Db};
+use tollgate_jobs::{JobStore, WorkerOptions};
+use tower::ServiceBuilder;
+use tower_http::LatencyUnit;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::middleware::{http_metrics, request_id};
+use crate::routes::ops;
+use crate::state::AppState;
+use crate::telemetry;
+
+/// A server bound to its port and ready to run.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    local_addr: SocketAddr,
+}
+
+impl Application {
+    /// Opens the database (applying migrations), the job queues and the listening socket.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let master_key = config.resolve_master_key()?;
+        let db = Db::connect(&config).await?;
+        db.migrate().await?;
+        let jobs = JobStore::open(config.database_url.expose_secret(), config.sqlite_synchronous).await?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (TOLLGATE_LISTEN): {e}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        let state = AppState { config: Arc::new(config), db, jobs, master_key, metrics: telemetry::metrics_handle() };
+        Ok(Self { listener, state, local_addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains (see the module docs).
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self { listener, state, .. } = self;
+        let grace = state.config.shutdown_grace;
+        let workers = state.config.run_workers.then(|| {
+            let options = WorkerOptions { grace, ..WorkerOptions::default() };
+            tokio::spawn(tollgate_jobs::run_workers(
+                state.db.clone(),
+                state.jobs.clone(),
+                options,
+                shutdown.child_token(),
+            ))
+        });
+
+        let app = router(state.clone());
+        let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future();
+        let mut server = tokio::spawn(serve);
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            result = &mut server => result??,
+            () = deadline => {
+                tracing::warn!(grace_seconds = grace.as_secs(), "grace period over: closing the connections still open");
+                server.abort();
+            }
+        }
+        if let Some(workers) = workers {
+            match tokio::time::timeout(grace + Duration::from_secs(1), workers).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "job workers ended with an error"),
+                Ok(Err(e)) => tracing::error!(error = %e, "job workers panicked"),
+                Err(_) => tracing::warn!("job workers did not stop within the grace period"),
+            }
+        }
+        state.jobs.close().await;
+        state.db.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Every route, and the layers around them, outermost first.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(not_found)
+        .with_state(state)
+        .layer(
+            ServiceBuilder::new()
+                .layer(axum::middleware::from_fn(request_id::assign))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(request_span)
+                        .on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Micros)),
+                )
+                .layer(CatchPanicLayer::custom(internal_error_after_panic))
+                .layer(axum::middleware::from_fn(http_metrics::record)),
+        )
+}
+
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    let id = request.extensions().get::<request_id::RequestId>().map(|r| r.0.as_str()).unwrap_or("-");
+    // The path only: query strings may carry tokens.
+    tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path())
+}
+
+fn internal_error_after_panic(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(serde_json::json!({ "error": { "message": "internal error", "type": "server_error" } })),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(serde_json::json!({ "error": { "message": "no such route", "type": "not_found" } })),
+    )
+        .into_response()
+}

@@ -1,0 +1,17 @@
+//! Tollgate's server: the HTTP face (proxy, dashboard, management API, operations
+//! endpoints) and the command line that starts it. Domain logic lives in `tollgate-core`;
+//! background work in `tollgate-jobs`.
+//!
+//! - [`cli`]: `tollgate serve | worker | migrate | admin`.
+//! - [`app`]: builds the router and runs the server with graceful shutdown.
+//! - [`routes`]: one module per face; [`middleware`]: request id, metrics.
+
+pub mod app;
+pub mod cli;
+pub mod middleware;
+pub mod routes;
+pub mod shutdown;
+pub mod state;
+pub mod telemetry;
+
+pub use app::Application;

@@ -1,0 +1,3 @@
+//! The HTTP faces, one module each.
+
+pub mod ops;

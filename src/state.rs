@@ -1,0 +1,18 @@
+//! What every request handler can reach.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tollgate_core::crypto::MasterKey;
+use tollgate_core::{Config, Db};
+use tollgate_jobs::JobStore;
+
+/// Shared, cheaply cloned application state.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub jobs: JobStore,
+    pub master_key: MasterKey,
+    pub metrics: PrometheusHandle,
+}
