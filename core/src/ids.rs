@@ -87,6 +87,37 @@ define_id!(
     "usr"
 );
 
+define_id!(
+    /// A tenant's project: keys, providers, prices and customers belong to one.
+    ProjectId,
+    "prj"
+);
+define_id!(
+    /// A project key (secret or publishable); the key itself is never stored.
+    KeyId,
+    "key"
+);
+define_id!(
+    /// A connection to an LLM provider.
+    ProviderId,
+    "prv"
+);
+define_id!(
+    /// An end-customer of a tenant, as Tollgate knows them.
+    CustomerId,
+    "cus"
+);
+define_id!(
+    /// An open reservation of budget for a call in flight.
+    ReservationId,
+    "rsv"
+);
+define_id!(
+    /// One settled, refused or failed call in the usage ledger.
+    UsageEventId,
+    "use"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,13 +6,21 @@
 //! - [`crypto`]: the master key, encryption at rest, password hashing.
 //! - [`db`]: the database handle for SQLite or PostgreSQL, and migrations.
 //! - [`accounts`]: organizations, users and memberships.
+//! - [`projects`]: projects, keys, providers, prices and end-customers.
+//! - [`pricing`] and [`period`]: what a call costs, and the window a budget counts in.
+//! - [`ledger`]: reserve before a call, settle after it, and the usage events.
 
 pub mod accounts;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod estimate;
 pub mod ids;
+pub mod ledger;
 pub mod money;
+pub mod period;
+pub mod pricing;
+pub mod projects;
 pub mod time;
 
 pub use config::Config;

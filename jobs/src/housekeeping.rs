@@ -1,6 +1,7 @@
 //! Periodic upkeep. Every worker process beats a heartbeat (so an operator can see that
 //! workers run) and, once a minute, queues one [`Housekeeping`] job for the whole
-//! deployment (deduplicated by minute across replicas), which prunes what has gone stale.
+//! deployment (deduplicated by minute across replicas), which releases expired reservations
+//! (calls of a crashed process: no customer stays blocked by them) and prunes stale rows.
 
 use serde::{Deserialize, Serialize};
 use tollgate_core::time::UnixMillis;
@@ -28,6 +29,7 @@ pub async fn beat(db: &Db, worker: &str) -> Result<(), sqlx::Error> {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HousekeepingReport {
     pub stale_heartbeats_removed: u64,
+    pub expired_reservations_released: u64,
 }
 
 /// Removes what has gone stale.

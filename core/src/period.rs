@@ -1,0 +1,98 @@
+//! Budget periods: the window a customer's spend counts against (UTC).
+
+use crate::time::UnixMillis;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    Month,
+    Day,
+    Lifetime,
+}
+
+/// The end of time for lifetime budgets (year 9999).
+pub const FAR_FUTURE_MS: i64 = 253_402_300_799_000;
+const DAY_MS: i64 = 86_400_000;
+
+impl BudgetPeriod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetPeriod::Month => "month",
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Lifetime => "lifetime",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "month" => Some(BudgetPeriod::Month),
+            "day" => Some(BudgetPeriod::Day),
+            "lifetime" => Some(BudgetPeriod::Lifetime),
+            _ => None,
+        }
+    }
+
+    /// The `[start, end)` window containing `now`.
+    pub fn window(self, now: UnixMillis) -> (i64, i64) {
+        match self {
+            BudgetPeriod::Lifetime => (0, FAR_FUTURE_MS),
+            BudgetPeriod::Day => {
+                let start = now.0 - now.0.rem_euclid(DAY_MS);
+                (start, start + DAY_MS)
+            }
+            BudgetPeriod::Month => {
+                let (y, m, _) = civil_from_days(now.0.div_euclid(DAY_MS));
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                (days_from_civil(y, m, 1) * DAY_MS, days_from_civil(ny, nm, 1) * DAY_MS)
+            }
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn month_windows_follow_the_calendar() {
+        // 2026-02-15T12:00:00Z
+        let now = UnixMillis(1_771_156_800_000);
+        let (start, end) = BudgetPeriod::Month.window(now);
+        assert_eq!(start, 1_769_904_000_000); // 2026-02-01
+        assert_eq!(end, 1_772_323_200_000); // 2026-03-01
+        // December rolls into the next year.
+        let dec = UnixMillis(1_797_000_000_000); // 2026-12-12
+        let (s, e) = BudgetPeriod::Month.window(dec);
+        assert_eq!((s, e), (1_796_083_200_000, 1_798_761_600_000));
+    }
+
+    #[test]
+    fn day_and_lifetime_windows() {
+        let now = UnixMillis(1_771_156_800_000);
+        assert_eq!(BudgetPeriod::Day.window(now), (1_771_113_600_000, 1_771_200_000_000));
+        assert_eq!(BudgetPeriod::Lifetime.window(now), (0, FAR_FUTURE_MS));
+    }
+}

@@ -1,0 +1,504 @@
+//! Projects and what hangs off them: keys, provider connections, price overrides and
+//! end-customers. The dashboard, the management API and `tollgate admin` all call these.
+
+use base64::Engine;
+use sha2::{Digest, Sha256};
+
+use crate::crypto::MasterKey;
+use crate::db::{Db, DbError, is_unique_violation};
+use crate::ids::{CustomerId, KeyId, OrgId, ProjectId, ProviderId};
+use crate::money::Nanos;
+use crate::period::BudgetPeriod;
+use crate::pricing::{Price, Tokenizer};
+use crate::time::UnixMillis;
+use crate::with_db;
+
+/// What to do when a call's worst case does not fit the customer's remaining budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPolicy {
+    /// Lower the call's max output to what the budget pays for (at least `min_output_tokens`).
+    Clamp,
+    /// Refuse the call with 402.
+    Reject,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Project {
+    pub id: ProjectId,
+    pub org_id: OrgId,
+    pub name: String,
+    pub currency: String,
+    pub budget_policy: String,
+    pub min_output_tokens: i64,
+    pub markup_bps: i64,
+    pub default_budget_nanos: i64,
+    pub default_budget_period: String,
+    pub customer_from_user: bool,
+    pub default_customer: Option<String>,
+    pub estimate_margin_bps: i64,
+}
+
+impl Project {
+    pub fn policy(&self) -> BudgetPolicy {
+        if self.budget_policy == "reject" { BudgetPolicy::Reject } else { BudgetPolicy::Clamp }
+    }
+
+    pub fn default_period(&self) -> BudgetPeriod {
+        BudgetPeriod::parse(&self.default_budget_period).unwrap_or(BudgetPeriod::Month)
+    }
+}
+
+const PROJECT_COLUMNS: &str = "id, org_id, name, currency, budget_policy, min_output_tokens, markup_bps, \
+    default_budget_nanos, default_budget_period, customer_from_user, default_customer, estimate_margin_bps";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("no such {0}")]
+    NotFound(&'static str),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for ProjectError {
+    fn from(e: sqlx::Error) -> Self {
+        ProjectError::Db(e.into())
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ProjectError {
+    ProjectError::Invalid { field, reason: reason.into() }
+}
+
+/// Settings of a new project; `Default` is what the dashboard pre-fills.
+#[derive(Debug, Clone)]
+pub struct NewProject {
+    pub name: String,
+    pub policy: BudgetPolicy,
+    pub markup_bps: i64,
+    pub default_budget: Nanos,
+    pub default_period: BudgetPeriod,
+    pub min_output_tokens: i64,
+}
+
+impl Default for NewProject {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            policy: BudgetPolicy::Clamp,
+            markup_bps: 0,
+            default_budget: Nanos::ZERO,
+            default_period: BudgetPeriod::Month,
+            min_output_tokens: 16,
+        }
+    }
+}
+
+pub async fn create_project(db: &Db, org: &OrgId, new: &NewProject) -> Result<Project, ProjectError> {
+    let name = new.name.trim();
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(invalid("name", "must be 1 to 100 characters"));
+    }
+    if new.markup_bps < 0 || new.markup_bps > 1_000_000 {
+        return Err(invalid("markup", "must be between 0 % and 10000 %"));
+    }
+    if new.default_budget.is_negative() {
+        return Err(invalid("default budget", "must not be negative"));
+    }
+    if new.min_output_tokens < 1 {
+        return Err(invalid("minimum output tokens", "must be at least 1"));
+    }
+    let id = ProjectId::generate();
+    const SQL: &str = "INSERT INTO projects (id, org_id, name, budget_policy, min_output_tokens, markup_bps, \
+        default_budget_nanos, default_budget_period, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+    let policy = match new.policy {
+        BudgetPolicy::Clamp => "clamp",
+        BudgetPolicy::Reject => "reject",
+    };
+    with_db!(db, pool => sqlx::query(SQL)
+        .bind(&id).bind(org).bind(name).bind(policy).bind(new.min_output_tokens).bind(new.markup_bps)
+        .bind(new.default_budget.0).bind(new.default_period.as_str()).bind(UnixMillis::now().0)
+        .execute(pool).await.map(|_| ()))?;
+    get_project(db, &id).await?.ok_or(ProjectError::NotFound("project"))
+}
+
+pub async fn get_project(db: &Db, id: &ProjectId) -> Result<Option<Project>, ProjectError> {
+    let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1");
+    Ok(with_db!(db, pool => sqlx::query_as::<_, Project>(sqlx::AssertSqlSafe(sql.clone())).bind(id).fetch_optional(pool).await)?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Keys
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Secret,
+    Publishable,
+}
+
+impl KeyKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Secret => "secret",
+            KeyKind::Publishable => "publishable",
+        }
+    }
+}
+
+/// A freshly created key: `plaintext` is shown once and never stored.
+#[derive(Debug)]
+pub struct CreatedKey {
+    pub id: KeyId,
+    pub plaintext: String,
+    pub prefix: String,
+}
+
+/// The SHA-256 of a presented key, as stored. Keys are 190 random bits, so a fast hash
+/// is as safe as a slow one here and keeps the lookup on the hot path cheap.
+pub fn hash_key(plaintext: &str) -> String {
+    hex::encode(Sha256::digest(plaintext.as_bytes()))
+}
+
+pub async fn create_key(db: &Db, project: &ProjectId, kind: KeyKind, name: &str) -> Result<CreatedKey, ProjectError> {
+    let name = name.trim();
+    if name.chars().count() > 100 {
+        return Err(invalid("name", "must be at most 100 characters"));
+    }
+    let mut secret = [0u8; 24];
+    rand::fill(&mut secret);
+    let body = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+    let marker = match kind {
+        KeyKind::Secret => "sk",
+        KeyKind::Publishable => "pk",
+    };
+    let plaintext = format!("tg_{marker}_{body}");
+    let prefix: String = plaintext.chars().take(12).collect();
+    let id = KeyId::generate();
+    const SQL: &str = "INSERT INTO api_keys (id, project_id, kind, name, prefix, key_hash, created_at) \
+                       VALUES ($1, $2, $3, $4, $5, $6, $7)";
+    with_db!(db, pool => sqlx::query(SQL)
+        .bind(&id).bind(project).bind(kind.as_str()).bind(if name.is_empty() { "key" } else { name })
+        .bind(&prefix).bind(hash_key(&plaintext)).bind(UnixMillis::now().0)
+        .execute(pool).await.map(|_| ()))?;
+    Ok(CreatedKey { id, plaintext, prefix })
+}
+
+/// The project a presented key belongs to, if the key exists and is not revoked.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyOwner {
+    pub key_id: KeyId,
+    pub project_id: ProjectId,
+    pub kind: String,
+}
+
+pub async fn find_key(db: &Db, plaintext: &str) -> Result<Option<KeyOwner>, DbError> {
+    const SQL: &str = "SELECT id AS key_id, project_id, kind FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL";
+    let hash = hash_key(plaintext);
+    Ok(with_db!(db, pool => sqlx::query_as::<_, KeyOwner>(SQL).bind(&hash).fetch_optional(pool).await)?)
+}
+
+pub async fn revoke_key(db: &Db, project: &ProjectId, key: &KeyId) -> Result<bool, DbError> {
+    const SQL: &str = "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND project_id = $3 AND revoked_at IS NULL";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(UnixMillis::now().0).bind(key).bind(project)
+        .execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(n == 1)
+}
+
+// ---------------------------------------------------------------------------------------
+// Provider connections
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    OpenAi,
+    Anthropic,
+    OpenAiCompatible,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::OpenAiCompatible => "openai_compatible",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "openai" => Some(ProviderKind::OpenAi),
+            "anthropic" => Some(ProviderKind::Anthropic),
+            "openai_compatible" => Some(ProviderKind::OpenAiCompatible),
+            _ => None,
+        }
+    }
+
+    pub fn default_base_url(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::OpenAi => Some("https://api.openai.com/v1"),
+            ProviderKind::Anthropic => Some("https://api.anthropic.com"),
+            ProviderKind::OpenAiCompatible => None,
+        }
+    }
+}
+
+/// A provider connection with its credential decrypted, ready to call.
+#[derive(Clone)]
+pub struct Provider {
+    pub id: ProviderId,
+    pub kind: ProviderKind,
+    pub base_url: String,
+    pub api_key: secrecy::SecretString,
+    pub models: Vec<String>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider").field("id", &self.id).field("kind", &self.kind).field("base_url", &self.base_url).finish()
+    }
+}
+
+impl Provider {
+    /// Whether this connection serves `model` (exact name, or a prefix ending in `*`).
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.iter().any(|m| match m.strip_suffix('*') {
+            Some(prefix) => model.starts_with(prefix),
+            None => m == model,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewProvider {
+    pub kind: ProviderKind,
+    pub name: String,
+    pub base_url: Option<String>,
+    pub api_key: String,
+    pub models: Vec<String>,
+}
+
+pub async fn add_provider(db: &Db, key: &MasterKey, project: &ProjectId, new: &NewProvider) -> Result<ProviderId, ProjectError> {
+    let base_url = match new.base_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => new
+            .kind
+            .default_base_url()
+            .ok_or_else(|| invalid("base URL", "is required for an OpenAI-compatible provider"))?
+            .to_owned(),
+    };
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+        return Err(invalid("base URL", "must start with http:// or https://"));
+    }
+    let models: Vec<String> = new.models.iter().map(|m| m.trim().to_owned()).filter(|m| !m.is_empty()).collect();
+    if models.is_empty() {
+        return Err(invalid("models", "name at least one model (or a prefix such as gpt-*)"));
+    }
+    if models.iter().any(|m| m.contains(',')) {
+        return Err(invalid("models", "a model name cannot contain a comma"));
+    }
+    let id = ProviderId::generate();
+    const SQL: &str = "INSERT INTO provider_connections (id, project_id, kind, name, base_url, api_key_sealed, models, created_at) \
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+    let name = if new.name.trim().is_empty() { new.kind.as_str() } else { new.name.trim() };
+    with_db!(db, pool => sqlx::query(SQL)
+        .bind(&id).bind(project).bind(new.kind.as_str()).bind(name).bind(&base_url)
+        .bind(key.seal(&new.api_key)).bind(models.join(",")).bind(UnixMillis::now().0)
+        .execute(pool).await.map(|_| ()))?;
+    Ok(id)
+}
+
+#[derive(sqlx::FromRow)]
+struct ProviderRow {
+    id: ProviderId,
+    kind: String,
+    base_url: String,
+    api_key_sealed: String,
+    models: String,
+}
+
+/// The project's provider connections, oldest first (the first that serves a model wins).
+pub async fn list_providers(db: &Db, key: &MasterKey, project: &ProjectId) -> Result<Vec<Provider>, DbError> {
+    const SQL: &str = "SELECT id, kind, base_url, api_key_sealed, models FROM provider_connections \
+                       WHERE project_id = $1 ORDER BY created_at, id";
+    let rows = with_db!(db, pool => sqlx::query_as::<_, ProviderRow>(SQL).bind(project).fetch_all(pool).await)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            let kind = ProviderKind::parse(&row.kind)?;
+            let api_key = match key.open(&row.api_key_sealed) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::error!(provider = %row.id, error = %e, "cannot decrypt a provider credential");
+                    return None;
+                }
+            };
+            Some(Provider {
+                id: row.id,
+                kind,
+                base_url: row.base_url,
+                api_key: api_key.into(),
+                models: row.models.split(',').map(str::to_owned).collect(),
+            })
+        })
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------------
+// Prices
+
+#[derive(sqlx::FromRow)]
+struct PriceRow {
+    input: i64,
+    cached_input: i64,
+    output: i64,
+    cache_write: i64,
+    max_output_tokens: i64,
+}
+
+/// The price of `model` for this project: its override, else the shipped price.
+pub async fn price_for(db: &Db, project: &ProjectId, model: &str) -> Result<Option<Price>, DbError> {
+    const SQL: &str = "SELECT input, cached_input, output, cache_write, max_output_tokens FROM price_overrides \
+                       WHERE project_id = $1 AND model = $2";
+    let row = with_db!(db, pool => sqlx::query_as::<_, PriceRow>(SQL).bind(project).bind(model).fetch_optional(pool).await)?;
+    let shipped = crate::pricing::shipped_price(model);
+    Ok(match row {
+        Some(r) => Some(Price {
+            input: r.input,
+            cached_input: r.cached_input,
+            output: r.output,
+            cache_write: r.cache_write,
+            max_output_tokens: r.max_output_tokens,
+            tokenizer: shipped.map_or(Tokenizer::Approximate, |p| p.tokenizer),
+        }),
+        None => shipped,
+    })
+}
+
+pub async fn set_price(db: &Db, project: &ProjectId, model: &str, price: &Price) -> Result<(), ProjectError> {
+    let model = model.trim();
+    if model.is_empty() || model.len() > 200 {
+        return Err(invalid("model", "must be 1 to 200 characters"));
+    }
+    if price.max_output_tokens < 1 {
+        return Err(invalid("max output tokens", "must be at least 1"));
+    }
+    const SQL: &str = "INSERT INTO price_overrides (project_id, model, input, cached_input, output, cache_write, max_output_tokens) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (project_id, model) DO UPDATE SET input = excluded.input, \
+        cached_input = excluded.cached_input, output = excluded.output, cache_write = excluded.cache_write, \
+        max_output_tokens = excluded.max_output_tokens";
+    with_db!(db, pool => sqlx::query(SQL).bind(project).bind(model).bind(price.input).bind(price.cached_input)
+        .bind(price.output).bind(price.cache_write).bind(price.max_output_tokens).execute(pool).await.map(|_| ()))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Customers
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Customer {
+    pub id: CustomerId,
+    pub project_id: ProjectId,
+    pub external_id: String,
+    pub budget_nanos: i64,
+    pub budget_period: String,
+    pub period_start: i64,
+    pub period_end: i64,
+    pub spent_nanos: i64,
+    pub reserved_nanos: i64,
+    pub blocked: bool,
+}
+
+impl Customer {
+    pub fn period(&self) -> BudgetPeriod {
+        BudgetPeriod::parse(&self.budget_period).unwrap_or(BudgetPeriod::Month)
+    }
+
+    /// What the customer can still spend now (spend of a finished period no longer counts).
+    pub fn remaining(&self, now: UnixMillis) -> Nanos {
+        let spent = if self.period_end <= now.0 { 0 } else { self.spent_nanos };
+        Nanos(self.budget_nanos - spent - self.reserved_nanos)
+    }
+}
+
+const CUSTOMER_COLUMNS: &str =
+    "id, project_id, external_id, budget_nanos, budget_period, period_start, period_end, spent_nanos, reserved_nanos, blocked";
+
+/// Checks a tenant's customer id: 1–200 printable characters.
+pub fn validate_external_id(external_id: &str) -> Result<&str, ProjectError> {
+    let id = external_id.trim();
+    if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
+        return Err(invalid("customer", "must be 1 to 200 printable characters"));
+    }
+    Ok(id)
+}
+
+/// The customer `external_id` of `project`, created with the project's default budget when
+/// first seen. Concurrent first calls all end up with the one row (insert-or-ignore, then
+/// read), so none can slip past the default budget.
+pub async fn customer_for_call(db: &Db, project: &Project, external_id: &str) -> Result<Customer, ProjectError> {
+    let external_id = validate_external_id(external_id)?;
+    if let Some(c) = find_customer(db, &project.id, external_id).await? {
+        return Ok(c);
+    }
+    let now = UnixMillis::now();
+    let period = project.default_period();
+    let (start, end) = period.window(now);
+    const SQL: &str = "INSERT INTO customers (id, project_id, external_id, budget_nanos, budget_period, period_start, \
+        period_end, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (project_id, external_id) DO NOTHING";
+    with_db!(db, pool => sqlx::query(SQL).bind(CustomerId::generate()).bind(&project.id).bind(external_id)
+        .bind(project.default_budget_nanos).bind(period.as_str()).bind(start).bind(end).bind(now.0)
+        .execute(pool).await.map(|_| ()))?;
+    find_customer(db, &project.id, external_id).await?.ok_or(ProjectError::NotFound("customer"))
+}
+
+pub async fn find_customer(db: &Db, project: &ProjectId, external_id: &str) -> Result<Option<Customer>, ProjectError> {
+    let sql = format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE project_id = $1 AND external_id = $2");
+    Ok(with_db!(db, pool => sqlx::query_as::<_, Customer>(sqlx::AssertSqlSafe(sql.clone()))
+        .bind(project).bind(external_id).fetch_optional(pool).await)?)
+}
+
+pub async fn get_customer(db: &Db, id: &CustomerId) -> Result<Option<Customer>, DbError> {
+    let sql = format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1");
+    Ok(with_db!(db, pool => sqlx::query_as::<_, Customer>(sqlx::AssertSqlSafe(sql.clone())).bind(id).fetch_optional(pool).await)?)
+}
+
+/// Creates the customer or changes its budget. A change of period starts a new window
+/// (spend of the old window no longer counts).
+pub async fn upsert_customer_budget(
+    db: &Db,
+    project: &ProjectId,
+    external_id: &str,
+    budget: Nanos,
+    period: BudgetPeriod,
+) -> Result<Customer, ProjectError> {
+    let external_id = validate_external_id(external_id)?;
+    if budget.is_negative() {
+        return Err(invalid("budget", "must not be negative"));
+    }
+    let now = UnixMillis::now();
+    let (start, end) = period.window(now);
+    const SQL: &str = "INSERT INTO customers (id, project_id, external_id, budget_nanos, budget_period, period_start, \
+        period_end, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+        ON CONFLICT (project_id, external_id) DO UPDATE SET budget_nanos = excluded.budget_nanos, \
+        spent_nanos = CASE WHEN customers.budget_period = excluded.budget_period THEN customers.spent_nanos ELSE 0 END, \
+        period_start = CASE WHEN customers.budget_period = excluded.budget_period THEN customers.period_start ELSE excluded.period_start END, \
+        period_end = CASE WHEN customers.budget_period = excluded.budget_period THEN customers.period_end ELSE excluded.period_end END, \
+        budget_period = excluded.budget_period";
+    with_db!(db, pool => sqlx::query(SQL).bind(CustomerId::generate()).bind(project).bind(external_id)
+        .bind(budget.0).bind(period.as_str()).bind(start).bind(end).bind(now.0)
+        .execute(pool).await.map(|_| ()))?;
+    find_customer(db, project, external_id).await?.ok_or(ProjectError::NotFound("customer"))
+}
+
+pub async fn set_customer_blocked(db: &Db, project: &ProjectId, external_id: &str, blocked: bool) -> Result<bool, DbError> {
+    const SQL: &str = "UPDATE customers SET blocked = $1 WHERE project_id = $2 AND external_id = $3";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(blocked).bind(project).bind(external_id)
+        .execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(n == 1)
+}
+
+/// Whether an error is a duplicate (for callers mapping it to 409).
+pub fn is_duplicate(e: &ProjectError) -> bool {
+    matches!(e, ProjectError::Db(DbError::Query(q)) if is_unique_violation(q))
+}
