@@ -37,7 +37,11 @@ pub async fn run(db: &Db, now: UnixMillis) -> Result<HousekeepingReport, sqlx::E
     const SQL: &str = "DELETE FROM worker_heartbeats WHERE beat_at < $1";
     let cutoff = now.0 - STALE_HEARTBEAT_MS;
     let removed = with_db!(db, pool => sqlx::query(SQL).bind(cutoff).execute(pool).await.map(|r| r.rows_affected()))?;
-    Ok(HousekeepingReport { stale_heartbeats_removed: removed })
+    let released = tollgate_core::ledger::release_expired(db, now).await.map_err(|e| match e {
+        tollgate_core::db::DbError::Query(q) => q,
+        other => sqlx::Error::Protocol(other.to_string()),
+    })?;
+    Ok(HousekeepingReport { stale_heartbeats_removed: removed, expired_reservations_released: released })
 }
 
 /// Age in milliseconds of the newest heartbeat of any worker, or `None` if none ever beat.
