@@ -23,7 +23,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::middleware::{http_metrics, request_id};
-use crate::routes::ops;
+use crate::routes::{ops, proxy};
 use crate::state::AppState;
 use crate::telemetry;
 
@@ -45,7 +45,15 @@ impl Application {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (TOLLGATE_LISTEN): {e}", config.listen))?;
         let local_addr = listener.local_addr()?;
-        let state = AppState { config: Arc::new(config), db, jobs, master_key, metrics: telemetry::metrics_handle() };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(300))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()?;
+        let state =
+            AppState { http, config: Arc::new(config), db, jobs, master_key, metrics: telemetry::metrics_handle() };
         Ok(Self { listener, state, local_addr })
     }
 
@@ -106,6 +114,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .merge(proxy::router())
         .fallback(not_found)
         .with_state(state)
         .layer(

@@ -15,4 +15,6 @@ pub struct AppState {
     pub jobs: JobStore,
     pub master_key: MasterKey,
     pub metrics: PrometheusHandle,
+    /// Pooled connections to the providers.
+    pub http: reqwest::Client,
 }

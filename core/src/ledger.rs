@@ -31,9 +31,14 @@ pub struct Reservation {
 #[derive(Debug, Clone)]
 pub enum ReserveOutcome {
     /// Held; `remaining` is what the customer has left beside it.
-    Reserved { reservation: Reservation, remaining: Nanos },
+    Reserved {
+        reservation: Reservation,
+        remaining: Nanos,
+    },
     /// Does not fit; `remaining` is what the customer had when it was tried.
-    Insufficient { remaining: Nanos },
+    Insufficient {
+        remaining: Nanos,
+    },
     Blocked,
 }
 
@@ -157,7 +162,11 @@ pub struct UsageRecord {
 /// Ends a call: frees its reservation (if still held), charges `record.billed` to the
 /// customer, and writes the usage event, atomically. Returns the customer's remaining
 /// budget afterwards, when there is a customer.
-pub async fn settle(db: &Db, reservation: Option<&Reservation>, record: &UsageRecord) -> Result<Option<Nanos>, DbError> {
+pub async fn settle(
+    db: &Db,
+    reservation: Option<&Reservation>,
+    record: &UsageRecord,
+) -> Result<Option<Nanos>, DbError> {
     const FREE: &str = "DELETE FROM reservations WHERE id = $1 RETURNING amount_nanos";
     const CHARGE: &str = "UPDATE customers SET reserved_nanos = reserved_nanos - $1, spent_nanos = spent_nanos + $2 \
                           WHERE id = $3 RETURNING budget_nanos - spent_nanos - reserved_nanos";

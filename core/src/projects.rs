@@ -126,7 +126,9 @@ pub async fn create_project(db: &Db, org: &OrgId, new: &NewProject) -> Result<Pr
 
 pub async fn get_project(db: &Db, id: &ProjectId) -> Result<Option<Project>, ProjectError> {
     let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1");
-    Ok(with_db!(db, pool => sqlx::query_as::<_, Project>(sqlx::AssertSqlSafe(sql.clone())).bind(id).fetch_optional(pool).await)?)
+    Ok(
+        with_db!(db, pool => sqlx::query_as::<_, Project>(sqlx::AssertSqlSafe(sql.clone())).bind(id).fetch_optional(pool).await)?,
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -255,7 +257,11 @@ pub struct Provider {
 
 impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Provider").field("id", &self.id).field("kind", &self.kind).field("base_url", &self.base_url).finish()
+        f.debug_struct("Provider")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .finish()
     }
 }
 
@@ -278,7 +284,12 @@ pub struct NewProvider {
     pub models: Vec<String>,
 }
 
-pub async fn add_provider(db: &Db, key: &MasterKey, project: &ProjectId, new: &NewProvider) -> Result<ProviderId, ProjectError> {
+pub async fn add_provider(
+    db: &Db,
+    key: &MasterKey,
+    project: &ProjectId,
+    new: &NewProvider,
+) -> Result<ProviderId, ProjectError> {
     let base_url = match new.base_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
         Some(url) => url.trim_end_matches('/').to_owned(),
         None => new
@@ -360,7 +371,8 @@ struct PriceRow {
 pub async fn price_for(db: &Db, project: &ProjectId, model: &str) -> Result<Option<Price>, DbError> {
     const SQL: &str = "SELECT input, cached_input, output, cache_write, max_output_tokens FROM price_overrides \
                        WHERE project_id = $1 AND model = $2";
-    let row = with_db!(db, pool => sqlx::query_as::<_, PriceRow>(SQL).bind(project).bind(model).fetch_optional(pool).await)?;
+    let row =
+        with_db!(db, pool => sqlx::query_as::<_, PriceRow>(SQL).bind(project).bind(model).fetch_optional(pool).await)?;
     let shipped = crate::pricing::shipped_price(model);
     Ok(match row {
         Some(r) => Some(Price {
@@ -421,8 +433,7 @@ impl Customer {
     }
 }
 
-const CUSTOMER_COLUMNS: &str =
-    "id, project_id, external_id, budget_nanos, budget_period, period_start, period_end, spent_nanos, reserved_nanos, blocked";
+const CUSTOMER_COLUMNS: &str = "id, project_id, external_id, budget_nanos, budget_period, period_start, period_end, spent_nanos, reserved_nanos, blocked";
 
 /// Checks a tenant's customer id: 1–200 printable characters.
 pub fn validate_external_id(external_id: &str) -> Result<&str, ProjectError> {
@@ -460,7 +471,9 @@ pub async fn find_customer(db: &Db, project: &ProjectId, external_id: &str) -> R
 
 pub async fn get_customer(db: &Db, id: &CustomerId) -> Result<Option<Customer>, DbError> {
     let sql = format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1");
-    Ok(with_db!(db, pool => sqlx::query_as::<_, Customer>(sqlx::AssertSqlSafe(sql.clone())).bind(id).fetch_optional(pool).await)?)
+    Ok(
+        with_db!(db, pool => sqlx::query_as::<_, Customer>(sqlx::AssertSqlSafe(sql.clone())).bind(id).fetch_optional(pool).await)?,
+    )
 }
 
 /// Creates the customer or changes its budget. A change of period starts a new window
@@ -491,7 +504,12 @@ pub async fn upsert_customer_budget(
     find_customer(db, project, external_id).await?.ok_or(ProjectError::NotFound("customer"))
 }
 
-pub async fn set_customer_blocked(db: &Db, project: &ProjectId, external_id: &str, blocked: bool) -> Result<bool, DbError> {
+pub async fn set_customer_blocked(
+    db: &Db,
+    project: &ProjectId,
+    external_id: &str,
+    blocked: bool,
+) -> Result<bool, DbError> {
     const SQL: &str = "UPDATE customers SET blocked = $1 WHERE project_id = $2 AND external_id = $3";
     let n = with_db!(db, pool => sqlx::query(SQL).bind(blocked).bind(project).bind(external_id)
         .execute(pool).await.map(|r| r.rows_affected()))?;

@@ -1,3 +1,4 @@
 //! The HTTP faces, one module each.
 
 pub mod ops;
+pub mod proxy;
