@@ -10,6 +10,10 @@ use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
 use tollgate_core::accounts::{self, NewOrganization};
 use tollgate_core::crypto::MasterKey;
+use tollgate_core::ids::{OrgId, ProjectId};
+use tollgate_core::money::Nanos;
+use tollgate_core::period::BudgetPeriod;
+use tollgate_core::projects::{self, BudgetPolicy, KeyKind, NewProject, NewProvider, ProviderKind};
 use tollgate_core::{Config, Db};
 use tollgate_jobs::{JobStore, WorkerOptions};
 
@@ -59,6 +63,61 @@ enum AdminCommand {
     },
     /// List organizations with their owner.
     ListOrgs,
+    /// Create a project in an organization.
+    CreateProject {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        name: String,
+        /// clamp (lower max output to what the budget pays for) or reject (402).
+        #[arg(long, default_value = "clamp")]
+        policy: String,
+        /// Markup on provider cost in basis points (2500 = +25 %).
+        #[arg(long, default_value_t = 0)]
+        markup_bps: i64,
+        /// Budget of a customer seen for the first time, in currency units (e.g. 5.00).
+        #[arg(long, default_value = "0")]
+        default_budget: String,
+        /// month, day or lifetime.
+        #[arg(long, default_value = "month")]
+        period: String,
+    },
+    /// Connect a provider to a project (its API key from stdin or TOLLGATE_PROVIDER_API_KEY).
+    AddProvider {
+        #[arg(long)]
+        project: String,
+        /// openai, anthropic or openai_compatible.
+        #[arg(long)]
+        kind: String,
+        /// Required for openai_compatible; defaults to the provider's public API otherwise.
+        #[arg(long)]
+        base_url: Option<String>,
+        /// Comma-separated models (or prefixes ending in *) routed to this provider.
+        #[arg(long)]
+        models: String,
+        #[arg(long)]
+        api_key_stdin: bool,
+    },
+    /// Create a project key; it is printed once and stored only as a hash.
+    CreateKey {
+        #[arg(long)]
+        project: String,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Create a customer or set its budget.
+    SetBudget {
+        #[arg(long)]
+        project: String,
+        /// The tenant's own id for the customer.
+        #[arg(long)]
+        customer: String,
+        /// In currency units (e.g. 5.00).
+        #[arg(long)]
+        amount: String,
+        #[arg(long, default_value = "month")]
+        period: String,
+    },
     /// Print a new random master key for TOLLGATE_MASTER_KEY.
     GenerateMasterKey,
 }
@@ -168,6 +227,56 @@ async fn run_admin(command: AdminCommand, config: Config) -> anyhow::Result<()> 
             }
             Ok(())
         }
+        AdminCommand::CreateProject { org, name, policy, markup_bps, default_budget, period } => {
+            let org = OrgId::parse(&org).ok_or_else(|| anyhow::anyhow!("--org: not an organization id (org_…)"))?;
+            let policy = match policy.as_str() {
+                "clamp" => BudgetPolicy::Clamp,
+                "reject" => BudgetPolicy::Reject,
+                other => anyhow::bail!("--policy: expected clamp or reject, got {other:?}"),
+            };
+            let new = NewProject {
+                name,
+                policy,
+                markup_bps,
+                default_budget: parse_amount("--default-budget", &default_budget)?,
+                default_period: parse_period(&period)?,
+                ..NewProject::default()
+            };
+            let project = projects::create_project(&db, &org, &new).await?;
+            println!("project {} created", project.id);
+            Ok(())
+        }
+        AdminCommand::AddProvider { project, kind, base_url, models, api_key_stdin } => {
+            let project = parse_project(&project)?;
+            let kind = ProviderKind::parse(&kind)
+                .ok_or_else(|| anyhow::anyhow!("--kind: expected openai, anthropic or openai_compatible"))?;
+            let api_key = read_secret(api_key_stdin, "TOLLGATE_PROVIDER_API_KEY", "the provider's API key")?;
+            let new = NewProvider {
+                kind,
+                name: String::new(),
+                base_url,
+                api_key,
+                models: models.split(',').map(str::to_owned).collect(),
+            };
+            let master_key = config.resolve_master_key()?;
+            let id = projects::add_provider(&db, &master_key, &project, &new).await?;
+            println!("provider {id} connected");
+            Ok(())
+        }
+        AdminCommand::CreateKey { project, name } => {
+            let project = parse_project(&project)?;
+            let key = projects::create_key(&db, &project, KeyKind::Secret, &name).await?;
+            println!("{}", key.plaintext);
+            eprintln!("key {} created: shown once, stored only as a hash", key.id);
+            Ok(())
+        }
+        AdminCommand::SetBudget { project, customer, amount, period } => {
+            let project = parse_project(&project)?;
+            let amount = parse_amount("--amount", &amount)?;
+            let c = projects::upsert_customer_budget(&db, &project, &customer, amount, parse_period(&period)?).await?;
+            println!("customer {} ({}) budget {} per {}", c.id, c.external_id, Nanos(c.budget_nanos), c.budget_period);
+            Ok(())
+        }
         AdminCommand::GenerateMasterKey => Ok(()),
     };
     db.close().await;
@@ -175,18 +284,33 @@ async fn run_admin(command: AdminCommand, config: Config) -> anyhow::Result<()> 
 }
 
 fn read_owner_password(from_stdin: bool) -> anyhow::Result<String> {
+    read_secret(from_stdin, "TOLLGATE_OWNER_PASSWORD", "the owner's password")
+}
+
+/// A secret from the first line of standard input, or else from the environment variable `var`.
+fn read_secret(from_stdin: bool, var: &str, what: &str) -> anyhow::Result<String> {
     if from_stdin {
         let mut line = String::new();
         std::io::stdin().lock().read_line(&mut line)?;
-        let password = line.trim_end_matches(['\r', '\n']).to_owned();
-        if password.is_empty() {
-            anyhow::bail!("no password on standard input");
+        let secret = line.trim_end_matches(['\r', '\n']).to_owned();
+        if secret.is_empty() {
+            anyhow::bail!("no {what} on standard input");
         }
-        return Ok(password);
+        return Ok(secret);
     }
-    std::env::var("TOLLGATE_OWNER_PASSWORD").map_err(|_| {
-        anyhow::anyhow!(
-            "give the owner's password on standard input (--owner-password-stdin) or in TOLLGATE_OWNER_PASSWORD"
-        )
-    })
+    std::env::var(var).map_err(|_| anyhow::anyhow!("give {what} on standard input (the --…-stdin flag) or in {var}"))
+}
+
+fn parse_project(text: &str) -> anyhow::Result<ProjectId> {
+    ProjectId::parse(text).ok_or_else(|| anyhow::anyhow!("--project: not a project id (prj_…)"))
+}
+
+fn parse_amount(flag: &str, text: &str) -> anyhow::Result<Nanos> {
+    let amount: Nanos = text.parse().map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+    anyhow::ensure!(!amount.is_negative(), "{flag}: must not be negative");
+    Ok(amount)
+}
+
+fn parse_period(text: &str) -> anyhow::Result<BudgetPeriod> {
+    BudgetPeriod::parse(text).ok_or_else(|| anyhow::anyhow!("--period: expected month, day or lifetime"))
 }

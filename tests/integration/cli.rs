@@ -26,6 +26,7 @@ pub fn db_cases() -> Vec<DbCase> {
     db_cases![
         migrate_brings_an_empty_database_up_to_date,
         admin_creates_an_organization_from_the_shell,
+        admin_stands_up_a_working_project_without_the_browser,
         worker_runs_alone_and_stops_on_sigterm,
     ]
 }
@@ -255,4 +256,70 @@ async fn worker_runs_alone_and_stops_on_sigterm(db: TestDatabase) -> TestResult 
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("job workers stopped"), "{log}");
     Ok(())
+}
+
+async fn admin_stands_up_a_working_project_without_the_browser(db: TestDatabase) -> TestResult {
+    let env = db.env();
+    let dir = db.dir.path();
+    let created = |stdout: &str, prefix: &str| {
+        stdout
+            .split_whitespace()
+            .find(|w| w.starts_with(prefix))
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("no {prefix} in {stdout}"))
+    };
+    let args = ["admin", "create-org", "--name", "Acme", "--owner-email", "ada@example.com", "--owner-password-stdin"];
+    let (code, stdout, stderr) = run(dir, &env, &args, "correct horse battery\n").await?;
+    assert_eq!(code, 0, "{stderr}");
+    let org = created(&stdout, "org_")?;
+    let args =
+        ["admin", "create-project", "--org", &org, "--name", "Chat", "--policy", "reject", "--default-budget", "1.00"];
+    let (code, stdout, stderr) = run(dir, &env, &args, "").await?;
+    assert_eq!(code, 0, "{stderr}");
+    let project = created(&stdout, "prj_")?;
+    let mock = crate::mock_provider::MockProvider::start().await?;
+    let base = mock.base_url();
+    let args = [
+        "admin",
+        "add-provider",
+        "--project",
+        &project,
+        "--kind",
+        "openai_compatible",
+        "--base-url",
+        &base,
+        "--models",
+        "gpt-4o-mini",
+        "--api-key-stdin",
+    ];
+    let (code, _, stderr) = run(dir, &env, &args, "sk-upstream-secret\n").await?;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, key, stderr) = run(dir, &env, &["admin", "create-key", "--project", &project], "").await?;
+    assert_eq!(code, 0, "{stderr}");
+    let key = key.trim().to_owned();
+    assert!(key.starts_with("tg_sk_"), "{key}");
+    let args =
+        ["admin", "set-budget", "--project", &project, "--customer", "cust-9", "--amount", "2.50", "--period", "day"];
+    let (code, stdout, stderr) = run(dir, &env, &args, "").await?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("budget 2.50 per day"), "{stdout}");
+    let (code, _, stderr) =
+        run(dir, &env, &["admin", "set-budget", "--project", &project, "--customer", "x", "--amount=-1"], "")
+            .await?;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--amount"), "{stderr}");
+
+    // The project works: the key authenticates, the provider is called with its own key.
+    let app = crate::helpers::spawn_app(&db).await?;
+    let response = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-tollgate-customer", "cust-9")
+        .json(&serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200, "{}", response.text().await?);
+    assert_eq!(mock.requests().len(), 1);
+    app.stop().await
 }

@@ -115,13 +115,15 @@ pub struct TestDatabase {
     pub url: String,
     pub dir: tempfile::TempDir,
     pg_name: Option<String>,
+    /// One key per test database, so every process of a test can open what another sealed.
+    master_key: String,
 }
 
 impl TestDatabase {
     fn sqlite() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
-        Ok(Self { backend: Backend::Sqlite, url, dir, pg_name: None })
+        Ok(Self { backend: Backend::Sqlite, url, dir, pg_name: None, master_key: MasterKey::generate().to_base64() })
     }
 
     async fn postgres(admin_url: &str) -> anyhow::Result<Self> {
@@ -135,6 +137,7 @@ impl TestDatabase {
             url: with_database(admin_url, &name),
             dir: tempfile::tempdir()?,
             pg_name: Some(name),
+            master_key: MasterKey::generate().to_base64(),
         })
     }
 
@@ -144,7 +147,7 @@ impl TestDatabase {
             ("TOLLGATE_DATABASE_URL".to_owned(), self.url.clone()),
             ("TOLLGATE_DATA_DIR".to_owned(), self.dir.path().display().to_string()),
             ("TOLLGATE_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
-            ("TOLLGATE_MASTER_KEY".to_owned(), MasterKey::generate().to_base64()),
+            ("TOLLGATE_MASTER_KEY".to_owned(), self.master_key.clone()),
             ("TOLLGATE_SHUTDOWN_GRACE_SECONDS".to_owned(), "5".to_owned()),
             ("TOLLGATE_WORKERS".to_owned(), "false".to_owned()),
             // A test machine's disk need not survive power loss.
