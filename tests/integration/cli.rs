@@ -304,8 +304,7 @@ async fn admin_stands_up_a_working_project_without_the_browser(db: TestDatabase)
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("budget 2.50 per day"), "{stdout}");
     let (code, _, stderr) =
-        run(dir, &env, &["admin", "set-budget", "--project", &project, "--customer", "x", "--amount=-1"], "")
-            .await?;
+        run(dir, &env, &["admin", "set-budget", "--project", &project, "--customer", "x", "--amount=-1"], "").await?;
     assert_eq!(code, 1);
     assert!(stderr.contains("--amount"), "{stderr}");
 
