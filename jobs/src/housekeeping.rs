@@ -4,6 +4,7 @@
 //! (calls of a crashed process: no customer stays blocked by them) and prunes stale rows.
 
 use serde::{Deserialize, Serialize};
+use tollgate_core::db::DbError;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::{Db, with_db};
 
@@ -33,14 +34,11 @@ pub struct HousekeepingReport {
 }
 
 /// Removes what has gone stale.
-pub async fn run(db: &Db, now: UnixMillis) -> Result<HousekeepingReport, sqlx::Error> {
+pub async fn run(db: &Db, now: UnixMillis) -> Result<HousekeepingReport, DbError> {
     const SQL: &str = "DELETE FROM worker_heartbeats WHERE beat_at < $1";
     let cutoff = now.0 - STALE_HEARTBEAT_MS;
     let removed = with_db!(db, pool => sqlx::query(SQL).bind(cutoff).execute(pool).await.map(|r| r.rows_affected()))?;
-    let released = tollgate_core::ledger::release_expired(db, now).await.map_err(|e| match e {
-        tollgate_core::db::DbError::Query(q) => q,
-        other => sqlx::Error::Protocol(other.to_string()),
-    })?;
+    let released = tollgate_core::ledger::release_expired(db, now).await?;
     Ok(HousekeepingReport { stale_heartbeats_removed: removed, expired_reservations_released: released })
 }
 
