@@ -52,8 +52,15 @@ impl Application {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()?;
-        let state =
-            AppState { http, config: Arc::new(config), db, jobs, master_key, metrics: telemetry::metrics_handle() };
+        let state = AppState {
+            http,
+            config: Arc::new(config),
+            db,
+            jobs,
+            master_key,
+            metrics: telemetry::metrics_handle(),
+            keys: Default::default(),
+        };
         Ok(Self { listener, state, local_addr })
     }
 

@@ -7,6 +7,8 @@ use tollgate_core::crypto::MasterKey;
 use tollgate_core::{Config, Db};
 use tollgate_jobs::JobStore;
 
+use crate::routes::proxy::auth::KeyCache;
+
 /// Shared, cheaply cloned application state.
 #[derive(Clone)]
 pub struct AppState {
@@ -17,4 +19,6 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Pooled connections to the providers.
     pub http: reqwest::Client,
+    /// Project keys recently looked up by the proxy.
+    pub keys: Arc<KeyCache>,
 }

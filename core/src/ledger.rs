@@ -10,6 +10,7 @@
 //! - [`settle`] deletes the reservation (at most once: `DELETE … RETURNING`), moves the
 //!   actual billed cost into `spent_nanos`, and writes the usage event, in one transaction.
 //!   A reservation already released by expiry is not released twice.
+//! - [`renew`] keeps a long call's reservation from expiring under it.
 //! - [`release_expired`] frees reservations whose call never settled (a crashed process).
 
 use crate::db::{Db, DbError};
@@ -201,6 +202,15 @@ pub async fn settle(
     }
     .await)?;
     Ok(remaining.map(Nanos))
+}
+
+/// Pushes a held reservation's expiry to `expires_at` (a long stream keeps its budget held).
+/// Returns false when the reservation is gone already (settled, or released by expiry).
+pub async fn renew(db: &Db, reservation: &Reservation, expires_at: UnixMillis) -> Result<bool, DbError> {
+    const RENEW: &str = "UPDATE reservations SET expires_at = $1 WHERE id = $2";
+    let updated = with_db!(db, pool => sqlx::query(RENEW).bind(expires_at.0).bind(&reservation.id).execute(pool).await
+        .map(|r| r.rows_affected()))?;
+    Ok(updated == 1)
 }
 
 /// Releases every reservation past its expiry (their calls never settled: a crash, or a

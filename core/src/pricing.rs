@@ -52,6 +52,12 @@ pub fn tokens_cost(tokens: i64, nanos_per_million: i64) -> Nanos {
 }
 
 impl Price {
+    /// The dearest rate an input token can be billed at (a cache write costs more than a
+    /// plain input token), so an input reservation holds whatever the provider does with it.
+    pub fn worst_input_rate(&self) -> i64 {
+        self.input.max(self.cached_input).max(self.cache_write)
+    }
+
     pub fn cost(&self, usage: &TokenUsage) -> Nanos {
         let parts = [
             tokens_cost(usage.input, self.input),

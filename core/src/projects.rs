@@ -196,9 +196,19 @@ pub struct KeyOwner {
 }
 
 pub async fn find_key(db: &Db, plaintext: &str) -> Result<Option<KeyOwner>, DbError> {
+    find_key_by_hash(db, &hash_key(plaintext)).await
+}
+
+/// Like [`find_key`], for a key already hashed with [`hash_key`].
+pub async fn find_key_by_hash(db: &Db, hash: &str) -> Result<Option<KeyOwner>, DbError> {
     const SQL: &str = "SELECT id AS key_id, project_id, kind FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL";
-    let hash = hash_key(plaintext);
-    Ok(with_db!(db, pool => sqlx::query_as::<_, KeyOwner>(SQL).bind(&hash).fetch_optional(pool).await)?)
+    Ok(with_db!(db, pool => sqlx::query_as::<_, KeyOwner>(SQL).bind(hash).fetch_optional(pool).await)?)
+}
+
+/// Records that a key was used at `at` (callers throttle this).
+pub async fn touch_key(db: &Db, key: &KeyId, at: UnixMillis) -> Result<(), DbError> {
+    const SQL: &str = "UPDATE api_keys SET last_used_at = $1 WHERE id = $2";
+    Ok(with_db!(db, pool => sqlx::query(SQL).bind(at.0).bind(key).execute(pool).await.map(|_| ()))?)
 }
 
 pub async fn revoke_key(db: &Db, project: &ProjectId, key: &KeyId) -> Result<bool, DbError> {
@@ -385,6 +395,12 @@ pub async fn price_for(db: &Db, project: &ProjectId, model: &str) -> Result<Opti
         }),
         None => shipped,
     })
+}
+
+/// The models this project has price overrides for.
+pub async fn overridden_models(db: &Db, project: &ProjectId) -> Result<Vec<String>, DbError> {
+    const SQL: &str = "SELECT model FROM price_overrides WHERE project_id = $1 ORDER BY model";
+    Ok(with_db!(db, pool => sqlx::query_scalar::<_, String>(SQL).bind(project).fetch_all(pool).await)?)
 }
 
 pub async fn set_price(db: &Db, project: &ProjectId, model: &str, price: &Price) -> Result<(), ProjectError> {

@@ -1,7 +1,8 @@
-//! A stand-in OpenAI provider over real HTTP. Behaviour follows the model name:
-//! `error-500` fails; `slow-*` streams 200 chunks 20 ms apart; anything else answers with
-//! exactly `max_tokens`/`max_completion_tokens` output tokens (default 20), one per chunk
-//! when streaming, and reports usage (prompt_tokens = 10).
+//! A stand-in provider over real HTTP, speaking OpenAI (chat completions, responses,
+//! embeddings under `/v1`) and Anthropic (messages, count_tokens). Behaviour follows the
+//! model name: `error-500` fails; `slow-*` streams up to 200 chunks 20 ms apart; anything
+//! else answers with exactly the requested max output tokens (default 20), one per chunk when
+//! streaming, and reports usage (10 input tokens; embeddings 5 per input).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -14,11 +15,15 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 #[derive(Clone, Default)]
 pub struct MockProvider {
     pub received: Arc<Mutex<Vec<Value>>>,
+    /// The credential each request carried (`Authorization` or `x-api-key`) and its
+    /// `anthropic-version`, in order.
+    pub credentials: Arc<Mutex<Vec<(String, Option<String>)>>>,
     pub addr: Option<SocketAddr>,
 }
 
@@ -27,7 +32,14 @@ impl MockProvider {
         let mut mock = MockProvider::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         mock.addr = Some(listener.local_addr()?);
-        let app = Router::new().route("/v1/chat/completions", post(chat)).with_state(mock.clone());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/responses", post(responses))
+            .route("/v1/embeddings", post(embeddings))
+            .route("/v1/messages", post(messages))
+            .route("/v1/messages/count_tokens", post(count_tokens))
+            .layer(axum::middleware::from_fn_with_state(mock.clone(), record_credentials))
+            .with_state(mock.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         Ok(mock)
     }
@@ -36,12 +48,178 @@ impl MockProvider {
         format!("http://{}/v1", self.addr.map(|a| a.to_string()).unwrap_or_default())
     }
 
+    /// The base URL of an Anthropic connection (Anthropic's URLs carry `/v1` themselves).
+    pub fn anthropic_base_url(&self) -> String {
+        format!("http://{}", self.addr.map(|a| a.to_string()).unwrap_or_default())
+    }
+
+    pub fn credentials(&self) -> Vec<(String, Option<String>)> {
+        self.credentials.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
     pub fn requests(&self) -> Vec<Value> {
         self.received.lock().map(|r| r.clone()).unwrap_or_default()
     }
 }
 
 const PROMPT_TOKENS: i64 = 10;
+
+async fn record_credentials(
+    State(mock): State<MockProvider>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let seen = {
+        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        (header("authorization").or_else(|| header("x-api-key")).unwrap_or_default(), header("anthropic-version"))
+    };
+    if let Ok(mut c) = mock.credentials.lock() {
+        c.push(seen);
+    }
+    next.run(request).await
+}
+
+fn record(mock: &MockProvider, body: &Value) {
+    if let Ok(mut r) = mock.received.lock() {
+        r.push(body.clone());
+    }
+}
+
+fn sse_response(stream: impl futures::Stream<Item = Result<String, std::io::Error>> + Send + 'static) -> Response {
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `n` events produced by `event(i)`, 20 ms apart when `slow`.
+fn paced(
+    n: usize,
+    slow: bool,
+    event: impl Fn(usize) -> String + Send + Sync + 'static,
+) -> impl futures::Stream<Item = Result<String, std::io::Error>> {
+    let event = Arc::new(event);
+    futures::stream::iter(0..n).then(move |i| {
+        let event = event.clone();
+        async move {
+            if slow {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(event(i))
+        }
+    })
+}
+
+/// The output tokens the mock generates for a requested maximum.
+fn output_tokens(model: &str, max: i64) -> i64 {
+    if model.starts_with("slow-") { max.min(200) } else { max }
+}
+
+async fn responses(State(mock): State<MockProvider>, Json(body): Json<Value>) -> Response {
+    record(&mock, &body);
+    let model = body["model"].as_str().unwrap_or("").to_owned();
+    if model == "error-500" {
+        let err = json!({"error": {"message": "the mock provider failed", "type": "server_error", "code": null}});
+        return (StatusCode::INTERNAL_SERVER_ERROR, Json(err)).into_response();
+    }
+    let tokens = output_tokens(&model, body["max_output_tokens"].as_i64().unwrap_or(20));
+    let usage = json!({"input_tokens": PROMPT_TOKENS, "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": tokens, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": PROMPT_TOKENS + tokens});
+    let response = |status: &str, text: String, usage: Value| {
+        json!({"id": "resp_mock", "object": "response", "created_at": 1, "status": status, "model": model,
+            "output": [{"type": "message", "id": "msg_mock", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "usage": usage})
+    };
+    if !body["stream"].as_bool().unwrap_or(false) {
+        return Json(response("completed", "tok ".repeat(tokens as usize), usage)).into_response();
+    }
+    let created = response("in_progress", String::new(), Value::Null);
+    let completed = response("completed", "tok ".repeat(tokens as usize), usage);
+    let n = tokens as usize;
+    let frame = |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n");
+    sse_response(paced(n + 2, model.starts_with("slow-"), move |i| {
+        if i == 0 {
+            frame("response.created", json!({"type": "response.created", "sequence_number": 0, "response": created}))
+        } else if i <= n {
+            frame(
+                "response.output_text.delta",
+                json!({"type": "response.output_text.delta", "sequence_number": i,
+                "item_id": "msg_mock", "output_index": 0, "content_index": 0, "delta": "tok "}),
+            )
+        } else {
+            frame(
+                "response.completed",
+                json!({"type": "response.completed", "sequence_number": i, "response": completed}),
+            )
+        }
+    }))
+}
+
+async fn embeddings(State(mock): State<MockProvider>, Json(body): Json<Value>) -> Response {
+    record(&mock, &body);
+    let inputs = body["input"].as_array().map_or(1, Vec::len);
+    let data: Vec<Value> =
+        (0..inputs).map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]})).collect();
+    let prompt = 5 * inputs as i64;
+    Json(json!({"object": "list", "data": data, "model": body["model"],
+        "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}))
+    .into_response()
+}
+
+fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (status, Json(json!({"type": "error", "error": {"type": kind, "message": message}}))).into_response()
+}
+
+async fn messages(State(mock): State<MockProvider>, Json(body): Json<Value>) -> Response {
+    record(&mock, &body);
+    let model = body["model"].as_str().unwrap_or("").to_owned();
+    if model == "error-500" {
+        return anthropic_error(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "the mock provider failed");
+    }
+    let Some(max) = body["max_tokens"].as_i64() else {
+        return anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", "max_tokens: Field required");
+    };
+    let tokens = output_tokens(&model, max);
+    let usage = |output: i64| {
+        json!({"input_tokens": PROMPT_TOKENS, "output_tokens": output,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})
+    };
+    let message = |text: String, output: i64, stop: Value| {
+        json!({"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+            "content": if text.is_empty() { json!([]) } else { json!([{"type": "text", "text": text}]) },
+            "stop_reason": stop, "stop_sequence": null, "usage": usage(output)})
+    };
+    if !body["stream"].as_bool().unwrap_or(false) {
+        return Json(message("tok ".repeat(tokens as usize), tokens, json!("max_tokens"))).into_response();
+    }
+    let start = message(String::new(), 1, Value::Null);
+    let n = tokens as usize;
+    let frame = |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n");
+    sse_response(paced(n + 5, model.starts_with("slow-"), move |i| match i {
+        0 => frame("message_start", json!({"type": "message_start", "message": start})),
+        1 => frame(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        i if i < n + 2 => frame(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "tok "}}),
+        ),
+        i if i == n + 2 => frame("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+        i if i == n + 3 => frame(
+            "message_delta",
+            json!({"type": "message_delta",
+            "delta": {"stop_reason": "max_tokens", "stop_sequence": null}, "usage": {"output_tokens": tokens}}),
+        ),
+        _ => frame("message_stop", json!({"type": "message_stop"})),
+    }))
+}
+
+async fn count_tokens(State(mock): State<MockProvider>, Json(body): Json<Value>) -> Response {
+    record(&mock, &body);
+    Json(json!({"input_tokens": 42})).into_response()
+}
 
 async fn chat(State(mock): State<MockProvider>, Json(body): Json<Value>) -> Response {
     if let Ok(mut r) = mock.received.lock() {

@@ -1,11 +1,87 @@
 //! Project keys on the proxy: `Authorization: Bearer <key>` (OpenAI SDKs) or
-//! `x-api-key: <key>` (Anthropic SDKs). Keys are looked up by their SHA-256.
+//! `x-api-key: <key>` (Anthropic SDKs). Keys are stored and looked up by their SHA-256.
+//!
+//! Lookups go through a [`KeyCache`]: a key's project is read from the database at most once
+//! per [`KEY_CACHE_TTL`], so a revocation made anywhere takes effect on every replica within
+//! that time, and at once on the replica that made it ([`KeyCache::forget_project`]). Unknown
+//! keys are cached too, so a client hammering with a wrong key does not hammer the database.
+//! `last_used_at` is written at most once a minute per key, off the request's path.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
+use tollgate_core::ids::{KeyId, ProjectId};
 use tollgate_core::projects::{self, Project};
+use tollgate_core::time::UnixMillis;
 
 use super::error::ProxyError;
 use crate::state::AppState;
+
+/// How long a key lookup is trusted before the database is asked again.
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(2);
+const LAST_USED_EVERY: Duration = Duration::from_secs(60);
+/// Past this many entries the cache starts over (bounded memory under a flood of wrong keys).
+const MAX_ENTRIES: usize = 100_000;
+
+/// A live key and its project.
+#[derive(Debug, Clone)]
+pub struct KeyGrant {
+    pub key_id: KeyId,
+    pub kind: String,
+    pub project: Project,
+}
+
+struct Entry {
+    grant: Option<KeyGrant>,
+    fetched: Instant,
+}
+
+/// Key hash → grant, for [`KEY_CACHE_TTL`].
+#[derive(Default)]
+pub struct KeyCache {
+    entries: Mutex<HashMap<String, Entry>>,
+    last_used: Mutex<HashMap<KeyId, Instant>>,
+}
+
+impl KeyCache {
+    fn cached(&self, hash: &str) -> Option<Option<KeyGrant>> {
+        let entries = self.entries.lock().ok()?;
+        entries.get(hash).filter(|e| e.fetched.elapsed() < KEY_CACHE_TTL).map(|e| e.grant.clone())
+    }
+
+    fn store(&self, hash: String, grant: Option<KeyGrant>) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= MAX_ENTRIES {
+                entries.clear();
+            }
+            entries.insert(hash, Entry { grant, fetched: Instant::now() });
+        }
+    }
+
+    /// Drops every cached key of `project` (after a revocation or a settings change).
+    pub fn forget_project(&self, project: &ProjectId) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|_, e| e.grant.as_ref().is_none_or(|g| &g.project.id != project));
+        }
+    }
+
+    /// Whether `key`'s `last_used_at` is due a write (and notes that it is being written).
+    fn last_used_due(&self, key: &KeyId) -> bool {
+        let Ok(mut seen) = self.last_used.lock() else { return false };
+        match seen.get(key) {
+            Some(at) if at.elapsed() < LAST_USED_EVERY => false,
+            _ => {
+                if seen.len() >= MAX_ENTRIES {
+                    seen.clear();
+                }
+                seen.insert(key.clone(), Instant::now());
+                true
+            }
+        }
+    }
+}
 
 /// The key presented with a request, if any.
 pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
@@ -18,23 +94,51 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
-/// The project whose live secret key the request carries.
-pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Project, ProxyError> {
+/// The live key a request carries, with its project.
+pub async fn grant(state: &AppState, headers: &HeaderMap) -> Result<KeyGrant, ProxyError> {
     let key = presented_key(headers).filter(|k| !k.is_empty()).ok_or_else(|| {
         ProxyError::Unauthorized(
             "You didn't provide an API key. Pass a Tollgate project key as `Authorization: Bearer <key>` or `x-api-key`."
                 .to_owned(),
         )
     })?;
-    let owner = projects::find_key(&state.db, key)
-        .await?
+    let hash = projects::hash_key(key);
+    let grant = match state.keys.cached(&hash) {
+        Some(grant) => grant,
+        None => {
+            let grant = match projects::find_key_by_hash(&state.db, &hash).await? {
+                Some(owner) => projects::get_project(&state.db, &owner.project_id).await?.map(|project| KeyGrant {
+                    key_id: owner.key_id,
+                    kind: owner.kind,
+                    project,
+                }),
+                None => None,
+            };
+            state.keys.store(hash, grant.clone());
+            grant
+        }
+    };
+    let grant = grant
         .ok_or_else(|| ProxyError::Unauthorized("Incorrect API key provided, or the key was revoked.".to_owned()))?;
-    if owner.kind != "secret" {
+    if state.keys.last_used_due(&grant.key_id) {
+        let (db, key_id) = (state.db.clone(), grant.key_id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = projects::touch_key(&db, &key_id, UnixMillis::now()).await {
+                tracing::warn!(error = %e, "could not record a key's last use");
+            }
+        });
+    }
+    Ok(grant)
+}
+
+/// The project whose live secret key the request carries.
+pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Project, ProxyError> {
+    let grant = grant(state, headers).await?;
+    if grant.kind != "secret" {
         return Err(ProxyError::Unauthorized(
             "A publishable key needs a customer token; customer tokens are not available yet, so use a secret key from your backend."
                 .to_owned(),
         ));
     }
-    let project = projects::get_project(&state.db, &owner.project_id).await?.ok_or(ProxyError::Internal)?;
-    Ok(project)
+    Ok(grant.project)
 }

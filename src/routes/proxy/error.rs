@@ -1,5 +1,6 @@
-//! Errors of the proxy face, answered in OpenAI's shape
-//! (`{"error":{"message","type","param","code"}}`) so SDKs surface them as their own.
+//! Errors of the proxy face, answered in the caller's shape so its SDK surfaces them as its
+//! own: OpenAI's (`{"error":{"message","type","param","code"}}`) on the OpenAI endpoints,
+//! Anthropic's (`{"type":"error","error":{"type","message"}}`) on `/v1/messages`.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -20,6 +21,8 @@ pub enum ProxyError {
     #[error("the customer's remaining budget ({remaining}) cannot pay for this call ({needed})")]
     InsufficientBudget { remaining: Nanos, needed: Nanos, currency: String },
     #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
     UpstreamUnreachable(String),
     /// Logged where it happened; the caller sees no internals.
     #[error("internal error")]
@@ -38,6 +41,7 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::InsufficientBudget { .. } => StatusCode::PAYMENT_REQUIRED,
+            ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -51,10 +55,55 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
             ProxyError::Forbidden { code, .. } => ("permission_error", Some(code)),
             ProxyError::InsufficientBudget { .. } => ("insufficient_budget", Some("customer_budget_exceeded")),
+            ProxyError::NotFound(_) => ("invalid_request_error", Some("not_found")),
             ProxyError::UpstreamUnreachable(_) => ("upstream_error", Some("upstream_unreachable")),
             ProxyError::Internal => ("server_error", None),
         }
     }
+
+    /// Anthropic's error `type` for this error.
+    fn anthropic_type(&self) -> &'static str {
+        match self {
+            ProxyError::InvalidRequest { .. } => "invalid_request_error",
+            ProxyError::PayloadTooLarge(_) => "request_too_large",
+            ProxyError::Unauthorized(_) => "authentication_error",
+            ProxyError::Forbidden { .. } => "permission_error",
+            ProxyError::InsufficientBudget { .. } => "insufficient_budget",
+            ProxyError::NotFound(_) => "not_found_error",
+            ProxyError::UpstreamUnreachable(_) | ProxyError::Internal => "api_error",
+        }
+    }
+
+    /// The answer in `shape`.
+    pub fn into_response_shaped(self, shape: ErrorShape) -> Response {
+        match shape {
+            ErrorShape::OpenAi => self.into_response(),
+            ErrorShape::Anthropic => {
+                let (_, code) = self.kind();
+                let mut error = json!({ "type": self.anthropic_type(), "message": self.to_string() });
+                if let Some(code) = code {
+                    error["code"] = json!(code);
+                }
+                self.add_budget_fields(&mut error);
+                (self.status_code(), Json(json!({ "type": "error", "error": error }))).into_response()
+            }
+        }
+    }
+
+    fn add_budget_fields(&self, error: &mut serde_json::Value) {
+        if let ProxyError::InsufficientBudget { remaining, needed, currency } = self {
+            error["remaining"] = json!(remaining.to_string());
+            error["needed"] = json!(needed.to_string());
+            error["currency"] = json!(currency);
+        }
+    }
+}
+
+/// Which API's error shape an endpoint answers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    OpenAi,
+    Anthropic,
 }
 
 impl From<tollgate_core::db::DbError> for ProxyError {
@@ -71,7 +120,7 @@ impl From<tollgate_core::projects::ProjectError> for ProxyError {
             ProjectError::Invalid { field, reason } => {
                 ProxyError::invalid(format!("{field} {reason}"), "invalid_customer", Some("customer"))
             }
-            ProjectError::NotFound(what) => ProxyError::invalid(format!("no such {what}"), "not_found", None),
+            ProjectError::NotFound(what) => ProxyError::NotFound(format!("no such {what}")),
             ProjectError::Db(db) => db.into(),
         }
     }
@@ -84,11 +133,7 @@ impl IntoResponse for ProxyError {
         if let ProxyError::InvalidRequest { param: Some(p), .. } = &self {
             error["param"] = json!(p);
         }
-        if let ProxyError::InsufficientBudget { remaining, needed, currency } = &self {
-            error["remaining"] = json!(remaining.to_string());
-            error["needed"] = json!(needed.to_string());
-            error["currency"] = json!(currency);
-        }
+        self.add_budget_fields(&mut error);
         (self.status_code(), Json(json!({ "error": error }))).into_response()
     }
 }

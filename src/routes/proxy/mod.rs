@@ -1,17 +1,30 @@
-//! The LLM proxy: OpenAI-compatible endpoints that authenticate a project key, name the
-//! end-customer, reserve the call's worst case, forward it, and settle what it cost.
+//! The LLM proxy: OpenAI- and Anthropic-compatible endpoints that authenticate a project key,
+//! name the end-customer, reserve the call's worst case, forward it, and settle what it cost.
 //!
-//! - [`auth`]: project keys (`Authorization: Bearer` or `x-api-key`).
-//! - [`error`]: the one error type of this face, written in OpenAI's error shape.
+//! - [`pipeline`]: the path every metered call takes; a [`pipeline::Dialect`] per API says
+//!   how its requests, answers and streams look.
 //! - [`chat`]: `POST /v1/chat/completions`, JSON and SSE streaming.
+//! - [`responses`]: `POST /v1/responses`, JSON and SSE streaming.
+//! - [`messages`]: `POST /v1/messages` (Anthropic, JSON and SSE) and `/v1/messages/count_tokens`.
+//! - [`embeddings`]: `POST /v1/embeddings`.
+//! - [`models`]: `GET /v1/models`, what the project may call.
+//! - [`auth`]: project keys (`Authorization: Bearer` or `x-api-key`).
+//! - [`error`]: the one error type of this face, written in the caller's error shape.
+//! - [`sse`]: server-sent event framing.
 
 pub mod auth;
 pub mod chat;
+pub mod embeddings;
 pub mod error;
+pub mod messages;
+pub mod models;
+pub mod pipeline;
+pub mod responses;
+pub mod sse;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::post;
+use axum::routing::{get, post};
 
 use crate::state::AppState;
 
@@ -23,6 +36,12 @@ pub const CUSTOMER_HEADER: &str = "x-tollgate-customer";
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/chat/completions", post(pipeline::handle::<chat::ChatCompletions>))
+        .route("/v1/responses", post(pipeline::handle::<responses::Responses>))
+        .route("/v1/embeddings", post(pipeline::handle::<embeddings::Embeddings>))
+        .route("/v1/messages", post(pipeline::handle::<messages::Messages>))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{id}", get(models::get))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }

@@ -1,0 +1,584 @@
+//! The path every metered call takes, whatever its API. A [`Dialect`] says how one API's
+//! requests and answers look; this module does the rest, the same way for each:
+//!
+//! 1. Authenticate the key, parse the request, name the customer, price the model, route it.
+//! 2. Reserve the worst case: input (counted) + max output × `n`, with the project's markup.
+//!    When it does not fit: `reject` answers 402; `clamp` lowers the call's max output to what
+//!    the remaining budget pays for (if at least the project's minimum), else 402.
+//! 3. Forward. Upstream errors come back with their status and body; the reservation is
+//!    released. Nothing is retried (a retry could be charged twice).
+//! 4. Settle from the provider's usage (for streams, watched in the events as they pass),
+//!    else from what was delivered. Settlement runs on its own task, so it completes even
+//!    when the client has gone. Long streams renew their reservation so it cannot expire
+//!    under them.
+
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use futures::StreamExt;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use tollgate_core::estimate;
+use tollgate_core::ledger::{self, CallStatus, Reservation, ReserveOutcome, UsageRecord, UsageSource};
+use tollgate_core::money::Nanos;
+use tollgate_core::pricing::{Price, TokenUsage, Tokenizer, tokens_cost, with_markup};
+use tollgate_core::projects::{self, BudgetPolicy, Customer, Project, Provider, ProviderKind};
+use tollgate_core::time::UnixMillis;
+
+use super::error::{ErrorShape, ProxyError};
+use super::{CUSTOMER_HEADER, auth, sse};
+use crate::middleware::request_id::RequestId;
+use crate::state::AppState;
+
+/// A reservation outlives any quiet stretch of a call (upstream read timeout included)
+/// before housekeeping may free it; streams renew theirs every [`RENEW_EVERY`].
+const RESERVATION_TTL_SECS: i64 = 30 * 60;
+const RENEW_EVERY: Duration = Duration::from_secs(5 * 60);
+/// A stream that sends nothing for this long is given up (and settled for what it sent).
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The `anthropic-version` sent upstream when the client named none.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The fields of a request the pipeline interprets; everything else passes through.
+#[derive(Debug, Clone)]
+pub struct CallShape {
+    pub model: String,
+    pub stream: bool,
+    /// Completions asked for (`n`); output is reserved for each.
+    pub n: i64,
+    /// The request's own max output, if it set one.
+    pub max_output: Option<i64>,
+    /// False for APIs that produce no output tokens (embeddings): nothing to clamp.
+    pub produces_output: bool,
+}
+
+/// What a stream has shown of its cost so far.
+#[derive(Debug, Default)]
+pub struct StreamWatch {
+    /// The provider's final usage for the whole call, once it has been seen.
+    pub usage: Option<TokenUsage>,
+    /// The provider's input counts, when it reports them before the end (Anthropic's
+    /// `message_start`); used when the stream breaks off before the final usage.
+    pub input: Option<TokenUsage>,
+    /// Text delivered so far, counted when no final usage arrives.
+    pub delivered: String,
+}
+
+/// One API's wire format, as far as metering needs to know it.
+pub trait Dialect: Send + Sync + 'static {
+    /// The endpoint's name on usage events.
+    const ENDPOINT: &'static str;
+    /// The error shape the endpoint's callers expect.
+    const ERRORS: ErrorShape;
+    /// Where calls of a model routed to a connection that does not speak this API should go.
+    const OTHER_ENDPOINT: &'static str;
+
+    /// Whether a connection of this kind speaks this API.
+    fn speaks(kind: ProviderKind) -> bool;
+    /// The upstream URL for this API on `provider`.
+    fn upstream_url(provider: &Provider) -> String;
+    fn parse(request: &Value) -> Result<CallShape, ProxyError>;
+    /// The request field that names the end-user, for projects that take the customer from it.
+    fn user(request: &Value) -> Option<&str>;
+    /// Input tokens of the request, exact or bounded from above.
+    fn input_tokens(tokenizer: Tokenizer, request: &Value) -> i64;
+    /// Sets the request's max output to `max_output`.
+    fn limit_output(request: &mut Value, max_output: i64);
+    /// Adjusts a streamed request so the upstream reports usage; returns whether the client
+    /// itself asked for what was added (so it must not be hidden from it).
+    fn prepare_stream(_request: &mut Value) -> bool {
+        true
+    }
+    /// Usage in a JSON answer.
+    fn usage(body: &Value) -> Option<TokenUsage>;
+    /// Generated text in a JSON answer (counted when it has no usage).
+    fn delivered(body: &Value) -> String;
+    /// Reads one streamed event into `watch`; returns whether to forward it to the client.
+    fn watch(event: &sse::Event, data: Option<&Value>, watch: &mut StreamWatch, client_wants_usage: bool) -> bool;
+}
+
+/// The handler of every metered endpoint: `post(pipeline::handle::<Chat>)`.
+pub async fn handle<D: Dialect>(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match run::<D>(state, request_id, headers, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response_shaped(D::ERRORS),
+    }
+}
+
+/// The request body, or the error that explains why there is none.
+pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ProxyError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ProxyError::PayloadTooLarge(format!(
+            "The request body is larger than {} MB.",
+            super::MAX_BODY_BYTES / (1024 * 1024)
+        )),
+        _ => ProxyError::invalid(e.body_text(), "invalid_body", None),
+    })
+}
+
+/// The body as a JSON value.
+pub fn json_body(body: &[u8]) -> Result<Value, ProxyError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ProxyError::invalid(format!("We could not parse the JSON body of your request: {e}"), "invalid_json", None)
+    })
+}
+
+/// The provider connection that serves `model` for API `D`.
+pub async fn route<D: Dialect>(state: &AppState, project: &Project, model: &str) -> Result<Provider, ProxyError> {
+    let providers = projects::list_providers(&state.db, &state.master_key, &project.id).await?;
+    let serving: Vec<Provider> = providers.into_iter().filter(|p| p.serves(model)).collect();
+    if let Some(provider) = serving.iter().find(|p| D::speaks(p.kind)) {
+        return Ok(provider.clone());
+    }
+    Err(match serving.first() {
+        Some(p) => ProxyError::invalid(
+            format!(
+                "The model `{model}` is routed to a {} connection, which does not speak this API: call it through {}.",
+                p.kind.as_str(),
+                D::OTHER_ENDPOINT
+            ),
+            "wrong_endpoint",
+            Some("model"),
+        ),
+        None => ProxyError::invalid(
+            format!("No provider connection of this project serves the model `{model}`."),
+            "model_not_routed",
+            Some("model"),
+        ),
+    })
+}
+
+/// A request to `url` on `provider`, with the provider's credential (and, for Anthropic,
+/// the API version and betas the client asked for).
+pub fn upstream_request(
+    state: &AppState,
+    provider: &Provider,
+    url: String,
+    client_headers: &HeaderMap,
+) -> reqwest::RequestBuilder {
+    let request = state.http.post(url);
+    match provider.kind {
+        ProviderKind::Anthropic => {
+            let version = client_headers
+                .get("anthropic-version")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(ANTHROPIC_VERSION)
+                .to_owned();
+            let mut request =
+                request.header("x-api-key", provider.api_key.expose_secret()).header("anthropic-version", version);
+            if let Some(beta) = client_headers.get("anthropic-beta").and_then(|v| v.to_str().ok()) {
+                request = request.header("anthropic-beta", beta.to_owned());
+            }
+            request
+        }
+        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => request.bearer_auth(provider.api_key.expose_secret()),
+    }
+}
+
+/// An upstream error answer, passed to the client with its status and body.
+pub async fn passthrough(upstream: reqwest::Response) -> Response {
+    let status = StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    let body = upstream.bytes().await.unwrap_or_default();
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    if let Some(ct) = content_type {
+        response.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    response
+}
+
+async fn run<D: Dialect>(
+    state: AppState,
+    request_id: RequestId,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ProxyError> {
+    let started = Instant::now();
+    let body = body_bytes(body)?;
+    let project = auth::authenticate(&state, &headers).await?;
+    let mut request = json_body(&body)?;
+    let shape = D::parse(&request)?;
+    let external_id = customer_of_call(&project, &headers, D::user(&request))?;
+    let price = projects::price_for(&state.db, &project.id, &shape.model).await?.ok_or_else(|| {
+        ProxyError::invalid(
+            format!(
+                "The model `{}` has no price in this project, so Tollgate cannot meter it. Add a price override for it.",
+                shape.model
+            ),
+            "model_not_priced",
+            Some("model"),
+        )
+    })?;
+    let provider = route::<D>(&state, &project, &shape.model).await?;
+    let customer = projects::customer_for_call(&state.db, &project, &external_id).await?;
+    let refusal = |reason: &str| UsageRecord {
+        project_id: project.id.clone(),
+        customer_id: Some(customer.id.clone()),
+        request_id: request_id.0.clone(),
+        endpoint: D::ENDPOINT.to_owned(),
+        model: shape.model.clone(),
+        status: CallStatus::Refused,
+        reason: Some(reason.to_owned()),
+        tokens: TokenUsage::default(),
+        reserved: Nanos::ZERO,
+        cost: Nanos::ZERO,
+        billed: Nanos::ZERO,
+        source: UsageSource::None,
+        latency_ms: started.elapsed().as_millis() as i64,
+    };
+    let blocked = || ProxyError::Forbidden {
+        message: format!("The customer `{external_id}` is blocked in this project."),
+        code: "customer_blocked",
+    };
+    if customer.blocked {
+        ledger::settle(&state.db, None, &refusal("customer blocked")).await?;
+        return Err(blocked());
+    }
+
+    // The worst case, as a function of the max output tokens.
+    let input_estimate =
+        estimate::with_margin(price.tokenizer, D::input_tokens(price.tokenizer, &request), project.estimate_margin_bps);
+    let input_cost = tokens_cost(input_estimate, price.worst_input_rate());
+    let worst_case = |max_output: i64| {
+        let output_cost = tokens_cost(max_output.saturating_mul(shape.n), price.output);
+        with_markup(input_cost.checked_add(output_cost).unwrap_or(Nanos(i64::MAX)), project.markup_bps)
+    };
+    let requested_output = if shape.produces_output { shape.max_output.unwrap_or(price.max_output_tokens) } else { 0 };
+    let minimum_output = if shape.produces_output { project.min_output_tokens.max(1) } else { 0 };
+    let mut max_output = requested_output;
+    let expires = UnixMillis::now().plus_secs(RESERVATION_TTL_SECS);
+    let mut reservation = None;
+    for _ in 0..4 {
+        match ledger::reserve(&state.db, &customer, worst_case(max_output), &request_id.0, expires).await? {
+            ReserveOutcome::Reserved { reservation: r, .. } => {
+                reservation = Some(r);
+                break;
+            }
+            ReserveOutcome::Blocked => {
+                ledger::settle(&state.db, None, &refusal("customer blocked")).await?;
+                return Err(blocked());
+            }
+            ReserveOutcome::Insufficient { remaining } => {
+                let affordable = largest_affordable(requested_output, remaining, &worst_case);
+                let refuse = project.policy() == BudgetPolicy::Reject
+                    || !shape.produces_output
+                    || affordable < minimum_output
+                    || worst_case(0) > remaining;
+                if refuse {
+                    let needed = worst_case(if project.policy() == BudgetPolicy::Reject {
+                        requested_output
+                    } else {
+                        minimum_output
+                    });
+                    ledger::settle(&state.db, None, &refusal("insufficient budget")).await?;
+                    return Err(ProxyError::InsufficientBudget {
+                        remaining,
+                        needed,
+                        currency: project.currency.clone(),
+                    });
+                }
+                // Another call may have moved the budget since; the next attempt re-checks atomically.
+                max_output = affordable.min(max_output);
+            }
+        }
+    }
+    let Some(reservation) = reservation else {
+        ledger::settle(&state.db, None, &refusal("insufficient budget")).await?;
+        return Err(ProxyError::InsufficientBudget {
+            remaining: Nanos::ZERO,
+            needed: worst_case(minimum_output),
+            currency: project.currency.clone(),
+        });
+    };
+    let clamped = max_output < requested_output;
+    if shape.produces_output && (clamped || shape.max_output.is_none()) {
+        // Name the limit explicitly, so the provider cannot generate past what was reserved.
+        D::limit_output(&mut request, max_output);
+    }
+    let client_wants_usage = if shape.stream { D::prepare_stream(&mut request) } else { true };
+
+    let url = D::upstream_url(&provider);
+    let call = Call {
+        state: state.clone(),
+        project,
+        customer,
+        price,
+        endpoint: D::ENDPOINT,
+        model: shape.model,
+        request_id: request_id.0,
+        reservation,
+        input_estimate,
+        started,
+        budget: BudgetHeaders { max_output, clamped },
+    };
+    let upstream = upstream_request(&state, &provider, url, &headers).json(&request).send().await;
+    let upstream = match upstream {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, provider = %provider.id, "upstream unreachable");
+            call.release("upstream unreachable").await;
+            return Err(ProxyError::UpstreamUnreachable(format!("The provider could not be reached: {e}")));
+        }
+    };
+    if !upstream.status().is_success() {
+        let reason = format!("upstream answered {}", upstream.status().as_u16());
+        let response = passthrough(upstream).await;
+        call.release(&reason).await;
+        return Ok(response);
+    }
+    if shape.stream {
+        Ok(stream_response::<D>(call, upstream, client_wants_usage))
+    } else {
+        json_response::<D>(call, upstream).await
+    }
+}
+
+/// The customer a call is charged to: the header, else (if enabled) the request's user
+/// field, else the project's default customer.
+fn customer_of_call(project: &Project, headers: &HeaderMap, user: Option<&str>) -> Result<String, ProxyError> {
+    if let Some(value) = headers.get(CUSTOMER_HEADER) {
+        let id = value.to_str().map_err(|_| {
+            ProxyError::invalid("The X-Tollgate-Customer header must be printable text.", "invalid_customer", None)
+        })?;
+        return Ok(id.to_owned());
+    }
+    if project.customer_from_user
+        && let Some(user) = user
+    {
+        return Ok(user.to_owned());
+    }
+    if let Some(default) = &project.default_customer {
+        return Ok(default.clone());
+    }
+    Err(ProxyError::invalid(
+        "Name the end-customer of this call in the X-Tollgate-Customer header.",
+        "missing_customer",
+        Some("customer"),
+    ))
+}
+
+/// The largest max-output (≤ `upper`) whose worst case fits in `remaining`; 0 if none does.
+fn largest_affordable(upper: i64, remaining: Nanos, worst_case: &impl Fn(i64) -> Nanos) -> i64 {
+    let (mut lo, mut hi) = (0i64, upper.max(0));
+    if worst_case(0) > remaining {
+        return 0;
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo + 1) / 2;
+        if worst_case(mid) <= remaining { lo = mid } else { hi = mid - 1 }
+    }
+    lo
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BudgetHeaders {
+    max_output: i64,
+    clamped: bool,
+}
+
+/// Everything known about a call once it is admitted.
+struct Call {
+    state: AppState,
+    project: Project,
+    customer: Customer,
+    price: Price,
+    endpoint: &'static str,
+    model: String,
+    request_id: String,
+    reservation: Reservation,
+    input_estimate: i64,
+    started: Instant,
+    budget: BudgetHeaders,
+}
+
+impl Call {
+    fn record(
+        &self,
+        status: CallStatus,
+        reason: Option<String>,
+        tokens: TokenUsage,
+        source: UsageSource,
+    ) -> UsageRecord {
+        let cost = if status == CallStatus::Settled { self.price.cost(&tokens) } else { Nanos::ZERO };
+        UsageRecord {
+            project_id: self.project.id.clone(),
+            customer_id: Some(self.customer.id.clone()),
+            request_id: self.request_id.clone(),
+            endpoint: self.endpoint.to_owned(),
+            model: self.model.clone(),
+            status,
+            reason,
+            tokens,
+            reserved: self.reservation.amount,
+            cost,
+            billed: with_markup(cost, self.project.markup_bps),
+            source,
+            latency_ms: self.started.elapsed().as_millis() as i64,
+        }
+    }
+
+    /// Tokens counted by Tollgate when the provider reported no final usage: the provider's
+    /// input counts if it gave them, else the estimate; the output as delivered.
+    fn counted(&self, input: Option<TokenUsage>, delivered: &str) -> TokenUsage {
+        let output = estimate::count_text(self.price.tokenizer, delivered);
+        let input = input.unwrap_or(TokenUsage { input: self.input_estimate, ..TokenUsage::default() });
+        TokenUsage { output: output.max(input.output), ..input }
+    }
+
+    /// Settles on a task of its own (it must finish even if the client is gone) and waits for it.
+    async fn finish(self, record: UsageRecord) -> (Nanos, Option<Nanos>) {
+        let billed = record.billed;
+        let db = self.state.db.clone();
+        let reservation = self.reservation.clone();
+        let settled = tokio::spawn(async move { ledger::settle(&db, Some(&reservation), &record).await }).await;
+        let remaining = match settled {
+            Ok(Ok(remaining)) => remaining,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, request_id = %self.request_id, "settlement failed; the reservation expires instead");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "settlement task failed");
+                None
+            }
+        };
+        (billed, remaining)
+    }
+
+    async fn release(self, reason: &str) {
+        let record = self.record(CallStatus::Failed, Some(reason.to_owned()), TokenUsage::default(), UsageSource::None);
+        self.finish(record).await;
+    }
+}
+
+fn money_header(n: Nanos) -> Option<HeaderValue> {
+    HeaderValue::from_str(&n.to_string()).ok()
+}
+
+fn insert_budget_headers(
+    headers: &mut HeaderMap,
+    billed: Option<Nanos>,
+    remaining: Option<Nanos>,
+    budget: BudgetHeaders,
+) {
+    if let Some(v) = billed.and_then(money_header) {
+        headers.insert("x-tollgate-cost", v);
+    }
+    if let Some(v) = remaining.and_then(money_header) {
+        headers.insert("x-tollgate-remaining", v);
+    }
+    if budget.clamped
+        && let Ok(v) = HeaderValue::from_str(&budget.max_output.to_string())
+    {
+        headers.insert("x-tollgate-max-output-clamped", v);
+    }
+}
+
+async fn json_response<D: Dialect>(call: Call, upstream: reqwest::Response) -> Result<Response, ProxyError> {
+    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    let body = match upstream.bytes().await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream body failed");
+            call.release("upstream body failed").await;
+            return Err(ProxyError::UpstreamUnreachable(format!("The provider's answer broke off: {e}")));
+        }
+    };
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let (tokens, source) = match parsed.as_ref().and_then(D::usage) {
+        Some(t) => (t, UsageSource::Provider),
+        None => {
+            let delivered = parsed.as_ref().map(D::delivered).unwrap_or_default();
+            (call.counted(None, &delivered), UsageSource::Counted)
+        }
+    };
+    let budget = call.budget;
+    let record = call.record(CallStatus::Settled, None, tokens, source);
+    let (billed, remaining) = call.finish(record).await;
+    let mut response = Response::new(Body::from(body));
+    let headers = response.headers_mut();
+    if let Some(ct) = content_type {
+        headers.insert(header::CONTENT_TYPE, ct);
+    }
+    insert_budget_headers(headers, Some(billed), remaining, budget);
+    Ok(response)
+}
+
+/// Streams the upstream's SSE to the client while watching it for usage; settles when the
+/// upstream ends, fails, or the client goes away (then the upstream is dropped, which stops
+/// generation, and the call is settled for what was generated).
+fn stream_response<D: Dialect>(call: Call, upstream: reqwest::Response, client_wants_usage: bool) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(32);
+    let reserved = call.reservation.amount;
+    let budget = call.budget;
+    tokio::spawn(async move {
+        let mut upstream = upstream.bytes_stream();
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut watch = StreamWatch::default();
+        let mut failure: Option<String> = None;
+        let mut renewed = Instant::now();
+        'pump: loop {
+            let chunk = match tokio::time::timeout(STREAM_IDLE_TIMEOUT, upstream.next()).await {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    failure = Some(format!("upstream stream broke: {e}"));
+                    break;
+                }
+                Err(_) => {
+                    failure = Some("upstream stream stalled".to_owned());
+                    break;
+                }
+            };
+            buffer.extend_from_slice(&chunk);
+            while let Some((text_end, end)) = sse::event_end(&buffer) {
+                let raw: Vec<u8> = buffer.drain(..end).collect();
+                let event = sse::Event::parse(&raw[..text_end]);
+                let data = serde_json::from_str::<Value>(&event.data).ok();
+                let forward = D::watch(&event, data.as_ref(), &mut watch, client_wants_usage);
+                if forward && tx.send(Ok(Bytes::from(raw))).await.is_err() {
+                    failure = Some("client disconnected".to_owned());
+                    break 'pump;
+                }
+            }
+            if renewed.elapsed() >= RENEW_EVERY {
+                renewed = Instant::now();
+                let expires = UnixMillis::now().plus_secs(RESERVATION_TTL_SECS);
+                if let Err(e) = ledger::renew(&call.state.db, &call.reservation, expires).await {
+                    tracing::warn!(error = %e, request_id = %call.request_id, "could not renew a stream's reservation");
+                }
+            }
+        }
+        if !buffer.is_empty() && failure.is_none() {
+            let _ = tx.send(Ok(Bytes::from(std::mem::take(&mut buffer)))).await;
+        }
+        drop(upstream);
+        let (tokens, source) = match watch.usage.take() {
+            Some(t) => (t, UsageSource::Provider),
+            None => (call.counted(watch.input.take(), &watch.delivered), UsageSource::Counted),
+        };
+        let record = call.record(CallStatus::Settled, failure, tokens, source);
+        call.finish(record).await;
+    });
+    let body =
+        Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }));
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Some(v) = money_header(reserved) {
+        headers.insert("x-tollgate-reserved", v);
+    }
+    insert_budget_headers(headers, None, None, budget);
+    response
+}
