@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
 
 mod accounts;
+mod apis;
 mod cli;
 mod helpers;
 mod jobs;
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
             "\n  PostgreSQL tests SKIPPED: set TOLLGATE_TEST_POSTGRES_URL (e.g. postgres://postgres@127.0.0.1:5432/postgres)\n  to run every database test on PostgreSQL as well.\n"
         );
     }
-    let db_cases = [ops::cases(), accounts::cases(), jobs::cases(), cli::db_cases(), proxy::cases()]
+    let db_cases = [ops::cases(), accounts::cases(), jobs::cases(), cli::db_cases(), proxy::cases(), apis::cases()]
         .into_iter()
         .flatten()
         .collect();

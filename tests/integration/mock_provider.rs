@@ -1,6 +1,6 @@
 //! A stand-in provider over real HTTP, speaking OpenAI (chat completions, responses,
 //! embeddings under `/v1`) and Anthropic (messages, count_tokens). Behaviour follows the
-//! model name: `error-500` fails; `slow-*` streams up to 200 chunks 20 ms apart; anything
+//! model name: `error-500` fails; `slow-*` and `*-slow` stream up to 200 chunks 20 ms apart; anything
 //! else answers with exactly the requested max output tokens (default 20), one per chunk when
 //! streaming, and reports usage (10 input tokens; embeddings 5 per input).
 
@@ -18,12 +18,15 @@ use axum::routing::post;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+/// The credential a request carried (`Authorization` or `x-api-key`) and its `anthropic-version`.
+pub type Credential = (String, Option<String>);
+
 #[derive(Clone, Default)]
 pub struct MockProvider {
     pub received: Arc<Mutex<Vec<Value>>>,
     /// The credential each request carried (`Authorization` or `x-api-key`) and its
     /// `anthropic-version`, in order.
-    pub credentials: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    pub credentials: Arc<Mutex<Vec<Credential>>>,
     pub addr: Option<SocketAddr>,
 }
 
@@ -53,7 +56,7 @@ impl MockProvider {
         format!("http://{}", self.addr.map(|a| a.to_string()).unwrap_or_default())
     }
 
-    pub fn credentials(&self) -> Vec<(String, Option<String>)> {
+    pub fn credentials(&self) -> Vec<Credential> {
         self.credentials.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
@@ -110,9 +113,14 @@ fn paced(
     })
 }
 
+/// Slow models (`slow-*`, `*-slow`) stream 20 ms apart.
+fn is_slow(model: &str) -> bool {
+    model.starts_with("slow-") || model.ends_with("-slow")
+}
+
 /// The output tokens the mock generates for a requested maximum.
 fn output_tokens(model: &str, max: i64) -> i64 {
-    if model.starts_with("slow-") { max.min(200) } else { max }
+    if is_slow(model) { max.min(200) } else { max }
 }
 
 async fn responses(State(mock): State<MockProvider>, Json(body): Json<Value>) -> Response {
@@ -138,7 +146,7 @@ async fn responses(State(mock): State<MockProvider>, Json(body): Json<Value>) ->
     let completed = response("completed", "tok ".repeat(tokens as usize), usage);
     let n = tokens as usize;
     let frame = |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n");
-    sse_response(paced(n + 2, model.starts_with("slow-"), move |i| {
+    sse_response(paced(n + 2, is_slow(&model), move |i| {
         if i == 0 {
             frame("response.created", json!({"type": "response.created", "sequence_number": 0, "response": created}))
         } else if i <= n {
@@ -196,7 +204,7 @@ async fn messages(State(mock): State<MockProvider>, Json(body): Json<Value>) -> 
     let start = message(String::new(), 1, Value::Null);
     let n = tokens as usize;
     let frame = |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n");
-    sse_response(paced(n + 5, model.starts_with("slow-"), move |i| match i {
+    sse_response(paced(n + 5, is_slow(&model), move |i| match i {
         0 => frame("message_start", json!({"type": "message_start", "message": start})),
         1 => frame(
             "content_block_start",

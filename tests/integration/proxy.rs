@@ -34,16 +34,19 @@ pub fn cases() -> Vec<DbCase> {
 
 /// One output token costs 1e6 nanos (0.001 of a unit); input is free, so a call's cost is
 /// exactly its output tokens and a budget can be made to fit exactly N calls.
-const OUTPUT_NANOS_PER_TOKEN: i64 = 1_000_000;
+pub const OUTPUT_NANOS_PER_TOKEN: i64 = 1_000_000;
 
-struct Setup {
-    app: TestApp,
-    mock: MockProvider,
-    project: Project,
-    key: String,
+/// A project whose OpenAI-compatible connection serves `mock-*`, `slow-*` and `error-500`,
+/// and whose Anthropic connection serves `claude-mock*` — all on one mock provider — with
+/// [`OUTPUT_NANOS_PER_TOKEN`] prices, and a secret key.
+pub struct Setup {
+    pub app: TestApp,
+    pub mock: MockProvider,
+    pub project: Project,
+    pub key: String,
 }
 
-async fn setup(db: &TestDatabase, policy: BudgetPolicy) -> anyhow::Result<Setup> {
+pub async fn setup(db: &TestDatabase, policy: BudgetPolicy) -> anyhow::Result<Setup> {
     let app = spawn_app(db).await?;
     let mock = MockProvider::start().await?;
     let state = &app.state;
@@ -71,6 +74,19 @@ async fn setup(db: &TestDatabase, policy: BudgetPolicy) -> anyhow::Result<Setup>
         },
     )
     .await?;
+    projects::add_provider(
+        &state.db,
+        &state.master_key,
+        &project.id,
+        &NewProvider {
+            kind: ProviderKind::Anthropic,
+            name: "mock anthropic".into(),
+            base_url: Some(mock.anthropic_base_url()),
+            api_key: "sk-ant-mock-upstream".into(),
+            models: vec!["claude-mock*".into(), "error-500".into()],
+        },
+    )
+    .await?;
     let price = Price {
         input: 0,
         cached_input: 0,
@@ -79,22 +95,25 @@ async fn setup(db: &TestDatabase, policy: BudgetPolicy) -> anyhow::Result<Setup>
         max_output_tokens: 100,
         tokenizer: Tokenizer::O200kBase,
     };
-    for model in ["mock-model", "slow-model", "error-500"] {
+    for model in ["mock-model", "slow-model", "error-500", "claude-mock", "claude-mock-slow"] {
         projects::set_price(&state.db, &project.id, model, &price).await?;
     }
+    // Embeddings: input only, 1e6 nanos a token.
+    let embedding = Price { input: OUTPUT_NANOS_PER_TOKEN * 1_000_000, output: 0, ..price };
+    projects::set_price(&state.db, &project.id, "mock-embedding", &embedding).await?;
     let key = projects::create_key(&state.db, &project.id, KeyKind::Secret, "test").await?.plaintext;
     Ok(Setup { app, mock, project, key })
 }
 
 impl Setup {
-    async fn budget(&self, customer: &str, output_tokens: i64) -> anyhow::Result<()> {
+    pub async fn budget(&self, customer: &str, output_tokens: i64) -> anyhow::Result<()> {
         let amount = Nanos(output_tokens * OUTPUT_NANOS_PER_TOKEN);
         projects::upsert_customer_budget(&self.app.state.db, &self.project.id, customer, amount, BudgetPeriod::Month)
             .await?;
         Ok(())
     }
 
-    async fn chat(&self, customer: &str, body: Value) -> anyhow::Result<reqwest::Response> {
+    pub async fn chat(&self, customer: &str, body: Value) -> anyhow::Result<reqwest::Response> {
         Ok(self
             .app
             .client
@@ -106,15 +125,28 @@ impl Setup {
             .await?)
     }
 
+    /// POSTs `body` to `path` with the key and `customer`.
+    pub async fn post(&self, path: &str, customer: &str, body: Value) -> anyhow::Result<reqwest::Response> {
+        Ok(self
+            .app
+            .client
+            .post(self.app.url(path))
+            .bearer_auth(&self.key)
+            .header("x-tollgate-customer", customer)
+            .json(&body)
+            .send()
+            .await?)
+    }
+
     /// (spent, reserved) of a customer.
-    async fn ledger(&self, customer: &str) -> anyhow::Result<(i64, i64)> {
+    pub async fn ledger(&self, customer: &str) -> anyhow::Result<(i64, i64)> {
         let c = projects::find_customer(&self.app.state.db, &self.project.id, customer)
             .await?
             .ok_or_else(|| anyhow::anyhow!("no customer {customer}"))?;
         Ok((c.spent_nanos, c.reserved_nanos))
     }
 
-    async fn events(&self, status: &str) -> anyhow::Result<i64> {
+    pub async fn events(&self, status: &str) -> anyhow::Result<i64> {
         Ok(with_db!(&self.app.state.db, pool => sqlx::query_scalar::<_, i64>(
             "SELECT COUNT(*) FROM usage_events WHERE status = $1").bind(status).fetch_one(pool).await)?)
     }
