@@ -23,7 +23,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::middleware::{http_metrics, request_id};
-use crate::routes::{ops, proxy};
+use crate::routes::{dashboard, ops, proxy};
 use crate::state::AppState;
 use crate::telemetry;
 
@@ -87,6 +87,7 @@ impl Application {
         });
 
         let app = router(state.clone());
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future();
         let mut server = tokio::spawn(serve);
         let deadline = async {
@@ -122,6 +123,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .merge(proxy::router())
+        .merge(dashboard::router(&state))
         .fallback(not_found)
         .with_state(state)
         .layer(

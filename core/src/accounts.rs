@@ -1,5 +1,5 @@
 //! Organizations (tenants), users and memberships: the accounts side of the domain, used by
-//! `tollgate admin` now and by the dashboard's sign-up later.
+//! `tollgate admin` and by the dashboard (sign-up, login, password changes and resets).
 
 use crate::crypto;
 use crate::db::{Db, DbError, is_unique_violation};
@@ -42,6 +42,8 @@ pub enum AccountError {
     Password(String),
     #[error("email: an account with this email already exists")]
     EmailTaken,
+    #[error("This reset link has expired or was used already. Ask for a new one.")]
+    ResetLink,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -180,6 +182,196 @@ pub fn validate_password(password: &str) -> Result<(), AccountError> {
         return Err(AccountError::Password(format!("must be at most {MAX_PASSWORD_LEN} bytes")));
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Logging in
+
+/// A logged-in person's identity.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct User {
+    pub id: UserId,
+    pub email: String,
+}
+
+/// An organization a user belongs to, with their role in it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Membership {
+    pub org_id: OrgId,
+    pub org_name: String,
+    pub role: String,
+}
+
+impl Membership {
+    pub fn role(&self) -> Role {
+        Role::parse(&self.role).unwrap_or(Role::Viewer)
+    }
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "owner" => Some(Role::Owner),
+            "admin" => Some(Role::Admin),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+
+    /// Whether this role may do what `needed` may.
+    pub fn allows(self, needed: Role) -> bool {
+        let rank = |r: Role| match r {
+            Role::Owner => 3,
+            Role::Admin => 2,
+            Role::Viewer => 1,
+        };
+        rank(self) >= rank(needed)
+    }
+}
+
+/// Failed logins allowed per email, and per client address, within [`THROTTLE_WINDOW_SECS`].
+pub const MAX_FAILURES_PER_EMAIL: i64 = 5;
+pub const MAX_FAILURES_PER_CLIENT: i64 = 20;
+pub const THROTTLE_WINDOW_SECS: i64 = 15 * 60;
+
+/// Why a login did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("Incorrect email or password.")]
+    Invalid,
+    #[error("Too many failed attempts. Try again in a few minutes.")]
+    Throttled,
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Checks an email and password, with throttling per email and per client address. The
+/// password is verified against a stand-in hash when the email is unknown, so the answer
+/// takes as long either way.
+pub async fn login(db: &Db, email: &str, password: &str, client: &str) -> Result<User, LoginError> {
+    let email = email.trim().to_lowercase();
+    let keys = [format!("email:{email}"), format!("client:{client}")];
+    let now = UnixMillis::now();
+    for (key, max) in keys.iter().zip([MAX_FAILURES_PER_EMAIL, MAX_FAILURES_PER_CLIENT]) {
+        if recent_failures(db, key, now).await? >= max {
+            return Err(LoginError::Throttled);
+        }
+    }
+    const SQL: &str = "SELECT id, email, password_hash FROM users WHERE email = $1";
+    let row: Option<(UserId, String, String)> =
+        with_db!(db, pool => sqlx::query_as(SQL).bind(&email).fetch_optional(pool).await).map_err(DbError::from)?;
+    let hash = row.as_ref().map_or_else(|| crypto::dummy_password_hash().to_owned(), |r| r.2.clone());
+    let password = password.to_owned();
+    let verified =
+        tokio::task::spawn_blocking(move || crypto::verify_password(&password, &hash)).await.unwrap_or(false);
+    match row {
+        Some((id, email, _)) if verified => {
+            clear_failures(db, &keys[0]).await?;
+            Ok(User { id, email })
+        }
+        _ => {
+            for key in &keys {
+                record_failure(db, key, now).await?;
+            }
+            Err(LoginError::Invalid)
+        }
+    }
+}
+
+async fn recent_failures(db: &Db, key: &str, now: UnixMillis) -> Result<i64, DbError> {
+    const SQL: &str = "SELECT failures FROM login_failures WHERE throttle_key = $1 AND window_start > $2";
+    let since = now.plus_secs(-THROTTLE_WINDOW_SECS).0;
+    Ok(with_db!(db, pool => sqlx::query_scalar::<_, i64>(SQL).bind(key).bind(since).fetch_optional(pool).await)?
+        .unwrap_or(0))
+}
+
+async fn record_failure(db: &Db, key: &str, now: UnixMillis) -> Result<(), DbError> {
+    // A window that has passed starts over; otherwise the count goes up, in one statement.
+    const SQL: &str = "INSERT INTO login_failures (throttle_key, failures, window_start) VALUES ($1, 1, $2)         ON CONFLICT (throttle_key) DO UPDATE SET           failures = CASE WHEN login_failures.window_start <= $3 THEN 1 ELSE login_failures.failures + 1 END,           window_start = CASE WHEN login_failures.window_start <= $3 THEN $2 ELSE login_failures.window_start END";
+    let since = now.plus_secs(-THROTTLE_WINDOW_SECS).0;
+    with_db!(db, pool => sqlx::query(SQL).bind(key).bind(now.0).bind(since).execute(pool).await.map(|_| ()))?;
+    Ok(())
+}
+
+async fn clear_failures(db: &Db, key: &str) -> Result<(), DbError> {
+    with_db!(db, pool => sqlx::query("DELETE FROM login_failures WHERE throttle_key = $1").bind(key).execute(pool)
+        .await.map(|_| ()))?;
+    Ok(())
+}
+
+pub async fn get_user(db: &Db, id: &UserId) -> Result<Option<User>, DbError> {
+    Ok(with_db!(db, pool => sqlx::query_as::<_, User>("SELECT id, email FROM users WHERE id = $1").bind(id)
+        .fetch_optional(pool).await)?)
+}
+
+/// The organizations a user belongs to, oldest membership first.
+pub async fn memberships(db: &Db, user: &UserId) -> Result<Vec<Membership>, DbError> {
+    const SQL: &str = "SELECT m.org_id, o.name AS org_name, m.role FROM memberships m                        JOIN organizations o ON o.id = m.org_id WHERE m.user_id = $1 ORDER BY m.created_at, o.name";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, Membership>(SQL).bind(user).fetch_all(pool).await)?)
+}
+
+/// Changes a password after checking the current one.
+pub async fn change_password(db: &Db, user: &UserId, current: &str, new: &str) -> Result<(), AccountError> {
+    const SQL: &str = "SELECT password_hash FROM users WHERE id = $1";
+    let hash: Option<String> = with_db!(db, pool => sqlx::query_scalar(SQL).bind(user).fetch_optional(pool).await)?;
+    let current = current.to_owned();
+    let hash = hash.unwrap_or_else(|| crypto::dummy_password_hash().to_owned());
+    let ok = tokio::task::spawn_blocking(move || crypto::verify_password(&current, &hash)).await.unwrap_or(false);
+    if !ok {
+        return Err(AccountError::Password("the current password is not correct".to_owned()));
+    }
+    set_password(db, user, new).await
+}
+
+async fn set_password(db: &Db, user: &UserId, new: &str) -> Result<(), AccountError> {
+    validate_password(new)?;
+    let new = new.to_owned();
+    let hash = tokio::task::spawn_blocking(move || crypto::hash_password(&new))
+        .await
+        .map_err(|_| crypto::PasswordHashError)??;
+    with_db!(db, pool => sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2").bind(&hash).bind(user)
+        .execute(pool).await.map(|_| ()))?;
+    Ok(())
+}
+
+/// How long a password reset link works.
+pub const RESET_TTL_SECS: i64 = 60 * 60;
+
+/// Starts a password reset: a one-time token for the account of `email`, if there is one.
+pub async fn start_password_reset(db: &Db, email: &str) -> Result<Option<String>, DbError> {
+    let Ok(email) = normalize_email(email) else { return Ok(None) };
+    let user: Option<UserId> = with_db!(db, pool => sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
+        .bind(&email).fetch_optional(pool).await)?;
+    let Some(user) = user else { return Ok(None) };
+    let token = crypto::random_token();
+    const SQL: &str = "INSERT INTO password_resets (token_hash, user_id, expires_at) VALUES ($1, $2, $3)";
+    with_db!(db, pool => sqlx::query(SQL).bind(crypto::token_hash(&token)).bind(&user)
+        .bind(UnixMillis::now().plus_secs(RESET_TTL_SECS).0).execute(pool).await.map(|_| ()))?;
+    Ok(Some(token))
+}
+
+/// Whether a reset token is live (not used, not expired).
+pub async fn reset_token_is_live(db: &Db, token: &str) -> Result<bool, DbError> {
+    const SQL: &str =
+        "SELECT COUNT(*) FROM password_resets WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2";
+    let n: i64 = with_db!(db, pool => sqlx::query_scalar(SQL).bind(crypto::token_hash(token))
+        .bind(UnixMillis::now().0).fetch_one(pool).await)?;
+    Ok(n > 0)
+}
+
+/// Uses a reset token (once) to set a new password; every other reset link of the account
+/// stops working too.
+pub async fn finish_password_reset(db: &Db, token: &str, new: &str) -> Result<UserId, AccountError> {
+    validate_password(new)?;
+    const CLAIM: &str = "UPDATE password_resets SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL                          AND expires_at > $1 RETURNING user_id";
+    let now = UnixMillis::now().0;
+    let user: Option<UserId> = with_db!(db, pool => sqlx::query_scalar(CLAIM).bind(now)
+        .bind(crypto::token_hash(token)).fetch_optional(pool).await)?;
+    let user = user.ok_or(AccountError::ResetLink)?;
+    set_password(db, &user, new).await?;
+    with_db!(db, pool => sqlx::query("UPDATE password_resets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
+        .bind(now).bind(&user).execute(pool).await.map(|_| ()))?;
+    Ok(user)
 }
 
 #[cfg(test)]

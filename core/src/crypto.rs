@@ -139,6 +139,26 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
     }
 }
 
+/// A valid argon2id hash of a random password, verified against when an account does not
+/// exist so that a login takes as long whether or not the email is known.
+pub fn dummy_password_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| hash_password(&random_token()).unwrap_or_default())
+}
+
+/// A random URL-safe token of 192 bits (reset links, invitations, CSRF).
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 24];
+    rand::fill(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The SHA-256 (hex) under which a token is stored.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -117,6 +117,16 @@ define_id!(
     UsageEventId,
     "use"
 );
+define_id!(
+    /// An invitation to join an organization.
+    InvitationId,
+    "inv"
+);
+define_id!(
+    /// One entry of an organization's audit log.
+    AuditId,
+    "aud"
+);
 
 #[cfg(test)]
 mod tests {

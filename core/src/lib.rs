@@ -5,12 +5,14 @@
 //! - [`config`]: settings from the environment and an optional TOML file, validated once.
 //! - [`crypto`]: the master key, encryption at rest, password hashing.
 //! - [`db`]: the database handle for SQLite or PostgreSQL, and migrations.
-//! - [`accounts`]: organizations, users and memberships.
+//! - [`accounts`]: organizations, users, memberships, logins and password resets.
+//! - [`sessions`] and [`audit`]: dashboard sessions, and who changed what.
 //! - [`projects`]: projects, keys, providers, prices and end-customers.
 //! - [`pricing`] and [`period`]: what a call costs, and the window a budget counts in.
 //! - [`ledger`]: reserve before a call, settle after it, and the usage events.
 
 pub mod accounts;
+pub mod audit;
 pub mod config;
 pub mod crypto;
 pub mod db;
@@ -21,6 +23,7 @@ pub mod money;
 pub mod period;
 pub mod pricing;
 pub mod projects;
+pub mod sessions;
 pub mod time;
 
 pub use config::Config;

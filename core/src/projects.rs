@@ -131,6 +131,20 @@ pub async fn get_project(db: &Db, id: &ProjectId) -> Result<Option<Project>, Pro
     )
 }
 
+/// A project of `org` (None for another organization's project: callers answer 404).
+pub async fn get_project_in_org(db: &Db, org: &OrgId, id: &ProjectId) -> Result<Option<Project>, ProjectError> {
+    let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND org_id = $2");
+    Ok(with_db!(db, pool => sqlx::query_as::<_, Project>(sqlx::AssertSqlSafe(sql.clone())).bind(id).bind(org)
+        .fetch_optional(pool).await)?)
+}
+
+/// An organization's projects, by name.
+pub async fn list_projects(db: &Db, org: &OrgId) -> Result<Vec<Project>, ProjectError> {
+    let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE org_id = $1 ORDER BY name, id");
+    Ok(with_db!(db, pool => sqlx::query_as::<_, Project>(sqlx::AssertSqlSafe(sql.clone())).bind(org)
+        .fetch_all(pool).await)?)
+}
+
 // ---------------------------------------------------------------------------------------
 // Keys
 

@@ -1,4 +1,5 @@
 //! The HTTP faces, one module each.
 
+pub mod dashboard;
 pub mod ops;
 pub mod proxy;

@@ -1,0 +1,94 @@
+//! The tenant dashboard: server-rendered pages (askama) over the same domain functions the
+//! proxy and the management API use. Works without JavaScript; everything it serves comes
+//! from this binary (no CDN).
+//!
+//! - [`session`]: who is looking (the `Member` extractor), CSRF tokens, logging in and out.
+//! - [`session_store`]: tower-sessions on our own database, ids stored hashed.
+//! - [`accounts`]: sign-up, login, logout, password change and reset.
+//! - [`projects`], [`audit_log`]: the pages of an organization.
+//! - [`error`]: the one error type of this face, answered as an HTML page.
+
+pub mod accounts;
+pub mod audit_log;
+pub mod error;
+pub mod format;
+pub mod projects;
+pub mod session;
+pub mod session_store;
+
+use axum::Router;
+use axum::extract::{Path, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use tower_sessions::cookie::SameSite;
+use tower_sessions::{Expiry, Session, SessionManagerLayer};
+
+use crate::state::AppState;
+
+/// A session ends after this long without a request.
+const SESSION_IDLE: time::Duration = time::Duration::hours(12);
+
+pub fn router(state: &AppState) -> Router<AppState> {
+    // Secure cookies whenever browsers reach Tollgate over HTTPS (production); plain HTTP
+    // in development, where a Secure cookie would never come back.
+    let secure = state.config.public_url.starts_with("https://");
+    let sessions = SessionManagerLayer::new(session_store::DbSessionStore::new(state.db.clone()))
+        .with_name("tollgate_session")
+        .with_secure(secure)
+        .with_http_only(true)
+        .with_same_site(SameSite::Lax)
+        .with_expiry(Expiry::OnInactivity(SESSION_IDLE));
+    let pages = Router::new()
+        .route("/", get(home))
+        .route("/signup", get(accounts::signup_page).post(accounts::signup))
+        .route("/login", get(accounts::login_page).post(accounts::login))
+        .route("/logout", post(accounts::logout))
+        .route("/password/forgot", get(accounts::forgot_page).post(accounts::forgot))
+        .route("/password/reset", get(accounts::reset_page).post(accounts::reset))
+        .route("/account", get(accounts::account_page))
+        .route("/account/password", post(accounts::change_password))
+        .route("/org/switch", post(accounts::switch_org))
+        .route("/projects", get(projects::list).post(projects::create))
+        .route("/projects/{id}", get(projects::show))
+        .route("/audit", get(audit_log::page))
+        .layer(sessions)
+        .layer(axum::middleware::from_fn(security_headers));
+    pages.route("/static/{file}", get(static_file))
+}
+
+async fn home(session: Session) -> Redirect {
+    match session.get::<serde_json::Value>("user_id").await {
+        Ok(Some(_)) => Redirect::to("/projects"),
+        _ => Redirect::to("/login"),
+    }
+}
+
+/// Headers every page carries: no framing, no sniffing, scripts and styles from here only.
+async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+        ),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// The files of `static/`, compiled into the binary.
+async fn static_file(Path(file): Path<String>) -> Response {
+    let (body, content_type): (&'static str, &'static str) = match file.as_str() {
+        "app.css" => (include_str!("../../../static/app.css"), "text/css; charset=utf-8"),
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=3600")], body).into_response()
+}
