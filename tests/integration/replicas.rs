@@ -78,8 +78,9 @@ impl Replica {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
-    /// Waits for the "listening on http://…" line and returns the base URL.
-    async fn base_url(&self) -> anyhow::Result<String> {
+    /// Waits for the "listening on http://…" line and returns the base URL; fails as soon
+    /// as the process exits.
+    async fn base_url(&mut self) -> anyhow::Result<String> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let text = self.log_text();
@@ -90,6 +91,11 @@ impl Replica {
                 .map(str::to_owned);
             if let Some(url) = found {
                 return Ok(url);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                // Let the reader drain the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                anyhow::bail!("exited ({status}) before listening; log:\n{}", self.log_text());
             }
             anyhow::ensure!(tokio::time::Instant::now() < deadline, "never listened; log:\n{text}");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -129,7 +135,12 @@ async fn set_up_tenant(db: &TestDatabase, mock: &MockProvider) -> anyhow::Result
     let project = projects::create_project(
         &pool,
         &org.org_id,
-        &NewProject { name: "Chat".into(), policy: BudgetPolicy::Reject, min_output_tokens: 1, ..NewProject::default() },
+        &NewProject {
+            name: "Chat".into(),
+            policy: BudgetPolicy::Reject,
+            min_output_tokens: 1,
+            ..NewProject::default()
+        },
     )
     .await?;
     projects::add_provider(
@@ -246,9 +257,9 @@ async fn two_processes_never_spend_past_one_budget_streaming(db: TestDatabase) -
 async fn crowd_on_two_replicas(db: TestDatabase, stream: bool) -> TestResult {
     // One after the other: the first brings the database up to date (starting at once is
     // `processes_starting_at_once_all_come_up`).
-    let first = Replica::start(db.dir.path(), &db.env())?;
+    let mut first = Replica::start(db.dir.path(), &db.env())?;
     let first_base = first.base_url().await?;
-    let second = Replica::start(db.dir.path(), &db.env())?;
+    let mut second = Replica::start(db.dir.path(), &db.env())?;
     let bases = [first_base, second.base_url().await?];
     anyhow::ensure!(bases[0] != bases[1], "both replicas listen on {}", bases[0]);
     let replicas = [first, second];
@@ -290,9 +301,9 @@ async fn crowd_on_two_replicas(db: TestDatabase, stream: bool) -> TestResult {
 /// and all of them must come up (`Db::migrate` promises it is safe from several processes).
 async fn processes_starting_at_once_all_come_up(db: TestDatabase) -> TestResult {
     let env = db.env();
-    let replicas: Vec<Replica> = (0..3).map(|_| Replica::start(db.dir.path(), &env)).collect::<Result<_, _>>()?;
+    let mut replicas: Vec<Replica> = (0..3).map(|_| Replica::start(db.dir.path(), &env)).collect::<Result<_, _>>()?;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
-    for replica in &replicas {
+    for replica in &mut replicas {
         let base = replica.base_url().await?;
         let ready = client.get(format!("{base}/readyz")).send().await?;
         assert_eq!(ready.status(), StatusCode::OK, "{}", ready.text().await?);
