@@ -10,11 +10,13 @@
 mod accounts;
 mod apis;
 mod cli;
+mod customers;
 mod helpers;
 mod jobs;
 mod mock_provider;
 mod ops;
 mod proxy;
+mod replicas;
 
 use std::process::ExitCode;
 
@@ -27,10 +29,19 @@ fn main() -> ExitCode {
             "\n  PostgreSQL tests SKIPPED: set TOLLGATE_TEST_POSTGRES_URL (e.g. postgres://postgres@127.0.0.1:5432/postgres)\n  to run every database test on PostgreSQL as well.\n"
         );
     }
-    let db_cases = [ops::cases(), accounts::cases(), jobs::cases(), cli::db_cases(), proxy::cases(), apis::cases()]
-        .into_iter()
-        .flatten()
-        .collect();
+    let db_cases = [
+        ops::cases(),
+        accounts::cases(),
+        jobs::cases(),
+        cli::db_cases(),
+        proxy::cases(),
+        apis::cases(),
+        replicas::cases(),
+        customers::cases(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let mut trials = helpers::db_trials(db_cases, postgres);
     trials.extend(helpers::plain_trials(cli::plain_cases()));
     libtest_mimic::run(&args, trials).exit_code()

@@ -1,0 +1,317 @@
+//! Several `tollgate serve` processes on one database, as an operator scales them: one
+//! customer's budget holds against a crowd of calls spread over both, JSON and streamed, and
+//! no reservation is left behind.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tollgate_core::Db;
+use tollgate_core::accounts::{self, NewOrganization};
+use tollgate_core::crypto::MasterKey;
+use tollgate_core::money::Nanos;
+use tollgate_core::period::BudgetPeriod;
+use tollgate_core::pricing::{Price, Tokenizer};
+use tollgate_core::projects::{self, BudgetPolicy, Customer, KeyKind, NewProject, NewProvider, ProviderKind};
+use tollgate_core::with_db;
+
+use crate::db_cases;
+use crate::helpers::{DbCase, TestDatabase, TestResult, eventually};
+use crate::mock_provider::MockProvider;
+
+pub fn cases() -> Vec<DbCase> {
+    db_cases![
+        two_processes_never_spend_past_one_budget,
+        two_processes_never_spend_past_one_budget_streaming,
+        processes_starting_at_once_all_come_up,
+    ]
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// The budget pays for exactly this many calls.
+const N: i64 = 5;
+/// Calls fired at once: twenty times what the budget pays for.
+const CALLS: i64 = 20 * N;
+/// Output tokens of every call: the mock answers exactly `max_tokens`.
+const TOKENS_PER_CALL: i64 = 20;
+/// One output token costs 1e6 nanos and input is free, so a call costs exactly its output.
+const OUTPUT_NANOS_PER_TOKEN: i64 = 1_000_000;
+const CALL_COST: i64 = TOKENS_PER_CALL * OUTPUT_NANOS_PER_TOKEN;
+const CUSTOMER: &str = "shared-customer";
+
+/// A `tollgate serve` child process, its log (stderr) collected line by line.
+struct Replica {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Replica {
+    fn start(cwd: &Path, env: &HashMap<String, String>) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").current_dir(cwd).kill_on_drop(true);
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("TOLLGATE_") || k == "RUST_LOG") {
+            cmd.env_remove(key);
+        }
+        let mut child = cmd.envs(env).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+        let stderr = child.stderr.take().ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(mut log) = sink.lock() {
+                    log.push(line);
+                }
+            }
+        });
+        Ok(Self { child, log })
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Waits for the "listening on http://…" line and returns the base URL; fails as soon
+    /// as the process exits.
+    async fn base_url(&mut self) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = self.log_text();
+            let found = text
+                .split("listening on ")
+                .nth(1)
+                .and_then(|rest| rest.split(|c: char| c.is_whitespace() || c == '"').next())
+                .map(str::to_owned);
+            if let Some(url) = found {
+                return Ok(url);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                // Let the reader drain the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                anyhow::bail!("exited ({status}) before listening; log:\n{}", self.log_text());
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "never listened; log:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the process with SIGTERM; returns its exit code and log.
+    async fn terminate(mut self) -> anyhow::Result<(i32, String)> {
+        let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("already exited; log:\n{}", self.log_text()))?;
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        anyhow::ensure!(status.success(), "kill failed");
+        let exit = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await??;
+        // Let the reader drain the last lines.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok((exit.code().unwrap_or(-1), self.log_text()))
+    }
+}
+
+/// One project whose only customer can pay for exactly `N` calls.
+struct Tenant {
+    db: Db,
+    project: projects::Project,
+    key: String,
+    budget: Nanos,
+}
+
+/// Creates the project through the test's own pool: the replicas read everything from the
+/// database on each call, so they see it without being told.
+async fn set_up_tenant(db: &TestDatabase, mock: &MockProvider) -> anyhow::Result<Tenant> {
+    let pool = db.connect().await?;
+    let master_key = MasterKey::from_base64(&db.env()["TOLLGATE_MASTER_KEY"])?;
+    let org = accounts::create_organization_with_owner(
+        &pool,
+        NewOrganization { name: "Acme", owner_email: "ada@example.com", owner_password: "correct horse battery" },
+    )
+    .await?;
+    let project = projects::create_project(
+        &pool,
+        &org.org_id,
+        &NewProject {
+            name: "Chat".into(),
+            policy: BudgetPolicy::Reject,
+            min_output_tokens: 1,
+            ..NewProject::default()
+        },
+    )
+    .await?;
+    projects::add_provider(
+        &pool,
+        &master_key,
+        &project.id,
+        &NewProvider {
+            kind: ProviderKind::OpenAiCompatible,
+            name: "mock".into(),
+            base_url: Some(mock.base_url()),
+            api_key: "sk-mock-upstream".into(),
+            models: vec!["mock-*".into()],
+        },
+    )
+    .await?;
+    let price = Price {
+        input: 0,
+        cached_input: 0,
+        output: OUTPUT_NANOS_PER_TOKEN * 1_000_000,
+        cache_write: 0,
+        max_output_tokens: 100,
+        tokenizer: Tokenizer::O200kBase,
+    };
+    projects::set_price(&pool, &project.id, "mock-model", &price).await?;
+    let key = projects::create_key(&pool, &project.id, KeyKind::Secret, "replicas").await?.plaintext;
+    let budget = Nanos(N * CALL_COST);
+    projects::upsert_customer_budget(&pool, &project.id, CUSTOMER, budget, BudgetPeriod::Month).await?;
+    Ok(Tenant { db: pool, project, key, budget })
+}
+
+impl Tenant {
+    async fn customer(&self) -> anyhow::Result<Customer> {
+        projects::find_customer(&self.db, &self.project.id, CUSTOMER)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no customer {CUSTOMER}"))
+    }
+
+    /// Open reservations of the customer.
+    async fn reservations(&self, customer: &Customer) -> anyhow::Result<i64> {
+        Ok(with_db!(&self.db, pool => sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM reservations WHERE customer_id = $1").bind(&customer.id).fetch_one(pool).await)?)
+    }
+
+    /// The customer's usage events with `status`: (how many, total billed, total cost).
+    async fn events(&self, customer: &Customer, status: &str) -> anyhow::Result<(i64, i64, i64)> {
+        Ok(with_db!(&self.db, pool => sqlx::query_as::<_, (i64, i64, i64)>(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(billed_nanos), 0) AS BIGINT), CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT) \
+             FROM usage_events WHERE customer_id = $1 AND status = $2")
+            .bind(&customer.id).bind(status).fetch_one(pool).await)?)
+    }
+}
+
+/// How one call ended, after its answer was read to the end.
+enum Outcome {
+    Served,
+    Refused,
+}
+
+/// Sends one call to `base` and checks its answer: a complete completion of
+/// `TOKENS_PER_CALL` tokens, or a 402 in OpenAI's error shape.
+async fn call(client: &reqwest::Client, base: &str, key: &str, stream: bool) -> anyhow::Result<Outcome> {
+    let body = json!({"model": "mock-model", "max_tokens": TOKENS_PER_CALL, "stream": stream,
+        "messages": [{"role": "user", "content": "Hello!"}]});
+    let response = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("x-tollgate-customer", CUSTOMER)
+        .json(&body)
+        .send()
+        .await?;
+    let status = response.status();
+    let text = response.text().await?;
+    match status {
+        StatusCode::OK if stream => {
+            anyhow::ensure!(text.trim_end().ends_with("data: [DONE]"), "{base}: a stream did not finish: {text}");
+            let tokens = text.matches("\"content\":\"tok \"").count() as i64;
+            anyhow::ensure!(tokens == TOKENS_PER_CALL, "{base}: streamed {tokens} tokens: {text}");
+            Ok(Outcome::Served)
+        }
+        StatusCode::OK => {
+            let answer: Value = serde_json::from_str(&text)?;
+            anyhow::ensure!(answer["usage"]["completion_tokens"] == TOKENS_PER_CALL, "{base}: {answer}");
+            Ok(Outcome::Served)
+        }
+        StatusCode::PAYMENT_REQUIRED => {
+            let answer: Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{base}: a 402 without a JSON body ({e}): {text}"))?;
+            let error = &answer["error"];
+            anyhow::ensure!(
+                error["type"] == "insufficient_budget"
+                    && error["code"] == "customer_budget_exceeded"
+                    && error["message"].as_str().is_some_and(|m| !m.is_empty())
+                    && error.get("param").is_some()
+                    && error["currency"] == "usd"
+                    && error["needed"] == "0.02",
+                "{base}: a 402 not in OpenAI's error shape: {answer}"
+            );
+            Ok(Outcome::Refused)
+        }
+        other => anyhow::bail!("{base}: unexpected {other}: {text}"),
+    }
+}
+
+async fn two_processes_never_spend_past_one_budget(db: TestDatabase) -> TestResult {
+    crowd_on_two_replicas(db, false).await
+}
+
+async fn two_processes_never_spend_past_one_budget_streaming(db: TestDatabase) -> TestResult {
+    crowd_on_two_replicas(db, true).await
+}
+
+/// Starts two replicas on `db`, fires `CALLS` identical concurrent calls for one customer,
+/// alternating between them, and checks the ledger afterwards.
+async fn crowd_on_two_replicas(db: TestDatabase, stream: bool) -> TestResult {
+    // One after the other: the first brings the database up to date (starting at once is
+    // `processes_starting_at_once_all_come_up`).
+    let mut first = Replica::start(db.dir.path(), &db.env())?;
+    let first_base = first.base_url().await?;
+    let mut second = Replica::start(db.dir.path(), &db.env())?;
+    let bases = [first_base, second.base_url().await?];
+    anyhow::ensure!(bases[0] != bases[1], "both replicas listen on {}", bases[0]);
+    let replicas = [first, second];
+    let mock = MockProvider::start().await?;
+    let tenant = set_up_tenant(&db, &mock).await?;
+
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let calls = (0..CALLS as usize).map(|i| call(&client, &bases[i % 2], &tenant.key, stream));
+    let outcomes = futures::future::try_join_all(calls).await?;
+    let served = outcomes.iter().filter(|o| matches!(o, Outcome::Served)).count() as i64;
+    let refused = outcomes.iter().filter(|o| matches!(o, Outcome::Refused)).count() as i64;
+
+    // A stream settles after its last byte is sent: give the settlement tasks a moment.
+    eventually(Duration::from_secs(10), || async { Ok(tenant.customer().await?.reserved_nanos == 0) }).await?;
+    let customer = tenant.customer().await?;
+    assert!(customer.spent_nanos <= tenant.budget.0, "overspent: {} > {}", customer.spent_nanos, tenant.budget.0);
+    assert_eq!(served, N, "every call that fitted the budget must have been served");
+    assert_eq!(refused, CALLS - N);
+    assert_eq!(customer.spent_nanos, N * CALL_COST);
+    assert_eq!(customer.reserved_nanos, 0, "a reservation leaked");
+    assert_eq!(tenant.reservations(&customer).await?, 0, "reservation rows left behind");
+    assert_eq!(mock.requests().len() as i64, N, "the provider must see exactly the served calls");
+
+    let settled = tenant.events(&customer, "settled").await?;
+    assert_eq!(settled, (N, N * CALL_COST, N * CALL_COST), "settled events: (count, billed, cost)");
+    assert_eq!(tenant.events(&customer, "refused").await?, (CALLS - N, 0, 0), "refused events: (count, billed, cost)");
+    assert_eq!(tenant.events(&customer, "failed").await?.0, 0);
+
+    for replica in replicas {
+        let (code, log) = replica.terminate().await?;
+        assert_eq!(code, 0, "{log}");
+        assert!(!log.contains("settlement failed"), "{log}");
+        assert!(!log.contains("ledger unavailable"), "{log}");
+    }
+    Ok(())
+}
+
+/// Replicas of a deployment start together: each applies the migrations it finds pending,
+/// and all of them must come up (`Db::migrate` promises it is safe from several processes).
+async fn processes_starting_at_once_all_come_up(db: TestDatabase) -> TestResult {
+    let env = db.env();
+    let mut replicas: Vec<Replica> = (0..3).map(|_| Replica::start(db.dir.path(), &env)).collect::<Result<_, _>>()?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    for replica in &mut replicas {
+        let base = replica.base_url().await?;
+        let ready = client.get(format!("{base}/readyz")).send().await?;
+        assert_eq!(ready.status(), StatusCode::OK, "{}", ready.text().await?);
+    }
+    assert!(db.connect().await?.pending_migrations().await?.is_empty());
+    for replica in replicas {
+        let (code, log) = replica.terminate().await?;
+        assert_eq!(code, 0, "{log}");
+    }
+    Ok(())
+}
