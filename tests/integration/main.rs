@@ -14,6 +14,7 @@ mod jobs;
 mod mock_provider;
 mod ops;
 mod proxy;
+mod python;
 
 use std::process::ExitCode;
 
@@ -26,11 +27,12 @@ fn main() -> ExitCode {
             "\n  PostgreSQL tests SKIPPED: set TOLLGATE_TEST_POSTGRES_URL (e.g. postgres://postgres@127.0.0.1:5432/postgres)\n  to run every database test on PostgreSQL as well.\n"
         );
     }
-    let db_cases = [ops::cases(), accounts::cases(), jobs::cases(), cli::db_cases(), proxy::cases()]
+    let db_cases = [ops::cases(), accounts::cases(), jobs::cases(), cli::db_cases(), proxy::cases(), python::cases()]
         .into_iter()
         .flatten()
         .collect();
     let mut trials = helpers::db_trials(db_cases, postgres);
     trials.extend(helpers::plain_trials(cli::plain_cases()));
+    trials.extend(helpers::plain_trials(python::plain_cases()));
     libtest_mimic::run(&args, trials).exit_code()
 }
