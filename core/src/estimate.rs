@@ -153,12 +153,13 @@ fn description(definition: &Value) -> &str {
     text.strip_suffix('.').unwrap_or(text)
 }
 
-/// A JSON value inside a rendered line: strings as they are, anything else as JSON text.
-fn inline_text(value: Option<&Value>) -> String {
+/// A JSON value inside a rendered line: strings as they are, null as nothing, anything else
+/// as its JSON text.
+fn inline_text(value: &Value) -> String {
     match value {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => String::new(),
-        Some(other) => other.to_string(),
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
     }
 }
 
@@ -176,10 +177,10 @@ fn count_function(tokenizer: Tokenizer, overheads: ToolOverheads, function: &Val
         if let Some(values) = property.get("enum") {
             total += overheads.enum_init;
             for value in values.as_array().into_iter().flatten() {
-                total += overheads.enum_item + count_text(tokenizer, &inline_text(Some(value)));
+                total += overheads.enum_item + count_text(tokenizer, &inline_text(value));
             }
         }
-        let kind = inline_text(property.get("type"));
+        let kind = property.get("type").map(inline_text).unwrap_or_default();
         total += count_text(tokenizer, &format!("{key}:{kind}:{}", description(property)));
     }
     total
@@ -214,6 +215,7 @@ pub fn chat_input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
     let messages: i64 = messages.map(|m| count_message(tokenizer, m)).sum();
     messages + REPLY_PRIMING + count_tools(tokenizer, request)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
