@@ -1,14 +1,30 @@
 //! Input token counts before a call, for the worst-case reservation.
 //!
-//! OpenAI models are counted exactly with tiktoken following OpenAI's chat recipe: 3 tokens
-//! per message, +1 per `name`, +3 to prime the reply; every string field of a message
-//! counts its tokens. Parts the recipe does not cover are bounded from above: an image part
-//! counts its worst case (1445 tokens at `high`/`auto` detail: 85 + 170 × 8 tiles; 85 at `low`),
-//! tool definitions count the tokens of their JSON text plus a fixed overhead.
+//! OpenAI models are counted with tiktoken following OpenAI's cookbook ("How to count tokens
+//! with tiktoken"), and agree with OpenAI's own `tiktoken` package on the corpus in
+//! `tests/python/token_corpus.json`:
+//! - messages (`num_tokens_from_messages`): 3 tokens per message, +1 per `name`, +3 to prime
+//!   the reply; every string field of a message (`role`, `content`, `name`, `tool_call_id`…)
+//!   counts its tokens. Beyond the recipe: a multi-part `content` counts the text of its text
+//!   parts, and a non-string field (an assistant's `tool_calls`) counts the tokens of its
+//!   compact JSON text.
+//! - function definitions (`num_tokens_for_tools`, for `tools` and the older `functions`):
+//!   per function `func_init` + the tokens of `name:description`; if it has parameters,
+//!   `prop_init` once, then per top-level property `prop_key` + the tokens of
+//!   `key:type:description` (and for an enum `enum_init` + per value `enum_item` + its
+//!   tokens); `func_end` once after all of them. A trailing `.` of a description is dropped.
+//!   The constants are the cookbook's for gpt-4o (o200k) and gpt-4/gpt-3.5 (cl100k). Like the
+//!   cookbook, nested properties and `required` are not counted.
+//!
+//! Parts the recipe does not cover are bounded from above: an image part counts its worst
+//! case (1445 tokens at `high`/`auto` detail: 85 + 170 × 8 tiles; 85 at `low`), a tool that is
+//! not a function counts the tokens of its JSON text.
 //!
 //! Models without an exact tokenizer (`approximate`) count UTF-8 bytes instead, an upper
 //! bound for byte-pair encodings (every token covers at least one byte), and the project's
-//! `estimate_margin_bps` is added on top.
+//! `estimate_margin_bps` is added on top. Their function definitions count the bytes of
+//! their whole JSON text, since an open model's chat template often pastes the schema as it
+//! is, plus the cookbook's cl100k overheads.
 
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
@@ -20,8 +36,40 @@ pub const TOKENS_PER_NAME: i64 = 1;
 pub const REPLY_PRIMING: i64 = 3;
 pub const IMAGE_HIGH_DETAIL_MAX: i64 = 1445;
 pub const IMAGE_LOW_DETAIL: i64 = 85;
-pub const TOOLS_OVERHEAD: i64 = 12;
-pub const PER_TOOL_OVERHEAD: i64 = 8;
+
+/// The fixed costs of function definitions in the cookbook's `num_tokens_for_tools`.
+#[derive(Debug, Clone, Copy)]
+struct ToolOverheads {
+    /// Before each function.
+    func_init: i64,
+    /// Once per function that has properties.
+    prop_init: i64,
+    /// Before each property.
+    prop_key: i64,
+    /// Once per property with an `enum` (negative: the enum replaces part of the line).
+    enum_init: i64,
+    /// Before each enum value.
+    enum_item: i64,
+    /// Once after all functions.
+    func_end: i64,
+}
+
+/// gpt-4o and gpt-4o-mini (o200k_base).
+const O200K_TOOL_OVERHEADS: ToolOverheads =
+    ToolOverheads { func_init: 7, prop_init: 3, prop_key: 3, enum_init: -3, enum_item: 3, func_end: 12 };
+/// gpt-4 and gpt-3.5-turbo (cl100k_base).
+const CL100K_TOOL_OVERHEADS: ToolOverheads =
+    ToolOverheads { func_init: 10, prop_init: 3, prop_key: 3, enum_init: -3, enum_item: 3, func_end: 12 };
+
+impl ToolOverheads {
+    /// The cookbook's constants for an encoding; approximate counts take cl100k's, the larger.
+    fn of(tokenizer: Tokenizer) -> Self {
+        match tokenizer {
+            Tokenizer::O200kBase => O200K_TOOL_OVERHEADS,
+            Tokenizer::Cl100kBase | Tokenizer::Approximate => CL100K_TOOL_OVERHEADS,
+        }
+    }
+}
 
 fn bpe(tokenizer: Tokenizer) -> Option<&'static CoreBPE> {
     match tokenizer {
@@ -47,12 +95,19 @@ pub fn with_margin(tokenizer: Tokenizer, tokens: i64, margin_bps: i64) -> i64 {
     }
 }
 
-fn count_content(tokenizer: Tokenizer, content: &Value) -> i64 {
-    match content {
+/// Tokens of a value: a string's text, nothing for null, anything else its compact JSON text.
+fn count_value(tokenizer: Tokenizer, value: &Value) -> i64 {
+    match value {
         Value::String(s) => count_text(tokenizer, s),
-        Value::Array(parts) => parts.iter().map(|p| count_part(tokenizer, p)).sum(),
         Value::Null => 0,
         other => count_text(tokenizer, &other.to_string()),
+    }
+}
+
+fn count_content(tokenizer: Tokenizer, content: &Value) -> i64 {
+    match content {
+        Value::Array(parts) => parts.iter().map(|p| count_part(tokenizer, p)).sum(),
+        other => count_value(tokenizer, other),
     }
 }
 
@@ -74,39 +129,91 @@ fn count_part(tokenizer: Tokenizer, part: &Value) -> i64 {
     }
 }
 
-/// Input tokens of an OpenAI chat request (`messages`, `tools`/`functions`).
-pub fn chat_input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
-    let mut total = 0;
-    if let Some(messages) = request.get("messages").and_then(Value::as_array) {
-        for message in messages {
-            total += TOKENS_PER_MESSAGE;
-            let Some(fields) = message.as_object() else {
-                total += count_text(tokenizer, &message.to_string());
-                continue;
-            };
-            for (key, value) in fields {
-                total += match key.as_str() {
-                    "content" => count_content(tokenizer, value),
-                    _ => match value {
-                        Value::String(s) => count_text(tokenizer, s),
-                        Value::Null => 0,
-                        other => count_text(tokenizer, &other.to_string()),
-                    },
-                };
-                if key == "name" {
-                    total += TOKENS_PER_NAME;
-                }
-            }
-        }
-    }
-    total += REPLY_PRIMING;
-    for key in ["tools", "functions"] {
-        if let Some(tools) = request.get(key).and_then(Value::as_array).filter(|t| !t.is_empty()) {
-            total += TOOLS_OVERHEAD + tools.len() as i64 * PER_TOOL_OVERHEAD;
-            total += tools.iter().map(|t| count_text(tokenizer, &t.to_string())).sum::<i64>();
+/// The cookbook's `num_tokens_from_messages`, without the reply priming.
+fn count_message(tokenizer: Tokenizer, message: &Value) -> i64 {
+    let Some(fields) = message.as_object() else {
+        return TOKENS_PER_MESSAGE + count_value(tokenizer, message);
+    };
+    let mut total = TOKENS_PER_MESSAGE;
+    for (key, value) in fields {
+        total += match key.as_str() {
+            "content" => count_content(tokenizer, value),
+            _ => count_value(tokenizer, value),
+        };
+        if key == "name" {
+            total += TOKENS_PER_NAME;
         }
     }
     total
+}
+
+/// A description as the cookbook renders it: one trailing `.` dropped.
+fn description(definition: &Value) -> &str {
+    let text = definition.get("description").and_then(Value::as_str).unwrap_or("");
+    text.strip_suffix('.').unwrap_or(text)
+}
+
+/// A JSON value inside a rendered line: strings as they are, null as nothing, anything else
+/// as its JSON text.
+fn inline_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// One function definition (`name`, `description`, `parameters`) as the cookbook counts it.
+fn count_function(tokenizer: Tokenizer, overheads: ToolOverheads, function: &Value) -> i64 {
+    let name = function.get("name").and_then(Value::as_str).unwrap_or("");
+    let mut total = overheads.func_init + count_text(tokenizer, &format!("{name}:{}", description(function)));
+    let properties = function.pointer("/parameters/properties").and_then(Value::as_object);
+    let Some(properties) = properties.filter(|p| !p.is_empty()) else {
+        return total;
+    };
+    total += overheads.prop_init;
+    for (key, property) in properties {
+        total += overheads.prop_key;
+        if let Some(values) = property.get("enum") {
+            total += overheads.enum_init;
+            for value in values.as_array().into_iter().flatten() {
+                total += overheads.enum_item + count_text(tokenizer, &inline_text(value));
+            }
+        }
+        let kind = property.get("type").map(inline_text).unwrap_or_default();
+        total += count_text(tokenizer, &format!("{key}:{kind}:{}", description(property)));
+    }
+    total
+}
+
+/// Function definitions of a request (`tools`, and `functions` of the older API), following
+/// the cookbook's `num_tokens_for_tools`.
+fn count_tools(tokenizer: Tokenizer, request: &Value) -> i64 {
+    let tools = request.get("tools").and_then(Value::as_array).into_iter().flatten();
+    let functions = request.get("functions").and_then(Value::as_array).into_iter().flatten();
+    // Each definition, with the function inside it when it is one.
+    let definitions = tools
+        .map(|tool| (tool, tool.get("function").filter(|_| tool["type"] == "function")))
+        .chain(functions.map(|function| (function, Some(function))));
+    let overheads = ToolOverheads::of(tokenizer);
+    let mut total = 0;
+    let mut any = false;
+    for (definition, function) in definitions {
+        any = true;
+        total += match (tokenizer, function) {
+            (Tokenizer::Approximate, _) => overheads.func_init + count_value(tokenizer, definition),
+            (_, Some(function)) => count_function(tokenizer, overheads, function),
+            (_, None) => overheads.func_init + count_value(tokenizer, definition),
+        };
+    }
+    if any { total + overheads.func_end } else { 0 }
+}
+
+/// Input tokens of an OpenAI chat request (`messages`, `tools`/`functions`).
+pub fn chat_input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
+    let messages = request.get("messages").and_then(Value::as_array).into_iter().flatten();
+    let messages: i64 = messages.map(|m| count_message(tokenizer, m)).sum();
+    messages + REPLY_PRIMING + count_tools(tokenizer, request)
 }
 
 #[cfg(test)]
@@ -157,5 +264,53 @@ mod tests {
         let t = Tokenizer::O200kBase;
         let text = count_text(t, "What is this?");
         assert_eq!(chat_input_tokens(t, &request), 3 + count_text(t, "user") + text + 85 + 1445 + 3);
+    }
+
+    /// The cookbook's tools example, whose counts it checked against the OpenAI API:
+    /// 101 prompt tokens on gpt-4o and gpt-4o-mini, 105 on gpt-4 and gpt-3.5-turbo.
+    fn cookbook_weather_request() -> Value {
+        json!({
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
+                {"role": "user", "content": "What's the weather like in San Francisco?"}
+            ],
+            "tools": [{"type": "function", "function": {
+                "name": "get_current_weather",
+                "description": "Get the current weather in a given location",
+                "parameters": {"type": "object", "properties": {
+                    "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                    "unit": {"type": "string", "description": "The unit of temperature to return", "enum": ["celsius", "fahrenheit"]}
+                }, "required": ["location"]}
+            }}]
+        })
+    }
+
+    #[test]
+    fn tools_match_the_counts_the_cookbook_checked_against_the_api() {
+        let request = cookbook_weather_request();
+        assert_eq!(chat_input_tokens(Tokenizer::O200kBase, &request), 101);
+        assert_eq!(chat_input_tokens(Tokenizer::Cl100kBase, &request), 105);
+    }
+
+    #[test]
+    fn legacy_functions_count_like_tools() {
+        let tools = cookbook_weather_request();
+        let mut functions = tools.clone();
+        functions["functions"] = json!([tools["tools"][0]["function"]]);
+        functions.as_object_mut().unwrap().remove("tools");
+        assert_eq!(chat_input_tokens(Tokenizer::O200kBase, &functions), 101);
+    }
+
+    #[test]
+    fn approximate_tools_count_their_whole_json_text() {
+        let request = cookbook_weather_request();
+        let tool = &request["tools"][0];
+        let messages = json!({"messages": request["messages"]});
+        let t = Tokenizer::Approximate;
+        assert_eq!(
+            chat_input_tokens(t, &request),
+            chat_input_tokens(t, &messages) + 10 + tool.to_string().len() as i64 + 12
+        );
+        assert!(chat_input_tokens(t, &request) > chat_input_tokens(Tokenizer::Cl100kBase, &request));
     }
 }

@@ -16,6 +16,7 @@ mod jobs;
 mod mock_provider;
 mod ops;
 mod proxy;
+mod python;
 mod replicas;
 
 use std::process::ExitCode;
@@ -38,11 +39,13 @@ fn main() -> ExitCode {
         apis::cases(),
         replicas::cases(),
         customers::cases(),
+        python::cases(),
     ]
     .into_iter()
     .flatten()
     .collect();
     let mut trials = helpers::db_trials(db_cases, postgres);
     trials.extend(helpers::plain_trials(cli::plain_cases()));
+    trials.extend(helpers::plain_trials(python::plain_cases()));
     libtest_mimic::run(&args, trials).exit_code()
 }
