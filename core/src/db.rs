@@ -44,6 +44,28 @@ macro_rules! with_db {
     };
 }
 
+/// Holds an exclusive lock on `<database file>.migrate-lock` until dropped, so that processes
+/// starting together on one SQLite file migrate one after the other (SQLite's migrator has no
+/// lock of its own). None for an in-memory database.
+pub async fn lock_sqlite_migrations(database: &std::path::Path) -> Result<Option<std::fs::File>, DbError> {
+    let name = database.as_os_str();
+    if name.is_empty() || name == ":memory:" {
+        return Ok(None);
+    }
+    let mut path = name.to_owned();
+    path.push(".migrate-lock");
+    let shown = std::path::PathBuf::from(&path).display().to_string();
+    let locked = tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        file.lock()?;
+        Ok::<_, std::io::Error>(file)
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))
+    .and_then(|r| r);
+    locked.map(Some).map_err(|source| DbError::Lock { path: shown, source })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("cannot open database {url}: {source}")]
@@ -52,6 +74,8 @@ pub enum DbError {
     Directory { path: String, source: std::io::Error },
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot take the migration lock {path}: {source}")]
+    Lock { path: String, source: std::io::Error },
     #[error(transparent)]
     Query(#[from] sqlx::Error),
 }
@@ -130,9 +154,14 @@ impl Db {
     }
 
     /// Applies every migration not yet applied. Safe to run concurrently from several
-    /// processes (PostgreSQL takes an advisory lock).
+    /// processes: PostgreSQL's migrator takes an advisory lock; on SQLite a lock file beside
+    /// the database serialises them.
     pub async fn migrate(&self) -> Result<(), DbError> {
         let migrator = self.migrator();
+        let _lock = match self {
+            Db::Sqlite(pool) => lock_sqlite_migrations(pool.connect_options().get_filename()).await?,
+            Db::Postgres(_) => None,
+        };
         with_db!(self, pool => migrator.run(pool).await)?;
         Ok(())
     }

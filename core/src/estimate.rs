@@ -209,17 +209,54 @@ fn count_tools(tokenizer: Tokenizer, request: &Value) -> i64 {
     if any { total + overheads.func_end } else { 0 }
 }
 
-/// Input tokens of an OpenAI chat request (`messages`, `tools`/`functions`).
+/// Input tokens of an OpenAI chat request (`messages`, `tools`/`functions`), as the
+/// cookbook counts them.
 pub fn chat_input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
+    messages_tokens(tokenizer, request) + count_tools(tokenizer, request)
+}
+
+/// What a reservation holds for a chat request's input: [`chat_input_tokens`], except that
+/// function definitions count at least the tokens of their whole JSON text. The cookbook's
+/// recipe skips nested properties, `required` and array `items`, so on a deep schema it
+/// counts less than the provider bills; the JSON text covers all of it.
+pub fn chat_input_bound(tokenizer: Tokenizer, request: &Value) -> i64 {
+    let tools = request.get("tools").and_then(Value::as_array).into_iter().flatten();
+    let functions = request.get("functions").and_then(Value::as_array).into_iter().flatten();
+    let overheads = ToolOverheads::of(tokenizer);
+    let mut json_text = 0;
+    let mut any = false;
+    for definition in tools.chain(functions) {
+        any = true;
+        json_text += overheads.func_init + count_value(tokenizer, definition);
+    }
+    let json_text = if any { json_text + overheads.func_end } else { 0 };
+    messages_tokens(tokenizer, request) + count_tools(tokenizer, request).max(json_text)
+}
+
+fn messages_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
     let messages = request.get("messages").and_then(Value::as_array).into_iter().flatten();
-    let messages: i64 = messages.map(|m| count_message(tokenizer, m)).sum();
-    messages + REPLY_PRIMING + count_tools(tokenizer, request)
+    messages.map(|m| count_message(tokenizer, m)).sum::<i64>() + REPLY_PRIMING
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_reservation_bound_covers_nested_schemas() {
+        let nested = json!({"type": "object", "properties": {"address": {"type": "object", "properties": {
+            "street": {"type": "string", "description": "Street and number of the delivery address"},
+            "city": {"type": "string"}, "zip": {"type": "string"}}, "required": ["street", "city"]}}});
+        let request = json!({"messages": [{"role": "user", "content": "Ship it"}],
+            "tools": [{"type": "function", "function": {"name": "ship", "description": "Ship an order", "parameters": nested}}]});
+        let t = Tokenizer::O200kBase;
+        let recipe = chat_input_tokens(t, &request);
+        let bound = chat_input_bound(t, &request);
+        assert!(bound > recipe, "{bound} <= {recipe}: nested properties were not held");
+        let plain = json!({"messages": [{"role": "user", "content": "Hello"}]});
+        assert_eq!(chat_input_bound(t, &plain), chat_input_tokens(t, &plain));
+    }
 
     #[test]
     fn follows_the_cookbook_recipe() {

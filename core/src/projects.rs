@@ -468,7 +468,7 @@ const CUSTOMER_COLUMNS: &str = "id, project_id, external_id, budget_nanos, budge
 /// Checks a tenant's customer id: 1–200 printable characters.
 pub fn validate_external_id(external_id: &str) -> Result<&str, ProjectError> {
     let id = external_id.trim();
-    if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
+    if id.is_empty() || id.chars().count() > 200 || id.chars().any(char::is_control) {
         return Err(invalid("customer", "must be 1 to 200 printable characters"));
     }
     Ok(id)

@@ -25,6 +25,8 @@ pub enum JobStoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("pushing a job failed: {0}")]
     Push(String),
+    #[error("setting up the job queue tables: {0}")]
+    Lock(#[from] tollgate_core::db::DbError),
 }
 
 /// The queues of one database. Cheap to clone; every clone pushes to the same queues.
@@ -59,6 +61,7 @@ impl JobStore {
                 .connect_with(options)
                 .await
                 .map_err(connect_err)?;
+            let _lock = tollgate_core::db::lock_sqlite_migrations(pool.connect_options().get_filename()).await?;
             SqliteStorage::<()>::migrations().run(&pool).await?;
             let config = apalis_sqlite::Config::default().queue(HOUSEKEEPING_QUEUE);
             Ok(JobStore::Sqlite { housekeeping: SqliteStorage::new(&pool).with_config(config), pool })

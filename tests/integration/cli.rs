@@ -201,7 +201,8 @@ async fn migrate_brings_an_empty_database_up_to_date(db: TestDatabase) -> TestRe
     let env = db.env();
     let (code, stdout, stderr) = run(db.dir.path(), &env, &["migrate"], "").await?;
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("is up to date (2 migrations applied)"), "{stdout}");
+    let shipped = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite"))?.count();
+    assert!(stdout.contains(&format!("is up to date ({shipped} migrations applied)")), "{stdout}");
     let pool = db.connect().await?;
     assert!(pool.pending_migrations().await?.is_empty());
     let (code, stdout, _) = run(db.dir.path(), &env, &["migrate"], "").await?;

@@ -121,11 +121,13 @@ fn hello(user: Option<Value>) -> Value {
 }
 
 impl Setup {
-    /// Sets how calls name customers (no domain function edits these settings yet).
+    /// Sets how calls name customers (no domain function edits these settings yet), and
+    /// drops the proxy's cached copy of the project, as a settings change in the process does.
     async fn name_customers(&self, from_user: bool, default_customer: Option<&str>) -> anyhow::Result<()> {
         with_db!(&self.app.state.db, pool => sqlx::query(
             "UPDATE projects SET customer_from_user = $1, default_customer = $2 WHERE id = $3")
             .bind(from_user).bind(default_customer).bind(&self.project.id).execute(pool).await.map(|_| ()))?;
+        self.app.state.keys.forget_project(&self.project.id);
         Ok(())
     }
 
@@ -259,6 +261,7 @@ async fn a_new_customer_gets_the_project_default_budget_and_period(db: TestDatab
     with_db!(&s.app.state.db, pool => sqlx::query(
         "UPDATE projects SET default_budget_nanos = $1, default_budget_period = 'lifetime' WHERE id = $2")
         .bind(1_000 * OUTPUT_NANOS_PER_TOKEN).bind(&s.project.id).execute(pool).await.map(|_| ()))?;
+    s.app.state.keys.forget_project(&s.project.id);
     s.served(Some("later"), &hello(None)).await?;
     let later = s.customer("later").await?;
     assert_eq!((later.budget_nanos, later.budget_period.as_str()), (1_000 * OUTPUT_NANOS_PER_TOKEN, "lifetime"));
@@ -380,6 +383,13 @@ async fn a_customer_id_is_limited_in_characters_not_bytes(db: TestDatabase) -> T
         name.len(),
         response.text().await?
     );
-    assert_eq!(s.customer_ids().await?, [name]);
+    assert_eq!(s.customer_ids().await?, std::slice::from_ref(&name));
+    // A header carries UTF-8 names too.
+    let jose = HeaderValue::from_bytes("José".as_bytes())?;
+    let response = s.chat(Some(jose), &hello(None)).await?;
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await?);
+    let mut ids = s.customer_ids().await?;
+    ids.sort();
+    assert_eq!(ids, ["José".to_owned(), name]);
     s.app.stop().await
 }

@@ -11,6 +11,7 @@ mod accounts;
 mod apis;
 mod cli;
 mod customers;
+mod dashboard;
 mod helpers;
 mod jobs;
 mod mock_provider;
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
         apis::cases(),
         replicas::cases(),
         customers::cases(),
+        dashboard::cases(),
         python::cases(),
     ]
     .into_iter()

@@ -1,7 +1,7 @@
 //! Python clients against Tollgate. The venv with the packages pinned in
 //! `tests/python/requirements.txt` is made (or found up to date) once per test process by
 //! `tests/python/setup.sh`; [`PythonScript`] runs a script of `tests/python/` in it and hands
-//! back what it printed. The official `openai` SDK drives the proxy here, and
+//! back what it printed. The official `openai` and `anthropic` SDKs drive the proxy here, and
 //! [`token_parity`] compares our token counts with OpenAI's `tiktoken`.
 
 mod token_parity;
@@ -27,7 +27,10 @@ use crate::helpers::{DbCase, PlainCase, TestApp, TestDatabase, TestResult, event
 use crate::mock_provider::MockProvider;
 
 pub fn cases() -> Vec<DbCase> {
-    db_cases![openai_sdk_chat_streams_reads_headers_and_surfaces_refusals]
+    db_cases![
+        openai_sdk_chat_streams_reads_headers_and_surfaces_refusals,
+        anthropic_sdk_messages_stream_count_and_surface_refusals,
+    ]
 }
 
 pub fn plain_cases() -> Vec<PlainCase> {
@@ -387,5 +390,66 @@ async fn openai_sdk_chat_streams_reads_headers_and_surfaces_refusals(db: TestDat
     assert_eq!(unauthorized["chat"]["status_code"], StatusCode::UNAUTHORIZED.as_u16());
     assert_eq!(unauthorized["chat"]["code"], "invalid_api_key");
     assert_eq!(s.usage_events().await?, 6);
+    s.app.stop().await
+}
+
+/// The official `anthropic` SDK on `/v1/messages` (and the `openai` SDK on `/v1/responses`):
+/// JSON, streams, raw headers, count_tokens, and refusals as the SDK's status errors.
+async fn anthropic_sdk_messages_stream_count_and_surface_refusals(db: TestDatabase) -> TestResult {
+    let s = crate::proxy::setup(&db, BudgetPolicy::Reject).await?;
+    s.budget("rich", 1_000).await?;
+    s.budget("poor", 3).await?;
+    let results = PythonScript::new("anthropic_messages.py")
+        .arg("--base-url")
+        .arg(s.app.url(""))
+        .arg("--customer")
+        .arg("rich")
+        .arg("--poor-customer")
+        .arg("poor")
+        .env("ANTHROPIC_API_KEY", &s.key)
+        .run_json()
+        .await?;
+
+    let message = &results["message"];
+    assert_eq!(message["text"], "tok ".repeat(5), "{message}");
+    assert_eq!(message["output_tokens"], 5, "{message}");
+    assert_eq!(message["stop_reason"], "max_tokens", "{message}");
+    let stream = &results["stream"];
+    assert_eq!(stream["text"], "tok ".repeat(4), "{stream}");
+    assert_eq!(stream["output_tokens"], 4, "{stream}");
+    let raw = &results["raw"];
+    assert_eq!(raw["status"], 200, "{raw}");
+    assert_eq!(raw["cost"], "0.002", "{raw}");
+    assert_eq!(results["count_tokens"]["input_tokens"], 42, "{}", results["count_tokens"]);
+    let responses = &results["responses"];
+    assert_eq!(responses["text"], "tok ".repeat(3), "{responses}");
+    assert_eq!(responses["streamed"], "tok ".repeat(2), "{responses}");
+    assert_eq!(responses["streamed_output_tokens"], 2, "{responses}");
+
+    for refused in [&results["refused"], &results["refused_stream"]] {
+        assert_eq!(refused["is_api_status_error"], true, "the SDK's status error: {refused}");
+        assert_eq!(refused["status_code"], 402, "{refused}");
+        assert_eq!(refused["body"]["type"], "error", "{refused}");
+        assert_eq!(refused["body"]["error"]["type"], "insufficient_budget", "{refused}");
+        assert_eq!(refused["body"]["error"]["code"], "customer_budget_exceeded", "{refused}");
+        assert_eq!(refused["body"]["error"]["remaining"], "0.003", "{refused}");
+    }
+    assert_eq!(results["bad_key"]["exception"], "AuthenticationError", "{}", results["bad_key"]);
+
+    // The ledger: 5 + 4 + 2 message tokens and 3 + 2 responses tokens, nothing held; two
+    // refusals recorded once each (no SDK retry).
+    eventually(Duration::from_secs(5), || async { Ok(s.ledger("rich").await? == (16 * 1_000_000, 0)) }).await?;
+    assert_eq!(s.ledger("poor").await?, (0, 0));
+    assert_eq!(s.events("settled").await?, 5);
+    assert_eq!(s.events("refused").await?, 2);
+    let (version_sent, credential) = s
+        .mock
+        .credentials()
+        .into_iter()
+        .map(|(credential, version)| (version, credential))
+        .find(|(version, _)| version.is_some())
+        .ok_or_else(|| anyhow::anyhow!("no Anthropic request reached the provider"))?;
+    assert_eq!(credential, "sk-ant-mock-upstream");
+    assert!(version_sent.is_some_and(|v| !v.is_empty()));
     s.app.stop().await
 }

@@ -57,7 +57,7 @@ impl Dialect for ChatCompletions {
     }
 
     fn input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
-        estimate::chat_input_tokens(tokenizer, request)
+        estimate::chat_input_bound(tokenizer, request)
     }
 
     fn limit_output(request: &mut Value, max_output: i64) {

@@ -347,13 +347,14 @@ async fn run<D: Dialect>(
 /// field, else the project's default customer.
 fn customer_of_call(project: &Project, headers: &HeaderMap, user: Option<&str>) -> Result<String, ProxyError> {
     if let Some(value) = headers.get(CUSTOMER_HEADER) {
-        let id = value.to_str().map_err(|_| {
-            ProxyError::invalid("The X-Tollgate-Customer header must be printable text.", "invalid_customer", None)
+        // UTF-8 is accepted (ids like `José`), not only the visible ASCII of `to_str`.
+        let id = std::str::from_utf8(value.as_bytes()).map_err(|_| {
+            ProxyError::invalid("The X-Tollgate-Customer header must be UTF-8 text.", "invalid_customer", None)
         })?;
         return Ok(id.to_owned());
     }
     if project.customer_from_user
-        && let Some(user) = user
+        && let Some(user) = user.filter(|u| !u.trim().is_empty())
     {
         return Ok(user.to_owned());
     }

@@ -65,7 +65,7 @@ impl Dialect for Responses {
     }
 
     fn input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
-        estimate::chat_input_tokens(tokenizer, &as_chat(request))
+        estimate::chat_input_bound(tokenizer, &as_chat(request))
     }
 
     fn limit_output(request: &mut Value, max_output: i64) {

@@ -1,0 +1,343 @@
+//! The dashboard through a cookie-keeping HTTP client, as a browser uses it: sign-up, login,
+//! logout, password change and reset, CSRF, throttling, bad input answered with a form
+//! message and nothing half-saved, and one organization never seeing another's pages.
+
+use reqwest::StatusCode;
+use reqwest::header::{LOCATION, SET_COOKIE};
+use tollgate_core::accounts;
+use tollgate_core::projects;
+use tollgate_core::with_db;
+
+use crate::db_cases;
+use crate::helpers::{DbCase, TestApp, TestDatabase, TestResult, spawn_app};
+
+pub fn cases() -> Vec<DbCase> {
+    db_cases![
+        sign_up_create_a_project_log_out_and_back_in,
+        bad_sign_ups_get_a_form_message_and_save_nothing,
+        forms_without_the_session_csrf_token_are_refused,
+        repeated_wrong_passwords_are_throttled,
+        a_password_reset_link_works_once,
+        changing_the_password_needs_the_current_one,
+        pages_need_a_login_and_send_safe_headers,
+        another_organizations_project_is_not_found,
+    ]
+}
+
+/// A browser: keeps cookies, does not follow redirects (tests look at them).
+struct Browser<'a> {
+    app: &'a TestApp,
+    client: reqwest::Client,
+}
+
+struct Page {
+    status: StatusCode,
+    location: Option<String>,
+    body: String,
+}
+
+impl Page {
+    /// The value of the first `csrf` hidden field.
+    fn csrf(&self) -> String {
+        field_value(&self.body, "csrf").unwrap_or_default()
+    }
+}
+
+fn field_value(html: &str, name: &str) -> Option<String> {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = html.find(&marker)? + marker.len();
+    let end = html[start..].find('"')? + start;
+    Some(html[start..end].to_owned())
+}
+
+impl<'a> Browser<'a> {
+    fn new(app: &'a TestApp) -> anyhow::Result<Self> {
+        let client =
+            reqwest::Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build()?;
+        Ok(Self { app, client })
+    }
+
+    async fn page(response: reqwest::Response) -> anyhow::Result<Page> {
+        let status = response.status();
+        let location = response.headers().get(LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Ok(Page { status, location, body: response.text().await? })
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Page> {
+        Self::page(self.client.get(self.app.url(path)).send().await?).await
+    }
+
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> anyhow::Result<Page> {
+        Self::page(self.client.post(self.app.url(path)).form(form).send().await?).await
+    }
+
+    /// Fills the form of the page at `form_page` (taking its CSRF token) and posts it to `action`.
+    async fn submit(&self, form_page: &str, action: &str, fields: &[(&str, &str)]) -> anyhow::Result<Page> {
+        let csrf = self.get(form_page).await?.csrf();
+        let mut form = vec![("csrf", csrf.as_str())];
+        form.extend_from_slice(fields);
+        self.post(action, &form).await
+    }
+
+    async fn sign_up(&self, org: &str, email: &str, password: &str) -> anyhow::Result<Page> {
+        self.submit("/signup", "/signup", &[("org_name", org), ("email", email), ("password", password)]).await
+    }
+
+    async fn log_in(&self, email: &str, password: &str) -> anyhow::Result<Page> {
+        self.submit("/login", "/login", &[("email", email), ("password", password), ("next", "")]).await
+    }
+}
+
+const PASSWORD: &str = "correct horse battery";
+
+async fn count(app: &TestApp, table: &str) -> anyhow::Result<i64> {
+    let sql = format!("SELECT COUNT(*) FROM {table}");
+    Ok(
+        with_db!(&app.state.db, pool => sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.clone())).fetch_one(pool).await)?,
+    )
+}
+
+async fn sign_up_create_a_project_log_out_and_back_in(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let browser = Browser::new(&app)?;
+    assert_eq!(browser.get("/").await?.location.as_deref(), Some("/login"));
+
+    let signed_up = browser.sign_up("Acme", "Ada@Example.com", PASSWORD).await?;
+    assert_eq!(signed_up.status, StatusCode::SEE_OTHER, "{}", signed_up.body);
+    assert_eq!(signed_up.location.as_deref(), Some("/projects"));
+    let projects = browser.get("/projects").await?;
+    assert_eq!(projects.status, StatusCode::OK);
+    assert!(projects.body.contains("ada@example.com (owner)"), "{}", projects.body);
+    assert!(projects.body.contains("No project yet"));
+
+    let created = browser.submit("/projects", "/projects", &[("name", "Chatbot")]).await?;
+    assert_eq!(created.status, StatusCode::SEE_OTHER, "{}", created.body);
+    let project_path = created.location.clone().unwrap_or_default();
+    assert!(project_path.starts_with("/projects/prj_"), "{project_path}");
+    let project = browser.get(&project_path).await?;
+    assert!(project.body.contains("<h1>Chatbot</h1>"), "{}", project.body);
+    assert!(
+        project.body.contains(&format!("curl http://{}/v1/chat/completions", app.addr))
+            || project.body.contains("/v1/chat/completions")
+    );
+    assert!(browser.get("/projects").await?.body.contains("Chatbot"));
+
+    // The audit log shows who did it.
+    let audit = browser.get("/audit").await?;
+    assert!(audit.body.contains("project.created") && audit.body.contains("ada@example.com"), "{}", audit.body);
+
+    // Log out: the pages need a login again.
+    let csrf = browser.get("/projects").await?.csrf();
+    let out = browser.post("/logout", &[("csrf", &csrf)]).await?;
+    assert_eq!(out.location.as_deref(), Some("/login"));
+    let after = browser.get("/projects").await?;
+    assert_eq!(after.status, StatusCode::SEE_OTHER);
+    assert_eq!(after.location.as_deref(), Some("/login?next=/projects"));
+
+    let wrong = browser.log_in("ada@example.com", "not the password").await?;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert!(wrong.body.contains("Incorrect email or password."), "{}", wrong.body);
+    let back = browser.log_in("ADA@example.com", PASSWORD).await?;
+    assert_eq!(back.location.as_deref(), Some("/projects"), "{}", back.body);
+    assert!(browser.get("/projects").await?.body.contains("Chatbot"));
+    app.stop().await
+}
+
+async fn bad_sign_ups_get_a_form_message_and_save_nothing(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let browser = Browser::new(&app)?;
+    let cases: [(&str, &str, &str, &str); 5] = [
+        ("", "ada@example.com", PASSWORD, "Organization name: must not be empty"),
+        (&"x".repeat(101), "ada@example.com", PASSWORD, "Organization name: must be at most 100 characters"),
+        ("Acme", "not an email", PASSWORD, "Email: is not an email address"),
+        ("Acme", "ada@example.com", "short", "Password: must be at least 10 characters"),
+        ("Acme", "", PASSWORD, "Email: must not be empty"),
+    ];
+    for (org, email, password, message) in cases {
+        let page = browser.sign_up(org, email, password).await?;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST, "{message}");
+        assert!(page.body.contains(message), "expected {message:?} in {}", page.body);
+        // What was typed is kept (but never the password).
+        assert!(!page.body.contains(PASSWORD));
+    }
+    assert_eq!((count(&app, "organizations").await?, count(&app, "users").await?), (0, 0));
+
+    assert_eq!(browser.sign_up("Acme", "ada@example.com", PASSWORD).await?.status, StatusCode::SEE_OTHER);
+    let other = Browser::new(&app)?;
+    let duplicate = other.sign_up("Other", "ADA@example.com", PASSWORD).await?;
+    assert_eq!(duplicate.status, StatusCode::BAD_REQUEST);
+    assert!(duplicate.body.contains("already exists"), "{}", duplicate.body);
+    assert_eq!((count(&app, "organizations").await?, count(&app, "users").await?), (1, 1));
+
+    // A project name that is too long: a message, no project.
+    let long = "p".repeat(101);
+    let page = browser.submit("/projects", "/projects", &[("name", &long)]).await?;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(page.body.contains("Name: must be 1 to 100 characters"), "{}", page.body);
+    assert_eq!(count(&app, "projects").await?, 0);
+    // Not a form at all: a clear 4xx, no 500.
+    let raw =
+        browser.client.post(app.url("/projects")).body("{}").header("content-type", "application/json").send().await?;
+    assert!(raw.status().is_client_error(), "{}", raw.status());
+    app.stop().await
+}
+
+async fn forms_without_the_session_csrf_token_are_refused(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let browser = Browser::new(&app)?;
+    browser.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let missing = browser.post("/projects", &[("name", "Sneaky")]).await?;
+    assert_eq!(missing.status, StatusCode::FORBIDDEN);
+    // A token from another session (an attacker's own) does not work either.
+    let attacker = Browser::new(&app)?;
+    let foreign = attacker.get("/login").await?.csrf();
+    assert!(!foreign.is_empty());
+    let forged = browser.post("/projects", &[("csrf", &foreign), ("name", "Sneaky")]).await?;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert!(forged.body.contains("This form has expired"), "{}", forged.body);
+    assert_eq!(count(&app, "projects").await?, 0);
+    // Logging in cannot be forced by a cross-site form either.
+    let login = attacker.post("/login", &[("email", "ada@example.com"), ("password", PASSWORD)]).await?;
+    assert_eq!(login.status, StatusCode::FORBIDDEN);
+    app.stop().await
+}
+
+async fn repeated_wrong_passwords_are_throttled(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    Browser::new(&app)?.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let browser = Browser::new(&app)?;
+    for _ in 0..accounts::MAX_FAILURES_PER_EMAIL {
+        assert_eq!(browser.log_in("ada@example.com", "wrong password!").await?.status, StatusCode::UNAUTHORIZED);
+    }
+    // Now even the right password waits out the window.
+    let throttled = browser.log_in("ada@example.com", PASSWORD).await?;
+    assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(throttled.body.contains("Too many failed attempts"), "{}", throttled.body);
+    // Another account is not locked by this one's failures.
+    Browser::new(&app)?.sign_up("Other", "bob@example.com", PASSWORD).await?;
+    let bob = Browser::new(&app)?;
+    assert_eq!(bob.log_in("bob@example.com", PASSWORD).await?.status, StatusCode::SEE_OTHER);
+    app.stop().await
+}
+
+async fn a_password_reset_link_works_once(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    Browser::new(&app)?.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let browser = Browser::new(&app)?;
+    // The same answer for a known and an unknown email.
+    for email in ["ada@example.com", "nobody@example.com"] {
+        let page = browser.submit("/password/forgot", "/password/forgot", &[("email", email)]).await?;
+        assert_eq!(page.status, StatusCode::OK);
+        assert!(page.body.contains("If an account exists for that email"), "{}", page.body);
+    }
+    assert_eq!(count(&app, "password_resets").await?, 1);
+    // The link the operator would relay (written to the log; minted here the same way).
+    let token = accounts::start_password_reset(&app.state.db, "ada@example.com").await?.unwrap_or_default();
+    let form = browser.get(&format!("/password/reset?token={token}")).await?;
+    assert_eq!(form.status, StatusCode::OK);
+    assert_eq!(field_value(&form.body, "token").as_deref(), Some(token.as_str()));
+    let short =
+        browser.post("/password/reset", &[("csrf", &form.csrf()), ("token", &token), ("password", "short")]).await?;
+    assert_eq!(short.status, StatusCode::BAD_REQUEST);
+    let new_password = "a brand new password";
+    let done = browser
+        .post("/password/reset", &[("csrf", &form.csrf()), ("token", &token), ("password", new_password)])
+        .await?;
+    assert_eq!(done.location.as_deref(), Some("/login?reset=1"), "{}", done.body);
+    let again = browser
+        .post("/password/reset", &[("csrf", &form.csrf()), ("token", &token), ("password", "yet another password")])
+        .await?;
+    assert_eq!(again.status, StatusCode::BAD_REQUEST);
+    assert!(again.body.contains("expired or was used already"), "{}", again.body);
+    assert_eq!(browser.log_in("ada@example.com", PASSWORD).await?.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(browser.log_in("ada@example.com", new_password).await?.status, StatusCode::SEE_OTHER);
+    app.stop().await
+}
+
+async fn changing_the_password_needs_the_current_one(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let browser = Browser::new(&app)?;
+    browser.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let wrong = browser
+        .submit("/account", "/account/password", &[("current", "nope nope nope"), ("new", "another password")])
+        .await?;
+    assert_eq!(wrong.status, StatusCode::BAD_REQUEST);
+    assert!(wrong.body.contains("current password is not correct"), "{}", wrong.body);
+    let ok =
+        browser.submit("/account", "/account/password", &[("current", PASSWORD), ("new", "another password")]).await?;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert!(ok.body.contains("Your password was changed."));
+    let fresh = Browser::new(&app)?;
+    assert_eq!(fresh.log_in("ada@example.com", PASSWORD).await?.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(fresh.log_in("ada@example.com", "another password").await?.status, StatusCode::SEE_OTHER);
+    app.stop().await
+}
+
+async fn pages_need_a_login_and_send_safe_headers(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let browser = Browser::new(&app)?;
+    for path in ["/projects", "/account", "/audit", "/projects/prj_0190c2a4-0000-7000-8000-000000000000"] {
+        let page = browser.get(path).await?;
+        assert_eq!(page.status, StatusCode::SEE_OTHER, "{path}");
+        assert!(page.location.as_deref().is_some_and(|l| l.starts_with("/login?next=")), "{path}");
+    }
+    let response = browser.client.get(app.url("/login")).send().await?;
+    let headers = response.headers();
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert!(headers["content-security-policy"].to_str()?.contains("default-src 'self'"));
+    let cookie = headers.get(SET_COOKIE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    assert!(cookie.starts_with("tollgate_session="), "{cookie}");
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "plain HTTP in development: {cookie}");
+    let css = browser.client.get(app.url("/static/app.css")).send().await?;
+    assert_eq!(css.headers()["content-type"], "text/css; charset=utf-8");
+    assert_eq!(browser.client.get(app.url("/static/nope.js")).send().await?.status(), StatusCode::NOT_FOUND);
+    // Login only follows paths of this site.
+    browser
+        .submit("/signup", "/signup", &[("org_name", "Acme"), ("email", "ada@example.com"), ("password", PASSWORD)])
+        .await?;
+    let csrf = browser.get("/projects").await?.csrf();
+    browser.post("/logout", &[("csrf", &csrf)]).await?;
+    let csrf = browser.get("/login").await?.csrf();
+    let page = browser
+        .post(
+            "/login",
+            &[("csrf", &csrf), ("email", "ada@example.com"), ("password", PASSWORD), ("next", "//evil.example")],
+        )
+        .await?;
+    assert_eq!(page.location.as_deref(), Some("/projects"));
+    // The session id is stored hashed, never as the cookie carries it.
+    let stored: Vec<String> =
+        with_db!(&app.state.db, pool => sqlx::query_scalar("SELECT id_hash FROM sessions").fetch_all(pool).await)?;
+    assert!(!stored.is_empty() && stored.iter().all(|h| h.len() == 64));
+    app.stop().await
+}
+
+async fn another_organizations_project_is_not_found(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let created = ada.submit("/projects", "/projects", &[("name", "Secret plans")]).await?;
+    let path = created.location.unwrap_or_default();
+    let bob = Browser::new(&app)?;
+    bob.sign_up("Globex", "bob@example.com", PASSWORD).await?;
+    let page = bob.get(&path).await?;
+    assert_eq!(page.status, StatusCode::NOT_FOUND);
+    assert!(!page.body.contains("Secret plans"));
+    assert!(!bob.get("/projects").await?.body.contains("Secret plans"));
+    assert!(!bob.get("/audit").await?.body.contains("Secret plans"));
+    assert_eq!(bob.get("/projects/not-an-id").await?.status, StatusCode::NOT_FOUND);
+    let ada_projects = projects::list_projects(
+        &app.state.db,
+        &accounts::memberships(&app.state.db, &{
+            let user: tollgate_core::ids::UserId = with_db!(&app.state.db, pool => sqlx::query_scalar(
+            "SELECT id FROM users WHERE email = 'ada@example.com'").fetch_one(pool).await)?;
+            user
+        })
+        .await?[0]
+            .org_id,
+    )
+    .await?;
+    assert_eq!(ada_projects.len(), 1);
+    app.stop().await
+}
