@@ -114,6 +114,9 @@ impl Db {
                 SqliteSync::Full => SqliteSynchronous::Full,
                 SqliteSync::Normal => SqliteSynchronous::Normal,
             };
+            // Processes opening a new file at once would race to switch it to WAL (which
+            // fails with "database is locked" rather than waiting): open it under the lock.
+            let _lock = if in_memory { None } else { lock_sqlite_migrations(options.get_filename()).await? };
             let pool = SqlitePoolOptions::new()
                 // An in-memory database exists once per connection: keep exactly one.
                 .max_connections(if in_memory { 1 } else { settings.max_connections })
