@@ -225,6 +225,25 @@ pub async fn touch_key(db: &Db, key: &KeyId, at: UnixMillis) -> Result<(), DbErr
     Ok(with_db!(db, pool => sqlx::query(SQL).bind(at.0).bind(key).execute(pool).await.map(|_| ()))?)
 }
 
+/// A key as the dashboard lists it (never the key itself).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeySummary {
+    pub id: KeyId,
+    pub name: String,
+    pub prefix: String,
+    pub kind: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+/// A project's keys, live ones first, newest first.
+pub async fn list_keys(db: &Db, project: &ProjectId) -> Result<Vec<KeySummary>, DbError> {
+    const SQL: &str = "SELECT id, name, prefix, kind, created_at, last_used_at, revoked_at FROM api_keys \
+                       WHERE project_id = $1 ORDER BY (revoked_at IS NOT NULL), created_at DESC, id";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, KeySummary>(SQL).bind(project).fetch_all(pool).await)?)
+}
+
 pub async fn revoke_key(db: &Db, project: &ProjectId, key: &KeyId) -> Result<bool, DbError> {
     const SQL: &str = "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND project_id = $3 AND revoked_at IS NULL";
     let n = with_db!(db, pool => sqlx::query(SQL).bind(UnixMillis::now().0).bind(key).bind(project)
@@ -353,6 +372,31 @@ struct ProviderRow {
 }
 
 /// The project's provider connections, oldest first (the first that serves a model wins).
+/// A provider connection as the dashboard lists it: everything but the credential.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ProviderSummary {
+    pub id: ProviderId,
+    pub kind: String,
+    pub name: String,
+    pub base_url: String,
+    pub models: String,
+    pub created_at: i64,
+}
+
+pub async fn list_provider_summaries(db: &Db, project: &ProjectId) -> Result<Vec<ProviderSummary>, DbError> {
+    const SQL: &str = "SELECT id, kind, name, base_url, models, created_at FROM provider_connections \
+                       WHERE project_id = $1 ORDER BY created_at, id";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, ProviderSummary>(SQL).bind(project).fetch_all(pool).await)?)
+}
+
+/// Removes a provider connection of `project`; false if there was none.
+pub async fn delete_provider(db: &Db, project: &ProjectId, provider: &ProviderId) -> Result<bool, DbError> {
+    const SQL: &str = "DELETE FROM provider_connections WHERE id = $1 AND project_id = $2";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(provider).bind(project).execute(pool).await
+        .map(|r| r.rows_affected()))?;
+    Ok(n == 1)
+}
+
 pub async fn list_providers(db: &Db, key: &MasterKey, project: &ProjectId) -> Result<Vec<Provider>, DbError> {
     const SQL: &str = "SELECT id, kind, base_url, api_key_sealed, models FROM provider_connections \
                        WHERE project_id = $1 ORDER BY created_at, id";

@@ -10,6 +10,7 @@ use tollgate_core::with_db;
 
 use crate::db_cases;
 use crate::helpers::{DbCase, TestApp, TestDatabase, TestResult, spawn_app};
+use crate::mock_provider::MockProvider;
 
 pub fn cases() -> Vec<DbCase> {
     db_cases![
@@ -21,6 +22,7 @@ pub fn cases() -> Vec<DbCase> {
         changing_the_password_needs_the_current_one,
         pages_need_a_login_and_send_safe_headers,
         another_organizations_project_is_not_found,
+        a_key_made_in_the_dashboard_works_on_the_proxy_until_revoked,
     ]
 }
 
@@ -339,5 +341,102 @@ async fn another_organizations_project_is_not_found(db: TestDatabase) -> TestRes
     )
     .await?;
     assert_eq!(ada_projects.len(), 1);
+    app.stop().await
+}
+
+/// The secret shown once after creating a key.
+fn shown_key(html: &str) -> Option<String> {
+    let start = html.find("id=\"new-key\">")? + "id=\"new-key\">".len();
+    let end = html[start..].find('<')? + start;
+    Some(html[start..end].trim().to_owned())
+}
+
+async fn a_key_made_in_the_dashboard_works_on_the_proxy_until_revoked(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let mock = MockProvider::start().await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let project_path = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let providers = format!("{project_path}/providers");
+    let keys = format!("{project_path}/keys");
+
+    // A connection: the credential is required, and never shown again once saved.
+    let fields = |key: &'static str| {
+        vec![("kind", "openai_compatible"), ("name", "mock"), ("api_key", key), ("models", "mock-*")]
+    };
+    let mut missing = fields("");
+    let base = mock.base_url();
+    missing.push(("base_url", &base));
+    let page = ada.submit(&providers, &providers, &missing).await?;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(page.body.contains("API key: must not be empty"), "{}", page.body);
+    let mut good = fields("sk-upstream-secret-123");
+    good.push(("base_url", &base));
+    let added = ada.submit(&providers, &providers, &good).await?;
+    assert_eq!(added.status, StatusCode::SEE_OTHER, "{}", added.body);
+    let listed = ada.get(&providers).await?;
+    assert!(listed.body.contains(&base) && listed.body.contains("mock-*"), "{}", listed.body);
+    assert!(!listed.body.contains("sk-upstream-secret-123"), "a saved credential was shown");
+    let sealed: String = with_db!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT api_key_sealed FROM provider_connections").fetch_one(pool).await)?;
+    assert!(!sealed.contains("sk-upstream-secret-123"), "the credential is stored in clear");
+
+    // A key, shown once.
+    let created = ada.submit(&keys, &keys, &[("name", "backend"), ("kind", "secret")]).await?;
+    assert_eq!(created.status, StatusCode::OK);
+    let key = shown_key(&created.body).unwrap_or_default();
+    assert!(key.starts_with("tg_sk_"), "{}", created.body);
+    let again = ada.get(&keys).await?;
+    assert!(!again.body.contains(&key), "the key was shown a second time");
+    assert!(again.body.contains(&key[..12]), "the list shows the prefix");
+
+    // It works on the proxy (with a price for the mock's model)...
+    let project_id = tollgate_core::ids::ProjectId::parse(project_path.trim_start_matches("/projects/"))
+        .ok_or_else(|| anyhow::anyhow!("project id in {project_path}"))?;
+    let price = tollgate_core::pricing::Price {
+        input: 0,
+        cached_input: 0,
+        output: 1_000_000_000_000,
+        cache_write: 0,
+        max_output_tokens: 100,
+        tokenizer: tollgate_core::pricing::Tokenizer::O200kBase,
+    };
+    projects::set_price(&app.state.db, &project_id, "mock-model", &price).await?;
+    let budget = tollgate_core::money::Nanos(1_000_000_000);
+    let month = tollgate_core::period::BudgetPeriod::Month;
+    projects::upsert_customer_budget(&app.state.db, &project_id, "c1", budget, month).await?;
+    let call = || {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-tollgate-customer", "c1")
+            .json(&serde_json::json!({"model": "mock-model", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    let ok = call().await?;
+    assert_eq!(ok.status(), StatusCode::OK, "{}", ok.text().await?);
+    assert_eq!(mock.credentials()[0].0, "Bearer sk-upstream-secret-123");
+
+    // ...until revoked in one click, with immediate effect.
+    let key_id = with_db!(&app.state.db, pool => sqlx::query_scalar::<_, String>(
+        "SELECT id FROM api_keys").fetch_one(pool).await)?;
+    let page = ada.get(&keys).await?;
+    let revoked = ada.post(&format!("{keys}/{key_id}/revoke"), &[("csrf", &page.csrf())]).await?;
+    assert_eq!(revoked.location.as_deref(), Some(keys.as_str()));
+    assert_eq!(call().await?.status(), StatusCode::UNAUTHORIZED);
+    assert!(ada.get(&keys).await?.body.contains("revoked"));
+    assert!(ada.get("/audit").await?.body.contains("key.revoked"));
+
+    // Another organization can neither see nor touch any of it.
+    let bob = Browser::new(&app)?;
+    bob.sign_up("Globex", "bob@example.com", PASSWORD).await?;
+    assert_eq!(bob.get(&keys).await?.status, StatusCode::NOT_FOUND);
+    assert_eq!(bob.get(&providers).await?.status, StatusCode::NOT_FOUND);
+    let csrf = bob.get("/projects").await?.csrf();
+    let provider_id = with_db!(&app.state.db, pool => sqlx::query_scalar::<_, String>(
+        "SELECT id FROM provider_connections").fetch_one(pool).await)?;
+    let denied = bob.post(&format!("{providers}/{provider_id}/delete"), &[("csrf", &csrf)]).await?;
+    assert_eq!(denied.status, StatusCode::NOT_FOUND);
+    assert_eq!(count(&app, "provider_connections").await?, 1);
     app.stop().await
 }

@@ -5,14 +5,16 @@
 //! - [`session`]: who is looking (the `Member` extractor), CSRF tokens, logging in and out.
 //! - [`session_store`]: tower-sessions on our own database, ids stored hashed.
 //! - [`accounts`]: sign-up, login, logout, password change and reset.
-//! - [`projects`], [`audit_log`]: the pages of an organization.
+//! - [`projects`], [`keys`], [`providers`], [`audit_log`]: the pages of an organization.
 //! - [`error`]: the one error type of this face, answered as an HTML page.
 
 pub mod accounts;
 pub mod audit_log;
 pub mod error;
 pub mod format;
+pub mod keys;
 pub mod projects;
+pub mod providers;
 pub mod session;
 pub mod session_store;
 
@@ -52,6 +54,10 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/org/switch", post(accounts::switch_org))
         .route("/projects", get(projects::list).post(projects::create))
         .route("/projects/{id}", get(projects::show))
+        .route("/projects/{id}/keys", get(keys::list).post(keys::create))
+        .route("/projects/{id}/keys/{key_id}/revoke", post(keys::revoke))
+        .route("/projects/{id}/providers", get(providers::list).post(providers::add))
+        .route("/projects/{id}/providers/{provider_id}/delete", post(providers::delete))
         .route("/audit", get(audit_log::page))
         .layer(sessions)
         .layer(axum::middleware::from_fn(security_headers));

@@ -82,16 +82,19 @@ pub struct ProjectPage {
     base_url: String,
 }
 
+/// The project `id` of the member's organization; 404 for anything else (another
+/// organization's project looks exactly like one that does not exist).
+pub async fn load_project(state: &AppState, me: &Member, id: &str) -> Result<Project, WebError> {
+    let id = tollgate_core::ids::ProjectId::parse(id).ok_or(WebError::NotFound)?;
+    projects::get_project_in_org(&state.db, me.org_id(), &id).await.map_err(project_error)?.ok_or(WebError::NotFound)
+}
+
 pub async fn show(
     State(state): State<AppState>,
     me: Member,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<ProjectPage, WebError> {
-    let id = tollgate_core::ids::ProjectId::parse(&id).ok_or(WebError::NotFound)?;
-    let project = projects::get_project_in_org(&state.db, me.org_id(), &id)
-        .await
-        .map_err(project_error)?
-        .ok_or(WebError::NotFound)?;
+    let project = load_project(&state, &me, &id).await?;
     Ok(ProjectPage {
         markup: format!("{} %", tollgate_core::money::Nanos(project.markup_bps * 10_000_000)),
         default_budget: tollgate_core::money::Nanos(project.default_budget_nanos).to_string(),
