@@ -131,6 +131,102 @@ pub async fn get_project(db: &Db, id: &ProjectId) -> Result<Option<Project>, Pro
     )
 }
 
+/// Everything about a project a tenant can change after creating it.
+#[derive(Debug, Clone)]
+pub struct ProjectSettings {
+    pub name: String,
+    pub policy: BudgetPolicy,
+    pub min_output_tokens: i64,
+    pub markup_bps: i64,
+    pub default_budget: Nanos,
+    pub default_period: BudgetPeriod,
+    pub customer_from_user: bool,
+    pub default_customer: Option<String>,
+    pub estimate_margin_bps: i64,
+}
+
+impl ProjectSettings {
+    pub fn of(project: &Project) -> Self {
+        Self {
+            name: project.name.clone(),
+            policy: project.policy(),
+            min_output_tokens: project.min_output_tokens,
+            markup_bps: project.markup_bps,
+            default_budget: Nanos(project.default_budget_nanos),
+            default_period: project.default_period(),
+            customer_from_user: project.customer_from_user,
+            default_customer: project.default_customer.clone(),
+            estimate_margin_bps: project.estimate_margin_bps,
+        }
+    }
+
+    /// Every problem with these settings, by field.
+    pub fn problems(&self) -> Vec<ProjectError> {
+        let mut problems = Vec::new();
+        let name = self.name.trim();
+        if name.is_empty() || name.chars().count() > 100 {
+            problems.push(invalid("name", "must be 1 to 100 characters"));
+        }
+        if !(0..=1_000_000).contains(&self.markup_bps) {
+            problems.push(invalid("markup", "must be between 0 % and 10000 %"));
+        }
+        if self.default_budget.is_negative() {
+            problems.push(invalid("default budget", "must not be negative"));
+        }
+        if !(1..=1_000_000).contains(&self.min_output_tokens) {
+            problems.push(invalid("minimum output tokens", "must be between 1 and 1000000"));
+        }
+        if !(0..=100_000).contains(&self.estimate_margin_bps) {
+            problems.push(invalid("estimate margin", "must be between 0 % and 1000 %"));
+        }
+        if let Some(default) = &self.default_customer
+            && let Err(e) = validate_external_id(default)
+        {
+            problems.push(match e {
+                ProjectError::Invalid { reason, .. } => ProjectError::Invalid { field: "default customer", reason },
+                other => other,
+            });
+        }
+        problems
+    }
+}
+
+/// Saves a project's settings (all checked first: nothing is half-saved).
+pub async fn update_project(
+    db: &Db,
+    org: &OrgId,
+    id: &ProjectId,
+    settings: &ProjectSettings,
+) -> Result<Project, ProjectError> {
+    if let Some(problem) = settings.problems().into_iter().next() {
+        return Err(problem);
+    }
+    const SQL: &str = "UPDATE projects SET name = $1, budget_policy = $2, min_output_tokens = $3, markup_bps = $4, \
+        default_budget_nanos = $5, default_budget_period = $6, customer_from_user = $7, default_customer = $8, \
+        estimate_margin_bps = $9 WHERE id = $10 AND org_id = $11";
+    let policy = match settings.policy {
+        BudgetPolicy::Clamp => "clamp",
+        BudgetPolicy::Reject => "reject",
+    };
+    let default_customer = settings.default_customer.as_deref().map(str::trim).filter(|c| !c.is_empty());
+    let n = with_db!(db, pool => sqlx::query(SQL)
+        .bind(settings.name.trim()).bind(policy).bind(settings.min_output_tokens).bind(settings.markup_bps)
+        .bind(settings.default_budget.0).bind(settings.default_period.as_str()).bind(settings.customer_from_user)
+        .bind(default_customer).bind(settings.estimate_margin_bps).bind(id).bind(org)
+        .execute(pool).await.map(|r| r.rows_affected()))?;
+    if n == 0 {
+        return Err(ProjectError::NotFound("project"));
+    }
+    get_project(db, id).await?.ok_or(ProjectError::NotFound("project"))
+}
+
+/// Deletes a project of `org` with everything in it (keys, connections, customers, usage).
+pub async fn delete_project(db: &Db, org: &OrgId, id: &ProjectId) -> Result<bool, DbError> {
+    const SQL: &str = "DELETE FROM projects WHERE id = $1 AND org_id = $2";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(id).bind(org).execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(n == 1)
+}
+
 /// A project of `org` (None for another organization's project: callers answer 404).
 pub async fn get_project_in_org(db: &Db, org: &OrgId, id: &ProjectId) -> Result<Option<Project>, ProjectError> {
     let sql = format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1 AND org_id = $2");
@@ -453,6 +549,30 @@ pub async fn price_for(db: &Db, project: &ProjectId, model: &str) -> Result<Opti
         }),
         None => shipped,
     })
+}
+
+/// A price override of a project, as listed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PriceOverride {
+    pub model: String,
+    pub input: i64,
+    pub cached_input: i64,
+    pub output: i64,
+    pub cache_write: i64,
+    pub max_output_tokens: i64,
+}
+
+pub async fn list_price_overrides(db: &Db, project: &ProjectId) -> Result<Vec<PriceOverride>, DbError> {
+    const SQL: &str = "SELECT model, input, cached_input, output, cache_write, max_output_tokens FROM price_overrides \
+                       WHERE project_id = $1 ORDER BY model";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, PriceOverride>(SQL).bind(project).fetch_all(pool).await)?)
+}
+
+/// Removes a project's override of `model` (the shipped price, if any, applies again).
+pub async fn delete_price(db: &Db, project: &ProjectId, model: &str) -> Result<bool, DbError> {
+    const SQL: &str = "DELETE FROM price_overrides WHERE project_id = $1 AND model = $2";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(project).bind(model).execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(n == 1)
 }
 
 /// The models this project has price overrides for.

@@ -23,6 +23,7 @@ pub fn cases() -> Vec<DbCase> {
         pages_need_a_login_and_send_safe_headers,
         another_organizations_project_is_not_found,
         a_key_made_in_the_dashboard_works_on_the_proxy_until_revoked,
+        settings_and_prices_are_checked_saved_and_audited,
     ]
 }
 
@@ -438,5 +439,92 @@ async fn a_key_made_in_the_dashboard_works_on_the_proxy_until_revoked(db: TestDa
     let denied = bob.post(&format!("{providers}/{provider_id}/delete"), &[("csrf", &csrf)]).await?;
     assert_eq!(denied.status, StatusCode::NOT_FOUND);
     assert_eq!(count(&app, "provider_connections").await?, 1);
+    app.stop().await
+}
+
+async fn settings_and_prices_are_checked_saved_and_audited(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let project_path = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let settings = format!("{project_path}/settings");
+    let shown = ada.get(&settings).await?;
+    assert_eq!(field_value(&shown.body, "markup").as_deref(), Some("0.00"), "{}", shown.body);
+
+    let form = |markup: &'static str, budget: &'static str, default_customer: &'static str| -> Vec<(&str, &str)> {
+        vec![
+            ("name", "Chat v2"),
+            ("policy", "reject"),
+            ("min_output_tokens", "32"),
+            ("markup", markup),
+            ("default_budget", budget),
+            ("default_period", "day"),
+            ("customer_from_user", "on"),
+            ("default_customer", default_customer),
+            ("estimate_margin", "15"),
+        ]
+    };
+    let bad = ada.submit(&settings, &settings, &form("lots", "-3", "")).await?;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(bad.body.contains("Markup: must be a percentage"), "{}", bad.body);
+    assert!(bad.body.contains("value=\"lots\""), "what was typed is shown again");
+    let bad = ada.submit(&settings, &settings, &form("20", "-3", "")).await?;
+    assert!(bad.body.contains("Default budget: must not be negative"), "{}", bad.body);
+    let too_long: &'static str = Box::leak("x".repeat(201).into_boxed_str());
+    let bad = ada.submit(&settings, &settings, &form("20", "5", too_long)).await?;
+    assert!(bad.body.contains("Default customer: must be 1 to 200"), "{}", bad.body);
+    let unchanged: (String, i64) = with_db!(&app.state.db, pool => sqlx::query_as(
+        "SELECT name, markup_bps FROM projects").fetch_one(pool).await)?;
+    assert_eq!(unchanged, ("Chat".to_owned(), 0), "a rejected form saved something");
+
+    let saved = ada.submit(&settings, &settings, &form("12.5", "2.50", "house")).await?;
+    assert_eq!(saved.status, StatusCode::OK, "{}", saved.body);
+    assert!(saved.body.contains("Settings saved."));
+    let row: (String, String, i64, i64, i64, String, bool, Option<String>, i64) = with_db!(&app.state.db, pool => sqlx::query_as(
+        "SELECT name, budget_policy, min_output_tokens, markup_bps, default_budget_nanos, default_budget_period, \
+         customer_from_user, default_customer, estimate_margin_bps FROM projects").fetch_one(pool).await)?;
+    assert_eq!(
+        row,
+        ("Chat v2".into(), "reject".into(), 32, 1_250, 2_500_000_000, "day".into(), true, Some("house".into()), 1_500)
+    );
+    let audit = ada.get("/audit").await?;
+    assert!(audit.body.contains("markup 0.00 % → 12.50 %"), "{}", audit.body);
+
+    // Prices: checked, saved, listed, removed.
+    let prices = format!("{project_path}/prices");
+    let price = |input: &'static str| {
+        vec![
+            ("model", "my-model"),
+            ("input", input),
+            ("output", "10"),
+            ("cached_input", ""),
+            ("cache_write", ""),
+            ("max_output_tokens", "4096"),
+        ]
+    };
+    let bad = ada.submit(&prices, &prices, &price("cheap")).await?;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(bad.body.contains("Input: must be an amount per million tokens"), "{}", bad.body);
+    assert_eq!(count(&app, "price_overrides").await?, 0);
+    let ok = ada.submit(&prices, &prices, &price("2.50")).await?;
+    assert_eq!(ok.status, StatusCode::SEE_OTHER, "{}", ok.body);
+    let listed = ada.get(&prices).await?;
+    assert!(listed.body.contains("my-model") && listed.body.contains("2.50"), "{}", listed.body);
+    let stored: (i64, i64, i64) = with_db!(&app.state.db, pool => sqlx::query_as(
+        "SELECT input, cached_input, output FROM price_overrides").fetch_one(pool).await)?;
+    assert_eq!(stored, (2_500_000_000, 2_500_000_000, 10_000_000_000));
+    let removed = ada.post(&format!("{prices}/delete"), &[("csrf", &listed.csrf()), ("model", "my-model")]).await?;
+    assert_eq!(removed.status, StatusCode::SEE_OTHER);
+    assert_eq!(count(&app, "price_overrides").await?, 0);
+
+    // Deleting needs the name typed.
+    let delete = format!("{project_path}/delete");
+    let refused = ada.submit(&settings, &delete, &[("confirm", "Chat")]).await?;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(count(&app, "projects").await?, 1);
+    let deleted = ada.submit(&settings, &delete, &[("confirm", "Chat v2")]).await?;
+    assert_eq!(deleted.location.as_deref(), Some("/projects"));
+    assert_eq!(count(&app, "projects").await?, 0);
+    assert_eq!(ada.get(&settings).await?.status, StatusCode::NOT_FOUND);
     app.stop().await
 }

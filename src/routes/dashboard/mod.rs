@@ -5,7 +5,7 @@
 //! - [`session`]: who is looking (the `Member` extractor), CSRF tokens, logging in and out.
 //! - [`session_store`]: tower-sessions on our own database, ids stored hashed.
 //! - [`accounts`]: sign-up, login, logout, password change and reset.
-//! - [`projects`], [`keys`], [`providers`], [`audit_log`]: the pages of an organization.
+//! - [`projects`], [`keys`], [`providers`], [`settings`], [`audit_log`]: the pages of an organization.
 //! - [`error`]: the one error type of this face, answered as an HTML page.
 
 pub mod accounts;
@@ -17,6 +17,7 @@ pub mod projects;
 pub mod providers;
 pub mod session;
 pub mod session_store;
+pub mod settings;
 
 use axum::Router;
 use axum::extract::{Path, Request};
@@ -58,6 +59,10 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/keys/{key_id}/revoke", post(keys::revoke))
         .route("/projects/{id}/providers", get(providers::list).post(providers::add))
         .route("/projects/{id}/providers/{provider_id}/delete", post(providers::delete))
+        .route("/projects/{id}/settings", get(settings::show).post(settings::save))
+        .route("/projects/{id}/delete", post(settings::delete))
+        .route("/projects/{id}/prices", get(settings::prices).post(settings::set_price))
+        .route("/projects/{id}/prices/delete", post(settings::delete_price))
         .route("/audit", get(audit_log::page))
         .layer(sessions)
         .layer(axum::middleware::from_fn(security_headers));

@@ -1,0 +1,409 @@
+//! A project's settings (budget policy, markup, default budget, how calls name customers),
+//! its price overrides, and its deletion. Every change drops the proxy's cached copy of the
+//! project, so it applies to the next call on this replica.
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::Form;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Deserialize;
+use tollgate_core::accounts::Role;
+use tollgate_core::audit;
+use tollgate_core::money::Nanos;
+use tollgate_core::period::BudgetPeriod;
+use tollgate_core::pricing::{Price, Tokenizer, parse_per_million, shipped_price};
+use tollgate_core::projects::{self, BudgetPolicy, PriceOverride, Project, ProjectError, ProjectSettings};
+
+use super::error::WebError;
+use super::projects::{capitalized, load_project, project_error};
+use super::session::Member;
+use crate::state::AppState;
+
+/// The settings form, as typed (re-shown as typed when something is wrong).
+#[derive(Deserialize, Default, Clone)]
+#[serde(default)]
+pub struct SettingsForm {
+    csrf: String,
+    name: String,
+    policy: String,
+    min_output_tokens: String,
+    markup: String,
+    default_budget: String,
+    default_period: String,
+    customer_from_user: Option<String>,
+    default_customer: String,
+    estimate_margin: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "settings.html")]
+pub struct SettingsPage {
+    me: Member,
+    project: Project,
+    form: SettingsView,
+    saved: bool,
+    errors: Vec<String>,
+}
+
+pub struct SettingsView {
+    name: String,
+    policy: String,
+    min_output_tokens: String,
+    markup: String,
+    default_budget: String,
+    default_period: String,
+    customer_from_user: bool,
+    default_customer: String,
+    estimate_margin: String,
+}
+
+/// Basis points shown as a percentage (`2500` → `25.00`).
+fn percent(bps: i64) -> String {
+    Nanos(bps.saturating_mul(10_000_000)).to_string()
+}
+
+/// A percentage typed as a decimal (`12.5`) in basis points; None unless whole basis points.
+fn parse_percent(text: &str) -> Option<i64> {
+    let nanos: Nanos = text.trim().parse().ok()?;
+    (nanos.0 % 10_000_000 == 0).then_some(nanos.0 / 10_000_000)
+}
+
+impl SettingsView {
+    fn of(project: &Project) -> Self {
+        Self {
+            name: project.name.clone(),
+            policy: project.budget_policy.clone(),
+            min_output_tokens: project.min_output_tokens.to_string(),
+            markup: percent(project.markup_bps),
+            default_budget: Nanos(project.default_budget_nanos).to_string(),
+            default_period: project.default_budget_period.clone(),
+            customer_from_user: project.customer_from_user,
+            default_customer: project.default_customer.clone().unwrap_or_default(),
+            estimate_margin: percent(project.estimate_margin_bps),
+        }
+    }
+
+    fn typed(form: SettingsForm) -> Self {
+        Self {
+            name: form.name,
+            policy: form.policy,
+            min_output_tokens: form.min_output_tokens,
+            markup: form.markup,
+            default_budget: form.default_budget,
+            default_period: form.default_period,
+            customer_from_user: form.customer_from_user.is_some(),
+            default_customer: form.default_customer,
+            estimate_margin: form.estimate_margin,
+        }
+    }
+}
+
+impl SettingsForm {
+    /// The settings this form asks for, or every problem with it.
+    fn settings(&self) -> Result<ProjectSettings, Vec<String>> {
+        let mut errors = Vec::new();
+        let policy = match self.policy.as_str() {
+            "clamp" => Some(BudgetPolicy::Clamp),
+            "reject" => Some(BudgetPolicy::Reject),
+            _ => None,
+        };
+        if policy.is_none() {
+            errors.push("Budget policy: choose clamp or reject".to_owned());
+        }
+        let min_output = self.min_output_tokens.trim().parse::<i64>().ok();
+        if min_output.is_none() {
+            errors.push("Minimum output tokens: must be a whole number".to_owned());
+        }
+        let markup = parse_percent(&self.markup);
+        if markup.is_none() {
+            errors.push("Markup: must be a percentage with at most two decimals, such as 20 or 12.5".to_owned());
+        }
+        let budget = self.default_budget.trim().parse::<Nanos>().ok();
+        if budget.is_none() {
+            errors.push("Default budget: must be an amount such as 10 or 2.50".to_owned());
+        }
+        let period = BudgetPeriod::parse(&self.default_period);
+        if period.is_none() {
+            errors.push("Default period: choose month, day or lifetime".to_owned());
+        }
+        let margin = parse_percent(&self.estimate_margin);
+        if margin.is_none() {
+            errors.push("Estimate margin: must be a percentage with at most two decimals".to_owned());
+        }
+        let default_customer = Some(self.default_customer.trim().to_owned()).filter(|c| !c.is_empty());
+        let (
+            Some(policy),
+            Some(min_output_tokens),
+            Some(markup_bps),
+            Some(default_budget),
+            Some(default_period),
+            Some(estimate_margin_bps),
+        ) = (policy, min_output, markup, budget, period, margin)
+        else {
+            return Err(errors);
+        };
+        let settings = ProjectSettings {
+            name: self.name.clone(),
+            policy,
+            min_output_tokens,
+            markup_bps,
+            default_budget,
+            default_period,
+            customer_from_user: self.customer_from_user.is_some(),
+            default_customer,
+            estimate_margin_bps,
+        };
+        let problems: Vec<String> = settings.problems().iter().map(problem_message).collect();
+        if problems.is_empty() { Ok(settings) } else { Err(problems) }
+    }
+}
+
+fn problem_message(e: &ProjectError) -> String {
+    match e {
+        ProjectError::Invalid { field, reason } => format!("{}: {reason}", capitalized(field)),
+        other => other.to_string(),
+    }
+}
+
+pub async fn show(State(state): State<AppState>, me: Member, Path(id): Path<String>) -> Result<SettingsPage, WebError> {
+    let project = load_project(&state, &me, &id).await?;
+    Ok(SettingsPage { form: SettingsView::of(&project), me, project, saved: false, errors: vec![] })
+}
+
+pub async fn save(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Form(form): Form<SettingsForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    let settings = match form.settings() {
+        Ok(settings) => settings,
+        Err(errors) => {
+            let page = SettingsPage { form: SettingsView::typed(form), me, project, saved: false, errors };
+            return Ok((StatusCode::BAD_REQUEST, page).into_response());
+        }
+    };
+    let before = ProjectSettings::of(&project);
+    let updated =
+        projects::update_project(&state.db, me.org_id(), &project.id, &settings).await.map_err(project_error)?;
+    state.keys.forget_project(&project.id);
+    let detail = describe_changes(&before, &settings);
+    audit::record(&state.db, me.org_id(), &me.actor(), "project.settings_changed", &updated.name, &detail).await?;
+    Ok(SettingsPage { form: SettingsView::of(&updated), me, project: updated, saved: true, errors: vec![] }
+        .into_response())
+}
+
+/// "markup 0.00 % → 20.00 %; policy clamp → reject" (for the audit log).
+fn describe_changes(before: &ProjectSettings, after: &ProjectSettings) -> String {
+    let mut changes = Vec::new();
+    let mut note = |what: &str, a: String, b: String| {
+        if a != b {
+            changes.push(format!("{what} {a} → {b}"));
+        }
+    };
+    note("name", before.name.clone(), after.name.trim().to_owned());
+    note("policy", format!("{:?}", before.policy).to_lowercase(), format!("{:?}", after.policy).to_lowercase());
+    note("min output", before.min_output_tokens.to_string(), after.min_output_tokens.to_string());
+    note("markup", format!("{} %", percent(before.markup_bps)), format!("{} %", percent(after.markup_bps)));
+    note(
+        "default budget",
+        format!("{} per {}", before.default_budget, before.default_period.as_str()),
+        format!("{} per {}", after.default_budget, after.default_period.as_str()),
+    );
+    note("customer from user", before.customer_from_user.to_string(), after.customer_from_user.to_string());
+    note("default customer", format!("{:?}", before.default_customer), format!("{:?}", after.default_customer));
+    note(
+        "estimate margin",
+        format!("{} %", percent(before.estimate_margin_bps)),
+        format!("{} %", percent(after.estimate_margin_bps)),
+    );
+    if changes.is_empty() { "no change".to_owned() } else { changes.join("; ") }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct DeleteForm {
+    csrf: String,
+    confirm: String,
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Form(form): Form<DeleteForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    if form.confirm.trim() != project.name {
+        let errors = vec!["Type the project's name exactly to delete it.".to_owned()];
+        let page = SettingsPage { form: SettingsView::of(&project), me, project, saved: false, errors };
+        return Ok((StatusCode::BAD_REQUEST, page).into_response());
+    }
+    projects::delete_project(&state.db, me.org_id(), &project.id).await?;
+    state.keys.forget_project(&project.id);
+    audit::record(&state.db, me.org_id(), &me.actor(), "project.deleted", &project.name, project.id.as_str()).await?;
+    Ok(Redirect::to("/projects").into_response())
+}
+
+// ---------------------------------------------------------------------------------------
+// Prices
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(default)]
+pub struct PriceForm {
+    csrf: String,
+    model: String,
+    input: String,
+    cached_input: String,
+    cache_write: String,
+    output: String,
+    max_output_tokens: String,
+}
+
+pub struct OverrideRow {
+    model: String,
+    input: String,
+    cached_input: String,
+    cache_write: String,
+    output: String,
+    max_output_tokens: i64,
+}
+
+impl From<PriceOverride> for OverrideRow {
+    fn from(o: PriceOverride) -> Self {
+        Self {
+            model: o.model,
+            input: Nanos(o.input).to_string(),
+            cached_input: Nanos(o.cached_input).to_string(),
+            cache_write: Nanos(o.cache_write).to_string(),
+            output: Nanos(o.output).to_string(),
+            max_output_tokens: o.max_output_tokens,
+        }
+    }
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "prices.html")]
+pub struct PricesPage {
+    me: Member,
+    project: Project,
+    overrides: Vec<OverrideRow>,
+    form: PriceForm,
+    errors: Vec<String>,
+}
+
+async fn prices_page(
+    state: &AppState,
+    me: Member,
+    project: Project,
+    form: PriceForm,
+    errors: Vec<String>,
+) -> Result<PricesPage, WebError> {
+    let overrides =
+        projects::list_price_overrides(&state.db, &project.id).await?.into_iter().map(OverrideRow::from).collect();
+    Ok(PricesPage { me, project, overrides, form: PriceForm { csrf: String::new(), ..form }, errors })
+}
+
+pub async fn prices(State(state): State<AppState>, me: Member, Path(id): Path<String>) -> Result<PricesPage, WebError> {
+    let project = load_project(&state, &me, &id).await?;
+    prices_page(&state, me, project, PriceForm::default(), vec![]).await
+}
+
+impl PriceForm {
+    fn price(&self) -> Result<Price, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut amount = |label: &str, text: &str, fallback: Option<i64>| {
+            let text = text.trim();
+            match (text.is_empty(), fallback) {
+                (true, Some(f)) => Some(f),
+                _ => {
+                    let parsed = parse_per_million(text);
+                    if parsed.is_none() {
+                        errors.push(format!("{label}: must be an amount per million tokens, such as 2.50"));
+                    }
+                    parsed
+                }
+            }
+        };
+        let input = amount("Input", &self.input, None);
+        let output = amount("Output", &self.output, None);
+        let cached_input = amount("Cached input", &self.cached_input, Some(input.unwrap_or(0)));
+        let cache_write = amount("Cache write", &self.cache_write, Some(0));
+        let max_output = self.max_output_tokens.trim().parse::<i64>().ok().filter(|m| *m >= 1);
+        if max_output.is_none() {
+            errors.push("Max output tokens: must be a whole number of at least 1".to_owned());
+        }
+        match (input, output, cached_input, cache_write, max_output) {
+            (Some(input), Some(output), Some(cached_input), Some(cache_write), Some(max_output_tokens))
+                if errors.is_empty() =>
+            {
+                Ok(Price {
+                    input,
+                    cached_input,
+                    output,
+                    cache_write,
+                    max_output_tokens,
+                    tokenizer: shipped_price(self.model.trim()).map_or(Tokenizer::Approximate, |p| p.tokenizer),
+                })
+            }
+            _ => Err(errors),
+        }
+    }
+}
+
+pub async fn set_price(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Form(form): Form<PriceForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    let result = match form.price() {
+        Ok(price) => projects::set_price(&state.db, &project.id, &form.model, &price)
+            .await
+            .map_err(|e| vec![problem_message(&e)]),
+        Err(errors) => Err(errors),
+    };
+    match result {
+        Ok(()) => {
+            let detail = format!("input {} / output {} per Mtok", form.input.trim(), form.output.trim());
+            audit::record(&state.db, me.org_id(), &me.actor(), "price.set", form.model.trim(), &detail).await?;
+            Ok(Redirect::to(&format!("/projects/{}/prices", project.id)).into_response())
+        }
+        Err(errors) => {
+            Ok((StatusCode::BAD_REQUEST, prices_page(&state, me, project, form, errors).await?).into_response())
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct DeletePriceForm {
+    csrf: String,
+    model: String,
+}
+
+pub async fn delete_price(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Form(form): Form<DeletePriceForm>,
+) -> Result<Redirect, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    if !projects::delete_price(&state.db, &project.id, &form.model).await? {
+        return Err(WebError::NotFound);
+    }
+    audit::record(&state.db, me.org_id(), &me.actor(), "price.removed", &form.model, "override removed").await?;
+    Ok(Redirect::to(&format!("/projects/{}/prices", project.id)))
+}
