@@ -10,11 +10,13 @@
 //! - [`projects`]: projects, keys, providers, prices and end-customers.
 //! - [`pricing`] and [`period`]: what a call costs, and the window a budget counts in.
 //! - [`ledger`]: reserve before a call, settle after it, and the usage events.
+//! - [`customers`] and [`usage`]: customers as tenants manage them, and the ledger read for people.
 
 pub mod accounts;
 pub mod audit;
 pub mod config;
 pub mod crypto;
+pub mod customers;
 pub mod db;
 pub mod estimate;
 pub mod ids;
@@ -25,6 +27,7 @@ pub mod pricing;
 pub mod projects;
 pub mod sessions;
 pub mod time;
+pub mod usage;
 
 pub use config::Config;
 pub use db::Db;

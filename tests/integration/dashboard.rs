@@ -24,6 +24,8 @@ pub fn cases() -> Vec<DbCase> {
         another_organizations_project_is_not_found,
         a_key_made_in_the_dashboard_works_on_the_proxy_until_revoked,
         settings_and_prices_are_checked_saved_and_audited,
+        customers_are_managed_and_their_spend_shown,
+        the_customer_list_searches_sorts_and_pages,
     ]
 }
 
@@ -526,5 +528,158 @@ async fn settings_and_prices_are_checked_saved_and_audited(db: TestDatabase) -> 
     assert_eq!(deleted.location.as_deref(), Some("/projects"));
     assert_eq!(count(&app, "projects").await?, 0);
     assert_eq!(ada.get(&settings).await?.status, StatusCode::NOT_FOUND);
+    app.stop().await
+}
+
+/// A project (made through the dashboard) with a mock connection, a price that makes a
+/// call's cost its output tokens × 0.001, and a key; returns (project path, key).
+async fn project_with_traffic(browser: &Browser<'_>, mock: &MockProvider) -> anyhow::Result<(String, String)> {
+    let project_path =
+        browser.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let providers = format!("{project_path}/providers");
+    let base = mock.base_url();
+    let fields = [
+        ("kind", "openai_compatible"),
+        ("name", "mock"),
+        ("api_key", "sk-up"),
+        ("models", "mock-*"),
+        ("base_url", base.as_str()),
+    ];
+    browser.submit(&providers, &providers, &fields).await?;
+    let prices = format!("{project_path}/prices");
+    let price = [("model", "mock-model"), ("input", "0"), ("output", "1000"), ("max_output_tokens", "100")];
+    let set = browser.submit(&prices, &prices, &price).await?;
+    anyhow::ensure!(set.status == StatusCode::SEE_OTHER, "price: {}", set.body);
+    let keys = format!("{project_path}/keys");
+    let key = shown_key(&browser.submit(&keys, &keys, &[("name", "app"), ("kind", "secret")]).await?.body)
+        .unwrap_or_default();
+    Ok((project_path, key))
+}
+
+async fn customers_are_managed_and_their_spend_shown(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let mock = MockProvider::start().await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let (project_path, key) = project_with_traffic(&ada, &mock).await?;
+    let customers_path = format!("{project_path}/customers");
+
+    let form = |budget: &'static str| {
+        vec![
+            ("external_id", "cust-42"),
+            ("name", "Grace"),
+            ("email", "grace@example.com"),
+            ("budget", budget),
+            ("period", "month"),
+        ]
+    };
+    let bad = ada.submit(&customers_path, &customers_path, &form("a lot")).await?;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(bad.body.contains("Budget: must be an amount"), "{}", bad.body);
+    assert_eq!(count(&app, "customers").await?, 0);
+    let created = ada.submit(&customers_path, &customers_path, &form("0.05")).await?;
+    assert_eq!(created.status, StatusCode::SEE_OTHER, "{}", created.body);
+    let customer_path = created.location.unwrap_or_default();
+    let page = ada.get(&customer_path).await?;
+    assert!(page.body.contains("Grace") && page.body.contains("0.05 usd"), "{}", page.body);
+
+    // Calls until one is refused: 0.05 pays for 2 calls of 20 tokens (0.02 each), not a third.
+    let call = || {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-tollgate-customer", "cust-42")
+            .json(&serde_json::json!({"model": "mock-model", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    // Reject is what makes the third call a refusal rather than a clamped call.
+    let settings = format!("{project_path}/settings");
+    let shown = ada.get(&settings).await?;
+    let keep = |name: &str| field_value(&shown.body, name).unwrap_or_default();
+    let (min, markup, budget, margin) =
+        (keep("min_output_tokens"), keep("markup"), keep("default_budget"), keep("estimate_margin"));
+    let saved = ada
+        .submit(
+            &settings,
+            &settings,
+            &[
+                ("name", "Chat"),
+                ("policy", "reject"),
+                ("min_output_tokens", &min),
+                ("markup", &markup),
+                ("default_budget", &budget),
+                ("default_period", "month"),
+                ("default_customer", ""),
+                ("estimate_margin", &margin),
+            ],
+        )
+        .await?;
+    assert_eq!(saved.status, StatusCode::OK, "{}", saved.body);
+    assert_eq!(call().await?.status(), StatusCode::OK);
+    assert_eq!(call().await?.status(), StatusCode::OK);
+    assert_eq!(call().await?.status(), StatusCode::PAYMENT_REQUIRED);
+
+    let page = ada.get(&customer_path).await?;
+    assert!(page.body.contains("id=\"spent\">0.04 usd"), "{}", page.body);
+    assert!(page.body.contains("id=\"remaining\">0.01 usd"), "{}", page.body);
+    assert!(
+        page.body.contains("refused</span> insufficient budget"),
+        "the refused call is marked with why: {}",
+        page.body
+    );
+    assert!(page.body.contains("<svg class=\"chart\""));
+    assert!(page.body.contains("<code>mock-model</code>"), "spend by model: {}", page.body);
+    let overview = ada.get(&project_path).await?;
+    assert!(overview.body.contains("cust-42") && overview.body.contains("0.04 usd"), "{}", overview.body);
+
+    // Blocking takes effect on the proxy at once; unblocking lifts it.
+    let csrf = page.csrf();
+    assert_eq!(ada.post(&format!("{customer_path}/block"), &[("csrf", &csrf)]).await?.status, StatusCode::SEE_OTHER);
+    assert_eq!(call().await?.status(), StatusCode::FORBIDDEN);
+    assert!(ada.get(&customer_path).await?.body.contains("badge blocked"));
+    assert_eq!(ada.post(&format!("{customer_path}/unblock"), &[("csrf", &csrf)]).await?.status, StatusCode::SEE_OTHER);
+    // Edited: a bigger budget, and the call goes through again.
+    let edit = ada.submit(&customer_path, &customers_path, &form("1")).await?;
+    assert_eq!(edit.status, StatusCode::SEE_OTHER);
+    assert_eq!(call().await?.status(), StatusCode::OK);
+    assert_eq!(count(&app, "customers").await?, 1, "editing created a second customer");
+
+    let bob = Browser::new(&app)?;
+    bob.sign_up("Globex", "bob@example.com", PASSWORD).await?;
+    assert_eq!(bob.get(&customer_path).await?.status, StatusCode::NOT_FOUND);
+    assert_eq!(bob.get(&customers_path).await?.status, StatusCode::NOT_FOUND);
+    app.stop().await
+}
+
+async fn the_customer_list_searches_sorts_and_pages(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let project_path = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let project = tollgate_core::ids::ProjectId::parse(project_path.trim_start_matches("/projects/"))
+        .ok_or_else(|| anyhow::anyhow!("project id"))?;
+    for i in 0..60 {
+        let input = tollgate_core::customers::CustomerInput {
+            external_id: format!("cust-{i:02}"),
+            name: Some(if i == 7 { "Grace Hopper".to_owned() } else { format!("Customer {i}") }),
+            email: None,
+            budget: tollgate_core::money::Nanos(1_000_000_000),
+            period: tollgate_core::period::BudgetPeriod::Month,
+        };
+        tollgate_core::customers::save(&app.state.db, &project, &input).await?;
+    }
+    let list = format!("{project_path}/customers");
+    let first = ada.get(&format!("{list}?sort=id")).await?;
+    assert!(first.body.contains("60 customers") && first.body.contains("Page 1 of 2"), "{}", first.body);
+    assert!(first.body.contains(">cust-00<") && !first.body.contains(">cust-55<"));
+    let second = ada.get(&format!("{list}?sort=id&page=2")).await?;
+    assert!(second.body.contains(">cust-55<") && !second.body.contains(">cust-00<"));
+    let found = ada.get(&format!("{list}?q=grace")).await?;
+    assert!(found.body.contains("1 customer matching") && found.body.contains(">cust-07<"), "{}", found.body);
+    // Wildcards are searched for literally.
+    assert!(ada.get(&format!("{list}?q=%25")).await?.body.contains("0 customers"));
+    let newest = ada.get(&format!("{list}?sort=newest")).await?;
+    let pos = |html: &str, id: &str| html.find(&format!(">{id}<")).unwrap_or(usize::MAX);
+    assert!(pos(&newest.body, "cust-59") < pos(&newest.body, "cust-10"), "newest first");
     app.stop().await
 }

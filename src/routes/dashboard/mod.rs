@@ -5,11 +5,12 @@
 //! - [`session`]: who is looking (the `Member` extractor), CSRF tokens, logging in and out.
 //! - [`session_store`]: tower-sessions on our own database, ids stored hashed.
 //! - [`accounts`]: sign-up, login, logout, password change and reset.
-//! - [`projects`], [`keys`], [`providers`], [`settings`], [`audit_log`]: the pages of an organization.
+//! - [`projects`], [`customers`], [`keys`], [`providers`], [`settings`], [`audit_log`]: the pages of an organization.
 //! - [`error`]: the one error type of this face, answered as an HTML page.
 
 pub mod accounts;
 pub mod audit_log;
+pub mod customers;
 pub mod error;
 pub mod format;
 pub mod keys;
@@ -59,6 +60,10 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/keys/{key_id}/revoke", post(keys::revoke))
         .route("/projects/{id}/providers", get(providers::list).post(providers::add))
         .route("/projects/{id}/providers/{provider_id}/delete", post(providers::delete))
+        .route("/projects/{id}/customers", get(customers::list).post(customers::save))
+        .route("/projects/{id}/customers/{customer_id}", get(customers::show))
+        .route("/projects/{id}/customers/{customer_id}/block", post(customers::block))
+        .route("/projects/{id}/customers/{customer_id}/unblock", post(customers::unblock))
         .route("/projects/{id}/settings", get(settings::show).post(settings::save))
         .route("/projects/{id}/delete", post(settings::delete))
         .route("/projects/{id}/prices", get(settings::prices).post(settings::set_price))

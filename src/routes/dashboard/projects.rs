@@ -72,6 +72,13 @@ pub fn project_error(e: ProjectError) -> WebError {
     }
 }
 
+pub struct TopView {
+    id: tollgate_core::ids::CustomerId,
+    external_id: String,
+    calls: i64,
+    billed: String,
+}
+
 #[derive(Template, WebTemplate)]
 #[template(path = "project.html")]
 pub struct ProjectPage {
@@ -80,6 +87,11 @@ pub struct ProjectPage {
     markup: String,
     default_budget: String,
     base_url: String,
+    billed: String,
+    totals: tollgate_core::usage::Totals,
+    chart: String,
+    top: Vec<TopView>,
+    calls: Vec<super::customers::CallView>,
 }
 
 /// The project `id` of the member's organization; 404 for anything else (another
@@ -89,16 +101,41 @@ pub async fn load_project(state: &AppState, me: &Member, id: &str) -> Result<Pro
     projects::get_project_in_org(&state.db, me.org_id(), &id).await.map_err(project_error)?.ok_or(WebError::NotFound)
 }
 
+/// The overview: spend, calls and refusals of the last 30 days, top customers, recent calls,
+/// and how to make a first call.
 pub async fn show(
     State(state): State<AppState>,
     me: Member,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<ProjectPage, WebError> {
+    use tollgate_core::time::UnixMillis;
+    use tollgate_core::usage;
     let project = load_project(&state, &me, &id).await?;
+    let now = UnixMillis::now();
+    let since = now.plus_secs(-30 * 86_400);
+    let currency = project.currency.clone();
+    let days = usage::daily_spend(&state.db, &project.id, None, 30, now).await?;
+    let totals = usage::totals(&state.db, &project.id, since).await?;
+    let top = usage::top_customers(&state.db, &project.id, since, 10)
+        .await?
+        .into_iter()
+        .map(|t| TopView {
+            id: t.id,
+            external_id: t.external_id,
+            calls: t.calls,
+            billed: super::format::money(t.billed_nanos, &currency),
+        })
+        .collect();
+    let calls = super::customers::call_views(usage::recent_calls(&state.db, &project.id, None, 20).await?, &currency);
     Ok(ProjectPage {
         markup: format!("{} %", tollgate_core::money::Nanos(project.markup_bps * 10_000_000)),
-        default_budget: tollgate_core::money::Nanos(project.default_budget_nanos).to_string(),
+        default_budget: super::format::money(project.default_budget_nanos, &currency),
         base_url: state.config.public_url.trim_end_matches('/').to_owned(),
+        billed: super::format::money(totals.billed_nanos, &currency),
+        chart: super::format::spend_chart(&days, &currency),
+        totals,
+        top,
+        calls,
         project,
         me,
     })

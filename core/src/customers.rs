@@ -1,0 +1,205 @@
+//! End-customers as their tenant manages them (the dashboard, and later the management API):
+//! listing with search, sorting and pages; creating and editing with name, email and budget in
+//! one statement; blocking. The proxy's own path to a customer is in [`crate::projects`].
+
+use crate::db::{Db, DbError};
+use crate::ids::{CustomerId, ProjectId};
+use crate::money::Nanos;
+use crate::period::BudgetPeriod;
+use crate::projects::{ProjectError, validate_external_id};
+use crate::time::UnixMillis;
+use crate::with_db;
+
+pub const MAX_NAME_LEN: usize = 200;
+pub const MAX_EMAIL_LEN: usize = 254;
+
+/// A customer with what it has spent in its current period.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CustomerRow {
+    pub id: CustomerId,
+    pub external_id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub budget_nanos: i64,
+    pub budget_period: String,
+    pub period_start: i64,
+    pub period_end: i64,
+    /// Settled spend of the current period (0 once the period has ended).
+    pub spent_nanos: i64,
+    pub reserved_nanos: i64,
+    pub blocked: bool,
+    pub created_at: i64,
+}
+
+impl CustomerRow {
+    pub fn remaining(&self) -> Nanos {
+        Nanos((self.budget_nanos - self.spent_nanos - self.reserved_nanos).max(0))
+    }
+}
+
+/// How a customer list is ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sort {
+    /// Highest spend this period first.
+    #[default]
+    Spend,
+    /// Newest first.
+    Newest,
+    /// By the tenant's id.
+    Id,
+}
+
+impl Sort {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "spend" => Some(Sort::Spend),
+            "newest" => Some(Sort::Newest),
+            "id" => Some(Sort::Id),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sort::Spend => "spend",
+            Sort::Newest => "newest",
+            Sort::Id => "id",
+        }
+    }
+
+    fn order_by(self) -> &'static str {
+        match self {
+            Sort::Spend => "spent_nanos DESC, external_id",
+            Sort::Newest => "created_at DESC, id DESC",
+            Sort::Id => "external_id",
+        }
+    }
+}
+
+/// The current period's spend as a column: 0 once the period has ended (`$1` is now).
+const COLUMNS: &str = "id, external_id, name, email, budget_nanos, budget_period, period_start, period_end, \
+    CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END AS spent_nanos, reserved_nanos, blocked, created_at";
+
+/// `%`, `_` and `\` taken literally in a LIKE pattern (with `ESCAPE '\'`).
+fn like_pattern(search: &str) -> String {
+    let mut pattern = String::from("%");
+    for c in search.trim().to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// One page of a project's customers matching `search` (in their id, name or email), and
+/// how many match in all.
+pub async fn list(
+    db: &Db,
+    project: &ProjectId,
+    search: &str,
+    sort: Sort,
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<CustomerRow>, i64), DbError> {
+    const FILTER: &str = "project_id = $2 AND (LOWER(external_id) LIKE $3 ESCAPE '\\' \
+        OR LOWER(COALESCE(name, '')) LIKE $3 ESCAPE '\\' OR LOWER(COALESCE(email, '')) LIKE $3 ESCAPE '\\')";
+    let page =
+        format!("SELECT {COLUMNS} FROM customers WHERE {FILTER} ORDER BY {} LIMIT $4 OFFSET $5", sort.order_by());
+    let total = format!("SELECT COUNT(*) FROM customers WHERE $1 = $1 AND {FILTER}");
+    let now = UnixMillis::now().0;
+    let pattern = like_pattern(search);
+    let rows = with_db!(db, pool => sqlx::query_as::<_, CustomerRow>(sqlx::AssertSqlSafe(page.clone()))
+        .bind(now).bind(project).bind(&pattern).bind(limit.clamp(1, 500)).bind(offset.max(0)).fetch_all(pool).await)?;
+    let total = with_db!(db, pool => sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(total.clone()))
+        .bind(now).bind(project).bind(&pattern).fetch_one(pool).await)?;
+    Ok((rows, total))
+}
+
+/// A customer of `project` (None for another project's: callers answer 404).
+pub async fn get(db: &Db, project: &ProjectId, id: &CustomerId) -> Result<Option<CustomerRow>, DbError> {
+    let sql = format!("SELECT {COLUMNS} FROM customers WHERE project_id = $2 AND id = $3");
+    Ok(with_db!(db, pool => sqlx::query_as::<_, CustomerRow>(sqlx::AssertSqlSafe(sql.clone()))
+        .bind(UnixMillis::now().0).bind(project).bind(id).fetch_optional(pool).await)?)
+}
+
+/// What a tenant sets about a customer.
+#[derive(Debug, Clone)]
+pub struct CustomerInput {
+    pub external_id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub budget: Nanos,
+    pub period: BudgetPeriod,
+}
+
+impl CustomerInput {
+    /// Every problem with this input, by field.
+    pub fn problems(&self) -> Vec<ProjectError> {
+        let mut problems = Vec::new();
+        if let Err(e) = validate_external_id(&self.external_id) {
+            problems.push(e);
+        }
+        let bad = |field, reason: &str| ProjectError::Invalid { field, reason: reason.to_owned() };
+        if let Some(name) = &self.name
+            && (name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control))
+        {
+            problems.push(bad("name", "must be at most 200 printable characters"));
+        }
+        if let Some(email) = &self.email
+            && (email.len() > MAX_EMAIL_LEN || !email.contains('@') || email.chars().any(char::is_whitespace))
+        {
+            problems.push(bad("email", "is not an email address"));
+        }
+        if self.budget.is_negative() {
+            problems.push(bad("budget", "must not be negative"));
+        }
+        problems
+    }
+}
+
+/// Creates a customer or updates one (by the tenant's id) in one statement: name, email,
+/// budget and period together, or nothing. A change of period starts a new window.
+pub async fn save(db: &Db, project: &ProjectId, input: &CustomerInput) -> Result<CustomerRow, ProjectError> {
+    if let Some(problem) = input.problems().into_iter().next() {
+        return Err(problem);
+    }
+    let external_id = input.external_id.trim();
+    let clean = |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
+    let now = UnixMillis::now();
+    let (start, end) = input.period.window(now);
+    const SQL: &str = "INSERT INTO customers (id, project_id, external_id, name, email, budget_nanos, budget_period, \
+        period_start, period_end, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+        ON CONFLICT (project_id, external_id) DO UPDATE SET name = excluded.name, email = excluded.email, \
+        budget_nanos = excluded.budget_nanos, \
+        spent_nanos = CASE WHEN customers.budget_period = excluded.budget_period THEN customers.spent_nanos ELSE 0 END, \
+        period_start = CASE WHEN customers.budget_period = excluded.budget_period THEN customers.period_start ELSE excluded.period_start END, \
+        period_end = CASE WHEN customers.budget_period = excluded.budget_period THEN customers.period_end ELSE excluded.period_end END, \
+        budget_period = excluded.budget_period";
+    with_db!(db, pool => sqlx::query(SQL).bind(CustomerId::generate()).bind(project).bind(external_id)
+        .bind(clean(&input.name)).bind(clean(&input.email)).bind(input.budget.0).bind(input.period.as_str())
+        .bind(start).bind(end).bind(now.0).execute(pool).await.map(|_| ()))?;
+    let sql = format!("SELECT {COLUMNS} FROM customers WHERE project_id = $2 AND external_id = $3");
+    let row = with_db!(db, pool => sqlx::query_as::<_, CustomerRow>(sqlx::AssertSqlSafe(sql.clone()))
+        .bind(now.0).bind(project).bind(external_id).fetch_optional(pool).await)?;
+    row.ok_or(ProjectError::NotFound("customer"))
+}
+
+/// Blocks or unblocks a customer of `project`; false if there is none.
+pub async fn set_blocked(db: &Db, project: &ProjectId, id: &CustomerId, blocked: bool) -> Result<bool, DbError> {
+    const SQL: &str = "UPDATE customers SET blocked = $1 WHERE project_id = $2 AND id = $3";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(blocked).bind(project).bind(id).execute(pool).await
+        .map(|r| r.rows_affected()))?;
+    Ok(n == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_patterns_take_wildcards_literally() {
+        assert_eq!(like_pattern(" Ada_100% "), "%ada\\_100\\%%");
+    }
+}

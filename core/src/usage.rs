@@ -1,0 +1,139 @@
+//! Reading the usage ledger (`usage_events`) for people: spend per day, per model, top
+//! customers, recent calls. Always scoped to one project, optionally to one customer.
+
+use crate::db::{Db, DbError};
+use crate::ids::{CustomerId, ProjectId};
+use crate::time::UnixMillis;
+use crate::with_db;
+
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Billed spend of one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct DaySpend {
+    /// The day's first millisecond.
+    pub day: i64,
+    pub billed_nanos: i64,
+    pub calls: i64,
+}
+
+/// The last `days` UTC days (today included), oldest first, every day present (0 when idle).
+pub async fn daily_spend(
+    db: &Db,
+    project: &ProjectId,
+    customer: Option<&CustomerId>,
+    days: i64,
+    now: UnixMillis,
+) -> Result<Vec<DaySpend>, DbError> {
+    let today = now.0 - now.0.rem_euclid(DAY_MS);
+    let since = today - (days - 1) * DAY_MS;
+    const SQL: &str = "SELECT (created_at / 86400000) * 86400000 AS day, CAST(COALESCE(SUM(billed_nanos), 0) AS BIGINT) AS billed_nanos, \
+        COUNT(*) AS calls FROM usage_events WHERE project_id = $1 AND created_at >= $2 AND status = 'settled' \
+        AND ($3 IS NULL OR customer_id = $3) GROUP BY (created_at / 86400000) ORDER BY day";
+    let rows = with_db!(db, pool => sqlx::query_as::<_, DaySpend>(SQL).bind(project).bind(since).bind(customer)
+        .fetch_all(pool).await)?;
+    Ok((0..days)
+        .map(|i| {
+            let day = since + i * DAY_MS;
+            rows.iter().find(|r| r.day == day).cloned().unwrap_or(DaySpend { day, billed_nanos: 0, calls: 0 })
+        })
+        .collect())
+}
+
+/// Billed spend per model since `since`, highest first.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ModelSpend {
+    pub model: String,
+    pub calls: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub billed_nanos: i64,
+}
+
+pub async fn spend_by_model(
+    db: &Db,
+    project: &ProjectId,
+    customer: Option<&CustomerId>,
+    since: UnixMillis,
+) -> Result<Vec<ModelSpend>, DbError> {
+    const SQL: &str = "SELECT model, COUNT(*) AS calls, \
+        CAST(COALESCE(SUM(input_tokens + cached_input_tokens + cache_write_tokens), 0) AS BIGINT) AS input_tokens, \
+        CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens, \
+        CAST(COALESCE(SUM(billed_nanos), 0) AS BIGINT) AS billed_nanos FROM usage_events \
+        WHERE project_id = $1 AND created_at >= $2 AND status = 'settled' AND ($3 IS NULL OR customer_id = $3) \
+        GROUP BY model ORDER BY billed_nanos DESC, model";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, ModelSpend>(SQL).bind(project).bind(since.0).bind(customer)
+        .fetch_all(pool).await)?)
+}
+
+/// One call as the dashboard lists it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CallRow {
+    pub created_at: i64,
+    pub request_id: String,
+    pub customer_external_id: Option<String>,
+    pub endpoint: String,
+    pub model: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub billed_nanos: i64,
+    pub latency_ms: i64,
+}
+
+/// The newest calls, refused and failed ones included.
+pub async fn recent_calls(
+    db: &Db,
+    project: &ProjectId,
+    customer: Option<&CustomerId>,
+    limit: i64,
+) -> Result<Vec<CallRow>, DbError> {
+    const SQL: &str = "SELECT u.created_at, u.request_id, c.external_id AS customer_external_id, u.endpoint, u.model, \
+        u.status, u.reason, u.input_tokens + u.cached_input_tokens + u.cache_write_tokens AS input_tokens, \
+        u.output_tokens, u.billed_nanos, u.latency_ms FROM usage_events u LEFT JOIN customers c ON c.id = u.customer_id \
+        WHERE u.project_id = $1 AND ($2 IS NULL OR u.customer_id = $2) ORDER BY u.created_at DESC, u.id DESC LIMIT $3";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, CallRow>(SQL).bind(project).bind(customer).bind(limit)
+        .fetch_all(pool).await)?)
+}
+
+/// A project's totals since a moment.
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct Totals {
+    pub calls: i64,
+    pub refused: i64,
+    pub failed: i64,
+    pub billed_nanos: i64,
+}
+
+pub async fn totals(db: &Db, project: &ProjectId, since: UnixMillis) -> Result<Totals, DbError> {
+    const SQL: &str = "SELECT COUNT(*) AS calls, \
+        CAST(COALESCE(SUM(CASE WHEN status = 'refused' THEN 1 ELSE 0 END), 0) AS BIGINT) AS refused, \
+        CAST(COALESCE(SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0) AS BIGINT) AS failed, \
+        CAST(COALESCE(SUM(billed_nanos), 0) AS BIGINT) AS billed_nanos \
+        FROM usage_events WHERE project_id = $1 AND created_at >= $2";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, Totals>(SQL).bind(project).bind(since.0).fetch_one(pool).await)?)
+}
+
+/// The customers who spent most since a moment.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TopCustomer {
+    pub id: CustomerId,
+    pub external_id: String,
+    pub calls: i64,
+    pub billed_nanos: i64,
+}
+
+pub async fn top_customers(
+    db: &Db,
+    project: &ProjectId,
+    since: UnixMillis,
+    limit: i64,
+) -> Result<Vec<TopCustomer>, DbError> {
+    const SQL: &str = "SELECT c.id, c.external_id, COUNT(*) AS calls, CAST(COALESCE(SUM(u.billed_nanos), 0) AS BIGINT) AS billed_nanos \
+        FROM usage_events u JOIN customers c ON c.id = u.customer_id \
+        WHERE u.project_id = $1 AND u.created_at >= $2 AND u.status = 'settled' \
+        GROUP BY c.id, c.external_id ORDER BY billed_nanos DESC, c.external_id LIMIT $3";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, TopCustomer>(SQL).bind(project).bind(since.0).bind(limit)
+        .fetch_all(pool).await)?)
+}

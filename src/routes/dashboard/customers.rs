@@ -1,0 +1,353 @@
+//! A project's customers: a searchable, sortable, paged list; creating and editing (id, name,
+//! email, budget, period); blocking; and each customer's page with spend against budget, a
+//! daily chart, spend by model and recent calls (refused ones marked, with why).
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::Form;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Deserialize;
+use tollgate_core::accounts::Role;
+use tollgate_core::audit;
+use tollgate_core::customers::{self, CustomerInput, CustomerRow, Sort};
+use tollgate_core::ids::CustomerId;
+use tollgate_core::money::Nanos;
+use tollgate_core::period::BudgetPeriod;
+use tollgate_core::projects::{Project, ProjectError};
+use tollgate_core::time::UnixMillis;
+use tollgate_core::usage::{self, CallRow};
+
+use super::error::{WebError, urlencode};
+use super::format;
+use super::projects::{capitalized, load_project, project_error};
+use super::session::Member;
+use crate::state::AppState;
+
+const PAGE_SIZE: i64 = 50;
+
+/// The create / edit form, as typed.
+#[derive(Deserialize, Default, Clone)]
+#[serde(default)]
+pub struct CustomerForm {
+    csrf: String,
+    external_id: String,
+    name: String,
+    email: String,
+    budget: String,
+    period: String,
+    #[serde(skip)]
+    locked_id: bool,
+}
+
+impl CustomerForm {
+    fn of(c: &CustomerRow) -> Self {
+        Self {
+            csrf: String::new(),
+            external_id: c.external_id.clone(),
+            name: c.name.clone().unwrap_or_default(),
+            email: c.email.clone().unwrap_or_default(),
+            budget: Nanos(c.budget_nanos).to_string(),
+            period: c.budget_period.clone(),
+            locked_id: true,
+        }
+    }
+
+    fn new_for(project: &Project) -> Self {
+        Self {
+            budget: Nanos(project.default_budget_nanos).to_string(),
+            period: project.default_budget_period.clone(),
+            ..Self::default()
+        }
+    }
+
+    fn input(&self) -> Result<CustomerInput, Vec<String>> {
+        let budget = self.budget.trim().parse::<Nanos>().ok();
+        let period = BudgetPeriod::parse(&self.period);
+        let mut errors = Vec::new();
+        if budget.is_none() {
+            errors.push("Budget: must be an amount such as 10 or 2.50".to_owned());
+        }
+        if period.is_none() {
+            errors.push("Period: choose month, day or lifetime".to_owned());
+        }
+        let (Some(budget), Some(period)) = (budget, period) else { return Err(errors) };
+        let optional = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+        let input = CustomerInput {
+            external_id: self.external_id.clone(),
+            name: optional(&self.name),
+            email: optional(&self.email),
+            budget,
+            period,
+        };
+        let problems: Vec<String> = input
+            .problems()
+            .into_iter()
+            .map(|e| match e {
+                ProjectError::Invalid { field, reason } => format!("{}: {reason}", capitalized(field)),
+                other => other.to_string(),
+            })
+            .collect();
+        if problems.is_empty() { Ok(input) } else { Err(problems) }
+    }
+}
+
+pub struct ListRow {
+    id: CustomerId,
+    external_id: String,
+    name: String,
+    spent: String,
+    budget: String,
+    remaining: String,
+    period: String,
+    blocked: bool,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "customers.html")]
+pub struct CustomersPage {
+    me: Member,
+    project: Project,
+    rows: Vec<ListRow>,
+    total: i64,
+    q: String,
+    q_encoded: String,
+    sort: &'static str,
+    page: i64,
+    pages: i64,
+    prev_page: Option<i64>,
+    next_page: Option<i64>,
+    form: CustomerForm,
+    errors: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct ListQuery {
+    q: String,
+    sort: String,
+    page: Option<i64>,
+}
+
+async fn list_page(
+    state: &AppState,
+    me: Member,
+    project: Project,
+    query: ListQuery,
+    form: CustomerForm,
+    errors: Vec<String>,
+) -> Result<CustomersPage, WebError> {
+    let sort = Sort::parse(&query.sort).unwrap_or_default();
+    let page = query.page.unwrap_or(1).max(1);
+    let (found, total) =
+        customers::list(&state.db, &project.id, &query.q, sort, PAGE_SIZE, (page - 1) * PAGE_SIZE).await?;
+    let pages = ((total + PAGE_SIZE - 1) / PAGE_SIZE).max(1);
+    let currency = project.currency.clone();
+    let rows = found
+        .into_iter()
+        .map(|c| ListRow {
+            spent: format::money(c.spent_nanos, &currency),
+            budget: format::money(c.budget_nanos, &currency),
+            remaining: format::money(c.remaining().0, &currency),
+            id: c.id,
+            external_id: c.external_id,
+            name: c.name.unwrap_or_default(),
+            period: c.budget_period,
+            blocked: c.blocked,
+        })
+        .collect();
+    Ok(CustomersPage {
+        me,
+        project,
+        rows,
+        total,
+        q_encoded: urlencode(&query.q),
+        q: query.q,
+        sort: sort.as_str(),
+        page,
+        pages,
+        prev_page: (page > 1).then_some(page - 1),
+        next_page: (page < pages).then_some(page + 1),
+        form,
+        errors,
+    })
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<CustomersPage, WebError> {
+    let project = load_project(&state, &me, &id).await?;
+    let form = CustomerForm::new_for(&project);
+    list_page(&state, me, project, query, form, vec![]).await
+}
+
+/// Creates a customer, or updates the one with this id (the edit form posts here too).
+pub async fn save(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Form(form): Form<CustomerForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    let input = match form.input() {
+        Ok(input) => input,
+        Err(errors) => {
+            let page = list_page(&state, me, project, ListQuery::default(), form, errors).await?;
+            return Ok((StatusCode::BAD_REQUEST, page).into_response());
+        }
+    };
+    let saved = customers::save(&state.db, &project.id, &input).await.map_err(project_error)?;
+    let detail = format!("budget {} per {}", format::money(saved.budget_nanos, &project.currency), saved.budget_period);
+    audit::record(&state.db, me.org_id(), &me.actor(), "customer.saved", &saved.external_id, &detail).await?;
+    Ok(Redirect::to(&format!("/projects/{}/customers/{}", project.id, saved.id)).into_response())
+}
+
+pub struct CallView {
+    pub when: String,
+    pub customer: String,
+    pub model: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub billed: String,
+    pub latency_ms: i64,
+}
+
+pub fn call_views(calls: Vec<CallRow>, currency: &str) -> Vec<CallView> {
+    calls
+        .into_iter()
+        .map(|c| CallView {
+            when: format::datetime(c.created_at),
+            customer: c.customer_external_id.unwrap_or_default(),
+            model: c.model,
+            status: c.status,
+            reason: c.reason,
+            input_tokens: c.input_tokens,
+            output_tokens: c.output_tokens,
+            billed: format::money(c.billed_nanos, currency),
+            latency_ms: c.latency_ms,
+        })
+        .collect()
+}
+
+pub struct ModelView {
+    model: String,
+    calls: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    billed: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "customer.html")]
+pub struct CustomerPage {
+    me: Member,
+    project: Project,
+    customer: CustomerRow,
+    spent: String,
+    budget: String,
+    remaining: String,
+    reserved: String,
+    period_start: String,
+    period_end: String,
+    chart: String,
+    models: Vec<ModelView>,
+    calls: Vec<CallView>,
+    form: CustomerForm,
+    errors: Vec<String>,
+}
+
+async fn load_customer(state: &AppState, project: &Project, id: &str) -> Result<CustomerRow, WebError> {
+    let id = CustomerId::parse(id).ok_or(WebError::NotFound)?;
+    customers::get(&state.db, &project.id, &id).await?.ok_or(WebError::NotFound)
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    me: Member,
+    Path((id, customer_id)): Path<(String, String)>,
+) -> Result<CustomerPage, WebError> {
+    let project = load_project(&state, &me, &id).await?;
+    let customer = load_customer(&state, &project, &customer_id).await?;
+    let currency = project.currency.clone();
+    let now = UnixMillis::now();
+    let days = usage::daily_spend(&state.db, &project.id, Some(&customer.id), 30, now).await?;
+    let models = usage::spend_by_model(&state.db, &project.id, Some(&customer.id), UnixMillis(customer.period_start))
+        .await?
+        .into_iter()
+        .map(|m| ModelView {
+            model: m.model,
+            calls: m.calls,
+            input_tokens: m.input_tokens,
+            output_tokens: m.output_tokens,
+            billed: format::money(m.billed_nanos, &currency),
+        })
+        .collect();
+    let calls = call_views(usage::recent_calls(&state.db, &project.id, Some(&customer.id), 50).await?, &currency);
+    let lifetime = customer.budget_period == "lifetime";
+    Ok(CustomerPage {
+        spent: format::money(customer.spent_nanos, &currency),
+        budget: format::money(customer.budget_nanos, &currency),
+        remaining: format::money(customer.remaining().0, &currency),
+        reserved: format::money(customer.reserved_nanos, &currency),
+        period_start: if lifetime { "the start".to_owned() } else { format::datetime(customer.period_start) },
+        period_end: if lifetime { "forever".to_owned() } else { format::datetime(customer.period_end) },
+        chart: format::spend_chart(&days, &currency),
+        models,
+        calls,
+        form: CustomerForm::of(&customer),
+        errors: vec![],
+        customer,
+        project,
+        me,
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct CsrfForm {
+    csrf: String,
+}
+
+async fn set_blocked(
+    state: AppState,
+    me: Member,
+    id: String,
+    customer_id: String,
+    csrf: String,
+    blocked: bool,
+) -> Result<Redirect, WebError> {
+    me.verify_csrf(&csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    let customer = load_customer(&state, &project, &customer_id).await?;
+    customers::set_blocked(&state.db, &project.id, &customer.id, blocked).await?;
+    let action = if blocked { "customer.blocked" } else { "customer.unblocked" };
+    audit::record(&state.db, me.org_id(), &me.actor(), action, &customer.external_id, &project.name).await?;
+    Ok(Redirect::to(&format!("/projects/{}/customers/{}", project.id, customer.id)))
+}
+
+pub async fn block(
+    State(state): State<AppState>,
+    me: Member,
+    Path((id, customer_id)): Path<(String, String)>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, WebError> {
+    set_blocked(state, me, id, customer_id, form.csrf, true).await
+}
+
+pub async fn unblock(
+    State(state): State<AppState>,
+    me: Member,
+    Path((id, customer_id)): Path<(String, String)>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, WebError> {
+    set_blocked(state, me, id, customer_id, form.csrf, false).await
+}
