@@ -374,6 +374,222 @@ pub async fn finish_password_reset(db: &Db, token: &str, new: &str) -> Result<Us
     Ok(user)
 }
 
+// ---------------------------------------------------------------------------------------
+// Members and invitations
+
+/// A member of an organization, as listed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MemberRow {
+    pub user_id: UserId,
+    pub email: String,
+    pub role: String,
+    pub created_at: i64,
+}
+
+pub async fn list_members(db: &Db, org: &OrgId) -> Result<Vec<MemberRow>, DbError> {
+    const SQL: &str = "SELECT m.user_id, u.email, m.role, m.created_at FROM memberships m JOIN users u ON u.id = m.user_id \
+                       WHERE m.org_id = $1 ORDER BY m.created_at, u.email";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, MemberRow>(SQL).bind(org).fetch_all(pool).await)?)
+}
+
+/// Why a change to the members could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    #[error("An organization keeps at least one owner: make someone else owner first.")]
+    LastOwner,
+    #[error("no such member")]
+    NotFound,
+    #[error("Email: {0}")]
+    Email(&'static str),
+    #[error("{0} is already a member.")]
+    AlreadyMember(String),
+    #[error("This invitation has expired, was revoked, or was used already.")]
+    InvitationGone,
+    #[error("This invitation is for {0}: log in with that email to accept it.")]
+    WrongAccount(String),
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for MemberError {
+    fn from(e: sqlx::Error) -> Self {
+        MemberError::Db(e.into())
+    }
+}
+
+/// Changes a member's role; the last owner cannot be demoted. The check and the change are
+/// one statement, so two owners demoting each other at once cannot leave none.
+pub async fn set_role(db: &Db, org: &OrgId, user: &UserId, role: Role) -> Result<(), MemberError> {
+    const SQL: &str = "UPDATE memberships SET role = $1 WHERE org_id = $2 AND user_id = $3 \
+        AND ($1 = 'owner' OR role <> 'owner' \
+             OR (SELECT COUNT(*) FROM memberships o WHERE o.org_id = $2 AND o.role = 'owner') > 1)";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(role.as_str()).bind(org).bind(user).execute(pool).await
+        .map(|r| r.rows_affected()))?;
+    if n == 1 {
+        return Ok(());
+    }
+    if member_role(db, org, user).await?.is_some() { Err(MemberError::LastOwner) } else { Err(MemberError::NotFound) }
+}
+
+/// Removes a member; the last owner cannot be removed (one statement, as in [`set_role`]).
+pub async fn remove_member(db: &Db, org: &OrgId, user: &UserId) -> Result<(), MemberError> {
+    const SQL: &str = "DELETE FROM memberships WHERE org_id = $1 AND user_id = $2 \
+        AND (role <> 'owner' OR (SELECT COUNT(*) FROM memberships o WHERE o.org_id = $1 AND o.role = 'owner') > 1)";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(org).bind(user).execute(pool).await.map(|r| r.rows_affected()))?;
+    if n == 1 {
+        return Ok(());
+    }
+    if member_role(db, org, user).await?.is_some() { Err(MemberError::LastOwner) } else { Err(MemberError::NotFound) }
+}
+
+async fn member_role(db: &Db, org: &OrgId, user: &UserId) -> Result<Option<String>, DbError> {
+    const SQL: &str = "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2";
+    Ok(with_db!(db, pool => sqlx::query_scalar::<_, String>(SQL).bind(org).bind(user).fetch_optional(pool).await)?)
+}
+
+/// How long an invitation link works.
+pub const INVITATION_TTL_SECS: i64 = 7 * 24 * 3600;
+
+/// A pending invitation.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Invitation {
+    pub id: crate::ids::InvitationId,
+    pub org_id: OrgId,
+    pub org_name: String,
+    pub email: String,
+    pub role: String,
+    pub expires_at: i64,
+}
+
+/// Invites `email` to `org` as `role` (admin or viewer); returns the one-time link token.
+pub async fn invite(
+    db: &Db,
+    org: &OrgId,
+    email: &str,
+    role: Role,
+    by: &UserId,
+) -> Result<(Invitation, String), MemberError> {
+    let email = normalize_email(email).map_err(|e| match e {
+        AccountError::Email(why) => MemberError::Email(why),
+        other => MemberError::Account(other),
+    })?;
+    if role == Role::Owner {
+        return Err(MemberError::Email("invite as admin or viewer; an owner can promote a member afterwards"));
+    }
+    const MEMBER: &str =
+        "SELECT COUNT(*) FROM memberships m JOIN users u ON u.id = m.user_id WHERE m.org_id = $1 AND u.email = $2";
+    let already: i64 = with_db!(db, pool => sqlx::query_scalar(MEMBER).bind(org).bind(&email).fetch_one(pool).await)?;
+    if already > 0 {
+        return Err(MemberError::AlreadyMember(email));
+    }
+    let token = crypto::random_token();
+    let id = crate::ids::InvitationId::generate();
+    let now = UnixMillis::now();
+    const SQL: &str = "INSERT INTO invitations (id, org_id, email, role, token_hash, invited_by, created_at, expires_at) \
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+    with_db!(db, pool => sqlx::query(SQL).bind(&id).bind(org).bind(&email).bind(role.as_str())
+        .bind(crypto::token_hash(&token)).bind(by).bind(now.0).bind(now.plus_secs(INVITATION_TTL_SECS).0)
+        .execute(pool).await.map(|_| ()))?;
+    let invitation =
+        find_invitation_by_hash(db, &crypto::token_hash(&token)).await?.ok_or(MemberError::InvitationGone)?;
+    Ok((invitation, token))
+}
+
+const INVITATION_COLUMNS: &str = "i.id, i.org_id, o.name AS org_name, i.email, i.role, i.expires_at";
+
+async fn find_invitation_by_hash(db: &Db, hash: &str) -> Result<Option<Invitation>, DbError> {
+    let sql = format!(
+        "SELECT {INVITATION_COLUMNS} FROM invitations i JOIN organizations o ON o.id = i.org_id \
+                       WHERE i.token_hash = $1 AND i.accepted_at IS NULL AND i.expires_at > $2"
+    );
+    Ok(with_db!(db, pool => sqlx::query_as::<_, Invitation>(sqlx::AssertSqlSafe(sql.clone())).bind(hash)
+        .bind(UnixMillis::now().0).fetch_optional(pool).await)?)
+}
+
+/// The live invitation a link's token names.
+pub async fn invitation(db: &Db, token: &str) -> Result<Option<Invitation>, DbError> {
+    find_invitation_by_hash(db, &crypto::token_hash(token)).await
+}
+
+/// An organization's pending invitations.
+pub async fn list_invitations(db: &Db, org: &OrgId) -> Result<Vec<Invitation>, DbError> {
+    let sql = format!(
+        "SELECT {INVITATION_COLUMNS} FROM invitations i JOIN organizations o ON o.id = i.org_id \
+                       WHERE i.org_id = $1 AND i.accepted_at IS NULL AND i.expires_at > $2 ORDER BY i.created_at"
+    );
+    Ok(with_db!(db, pool => sqlx::query_as::<_, Invitation>(sqlx::AssertSqlSafe(sql.clone())).bind(org)
+        .bind(UnixMillis::now().0).fetch_all(pool).await)?)
+}
+
+/// Withdraws a pending invitation of `org`.
+pub async fn revoke_invitation(db: &Db, org: &OrgId, id: &crate::ids::InvitationId) -> Result<bool, DbError> {
+    const SQL: &str = "DELETE FROM invitations WHERE id = $1 AND org_id = $2 AND accepted_at IS NULL";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(id).bind(org).execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(n == 1)
+}
+
+/// Accepts an invitation for an existing account (whose email must be the invited one).
+/// The invitation is claimed and the membership made in one transaction, once.
+pub async fn accept_invitation(db: &Db, token: &str, user: &User) -> Result<Invitation, MemberError> {
+    let invitation = invitation(db, token).await?.ok_or(MemberError::InvitationGone)?;
+    if invitation.email != user.email {
+        return Err(MemberError::WrongAccount(invitation.email));
+    }
+    join(db, &invitation, &user.id, None).await?;
+    Ok(invitation)
+}
+
+/// Creates the invited person's account and membership in one transaction.
+pub async fn sign_up_with_invitation(db: &Db, token: &str, password: &str) -> Result<(User, Invitation), MemberError> {
+    let invitation = invitation(db, token).await?.ok_or(MemberError::InvitationGone)?;
+    validate_password(password)?;
+    let password = password.to_owned();
+    let hash = tokio::task::spawn_blocking(move || crypto::hash_password(&password))
+        .await
+        .map_err(|_| AccountError::Hash(crypto::PasswordHashError))?
+        .map_err(AccountError::from)?;
+    let user = User { id: UserId::generate(), email: invitation.email.clone() };
+    join(db, &invitation, &user.id, Some((&user.email, &hash))).await?;
+    Ok((user, invitation))
+}
+
+async fn join(
+    db: &Db,
+    invitation: &Invitation,
+    user: &UserId,
+    new_account: Option<(&str, &str)>,
+) -> Result<(), MemberError> {
+    const CLAIM: &str =
+        "UPDATE invitations SET accepted_at = $1 WHERE id = $2 AND accepted_at IS NULL AND expires_at > $1";
+    const USER: &str = "INSERT INTO users (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)";
+    const MEMBER: &str = "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES ($1, $2, $3, $4) \
+                          ON CONFLICT (org_id, user_id) DO NOTHING";
+    let now = UnixMillis::now().0;
+    let result: Result<bool, sqlx::Error> = with_db!(db, pool => async {
+        let mut tx = pool.begin().await?;
+        let claimed = sqlx::query(CLAIM).bind(now).bind(&invitation.id).execute(&mut *tx).await?.rows_affected() == 1;
+        if !claimed {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        if let Some((email, hash)) = new_account {
+            sqlx::query(USER).bind(user).bind(email).bind(hash).bind(now).execute(&mut *tx).await?;
+        }
+        sqlx::query(MEMBER).bind(&invitation.org_id).bind(user).bind(&invitation.role).bind(now).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+    .await);
+    match result {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(MemberError::InvitationGone),
+        Err(e) if is_unique_violation(&e) => Err(MemberError::Account(AccountError::EmailTaken)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

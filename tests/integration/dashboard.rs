@@ -26,6 +26,8 @@ pub fn cases() -> Vec<DbCase> {
         settings_and_prices_are_checked_saved_and_audited,
         customers_are_managed_and_their_spend_shown,
         the_customer_list_searches_sorts_and_pages,
+        members_are_invited_and_roles_are_enforced,
+        every_page_and_action_of_another_organization_is_not_found,
     ]
 }
 
@@ -681,5 +683,211 @@ async fn the_customer_list_searches_sorts_and_pages(db: TestDatabase) -> TestRes
     let newest = ada.get(&format!("{list}?sort=newest")).await?;
     let pos = |html: &str, id: &str| html.find(&format!(">{id}<")).unwrap_or(usize::MAX);
     assert!(pos(&newest.body, "cust-59") < pos(&newest.body, "cust-10"), "newest first");
+    app.stop().await
+}
+
+fn invite_link(html: &str) -> Option<String> {
+    let start = html.find("id=\"invite-link\">")? + "id=\"invite-link\">".len();
+    let end = html[start..].find('<')? + start;
+    let link = html[start..end].trim().replace("&amp;", "&");
+    link.find("/invite?").map(|i| link[i..].to_owned())
+}
+
+async fn members_are_invited_and_roles_are_enforced(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+
+    // The last owner can be neither demoted nor removed.
+    let ada_id: String = with_db!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT id FROM users WHERE email = 'ada@example.com'").fetch_one(pool).await)?;
+    let demoted = ada.submit("/members", &format!("/members/{ada_id}/role"), &[("role", "viewer")]).await?;
+    assert_eq!(demoted.status, StatusCode::BAD_REQUEST);
+    assert!(demoted.body.contains("at least one owner"), "{}", demoted.body);
+    let removed = ada.submit("/members", &format!("/members/{ada_id}/remove"), &[]).await?;
+    assert!(removed.body.contains("at least one owner"), "{}", removed.body);
+
+    // Invite Bob as a viewer; he signs up through the link.
+    let bad = ada.submit("/members", "/members/invite", &[("email", "not-an-email"), ("role", "viewer")]).await?;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let invited =
+        ada.submit("/members", "/members/invite", &[("email", "Bob@Example.com"), ("role", "viewer")]).await?;
+    assert_eq!(invited.status, StatusCode::OK, "{}", invited.body);
+    let link = invite_link(&invited.body).ok_or_else(|| anyhow::anyhow!("no link in {}", invited.body))?;
+    assert!(ada.get("/members").await?.body.contains("bob@example.com"), "pending invitation listed");
+    let bob = Browser::new(&app)?;
+    let page = bob.get(&link).await?;
+    assert!(page.body.contains("Join Acme") && page.body.contains("viewer"), "{}", page.body);
+    let token = field_value(&page.body, "token").unwrap_or_default();
+    let short = bob.post("/invite/signup", &[("csrf", &page.csrf()), ("token", &token), ("password", "short")]).await?;
+    assert_eq!(short.status, StatusCode::BAD_REQUEST);
+    assert!(short.body.contains("Password: must be at least 10"), "{}", short.body);
+    let joined =
+        bob.post("/invite/signup", &[("csrf", &page.csrf()), ("token", &token), ("password", PASSWORD)]).await?;
+    assert_eq!(joined.location.as_deref(), Some("/projects"), "{}", joined.body);
+    assert!(bob.get("/projects").await?.body.contains("bob@example.com (viewer)"));
+    // The link works once.
+    let again = Browser::new(&app)?.get(&link).await?;
+    assert_eq!(again.status, StatusCode::BAD_REQUEST);
+
+    // A viewer sees but cannot change anything.
+    let project_path = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    assert!(bob.get(&project_path).await?.body.contains("<h1>Chat</h1>"));
+    let listing = bob.get("/projects").await?;
+    assert!(!listing.body.contains("New project"), "a viewer is not offered the form");
+    let refused = bob.post("/projects", &[("csrf", &listing.csrf()), ("name", "Mine")]).await?;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    for (path, fields) in [
+        (format!("{project_path}/keys"), vec![("name", "k"), ("kind", "secret")]),
+        (format!("{project_path}/customers"), vec![("external_id", "c"), ("budget", "1"), ("period", "month")]),
+        ("/members/invite".to_owned(), vec![("email", "eve@example.com"), ("role", "admin")]),
+    ] {
+        let mut form = vec![("csrf", listing.csrf())];
+        form.extend(fields.into_iter().map(|(k, v)| (k, v.to_owned())));
+        let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(bob.post(&path, &form).await?.status, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(
+        (count(&app, "projects").await?, count(&app, "api_keys").await?, count(&app, "customers").await?),
+        (1, 0, 0)
+    );
+
+    // Promoted to admin, Bob can.
+    let bob_id: String = with_db!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT id FROM users WHERE email = 'bob@example.com'").fetch_one(pool).await)?;
+    let promoted = ada.submit("/members", &format!("/members/{bob_id}/role"), &[("role", "admin")]).await?;
+    assert_eq!(promoted.status, StatusCode::SEE_OTHER, "{}", promoted.body);
+    assert_eq!(bob.submit("/projects", "/projects", &[("name", "Bob's")]).await?.status, StatusCode::SEE_OTHER);
+    // Admins do not manage members.
+    assert_eq!(bob.submit("/members", &format!("/members/{ada_id}/remove"), &[]).await?.status, StatusCode::FORBIDDEN);
+
+    // An existing account accepts with the invited email only.
+    let carol = Browser::new(&app)?;
+    carol.sign_up("Initech", "carol@example.com", PASSWORD).await?;
+    let for_dave =
+        ada.submit("/members", "/members/invite", &[("email", "dave@example.com"), ("role", "viewer")]).await?;
+    let dave_link = invite_link(&for_dave.body).unwrap_or_default();
+    let page = carol.get(&dave_link).await?;
+    let wrong = carol
+        .post(
+            "/invite/accept",
+            &[("csrf", &page.csrf()), ("token", &field_value(&page.body, "token").unwrap_or_default())],
+        )
+        .await?;
+    assert_eq!(wrong.status, StatusCode::BAD_REQUEST);
+    assert!(wrong.body.contains("This invitation is for dave@example.com"), "{}", wrong.body);
+    let for_carol =
+        ada.submit("/members", "/members/invite", &[("email", "carol@example.com"), ("role", "admin")]).await?;
+    let page = carol.get(&invite_link(&for_carol.body).unwrap_or_default()).await?;
+    let token = field_value(&page.body, "token").unwrap_or_default();
+    let accepted = carol.post("/invite/accept", &[("csrf", &page.csrf()), ("token", &token)]).await?;
+    assert_eq!(accepted.location.as_deref(), Some("/projects"), "{}", accepted.body);
+    let now_in_acme = carol.get("/projects").await?;
+    assert!(
+        now_in_acme.body.contains("Chat") && now_in_acme.body.contains("carol@example.com (admin)"),
+        "{}",
+        now_in_acme.body
+    );
+    assert!(now_in_acme.body.contains("Initech"), "both organizations are offered in the switcher");
+
+    // Removing a member ends their access.
+    let removed = ada.submit("/members", &format!("/members/{bob_id}/remove"), &[]).await?;
+    assert_eq!(removed.status, StatusCode::SEE_OTHER);
+    assert_eq!(bob.get(&project_path).await?.status, StatusCode::FORBIDDEN);
+    let audit = ada.get("/audit").await?;
+    for action in ["member.invited", "member.joined", "member.role_changed", "member.removed"] {
+        assert!(audit.body.contains(action), "{action} missing from the audit log");
+    }
+    app.stop().await
+}
+
+async fn every_page_and_action_of_another_organization_is_not_found(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let mock = MockProvider::start().await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let (project, _) = project_with_traffic(&ada, &mock).await?;
+    let customer = ada
+        .submit(
+            &format!("{project}/customers"),
+            &format!("{project}/customers"),
+            &[("external_id", "c1"), ("budget", "1"), ("period", "month")],
+        )
+        .await?
+        .location
+        .unwrap_or_default();
+    let invited = ada.submit("/members", "/members/invite", &[("email", "x@example.com"), ("role", "viewer")]).await?;
+    assert_eq!(invited.status, StatusCode::OK);
+    let db = app.state.db.clone();
+    let one = |sql: &'static str| {
+        let db = db.clone();
+        async move { anyhow::Ok(with_db!(&db, pool => sqlx::query_scalar::<_, String>(sql).fetch_one(pool).await)?) }
+    };
+    let key_id = one("SELECT id FROM api_keys").await?;
+    let provider_id = one("SELECT id FROM provider_connections").await?;
+    let invitation_id = one("SELECT id FROM invitations").await?;
+    let ada_id = one("SELECT id FROM users WHERE email = 'ada@example.com'").await?;
+
+    let mallory = Browser::new(&app)?;
+    mallory.sign_up("Evil Corp", "mallory@example.com", PASSWORD).await?;
+    for path in [
+        project.clone(),
+        format!("{project}/keys"),
+        format!("{project}/providers"),
+        format!("{project}/prices"),
+        format!("{project}/settings"),
+        format!("{project}/customers"),
+        customer.clone(),
+    ] {
+        let page = mallory.get(&path).await?;
+        assert_eq!(page.status, StatusCode::NOT_FOUND, "GET {path}");
+        assert!(!page.body.contains("Chat"), "GET {path} leaked the project's name");
+    }
+    let csrf = mallory.get("/projects").await?.csrf();
+    let posts: Vec<(String, Vec<(&str, &str)>)> = vec![
+        (format!("{project}/keys"), vec![("name", "k"), ("kind", "secret")]),
+        (format!("{project}/keys/{key_id}/revoke"), vec![]),
+        (format!("{project}/providers"), vec![("kind", "openai"), ("api_key", "k"), ("models", "x")]),
+        (format!("{project}/providers/{provider_id}/delete"), vec![]),
+        (
+            format!("{project}/prices"),
+            vec![("model", "m"), ("input", "1"), ("output", "1"), ("max_output_tokens", "1")],
+        ),
+        (format!("{project}/prices/delete"), vec![("model", "mock-model")]),
+        (
+            format!("{project}/settings"),
+            vec![
+                ("name", "Pwned"),
+                ("policy", "clamp"),
+                ("min_output_tokens", "1"),
+                ("markup", "0"),
+                ("default_budget", "0"),
+                ("default_period", "month"),
+                ("estimate_margin", "0"),
+            ],
+        ),
+        (format!("{project}/delete"), vec![("confirm", "Chat")]),
+        (format!("{project}/customers"), vec![("external_id", "c1"), ("budget", "99"), ("period", "month")]),
+        (format!("{customer}/block"), vec![]),
+        (format!("{customer}/unblock"), vec![]),
+        (format!("/members/{ada_id}/role"), vec![("role", "viewer")]),
+        (format!("/members/{ada_id}/remove"), vec![]),
+        (format!("/invitations/{invitation_id}/revoke"), vec![]),
+    ];
+    for (path, fields) in posts {
+        let mut form = vec![("csrf", csrf.as_str())];
+        form.extend(fields);
+        let page = mallory.post(&path, &form).await?;
+        assert_eq!(page.status, StatusCode::NOT_FOUND, "POST {path}: {}", page.body);
+    }
+    // Nothing of Acme's changed.
+    let state: (String, i64, i64, i64, i64, i64) = with_db!(&app.state.db, pool => sqlx::query_as(
+        "SELECT p.name, (SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL), (SELECT COUNT(*) FROM provider_connections), \
+         (SELECT COUNT(*) FROM price_overrides), (SELECT budget_nanos FROM customers), (SELECT COUNT(*) FROM invitations) \
+         FROM projects p").fetch_one(pool).await)?;
+    assert_eq!(state, ("Chat".to_owned(), 1, 1, 1, 1_000_000_000, 1));
+    let role: String = with_db!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT role FROM memberships WHERE user_id = $1").bind(&ada_id).fetch_one(pool).await)?;
+    assert_eq!(role, "owner");
     app.stop().await
 }

@@ -5,7 +5,8 @@
 //! - [`session`]: who is looking (the `Member` extractor), CSRF tokens, logging in and out.
 //! - [`session_store`]: tower-sessions on our own database, ids stored hashed.
 //! - [`accounts`]: sign-up, login, logout, password change and reset.
-//! - [`projects`], [`customers`], [`keys`], [`providers`], [`settings`], [`audit_log`]: the pages of an organization.
+//! - [`projects`], [`customers`], [`keys`], [`providers`], [`settings`], [`members`], [`audit_log`]:
+//!   the pages of an organization.
 //! - [`error`]: the one error type of this face, answered as an HTML page.
 
 pub mod accounts;
@@ -14,6 +15,7 @@ pub mod customers;
 pub mod error;
 pub mod format;
 pub mod keys;
+pub mod members;
 pub mod projects;
 pub mod providers;
 pub mod session;
@@ -69,6 +71,14 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/prices", get(settings::prices).post(settings::set_price))
         .route("/projects/{id}/prices/delete", post(settings::delete_price))
         .route("/audit", get(audit_log::page))
+        .route("/members", get(members::list))
+        .route("/members/invite", post(members::invite))
+        .route("/members/{user_id}/role", post(members::set_role))
+        .route("/members/{user_id}/remove", post(members::remove))
+        .route("/invitations/{id}/revoke", post(members::revoke_invitation))
+        .route("/invite", get(members::show_invitation))
+        .route("/invite/accept", post(members::accept))
+        .route("/invite/signup", post(members::sign_up))
         .layer(sessions)
         .layer(axum::middleware::from_fn(security_headers));
     pages.route("/static/{file}", get(static_file))

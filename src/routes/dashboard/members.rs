@@ -1,0 +1,306 @@
+//! Members and invitations. Owners invite by link (shown once, and written to the server log
+//! until SMTP is configured), change roles and remove members; the last owner stays. An
+//! invitation is accepted by an existing account with the invited email, or by creating that
+//! account.
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::Form;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Deserialize;
+use tollgate_core::accounts::{self, AccountError, Invitation, MemberError, Role};
+use tollgate_core::audit;
+use tollgate_core::ids::{InvitationId, UserId};
+use tower_sessions::Session;
+
+use super::error::{WebError, urlencode};
+use super::format;
+use super::session::{self, Member, csrf_token, verify_csrf};
+use crate::state::AppState;
+
+pub struct MemberView {
+    user_id: UserId,
+    email: String,
+    role: String,
+    since: String,
+}
+
+pub struct InvitationView {
+    id: InvitationId,
+    email: String,
+    role: String,
+    expires: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "members.html")]
+pub struct MembersPage {
+    me: Member,
+    is_owner: bool,
+    members: Vec<MemberView>,
+    invitations: Vec<InvitationView>,
+    invite_link: Option<String>,
+    errors: Vec<String>,
+}
+
+async fn page(
+    state: &AppState,
+    me: Member,
+    invite_link: Option<String>,
+    errors: Vec<String>,
+) -> Result<MembersPage, WebError> {
+    let members = accounts::list_members(&state.db, me.org_id())
+        .await?
+        .into_iter()
+        .map(|m| MemberView { user_id: m.user_id, email: m.email, role: m.role, since: format::datetime(m.created_at) })
+        .collect();
+    let invitations = accounts::list_invitations(&state.db, me.org_id())
+        .await?
+        .into_iter()
+        .map(|i| InvitationView { id: i.id, email: i.email, role: i.role, expires: format::datetime(i.expires_at) })
+        .collect();
+    Ok(MembersPage { is_owner: me.role() == Role::Owner, me, members, invitations, invite_link, errors })
+}
+
+fn member_error(e: MemberError) -> Result<String, WebError> {
+    match e {
+        MemberError::Db(e) | MemberError::Account(AccountError::Db(e)) => Err(e.into()),
+        MemberError::Account(AccountError::Hash(_)) => Err(WebError::Internal),
+        MemberError::NotFound => Err(WebError::NotFound),
+        other => Ok(other.to_string()),
+    }
+}
+
+pub async fn list(State(state): State<AppState>, me: Member) -> Result<MembersPage, WebError> {
+    page(&state, me, None, vec![]).await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct InviteForm {
+    csrf: String,
+    email: String,
+    role: String,
+}
+
+pub async fn invite(
+    State(state): State<AppState>,
+    me: Member,
+    Form(form): Form<InviteForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Owner)?;
+    let role = match form.role.as_str() {
+        "admin" => Role::Admin,
+        "viewer" => Role::Viewer,
+        _ => {
+            let errors = vec!["Role: choose admin or viewer".to_owned()];
+            return Ok((StatusCode::BAD_REQUEST, page(&state, me, None, errors).await?).into_response());
+        }
+    };
+    match accounts::invite(&state.db, me.org_id(), &form.email, role, &me.user.id).await {
+        Ok((invitation, token)) => {
+            let link = format!("{}/invite?token={}", state.config.public_url.trim_end_matches('/'), urlencode(&token));
+            // No SMTP yet: the owner relays the link (see the README).
+            tracing::warn!(email = %invitation.email, org = %invitation.org_id, %link, "invitation created");
+            let detail = format!("invited as {}", invitation.role);
+            audit::record(&state.db, me.org_id(), &me.actor(), "member.invited", &invitation.email, &detail).await?;
+            Ok(page(&state, me, Some(link), vec![]).await?.into_response())
+        }
+        Err(e) => {
+            let errors = vec![member_error(e)?];
+            Ok((StatusCode::BAD_REQUEST, page(&state, me, None, errors).await?).into_response())
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct RoleForm {
+    csrf: String,
+    role: String,
+}
+
+pub async fn set_role(
+    State(state): State<AppState>,
+    me: Member,
+    Path(user_id): Path<String>,
+    Form(form): Form<RoleForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Owner)?;
+    let user_id = UserId::parse(&user_id).ok_or(WebError::NotFound)?;
+    let role =
+        Role::parse(&form.role).ok_or_else(|| WebError::BadRequest("Role: choose owner, admin or viewer".into()))?;
+    match accounts::set_role(&state.db, me.org_id(), &user_id, role).await {
+        Ok(()) => {
+            let who = accounts::get_user(&state.db, &user_id).await?.map(|u| u.email).unwrap_or_default();
+            audit::record(
+                &state.db,
+                me.org_id(),
+                &me.actor(),
+                "member.role_changed",
+                &who,
+                &format!("now {}", role.as_str()),
+            )
+            .await?;
+            Ok(Redirect::to("/members").into_response())
+        }
+        Err(e) => {
+            let errors = vec![member_error(e)?];
+            Ok((StatusCode::BAD_REQUEST, page(&state, me, None, errors).await?).into_response())
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct CsrfForm {
+    csrf: String,
+}
+
+pub async fn remove(
+    State(state): State<AppState>,
+    me: Member,
+    Path(user_id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Owner)?;
+    let user_id = UserId::parse(&user_id).ok_or(WebError::NotFound)?;
+    let who = accounts::get_user(&state.db, &user_id).await?.map(|u| u.email).unwrap_or_default();
+    match accounts::remove_member(&state.db, me.org_id(), &user_id).await {
+        Ok(()) => {
+            audit::record(&state.db, me.org_id(), &me.actor(), "member.removed", &who, "removed").await?;
+            Ok(Redirect::to("/members").into_response())
+        }
+        Err(e) => {
+            let errors = vec![member_error(e)?];
+            Ok((StatusCode::BAD_REQUEST, page(&state, me, None, errors).await?).into_response())
+        }
+    }
+}
+
+pub async fn revoke_invitation(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Owner)?;
+    let id = InvitationId::parse(&id).ok_or(WebError::NotFound)?;
+    if !accounts::revoke_invitation(&state.db, me.org_id(), &id).await? {
+        return Err(WebError::NotFound);
+    }
+    audit::record(&state.db, me.org_id(), &me.actor(), "member.invitation_revoked", id.as_str(), "revoked").await?;
+    Ok(Redirect::to("/members"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Accepting
+
+#[derive(Template, WebTemplate)]
+#[template(path = "invite.html")]
+pub struct InvitePage {
+    csrf: String,
+    token: String,
+    next_encoded: String,
+    invitation: Invitation,
+    logged_in: bool,
+    errors: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct InviteQuery {
+    token: String,
+}
+
+async fn invite_page(
+    state: &AppState,
+    session: &Session,
+    token: String,
+    errors: Vec<String>,
+) -> Result<Response, WebError> {
+    let Some(invitation) = accounts::invitation(&state.db, &token).await? else {
+        return Err(WebError::BadRequest(MemberError::InvitationGone.to_string()));
+    };
+    let logged_in = session.get::<UserId>("user_id").await?.is_some();
+    let status = if errors.is_empty() { StatusCode::OK } else { StatusCode::BAD_REQUEST };
+    let page = InvitePage {
+        csrf: csrf_token(session).await?,
+        next_encoded: urlencode(&format!("/invite?token={token}")),
+        token,
+        invitation,
+        logged_in,
+        errors,
+    };
+    Ok((status, page).into_response())
+}
+
+pub async fn show_invitation(
+    State(state): State<AppState>,
+    session: Session,
+    Query(query): Query<InviteQuery>,
+) -> Result<Response, WebError> {
+    invite_page(&state, &session, query.token, vec![]).await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct AcceptForm {
+    csrf: String,
+    token: String,
+    password: String,
+}
+
+pub async fn accept(
+    State(state): State<AppState>,
+    me: Member,
+    Form(form): Form<AcceptForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    match accounts::accept_invitation(&state.db, &form.token, &me.user).await {
+        Ok(invitation) => {
+            session::switch_org(&me.session, &invitation.org_id).await?;
+            let actor = me.actor();
+            audit::record(&state.db, &invitation.org_id, &actor, "member.joined", &me.user.email, &invitation.role)
+                .await?;
+            Ok(Redirect::to("/projects").into_response())
+        }
+        Err(e) => {
+            let message = member_error(e)?;
+            invite_page(&state, &me.session, form.token, vec![message]).await
+        }
+    }
+}
+
+pub async fn sign_up(
+    State(state): State<AppState>,
+    session: Session,
+    Form(form): Form<AcceptForm>,
+) -> Result<Response, WebError> {
+    verify_csrf(&session, &form.csrf).await?;
+    match accounts::sign_up_with_invitation(&state.db, &form.token, &form.password).await {
+        Ok((user, invitation)) => {
+            session::log_in(&session, &user.id, Some(&invitation.org_id)).await?;
+            let actor = audit::Actor { user_id: Some(user.id.clone()), label: user.email.clone() };
+            audit::record(&state.db, &invitation.org_id, &actor, "member.joined", &user.email, &invitation.role)
+                .await?;
+            Ok(Redirect::to("/projects").into_response())
+        }
+        Err(e) => {
+            let message = match e {
+                MemberError::Account(AccountError::EmailTaken) => {
+                    "An account with this email exists already: log in, then open the invitation link again.".to_owned()
+                }
+                MemberError::Account(AccountError::Password(why)) => format!("Password: {why}"),
+                other => member_error(other)?,
+            };
+            invite_page(&state, &session, form.token, vec![message]).await
+        }
+    }
+}
