@@ -38,6 +38,7 @@ impl Application {
     /// Opens the database (applying migrations), the job queues and the listening socket.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let master_key = config.resolve_master_key()?;
+        let mailer = crate::mail::Mailer::from_config(&config)?;
         let db = Db::connect(&config).await?;
         db.migrate().await?;
         let jobs = JobStore::open(config.database_url.expose_secret(), config.sqlite_synchronous).await?;
@@ -60,6 +61,7 @@ impl Application {
             master_key,
             metrics: telemetry::metrics_handle(),
             keys: Default::default(),
+            mailer: Arc::new(mailer),
         };
         Ok(Self { listener, state, local_addr })
     }

@@ -5,9 +5,11 @@
 //! - [`cli`]: `tollgate serve | worker | migrate | admin`.
 //! - [`app`]: builds the router and runs the server with graceful shutdown.
 //! - [`routes`]: one module per face; [`middleware`]: request id, metrics.
+//! - [`mail`]: outgoing mail (SMTP, or the log).
 
 pub mod app;
 pub mod cli;
+pub mod mail;
 pub mod middleware;
 pub mod routes;
 pub mod shutdown;

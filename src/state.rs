@@ -7,6 +7,7 @@ use tollgate_core::crypto::MasterKey;
 use tollgate_core::{Config, Db};
 use tollgate_jobs::JobStore;
 
+use crate::mail::Mailer;
 use crate::routes::proxy::auth::KeyCache;
 
 /// Shared, cheaply cloned application state.
@@ -21,4 +22,6 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// Project keys recently looked up by the proxy.
     pub keys: Arc<KeyCache>,
+    /// Outgoing mail.
+    pub mailer: Arc<Mailer>,
 }

@@ -61,6 +61,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Whether `serve` also runs the background job workers in its own process.
     pub run_workers: bool,
+    /// Where mail goes: `smtps://user:pass@host:465` (TLS), `smtp://user:pass@host:587?tls=required`
+    /// (STARTTLS), or `smtp://host:25` (plain, for a relay on a trusted network). None: links
+    /// that would be mailed are written to the log instead.
+    pub smtp_url: Option<SecretString>,
+    /// The sender of that mail.
+    pub smtp_from: String,
 }
 
 impl Config {
@@ -146,6 +152,8 @@ struct RawConfig {
     log: Option<String>,
     shutdown_grace_seconds: Option<u64>,
     workers: Option<bool>,
+    smtp_url: Option<String>,
+    smtp_from: Option<String>,
 }
 
 /// Raw settings plus where each came from, so errors can point at the right place.
@@ -169,6 +177,8 @@ const SETTINGS: &[(&str, &str)] = &[
     ("log", "TOLLGATE_LOG"),
     ("shutdown_grace_seconds", "TOLLGATE_SHUTDOWN_GRACE_SECONDS"),
     ("workers", "TOLLGATE_WORKERS"),
+    ("smtp_url", "TOLLGATE_SMTP_URL"),
+    ("smtp_from", "TOLLGATE_SMTP_FROM"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -208,6 +218,8 @@ impl Sourced {
                 "master_key" => r.master_key = text,
                 "log_format" => r.log_format = text,
                 "log" => r.log = text,
+                "smtp_url" => r.smtp_url = text,
+                "smtp_from" => r.smtp_from = text,
                 "database_max_connections" => {
                     r.database_max_connections = Some(
                         value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
@@ -311,6 +323,22 @@ impl Sourced {
         };
         let log_filter = r.log.clone().unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned());
         let shutdown_grace = Duration::from_secs(r.shutdown_grace_seconds.unwrap_or(30));
+        let smtp_url = match r.smtp_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            Some(url) if url.starts_with("smtp://") || url.starts_with("smtps://") => {
+                Some(SecretString::from(url.to_owned()))
+            }
+            Some(url) => {
+                return Err(
+                    self.invalid("smtp_url", format!("expected an smtp:// or smtps:// URL, got {:?}", redact_url(url)))
+                );
+            }
+            None => None,
+        };
+        let smtp_from = match r.smtp_from.as_deref().map(str::trim).filter(|f| !f.is_empty()) {
+            Some(from) if from.contains('@') => from.to_owned(),
+            Some(from) => return Err(self.invalid("smtp_from", format!("expected an email address, got {from:?}"))),
+            None => format!("Tollgate <tollgate@{}>", listen.ip()),
+        };
         Ok(Config {
             mode,
             listen,
@@ -324,6 +352,8 @@ impl Sourced {
             log_filter,
             shutdown_grace,
             run_workers: r.workers.unwrap_or(true),
+            smtp_url,
+            smtp_from,
         })
     }
 }

@@ -9,7 +9,8 @@ use tollgate_core::projects;
 use tollgate_core::with_db;
 
 use crate::db_cases;
-use crate::helpers::{DbCase, TestApp, TestDatabase, TestResult, spawn_app};
+use crate::fake_smtp::FakeSmtp;
+use crate::helpers::{DbCase, TestApp, TestDatabase, TestResult, spawn_app, spawn_app_with};
 use crate::mock_provider::MockProvider;
 
 pub fn cases() -> Vec<DbCase> {
@@ -28,6 +29,7 @@ pub fn cases() -> Vec<DbCase> {
         the_customer_list_searches_sorts_and_pages,
         members_are_invited_and_roles_are_enforced,
         every_page_and_action_of_another_organization_is_not_found,
+        reset_links_and_invitations_are_mailed_when_smtp_is_configured,
     ]
 }
 
@@ -889,5 +891,52 @@ async fn every_page_and_action_of_another_organization_is_not_found(db: TestData
     let role: String = with_db!(&app.state.db, pool => sqlx::query_scalar(
         "SELECT role FROM memberships WHERE user_id = $1").bind(&ada_id).fetch_one(pool).await)?;
     assert_eq!(role, "owner");
+    app.stop().await
+}
+
+/// The path and query of the first Tollgate link in a mail.
+fn mailed_path(text: &str, prefix: &str) -> Option<String> {
+    let start = text.find(prefix)?;
+    let end = text[start..].find(char::is_whitespace).map_or(text.len(), |e| start + e);
+    Some(text[start..end].to_owned())
+}
+
+async fn reset_links_and_invitations_are_mailed_when_smtp_is_configured(db: TestDatabase) -> TestResult {
+    let smtp = FakeSmtp::start().await?;
+    let url = smtp.url();
+    let app = spawn_app_with(&db, |env| {
+        env.insert("TOLLGATE_SMTP_URL".into(), url);
+        env.insert("TOLLGATE_SMTP_FROM".into(), "Tollgate <no-reply@example.com>".into());
+    })
+    .await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+
+    let stranger = Browser::new(&app)?;
+    stranger.submit("/password/forgot", "/password/forgot", &[("email", "ada@example.com")]).await?;
+    let mail = smtp.mail_to("ada@example.com").await?;
+    assert!(mail.text().contains("Subject: Reset your Tollgate password"), "{}", mail.text());
+    assert!(mail.text().contains("From: Tollgate <no-reply@example.com>"), "{}", mail.text());
+    let path = mailed_path(&mail.text(), "/password/reset?token=")
+        .ok_or_else(|| anyhow::anyhow!("no link: {}", mail.text()))?;
+    let form = stranger.get(&path).await?;
+    let token = field_value(&form.body, "token").unwrap_or_default();
+    let done = stranger
+        .post("/password/reset", &[("csrf", &form.csrf()), ("token", &token), ("password", "mailed new password")])
+        .await?;
+    assert_eq!(done.location.as_deref(), Some("/login?reset=1"), "{}", done.body);
+    assert_eq!(
+        Browser::new(&app)?.log_in("ada@example.com", "mailed new password").await?.status,
+        StatusCode::SEE_OTHER
+    );
+
+    // No mail for an unknown address (and the page says the same as for a known one).
+    stranger.submit("/password/forgot", "/password/forgot", &[("email", "nobody@example.com")]).await?;
+    ada.submit("/members", "/members/invite", &[("email", "bob@example.com"), ("role", "viewer")]).await?;
+    let invitation = smtp.mail_to("bob@example.com").await?;
+    assert!(invitation.text().contains("Subject: Join Acme on Tollgate"), "{}", invitation.text());
+    let path = mailed_path(&invitation.text(), "/invite?token=").ok_or_else(|| anyhow::anyhow!("no link"))?;
+    assert!(Browser::new(&app)?.get(&path).await?.body.contains("Join Acme"));
+    assert!(smtp.mails().iter().all(|m| !m.recipients.iter().any(|r| r.contains("nobody@"))));
     app.stop().await
 }

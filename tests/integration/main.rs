@@ -12,6 +12,7 @@ mod apis;
 mod cli;
 mod customers;
 mod dashboard;
+mod fake_smtp;
 mod helpers;
 mod jobs;
 mod mock_provider;

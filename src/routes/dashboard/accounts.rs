@@ -1,7 +1,7 @@
 //! Sign-up, login, logout, password change and reset.
 //!
-//! Reset links go out by SMTP when it is configured; until then they are written to the
-//! server log (at `warn`, so they show with the default filter), which the README says.
+//! Reset links go out by SMTP when it is configured; otherwise they are written to the server
+//! log (at `warn`, so they show with the default filter), which the README says.
 
 use askama::Template;
 use askama_web::WebTemplate;
@@ -196,8 +196,12 @@ pub async fn forgot(
     if let Some(token) = accounts::start_password_reset(&state.db, &form.email).await? {
         let link =
             format!("{}/password/reset?token={}", state.config.public_url.trim_end_matches('/'), urlencode(&token));
-        // No SMTP yet: the operator relays the link (see the README).
-        tracing::warn!(email = %form.email.trim().to_lowercase(), %link, "password reset requested");
+        let body = format!(
+            "Someone (hopefully you) asked to reset the password of your Tollgate account.\n\n\
+             Choose a new password here (the link works once, for one hour):\n{link}\n\n\
+             If you did not ask, ignore this mail: your password stays as it is.\n"
+        );
+        state.mailer.send(&form.email.trim().to_lowercase(), "Reset your Tollgate password", body, &link);
     }
     Ok(ForgotPage { csrf: csrf_token(&session).await?, sent: true })
 }

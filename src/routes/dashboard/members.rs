@@ -1,5 +1,6 @@
-//! Members and invitations. Owners invite by link (shown once, and written to the server log
-//! until SMTP is configured), change roles and remove members; the last owner stays. An
+//! Members and invitations. Owners invite by link (shown once to the owner, and mailed, or
+//! written to the server log without SMTP), change roles and remove members; the last owner
+//! stays. An
 //! invitation is accepted by an existing account with the invited email, or by creating that
 //! account.
 
@@ -103,8 +104,12 @@ pub async fn invite(
     match accounts::invite(&state.db, me.org_id(), &form.email, role, &me.user.id).await {
         Ok((invitation, token)) => {
             let link = format!("{}/invite?token={}", state.config.public_url.trim_end_matches('/'), urlencode(&token));
-            // No SMTP yet: the owner relays the link (see the README).
-            tracing::warn!(email = %invitation.email, org = %invitation.org_id, %link, "invitation created");
+            let body = format!(
+                "{} invites you to join {} on Tollgate as {}.\n\nAccept here (the link works once, for 7 days):\n{link}\n",
+                me.user.email, invitation.org_name, invitation.role
+            );
+            let subject = format!("Join {} on Tollgate", invitation.org_name);
+            state.mailer.send(&invitation.email, &subject, body, &link);
             let detail = format!("invited as {}", invitation.role);
             audit::record(&state.db, me.org_id(), &me.actor(), "member.invited", &invitation.email, &detail).await?;
             Ok(page(&state, me, Some(link), vec![]).await?.into_response())
