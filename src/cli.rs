@@ -78,7 +78,7 @@ enum AdminCommand {
         /// Budget of a customer seen for the first time, in currency units (e.g. 5.00).
         #[arg(long, default_value = "0")]
         default_budget: String,
-        /// month, day or lifetime.
+        /// month, day, rolling or lifetime.
         #[arg(long, default_value = "month")]
         period: String,
     },
@@ -312,5 +312,5 @@ fn parse_amount(flag: &str, text: &str) -> anyhow::Result<Nanos> {
 }
 
 fn parse_period(text: &str) -> anyhow::Result<BudgetPeriod> {
-    BudgetPeriod::parse(text).ok_or_else(|| anyhow::anyhow!("--period: expected month, day or lifetime"))
+    BudgetPeriod::parse(text).ok_or_else(|| anyhow::anyhow!("--period: expected month, day, rolling or lifetime"))
 }

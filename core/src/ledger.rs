@@ -58,7 +58,7 @@ pub async fn reserve(
     let mut period = customer.period();
     for _ in 0..3 {
         let now = UnixMillis::now();
-        let (start, end) = period.window(now);
+        let (start, end) = period.window_after(customer.period_start, now);
         let id = ReservationId::generate();
         const HOLD: &str = "UPDATE customers SET \
               spent_nanos = CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END, \

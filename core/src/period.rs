@@ -1,4 +1,6 @@
-//! Budget periods: the window a customer's spend counts against (UTC).
+//! Budget periods: the window a customer's spend counts against (UTC). `month` and `day` follow
+//! the calendar; `rolling` is 30-day windows counted from when the budget was set (a billing
+//! cycle of the customer's own); `lifetime` never resets.
 
 use crate::time::UnixMillis;
 
@@ -7,8 +9,12 @@ use crate::time::UnixMillis;
 pub enum BudgetPeriod {
     Month,
     Day,
+    Rolling,
     Lifetime,
 }
+
+/// The length of a `rolling` window.
+pub const ROLLING_DAYS: i64 = 30;
 
 /// The end of time for lifetime budgets (year 9999).
 pub const FAR_FUTURE_MS: i64 = 253_402_300_799_000;
@@ -19,6 +25,7 @@ impl BudgetPeriod {
         match self {
             BudgetPeriod::Month => "month",
             BudgetPeriod::Day => "day",
+            BudgetPeriod::Rolling => "rolling",
             BudgetPeriod::Lifetime => "lifetime",
         }
     }
@@ -27,15 +34,18 @@ impl BudgetPeriod {
         match s.trim() {
             "month" => Some(BudgetPeriod::Month),
             "day" => Some(BudgetPeriod::Day),
+            "rolling" => Some(BudgetPeriod::Rolling),
             "lifetime" => Some(BudgetPeriod::Lifetime),
             _ => None,
         }
     }
 
-    /// The `[start, end)` window containing `now`.
+    /// The `[start, end)` window containing `now`, for a budget set at `now` (a rolling
+    /// window starts now).
     pub fn window(self, now: UnixMillis) -> (i64, i64) {
         match self {
             BudgetPeriod::Lifetime => (0, FAR_FUTURE_MS),
+            BudgetPeriod::Rolling => (now.0, now.0 + ROLLING_DAYS * DAY_MS),
             BudgetPeriod::Day => {
                 let start = now.0 - now.0.rem_euclid(DAY_MS);
                 (start, start + DAY_MS)
@@ -45,6 +55,21 @@ impl BudgetPeriod {
                 let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
                 (days_from_civil(y, m, 1) * DAY_MS, days_from_civil(ny, nm, 1) * DAY_MS)
             }
+        }
+    }
+}
+
+impl BudgetPeriod {
+    /// The window containing `now` for a budget whose current (or last) window started at
+    /// `current_start`: rolling windows keep their anchor, calendar ones follow the calendar.
+    pub fn window_after(self, current_start: i64, now: UnixMillis) -> (i64, i64) {
+        match self {
+            BudgetPeriod::Rolling => {
+                let length = ROLLING_DAYS * DAY_MS;
+                let start = current_start + (now.0 - current_start).max(0).div_euclid(length) * length;
+                (start, start + length)
+            }
+            other => other.window(now),
         }
     }
 }
@@ -87,6 +112,17 @@ mod tests {
         let dec = UnixMillis(1_797_000_000_000); // 2026-12-12
         let (s, e) = BudgetPeriod::Month.window(dec);
         assert_eq!((s, e), (1_796_083_200_000, 1_798_761_600_000));
+    }
+
+    #[test]
+    fn rolling_windows_keep_their_anchor() {
+        let set = UnixMillis(1_771_156_800_000);
+        let (start, end) = BudgetPeriod::Rolling.window(set);
+        assert_eq!((start, end), (set.0, set.0 + 30 * DAY_MS));
+        // 45 days later: the second window, still counted from the anchor.
+        let later = UnixMillis(set.0 + 45 * DAY_MS);
+        assert_eq!(BudgetPeriod::Rolling.window_after(start, later), (set.0 + 30 * DAY_MS, set.0 + 60 * DAY_MS));
+        assert_eq!(BudgetPeriod::Month.window_after(start, later), BudgetPeriod::Month.window(later));
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod ops;
 mod proxy;
 mod python;
 mod replicas;
+mod upgrades;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,7 @@ fn main() -> ExitCode {
         customers::cases(),
         dashboard::cases(),
         python::cases(),
+        upgrades::cases(),
     ]
     .into_iter()
     .flatten()

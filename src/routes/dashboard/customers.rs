@@ -70,7 +70,7 @@ impl CustomerForm {
             errors.push("Budget: must be an amount such as 10 or 2.50".to_owned());
         }
         if period.is_none() {
-            errors.push("Period: choose month, day or lifetime".to_owned());
+            errors.push("Period: choose month, day, rolling or lifetime".to_owned());
         }
         let (Some(budget), Some(period)) = (budget, period) else { return Err(errors) };
         let optional = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());

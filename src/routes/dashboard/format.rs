@@ -80,12 +80,17 @@ pub fn spend_chart(days: &[tollgate_core::usage::DaySpend], currency: &str) -> S
             escape(&label)
         ));
     }
-    let labelled = [0, days.len() / 2, days.len().saturating_sub(1)];
-    for i in labelled {
+    // The first date starts at its bar, the last ends at its bar, so neither is cut off.
+    let last = days.len().saturating_sub(1);
+    for (i, anchor) in [(0, "start"), (days.len() / 2, "middle"), (last, "end")] {
         if let Some(day) = days.get(i) {
-            let x = LEFT + 1 + i as i64 * slot + bar / 2;
+            let x = match anchor {
+                "start" => LEFT + 1 + i as i64 * slot,
+                "end" => LEFT + 1 + i as i64 * slot + bar,
+                _ => LEFT + 1 + i as i64 * slot + bar / 2,
+            };
             svg.push_str(&format!(
-                "<text x=\"{x}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+                "<text x=\"{x}\" y=\"{}\" text-anchor=\"{anchor}\">{}</text>",
                 HEIGHT - 8,
                 escape(&date(day.day))
             ));

@@ -126,7 +126,7 @@ impl SettingsForm {
         }
         let period = BudgetPeriod::parse(&self.default_period);
         if period.is_none() {
-            errors.push("Default period: choose month, day or lifetime".to_owned());
+            errors.push("Default period: choose month, day, rolling or lifetime".to_owned());
         }
         let margin = parse_percent(&self.estimate_margin);
         if margin.is_none() {
