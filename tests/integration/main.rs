@@ -9,6 +9,7 @@
 
 mod accounts;
 mod apis;
+mod browser;
 mod cli;
 mod customers;
 mod dashboard;
@@ -19,6 +20,7 @@ mod ops;
 mod proxy;
 mod python;
 mod replicas;
+mod webdriver;
 
 use std::process::ExitCode;
 
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         customers::cases(),
         dashboard::cases(),
         python::cases(),
+        browser::cases(),
     ]
     .into_iter()
     .flatten()
