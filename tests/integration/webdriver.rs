@@ -206,7 +206,25 @@ impl Browser {
         value.as_str().map(str::to_owned).ok_or_else(|| anyhow!("source is not a string"))
     }
 
-    /// A PNG of the viewport.
+    /// Runs `script` (a function body) in the page and returns what it returns.
+    pub async fn execute(&self, script: &str) -> anyhow::Result<Value> {
+        self.post("/execute/sync", json!({"script": script, "args": []})).await
+    }
+
+    /// Makes the window as tall as the page (up to a limit), so a screenshot shows all of it.
+    async fn fit_window_to_page(&self) -> anyhow::Result<()> {
+        const MAX_HEIGHT: u64 = 8_000;
+        let height = self.execute("return document.documentElement.scrollHeight").await?;
+        let height = height.as_u64().ok_or_else(|| anyhow!("page height is not a number: {height}"))?;
+        let rect = self.get("/window/rect").await?;
+        // The window's frame is taller than the viewport that the page is measured in.
+        let inner = self.execute("return window.innerHeight").await?.as_u64().unwrap_or(0);
+        let frame = rect["height"].as_u64().unwrap_or(0).saturating_sub(inner);
+        let wanted = (height + frame).min(MAX_HEIGHT);
+        self.post("/window/rect", json!({"width": rect["width"], "height": wanted})).await.map(drop)
+    }
+
+    /// A PNG of what the window shows.
     pub async fn screenshot(&self) -> anyhow::Result<Vec<u8>> {
         let value = self.get("/screenshot").await?;
         decode_base64(value.as_str().ok_or_else(|| anyhow!("screenshot is not a string"))?)
@@ -294,6 +312,9 @@ impl Browser {
             return format!("could not create {}: {e}", dir.display());
         }
         let png = dir.join("screenshot.png");
+        if let Err(e) = self.fit_window_to_page().await {
+            lines.push(format!("(the screenshot shows the window only: {e:#})"));
+        }
         match self.screenshot().await.and_then(|bytes| Ok(std::fs::write(&png, bytes)?)) {
             Ok(()) => lines.push(format!("screenshot: {}", png.display())),
             Err(e) => lines.push(format!("no screenshot: {e:#}")),
