@@ -9,6 +9,7 @@
 
 mod accounts;
 mod apis;
+mod browser;
 mod cli;
 mod customers;
 mod dashboard;
@@ -21,6 +22,7 @@ mod proxy;
 mod python;
 mod replicas;
 mod upgrades;
+mod webdriver;
 
 use std::process::ExitCode;
 
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         dashboard::cases(),
         python::cases(),
         upgrades::cases(),
+        browser::cases(),
     ]
     .into_iter()
     .flatten()
