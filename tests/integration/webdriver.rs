@@ -37,6 +37,32 @@ fn chromedriver_path() -> PathBuf {
     std::env::var_os("TOLLGATE_TEST_CHROMEDRIVER").map_or_else(|| PathBuf::from("/usr/bin/chromedriver"), PathBuf::from)
 }
 
+/// On a Debian machine where the tests run as root (a fresh CI or development box), installs
+/// Debian's Chromium and chromedriver once per test process, so `cargo test` needs nothing
+/// installed by hand. Elsewhere it does nothing, and the caller explains what to install.
+async fn install_debian_chromium() {
+    static INSTALL: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    INSTALL
+        .get_or_init(|| async {
+            let root = std::fs::read_to_string("/proc/self/status")
+                .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+                .unwrap_or(false);
+            if !root || !std::path::Path::new("/usr/bin/apt-get").exists() {
+                return;
+            }
+            eprintln!("browser tests: installing Debian's chromium and chromium-driver (apt-get)...");
+            let script =
+                "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver";
+            let outcome = Command::new("sh").arg("-c").arg(script).stdin(Stdio::null()).output().await;
+            if let Ok(out) = outcome
+                && !out.status.success()
+            {
+                eprintln!("browser tests: the install failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            }
+        })
+        .await;
+}
+
 /// A running chromedriver, leader of its own process group so that the browsers it starts
 /// can be killed with it.
 struct Chromedriver {
@@ -50,6 +76,9 @@ struct Chromedriver {
 impl Chromedriver {
     async fn start() -> anyhow::Result<Self> {
         let (chromium, chromedriver) = (chromium_path(), chromedriver_path());
+        if !(chromium.is_file() && chromedriver.is_file()) {
+            install_debian_chromium().await;
+        }
         for binary in [&chromium, &chromedriver] {
             if !binary.is_file() {
                 bail!(
