@@ -1,7 +1,8 @@
 //! Periodic upkeep. Every worker process beats a heartbeat (so an operator can see that
 //! workers run) and, once a minute, queues one [`Housekeeping`] job for the whole
 //! deployment (deduplicated by minute across replicas), which releases expired reservations
-//! (calls of a crashed process: no customer stays blocked by them) and prunes stale rows.
+//! (calls of a crashed process: no customer stays blocked by them) and prunes stale rows
+//! (heartbeats, expired sessions, spent reset links and invitations, old login failures).
 
 use serde::{Deserialize, Serialize};
 use tollgate_core::db::DbError;
@@ -31,6 +32,10 @@ pub async fn beat(db: &Db, worker: &str) -> Result<(), sqlx::Error> {
 pub struct HousekeepingReport {
     pub stale_heartbeats_removed: u64,
     pub expired_reservations_released: u64,
+    /// Expired dashboard sessions, used or expired reset links and invitations, and login
+    /// failure counters whose window has passed.
+    #[serde(default)]
+    pub expired_dashboard_rows_removed: u64,
 }
 
 /// Removes what has gone stale.
@@ -39,7 +44,20 @@ pub async fn run(db: &Db, now: UnixMillis) -> Result<HousekeepingReport, DbError
     let cutoff = now.0 - STALE_HEARTBEAT_MS;
     let removed = with_db!(db, pool => sqlx::query(SQL).bind(cutoff).execute(pool).await.map(|r| r.rows_affected()))?;
     let released = tollgate_core::ledger::release_expired(db, now).await?;
-    Ok(HousekeepingReport { stale_heartbeats_removed: removed, expired_reservations_released: released })
+    let mut dashboard = tollgate_core::sessions::delete_expired(db, now).await?;
+    let window_start = now.plus_secs(-tollgate_core::accounts::THROTTLE_WINDOW_SECS).0;
+    for (sql, bound) in [
+        ("DELETE FROM password_resets WHERE expires_at <= $1 OR used_at IS NOT NULL", now.0),
+        ("DELETE FROM invitations WHERE expires_at <= $1 AND accepted_at IS NULL", now.0),
+        ("DELETE FROM login_failures WHERE window_start <= $1", window_start),
+    ] {
+        dashboard += with_db!(db, pool => sqlx::query(sql).bind(bound).execute(pool).await.map(|r| r.rows_affected()))?;
+    }
+    Ok(HousekeepingReport {
+        stale_heartbeats_removed: removed,
+        expired_reservations_released: released,
+        expired_dashboard_rows_removed: dashboard,
+    })
 }
 
 /// Age in milliseconds of the newest heartbeat of any worker, or `None` if none ever beat.

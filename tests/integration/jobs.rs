@@ -14,6 +14,7 @@ pub fn cases() -> Vec<DbCase> {
     db_cases![
         workers_report_a_heartbeat,
         housekeeping_runs_through_the_queue_and_is_counted,
+        housekeeping_prunes_expired_dashboard_rows,
         the_same_minute_is_queued_once,
     ]
 }
@@ -79,4 +80,25 @@ async fn the_same_minute_is_queued_once(db: TestDatabase) -> TestResult {
         .await?;
     assert_eq!(app.state.jobs.housekeeping_jobs_count().await?, 2);
     app.stop().await
+}
+
+async fn housekeeping_prunes_expired_dashboard_rows(db: TestDatabase) -> TestResult {
+    let pool = db.connect().await?;
+    pool.migrate().await?;
+    let now = UnixMillis::now();
+    tollgate_core::sessions::save(&pool, "old-session", "{}", now.plus_secs(-1)).await?;
+    tollgate_core::sessions::save(&pool, "live-session", "{}", now.plus_secs(3_600)).await?;
+    with_db!(&pool, p => async {
+        sqlx::query("INSERT INTO login_failures (throttle_key, failures, window_start) VALUES ('email:old', 3, $1), ('email:new', 1, $2)")
+            .bind(now.plus_secs(-3_600).0).bind(now.0).execute(p).await?;
+        Ok::<_, sqlx::Error>(())
+    }.await)?;
+    let report = tollgate_jobs::housekeeping::run(&pool, now).await?;
+    assert_eq!(report.expired_dashboard_rows_removed, 2, "{report:?}");
+    assert!(tollgate_core::sessions::load(&pool, "live-session", now).await?.is_some());
+    let left: Vec<String> =
+        with_db!(&pool, p => sqlx::query_scalar("SELECT throttle_key FROM login_failures").fetch_all(p).await)?;
+    assert_eq!(left, ["email:new"]);
+    pool.close().await;
+    Ok(())
 }
