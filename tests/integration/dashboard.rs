@@ -484,8 +484,10 @@ async fn settings_and_prices_are_checked_saved_and_audited(db: TestDatabase) -> 
     assert_eq!(unchanged, ("Chat".to_owned(), 0), "a rejected form saved something");
 
     let saved = ada.submit(&settings, &settings, &form("12.5", "2.50", "house")).await?;
-    assert_eq!(saved.status, StatusCode::OK, "{}", saved.body);
-    assert!(saved.body.contains("Settings saved."));
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let after = ada.get(saved.location.as_deref().unwrap_or_default()).await?;
+    assert!(after.body.contains("Settings saved."), "{}", after.body);
+    assert_eq!(field_value(&after.body, "markup").as_deref(), Some("12.50"));
     let row: (String, String, i64, i64, i64, String, bool, Option<String>, i64) = with_db!(&app.state.db, pool => sqlx::query_as(
         "SELECT name, budget_policy, min_output_tokens, markup_bps, default_budget_nanos, default_budget_period, \
          customer_from_user, default_customer, estimate_margin_bps FROM projects").fetch_one(pool).await)?;
@@ -618,7 +620,7 @@ async fn customers_are_managed_and_their_spend_shown(db: TestDatabase) -> TestRe
             ],
         )
         .await?;
-    assert_eq!(saved.status, StatusCode::OK, "{}", saved.body);
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
     assert_eq!(call().await?.status(), StatusCode::OK);
     assert_eq!(call().await?.status(), StatusCode::OK);
     assert_eq!(call().await?.status(), StatusCode::PAYMENT_REQUIRED);

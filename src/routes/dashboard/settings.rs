@@ -167,9 +167,20 @@ fn problem_message(e: &ProjectError) -> String {
     }
 }
 
-pub async fn show(State(state): State<AppState>, me: Member, Path(id): Path<String>) -> Result<SettingsPage, WebError> {
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct ShowQuery {
+    saved: Option<String>,
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<ShowQuery>,
+) -> Result<SettingsPage, WebError> {
     let project = load_project(&state, &me, &id).await?;
-    Ok(SettingsPage { form: SettingsView::of(&project), me, project, saved: false, errors: vec![] })
+    Ok(SettingsPage { form: SettingsView::of(&project), me, project, saved: query.saved.is_some(), errors: vec![] })
 }
 
 pub async fn save(
@@ -194,8 +205,8 @@ pub async fn save(
     state.keys.forget_project(&project.id);
     let detail = describe_changes(&before, &settings);
     audit::record(&state.db, me.org_id(), &me.actor(), "project.settings_changed", &updated.name, &detail).await?;
-    Ok(SettingsPage { form: SettingsView::of(&updated), me, project: updated, saved: true, errors: vec![] }
-        .into_response())
+    // Redirect after the post, so a reload does not submit the form again.
+    Ok(Redirect::to(&format!("/projects/{}/settings?saved=1", updated.id)).into_response())
 }
 
 /// "markup 0.00 % → 20.00 %; policy clamp → reject" (for the audit log).
