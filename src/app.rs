@@ -23,7 +23,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::middleware::{http_metrics, request_id};
-use crate::routes::{dashboard, ops, proxy};
+use crate::routes::{api, dashboard, ops, proxy};
 use crate::state::AppState;
 use crate::telemetry;
 
@@ -125,6 +125,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .merge(proxy::router())
+        .merge(api::router())
         .merge(dashboard::router(&state))
         .fallback(not_found)
         .with_state(state)

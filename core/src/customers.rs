@@ -117,6 +117,56 @@ pub async fn list(
     Ok((rows, total))
 }
 
+/// Up to `limit` customers of `project` ordered by the tenant's id, after `after` (cursor
+/// pagination: stable under inserts, unlike offsets).
+pub async fn list_after(
+    db: &Db,
+    project: &ProjectId,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<CustomerRow>, DbError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM customers WHERE project_id = $2 AND ($3 IS NULL OR external_id > $3) ORDER BY external_id LIMIT $4"
+    );
+    Ok(with_db!(db, pool => sqlx::query_as::<_, CustomerRow>(sqlx::AssertSqlSafe(sql.clone()))
+        .bind(UnixMillis::now().0).bind(project).bind(after).bind(limit.clamp(1, 500)).fetch_all(pool).await)?)
+}
+
+/// A customer of `project` by the tenant's id.
+pub async fn find(db: &Db, project: &ProjectId, external_id: &str) -> Result<Option<CustomerRow>, DbError> {
+    let sql = format!("SELECT {COLUMNS} FROM customers WHERE project_id = $2 AND external_id = $3");
+    Ok(with_db!(db, pool => sqlx::query_as::<_, CustomerRow>(sqlx::AssertSqlSafe(sql.clone()))
+        .bind(UnixMillis::now().0).bind(project).bind(external_id).fetch_optional(pool).await)?)
+}
+
+/// Why a customer could not be deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    #[error("no such customer")]
+    NotFound,
+    #[error("the customer has calls in flight; delete it once they have settled")]
+    CallsInFlight,
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Deletes a customer of `project` that has no call in flight. Its usage events stay in the
+/// ledger (without the customer), so billed totals do not change.
+pub async fn delete(db: &Db, project: &ProjectId, external_id: &str) -> Result<(), DeleteError> {
+    const SQL: &str = "DELETE FROM customers WHERE project_id = $1 AND external_id = $2 \
+        AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.customer_id = customers.id)";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(project).bind(external_id).execute(pool).await
+        .map(|r| r.rows_affected()))
+    .map_err(DbError::from)?;
+    if n == 1 {
+        return Ok(());
+    }
+    match find(db, project, external_id).await? {
+        Some(_) => Err(DeleteError::CallsInFlight),
+        None => Err(DeleteError::NotFound),
+    }
+}
+
 /// A customer of `project` (None for another project's: callers answer 404).
 pub async fn get(db: &Db, project: &ProjectId, id: &CustomerId) -> Result<Option<CustomerRow>, DbError> {
     let sql = format!("SELECT {COLUMNS} FROM customers WHERE project_id = $2 AND id = $3");

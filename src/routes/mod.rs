@@ -1,5 +1,6 @@
 //! The HTTP faces, one module each.
 
+pub mod api;
 pub mod dashboard;
 pub mod ops;
 pub mod proxy;

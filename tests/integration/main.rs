@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
 
 mod accounts;
+mod api;
 mod apis;
 mod browser;
 mod cli;
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
         dashboard::cases(),
         python::cases(),
         upgrades::cases(),
+        api::cases(),
         browser::cases(),
     ]
     .into_iter()

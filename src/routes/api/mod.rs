@@ -1,0 +1,63 @@
+//! The management API under `/api/v1`: what a tenant's backend does about its customers and
+//! budgets without the dashboard. Authenticated with the project's secret key
+//! (`Authorization: Bearer tg_sk_…`); answers JSON, and errors as `application/problem+json`.
+//! It calls the same domain functions as the dashboard (`tollgate_core::customers`).
+//!
+//! - [`customers`]: create or update by the tenant's id, get, list (cursor pages), block,
+//!   unblock, delete.
+//! - [`error`]: the one error type of this face.
+
+pub mod customers;
+pub mod error;
+
+use axum::Router;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use tollgate_core::audit::Actor;
+use tollgate_core::projects::Project;
+
+use self::error::ApiError;
+use crate::routes::proxy::auth;
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/customers", post(customers::upsert).get(customers::list))
+        .route(
+            "/api/v1/customers/{external_id}",
+            get(customers::get).patch(customers::update).delete(customers::delete),
+        )
+        .route("/api/v1/customers/{external_id}/block", post(customers::block))
+        .route("/api/v1/customers/{external_id}/unblock", post(customers::unblock))
+}
+
+/// The project whose live secret key the request carries.
+pub async fn project(state: &AppState, headers: &HeaderMap) -> Result<Project, ApiError> {
+    Ok(caller(state, headers).await?.0)
+}
+
+/// The project, and the key as the audit log names it.
+pub async fn caller(state: &AppState, headers: &HeaderMap) -> Result<(Project, Actor), ApiError> {
+    let grant = auth::grant(state, headers).await.map_err(|e| match e {
+        crate::routes::proxy::error::ProxyError::Internal => ApiError::Internal,
+        other => ApiError::Unauthorized(other.to_string()),
+    })?;
+    if grant.kind != "secret" {
+        return Err(ApiError::Unauthorized("The management API needs a secret key, not a publishable one.".into()));
+    }
+    let actor = Actor { user_id: None, label: format!("API key {}", grant.key_id) };
+    Ok((grant.project, actor))
+}
+
+/// Records a change made through the API in the organization's audit log.
+pub async fn audit(
+    state: &AppState,
+    project: &Project,
+    actor: &Actor,
+    action: &str,
+    target: &str,
+    detail: &str,
+) -> Result<(), ApiError> {
+    tollgate_core::audit::record(&state.db, &project.org_id, actor, action, target, detail).await?;
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The management API: a tenant's backend manages customers and budgets with its secret key;
+//! bad input gets problem+json and writes nothing; one project never sees another's customers.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tollgate_core::ledger;
+use tollgate_core::money::Nanos;
+use tollgate_core::projects::{self, KeyKind};
+use tollgate_core::time::UnixMillis;
+use tollgate_core::with_db;
+
+use crate::db_cases;
+use crate::helpers::{DbCase, TestDatabase, TestResult};
+use crate::proxy::{Setup, setup};
+
+pub fn cases() -> Vec<DbCase> {
+    db_cases![
+        customers_are_created_read_updated_and_deleted,
+        bad_requests_get_problem_json_and_write_nothing,
+        the_list_pages_with_cursors,
+        keys_and_projects_are_kept_apart,
+        a_budget_set_through_the_api_holds_on_the_proxy,
+    ]
+}
+
+impl Setup {
+    async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let mut request = self.app.client.request(method, self.app.url(path)).bearer_auth(&self.key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let content_type =
+            response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let text = response.text().await?;
+        if !status.is_success() {
+            assert_eq!(content_type, "application/problem+json", "{status}: {text}");
+        }
+        Ok((status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? }))
+    }
+}
+
+async fn count_customers(s: &Setup) -> anyhow::Result<i64> {
+    Ok(
+        with_db!(&s.app.state.db, pool => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM customers").fetch_one(pool).await)?,
+    )
+}
+
+async fn customers_are_created_read_updated_and_deleted(db: TestDatabase) -> TestResult {
+    let s = setup(&db, projects::BudgetPolicy::Reject).await?;
+    use reqwest::Method;
+    let (status, created) = s
+        .api(Method::POST, "/api/v1/customers", Some(json!({"id": "cust-1", "name": "Grace", "email": "grace@example.com", "budget": "10.00", "period": "month"})))
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["id"], "cust-1");
+    assert_eq!(created["budget"], "10.00");
+    assert_eq!(created["budget_nanos"], 10_000_000_000i64);
+    assert_eq!(created["remaining"], "10.00");
+    assert_eq!(created["currency"], "usd");
+    // The same id again updates (an upsert), it does not duplicate.
+    let (status, again) = s
+        .api(Method::POST, "/api/v1/customers", Some(json!({"id": "cust-1", "budget": "12.50", "period": "day"})))
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (again["budget"].clone(), again["period"].clone(), again["name"].clone()),
+        (json!("12.50"), json!("day"), json!("Grace"))
+    );
+    let (status, got) = s.api(Method::GET, "/api/v1/customers/cust-1", None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got["email"], "grace@example.com");
+    let (status, patched) =
+        s.api(Method::PATCH, "/api/v1/customers/cust-1", Some(json!({"period": "rolling"}))).await?;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!((patched["period"].clone(), patched["budget"].clone()), (json!("rolling"), json!("12.50")));
+    let (status, blocked) = s.api(Method::POST, "/api/v1/customers/cust-1/block", None).await?;
+    assert_eq!((status, blocked["blocked"].clone()), (StatusCode::OK, json!(true)));
+    let (_, unblocked) = s.api(Method::POST, "/api/v1/customers/cust-1/unblock", None).await?;
+    assert_eq!(unblocked["blocked"], false);
+    let (status, _) = s.api(Method::DELETE, "/api/v1/customers/cust-1", None).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Every change is in the organization's audit log, by key.
+    let actions: Vec<(String, String)> = with_db!(&s.app.state.db, pool => sqlx::query_as(
+        "SELECT action, actor_email FROM audit_log ORDER BY created_at, id").fetch_all(pool).await)?;
+    let names: Vec<&str> = actions.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "customer.saved",
+            "customer.saved",
+            "customer.saved",
+            "customer.blocked",
+            "customer.unblocked",
+            "customer.deleted"
+        ]
+    );
+    assert!(actions.iter().all(|(_, who)| who.starts_with("API key key_")), "{actions:?}");
+    let (status, problem) = s.api(Method::GET, "/api/v1/customers/cust-1", None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(problem["status"], 404);
+    assert_eq!(problem["type"], "urn:tollgate:problem:not-found");
+    s.app.stop().await
+}
+
+async fn bad_requests_get_problem_json_and_write_nothing(db: TestDatabase) -> TestResult {
+    let s = setup(&db, projects::BudgetPolicy::Reject).await?;
+    use reqwest::Method;
+    for (body, field) in [
+        (json!({"budget": "1"}), "id"),
+        (json!({"id": "", "budget": "1"}), "id"),
+        (json!({"id": "x".repeat(201), "budget": "1"}), "id"),
+        (json!({"id": "c"}), "budget"),
+        (json!({"id": "c", "budget": "-1"}), "budget"),
+        (json!({"id": "c", "budget": "ten"}), "budget"),
+        (json!({"id": "c", "budget": 1.5}), "budget"),
+        (json!({"id": "c", "budget": "1", "period": "fortnight"}), "period"),
+        (json!({"id": "c", "budget": "1", "email": "not an email"}), "email"),
+    ] {
+        let (status, problem) = s.api(Method::POST, "/api/v1/customers", Some(body.clone())).await?;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {problem}");
+        let fields: Vec<&str> =
+            problem["errors"].as_array().into_iter().flatten().filter_map(|e| e["field"].as_str()).collect();
+        assert!(fields.contains(&field), "{body}: expected a problem with {field}, got {problem}");
+        assert!(problem["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+    // Not JSON, an unknown field, the wrong content type.
+    let (status, _) =
+        s.api(Method::POST, "/api/v1/customers", Some(json!({"id": "c", "budget": "1", "colour": "red"}))).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let raw = s
+        .app
+        .client
+        .post(s.app.url("/api/v1/customers"))
+        .bearer_auth(&s.key)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await?;
+    assert_eq!(raw.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(raw.headers()["content-type"], "application/problem+json");
+    let raw = s.app.client.post(s.app.url("/api/v1/customers")).bearer_auth(&s.key).body("id=c").send().await?;
+    assert_eq!(raw.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let (status, _) = s.api(Method::GET, "/api/v1/customers?limit=0", None).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = s.api(Method::GET, "/api/v1/customers?cursor=%%%", None).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = s.api(Method::PATCH, "/api/v1/customers/ghost", Some(json!({"budget": "1"}))).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(count_customers(&s).await?, 0, "a refused request wrote a customer");
+    s.app.stop().await
+}
+
+async fn the_list_pages_with_cursors(db: TestDatabase) -> TestResult {
+    let s = setup(&db, projects::BudgetPolicy::Reject).await?;
+    use reqwest::Method;
+    for i in 0..7 {
+        s.api(Method::POST, "/api/v1/customers", Some(json!({"id": format!("c{i}"), "budget": "1"}))).await?;
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/customers?limit=3&cursor={c}"),
+            None => "/api/v1/customers?limit=3".to_owned(),
+        };
+        let (status, page) = s.api(Method::GET, &path, None).await?;
+        assert_eq!(status, StatusCode::OK);
+        seen.extend(page["data"].as_array().into_iter().flatten().filter_map(|c| c["id"].as_str().map(str::to_owned)));
+        cursor = page["next_cursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, ["c0", "c1", "c2", "c3", "c4", "c5", "c6"]);
+    s.app.stop().await
+}
+
+async fn keys_and_projects_are_kept_apart(db: TestDatabase) -> TestResult {
+    let s = setup(&db, projects::BudgetPolicy::Reject).await?;
+    use reqwest::Method;
+    s.api(Method::POST, "/api/v1/customers", Some(json!({"id": "mine", "budget": "5"}))).await?;
+    // No key, a wrong key, a publishable key: 401 problems.
+    let none = s.app.client.get(s.app.url("/api/v1/customers")).send().await?;
+    assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(none.headers()["content-type"], "application/problem+json");
+    let wrong = s.app.client.get(s.app.url("/api/v1/customers")).bearer_auth("tg_sk_wrong").send().await?;
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let publishable = projects::create_key(&s.app.state.db, &s.project.id, KeyKind::Publishable, "web").await?;
+    let refused = s.app.client.get(s.app.url("/api/v1/customers")).bearer_auth(&publishable.plaintext).send().await?;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    // Another project's key sees none of this project's customers.
+    let other = projects::create_project(
+        &s.app.state.db,
+        &s.project.org_id,
+        &projects::NewProject { name: "Other".into(), ..Default::default() },
+    )
+    .await?;
+    let other_key = projects::create_key(&s.app.state.db, &other.id, KeyKind::Secret, "k").await?.plaintext;
+    let get = |path: &'static str| s.app.client.get(s.app.url(path)).bearer_auth(&other_key).send();
+    assert_eq!(get("/api/v1/customers/mine").await?.status(), StatusCode::NOT_FOUND);
+    let list: Value = get("/api/v1/customers").await?.json().await?;
+    assert_eq!(list["data"], json!([]));
+    let deleted = s.app.client.delete(s.app.url("/api/v1/customers/mine")).bearer_auth(&other_key).send().await?;
+    assert_eq!(deleted.status(), StatusCode::NOT_FOUND);
+    assert_eq!(count_customers(&s).await?, 1);
+    s.app.stop().await
+}
+
+async fn a_budget_set_through_the_api_holds_on_the_proxy(db: TestDatabase) -> TestResult {
+    let s = setup(&db, projects::BudgetPolicy::Reject).await?;
+    use reqwest::Method;
+    // 0.05 pays for two 20-token calls (0.02 each), not a third.
+    s.api(Method::POST, "/api/v1/customers", Some(json!({"id": "api-cust", "budget": "0.05"}))).await?;
+    let hello = json!({"model": "mock-model", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]});
+    let statuses = [
+        s.chat("api-cust", hello.clone()).await?.status(),
+        s.chat("api-cust", hello.clone()).await?.status(),
+        s.chat("api-cust", hello.clone()).await?.status(),
+    ];
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::PAYMENT_REQUIRED]);
+    let (_, customer) = s.api(Method::GET, "/api/v1/customers/api-cust", None).await?;
+    assert_eq!((customer["spent"].clone(), customer["remaining"].clone()), (json!("0.04"), json!("0.01")));
+    // While a call holds budget, the customer cannot be deleted.
+    let row = projects::find_customer(&s.app.state.db, &s.project.id, "api-cust")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("customer"))?;
+    let ledger::ReserveOutcome::Reserved { reservation, .. } =
+        ledger::reserve(&s.app.state.db, &row, Nanos(1), "held", UnixMillis::now().plus_secs(60)).await?
+    else {
+        anyhow::bail!("not reserved");
+    };
+    let (status, problem) = s.api(Method::DELETE, "/api/v1/customers/api-cust", None).await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    ledger::release_expired(&s.app.state.db, UnixMillis::now().plus_secs(120)).await?;
+    assert!(!ledger::renew(&s.app.state.db, &reservation, UnixMillis::now()).await?);
+    let (status, _) = s.api(Method::DELETE, "/api/v1/customers/api-cust", None).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Its usage stays in the ledger.
+    let events: i64 = with_db!(&s.app.state.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM usage_events").fetch_one(pool).await)?;
+    assert_eq!(events, 3);
+    s.app.stop().await
+}
