@@ -82,6 +82,12 @@ impl MasterKey {
         }
     }
 
+    /// A key for one purpose, derived from the master key (HMAC-SHA256 of the purpose), so a
+    /// key used to sign tokens is never the key that encrypts secrets.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        hmac_sha256(&self.0, purpose.as_bytes())
+    }
+
     /// Encrypts `plaintext` into a printable string (`v1:<base64 nonce‖ciphertext>`).
     pub fn seal(&self, plaintext: &str) -> String {
         let cipher = XChaCha20Poly1305::new((&self.0).into());
@@ -139,6 +145,18 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
     }
 }
 
+/// HMAC-SHA256 with a 32-byte key. HMAC zero-pads keys shorter than its 64-byte block, so
+/// padding here gives the same MAC, through the constructor that cannot fail.
+pub fn hmac_sha256(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
+    use hmac::digest::KeyInit;
+    use hmac::{Hmac, Mac};
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(key);
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new(&block.into());
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
 /// A valid argon2id hash of a random password, verified against when an account does not
 /// exist so that a login takes as long whether or not the email is known.
 pub fn dummy_password_hash() -> &'static str {
@@ -162,6 +180,16 @@ pub fn token_hash(token: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hmac_with_a_padded_key_is_hmac_with_the_key() {
+        use hmac::Mac;
+        let key = [7u8; 32];
+        let mut reference = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).unwrap();
+        reference.update(b"message");
+        let expected: [u8; 32] = reference.finalize().into_bytes().into();
+        assert_eq!(hmac_sha256(&key, b"message"), expected);
+    }
 
     #[test]
     fn seal_round_trips_and_differs_each_time() {

@@ -10,6 +10,7 @@
 //! - [`projects`]: projects, keys, providers, prices and end-customers.
 //! - [`pricing`] and [`period`]: what a call costs, and the window a budget counts in.
 //! - [`ledger`]: reserve before a call, settle after it, and the usage events.
+//! - [`tokens`]: customer tokens, which make publishable keys safe in clients.
 //! - [`customers`] and [`usage`]: customers as tenants manage them, and the ledger read for people.
 
 pub mod accounts;
@@ -27,6 +28,7 @@ pub mod pricing;
 pub mod projects;
 pub mod sessions;
 pub mod time;
+pub mod tokens;
 pub mod usage;
 
 pub use config::Config;

@@ -22,6 +22,7 @@ mod ops;
 mod proxy;
 mod python;
 mod replicas;
+mod tokens;
 mod upgrades;
 mod webdriver;
 
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
         python::cases(),
         upgrades::cases(),
         api::cases(),
+        tokens::cases(),
         browser::cases(),
     ]
     .into_iter()

@@ -5,10 +5,12 @@
 //!
 //! - [`customers`]: create or update by the tenant's id, get, list (cursor pages), block,
 //!   unblock, delete.
+//! - [`tokens`]: customer tokens for calls made with a publishable key.
 //! - [`error`]: the one error type of this face.
 
 pub mod customers;
 pub mod error;
+pub mod tokens;
 
 use axum::Router;
 use axum::http::HeaderMap;
@@ -29,6 +31,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/api/v1/customers/{external_id}/block", post(customers::block))
         .route("/api/v1/customers/{external_id}/unblock", post(customers::unblock))
+        .route("/api/v1/customer-tokens", post(tokens::mint))
 }
 
 /// The project whose live secret key the request carries.

@@ -15,6 +15,7 @@ use axum::http::HeaderMap;
 use tollgate_core::ids::{KeyId, ProjectId};
 use tollgate_core::projects::{self, Project};
 use tollgate_core::time::UnixMillis;
+use tollgate_core::tokens;
 
 use super::error::ProxyError;
 use crate::state::AppState;
@@ -131,14 +132,40 @@ pub async fn grant(state: &AppState, headers: &HeaderMap) -> Result<KeyGrant, Pr
     Ok(grant)
 }
 
-/// The project whose live secret key the request carries.
-pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Project, ProxyError> {
+/// The header that carries a customer token with a publishable key.
+pub const CUSTOMER_TOKEN_HEADER: &str = "x-tollgate-customer-token";
+
+/// Who is calling: the project, and (publishable keys) the customer its token names.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub project: Project,
+    /// With a publishable key, the only customer the call may be charged to.
+    pub token_customer: Option<String>,
+}
+
+/// The project a request's key belongs to. A secret key is enough; a publishable key also
+/// needs a valid, unexpired customer token of the same project (`X-Tollgate-Customer-Token`).
+pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, ProxyError> {
     let grant = grant(state, headers).await?;
-    if grant.kind != "secret" {
-        return Err(ProxyError::Unauthorized(
-            "A publishable key needs a customer token; customer tokens are not available yet, so use a secret key from your backend."
-                .to_owned(),
-        ));
+    if grant.kind == "secret" {
+        return Ok(Caller { project: grant.project, token_customer: None });
     }
-    Ok(grant.project)
+    let token = headers.get(CUSTOMER_TOKEN_HEADER).and_then(|v| v.to_str().ok()).ok_or_else(|| {
+        ProxyError::Unauthorized(
+            "A publishable key needs a customer token in the X-Tollgate-Customer-Token header; your backend mints one with POST /api/v1/customer-tokens."
+                .to_owned(),
+        )
+    })?;
+    let claims = tokens::verify(&state.master_key, token, UnixMillis::now()).map_err(|e| {
+        ProxyError::Unauthorized(format!("{}: mint a new one from your backend.", capitalize(&e.to_string())))
+    })?;
+    if claims.project != grant.project.id {
+        return Err(ProxyError::Unauthorized("The customer token belongs to another project.".to_owned()));
+    }
+    Ok(Caller { project: grant.project, token_customer: Some(claims.customer) })
+}
+
+fn capitalize(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }

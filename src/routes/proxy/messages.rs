@@ -206,7 +206,7 @@ pub async fn count_tokens(
 ) -> Response {
     let answer = async {
         let body = pipeline::body_bytes(body)?;
-        let project = auth::authenticate(&state, &headers).await?;
+        let project = auth::authenticate(&state, &headers).await?.project;
         let request = pipeline::json_body(&body)?;
         let model = model(object(&request)?)?;
         let provider = pipeline::route::<Messages>(&state, &project, &model).await?;

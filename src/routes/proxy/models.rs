@@ -64,7 +64,7 @@ fn model_object(shape: ErrorShape, id: &str, kind: ProviderKind) -> Value {
 
 /// Each callable model with the kind of connection that serves it (the first that does).
 async fn callable_models(state: &AppState, headers: &HeaderMap) -> Result<BTreeMap<String, ProviderKind>, ProxyError> {
-    let project = auth::authenticate(state, headers).await?;
+    let project = auth::authenticate(state, headers).await?.project;
     let providers = projects::list_providers(&state.db, &state.master_key, &project.id).await?;
     let overridden = projects::overridden_models(&state.db, &project.id).await?;
     let mut candidates: Vec<String> = pricing::shipped_models().into_iter().map(str::to_owned).collect();

@@ -205,10 +205,14 @@ async fn run<D: Dialect>(
 ) -> Result<Response, ProxyError> {
     let started = Instant::now();
     let body = body_bytes(body)?;
-    let project = auth::authenticate(&state, &headers).await?;
+    let caller = auth::authenticate(&state, &headers).await?;
+    let project = caller.project;
     let mut request = json_body(&body)?;
     let shape = D::parse(&request)?;
-    let external_id = customer_of_call(&project, &headers, D::user(&request))?;
+    let external_id = match caller.token_customer {
+        Some(customer) => token_customer_of_call(&headers, customer)?,
+        None => customer_of_call(&project, &headers, D::user(&request))?,
+    };
     let price = projects::price_for(&state.db, &project.id, &shape.model).await?.ok_or_else(|| {
         ProxyError::invalid(
             format!(
@@ -366,6 +370,20 @@ fn customer_of_call(project: &Project, headers: &HeaderMap, user: Option<&str>) 
         "missing_customer",
         Some("customer"),
     ))
+}
+
+/// The customer of a call made with a publishable key: the one its token names. A customer
+/// header naming anyone else is refused, so a client cannot spend another customer's budget.
+fn token_customer_of_call(headers: &HeaderMap, customer: String) -> Result<String, ProxyError> {
+    if let Some(value) = headers.get(CUSTOMER_HEADER)
+        && value.as_bytes() != customer.as_bytes()
+    {
+        return Err(ProxyError::Forbidden {
+            message: "The customer token names another customer than the X-Tollgate-Customer header.".to_owned(),
+            code: "customer_mismatch",
+        });
+    }
+    Ok(customer)
 }
 
 /// The largest max-output (≤ `upper`) whose worst case fits in `remaining`; 0 if none does.
