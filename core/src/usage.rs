@@ -137,3 +137,38 @@ pub async fn top_customers(
     Ok(with_db!(db, pool => sqlx::query_as::<_, TopCustomer>(SQL).bind(project).bind(since.0).bind(limit)
         .fetch_all(pool).await)?)
 }
+
+/// Usage of one customer, model and UTC day (the export of the ledger).
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct UsageRow {
+    pub day: i64,
+    pub customer: Option<String>,
+    pub model: String,
+    pub calls: i64,
+    pub refused: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub billed_nanos: i64,
+}
+
+/// Usage between `from` (inclusive) and `to` (exclusive), by day, customer and model,
+/// optionally for one customer (by the tenant's id).
+pub async fn by_day_customer_model(
+    db: &Db,
+    project: &ProjectId,
+    customer: Option<&str>,
+    from: UnixMillis,
+    to: UnixMillis,
+) -> Result<Vec<UsageRow>, DbError> {
+    const SQL: &str = "SELECT (u.created_at / 86400000) * 86400000 AS day, c.external_id AS customer, u.model, \
+        CAST(COALESCE(SUM(CASE WHEN u.status = 'settled' THEN 1 ELSE 0 END), 0) AS BIGINT) AS calls, \
+        CAST(COALESCE(SUM(CASE WHEN u.status = 'refused' THEN 1 ELSE 0 END), 0) AS BIGINT) AS refused, \
+        CAST(COALESCE(SUM(u.input_tokens + u.cached_input_tokens + u.cache_write_tokens), 0) AS BIGINT) AS input_tokens, \
+        CAST(COALESCE(SUM(u.output_tokens), 0) AS BIGINT) AS output_tokens, \
+        CAST(COALESCE(SUM(u.billed_nanos), 0) AS BIGINT) AS billed_nanos \
+        FROM usage_events u LEFT JOIN customers c ON c.id = u.customer_id \
+        WHERE u.project_id = $1 AND u.created_at >= $2 AND u.created_at < $3 AND ($4 IS NULL OR c.external_id = $4) \
+        GROUP BY (u.created_at / 86400000), c.external_id, u.model ORDER BY day, customer, u.model";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, UsageRow>(SQL).bind(project).bind(from.0).bind(to.0).bind(customer)
+        .fetch_all(pool).await)?)
+}

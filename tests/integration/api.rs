@@ -20,6 +20,7 @@ pub fn cases() -> Vec<DbCase> {
         the_list_pages_with_cursors,
         keys_and_projects_are_kept_apart,
         a_budget_set_through_the_api_holds_on_the_proxy,
+        usage_is_exported_as_json_and_csv,
     ]
 }
 
@@ -245,5 +246,45 @@ async fn a_budget_set_through_the_api_holds_on_the_proxy(db: TestDatabase) -> Te
     // Its usage stays in the ledger.
     let events: i64 = with_db!(&s.app.state.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM usage_events").fetch_one(pool).await)?;
     assert_eq!(events, 3);
+    s.app.stop().await
+}
+
+async fn usage_is_exported_as_json_and_csv(db: TestDatabase) -> TestResult {
+    let s = setup(&db, projects::BudgetPolicy::Reject).await?;
+    use reqwest::Method;
+    s.api(Method::POST, "/api/v1/customers", Some(json!({"id": "a,b", "budget": "0.05"}))).await?;
+    s.api(Method::POST, "/api/v1/customers", Some(json!({"id": "c2", "budget": "1"}))).await?;
+    let hello = json!({"model": "mock-model", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]});
+    for customer in ["a,b", "a,b", "a,b", "c2"] {
+        s.chat(customer, hello.clone()).await?;
+    }
+    let (status, usage) = s.api(Method::GET, "/api/v1/usage", None).await?;
+    assert_eq!(status, StatusCode::OK, "{usage}");
+    let rows = usage["data"].as_array().cloned().unwrap_or_default();
+    let ab = rows.iter().find(|r| r["customer"] == "a,b").cloned().unwrap_or_default();
+    assert_eq!(
+        (ab["calls"].clone(), ab["refused"].clone(), ab["billed"].clone(), ab["output_tokens"].clone()),
+        (json!(2), json!(1), json!("0.04"), json!(40))
+    );
+    let (_, one) = s.api(Method::GET, "/api/v1/usage?customer=c2", None).await?;
+    assert_eq!(one["data"].as_array().map(Vec::len), Some(1));
+    assert_eq!(one["data"][0]["billed"], "0.02");
+
+    let csv = s.app.client.get(s.app.url("/api/v1/usage?format=csv")).bearer_auth(&s.key).send().await?;
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    let text = csv.text().await?;
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("day,customer,model,calls,refused,input_tokens,output_tokens,billed,currency"));
+    assert!(text.contains(",\"a,b\",mock-model,2,1,"), "a comma in an id is quoted: {text}");
+    assert!(text.contains(",c2,mock-model,1,0,") && text.contains(",0.02,usd"), "{text}");
+    for bad in [
+        "/api/v1/usage?from=abc",
+        "/api/v1/usage?from=10&to=5",
+        "/api/v1/usage?format=xml",
+        "/api/v1/usage?from=0&to=99999999999",
+    ] {
+        let (status, problem) = s.api(Method::GET, bad, None).await?;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {problem}");
+    }
     s.app.stop().await
 }

@@ -5,12 +5,14 @@
 //!
 //! - [`customers`]: create or update by the tenant's id, get, list (cursor pages), block,
 //!   unblock, delete.
+//! - [`usage`]: the ledger by day, customer and model, JSON or CSV.
 //! - [`tokens`]: customer tokens for calls made with a publishable key.
 //! - [`error`]: the one error type of this face.
 
 pub mod customers;
 pub mod error;
 pub mod tokens;
+pub mod usage;
 
 use axum::Router;
 use axum::http::HeaderMap;
@@ -32,6 +34,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/customers/{external_id}/block", post(customers::block))
         .route("/api/v1/customers/{external_id}/unblock", post(customers::unblock))
         .route("/api/v1/customer-tokens", post(tokens::mint))
+        .route("/api/v1/usage", get(usage::export))
 }
 
 /// The project whose live secret key the request carries.
