@@ -21,6 +21,7 @@ pub fn cases() -> Vec<DbCase> {
         keys_and_projects_are_kept_apart,
         a_budget_set_through_the_api_holds_on_the_proxy,
         usage_is_exported_as_json_and_csv,
+        keys_are_made_listed_and_revoked_and_settings_read,
     ]
 }
 
@@ -286,5 +287,37 @@ async fn usage_is_exported_as_json_and_csv(db: TestDatabase) -> TestResult {
         let (status, problem) = s.api(Method::GET, bad, None).await?;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {problem}");
     }
+    s.app.stop().await
+}
+
+async fn keys_are_made_listed_and_revoked_and_settings_read(db: TestDatabase) -> TestResult {
+    let s = setup(&db, projects::BudgetPolicy::Reject).await?;
+    use reqwest::Method;
+    let (status, created) =
+        s.api(Method::POST, "/api/v1/keys", Some(json!({"name": "worker", "kind": "secret"}))).await?;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap_or_default().to_owned();
+    assert!(key.starts_with("tg_sk_"));
+    assert_eq!(created["prefix"], key[..12]);
+    let (_, listed) = s.api(Method::GET, "/api/v1/keys", None).await?;
+    let keys = listed["data"].as_array().cloned().unwrap_or_default();
+    assert_eq!(keys.len(), 2);
+    assert!(!listed.to_string().contains(&key), "a listed key showed its secret");
+    let (status, _) = s.api(Method::POST, "/api/v1/keys", Some(json!({"kind": "root"}))).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // The new key works, until revoked: at once.
+    let works = s.app.client.get(s.app.url("/api/v1/project")).bearer_auth(&key).send().await?;
+    assert_eq!(works.status(), StatusCode::OK);
+    let settings: Value = works.json().await?;
+    assert_eq!((settings["budget_policy"].clone(), settings["currency"].clone()), (json!("reject"), json!("usd")));
+    let id = created["id"].as_str().unwrap_or_default();
+    let (status, revoked) = s.api(Method::POST, &format!("/api/v1/keys/{id}/revoke"), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(revoked["revoked_at"].is_i64(), "{revoked}");
+    let refused = s.app.client.get(s.app.url("/api/v1/project")).bearer_auth(&key).send().await?;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let (status, _) = s.api(Method::POST, &format!("/api/v1/keys/{id}/revoke"), None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a key is revoked once");
     s.app.stop().await
 }

@@ -5,12 +5,14 @@
 //!
 //! - [`customers`]: create or update by the tenant's id, get, list (cursor pages), block,
 //!   unblock, delete.
+//! - [`keys`]: the project's keys (create, list, revoke) and its settings (read).
 //! - [`usage`]: the ledger by day, customer and model, JSON or CSV.
 //! - [`tokens`]: customer tokens for calls made with a publishable key.
 //! - [`error`]: the one error type of this face.
 
 pub mod customers;
 pub mod error;
+pub mod keys;
 pub mod tokens;
 pub mod usage;
 
@@ -35,6 +37,9 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/customers/{external_id}/unblock", post(customers::unblock))
         .route("/api/v1/customer-tokens", post(tokens::mint))
         .route("/api/v1/usage", get(usage::export))
+        .route("/api/v1/keys", post(keys::create).get(keys::list))
+        .route("/api/v1/keys/{id}/revoke", post(keys::revoke))
+        .route("/api/v1/project", get(keys::project))
 }
 
 /// The project whose live secret key the request carries.
