@@ -23,6 +23,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::middleware::{http_metrics, request_id};
+use crate::routes::api::limits::RateLimiter;
 use crate::routes::{api, dashboard, ops, proxy};
 use crate::state::AppState;
 use crate::telemetry;
@@ -39,6 +40,7 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let master_key = config.resolve_master_key()?;
         let mailer = crate::mail::Mailer::from_config(&config)?;
+        let api_limits = RateLimiter::new(config.api_rate_per_second);
         let db = Db::connect(&config).await?;
         db.migrate().await?;
         let jobs = JobStore::open(config.database_url.expose_secret(), config.sqlite_synchronous).await?;
@@ -62,6 +64,7 @@ impl Application {
             metrics: telemetry::metrics_handle(),
             keys: Default::default(),
             mailer: Arc::new(mailer),
+            api_limits: Arc::new(api_limits),
         };
         Ok(Self { listener, state, local_addr })
     }

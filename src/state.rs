@@ -8,6 +8,7 @@ use tollgate_core::{Config, Db};
 use tollgate_jobs::JobStore;
 
 use crate::mail::Mailer;
+use crate::routes::api::limits::RateLimiter;
 use crate::routes::proxy::auth::KeyCache;
 
 /// Shared, cheaply cloned application state.
@@ -24,4 +25,6 @@ pub struct AppState {
     pub keys: Arc<KeyCache>,
     /// Outgoing mail.
     pub mailer: Arc<Mailer>,
+    /// Per-key rate limits of the management API.
+    pub api_limits: Arc<RateLimiter>,
 }

@@ -67,6 +67,8 @@ pub struct Config {
     pub smtp_url: Option<SecretString>,
     /// The sender of that mail.
     pub smtp_from: String,
+    /// Requests per second each key may make to the management API (bursts of twice that).
+    pub api_rate_per_second: u32,
 }
 
 impl Config {
@@ -154,6 +156,7 @@ struct RawConfig {
     workers: Option<bool>,
     smtp_url: Option<String>,
     smtp_from: Option<String>,
+    api_rate_per_second: Option<u32>,
 }
 
 /// Raw settings plus where each came from, so errors can point at the right place.
@@ -179,6 +182,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("workers", "TOLLGATE_WORKERS"),
     ("smtp_url", "TOLLGATE_SMTP_URL"),
     ("smtp_from", "TOLLGATE_SMTP_FROM"),
+    ("api_rate_per_second", "TOLLGATE_API_RATE_PER_SECOND"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -231,6 +235,11 @@ impl Sourced {
                             .trim()
                             .parse()
                             .map_err(|_| invalid(format!("expected a number of seconds, got {value:?}")))?,
+                    )
+                }
+                "api_rate_per_second" => {
+                    r.api_rate_per_second = Some(
+                        value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
                     )
                 }
                 "workers" => {
@@ -339,6 +348,10 @@ impl Sourced {
             Some(from) => return Err(self.invalid("smtp_from", format!("expected an email address, got {from:?}"))),
             None => format!("Tollgate <tollgate@{}>", listen.ip()),
         };
+        let api_rate_per_second = r.api_rate_per_second.unwrap_or(50);
+        if api_rate_per_second == 0 {
+            return Err(self.invalid("api_rate_per_second", "must be at least 1"));
+        }
         Ok(Config {
             mode,
             listen,
@@ -354,6 +367,7 @@ impl Sourced {
             run_workers: r.workers.unwrap_or(true),
             smtp_url,
             smtp_from,
+            api_rate_per_second,
         })
     }
 }

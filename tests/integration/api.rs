@@ -22,6 +22,7 @@ pub fn cases() -> Vec<DbCase> {
         a_budget_set_through_the_api_holds_on_the_proxy,
         usage_is_exported_as_json_and_csv,
         keys_are_made_listed_and_revoked_and_settings_read,
+        each_key_is_rate_limited_with_retry_after,
     ]
 }
 
@@ -320,4 +321,48 @@ async fn keys_are_made_listed_and_revoked_and_settings_read(db: TestDatabase) ->
     let (status, _) = s.api(Method::POST, &format!("/api/v1/keys/{id}/revoke"), None).await?;
     assert_eq!(status, StatusCode::NOT_FOUND, "a key is revoked once");
     s.app.stop().await
+}
+
+async fn each_key_is_rate_limited_with_retry_after(db: TestDatabase) -> TestResult {
+    let app = crate::helpers::spawn_app_with(&db, |env| {
+        env.insert("TOLLGATE_API_RATE_PER_SECOND".into(), "1".into());
+    })
+    .await?;
+    let org = tollgate_core::accounts::create_organization_with_owner(
+        &app.state.db,
+        tollgate_core::accounts::NewOrganization {
+            name: "Acme",
+            owner_email: "ada@example.com",
+            owner_password: "correct horse battery",
+        },
+    )
+    .await?;
+    let project = projects::create_project(
+        &app.state.db,
+        &org.org_id,
+        &projects::NewProject { name: "P".into(), ..Default::default() },
+    )
+    .await?;
+    let key = projects::create_key(&app.state.db, &project.id, KeyKind::Secret, "k").await?.plaintext;
+    let other = projects::create_key(&app.state.db, &project.id, KeyKind::Secret, "k2").await?.plaintext;
+    let get = |key: &str| app.client.get(app.url("/api/v1/project")).bearer_auth(key).send();
+    // A burst of twice the rate (2) passes; of ten quick requests, some must wait (all ten
+    // passing would take eight seconds).
+    let mut limited = None;
+    for i in 0..10 {
+        let response = get(&key).await?;
+        if i < 2 {
+            assert_eq!(response.status(), StatusCode::OK, "request {i} of the burst");
+        } else if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(response);
+            break;
+        }
+    }
+    let limited = limited.ok_or_else(|| anyhow::anyhow!("ten requests at once were never limited"))?;
+    assert_eq!(limited.headers()["retry-after"], "1");
+    assert_eq!(limited.headers()["content-type"], "application/problem+json");
+    assert_eq!(get(&other).await?.status(), StatusCode::OK, "another key has its own budget of requests");
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    assert_eq!(get(&key).await?.status(), StatusCode::OK, "the bucket refills");
+    app.stop().await
 }

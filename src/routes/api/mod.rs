@@ -8,11 +8,13 @@
 //! - [`keys`]: the project's keys (create, list, revoke) and its settings (read).
 //! - [`usage`]: the ledger by day, customer and model, JSON or CSV.
 //! - [`tokens`]: customer tokens for calls made with a publishable key.
+//! - [`limits`]: requests per second per key.
 //! - [`error`]: the one error type of this face.
 
 pub mod customers;
 pub mod error;
 pub mod keys;
+pub mod limits;
 pub mod tokens;
 pub mod usage;
 
@@ -56,6 +58,7 @@ pub async fn caller(state: &AppState, headers: &HeaderMap) -> Result<(Project, A
     if grant.kind != "secret" {
         return Err(ApiError::Unauthorized("The management API needs a secret key, not a publishable one.".into()));
     }
+    state.api_limits.check(&grant.key_id).map_err(ApiError::RateLimited)?;
     let actor = Actor { user_id: None, label: format!("API key {}", grant.key_id) };
     Ok((grant.project, actor))
 }
