@@ -128,7 +128,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .merge(proxy::router())
-        .merge(api::router())
+        .merge(api::router(&state))
         .merge(dashboard::router(&state))
         .fallback(not_found)
         .with_state(state)

@@ -173,8 +173,13 @@ pub fn random_token() -> String {
 
 /// The SHA-256 (hex) under which a token is stored.
 pub fn token_hash(token: &str) -> String {
+    sha256_hex(token.as_bytes())
+}
+
+/// SHA-256 of `bytes`, in hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 #[cfg(test)]

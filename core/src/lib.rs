@@ -20,6 +20,7 @@ pub mod crypto;
 pub mod customers;
 pub mod db;
 pub mod estimate;
+pub mod idempotency;
 pub mod ids;
 pub mod ledger;
 pub mod money;

@@ -2,7 +2,8 @@
 //! workers run) and, once a minute, queues one [`Housekeeping`] job for the whole
 //! deployment (deduplicated by minute across replicas), which releases expired reservations
 //! (calls of a crashed process: no customer stays blocked by them) and prunes stale rows
-//! (heartbeats, expired sessions, spent reset links and invitations, old login failures).
+//! (heartbeats, expired sessions, spent reset links and invitations, old login failures,
+//! idempotency keys older than a day).
 
 use serde::{Deserialize, Serialize};
 use tollgate_core::db::DbError;
@@ -45,6 +46,7 @@ pub async fn run(db: &Db, now: UnixMillis) -> Result<HousekeepingReport, DbError
     let removed = with_db!(db, pool => sqlx::query(SQL).bind(cutoff).execute(pool).await.map(|r| r.rows_affected()))?;
     let released = tollgate_core::ledger::release_expired(db, now).await?;
     let mut dashboard = tollgate_core::sessions::delete_expired(db, now).await?;
+    dashboard += tollgate_core::idempotency::prune(db, now).await?;
     let window_start = now.plus_secs(-tollgate_core::accounts::THROTTLE_WINDOW_SECS).0;
     for (sql, bound) in [
         ("DELETE FROM password_resets WHERE expires_at <= $1 OR used_at IS NOT NULL", now.0),

@@ -23,6 +23,7 @@ pub fn cases() -> Vec<DbCase> {
         usage_is_exported_as_json_and_csv,
         keys_are_made_listed_and_revoked_and_settings_read,
         each_key_is_rate_limited_with_retry_after,
+        an_idempotency_key_replays_the_first_answer,
     ]
 }
 
@@ -365,4 +366,58 @@ async fn each_key_is_rate_limited_with_retry_after(db: TestDatabase) -> TestResu
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
     assert_eq!(get(&key).await?.status(), StatusCode::OK, "the bucket refills");
     app.stop().await
+}
+
+async fn an_idempotency_key_replays_the_first_answer(db: TestDatabase) -> TestResult {
+    let s = setup(&db, projects::BudgetPolicy::Reject).await?;
+    let post = |key: &'static str, body: Value| {
+        s.app
+            .client
+            .post(s.app.url("/api/v1/customers"))
+            .bearer_auth(&s.key)
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+    };
+    let first = post("create-c1", json!({"id": "c1", "budget": "5"})).await?;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Value = first.json().await?;
+    // The retry gets the same answer (201, not 200), and nothing is done twice.
+    let retry = post("create-c1", json!({"id": "c1", "budget": "5"})).await?;
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.json::<Value>().await?, first);
+    let saves: i64 = with_db!(&s.app.state.db, pool => sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_log WHERE action = 'customer.saved'").fetch_one(pool).await)?;
+    assert_eq!(saves, 1, "the retry did the work again");
+    // The same key for another request is refused; a refused request is replayed as refused.
+    let other = post("create-c1", json!({"id": "c1", "budget": "500"})).await?;
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(other.headers()["content-type"], "application/problem+json");
+    let bad = post("bad", json!({"id": "c2"})).await?;
+    assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(post("bad", json!({"id": "c2"})).await?.headers()["idempotent-replayed"], "true");
+    // Keys belong to a project: another project's same key is a new request.
+    let other_project = projects::create_project(
+        &s.app.state.db,
+        &s.project.org_id,
+        &projects::NewProject { name: "O".into(), ..Default::default() },
+    )
+    .await?;
+    let other_key = projects::create_key(&s.app.state.db, &other_project.id, KeyKind::Secret, "k").await?.plaintext;
+    let theirs = s
+        .app
+        .client
+        .post(s.app.url("/api/v1/customers"))
+        .bearer_auth(&other_key)
+        .header("idempotency-key", "create-c1")
+        .json(&json!({"id": "c1", "budget": "7"}))
+        .send()
+        .await?;
+    assert_eq!(theirs.status(), StatusCode::CREATED);
+    assert!(theirs.headers().get("idempotent-replayed").is_none());
+    let (_, c1) = s.api(reqwest::Method::GET, "/api/v1/customers/c1", None).await?;
+    assert_eq!(c1["budget"], "5.00", "the other project's request touched this one");
+    s.app.stop().await
 }

@@ -8,11 +8,12 @@
 //! - [`keys`]: the project's keys (create, list, revoke) and its settings (read).
 //! - [`usage`]: the ledger by day, customer and model, JSON or CSV.
 //! - [`tokens`]: customer tokens for calls made with a publishable key.
-//! - [`limits`]: requests per second per key.
+//! - [`limits`]: requests per second per key; [`idempotency`]: `Idempotency-Key` on POSTs.
 //! - [`error`]: the one error type of this face.
 
 pub mod customers;
 pub mod error;
+pub mod idempotency;
 pub mod keys;
 pub mod limits;
 pub mod tokens;
@@ -28,7 +29,7 @@ use self::error::ApiError;
 use crate::routes::proxy::auth;
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
+pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/api/v1/customers", post(customers::upsert).get(customers::list))
         .route(
@@ -42,6 +43,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/keys", post(keys::create).get(keys::list))
         .route("/api/v1/keys/{id}/revoke", post(keys::revoke))
         .route("/api/v1/project", get(keys::project))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::layer))
 }
 
 /// The project whose live secret key the request carries.
