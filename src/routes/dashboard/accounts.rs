@@ -15,7 +15,7 @@ use tollgate_core::audit;
 use tower_sessions::Session;
 
 use super::error::{WebError, urlencode};
-use super::session::{self, Member, csrf_token, verify_csrf};
+use super::session::{self, CsrfForm, Member, csrf_token, verify_csrf};
 use crate::state::AppState;
 
 #[derive(Template, WebTemplate)]
@@ -154,12 +154,6 @@ pub async fn login(
             Ok((status, page).into_response())
         }
     }
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct CsrfForm {
-    csrf: String,
 }
 
 pub async fn logout(session: Session, Form(form): Form<CsrfForm>) -> Result<Redirect, WebError> {

@@ -22,7 +22,7 @@ use tollgate_core::usage::{self, CallRow};
 use super::error::{WebError, urlencode};
 use super::format;
 use super::projects::{capitalized, load_project, project_error};
-use super::session::Member;
+use super::session::{CsrfForm, Member};
 use crate::state::AppState;
 
 const PAGE_SIZE: i64 = 50;
@@ -308,12 +308,6 @@ pub async fn show(
         project,
         me,
     })
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct CsrfForm {
-    csrf: String,
 }
 
 async fn set_blocked(

@@ -17,7 +17,7 @@ use tollgate_core::projects::{self, KeyKind, Project, ProjectError};
 use super::error::WebError;
 use super::format;
 use super::projects::{capitalized, load_project, project_error};
-use super::session::Member;
+use super::session::{CsrfForm, Member};
 use crate::state::AppState;
 
 pub struct KeyRow {
@@ -111,12 +111,6 @@ impl NewKeyForm {
     fn kind_label(&self) -> &'static str {
         if self.kind == "publishable" { "publishable" } else { "secret" }
     }
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct CsrfForm {
-    csrf: String,
 }
 
 pub async fn revoke(

@@ -18,7 +18,7 @@ use tower_sessions::Session;
 
 use super::error::{WebError, urlencode};
 use super::format;
-use super::session::{self, Member, csrf_token, verify_csrf};
+use super::session::{self, CsrfForm, Member, csrf_token, verify_csrf};
 use crate::state::AppState;
 
 pub struct MemberView {
@@ -158,12 +158,6 @@ pub async fn set_role(
             Ok((StatusCode::BAD_REQUEST, page(&state, me, None, errors).await?).into_response())
         }
     }
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct CsrfForm {
-    csrf: String,
 }
 
 pub async fn remove(

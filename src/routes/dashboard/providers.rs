@@ -15,7 +15,7 @@ use tollgate_core::projects::{self, NewProvider, Project, ProjectError, Provider
 
 use super::error::WebError;
 use super::projects::{capitalized, load_project, project_error};
-use super::session::Member;
+use super::session::{CsrfForm, Member};
 use crate::state::AppState;
 
 #[derive(Template, WebTemplate)]
@@ -101,12 +101,6 @@ pub async fn add(
         }
     }
     Ok((StatusCode::BAD_REQUEST, page(&state, me, project, form, errors).await?).into_response())
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct CsrfForm {
-    csrf: String,
 }
 
 pub async fn delete(

@@ -16,6 +16,13 @@ const USER: &str = "user_id";
 const ORG: &str = "org_id";
 const CSRF: &str = "csrf";
 
+/// A form that carries nothing but its CSRF token (a button: log out, revoke, block, …).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub struct CsrfForm {
+    pub csrf: String,
+}
+
 /// The session's CSRF token, created on first use.
 pub async fn csrf_token(session: &Session) -> Result<String, WebError> {
     if let Some(token) = session.get::<String>(CSRF).await? {
