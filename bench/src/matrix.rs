@@ -393,7 +393,7 @@ async fn create_database(db: &Database, name: &str) -> anyhow::Result<String> {
         }
         Database::Postgres { admin_url } => {
             let pool = sqlx::PgPool::connect(admin_url).await.context("connecting to TOLLGATE_BENCH_POSTGRES_URL")?;
-            sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&pool).await?;
             pool.close().await;
             Ok(replace_database(admin_url, name))
         }
@@ -407,7 +407,7 @@ async fn drop_database(db: &Database, name: &str) -> anyhow::Result<()> {
         }
         Database::Postgres { admin_url } => {
             let pool = sqlx::PgPool::connect(admin_url).await?;
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&pool).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&pool).await?;
             pool.close().await;
         }
     }
@@ -573,7 +573,7 @@ impl Pool {
     }
 
     /// The single integer `sql` selects.
-    async fn scalar(&self, sql: &str) -> anyhow::Result<i64> {
+    async fn scalar(&self, sql: &'static str) -> anyhow::Result<i64> {
         Ok(match self {
             Pool::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await?,
             Pool::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await?,
