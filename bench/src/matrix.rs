@@ -169,7 +169,14 @@ pub async fn run(config: MatrixConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spec(url: &str, rate: f64, duration: Duration, headers: Vec<(String, String)>, customers: u64, call: Call) -> LoadSpec {
+fn spec(
+    url: &str,
+    rate: f64,
+    duration: Duration,
+    headers: Vec<(String, String)>,
+    customers: u64,
+    call: Call,
+) -> LoadSpec {
     LoadSpec {
         url: url.to_owned(),
         rate,
@@ -307,14 +314,7 @@ impl Tollgate {
             .context("starting tollgate serve")?;
         let pid = child.id().context("tollgate's pid")?;
         let base = format!("http://127.0.0.1:{port}");
-        let tollgate = Tollgate {
-            child,
-            pid,
-            base,
-            key,
-            data_dir,
-            database_url: database_url.to_owned(),
-        };
+        let tollgate = Tollgate { child, pid, base, key, data_dir, database_url: database_url.to_owned() };
         tollgate.wait_ready().await?;
         Ok(tollgate)
     }
@@ -407,7 +407,9 @@ async fn drop_database(db: &Database, name: &str) -> anyhow::Result<()> {
         }
         Database::Postgres { admin_url } => {
             let pool = sqlx::PgPool::connect(admin_url).await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&pool).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                .execute(&pool)
+                .await?;
             pool.close().await;
         }
     }
@@ -450,7 +452,11 @@ async fn run_database(config: &MatrixConfig, db: &Database, mock_addr: &str) -> 
 
 /// The timed runs against one Tollgate; returns the rows, the successful calls in all, and
 /// the tight customer's (successful, refused) calls.
-async fn measure(config: &MatrixConfig, db: &Database, tollgate: &Tollgate) -> anyhow::Result<(Vec<Row>, u64, (u64, u64))> {
+async fn measure(
+    config: &MatrixConfig,
+    db: &Database,
+    tollgate: &Tollgate,
+) -> anyhow::Result<(Vec<Row>, u64, (u64, u64))> {
     let url = format!("{}/v1/chat/completions", tollgate.base);
     let mut ok_calls = 0;
     // Warm up (connections, caches, the hot customer's row): not timed.
@@ -581,14 +587,23 @@ impl Pool {
     }
 }
 
-fn render(config: &MatrixConfig, baselines: &HashMap<(Call, u64), LoadReport>, rows: &[Row], checks: &[Checks]) -> String {
+fn render(
+    config: &MatrixConfig,
+    baselines: &HashMap<(Call, u64), LoadReport>,
+    rows: &[Row],
+    checks: &[Checks],
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "Mock: {} ms latency, {} output tokens{}; {} s per rate; many customers = {}.\n",
         config.latency_ms,
         MAX_TOKENS,
-        if config.chunk_interval_ms > 0 { format!(" streamed {} ms apart", config.chunk_interval_ms) } else { String::new() },
+        if config.chunk_interval_ms > 0 {
+            format!(" streamed {} ms apart", config.chunk_interval_ms)
+        } else {
+            String::new()
+        },
         config.duration.as_secs_f64(),
         config.customers
     );
@@ -619,13 +634,18 @@ fn render(config: &MatrixConfig, baselines: &HashMap<(Call, u64), LoadReport>, r
         out,
         "| database | call | customers | rate/s | achieved/s | ok | errors | +p50 | +p90 | +p99 | +max | +first byte p50 | +first byte p99 | CPU % | peak RSS MB |"
     );
-    let _ = writeln!(out, "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |");
+    let _ =
+        writeln!(out, "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |");
     for row in rows {
         let Some(b) = baselines.get(&(row.call, row.rate as u64)) else { continue };
         let r = &row.report;
         let add = |q| r.total_ms(q) - b.total_ms(q);
         let fb = |q| {
-            if row.call == Call::Stream { format!("{:.2}", r.first_byte_ms(q) - b.first_byte_ms(q)) } else { "-".to_owned() }
+            if row.call == Call::Stream {
+                format!("{:.2}", r.first_byte_ms(q) - b.first_byte_ms(q))
+            } else {
+                "-".to_owned()
+            }
         };
         let _ = writeln!(
             out,
@@ -660,9 +680,9 @@ fn render(config: &MatrixConfig, baselines: &HashMap<(Call, u64), LoadReport>, r
             .iter()
             .filter(|r| (r.db.as_str(), r.call, r.customers) == (case.0.as_str(), case.1, case.2))
             .filter(|r| {
-                baselines.get(&(r.call, r.rate as u64)).is_some_and(|b| {
-                    r.report.errors == 0 && r.report.total_ms(0.99) - b.total_ms(0.99) < 1.0
-                })
+                baselines
+                    .get(&(r.call, r.rate as u64))
+                    .is_some_and(|b| r.report.errors == 0 && r.report.total_ms(0.99) - b.total_ms(0.99) < 1.0)
             })
             .map(|r| r.rate)
             .fold(None, |best: Option<f64>, r| Some(best.map_or(r, |b| b.max(r))));
@@ -702,7 +722,10 @@ mod tests {
     #[test]
     fn names_its_own_database() {
         assert_eq!(replace_database("postgres://p@127.0.0.1:5432/postgres", "b"), "postgres://p@127.0.0.1:5432/b");
-        assert_eq!(replace_database("postgres://p@h/postgres?sslmode=disable", "b"), "postgres://p@h/b?sslmode=disable");
+        assert_eq!(
+            replace_database("postgres://p@h/postgres?sslmode=disable", "b"),
+            "postgres://p@h/b?sslmode=disable"
+        );
         assert_eq!(replace_database("postgres://p@h", "b"), "postgres://p@h/b");
     }
 }

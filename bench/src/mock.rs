@@ -17,6 +17,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::serve::ListenerExt;
 use serde_json::{Value, json};
 
 /// The prompt tokens every answer reports.
@@ -36,6 +37,11 @@ pub struct MockConfig {
 /// Serves the mock on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, config: MockConfig) -> anyhow::Result<()> {
     let app = Router::new().route("/v1/chat/completions", post(chat)).with_state(Arc::new(config));
+    // Without TCP_NODELAY, Nagle's algorithm holds each small SSE write until the client's
+    // delayed ACK (~40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await?;
     Ok(())
 }
@@ -70,7 +76,8 @@ async fn chat(State(config): State<Arc<MockConfig>>, Json(body): Json<Value>) ->
     // Events in order: the content chunks (the last one with finish_reason), usage, [DONE].
     let mut events: Vec<String> = (0..tokens)
         .map(|i| {
-            let delta = if i == 0 { json!({"role": "assistant", "content": "tok "}) } else { json!({"content": "tok "}) };
+            let delta =
+                if i == 0 { json!({"role": "assistant", "content": "tok "}) } else { json!({"content": "tok "}) };
             let finish = if i + 1 == tokens { json!("stop") } else { Value::Null };
             chunk(delta, finish)
         })
@@ -85,15 +92,16 @@ async fn chat(State(config): State<Arc<MockConfig>>, Json(body): Json<Value>) ->
     let interval = config.chunk_interval;
     // Content chunks after the first are paced; usage and [DONE] follow the last one at once.
     let paced = usize::try_from(tokens).unwrap_or(0);
-    let stream = futures::stream::unfold((events.into_iter().enumerate(), latency), move |(mut it, first)| async move {
-        let (i, event) = it.next()?;
-        if i == 0 {
-            tokio::time::sleep(first).await;
-        } else if i < paced && !interval.is_zero() {
-            tokio::time::sleep(interval).await;
-        }
-        Some((Ok::<_, std::io::Error>(event), (it, first)))
-    });
+    let stream =
+        futures::stream::unfold((events.into_iter().enumerate(), latency), move |(mut it, first)| async move {
+            let (i, event) = it.next()?;
+            if i == 0 {
+                tokio::time::sleep(first).await;
+            } else if i < paced && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            Some((Ok::<_, std::io::Error>(event), (it, first)))
+        });
     Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
