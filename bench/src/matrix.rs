@@ -304,11 +304,16 @@ impl Tollgate {
         )
         .await?;
 
+        // Its warnings (slow statements, slow pool acquires) go to a file that outlives the run.
+        let log_path =
+            std::env::temp_dir().join(format!("tollgate-bench-{}.log", db.label().replace([' ', '(', ')'], "")));
+        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        eprintln!("{}: tollgate's log in {}", db.label(), log_path.display());
         let child = Command::new(&binary)
             .arg("serve")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()
             .context("starting tollgate serve")?;
