@@ -1,0 +1,154 @@
+//! `tollgate-bench`: the benchmark harness of issue 7 (see BENCHMARKS.md).
+//!
+//! - `mock`: a deterministic OpenAI chat-completions stand-in (JSON and SSE).
+//! - `load`: an open-loop constant-rate load generator reporting HDR percentiles.
+//! - `matrix`: baseline against Tollgate across databases, call kinds and customer spreads,
+//!   with the correctness checks; prints markdown tables.
+
+mod load;
+mod matrix;
+mod mock;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tollgate-bench", about = "Tollgate's benchmark harness")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the mock provider; prints `listening on ADDR` first.
+    Mock {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        pacing: Pacing,
+    },
+    /// Send requests at a fixed rate and print the latency percentiles.
+    Load {
+        /// The URL to POST to.
+        #[arg(long)]
+        url: String,
+        /// Requests per second.
+        #[arg(long)]
+        rate: f64,
+        /// Seconds to send for.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// `Name: value`, repeatable; `{i}` in a value becomes the request's index modulo --customers.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// Distinct values of `{i}` in headers.
+        #[arg(long, default_value_t = 1)]
+        customers: u64,
+        /// The JSON body.
+        #[arg(long)]
+        body: String,
+        /// Read answers as server-sent events (reports time to first byte; needs `[DONE]`).
+        #[arg(long)]
+        stream: bool,
+        /// Seconds before a request counts as an error.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
+    /// Run the whole matrix against a release build of tollgate and print the tables.
+    Matrix {
+        /// The tollgate binary (build it with `cargo build --release -p tollgate`).
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/tollgate"))]
+        tollgate: PathBuf,
+        /// Comma-separated request rates per second.
+        #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,5000")]
+        rates: Vec<f64>,
+        /// Seconds per rate.
+        #[arg(long, default_value_t = 4.0)]
+        duration: f64,
+        /// Distinct customers in the many-customers case.
+        #[arg(long, default_value_t = 1000)]
+        customers: u64,
+        /// Also run SQLite with synchronous = NORMAL (TOLLGATE_SQLITE_SYNCHRONOUS=normal).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        sqlite_normal: bool,
+        /// A PostgreSQL server whose user may create databases; unset skips PostgreSQL.
+        #[arg(long, env = "TOLLGATE_BENCH_POSTGRES_URL")]
+        postgres_url: Option<String>,
+        #[command(flatten)]
+        pacing: Pacing,
+    },
+}
+
+/// The mock's timing.
+#[derive(clap::Args, Clone, Copy)]
+struct Pacing {
+    /// Milliseconds before the answer (the first chunk when streaming).
+    #[arg(long, default_value_t = 5)]
+    latency_ms: u64,
+    /// Output tokens (one per chunk) when a request names no max_tokens.
+    #[arg(long, default_value_t = 20)]
+    chunks: u32,
+    /// Milliseconds between stream chunks.
+    #[arg(long, default_value_t = 0)]
+    chunk_interval_ms: u64,
+}
+
+impl Pacing {
+    fn mock(self) -> mock::MockConfig {
+        mock::MockConfig {
+            latency: Duration::from_millis(self.latency_ms),
+            chunks: self.chunks,
+            chunk_interval: Duration::from_millis(self.chunk_interval_ms),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match Cli::parse().command {
+        Cmd::Mock { listen, pacing } => mock::run(listen, pacing.mock()).await,
+        Cmd::Load { url, rate, duration, headers, customers, body, stream, timeout } => {
+            let headers = headers
+                .iter()
+                .map(|h| {
+                    h.split_once(':')
+                        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+                        .with_context(|| format!("--header {h:?}: expected `Name: value`"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let spec = load::LoadSpec {
+                url,
+                rate,
+                duration: Duration::from_secs_f64(duration),
+                headers,
+                customers,
+                body,
+                stream,
+                timeout: Duration::from_secs_f64(timeout),
+            };
+            let report = load::run(&load::client_for(rate, spec.timeout)?, &spec).await?;
+            println!("{}", report.summary());
+            Ok(())
+        }
+        Cmd::Matrix { tollgate, rates, duration, customers, sqlite_normal, postgres_url, pacing } => {
+            matrix::run(matrix::MatrixConfig {
+                tollgate,
+                rates,
+                duration: Duration::from_secs_f64(duration),
+                customers,
+                latency_ms: pacing.latency_ms,
+                chunks: pacing.chunks,
+                chunk_interval_ms: pacing.chunk_interval_ms,
+                postgres_url,
+                sqlite_normal,
+            })
+            .await
+        }
+    }
+}
