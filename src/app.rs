@@ -11,6 +11,7 @@ use axum::Router;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -93,6 +94,13 @@ impl Application {
 
         let app = router(state.clone());
         let app = app.into_make_service_with_connect_info::<SocketAddr>();
+        // Streams write many small chunks: without TCP_NODELAY, Nagle's algorithm holds each
+        // one back until the client's delayed ACK (~40 ms per chunk, measured in BENCHMARKS.md).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
         let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future();
         let mut server = tokio::spawn(serve);
         let deadline = async {
