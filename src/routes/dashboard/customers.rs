@@ -15,13 +15,13 @@ use tollgate_core::customers::{self, CustomerInput, CustomerRow, Sort};
 use tollgate_core::ids::CustomerId;
 use tollgate_core::money::Nanos;
 use tollgate_core::period::BudgetPeriod;
-use tollgate_core::projects::{Project, ProjectError};
+use tollgate_core::projects::Project;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::usage::{self, CallRow};
 
 use super::error::{WebError, urlencode};
 use super::format;
-use super::projects::{capitalized, load_project, project_error};
+use super::projects::{load_project, problem_message, project_error};
 use super::session::{CsrfForm, Member};
 use crate::state::AppState;
 
@@ -81,14 +81,7 @@ impl CustomerForm {
             budget,
             period,
         };
-        let problems: Vec<String> = input
-            .problems()
-            .into_iter()
-            .map(|e| match e {
-                ProjectError::Invalid { field, reason } => format!("{}: {reason}", capitalized(field)),
-                other => other.to_string(),
-            })
-            .collect();
+        let problems: Vec<String> = input.problems().into_iter().map(|e| problem_message(&e)).collect();
         if problems.is_empty() { Ok(input) } else { Err(problems) }
     }
 }

@@ -64,6 +64,14 @@ pub fn capitalized(text: &str) -> String {
     chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }
 
+/// A form message for a domain error: "Field: what is wrong".
+pub fn problem_message(e: &ProjectError) -> String {
+    match e {
+        ProjectError::Invalid { field, reason } => format!("{}: {reason}", capitalized(field)),
+        other => other.to_string(),
+    }
+}
+
 pub fn project_error(e: ProjectError) -> WebError {
     match e {
         ProjectError::NotFound(_) => WebError::NotFound,

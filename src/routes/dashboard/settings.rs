@@ -14,10 +14,10 @@ use tollgate_core::audit;
 use tollgate_core::money::Nanos;
 use tollgate_core::period::BudgetPeriod;
 use tollgate_core::pricing::{Price, Tokenizer, parse_per_million, shipped_price};
-use tollgate_core::projects::{self, BudgetPolicy, PriceOverride, Project, ProjectError, ProjectSettings};
+use tollgate_core::projects::{self, BudgetPolicy, PriceOverride, Project, ProjectSettings};
 
 use super::error::WebError;
-use super::projects::{capitalized, load_project, project_error};
+use super::projects::{load_project, problem_message, project_error};
 use super::session::Member;
 use crate::state::AppState;
 
@@ -157,13 +157,6 @@ impl SettingsForm {
         };
         let problems: Vec<String> = settings.problems().iter().map(problem_message).collect();
         if problems.is_empty() { Ok(settings) } else { Err(problems) }
-    }
-}
-
-fn problem_message(e: &ProjectError) -> String {
-    match e {
-        ProjectError::Invalid { field, reason } => format!("{}: {reason}", capitalized(field)),
-        other => other.to_string(),
     }
 }
 
