@@ -16,7 +16,7 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_core::{Config, Db};
-use tollgate_jobs::{JobStore, WorkerOptions};
+use tollgate_jobs::{AlertServices, JobStore, WorkerOptions};
 use tower::ServiceBuilder;
 use tower_http::LatencyUnit;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -40,7 +40,7 @@ impl Application {
     /// Opens the database (applying migrations), the job queues and the listening socket.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let master_key = config.resolve_master_key()?;
-        let mailer = crate::mail::Mailer::from_config(&config)?;
+        let mailer = tollgate_jobs::mail::Mailer::from_config(&config)?;
         let api_limits = RateLimiter::new(config.api_rate_per_second);
         let db = Db::connect(&config).await?;
         db.migrate().await?;
@@ -84,9 +84,11 @@ impl Application {
         let grace = state.config.shutdown_grace;
         let workers = state.config.run_workers.then(|| {
             let options = WorkerOptions { grace, ..WorkerOptions::default() };
+            let alerts = AlertServices::new(&state.config, state.master_key.clone(), state.mailer.clone());
             tokio::spawn(tollgate_jobs::run_workers(
                 state.db.clone(),
                 state.jobs.clone(),
+                alerts,
                 options,
                 shutdown.child_token(),
             ))

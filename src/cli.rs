@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
+use std::sync::Arc;
 use tollgate_core::accounts::{self, NewOrganization};
 use tollgate_core::crypto::MasterKey;
 use tollgate_core::ids::{OrgId, ProjectId};
@@ -15,7 +16,8 @@ use tollgate_core::money::Nanos;
 use tollgate_core::period::BudgetPeriod;
 use tollgate_core::projects::{self, BudgetPolicy, KeyKind, NewProject, NewProvider, ProviderKind};
 use tollgate_core::{Config, Db};
-use tollgate_jobs::{JobStore, WorkerOptions};
+use tollgate_jobs::mail::Mailer;
+use tollgate_jobs::{AlertServices, JobStore, WorkerOptions};
 
 use crate::{Application, shutdown, telemetry};
 
@@ -186,8 +188,11 @@ async fn worker(config: Config) -> anyhow::Result<()> {
     }
     let jobs = JobStore::open(config.database_url.expose_secret(), config.sqlite_synchronous).await?;
     let options = WorkerOptions { grace: config.shutdown_grace, ..WorkerOptions::default() };
+    let master_key = config.resolve_master_key()?;
+    let mailer = Arc::new(Mailer::from_config(&config)?);
+    let alerts = AlertServices::new(&config, master_key, mailer);
     tracing::info!(process = %options.process_name, "job workers starting");
-    let result = tollgate_jobs::run_workers(db.clone(), jobs.clone(), options, shutdown::on_signal()).await;
+    let result = tollgate_jobs::run_workers(db.clone(), jobs.clone(), alerts, options, shutdown::on_signal()).await;
     jobs.close().await;
     db.close().await;
     result

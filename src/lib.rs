@@ -9,7 +9,6 @@
 
 pub mod app;
 pub mod cli;
-pub mod mail;
 pub mod middleware;
 pub mod routes;
 pub mod shutdown;

@@ -7,9 +7,9 @@ use tollgate_core::crypto::MasterKey;
 use tollgate_core::{Config, Db};
 use tollgate_jobs::JobStore;
 
-use crate::mail::Mailer;
 use crate::routes::api::limits::RateLimiter;
 use crate::routes::proxy::auth::KeyCache;
+use tollgate_jobs::mail::Mailer;
 
 /// Shared, cheaply cloned application state.
 #[derive(Clone)]

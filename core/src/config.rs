@@ -69,6 +69,12 @@ pub struct Config {
     pub smtp_from: String,
     /// Requests per second each key may make to the management API (bursts of twice that).
     pub api_rate_per_second: u32,
+    /// The first wait before an alert delivery that failed is tried again; each later wait is
+    /// four times longer (capped at six hours).
+    pub alert_retry_base: Duration,
+    /// Whether alert webhooks may go to loopback, private and link-local addresses. Off by
+    /// default, so a tenant cannot make this server call into the network it runs in.
+    pub webhooks_allow_private: bool,
 }
 
 impl Config {
@@ -157,6 +163,8 @@ struct RawConfig {
     smtp_url: Option<String>,
     smtp_from: Option<String>,
     api_rate_per_second: Option<u32>,
+    alert_retry_base_seconds: Option<u64>,
+    webhooks_allow_private: Option<bool>,
 }
 
 /// Raw settings plus where each came from, so errors can point at the right place.
@@ -183,6 +191,8 @@ const SETTINGS: &[(&str, &str)] = &[
     ("smtp_url", "TOLLGATE_SMTP_URL"),
     ("smtp_from", "TOLLGATE_SMTP_FROM"),
     ("api_rate_per_second", "TOLLGATE_API_RATE_PER_SECOND"),
+    ("alert_retry_base_seconds", "TOLLGATE_ALERT_RETRY_BASE_SECONDS"),
+    ("webhooks_allow_private", "TOLLGATE_WEBHOOKS_ALLOW_PRIVATE"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -240,6 +250,19 @@ impl Sourced {
                 "api_rate_per_second" => {
                     r.api_rate_per_second = Some(
                         value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
+                    )
+                }
+                "alert_retry_base_seconds" => {
+                    r.alert_retry_base_seconds = Some(
+                        value
+                            .trim()
+                            .parse()
+                            .map_err(|_| invalid(format!("expected a number of seconds, got {value:?}")))?,
+                    )
+                }
+                "webhooks_allow_private" => {
+                    r.webhooks_allow_private = Some(
+                        parse_bool(value).ok_or_else(|| invalid(format!("expected true or false, got {value:?}")))?,
                     )
                 }
                 "workers" => {
@@ -352,6 +375,10 @@ impl Sourced {
         if api_rate_per_second == 0 {
             return Err(self.invalid("api_rate_per_second", "must be at least 1"));
         }
+        let alert_retry_base = Duration::from_secs(r.alert_retry_base_seconds.unwrap_or(10));
+        if alert_retry_base.is_zero() {
+            return Err(self.invalid("alert_retry_base_seconds", "must be at least 1"));
+        }
         Ok(Config {
             mode,
             listen,
@@ -368,6 +395,8 @@ impl Sourced {
             smtp_url,
             smtp_from,
             api_rate_per_second,
+            alert_retry_base,
+            webhooks_allow_private: r.webhooks_allow_private.unwrap_or(false),
         })
     }
 }

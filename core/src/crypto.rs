@@ -157,6 +157,23 @@ pub fn hmac_sha256(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// HMAC-SHA256 with a key of any length (a webhook signing secret, say). Keys longer than
+/// the block are hashed first and shorter ones zero-padded, as HMAC defines.
+pub fn hmac_sha256_any_key(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use hmac::digest::KeyInit;
+    use hmac::{Hmac, Mac};
+    use sha2::Digest;
+    let mut block = [0u8; 64];
+    if key.len() > block.len() {
+        block[..32].copy_from_slice(&sha2::Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new(&block.into());
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
 /// A valid argon2id hash of a random password, verified against when an account does not
 /// exist so that a login takes as long whether or not the email is known.
 pub fn dummy_password_hash() -> &'static str {
@@ -184,6 +201,16 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hmac_with_any_key_matches_rfc_4231() {
+        // RFC 4231, test cases 2 (short key) and 6 (key longer than the block).
+        let mac = super::hmac_sha256_any_key(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(hex::encode(mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        let key = [0xaau8; 131];
+        let mac = super::hmac_sha256_any_key(&key, b"Test Using Larger Than Block-Size Key - Hash Key First");
+        assert_eq!(hex::encode(mac), "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+    }
+
     use super::*;
 
     #[test]

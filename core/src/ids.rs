@@ -127,6 +127,16 @@ define_id!(
     AuditId,
     "aud"
 );
+define_id!(
+    /// A budget alert fired for one customer (at most once per period and kind).
+    AlertId,
+    "alr"
+);
+define_id!(
+    /// One delivery of an alert to one webhook or mailbox.
+    DeliveryId,
+    "dlv"
+);
 
 #[cfg(test)]
 mod tests {

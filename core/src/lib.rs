@@ -12,8 +12,10 @@
 //! - [`ledger`]: reserve before a call, settle after it, and the usage events.
 //! - [`tokens`]: customer tokens, which make publishable keys safe in clients.
 //! - [`customers`] and [`usage`]: customers as tenants manage them, and the ledger read for people.
+//! - [`alerts`]: budget alerts, which fire once per customer and period, and their deliveries.
 
 pub mod accounts;
+pub mod alerts;
 pub mod audit;
 pub mod config;
 pub mod crypto;

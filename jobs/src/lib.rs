@@ -5,10 +5,15 @@
 //! - [`JobStore`]: the queues (apalis storage on SQLite or PostgreSQL) and how to push onto them.
 //! - [`run_workers`]: the workers of one process, until shutdown.
 //! - [`housekeeping`]: the periodic jobs (worker heartbeat, pruning).
+//! - [`alerts`]: budget alerts found by a scan and delivered (webhook, mail) with retries.
+//! - [`mail`]: outgoing mail.
 
+pub mod alerts;
 pub mod housekeeping;
+pub mod mail;
 mod store;
 mod workers;
 
+pub use alerts::AlertServices;
 pub use store::{JobStore, JobStoreError};
 pub use workers::{WorkerOptions, run_workers};

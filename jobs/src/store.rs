@@ -13,9 +13,11 @@ use std::time::Duration;
 use tollgate_core::config::{SqliteSync, redact_url};
 use tollgate_core::db::sqlite_options;
 
+use crate::alerts::AlertDelivery;
 use crate::housekeeping::Housekeeping;
 
 const HOUSEKEEPING_QUEUE: &str = "tollgate.housekeeping";
+const ALERTS_QUEUE: &str = "tollgate.alerts";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobStoreError {
@@ -32,8 +34,8 @@ pub enum JobStoreError {
 /// The queues of one database. Cheap to clone; every clone pushes to the same queues.
 #[derive(Clone)]
 pub enum JobStore {
-    Sqlite { pool: sqlx::SqlitePool, housekeeping: SqliteStorage<Housekeeping> },
-    Postgres { pool: sqlx::PgPool, housekeeping: PostgresStorage<Housekeeping> },
+    Sqlite { pool: sqlx::SqlitePool, housekeeping: SqliteStorage<Housekeeping>, alerts: SqliteStorage<AlertDelivery> },
+    Postgres { pool: sqlx::PgPool, housekeeping: PostgresStorage<Housekeeping>, alerts: PostgresStorage<AlertDelivery> },
 }
 
 impl std::fmt::Debug for JobStore {
@@ -63,8 +65,12 @@ impl JobStore {
                 .map_err(connect_err)?;
             let _lock = tollgate_core::db::lock_sqlite_migrations(pool.connect_options().get_filename()).await?;
             SqliteStorage::<()>::migrations().run(&pool).await?;
-            let config = apalis_sqlite::Config::default().queue(HOUSEKEEPING_QUEUE);
-            Ok(JobStore::Sqlite { housekeeping: SqliteStorage::new(&pool).with_config(config), pool })
+            let config = |queue| apalis_sqlite::Config::default().queue(queue);
+            Ok(JobStore::Sqlite {
+                housekeeping: SqliteStorage::new(&pool).with_config(config(HOUSEKEEPING_QUEUE)),
+                alerts: SqliteStorage::new(&pool).with_config(config(ALERTS_QUEUE)),
+                pool,
+            })
         } else {
             let options = sqlx::postgres::PgConnectOptions::from_str(url).map_err(connect_err)?;
             let pool = PgPoolOptions::new()
@@ -74,8 +80,12 @@ impl JobStore {
                 .await
                 .map_err(connect_err)?;
             PostgresStorage::<()>::migrations().run(&pool).await?;
-            let config = apalis_postgres::Config::default().queue(HOUSEKEEPING_QUEUE);
-            Ok(JobStore::Postgres { housekeeping: PostgresStorage::new(&pool).with_config(config), pool })
+            let config = |queue| apalis_postgres::Config::default().queue(queue);
+            Ok(JobStore::Postgres {
+                housekeeping: PostgresStorage::new(&pool).with_config(config(HOUSEKEEPING_QUEUE)),
+                alerts: PostgresStorage::new(&pool).with_config(config(ALERTS_QUEUE)),
+                pool,
+            })
         }
     }
 
@@ -125,11 +135,36 @@ impl JobStore {
                 housekeeping.clone().push_task(task).await.map_err(|e| e.to_string())
             }
         };
-        match result {
-            Ok(()) => Ok(()),
-            // PostgreSQL refuses a duplicate idempotency key; SQLite ignores it. Both mean "already queued".
-            Err(e) if e.contains("duplicate key") || e.contains("unique") => Ok(()),
-            Err(e) => Err(JobStoreError::Push(e)),
+        already_queued_is_ok(result)
+    }
+
+    /// Queues one attempt of an alert delivery, after `delay` if given. The idempotency key
+    /// defaults to the delivery and its attempt count, so one attempt is queued once.
+    pub async fn push_alert_delivery(
+        &self,
+        job: AlertDelivery,
+        delay: Option<Duration>,
+        idempotency_key: Option<String>,
+    ) -> Result<(), JobStoreError> {
+        let key = idempotency_key.unwrap_or_else(|| format!("alert-delivery:{}:{}", job.delivery, job.attempts));
+        let mut builder = TaskBuilder::new(job).max_attempts(3).idempotency_key(key);
+        if let Some(delay) = delay {
+            builder = builder.run_after(delay);
         }
+        let task = builder.build();
+        let result = match self {
+            JobStore::Sqlite { alerts, .. } => alerts.clone().push_task(task).await.map_err(|e| e.to_string()),
+            JobStore::Postgres { alerts, .. } => alerts.clone().push_task(task).await.map_err(|e| e.to_string()),
+        };
+        already_queued_is_ok(result)
+    }
+}
+
+fn already_queued_is_ok(result: Result<(), String>) -> Result<(), JobStoreError> {
+    match result {
+        Ok(()) => Ok(()),
+        // PostgreSQL refuses a duplicate idempotency key; SQLite ignores it. Both mean "already queued".
+        Err(e) if e.contains("duplicate key") || e.contains("unique") => Ok(()),
+        Err(e) => Err(JobStoreError::Push(e)),
     }
 }

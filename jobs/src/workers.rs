@@ -1,5 +1,6 @@
 //! The workers of one process: a heartbeat every 15 seconds, a per-minute scheduler that
-//! queues housekeeping, and the housekeeping queue's consumer. They run until shutdown
+//! queues housekeeping, the housekeeping queue's consumer, the alert scan every 5 seconds
+//! and the alert deliveries' consumer. They run until shutdown
 //! is requested, then get `grace` to finish what they hold.
 
 use std::str::FromStr;
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_core::Db;
 use tollgate_core::time::UnixMillis;
 
+use crate::alerts::{self, AlertDelivery, AlertServices};
 use crate::housekeeping::{self, Housekeeping};
 use crate::store::JobStore;
 
@@ -54,16 +56,22 @@ struct JobContext {
     db: Db,
     store: JobStore,
     process_name: String,
+    alerts: AlertServices,
 }
+
+/// Alert deliveries run side by side (each waits on a receiver up to 10 s).
+const ALERT_CONCURRENCY: usize = 8;
 
 /// Runs this process's workers until `shutdown` is cancelled.
 pub async fn run_workers(
     db: Db,
     store: JobStore,
+    alert_services: AlertServices,
     options: WorkerOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ctx = JobContext { db, store: store.clone(), process_name: options.process_name.clone() };
+    let ctx =
+        JobContext { db, store: store.clone(), process_name: options.process_name.clone(), alerts: alert_services };
     // Beat once before the first tick so the process shows as alive immediately.
     if let Err(e) = housekeeping::beat(&ctx.db, &ctx.process_name).await {
         tracing::warn!(error = %e, "could not record worker heartbeat");
@@ -71,6 +79,7 @@ pub async fn run_workers(
 
     let every_15s = cron::Schedule::from_str("*/15 * * * * *")?;
     let every_minute = cron::Schedule::from_str("0 * * * * *")?;
+    let every_5s = cron::Schedule::from_str("*/5 * * * * *")?;
     let process_name = options.process_name.clone();
     let name = move |base: &str, restarts: usize| format!("{base}@{process_name}#{restarts}");
 
@@ -82,6 +91,7 @@ pub async fn run_workers(
 
     let heartbeat_ctx = ctx.clone();
     let scheduler_ctx = ctx.clone();
+    let scan_ctx = ctx.clone();
     let monitor = monitor
         .register({
             let name = name.clone();
@@ -102,32 +112,46 @@ pub async fn run_workers(
                     .catch_panic()
                     .build(schedule_housekeeping)
             }
+        })
+        .register({
+            let name = name.clone();
+            move |restarts| {
+                WorkerBuilder::new(name("alert-scan", restarts))
+                    .backend(CronScheduler::new(every_5s.clone()))
+                    .data(scan_ctx.clone())
+                    .catch_panic()
+                    .build(scan_alerts)
+            }
         });
+    let poll = options.poll_interval;
+    // The same consumers on either backend (their storage types differ).
+    macro_rules! consumers {
+        ($monitor:expr, $housekeeping:expr, $alerts:expr) => {{
+            let (housekeeping, alerts) = ($housekeeping, $alerts);
+            let (housekeeping_ctx, alerts_ctx) = (ctx.clone(), ctx.clone());
+            let alerts_name = name.clone();
+            $monitor
+                .register(move |restarts| {
+                    WorkerBuilder::new(name("housekeeping", restarts))
+                        .backend(housekeeping.clone().poll_with_interval(poll))
+                        .data(housekeeping_ctx.clone())
+                        .catch_panic()
+                        .concurrency(1)
+                        .build(run_housekeeping)
+                })
+                .register(move |restarts| {
+                    WorkerBuilder::new(alerts_name("alert-delivery", restarts))
+                        .backend(alerts.clone().poll_with_interval(poll))
+                        .data(alerts_ctx.clone())
+                        .catch_panic()
+                        .concurrency(ALERT_CONCURRENCY)
+                        .build(deliver_alert)
+                })
+        }};
+    }
     let monitor = match store {
-        JobStore::Sqlite { housekeeping, .. } => {
-            let ctx = ctx.clone();
-            let poll = options.poll_interval;
-            monitor.register(move |restarts| {
-                WorkerBuilder::new(name("housekeeping", restarts))
-                    .backend(housekeeping.clone().poll_with_interval(poll))
-                    .data(ctx.clone())
-                    .catch_panic()
-                    .concurrency(1)
-                    .build(run_housekeeping)
-            })
-        }
-        JobStore::Postgres { housekeeping, .. } => {
-            let ctx = ctx.clone();
-            let poll = options.poll_interval;
-            monitor.register(move |restarts| {
-                WorkerBuilder::new(name("housekeeping", restarts))
-                    .backend(housekeeping.clone().poll_with_interval(poll))
-                    .data(ctx.clone())
-                    .catch_panic()
-                    .concurrency(1)
-                    .build(run_housekeeping)
-            })
-        }
+        JobStore::Sqlite { housekeeping, alerts, .. } => consumers!(monitor, housekeeping, alerts),
+        JobStore::Postgres { housekeeping, alerts, .. } => consumers!(monitor, housekeeping, alerts),
     };
     monitor
         .run_with_signal(async move {
@@ -163,6 +187,19 @@ async fn schedule_housekeeping(_tick: Tick, ctx: Data<JobContext>) -> Result<(),
     let now = UnixMillis::now().0;
     let minute = now - now.rem_euclid(60_000);
     ctx.store.push_housekeeping(Housekeeping { scheduled_for: minute }, Some(format!("housekeeping:{minute}"))).await?;
+    Ok(())
+}
+
+async fn scan_alerts(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+    let report = alerts::scan_and_queue(&ctx.db, &ctx.store).await.map_err(|e| e.to_string())?;
+    if report.alerts_fired > 0 {
+        metrics::counter!("tollgate_alerts_fired_total").increment(report.alerts_fired as u64);
+    }
+    Ok(())
+}
+
+async fn deliver_alert(job: AlertDelivery, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+    alerts::deliver(&ctx.db, &ctx.store, &ctx.alerts, &job).await.map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
 
 mod accounts;
+mod alerts;
 mod api;
 mod apis;
 mod browser;
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
         upgrades::cases(),
         api::cases(),
         tokens::cases(),
+        alerts::cases(),
         browser::cases(),
     ]
     .into_iter()

@@ -10,6 +10,7 @@
 //! - [`error`]: the one error type of this face, answered as an HTML page.
 
 pub mod accounts;
+pub mod alerts;
 pub mod audit_log;
 pub mod customers;
 pub mod error;
@@ -68,6 +69,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/customers/{customer_id}/unblock", post(customers::unblock))
         .route("/projects/{id}/settings", get(settings::show).post(settings::save))
         .route("/projects/{id}/delete", post(settings::delete))
+        .route("/projects/{id}/alerts", get(alerts::show).post(alerts::save))
+        .route("/projects/{id}/alerts/secret", post(alerts::roll_secret))
         .route("/projects/{id}/prices", get(settings::prices).post(settings::set_price))
         .route("/projects/{id}/prices/delete", post(settings::delete_price))
         .route("/audit", get(audit_log::page))

@@ -1,7 +1,8 @@
-//! Outgoing mail (password reset links, invitations): through SMTP when `TOLLGATE_SMTP_URL`
-//! is set, else written to the log for the operator to relay. Sending never blocks the page
-//! that asked for it; a failure is logged (without the link, which is a secret: the person
-//! asks again).
+//! Outgoing mail (password reset links, invitations, budget alerts): through SMTP when
+//! `TOLLGATE_SMTP_URL` is set, else written to the log for the operator to relay. Links are
+//! sent in the background ([`Mailer::send`]: a failure is logged without the link, which is a
+//! secret, and the person asks again); alerts are sent by a job that retries
+//! ([`Mailer::deliver`]).
 
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -25,6 +26,26 @@ impl Mailer {
             .build();
         let from = config.smtp_from.parse::<Mailbox>().map_err(|e| anyhow::anyhow!("TOLLGATE_SMTP_FROM: {e}"))?;
         Ok(Mailer::Smtp { transport, from })
+    }
+
+    /// Whether mail really leaves (SMTP is configured).
+    pub fn is_configured(&self) -> bool {
+        matches!(self, Mailer::Smtp { .. })
+    }
+
+    /// Sends a message now and says whether the SMTP server took it.
+    pub async fn deliver(&self, to: &str, subject: &str, body: String) -> Result<(), String> {
+        let Mailer::Smtp { transport, from } = self else {
+            return Err("no SMTP server configured (TOLLGATE_SMTP_URL)".to_owned());
+        };
+        let recipient = to.parse::<Mailbox>().map_err(|e| e.to_string())?;
+        let message = Message::builder()
+            .from(from.clone())
+            .to(recipient)
+            .subject(subject)
+            .body(body)
+            .map_err(|e| e.to_string())?;
+        transport.send(message).await.map(|_| ()).map_err(|e| e.to_string())
     }
 
     /// Sends `body` to `to` in the background. Without SMTP, `link` (the one thing the mail
