@@ -30,6 +30,7 @@ pub fn cases() -> Vec<DbCase> {
         members_are_invited_and_roles_are_enforced,
         every_page_and_action_of_another_organization_is_not_found,
         reset_links_and_invitations_are_mailed_when_smtp_is_configured,
+        alerts_are_set_checked_and_their_deliveries_logged,
     ]
 }
 
@@ -841,6 +842,7 @@ async fn every_page_and_action_of_another_organization_is_not_found(db: TestData
         format!("{project}/prices"),
         format!("{project}/settings"),
         format!("{project}/customers"),
+        format!("{project}/alerts"),
         customer.clone(),
     ] {
         let page = mallory.get(&path).await?;
@@ -872,6 +874,8 @@ async fn every_page_and_action_of_another_organization_is_not_found(db: TestData
         ),
         (format!("{project}/delete"), vec![("confirm", "Chat")]),
         (format!("{project}/customers"), vec![("external_id", "c1"), ("budget", "99"), ("period", "month")]),
+        (format!("{project}/alerts"), vec![("thresholds", "1"), ("webhook_url", "https://evil.example/")]),
+        (format!("{project}/alerts/secret"), vec![]),
         (format!("{customer}/block"), vec![]),
         (format!("{customer}/unblock"), vec![]),
         (format!("/members/{ada_id}/role"), vec![("role", "viewer")]),
@@ -940,5 +944,87 @@ async fn reset_links_and_invitations_are_mailed_when_smtp_is_configured(db: Test
     let path = mailed_path(&invitation.text(), "/invite?token=").ok_or_else(|| anyhow::anyhow!("no link"))?;
     assert!(Browser::new(&app)?.get(&path).await?.body.contains("Join Acme"));
     assert!(smtp.mails().iter().all(|m| !m.recipients.iter().any(|r| r.contains("nobody@"))));
+    app.stop().await
+}
+
+async fn alerts_are_set_checked_and_their_deliveries_logged(db: TestDatabase) -> TestResult {
+    let app = spawn_app_with(&db, |env| {
+        env.insert("TOLLGATE_WORKERS".into(), "true".into());
+        env.insert("TOLLGATE_WEBHOOKS_ALLOW_PRIVATE".into(), "true".into());
+    })
+    .await?;
+    let mock = MockProvider::start().await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let (project, key) = project_with_traffic(&ada, &mock).await?;
+    let alerts_page = format!("{project}/alerts");
+    let shown = ada.get(&alerts_page).await?;
+    assert_eq!(shown.status, StatusCode::OK);
+    assert_eq!(field_value(&shown.body, "thresholds").as_deref(), Some("50, 80, 100"), "{}", shown.body);
+    assert!(shown.body.contains("No delivery yet"));
+
+    // Each bad field gets a message, and nothing is saved.
+    for (fields, message) in [
+        (vec![("thresholds", "50, lots")], "Thresholds: \"lots\" is not a whole percentage"),
+        (vec![("thresholds", "0")], "Thresholds: 0% is out of range"),
+        (vec![("thresholds", "50"), ("webhook_url", "ftp://x.example")], "Webhook URL: must start with https://"),
+        (
+            vec![("thresholds", "50"), ("email_to", "ops at example")],
+            "Email recipients: \"ops\" is not an email address",
+        ),
+    ] {
+        let page = ada.submit(&alerts_page, &alerts_page, &fields).await?;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST, "{fields:?}");
+        assert!(
+            page.body.contains(&message.replace('"', "&#34;")) || page.body.contains(message),
+            "{message}: {}",
+            page.body
+        );
+        assert_eq!(count(&app, "alert_settings").await?, 0);
+    }
+
+    // A receiver that is not listening: the delivery fails and the log says why.
+    let fields =
+        [("thresholds", "50"), ("on_refused", "on"), ("webhook_url", "http://127.0.0.1:9/hook"), ("email_to", "")];
+    let saved = ada.submit(&alerts_page, &alerts_page, &fields).await?;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let shown = ada.get(&alerts_page).await?;
+    let secret = shown
+        .body
+        .split("id=\"webhook-secret\">")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(secret.starts_with("tgwhsec_"), "{}", shown.body);
+    ada.submit(&alerts_page, &format!("{alerts_page}/secret"), &[]).await?;
+    let rolled = ada.get(&alerts_page).await?;
+    assert!(!rolled.body.contains(&secret), "the secret was not rolled");
+
+    let customers = format!("{project}/customers");
+    ada.submit(&customers, &customers, &[("external_id", "c1"), ("budget", "0.01"), ("period", "month")]).await?;
+    let call = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-tollgate-customer", "c1")
+        .json(&serde_json::json!({"model": "mock-model", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await?;
+    assert_eq!(call.status(), StatusCode::OK);
+    let mut body = String::new();
+    for _ in 0..60 {
+        body = ada.get(&alerts_page).await?.body;
+        if body.contains("could not reach the receiver") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(body.contains("50% of budget"), "{body}");
+    assert!(body.contains("webhook: http://127.0.0.1:9/hook"), "{body}");
+    assert!(body.contains("could not reach the receiver"), "{body}");
+    assert!(body.contains("next attempt"), "{body}");
+    let audit = ada.get("/audit").await?.body;
+    assert!(audit.contains("alerts.settings_changed") && audit.contains("alerts.secret_rolled"), "{audit}");
     app.stop().await
 }
