@@ -12,6 +12,7 @@
 //! - [`ledger`]: reserve before a call, settle after it, and the usage events.
 //! - [`tokens`]: customer tokens, which make publishable keys safe in clients.
 //! - [`customers`] and [`usage`]: customers as tenants manage them, and the ledger read for people.
+//! - [`signature`]: Stripe-style timestamped HMAC signatures (our alert webhooks, Stripe's webhooks).
 //! - [`alerts`]: budget alerts, which fire once per customer and period, and their deliveries.
 
 pub mod accounts;
@@ -30,6 +31,7 @@ pub mod period;
 pub mod pricing;
 pub mod projects;
 pub mod sessions;
+pub mod signature;
 pub mod time;
 pub mod tokens;
 pub mod usage;

@@ -2,8 +2,10 @@
 //! `tests/python/requirements.txt` is made (or found up to date) once per test process by
 //! `tests/python/setup.sh`; [`PythonScript`] runs a script of `tests/python/` in it and hands
 //! back what it printed. The official `openai` and `anthropic` SDKs drive the proxy here, and
-//! [`token_parity`] compares our token counts with OpenAI's `tiktoken`.
+//! [`token_parity`] compares our token counts with OpenAI's `tiktoken`, and
+//! [`stripe_signatures`] our webhook signature checks with Stripe's `stripe` package.
 
+mod stripe_signatures;
 mod token_parity;
 
 use std::ffi::{OsStr, OsString};
@@ -34,7 +36,7 @@ pub fn cases() -> Vec<DbCase> {
 }
 
 pub fn plain_cases() -> Vec<PlainCase> {
-    token_parity::cases()
+    token_parity::cases().into_iter().chain(stripe_signatures::cases()).collect()
 }
 
 /// How long one script may run before it is killed and its test fails.
