@@ -25,7 +25,7 @@ use tracing::Level;
 
 use crate::middleware::{http_metrics, request_id};
 use crate::routes::api::limits::RateLimiter;
-use crate::routes::{api, dashboard, ops, proxy};
+use crate::routes::{api, dashboard, ops, proxy, stripe};
 use crate::state::AppState;
 use crate::telemetry;
 
@@ -138,6 +138,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .merge(proxy::router())
+        .merge(stripe::router())
         .merge(api::router(&state))
         .merge(dashboard::router(&state))
         .fallback(not_found)

@@ -13,6 +13,7 @@
 //! - [`tokens`]: customer tokens, which make publishable keys safe in clients.
 //! - [`customers`] and [`usage`]: customers as tenants manage them, and the ledger read for people.
 //! - [`signature`]: Stripe-style timestamped HMAC signatures (our alert webhooks, Stripe's webhooks).
+//! - [`stripe`]: each project's Stripe connection, and Stripe's webhook events as received.
 //! - [`alerts`]: budget alerts, which fire once per customer and period, and their deliveries.
 
 pub mod accounts;
@@ -32,6 +33,7 @@ pub mod pricing;
 pub mod projects;
 pub mod sessions;
 pub mod signature;
+pub mod stripe;
 pub mod time;
 pub mod tokens;
 pub mod usage;

@@ -4,3 +4,4 @@ pub mod api;
 pub mod dashboard;
 pub mod ops;
 pub mod proxy;
+pub mod stripe;

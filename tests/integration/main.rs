@@ -23,6 +23,7 @@ mod ops;
 mod proxy;
 mod python;
 mod replicas;
+mod stripe_webhooks;
 mod tokens;
 mod upgrades;
 mod webdriver;
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
         api::cases(),
         tokens::cases(),
         alerts::cases(),
+        stripe_webhooks::cases(),
         browser::cases(),
     ]
     .into_iter()

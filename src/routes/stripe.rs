@@ -1,0 +1,83 @@
+//! Stripe's webhooks: `POST /stripe/webhooks/{project id}`, the endpoint a tenant registers in
+//! its Stripe dashboard. A delivery is checked against the project's signing secret (Stripe's
+//! scheme, 5 minutes of tolerance, so forged and replayed deliveries are refused with 400),
+//! stored once by event id, and only then acknowledged with 200. Processing is a job's work.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::json;
+use tollgate_core::ids::ProjectId;
+use tollgate_core::signature::{self, DEFAULT_TOLERANCE_SECS};
+use tollgate_core::stripe::{self, EventEnvelope, Intake};
+use tollgate_core::time::UnixMillis;
+
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/stripe/webhooks/{project}", post(receive))
+}
+
+/// What Stripe's webhook log shows for a refused delivery.
+#[derive(Debug, thiserror::Error)]
+enum WebhookError {
+    #[error("no Stripe connection for this endpoint")]
+    UnknownEndpoint,
+    #[error("missing Stripe-Signature header")]
+    NoSignature,
+    #[error("signature check failed: {0}")]
+    Signature(signature::SignatureError),
+    #[error("the body is not a Stripe event: {0}")]
+    NotAnEvent(String),
+    #[error("a {0} event sent to a {1} connection")]
+    WrongMode(&'static str, &'static str),
+    #[error("internal error")]
+    Internal,
+}
+
+impl IntoResponse for WebhookError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            WebhookError::UnknownEndpoint => StatusCode::NOT_FOUND,
+            WebhookError::Internal => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        (status, axum::Json(json!({ "error": { "message": self.to_string() } }))).into_response()
+    }
+}
+
+fn mode(live: bool) -> &'static str {
+    if live { "live" } else { "test" }
+}
+
+async fn receive(
+    State(state): State<AppState>,
+    Path(project): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, WebhookError> {
+    let project = ProjectId::parse(&project).ok_or(WebhookError::UnknownEndpoint)?;
+    let internal = |e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, %project, "stripe webhook intake failed");
+        WebhookError::Internal
+    };
+    let (secret, livemode) = stripe::webhook_secret(&state.db, &state.master_key, &project)
+        .await
+        .map_err(|e| internal(&e))?
+        .ok_or(WebhookError::UnknownEndpoint)?;
+    let header = headers.get("stripe-signature").and_then(|v| v.to_str().ok()).ok_or(WebhookError::NoSignature)?;
+    let now = UnixMillis::now().0 / 1000;
+    signature::verify(&secret, header, &body, now, DEFAULT_TOLERANCE_SECS).map_err(WebhookError::Signature)?;
+    let payload = std::str::from_utf8(&body).map_err(|_| WebhookError::NotAnEvent("not UTF-8".into()))?;
+    let event: EventEnvelope = serde_json::from_str(payload).map_err(|e| WebhookError::NotAnEvent(e.to_string()))?;
+    if event.livemode != livemode {
+        return Err(WebhookError::WrongMode(mode(event.livemode), mode(livemode)));
+    }
+    let intake = stripe::store_event(&state.db, &project, &event, payload).await.map_err(|e| internal(&e))?;
+    tracing::info!(%project, event = %event.id, kind = %event.kind, ?intake, "stripe webhook received");
+    let duplicate = intake == Intake::AlreadyStored;
+    Ok((StatusCode::OK, axum::Json(json!({ "received": true, "duplicate": duplicate }))).into_response())
+}

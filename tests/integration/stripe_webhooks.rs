@@ -1,0 +1,188 @@
+//! Stripe's webhooks arriving: a signed event is stored once by id and acknowledged; forged,
+//! replayed, tampered and wrong-mode deliveries are refused and store nothing.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tollgate_core::projects::BudgetPolicy;
+use tollgate_core::signature;
+use tollgate_core::stripe;
+use tollgate_core::time::UnixMillis;
+use tollgate_core::with_db;
+
+use crate::db_cases;
+use crate::helpers::{DbCase, TestDatabase, TestResult};
+use crate::proxy::{Setup, setup};
+
+pub fn cases() -> Vec<DbCase> {
+    db_cases![
+        a_signed_event_is_stored_once_and_acknowledged,
+        forged_replayed_and_malformed_deliveries_are_refused,
+        secrets_are_checked_and_stored_encrypted,
+    ]
+}
+
+const WEBHOOK_SECRET: &str = "whsec_test_0123456789abcdef0123";
+
+async fn connected(db: &TestDatabase) -> anyhow::Result<Setup> {
+    let s = setup(db, BudgetPolicy::Reject).await?;
+    let state = &s.app.state;
+    stripe::connect_with_key(&state.db, &state.master_key, &s.project.id, "rk_test_51Habcdefgh1234", WEBHOOK_SECRET)
+        .await?;
+    Ok(s)
+}
+
+fn event(id: &str, kind: &str) -> String {
+    json!({
+        "id": id, "object": "event", "type": kind, "livemode": false, "created": 1_795_000_000,
+        "api_version": "2026-09-30.endive",
+        "data": {"object": {"id": "in_1", "object": "invoice", "status": "paid"}}
+    })
+    .to_string()
+}
+
+async fn deliver(
+    s: &Setup,
+    path_project: &str,
+    body: &str,
+    signature: Option<String>,
+) -> anyhow::Result<(StatusCode, Value)> {
+    let mut request = s.app.client.post(s.app.url(&format!("/stripe/webhooks/{path_project}"))).body(body.to_owned());
+    if let Some(signature) = signature {
+        request = request.header("stripe-signature", signature);
+    }
+    let response = request.header("content-type", "application/json").send().await?;
+    Ok((response.status(), response.json().await.unwrap_or(Value::Null)))
+}
+
+fn now() -> i64 {
+    UnixMillis::now().0 / 1000
+}
+
+async fn stored(s: &Setup) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(with_db!(&s.app.state.db, pool => sqlx::query_as::<_, (String, String)>(
+        "SELECT id, type FROM stripe_events ORDER BY id").fetch_all(pool).await)?)
+}
+
+async fn a_signed_event_is_stored_once_and_acknowledged(db: TestDatabase) -> TestResult {
+    let s = connected(&db).await?;
+    let project = s.project.id.to_string();
+    let body = event("evt_1", "invoice.paid");
+    let (status, answer) =
+        deliver(&s, &project, &body, Some(signature::header(WEBHOOK_SECRET, now(), body.as_bytes()))).await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["duplicate"], false);
+    // Stripe delivers again (a retry, or a second signature a minute later): stored once.
+    let (status, answer) =
+        deliver(&s, &project, &body, Some(signature::header(WEBHOOK_SECRET, now() - 60, body.as_bytes()))).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["duplicate"], true);
+    let other = event("evt_2", "invoice.payment_failed");
+    let (status, _) =
+        deliver(&s, &project, &other, Some(signature::header(WEBHOOK_SECRET, now(), other.as_bytes()))).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        stored(&s).await?,
+        [("evt_1".to_owned(), "invoice.paid".to_owned()), ("evt_2".to_owned(), "invoice.payment_failed".to_owned())]
+    );
+    let payload: String = with_db!(&s.app.state.db, pool => sqlx::query_scalar(
+        "SELECT payload FROM stripe_events WHERE id = 'evt_1'").fetch_one(pool).await)?;
+    assert_eq!(payload, body, "the raw body is kept as received");
+    s.app.stop().await
+}
+
+async fn forged_replayed_and_malformed_deliveries_are_refused(db: TestDatabase) -> TestResult {
+    let s = connected(&db).await?;
+    let project = s.project.id.to_string();
+    let body = event("evt_9", "invoice.paid");
+    let live = event("evt_8", "invoice.paid").replace("\"livemode\":false", "\"livemode\":true");
+    let cases: Vec<(&str, String, String, Option<String>, StatusCode)> = vec![
+        ("no signature", project.clone(), body.clone(), None, StatusCode::BAD_REQUEST),
+        (
+            "forged: another secret",
+            project.clone(),
+            body.clone(),
+            Some(signature::header("whsec_attacker_0000000000000", now(), body.as_bytes())),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "replayed: 10 minutes old",
+            project.clone(),
+            body.clone(),
+            Some(signature::header(WEBHOOK_SECRET, now() - 600, body.as_bytes())),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "tampered body",
+            project.clone(),
+            body.replace("paid", "void"),
+            Some(signature::header(WEBHOOK_SECRET, now(), body.as_bytes())),
+            StatusCode::BAD_REQUEST,
+        ),
+        ("garbage header", project.clone(), body.clone(), Some("nonsense".to_owned()), StatusCode::BAD_REQUEST),
+        (
+            "signed, not an event",
+            project.clone(),
+            "[1,2]".to_owned(),
+            Some(signature::header(WEBHOOK_SECRET, now(), b"[1,2]")),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "a live event to a test connection",
+            project.clone(),
+            live.clone(),
+            Some(signature::header(WEBHOOK_SECRET, now(), live.as_bytes())),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "no such project",
+            "prj_0190aaaaaaaaaaaaaaaaaaaaaaaaaaaa".to_owned(),
+            body.clone(),
+            Some(signature::header(WEBHOOK_SECRET, now(), body.as_bytes())),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "not a project id",
+            "../admin".to_owned(),
+            body.clone(),
+            Some(signature::header(WEBHOOK_SECRET, now(), body.as_bytes())),
+            StatusCode::NOT_FOUND,
+        ),
+    ];
+    for (name, path_project, payload, sig, expected) in cases {
+        let (status, answer) = deliver(&s, &path_project, &payload, sig).await?;
+        assert_eq!(status, expected, "{name}: {answer}");
+        if status == StatusCode::BAD_REQUEST {
+            assert!(answer["error"]["message"].is_string(), "{name}: {answer}");
+        }
+    }
+    assert!(stored(&s).await?.is_empty(), "a refused delivery was stored");
+    s.app.stop().await
+}
+
+async fn secrets_are_checked_and_stored_encrypted(db: TestDatabase) -> TestResult {
+    let s = setup(&db, BudgetPolicy::Reject).await?;
+    let state = &s.app.state;
+    for (key, secret) in [
+        ("pk_test_51Habcdefgh1234", WEBHOOK_SECRET),
+        ("not a key", WEBHOOK_SECRET),
+        ("rk_test_51Habcdefgh1234", "secret"),
+    ] {
+        let refused = stripe::connect_with_key(&state.db, &state.master_key, &s.project.id, key, secret).await;
+        assert!(matches!(refused, Err(stripe::StripeError::Invalid { .. })), "{key} / {secret}: {refused:?}");
+    }
+    assert!(stripe::connection(&state.db, &s.project.id).await?.is_none(), "a refused connection was saved");
+    let connection = stripe::connect_with_key(
+        &state.db,
+        &state.master_key,
+        &s.project.id,
+        "rk_live_51Habcdefgh1234",
+        WEBHOOK_SECRET,
+    )
+    .await?;
+    assert!(connection.livemode);
+    assert_eq!(connection.key_hint.as_deref(), Some("rk_live_…1234"));
+    let raw: (String, String) = with_db!(&state.db, pool => sqlx::query_as(
+        "SELECT secret_key_sealed, webhook_secret_sealed FROM stripe_connections").fetch_one(pool).await)?;
+    assert!(!raw.0.contains("rk_live") && !raw.1.contains("whsec_"), "secrets stored in the clear: {raw:?}");
+    s.app.stop().await
+}
