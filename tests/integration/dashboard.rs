@@ -31,6 +31,7 @@ pub fn cases() -> Vec<DbCase> {
         every_page_and_action_of_another_organization_is_not_found,
         reset_links_and_invitations_are_mailed_when_smtp_is_configured,
         alerts_are_set_checked_and_their_deliveries_logged,
+        stripe_is_connected_on_the_billing_page_and_events_listed,
     ]
 }
 
@@ -843,6 +844,7 @@ async fn every_page_and_action_of_another_organization_is_not_found(db: TestData
         format!("{project}/settings"),
         format!("{project}/customers"),
         format!("{project}/alerts"),
+        format!("{project}/billing"),
         customer.clone(),
     ] {
         let page = mallory.get(&path).await?;
@@ -876,6 +878,11 @@ async fn every_page_and_action_of_another_organization_is_not_found(db: TestData
         (format!("{project}/customers"), vec![("external_id", "c1"), ("budget", "99"), ("period", "month")]),
         (format!("{project}/alerts"), vec![("thresholds", "1"), ("webhook_url", "https://evil.example/")]),
         (format!("{project}/alerts/secret"), vec![]),
+        (
+            format!("{project}/billing"),
+            vec![("secret_key", "rk_test_51Hmallory000"), ("webhook_secret", "whsec_mallory_000000000000")],
+        ),
+        (format!("{project}/billing/disconnect"), vec![]),
         (format!("{customer}/block"), vec![]),
         (format!("{customer}/unblock"), vec![]),
         (format!("/members/{ada_id}/role"), vec![("role", "viewer")]),
@@ -1026,5 +1033,58 @@ async fn alerts_are_set_checked_and_their_deliveries_logged(db: TestDatabase) ->
     assert!(body.contains("next attempt"), "{body}");
     let audit = ada.get("/audit").await?.body;
     assert!(audit.contains("alerts.settings_changed") && audit.contains("alerts.secret_rolled"), "{audit}");
+    app.stop().await
+}
+
+async fn stripe_is_connected_on_the_billing_page_and_events_listed(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let project = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let billing = format!("{project}/billing");
+    let shown = ada.get(&billing).await?;
+    assert_eq!(shown.status, StatusCode::OK);
+    assert!(shown.body.contains("Not connected to Stripe"), "{}", shown.body);
+    let project_id = project.trim_start_matches("/projects/");
+    assert!(shown.body.contains(&format!("/stripe/webhooks/{project_id}")), "{}", shown.body);
+
+    const WHSEC: &str = "whsec_test_0123456789abcdef0123";
+    for (key, secret, message) in [
+        ("pk_test_51Habcdefgh1234", WHSEC, "Secret key: must be a Stripe secret or restricted key"),
+        ("rk_test_51Habcdefgh1234", "nope", "Webhook signing secret: must be the endpoint"),
+    ] {
+        let page = ada.submit(&billing, &billing, &[("secret_key", key), ("webhook_secret", secret)]).await?;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST);
+        assert!(page.body.contains(message), "{message}: {}", page.body);
+        assert_eq!(count(&app, "stripe_connections").await?, 0);
+    }
+    let saved =
+        ada.submit(&billing, &billing, &[("secret_key", "rk_test_51Habcdefgh1234"), ("webhook_secret", WHSEC)]).await?;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let shown = ada.get(&billing).await?.body;
+    assert!(shown.contains("rk_test_…1234") && shown.contains("<dt>Mode</dt><dd>test"), "{shown}");
+    assert!(!shown.contains("rk_test_51Habcdefgh1234") && !shown.contains(WHSEC), "a secret was shown");
+
+    // Stripe delivers an event to the endpoint the page names; the page lists it.
+    let body = serde_json::json!({"id": "evt_dash_1", "object": "event", "type": "invoice.finalized",
+        "livemode": false, "created": 1_795_000_000, "data": {"object": {"id": "in_1"}}})
+    .to_string();
+    let now = tollgate_core::time::UnixMillis::now().0 / 1000;
+    let delivered = app
+        .client
+        .post(app.url(&format!("/stripe/webhooks/{project_id}")))
+        .header("stripe-signature", tollgate_core::signature::header(WHSEC, now, body.as_bytes()))
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(delivered.status(), StatusCode::OK);
+    let shown = ada.get(&billing).await?.body;
+    assert!(shown.contains("evt_dash_1") && shown.contains("invoice.finalized"), "{shown}");
+
+    let disconnected = ada.submit(&billing, &format!("{billing}/disconnect"), &[]).await?;
+    assert_eq!(disconnected.status, StatusCode::SEE_OTHER);
+    assert_eq!(count(&app, "stripe_connections").await?, 0);
+    let audit = ada.get("/audit").await?.body;
+    assert!(audit.contains("stripe.connected") && audit.contains("stripe.disconnected"), "{audit}");
     app.stop().await
 }

@@ -12,6 +12,7 @@
 pub mod accounts;
 pub mod alerts;
 pub mod audit_log;
+pub mod billing;
 pub mod customers;
 pub mod error;
 pub mod format;
@@ -71,6 +72,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/delete", post(settings::delete))
         .route("/projects/{id}/alerts", get(alerts::show).post(alerts::save))
         .route("/projects/{id}/alerts/secret", post(alerts::roll_secret))
+        .route("/projects/{id}/billing", get(billing::show).post(billing::connect))
+        .route("/projects/{id}/billing/disconnect", post(billing::disconnect))
         .route("/projects/{id}/prices", get(settings::prices).post(settings::set_price))
         .route("/projects/{id}/prices/delete", post(settings::delete_price))
         .route("/audit", get(audit_log::page))
