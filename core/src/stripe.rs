@@ -165,3 +165,188 @@ mod tests {
         assert_eq!(hint("rk_test_51Habcdefghwxyz"), "rk_test_…wxyz");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Processing stored events.
+
+/// The fields of an invoice Tollgate mirrors (Stripe's `Invoice` object).
+#[derive(Debug, Clone, serde::Deserialize)]
+struct InvoiceObject {
+    id: String,
+    customer: Option<String>,
+    number: Option<String>,
+    status: Option<String>,
+    currency: String,
+    #[serde(default)]
+    amount_due: i64,
+    #[serde(default)]
+    amount_paid: i64,
+    hosted_invoice_url: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+struct EventData<T> {
+    object: T,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Event<T> {
+    #[serde(rename = "type")]
+    kind: String,
+    created: i64,
+    data: EventData<T>,
+}
+
+/// How far along an invoice is; a snapshot never moves an invoice back.
+fn status_rank(status: &str) -> i64 {
+    match status {
+        "draft" => 0,
+        "open" => 1,
+        "uncollectible" => 2,
+        "paid" | "void" => 3,
+        _ => 0,
+    }
+}
+
+/// What processing one event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Processed {
+    /// An invoice snapshot was applied (or was older than the one held).
+    Invoice { id: String, applied: bool },
+    /// A type Tollgate does not act on.
+    Ignored,
+}
+
+/// Processes up to `limit` stored events not processed yet, oldest first. An event that
+/// cannot be processed keeps its error and is tried again next time.
+pub async fn process_pending(db: &Db, limit: i64) -> Result<Vec<(String, Processed)>, StripeError> {
+    const PENDING: &str = "SELECT id, project_id, type, payload FROM stripe_events \
+        WHERE processed_at IS NULL ORDER BY received_at, id LIMIT $1";
+    let pending: Vec<(String, ProjectId, String, String)> = with_db!(db, pool =>
+        sqlx::query_as::<_, (String, ProjectId, String, String)>(PENDING).bind(limit).fetch_all(pool).await)?;
+    let mut done = Vec::new();
+    for (id, project, kind, payload) in pending {
+        let outcome = match kind.as_str() {
+            "invoice.created"
+            | "invoice.finalized"
+            | "invoice.paid"
+            | "invoice.payment_failed"
+            | "invoice.voided"
+            | "invoice.updated"
+            | "invoice.marked_uncollectible" => apply_invoice(db, &project, &payload).await,
+            _ => Ok(Processed::Ignored),
+        };
+        let now = UnixMillis::now().0;
+        match outcome {
+            Ok(processed) => {
+                const DONE: &str = "UPDATE stripe_events SET processed_at = $1, attempts = attempts + 1, \
+                    last_error = NULL WHERE id = $2";
+                with_db!(db, pool => sqlx::query(DONE).bind(now).bind(&id).execute(pool).await.map(|_| ()))?;
+                done.push((id, processed));
+            }
+            Err(StripeError::Invalid { reason, .. }) => {
+                // A payload Tollgate cannot read will not get better: recorded, and set aside.
+                tracing::warn!(event = %id, %reason, "stripe event cannot be processed");
+                const BAD: &str = "UPDATE stripe_events SET processed_at = $1, attempts = attempts + 1, \
+                    last_error = $2 WHERE id = $3";
+                with_db!(db, pool => sqlx::query(BAD).bind(now).bind(&reason).bind(&id).execute(pool).await.map(|_| ()))?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+async fn apply_invoice(db: &Db, project: &ProjectId, payload: &str) -> Result<Processed, StripeError> {
+    let event: Event<InvoiceObject> =
+        serde_json::from_str(payload).map_err(|e| invalid("payload", format!("not an invoice event: {e}")))?;
+    let invoice = event.data.object;
+    let status = invoice.status.clone().unwrap_or_else(|| "draft".to_owned());
+    let rank = status_rank(&status);
+    let payment_failed = event.kind == "invoice.payment_failed" && status == "open";
+    let stripe_customer = invoice.customer.clone().unwrap_or_default();
+    // Insert, or replace only with a snapshot further along, or as far along and newer.
+    const UPSERT: &str = "INSERT INTO stripe_invoices (id, project_id, stripe_customer_id, customer_id, number, \
+            status, status_rank, payment_failed, currency, amount_due, amount_paid, hosted_invoice_url, state_at, \
+            updated_at) \
+        VALUES ($1, $2, $3, (SELECT id FROM customers WHERE project_id = $2 AND stripe_customer_id = $3), \
+            $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+        ON CONFLICT (id) DO UPDATE SET customer_id = excluded.customer_id, number = excluded.number, \
+            status = excluded.status, status_rank = excluded.status_rank, payment_failed = excluded.payment_failed, \
+            currency = excluded.currency, amount_due = excluded.amount_due, amount_paid = excluded.amount_paid, \
+            hosted_invoice_url = excluded.hosted_invoice_url, state_at = excluded.state_at, \
+            updated_at = excluded.updated_at \
+        WHERE stripe_invoices.project_id = excluded.project_id AND (excluded.status_rank > stripe_invoices.status_rank \
+            OR (excluded.status_rank = stripe_invoices.status_rank AND excluded.state_at >= stripe_invoices.state_at))";
+    let now = UnixMillis::now().0;
+    let applied = with_db!(db, pool => sqlx::query(UPSERT)
+        .bind(&invoice.id).bind(project).bind(&stripe_customer).bind(&invoice.number).bind(&status).bind(rank)
+        .bind(payment_failed).bind(&invoice.currency).bind(invoice.amount_due).bind(invoice.amount_paid)
+        .bind(&invoice.hosted_invoice_url).bind(event.created).bind(now)
+        .execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(Processed::Invoice { id: invoice.id, applied: applied > 0 })
+}
+
+/// One mirrored invoice, for pages.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct InvoiceRow {
+    pub id: String,
+    pub number: Option<String>,
+    pub stripe_customer_id: String,
+    pub customer_id: Option<crate::ids::CustomerId>,
+    pub customer_external_id: Option<String>,
+    pub status: String,
+    pub payment_failed: bool,
+    pub currency: String,
+    pub amount_due: i64,
+    pub amount_paid: i64,
+    pub hosted_invoice_url: Option<String>,
+    pub state_at: i64,
+}
+
+/// The project's invoices, newest first; only one customer's if `customer` is given.
+pub async fn invoices(
+    db: &Db,
+    project: &ProjectId,
+    customer: Option<&crate::ids::CustomerId>,
+    limit: i64,
+) -> Result<Vec<InvoiceRow>, StripeError> {
+    const SQL: &str = "SELECT i.id, i.number, i.stripe_customer_id, i.customer_id, \
+            c.external_id AS customer_external_id, i.status, i.payment_failed, i.currency, i.amount_due, \
+            i.amount_paid, i.hosted_invoice_url, i.state_at \
+        FROM stripe_invoices i LEFT JOIN customers c ON c.id = i.customer_id \
+        WHERE i.project_id = $1 AND ($2 IS NULL OR i.customer_id = $2) \
+        ORDER BY i.state_at DESC, i.id DESC LIMIT $3";
+    let customer = customer.map(|c| c.as_str().to_owned());
+    Ok(with_db!(db, pool => sqlx::query_as::<_, InvoiceRow>(SQL).bind(project).bind(&customer).bind(limit)
+        .fetch_all(pool).await)?)
+}
+
+/// Links an end-customer to an existing Stripe customer (`cus_…`) the tenant gives.
+pub async fn link_customer(
+    db: &Db,
+    project: &ProjectId,
+    customer: &crate::ids::CustomerId,
+    stripe_customer_id: &str,
+) -> Result<bool, StripeError> {
+    let id = stripe_customer_id.trim();
+    if !(id.starts_with("cus_") && id.len() > 4 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')) {
+        return Err(invalid("stripe_customer_id", "must be a Stripe customer id (cus_…)"));
+    }
+    const SQL: &str = "UPDATE customers SET stripe_customer_id = $1 WHERE id = $2 AND project_id = $3";
+    let linked = with_db!(db, pool => sqlx::query(SQL).bind(id).bind(customer).bind(project)
+        .execute(pool).await.map(|r| r.rows_affected()));
+    match linked {
+        Ok(n) => {
+            // Invoices that arrived before the link now find their customer.
+            const ADOPT: &str = "UPDATE stripe_invoices SET customer_id = $1 \
+                WHERE project_id = $2 AND stripe_customer_id = $3 AND customer_id IS NULL";
+            with_db!(db, pool => sqlx::query(ADOPT).bind(customer).bind(project).bind(id).execute(pool).await.map(|_| ()))?;
+            Ok(n > 0)
+        }
+        Err(e) if crate::db::is_unique_violation(&e) => {
+            Err(invalid("stripe_customer_id", "is already linked to another customer of this project"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}

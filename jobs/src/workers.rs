@@ -1,6 +1,6 @@
 //! The workers of one process: a heartbeat every 15 seconds, a per-minute scheduler that
-//! queues housekeeping, the housekeeping queue's consumer, the alert scan every 5 seconds
-//! and the alert deliveries' consumer. They run until shutdown
+//! queues housekeeping, the housekeeping queue's consumer, the alert scan every 5 seconds,
+//! the alert deliveries' consumer, and the processing of Stripe's webhook events every 2 seconds. They run until shutdown
 //! is requested, then get `grace` to finish what they hold.
 
 use std::str::FromStr;
@@ -92,6 +92,8 @@ pub async fn run_workers(
     let heartbeat_ctx = ctx.clone();
     let scheduler_ctx = ctx.clone();
     let scan_ctx = ctx.clone();
+    let stripe_ctx = ctx.clone();
+    let every_2s = cron::Schedule::from_str("*/2 * * * * *")?;
     let monitor = monitor
         .register({
             let name = name.clone();
@@ -121,6 +123,16 @@ pub async fn run_workers(
                     .data(scan_ctx.clone())
                     .catch_panic()
                     .build(scan_alerts)
+            }
+        })
+        .register({
+            let name = name.clone();
+            move |restarts| {
+                WorkerBuilder::new(name("stripe-events", restarts))
+                    .backend(CronScheduler::new(every_2s.clone()))
+                    .data(stripe_ctx.clone())
+                    .catch_panic()
+                    .build(process_stripe_events)
             }
         });
     let poll = options.poll_interval;
@@ -194,6 +206,16 @@ async fn scan_alerts(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynErr
     let report = alerts::scan_and_queue(&ctx.db, &ctx.store).await.map_err(|e| e.to_string())?;
     if report.alerts_fired > 0 {
         metrics::counter!("tollgate_alerts_fired_total").increment(report.alerts_fired as u64);
+    }
+    Ok(())
+}
+
+/// Stripe's webhook events, stored on arrival, processed in the order they arrived (their
+/// effect does not depend on it: see `tollgate_core::stripe`).
+async fn process_stripe_events(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+    let processed = tollgate_core::stripe::process_pending(&ctx.db, 200).await.map_err(|e| e.to_string())?;
+    if !processed.is_empty() {
+        metrics::counter!("tollgate_stripe_events_processed_total").increment(processed.len() as u64);
     }
     Ok(())
 }

@@ -32,3 +32,29 @@ CREATE TABLE stripe_events (
 );
 CREATE INDEX stripe_events_unprocessed ON stripe_events (processed_at, received_at);
 CREATE INDEX stripe_events_project_time ON stripe_events (project_id, received_at);
+
+-- The Stripe customer that bills each end-customer (made by provisioning, or given by the tenant).
+ALTER TABLE customers ADD COLUMN stripe_customer_id TEXT;
+CREATE UNIQUE INDEX customers_stripe_customer ON customers (project_id, stripe_customer_id);
+
+-- Invoices as the latest snapshot Stripe sent. Events may repeat and arrive out of order: a
+-- snapshot replaces the stored one only if its status is further along (draft < open <
+-- uncollectible < paid = void) or, at the same stage, newer.
+CREATE TABLE stripe_invoices (
+    id                  TEXT PRIMARY KEY,      -- in_…
+    project_id          TEXT NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+    stripe_customer_id  TEXT NOT NULL,
+    customer_id         TEXT REFERENCES customers (id) ON DELETE SET NULL,
+    number              TEXT,
+    status              TEXT NOT NULL,
+    status_rank         BIGINT NOT NULL,
+    payment_failed      BOOLEAN NOT NULL,      -- the last payment attempt failed and it is unpaid
+    currency            TEXT NOT NULL,
+    amount_due          BIGINT NOT NULL,       -- in the currency's smallest unit, as Stripe counts
+    amount_paid         BIGINT NOT NULL,
+    hosted_invoice_url  TEXT,
+    state_at            BIGINT NOT NULL,       -- the event time (Unix seconds) of the snapshot held
+    updated_at          BIGINT NOT NULL
+);
+CREATE INDEX stripe_invoices_project ON stripe_invoices (project_id, state_at);
+CREATE INDEX stripe_invoices_customer ON stripe_invoices (customer_id);

@@ -10,14 +10,16 @@ use tollgate_core::time::UnixMillis;
 use tollgate_core::with_db;
 
 use crate::db_cases;
+use crate::helpers::eventually;
 use crate::helpers::{DbCase, TestDatabase, TestResult};
-use crate::proxy::{Setup, setup};
+use crate::proxy::{Setup, setup, setup_with};
 
 pub fn cases() -> Vec<DbCase> {
     db_cases![
         a_signed_event_is_stored_once_and_acknowledged,
         forged_replayed_and_malformed_deliveries_are_refused,
         secrets_are_checked_and_stored_encrypted,
+        invoices_take_the_furthest_state_whatever_the_order_of_events,
     ]
 }
 
@@ -184,5 +186,66 @@ async fn secrets_are_checked_and_stored_encrypted(db: TestDatabase) -> TestResul
     let raw: (String, String) = with_db!(&state.db, pool => sqlx::query_as(
         "SELECT secret_key_sealed, webhook_secret_sealed FROM stripe_connections").fetch_one(pool).await)?;
     assert!(!raw.0.contains("rk_live") && !raw.1.contains("whsec_"), "secrets stored in the clear: {raw:?}");
+    s.app.stop().await
+}
+
+fn invoice_event(id: &str, kind: &str, created: i64, invoice: &str, customer: &str, status: &str) -> String {
+    json!({
+        "id": id, "object": "event", "type": kind, "livemode": false, "created": created,
+        "data": {"object": {
+            "id": invoice, "object": "invoice", "customer": customer, "number": format!("INV-{invoice}"),
+            "status": status, "currency": "usd", "amount_due": 1234, "amount_paid": if status == "paid" { 1234 } else { 0 },
+            "hosted_invoice_url": format!("https://invoice.stripe.com/i/{invoice}"), "livemode": false
+        }}
+    })
+    .to_string()
+}
+
+async fn invoices_take_the_furthest_state_whatever_the_order_of_events(db: TestDatabase) -> TestResult {
+    let s = setup_with(&db, BudgetPolicy::Reject, |env| {
+        env.insert("TOLLGATE_WORKERS".into(), "true".into());
+    })
+    .await?;
+    let state = s.app.state.clone();
+    stripe::connect_with_key(&state.db, &state.master_key, &s.project.id, "rk_test_51Habcdefgh1234", WEBHOOK_SECRET)
+        .await?;
+    s.budget("acme-1", 100).await?;
+    let customer = tollgate_core::projects::find_customer(&state.db, &s.project.id, "acme-1").await?.unwrap();
+    assert!(stripe::link_customer(&state.db, &s.project.id, &customer.id, "cus_A1").await?);
+    let project = s.project.id.to_string();
+    let t = 1_795_000_000;
+    let finalized = invoice_event("evt_a", "invoice.finalized", t, "in_1", "cus_A1", "open");
+    let failed = invoice_event("evt_b", "invoice.payment_failed", t + 10, "in_1", "cus_A1", "open");
+    let paid = invoice_event("evt_c", "invoice.paid", t + 20, "in_1", "cus_A1", "paid");
+    let other_finalized = invoice_event("evt_d", "invoice.finalized", t, "in_2", "cus_A1", "open");
+    let other_failed = invoice_event("evt_e", "invoice.payment_failed", t + 10, "in_2", "cus_A1", "open");
+    let unreadable = json!({"id": "evt_f", "object": "event", "type": "invoice.paid", "livemode": false,
+        "created": t, "data": {"object": {"id": "in_3"}}})
+    .to_string();
+    // Paid arrives first, then the older failure and finalization, then paid again.
+    for body in [&paid, &failed, &other_failed, &finalized, &unreadable, &paid, &other_finalized] {
+        let (status, answer) =
+            deliver(&s, &project, body, Some(signature::header(WEBHOOK_SECRET, now(), body.as_bytes()))).await?;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    eventually(std::time::Duration::from_secs(20), || async {
+        let waiting: i64 = with_db!(&state.db, pool => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM stripe_events WHERE processed_at IS NULL").fetch_one(pool).await)?;
+        Ok(waiting == 0)
+    })
+    .await?;
+    let invoices = stripe::invoices(&state.db, &s.project.id, None, 10).await?;
+    let summary: Vec<(String, String, bool, Option<String>)> = invoices
+        .iter()
+        .map(|i| (i.id.clone(), i.status.clone(), i.payment_failed, i.customer_external_id.clone()))
+        .collect();
+    assert!(summary.contains(&("in_1".into(), "paid".into(), false, Some("acme-1".into()))), "{summary:?}");
+    assert!(summary.contains(&("in_2".into(), "open".into(), true, Some("acme-1".into()))), "{summary:?}");
+    assert_eq!(invoices.len(), 2, "the unreadable event made no invoice: {summary:?}");
+    let error: Option<String> = with_db!(&state.db, pool => sqlx::query_scalar(
+        "SELECT last_error FROM stripe_events WHERE id = 'evt_f'").fetch_one(pool).await)?;
+    assert!(error.unwrap_or_default().contains("not an invoice event"));
+    let mine = stripe::invoices(&state.db, &s.project.id, Some(&customer.id), 10).await?;
+    assert_eq!(mine.len(), 2);
     s.app.stop().await
 }

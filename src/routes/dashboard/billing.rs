@@ -40,6 +40,16 @@ pub struct ConnectForm {
     webhook_secret: String,
 }
 
+pub struct InvoiceView {
+    number: String,
+    customer_id: Option<String>,
+    customer: String,
+    amount: String,
+    status: String,
+    url: Option<String>,
+    updated: String,
+}
+
 pub struct EventView {
     id: String,
     kind: String,
@@ -57,6 +67,7 @@ pub struct BillingPage {
     webhook_url: String,
     webhook_events: &'static [&'static str],
     events: Vec<EventView>,
+    invoices: Vec<InvoiceView>,
     saved: bool,
     errors: Vec<String>,
 }
@@ -100,6 +111,21 @@ async fn page(
             processed: processed.map(format::datetime).unwrap_or_else(|| "waiting".to_owned()),
         })
         .collect();
+    let invoices = stripe::invoices(&state.db, &project.id, None, 100)
+        .await
+        .map_err(stripe_error)?
+        .into_iter()
+        .map(|i| InvoiceView {
+            number: i.number.unwrap_or_else(|| "(draft)".to_owned()),
+            customer_id: i.customer_id.map(|c| c.to_string()),
+            customer: i.customer_external_id.unwrap_or(i.stripe_customer_id),
+            amount: minor_units(i.amount_due, &i.currency),
+            status: if i.payment_failed { "payment failed".to_owned() } else { i.status },
+            // Only Stripe's own https links become links.
+            url: i.hosted_invoice_url.filter(|u| u.starts_with("https://")),
+            updated: format::datetime(i.state_at.saturating_mul(1000)),
+        })
+        .collect();
     let base = state.config.public_url.trim_end_matches('/');
     Ok(BillingPage {
         connected_at: connection.as_ref().map(|c| format::datetime(c.updated_at)).unwrap_or_default(),
@@ -107,11 +133,27 @@ async fn page(
         webhook_url: format!("{base}/stripe/webhooks/{}", project.id),
         webhook_events: WEBHOOK_EVENTS,
         events,
+        invoices,
         saved,
         errors,
         me,
         project,
     })
+}
+
+/// An amount in a currency's smallest unit (Stripe's way) as text: `1234` usd → `12.34 USD`.
+/// Zero-decimal currencies (JPY, KRW, …) have no cents.
+fn minor_units(amount: i64, currency: &str) -> String {
+    const ZERO_DECIMAL: &[&str] = &[
+        "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf",
+    ];
+    let code = currency.to_uppercase();
+    if ZERO_DECIMAL.contains(&currency.to_lowercase().as_str()) {
+        return format!("{amount} {code}");
+    }
+    let sign = if amount < 0 { "-" } else { "" };
+    let abs = amount.unsigned_abs();
+    format!("{sign}{}.{:02} {code}", abs / 100, abs % 100)
 }
 
 pub async fn show(
