@@ -238,7 +238,8 @@ pub async fn save(db: &Db, project: &ProjectId, input: &CustomerInput) -> Result
 
 /// Blocks or unblocks a customer of `project`; false if there is none.
 pub async fn set_blocked(db: &Db, project: &ProjectId, id: &CustomerId, blocked: bool) -> Result<bool, DbError> {
-    const SQL: &str = "UPDATE customers SET blocked = $1 WHERE project_id = $2 AND id = $3";
+    // A person's decision replaces a billing hold (payment will not lift it).
+    const SQL: &str = "UPDATE customers SET blocked = $1, billing_hold = FALSE WHERE project_id = $2 AND id = $3";
     let n = with_db!(db, pool => sqlx::query(SQL).bind(blocked).bind(project).bind(id).execute(pool).await
         .map(|r| r.rows_affected()))?;
     Ok(n == 1)

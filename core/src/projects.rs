@@ -704,7 +704,8 @@ pub async fn set_customer_blocked(
     external_id: &str,
     blocked: bool,
 ) -> Result<bool, DbError> {
-    const SQL: &str = "UPDATE customers SET blocked = $1 WHERE project_id = $2 AND external_id = $3";
+    const SQL: &str =
+        "UPDATE customers SET blocked = $1, billing_hold = FALSE WHERE project_id = $2 AND external_id = $3";
     let n = with_db!(db, pool => sqlx::query(SQL).bind(blocked).bind(project).bind(external_id)
         .execute(pool).await.map(|r| r.rows_affected()))?;
     Ok(n == 1)

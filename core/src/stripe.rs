@@ -32,6 +32,7 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> StripeError {
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Connection {
     pub mode: String,
+    pub block_on_payment_failure: bool,
     pub account_id: Option<String>,
     pub key_hint: Option<String>,
     pub livemode: bool,
@@ -90,7 +91,7 @@ pub async fn connect_with_key(
 
 /// The project's connection, if it has one.
 pub async fn connection(db: &Db, project: &ProjectId) -> Result<Option<Connection>, StripeError> {
-    const SQL: &str = "SELECT mode, account_id, key_hint, livemode, last_check_at, last_check_error, updated_at \
+    const SQL: &str = "SELECT mode, block_on_payment_failure, account_id, key_hint, livemode, last_check_at, last_check_error, updated_at \
         FROM stripe_connections WHERE project_id = $1";
     Ok(with_db!(db, pool => sqlx::query_as::<_, Connection>(SQL).bind(project).fetch_optional(pool).await)?)
 }
@@ -284,7 +285,51 @@ async fn apply_invoice(db: &Db, project: &ProjectId, payload: &str) -> Result<Pr
         .bind(payment_failed).bind(&invoice.currency).bind(invoice.amount_due).bind(invoice.amount_paid)
         .bind(&invoice.hosted_invoice_url).bind(event.created).bind(now)
         .execute(pool).await.map(|r| r.rows_affected()))?;
+    if applied > 0 {
+        reconcile_hold(db, project, &stripe_customer).await?;
+    }
     Ok(Processed::Invoice { id: invoice.id, applied: applied > 0 })
+}
+
+/// Applies the project's policy to the customer billed by `stripe_customer`, from the state of
+/// their invoices (not from the event that got here): blocked while an open invoice has a
+/// failed payment and the policy says so; unblocked once none has, if billing blocked them.
+async fn reconcile_hold(db: &Db, project: &ProjectId, stripe_customer: &str) -> Result<(), StripeError> {
+    const HOLD: &str = "UPDATE customers SET blocked = TRUE, billing_hold = TRUE \
+        WHERE project_id = $1 AND stripe_customer_id = $2 AND NOT blocked \
+          AND EXISTS (SELECT 1 FROM stripe_connections s WHERE s.project_id = $1 AND s.block_on_payment_failure) \
+          AND EXISTS (SELECT 1 FROM stripe_invoices i WHERE i.project_id = $1 AND i.stripe_customer_id = $2 \
+                      AND i.status = 'open' AND i.payment_failed)";
+    const LIFT: &str = "UPDATE customers SET blocked = FALSE, billing_hold = FALSE \
+        WHERE project_id = $1 AND stripe_customer_id = $2 AND billing_hold \
+          AND NOT (EXISTS (SELECT 1 FROM stripe_connections s WHERE s.project_id = $1 AND s.block_on_payment_failure) \
+               AND EXISTS (SELECT 1 FROM stripe_invoices i WHERE i.project_id = $1 AND i.stripe_customer_id = $2 \
+                           AND i.status = 'open' AND i.payment_failed))";
+    for (sql, action) in [(HOLD, "blocked: an invoice payment failed"), (LIFT, "unblocked: no failed payment left")] {
+        let changed = with_db!(db, pool => sqlx::query(sql).bind(project).bind(stripe_customer)
+            .execute(pool).await.map(|r| r.rows_affected()))?;
+        if changed > 0 {
+            tracing::info!(%project, stripe_customer, "customer {action}");
+        }
+    }
+    Ok(())
+}
+
+/// Whether a failed invoice payment blocks the customer (the project's billing policy).
+pub async fn set_block_on_payment_failure(db: &Db, project: &ProjectId, block: bool) -> Result<bool, StripeError> {
+    const SQL: &str =
+        "UPDATE stripe_connections SET block_on_payment_failure = $1, updated_at = $2 WHERE project_id = $3";
+    let now = UnixMillis::now().0;
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(block).bind(now).bind(project)
+        .execute(pool).await.map(|r| r.rows_affected()))?;
+    const LINKED: &str =
+        "SELECT DISTINCT stripe_customer_id FROM customers WHERE project_id = $1 AND stripe_customer_id IS NOT NULL";
+    let linked: Vec<String> =
+        with_db!(db, pool => sqlx::query_scalar::<_, String>(LINKED).bind(project).fetch_all(pool).await)?;
+    for stripe_customer in linked {
+        reconcile_hold(db, project, &stripe_customer).await?;
+    }
+    Ok(n > 0)
 }
 
 /// One mirrored invoice, for pages.
@@ -342,6 +387,7 @@ pub async fn link_customer(
             const ADOPT: &str = "UPDATE stripe_invoices SET customer_id = $1 \
                 WHERE project_id = $2 AND stripe_customer_id = $3 AND customer_id IS NULL";
             with_db!(db, pool => sqlx::query(ADOPT).bind(customer).bind(project).bind(id).execute(pool).await.map(|_| ()))?;
+            reconcile_hold(db, project, id).await?;
             Ok(n > 0)
         }
         Err(e) if crate::db::is_unique_violation(&e) => {

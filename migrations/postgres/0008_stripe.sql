@@ -12,6 +12,8 @@ CREATE TABLE stripe_connections (
     key_hint               TEXT,                 -- the key's prefix and last four characters
     webhook_secret_sealed  TEXT NOT NULL,        -- whsec_…, encrypted
     livemode               BOOLEAN NOT NULL,
+    -- Block a customer's proxy access while an invoice of theirs has a failed payment.
+    block_on_payment_failure  BOOLEAN NOT NULL DEFAULT TRUE,
     last_check_at          BIGINT,
     last_check_error       TEXT,
     created_at             BIGINT NOT NULL,
@@ -35,6 +37,9 @@ CREATE INDEX stripe_events_project_time ON stripe_events (project_id, received_a
 
 -- The Stripe customer that bills each end-customer (made by provisioning, or given by the tenant).
 ALTER TABLE customers ADD COLUMN stripe_customer_id TEXT;
+-- Set when billing blocked the customer (a failed payment), so that payment lifts only that
+-- block and never one a person set.
+ALTER TABLE customers ADD COLUMN billing_hold BOOLEAN NOT NULL DEFAULT FALSE;
 CREATE UNIQUE INDEX customers_stripe_customer ON customers (project_id, stripe_customer_id);
 
 -- Invoices as the latest snapshot Stripe sent. Events may repeat and arrive out of order: a

@@ -20,6 +20,7 @@ pub fn cases() -> Vec<DbCase> {
         forged_replayed_and_malformed_deliveries_are_refused,
         secrets_are_checked_and_stored_encrypted,
         invoices_take_the_furthest_state_whatever_the_order_of_events,
+        a_failed_payment_blocks_the_customer_until_paid,
     ]
 }
 
@@ -247,5 +248,75 @@ async fn invoices_take_the_furthest_state_whatever_the_order_of_events(db: TestD
     assert!(error.unwrap_or_default().contains("not an invoice event"));
     let mine = stripe::invoices(&state.db, &s.project.id, Some(&customer.id), 10).await?;
     assert_eq!(mine.len(), 2);
+    s.app.stop().await
+}
+
+async fn a_failed_payment_blocks_the_customer_until_paid(db: TestDatabase) -> TestResult {
+    let s = setup_with(&db, BudgetPolicy::Reject, |env| {
+        env.insert("TOLLGATE_WORKERS".into(), "true".into());
+    })
+    .await?;
+    let state = s.app.state.clone();
+    stripe::connect_with_key(&state.db, &state.master_key, &s.project.id, "rk_test_51Habcdefgh1234", WEBHOOK_SECRET)
+        .await?;
+    s.budget("payer", 1_000).await?;
+    s.budget("manual", 1_000).await?;
+    for (external, stripe_id) in [("payer", "cus_P1"), ("manual", "cus_M1")] {
+        let c = tollgate_core::projects::find_customer(&state.db, &s.project.id, external).await?.unwrap();
+        stripe::link_customer(&state.db, &s.project.id, &c.id, stripe_id).await?;
+    }
+    let hello = json!({"model": "mock-model", "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]});
+    let project = s.project.id.to_string();
+    let send = |body: String| {
+        let s = &s;
+        let project = project.clone();
+        async move {
+            let signed = signature::header(WEBHOOK_SECRET, now(), body.as_bytes());
+            let (status, answer) = deliver(s, &project, &body, Some(signed)).await?;
+            anyhow::ensure!(status == StatusCode::OK, "{answer}");
+            anyhow::Ok(())
+        }
+    };
+    let blocked = |external: &'static str| {
+        let state = state.clone();
+        let project = s.project.id.clone();
+        async move {
+            let c = tollgate_core::projects::find_customer(&state.db, &project, external).await?.unwrap();
+            anyhow::Ok(c.blocked)
+        }
+    };
+    assert_eq!(s.chat("payer", hello.clone()).await?.status(), StatusCode::OK);
+
+    let t = now();
+    send(invoice_event("evt_1", "invoice.payment_failed", t, "in_9", "cus_P1", "open")).await?;
+    eventually(std::time::Duration::from_secs(15), || async { blocked("payer").await }).await?;
+    let refused = s.chat("payer", hello.clone()).await?;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{}", refused.text().await?);
+
+    // A person blocks "manual" by hand; its invoice is then paid: the person's block stays.
+    let manual = tollgate_core::projects::find_customer(&state.db, &s.project.id, "manual").await?.unwrap();
+    tollgate_core::customers::set_blocked(&state.db, &s.project.id, &manual.id, true).await?;
+    send(invoice_event("evt_2", "invoice.paid", t, "in_8", "cus_M1", "paid")).await?;
+
+    // The failed invoice is paid (and the failure delivered again, late): unblocked.
+    send(invoice_event("evt_3", "invoice.paid", t + 5, "in_9", "cus_P1", "paid")).await?;
+    send(invoice_event("evt_1", "invoice.payment_failed", t, "in_9", "cus_P1", "open")).await?;
+    eventually(std::time::Duration::from_secs(15), || async { Ok(!blocked("payer").await?) }).await?;
+    assert_eq!(s.chat("payer", hello.clone()).await?.status(), StatusCode::OK);
+    assert!(blocked("manual").await?, "paying lifted a block a person set");
+
+    // With the policy off, a failure blocks nobody.
+    stripe::set_block_on_payment_failure(&state.db, &s.project.id, false).await?;
+    send(invoice_event("evt_4", "invoice.payment_failed", t + 10, "in_7", "cus_P1", "open")).await?;
+    eventually(std::time::Duration::from_secs(15), || async {
+        let waiting: i64 = with_db!(&state.db, pool => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM stripe_events WHERE processed_at IS NULL").fetch_one(pool).await)?;
+        Ok(waiting == 0)
+    })
+    .await?;
+    assert!(!blocked("payer").await?);
+    // Turned back on, the open failed invoice blocks at once.
+    stripe::set_block_on_payment_failure(&state.db, &s.project.id, true).await?;
+    assert!(blocked("payer").await?);
     s.app.stop().await
 }

@@ -200,6 +200,31 @@ pub async fn connect(
     }
 }
 
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct PolicyForm {
+    csrf: String,
+    block_on_payment_failure: Option<String>,
+}
+
+pub async fn set_policy(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Form(form): Form<PolicyForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    let block = form.block_on_payment_failure.is_some();
+    if !stripe::set_block_on_payment_failure(&state.db, &project.id, block).await.map_err(stripe_error)? {
+        return Err(WebError::BadRequest("Connect Stripe first".to_owned()));
+    }
+    let detail = format!("block on payment failure: {block}");
+    audit::record(&state.db, me.org_id(), &me.actor(), "stripe.policy_changed", &project.name, &detail).await?;
+    Ok(Redirect::to(&format!("/projects/{}/billing?saved=1", project.id)).into_response())
+}
+
 pub async fn disconnect(
     State(state): State<AppState>,
     me: Member,
