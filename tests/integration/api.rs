@@ -28,7 +28,7 @@ pub fn cases() -> Vec<DbCase> {
 }
 
 impl Setup {
-    async fn api(
+    pub async fn api(
         &self,
         method: reqwest::Method,
         path: &str,

@@ -22,6 +22,7 @@ mod ops;
 mod proxy;
 mod python;
 mod replicas;
+mod schemathesis;
 mod tokens;
 mod upgrades;
 mod webdriver;
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
         upgrades::cases(),
         api::cases(),
         tokens::cases(),
+        schemathesis::cases(),
         browser::cases(),
     ]
     .into_iter()

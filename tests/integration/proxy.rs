@@ -15,7 +15,7 @@ use tollgate_core::time::UnixMillis;
 use tollgate_core::with_db;
 
 use crate::db_cases;
-use crate::helpers::{DbCase, TestApp, TestDatabase, TestResult, eventually, spawn_app};
+use crate::helpers::{DbCase, TestApp, TestDatabase, TestResult, eventually, spawn_app_with};
 use crate::mock_provider::MockProvider;
 
 pub fn cases() -> Vec<DbCase> {
@@ -47,7 +47,16 @@ pub struct Setup {
 }
 
 pub async fn setup(db: &TestDatabase, policy: BudgetPolicy) -> anyhow::Result<Setup> {
-    let app = spawn_app(db).await?;
+    setup_with(db, policy, |_| {}).await
+}
+
+/// [`setup`] on a server whose environment `customize` adjusted first.
+pub async fn setup_with(
+    db: &TestDatabase,
+    policy: BudgetPolicy,
+    customize: impl FnOnce(&mut std::collections::HashMap<String, String>),
+) -> anyhow::Result<Setup> {
+    let app = spawn_app_with(db, customize).await?;
     let mock = MockProvider::start().await?;
     let state = &app.state;
     let org = accounts::create_organization_with_owner(
