@@ -302,7 +302,7 @@ async fn found(state: &AppState, project: &Project, external_id: &str) -> Result
     path = "/api/v1/customers/{id}",
     operation_id = "get_customer",
     tag = TAG,
-    params(("id" = String, Path, description = "Your id for the customer")),
+    params(("id" = String, Path, description = "Your id for the customer", example = "customer-42")),
     responses(
         (status = 200, description = "The customer", body = Customer),
         (status = 401, response = Unauthorized),
@@ -331,7 +331,7 @@ pub async fn get(
     path = "/api/v1/customers/{id}",
     operation_id = "update_customer",
     tag = TAG,
-    params(("id" = String, Path, description = "Your id for the customer")),
+    params(("id" = String, Path, description = "Your id for the customer", example = "customer-42")),
     request_body = CustomerChanges,
     responses(
         (status = 200, description = "The customer as changed", body = Customer),
@@ -453,7 +453,7 @@ async fn set_blocked(
     path = "/api/v1/customers/{id}/block",
     operation_id = "block_customer",
     tag = TAG,
-    params(("id" = String, Path, description = "Your id for the customer"), IdempotencyKey),
+    params(("id" = String, Path, description = "Your id for the customer", example = "customer-42"), IdempotencyKey),
     responses(
         (status = 200, description = "The customer, blocked", body = Customer,
             headers(("Idempotent-Replayed" = String, description = "`true` on the stored answer to a retry"))),
@@ -483,7 +483,7 @@ pub async fn block(
     path = "/api/v1/customers/{id}/unblock",
     operation_id = "unblock_customer",
     tag = TAG,
-    params(("id" = String, Path, description = "Your id for the customer"), IdempotencyKey),
+    params(("id" = String, Path, description = "Your id for the customer", example = "customer-42"), IdempotencyKey),
     responses(
         (status = 200, description = "The customer, not blocked", body = Customer,
             headers(("Idempotent-Replayed" = String, description = "`true` on the stored answer to a retry"))),
@@ -514,7 +514,7 @@ pub async fn unblock(
     path = "/api/v1/customers/{id}",
     operation_id = "delete_customer",
     tag = TAG,
-    params(("id" = String, Path, description = "Your id for the customer")),
+    params(("id" = String, Path, description = "Your id for the customer", example = "customer-42")),
     responses(
         (status = 204, description = "The customer is deleted"),
         (status = 401, response = Unauthorized),

@@ -77,8 +77,8 @@ pub struct Problem {
 #[allow(dead_code, reason = "describes a response; never built")]
 pub struct Unauthorized(Problem);
 
-/// The key made more than `TOLLGATE_API_RATE_PER_SECOND` requests a second (bursts of twice
-/// that); retry after `Retry-After` seconds.
+/// The key is over its rate limit (`TOLLGATE_API_RATE_PER_SECOND` requests a second, in
+/// bursts of up to twice that); retry after `Retry-After` seconds.
 #[derive(ToResponse)]
 #[response(
     content_type = "application/problem+json",

@@ -27,7 +27,7 @@ pub struct IdempotencyKey {
     /// a day; a retry of the same request (method, path and body) gets that answer again with
     /// `Idempotent-Replayed: true`. The same key on another request is refused (422), and so is
     /// a retry while the first request still runs (409). 1 to 255 printable characters.
-    #[param(rename = "Idempotency-Key", min_length = 1, max_length = 255)]
+    #[param(rename = "Idempotency-Key", value_type = String, required = false, min_length = 1, max_length = 255)]
     key: Option<String>,
 }
 /// Bodies of the management API are small; a bigger one is refused.

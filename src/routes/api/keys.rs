@@ -173,7 +173,7 @@ pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<J
     path = "/api/v1/keys/{id}/revoke",
     operation_id = "revoke_key",
     tag = "Keys",
-    params(("id" = String, Path, description = "The key's id (`key_…`)"), IdempotencyKey),
+    params(("id" = String, Path, description = "The key's id (`key_…`)", example = "key_0190c2a4e3b87c3a9f1d2b3c4d5e6f70"), IdempotencyKey),
     responses(
         (status = 200, description = "The key, revoked", body = ApiKey,
             headers(("Idempotent-Replayed" = String, description = "`true` on the stored answer to a retry"))),
