@@ -49,7 +49,9 @@ pub struct Customer {
     /// Your id for the customer.
     #[schema(example = "customer-42")]
     pub id: String,
+    /// The customer's name, if you gave one.
     pub name: Option<String>,
+    /// The customer's email address, if you gave one.
     pub email: Option<String>,
     /// The budget of each period, in the project's currency.
     #[schema(example = "10.00")]
@@ -57,6 +59,7 @@ pub struct Customer {
     /// `budget` in nano-units (10⁻⁹ of the currency).
     #[schema(example = 10_000_000_000i64)]
     pub budget_nanos: i64,
+    /// How the budget renews.
     #[schema(value_type = Period)]
     pub period: String,
     /// When the current period started (Unix milliseconds).
@@ -66,6 +69,7 @@ pub struct Customer {
     /// Settled spend of the current period.
     #[schema(example = "1.25")]
     pub spent: String,
+    /// `spent` in nano-units.
     pub spent_nanos: i64,
     /// Held by calls in flight until they settle (nano-units).
     pub reserved_nanos: i64,
@@ -73,6 +77,7 @@ pub struct Customer {
     /// below zero.
     #[schema(example = "8.75")]
     pub remaining: String,
+    /// `remaining` in nano-units.
     pub remaining_nanos: i64,
     /// The project's currency (ISO 4217, lowercase).
     #[schema(example = "usd")]
@@ -152,6 +157,8 @@ pub struct NewCustomer {
     email: Option<String>,
     #[schema(schema_with = amount_schema)]
     budget: Option<Value>,
+    /// How the budget renews: `month` for a new customer unless given; a change starts a new
+    /// period.
     #[schema(value_type = Option<Period>)]
     period: Option<String>,
 }
@@ -171,6 +178,7 @@ pub struct CustomerChanges {
     email: Option<String>,
     #[schema(schema_with = amount_schema)]
     budget: Option<Value>,
+    /// How the budget renews; a change starts a new period.
     #[schema(value_type = Option<Period>)]
     period: Option<String>,
 }

@@ -351,7 +351,7 @@ impl<'a> Reference<'a> {
                     required: rank != usize::MAX,
                     kind: self.type_parts(property),
                     constraints: constraints(property),
-                    description: prose(&str_at(property, "/description")),
+                    description: prose(&description_of(property)),
                 };
                 (rank, field)
             })
@@ -419,6 +419,22 @@ impl<'a> Reference<'a> {
             .flat_map(|key| schema[*key].as_array().into_iter().flatten())
             .find_map(|item| self.first_example(item))
     }
+}
+
+/// A schema's description; for an optional reference (`oneOf` null or the schema), utoipa
+/// puts it on the reference.
+fn description_of(schema: &Value) -> String {
+    let own = str_at(schema, "/description");
+    if !own.is_empty() {
+        return own;
+    }
+    schema["oneOf"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|item| str_at(item, "/description"))
+        .find(|d| !d.is_empty())
+        .unwrap_or_default()
 }
 
 /// A schema's limits in words (`1 to 500`, `at most 200 characters`, …).
