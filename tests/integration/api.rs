@@ -24,11 +24,13 @@ pub fn cases() -> Vec<DbCase> {
         keys_are_made_listed_and_revoked_and_settings_read,
         each_key_is_rate_limited_with_retry_after,
         an_idempotency_key_replays_the_first_answer,
+        odd_input_gets_a_problem_never_a_server_error,
+        the_openapi_document_is_served_without_a_key,
     ]
 }
 
 impl Setup {
-    async fn api(
+    pub async fn api(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -419,5 +421,117 @@ async fn an_idempotency_key_replays_the_first_answer(db: TestDatabase) -> TestRe
     assert!(theirs.headers().get("idempotent-replayed").is_none());
     let (_, c1) = s.api(reqwest::Method::GET, "/api/v1/customers/c1", None).await?;
     assert_eq!(c1["budget"], "5.00", "the other project's request touched this one");
+    s.app.stop().await
+}
+
+/// Input the database cannot store (a NUL byte: PostgreSQL refuses it in text), a body that is
+/// JSON but not an object, a parameter given twice, a path that is no endpoint: each one a
+/// problem that says so, never a 500, and nothing written.
+async fn odd_input_gets_a_problem_never_a_server_error(db: TestDatabase) -> TestResult {
+    let s = setup(&db, projects::BudgetPolicy::Reject).await?;
+    use reqwest::Method;
+    let keys_before = with_db!(&s.app.state.db, pool => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM api_keys").fetch_one(pool).await)?;
+    let nul_cursor = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, "a\0b");
+    /// Request, and the answer's status and the field it names.
+    type Case = (Method, String, Option<Value>, StatusCode, Option<&'static str>);
+    let cases: Vec<Case> = vec![
+        (
+            Method::POST,
+            "/api/v1/keys".into(),
+            Some(json!({"name": "a\0b"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("name"),
+        ),
+        (
+            Method::POST,
+            "/api/v1/customers".into(),
+            Some(json!({"id": "c", "budget": "1", "email": "a\0@b"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("email"),
+        ),
+        (Method::GET, "/api/v1/usage?customer=a%00b".into(), None, StatusCode::UNPROCESSABLE_ENTITY, Some("customer")),
+        (
+            Method::GET,
+            format!("/api/v1/customers?cursor={nul_cursor}"),
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("cursor"),
+        ),
+        (Method::GET, "/api/v1/customers/a%00b".into(), None, StatusCode::NOT_FOUND, None),
+        (Method::DELETE, "/api/v1/customers/a%00b".into(), None, StatusCode::NOT_FOUND, None),
+        (Method::POST, "/api/v1/customers/a%00b/block".into(), None, StatusCode::NOT_FOUND, None),
+        (Method::POST, "/api/v1/keys".into(), Some(json!([null, null])), StatusCode::UNPROCESSABLE_ENTITY, None),
+        (
+            Method::POST,
+            "/api/v1/customers".into(),
+            Some(json!(["c", null, null, "1", null])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+        ),
+        (Method::GET, "/api/v1/customers?limit=1&limit=2".into(), None, StatusCode::UNPROCESSABLE_ENTITY, None),
+        (Method::GET, "/api/v1/customers/".into(), None, StatusCode::NOT_FOUND, None),
+        (Method::GET, "/api/v1/nothing/here".into(), None, StatusCode::NOT_FOUND, None),
+    ];
+    for (method, path, body, expected, field) in cases {
+        let (status, problem) = s.api(method.clone(), &path, body).await?;
+        assert_eq!(status, expected, "{method} {path}: {problem}");
+        assert_eq!(problem["status"], expected.as_u16(), "{method} {path}: {problem}");
+        if let Some(field) = field {
+            assert_eq!(problem["errors"][0]["field"], field, "{method} {path}: {problem}");
+        }
+    }
+    let keys_after = with_db!(&s.app.state.db, pool => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM api_keys").fetch_one(pool).await)?;
+    assert_eq!(keys_after, keys_before);
+    assert_eq!(count_customers(&s).await?, 0);
+    s.app.stop().await
+}
+
+async fn the_openapi_document_is_served_without_a_key(db: TestDatabase) -> TestResult {
+    let s = setup(&db, projects::BudgetPolicy::Reject).await?;
+    let response = s.app.get("/api/v1/openapi.json").await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let document: Value = response.json().await?;
+    assert_eq!(document["openapi"], "3.1.0");
+    assert_eq!(document["components"]["securitySchemes"]["secret_key"]["scheme"], "bearer");
+    // Every route of the API is in it, each answer of an error as problem+json.
+    let mut paths: Vec<&str> = document["paths"].as_object().into_iter().flatten().map(|(p, _)| p.as_str()).collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/customer-tokens",
+            "/api/v1/customers",
+            "/api/v1/customers/{id}",
+            "/api/v1/customers/{id}/block",
+            "/api/v1/customers/{id}/unblock",
+            "/api/v1/keys",
+            "/api/v1/keys/{id}/revoke",
+            "/api/v1/project",
+            "/api/v1/usage",
+        ]
+    );
+    for (path, item) in document["paths"].as_object().into_iter().flatten() {
+        for (method, operation) in item.as_object().into_iter().flatten() {
+            let responses = operation["responses"].as_object().cloned().unwrap_or_default();
+            for status in ["401", "429"] {
+                assert!(responses.contains_key(status), "{method} {path} lacks {status}");
+            }
+            if method == "post" {
+                let header =
+                    operation["parameters"].as_array().into_iter().flatten().any(|p| p["name"] == "Idempotency-Key");
+                assert!(header && responses.contains_key("409"), "{method} {path}: Idempotency-Key and its 409");
+            }
+            for (status, response) in responses.iter().filter(|(s, _)| !s.starts_with('2')) {
+                let inline = response["content"].as_object().map(|c| c.keys().cloned().collect::<Vec<_>>());
+                let shared = response["$ref"].as_str().and_then(|r| r.strip_prefix("#/components/responses/"));
+                let content = inline.or_else(|| {
+                    let shared = &document["components"]["responses"][shared?]["content"];
+                    shared.as_object().map(|c| c.keys().cloned().collect())
+                });
+                assert_eq!(content, Some(vec!["application/problem+json".to_owned()]), "{method} {path} {status}");
+            }
+        }
+    }
     s.app.stop().await
 }

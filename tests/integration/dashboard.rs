@@ -32,6 +32,7 @@ pub fn cases() -> Vec<DbCase> {
         reset_links_and_invitations_are_mailed_when_smtp_is_configured,
         alerts_are_set_checked_and_their_deliveries_logged,
         stripe_is_connected_on_the_billing_page_and_events_listed,
+        the_api_reference_is_rendered_from_the_openapi_document,
     ]
 }
 
@@ -845,6 +846,7 @@ async fn every_page_and_action_of_another_organization_is_not_found(db: TestData
         format!("{project}/customers"),
         format!("{project}/alerts"),
         format!("{project}/billing"),
+        format!("{project}/api"),
         customer.clone(),
     ] {
         let page = mallory.get(&path).await?;
@@ -1086,5 +1088,49 @@ async fn stripe_is_connected_on_the_billing_page_and_events_listed(db: TestDatab
     assert_eq!(count(&app, "stripe_connections").await?, 0);
     let audit = ada.get("/audit").await?.body;
     assert!(audit.contains("stripe.connected") && audit.contains("stripe.disconnected"), "{audit}");
+    app.stop().await
+}
+
+async fn the_api_reference_is_rendered_from_the_openapi_document(db: TestDatabase) -> TestResult {
+    // (Plain HTTP: with https the session cookie would be Secure, and this client would drop it.)
+    let app = spawn_app_with(&db, |env| {
+        env.insert("TOLLGATE_PUBLIC_URL".into(), "http://gate.example.com".into());
+    })
+    .await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let project = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let overview = ada.get(&project).await?;
+    assert!(overview.body.contains(&format!("href=\"{project}/api\"")), "the project nav links the reference");
+    let page = ada.get(&format!("{project}/api")).await?;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    // Every operation of the served document is on the page, with its method, path and summary.
+    let document: serde_json::Value = app.get("/api/v1/openapi.json").await?.json().await?;
+    let mut operations = 0;
+    for (path, item) in document["paths"].as_object().into_iter().flatten() {
+        for (method, operation) in item.as_object().into_iter().flatten() {
+            operations += 1;
+            let anchor = operation["operationId"].as_str().unwrap_or_default();
+            let section = page.body.split(&format!("id=\"{anchor}\"")).nth(1).unwrap_or_default();
+            assert!(
+                section.contains(&format!("{}</span> <code>{path}</code>", method.to_uppercase())),
+                "{method} {path}"
+            );
+            let summary = operation["summary"].as_str().unwrap_or_default().replace('\'', "&#39;");
+            assert!(section.contains(&summary), "{method} {path}: {summary}");
+            for status in operation["responses"].as_object().into_iter().flatten().map(|(s, _)| s) {
+                assert!(section.contains(&format!(">{status}</span>")), "{method} {path}: {status}");
+            }
+        }
+    }
+    assert_eq!(operations, 13);
+    for schema in document["components"]["schemas"].as_object().into_iter().flatten().map(|(name, _)| name) {
+        assert!(page.body.contains(&format!("id=\"schema-{schema}\"")), "schema {schema}");
+    }
+    assert!(page.body.contains("href=\"/api/v1/openapi.json\""));
+    assert!(page.body.contains("Authorization: Bearer"));
+    // Examples use this Tollgate's public URL.
+    assert!(page.body.contains("curl -X POST http://gate.example.com/api/v1/customers \\"), "{}", page.body);
+    assert!(!page.body.contains("<script"), "the CSP allows no script");
     app.stop().await
 }

@@ -23,6 +23,7 @@ mod ops;
 mod proxy;
 mod python;
 mod replicas;
+mod schemathesis;
 mod stripe_webhooks;
 mod tokens;
 mod upgrades;
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         tokens::cases(),
         alerts::cases(),
         stripe_webhooks::cases(),
+        schemathesis::cases(),
         browser::cases(),
     ]
     .into_iter()

@@ -10,11 +10,26 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tollgate_core::idempotency::{self, Claim};
+use utoipa::IntoParams;
 
 use super::error::ApiError;
 use crate::state::AppState;
 
 const HEADER: &str = "idempotency-key";
+
+/// The `Idempotency-Key` header as the OpenAPI document describes it (the middleware reads
+/// the header itself).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code, reason = "describes a header; never built")]
+pub struct IdempotencyKey {
+    /// Makes a retry safe: the first request with a key is done once and its answer stored for
+    /// a day; a retry of the same request (method, path and body) gets that answer again with
+    /// `Idempotent-Replayed: true`. The same key on another request is refused (422), and so is
+    /// a retry while the first request still runs (409). 1 to 255 printable characters.
+    #[param(rename = "Idempotency-Key", value_type = String, required = false, min_length = 1, max_length = 255)]
+    key: Option<String>,
+}
 /// Bodies of the management API are small; a bigger one is refused.
 const MAX_BODY: usize = 1024 * 1024;
 

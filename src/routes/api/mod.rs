@@ -10,40 +10,56 @@
 //! - [`tokens`]: customer tokens for calls made with a publishable key.
 //! - [`limits`]: requests per second per key; [`idempotency`]: `Idempotency-Key` on POSTs.
 //! - [`error`]: the one error type of this face.
+//! - [`openapi`]: the OpenAPI document, generated from the handlers' annotations and types and
+//!   served at `/api/v1/openapi.json`.
 
 pub mod customers;
 pub mod error;
 pub mod idempotency;
 pub mod keys;
 pub mod limits;
+pub mod openapi;
 pub mod tokens;
 pub mod usage;
 
 use axum::Router;
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
+use axum::routing::{any, get};
 use tollgate_core::audit::Actor;
 use tollgate_core::projects::Project;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use self::error::ApiError;
 use crate::routes::proxy::auth;
 use crate::state::AppState;
 
+/// Every endpoint with its OpenAPI operation: `routes!` takes each handler's method and path
+/// from its `#[utoipa::path]`, so the router and the document cannot disagree.
+fn endpoints() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(customers::upsert, customers::list))
+        .routes(routes!(customers::get, customers::update, customers::delete))
+        .routes(routes!(customers::block))
+        .routes(routes!(customers::unblock))
+        .routes(routes!(tokens::mint))
+        .routes(routes!(usage::export))
+        .routes(routes!(keys::create, keys::list))
+        .routes(routes!(keys::revoke))
+        .routes(routes!(keys::project))
+}
+
 pub fn router(state: &AppState) -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/customers", post(customers::upsert).get(customers::list))
-        .route(
-            "/api/v1/customers/{external_id}",
-            get(customers::get).patch(customers::update).delete(customers::delete),
-        )
-        .route("/api/v1/customers/{external_id}/block", post(customers::block))
-        .route("/api/v1/customers/{external_id}/unblock", post(customers::unblock))
-        .route("/api/v1/customer-tokens", post(tokens::mint))
-        .route("/api/v1/usage", get(usage::export))
-        .route("/api/v1/keys", post(keys::create).get(keys::list))
-        .route("/api/v1/keys/{id}/revoke", post(keys::revoke))
-        .route("/api/v1/project", get(keys::project))
+    let (endpoints, _) = endpoints().split_for_parts();
+    endpoints
         .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::layer))
+        .route("/api/v1/openapi.json", get(openapi::serve))
+        .route("/api/v1/{*rest}", any(no_such_endpoint))
+}
+
+/// A path under `/api/v1` that is no endpoint: a problem too, like every other API error.
+async fn no_such_endpoint() -> ApiError {
+    ApiError::NotFound("No such endpoint; see /api/v1/openapi.json.".into())
 }
 
 /// The project whose live secret key the request carries.

@@ -6,11 +6,12 @@
 //! - [`session_store`]: tower-sessions on our own database, ids stored hashed.
 //! - [`accounts`]: sign-up, login, logout, password change and reset.
 //! - [`projects`], [`customers`], [`keys`], [`providers`], [`settings`], [`members`], [`audit_log`]:
-//!   the pages of an organization.
+//!   the pages of an organization; [`api_reference`]: the management API's reference.
 //! - [`error`]: the one error type of this face, answered as an HTML page.
 
 pub mod accounts;
 pub mod alerts;
+pub mod api_reference;
 pub mod audit_log;
 pub mod billing;
 pub mod customers;
@@ -77,6 +78,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/billing/policy", post(billing::set_policy))
         .route("/projects/{id}/prices", get(settings::prices).post(settings::set_price))
         .route("/projects/{id}/prices/delete", post(settings::delete_price))
+        .route("/projects/{id}/api", get(api_reference::page))
         .route("/audit", get(audit_log::page))
         .route("/members", get(members::list))
         .route("/members/invite", post(members::invite))
