@@ -132,8 +132,8 @@ pub fn parse_webhook_url(text: &str) -> Result<Option<String>, AlertError> {
     if text.is_empty() {
         return Ok(None);
     }
-    if text.len() > 2000 {
-        return Err(invalid("webhook_url", "is longer than 2000 characters"));
+    if text.len() > 2000 || text.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(invalid("webhook_url", "must be at most 2000 characters, without spaces or control characters"));
     }
     let rest = text
         .strip_prefix("https://")
@@ -154,7 +154,8 @@ pub fn parse_recipients(text: &str) -> Result<Vec<String>, AlertError> {
             && part.split_once('@').is_some_and(|(local, domain)| {
                 !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
             })
-            && !part.contains(['<', '>', '"']);
+            && !part.contains(['<', '>', '"'])
+            && !part.chars().any(char::is_control);
         if !valid {
             return Err(invalid("email_to", format!("{part:?} is not an email address")));
         }

@@ -198,7 +198,9 @@ impl CustomerInput {
             problems.push(bad("name", "must be at most 200 printable characters"));
         }
         if let Some(email) = &self.email
-            && (email.len() > MAX_EMAIL_LEN || !email.contains('@') || email.chars().any(char::is_whitespace))
+            && (email.len() > MAX_EMAIL_LEN
+                || !email.contains('@')
+                || email.chars().any(|c| c.is_whitespace() || c.is_control()))
         {
             problems.push(bad("email", "is not an email address"));
         }

@@ -275,8 +275,8 @@ pub fn hash_key(plaintext: &str) -> String {
 
 pub async fn create_key(db: &Db, project: &ProjectId, kind: KeyKind, name: &str) -> Result<CreatedKey, ProjectError> {
     let name = name.trim();
-    if name.chars().count() > 100 {
-        return Err(invalid("name", "must be at most 100 characters"));
+    if name.chars().count() > 100 || name.chars().any(char::is_control) {
+        return Err(invalid("name", "must be at most 100 printable characters"));
     }
     let mut secret = [0u8; 24];
     rand::fill(&mut secret);

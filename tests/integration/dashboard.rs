@@ -33,6 +33,7 @@ pub fn cases() -> Vec<DbCase> {
         alerts_are_set_checked_and_their_deliveries_logged,
         stripe_is_connected_on_the_billing_page_and_events_listed,
         the_api_reference_is_rendered_from_the_openapi_document,
+        nul_characters_in_forms_get_a_message_not_an_error,
     ]
 }
 
@@ -1132,5 +1133,33 @@ async fn the_api_reference_is_rendered_from_the_openapi_document(db: TestDatabas
     // Examples use this Tollgate's public URL.
     assert!(page.body.contains("curl -X POST http://gate.example.com/api/v1/customers \\"), "{}", page.body);
     assert!(!page.body.contains("<script"), "the CSP allows no script");
+    app.stop().await
+}
+
+async fn nul_characters_in_forms_get_a_message_not_an_error(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let project = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let keys = format!("{project}/keys");
+    let customers = format!("{project}/customers");
+    let providers = format!("{project}/providers");
+    for (page, fields) in [
+        (keys.as_str(), vec![("name", "web\0app"), ("kind", "secret")]),
+        (
+            customers.as_str(),
+            vec![("external_id", "c1"), ("email", "a\0@b.example"), ("budget", "1"), ("period", "month")],
+        ),
+        (providers.as_str(), vec![("kind", "openai"), ("name", "x\0"), ("api_key", "sk"), ("models", "gpt-*")]),
+        ("/projects", vec![("name", "Chat\0 2")]),
+    ] {
+        let answer = ada.submit(page, page, &fields).await?;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{page}: {}", answer.body);
+        assert!(answer.body.contains("NUL character"), "{page}: {}", answer.body);
+    }
+    assert_eq!(count(&app, "api_keys").await?, 0);
+    assert_eq!(count(&app, "customers").await?, 0);
+    assert_eq!(count(&app, "provider_connections").await?, 0);
+    assert_eq!(count(&app, "projects").await?, 1);
     app.stop().await
 }

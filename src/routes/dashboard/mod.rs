@@ -88,6 +88,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/invite", get(members::show_invitation))
         .route("/invite/accept", post(members::accept))
         .route("/invite/signup", post(members::sign_up))
+        .layer(axum::middleware::from_fn(refuse_nul_in_forms))
         .layer(sessions)
         .layer(axum::middleware::from_fn(security_headers));
     pages.route("/static/{file}", get(static_file))
@@ -117,6 +118,26 @@ async fn security_headers(request: Request, next: Next) -> Response {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     response
+}
+
+/// The largest form body the dashboard reads.
+const MAX_FORM_BYTES: usize = 256 * 1024;
+
+/// No field of any form may hold a NUL character (PostgreSQL cannot store one in text, and no
+/// person types one): such a form is answered with a message before any handler sees it.
+async fn refuse_nul_in_forms(request: Request, next: Next) -> Response {
+    if request.method() != axum::http::Method::POST {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM_BYTES).await else {
+        return error::WebError::BadRequest("The form is too large.".to_owned()).into_response();
+    };
+    if bytes.contains(&0) || bytes.windows(3).any(|w| w == b"%00") {
+        return error::WebError::BadRequest("A field holds a NUL character, which text may not contain.".to_owned())
+            .into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 /// The files of `static/`, compiled into the binary.
