@@ -202,6 +202,17 @@ fn invoice_event(id: &str, kind: &str, created: i64, invoice: &str, customer: &s
     .to_string()
 }
 
+/// Waits until the workers have processed every stored event.
+async fn every_event_processed(s: &Setup) -> anyhow::Result<()> {
+    let db = s.app.state.db.clone();
+    eventually(std::time::Duration::from_secs(20), || async {
+        let waiting: i64 = with_db!(&db, pool => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM stripe_events WHERE processed_at IS NULL").fetch_one(pool).await)?;
+        Ok(waiting == 0)
+    })
+    .await
+}
+
 async fn invoices_take_the_furthest_state_whatever_the_order_of_events(db: TestDatabase) -> TestResult {
     let s = setup_with(&db, BudgetPolicy::Reject, |env| {
         env.insert("TOLLGATE_WORKERS".into(), "true".into());
@@ -229,12 +240,7 @@ async fn invoices_take_the_furthest_state_whatever_the_order_of_events(db: TestD
             deliver(&s, &project, body, Some(signature::header(WEBHOOK_SECRET, now(), body.as_bytes()))).await?;
         assert_eq!(status, StatusCode::OK, "{answer}");
     }
-    eventually(std::time::Duration::from_secs(20), || async {
-        let waiting: i64 = with_db!(&state.db, pool => sqlx::query_scalar(
-            "SELECT COUNT(*) FROM stripe_events WHERE processed_at IS NULL").fetch_one(pool).await)?;
-        Ok(waiting == 0)
-    })
-    .await?;
+    every_event_processed(&s).await?;
     let invoices = stripe::invoices(&state.db, &s.project.id, None, 10).await?;
     let summary: Vec<(String, String, bool, Option<String>)> = invoices
         .iter()
@@ -308,12 +314,7 @@ async fn a_failed_payment_blocks_the_customer_until_paid(db: TestDatabase) -> Te
     // With the policy off, a failure blocks nobody.
     stripe::set_block_on_payment_failure(&state.db, &s.project.id, false).await?;
     send(invoice_event("evt_4", "invoice.payment_failed", t + 10, "in_7", "cus_P1", "open")).await?;
-    eventually(std::time::Duration::from_secs(15), || async {
-        let waiting: i64 = with_db!(&state.db, pool => sqlx::query_scalar(
-            "SELECT COUNT(*) FROM stripe_events WHERE processed_at IS NULL").fetch_one(pool).await)?;
-        Ok(waiting == 0)
-    })
-    .await?;
+    every_event_processed(&s).await?;
     assert!(!blocked("payer").await?);
     // Turned back on, the open failed invoice blocks at once.
     stripe::set_block_on_payment_failure(&state.db, &s.project.id, true).await?;

@@ -20,7 +20,8 @@ use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, Schema, 
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{
-    ApiError, FieldError, Problem, RateLimited, Unauthorized, UnsupportedMediaType, json_body, path_param, query_params,
+    ApiError, CustomerNotFound, FieldError, IdempotencyInProgress, Problem, RateLimited, Unauthorized,
+    UnsupportedMediaType, json_body, path_param, query_params,
 };
 use super::idempotency::IdempotencyKey;
 use crate::state::AppState;
@@ -266,8 +267,7 @@ fn input(body: CustomerChanges, external_id: String, current: Option<&CustomerRo
         (status = 201, description = "The customer is created", body = Customer,
             headers(("Idempotent-Replayed" = String, description = "`true` on the stored answer to a retry"))),
         (status = 401, response = Unauthorized),
-        (status = 409, description = "A request with this Idempotency-Key is still in progress",
-            body = Problem, content_type = "application/problem+json"),
+        (status = 409, response = IdempotencyInProgress),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, description = "The body is not valid (`errors` names the fields), or the \
             Idempotency-Key is malformed or was used for another request", body = Problem,
@@ -314,8 +314,7 @@ async fn found(state: &AppState, project: &Project, external_id: &str) -> Result
     responses(
         (status = 200, description = "The customer", body = Customer),
         (status = 401, response = Unauthorized),
-        (status = 404, description = "No customer with this id in the key's project", body = Problem,
-            content_type = "application/problem+json"),
+        (status = 404, response = CustomerNotFound),
         (status = 429, response = RateLimited),
     )
 )]
@@ -344,8 +343,7 @@ pub async fn get(
     responses(
         (status = 200, description = "The customer as changed", body = Customer),
         (status = 401, response = Unauthorized),
-        (status = 404, description = "No customer with this id in the key's project", body = Problem,
-            content_type = "application/problem+json"),
+        (status = 404, response = CustomerNotFound),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, description = "The body is not valid (`errors` names the fields)", body = Problem,
             content_type = "application/problem+json"),
@@ -466,10 +464,8 @@ async fn set_blocked(
         (status = 200, description = "The customer, blocked", body = Customer,
             headers(("Idempotent-Replayed" = String, description = "`true` on the stored answer to a retry"))),
         (status = 401, response = Unauthorized),
-        (status = 404, description = "No customer with this id in the key's project", body = Problem,
-            content_type = "application/problem+json"),
-        (status = 409, description = "A request with this Idempotency-Key is still in progress",
-            body = Problem, content_type = "application/problem+json"),
+        (status = 404, response = CustomerNotFound),
+        (status = 409, response = IdempotencyInProgress),
         (status = 422, description = "The Idempotency-Key is malformed or was used for another request",
             body = Problem, content_type = "application/problem+json"),
         (status = 429, response = RateLimited),
@@ -496,10 +492,8 @@ pub async fn block(
         (status = 200, description = "The customer, not blocked", body = Customer,
             headers(("Idempotent-Replayed" = String, description = "`true` on the stored answer to a retry"))),
         (status = 401, response = Unauthorized),
-        (status = 404, description = "No customer with this id in the key's project", body = Problem,
-            content_type = "application/problem+json"),
-        (status = 409, description = "A request with this Idempotency-Key is still in progress",
-            body = Problem, content_type = "application/problem+json"),
+        (status = 404, response = CustomerNotFound),
+        (status = 409, response = IdempotencyInProgress),
         (status = 422, description = "The Idempotency-Key is malformed or was used for another request",
             body = Problem, content_type = "application/problem+json"),
         (status = 429, response = RateLimited),
@@ -526,8 +520,7 @@ pub async fn unblock(
     responses(
         (status = 204, description = "The customer is deleted"),
         (status = 401, response = Unauthorized),
-        (status = 404, description = "No customer with this id in the key's project", body = Problem,
-            content_type = "application/problem+json"),
+        (status = 404, response = CustomerNotFound),
         (status = 409, description = "The customer has calls in flight; delete it once they have settled",
             body = Problem, content_type = "application/problem+json"),
         (status = 429, response = RateLimited),

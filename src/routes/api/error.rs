@@ -77,6 +77,18 @@ pub struct Problem {
 #[allow(dead_code, reason = "describes a response; never built")]
 pub struct Unauthorized(Problem);
 
+/// A request with this Idempotency-Key is still in progress; retry when it has finished.
+#[derive(ToResponse)]
+#[response(content_type = "application/problem+json")]
+#[allow(dead_code, reason = "describes a response; never built")]
+pub struct IdempotencyInProgress(Problem);
+
+/// No customer with this id in the key's project.
+#[derive(ToResponse)]
+#[response(content_type = "application/problem+json")]
+#[allow(dead_code, reason = "describes a response; never built")]
+pub struct CustomerNotFound(Problem);
+
 /// The key is over its rate limit (`TOLLGATE_API_RATE_PER_SECOND` requests a second, in
 /// bursts of up to twice that); retry after `Retry-After` seconds.
 #[derive(ToResponse)]

@@ -13,7 +13,9 @@ use tollgate_core::projects::{self, KeyKind, KeySummary, Project};
 use utoipa::ToSchema;
 
 use super::customers::Period;
-use super::error::{ApiError, Problem, RateLimited, Unauthorized, UnsupportedMediaType, json_body, path_param};
+use super::error::{
+    ApiError, IdempotencyInProgress, Problem, RateLimited, Unauthorized, UnsupportedMediaType, json_body, path_param,
+};
 use super::idempotency::IdempotencyKey;
 use crate::state::AppState;
 
@@ -113,8 +115,7 @@ async fn listed(state: &AppState, project: &Project, id: &KeyId) -> Result<ApiKe
         (status = 201, description = "The key, with its secret", body = NewApiKey,
             headers(("Idempotent-Replayed" = String, description = "`true` on the stored answer to a retry"))),
         (status = 401, response = Unauthorized),
-        (status = 409, description = "A request with this Idempotency-Key is still in progress",
-            body = Problem, content_type = "application/problem+json"),
+        (status = 409, response = IdempotencyInProgress),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, description = "The body is not valid (`errors` names the fields), or the \
             Idempotency-Key is malformed or was used for another request", body = Problem,
@@ -180,8 +181,7 @@ pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<J
         (status = 401, response = Unauthorized),
         (status = 404, description = "No live key with this id in the project", body = Problem,
             content_type = "application/problem+json"),
-        (status = 409, description = "A request with this Idempotency-Key is still in progress",
-            body = Problem, content_type = "application/problem+json"),
+        (status = 409, response = IdempotencyInProgress),
         (status = 422, description = "The Idempotency-Key is malformed or was used for another request",
             body = Problem, content_type = "application/problem+json"),
         (status = 429, response = RateLimited),

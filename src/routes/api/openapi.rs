@@ -9,7 +9,9 @@ use axum::Json;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::error::{FieldError, Problem, RateLimited, Unauthorized, UnsupportedMediaType};
+use super::error::{
+    CustomerNotFound, FieldError, IdempotencyInProgress, Problem, RateLimited, Unauthorized, UnsupportedMediaType,
+};
 
 /// The name of the security scheme (`security` above names it too): the project's secret key
 /// as a bearer token.
@@ -30,7 +32,7 @@ pub const SECURITY_SCHEME: &str = "secret_key";
     security(("secret_key" = [])),
     components(
         schemas(Problem, FieldError),
-        responses(Unauthorized, RateLimited, UnsupportedMediaType),
+        responses(Unauthorized, RateLimited, UnsupportedMediaType, IdempotencyInProgress, CustomerNotFound),
     ),
     tags(
         (name = "Customers", description = "Your customers and their budgets, by your own id for them"),

@@ -12,7 +12,9 @@ use tollgate_core::time::UnixMillis;
 use tollgate_core::tokens::{self, DEFAULT_TTL_SECS, MAX_TTL_SECS};
 use utoipa::ToSchema;
 
-use super::error::{ApiError, Problem, RateLimited, Unauthorized, UnsupportedMediaType, json_body};
+use super::error::{
+    ApiError, IdempotencyInProgress, Problem, RateLimited, Unauthorized, UnsupportedMediaType, json_body,
+};
 use super::idempotency::IdempotencyKey;
 use crate::state::AppState;
 
@@ -57,8 +59,7 @@ pub struct CustomerToken {
         (status = 201, description = "The token", body = CustomerToken,
             headers(("Idempotent-Replayed" = String, description = "`true` on the stored answer to a retry"))),
         (status = 401, response = Unauthorized),
-        (status = 409, description = "A request with this Idempotency-Key is still in progress",
-            body = Problem, content_type = "application/problem+json"),
+        (status = 409, response = IdempotencyInProgress),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, description = "The body is not valid (`errors` names the fields), or the \
             Idempotency-Key is malformed or was used for another request", body = Problem,
