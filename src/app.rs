@@ -56,7 +56,9 @@ impl Application {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()?;
+        let stripe = tollgate_jobs::stripe_api::StripeApi::new(http.clone(), &config.stripe_api_base);
         let state = AppState {
+            stripe,
             http,
             config: Arc::new(config),
             db,

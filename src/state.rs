@@ -25,6 +25,8 @@ pub struct AppState {
     pub keys: Arc<KeyCache>,
     /// Outgoing mail.
     pub mailer: Arc<Mailer>,
+    /// Stripe's API.
+    pub stripe: tollgate_jobs::stripe_api::StripeApi,
     /// Per-key rate limits of the management API.
     pub api_limits: Arc<RateLimiter>,
 }

@@ -75,6 +75,8 @@ pub struct Config {
     /// Whether alert webhooks may go to loopback, private and link-local addresses. Off by
     /// default, so a tenant cannot make this server call into the network it runs in.
     pub webhooks_allow_private: bool,
+    /// Where Stripe's API is (`https://api.stripe.com`); tests point it at a fake.
+    pub stripe_api_base: String,
 }
 
 impl Config {
@@ -165,6 +167,7 @@ struct RawConfig {
     api_rate_per_second: Option<u32>,
     alert_retry_base_seconds: Option<u64>,
     webhooks_allow_private: Option<bool>,
+    stripe_api_base: Option<String>,
 }
 
 /// Raw settings plus where each came from, so errors can point at the right place.
@@ -193,6 +196,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("api_rate_per_second", "TOLLGATE_API_RATE_PER_SECOND"),
     ("alert_retry_base_seconds", "TOLLGATE_ALERT_RETRY_BASE_SECONDS"),
     ("webhooks_allow_private", "TOLLGATE_WEBHOOKS_ALLOW_PRIVATE"),
+    ("stripe_api_base", "TOLLGATE_STRIPE_API_BASE"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -234,6 +238,7 @@ impl Sourced {
                 "log" => r.log = text,
                 "smtp_url" => r.smtp_url = text,
                 "smtp_from" => r.smtp_from = text,
+                "stripe_api_base" => r.stripe_api_base = text,
                 "database_max_connections" => {
                     r.database_max_connections = Some(
                         value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
@@ -379,6 +384,20 @@ impl Sourced {
         if alert_retry_base.is_zero() {
             return Err(self.invalid("alert_retry_base_seconds", "must be at least 1"));
         }
+        let stripe_api_base = match r.stripe_api_base.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            None => "https://api.stripe.com".to_owned(),
+            Some(url)
+                if (url.starts_with("https://") || url.starts_with("http://"))
+                    && !url.trim_end_matches('/').contains("/v1") =>
+            {
+                url.trim_end_matches('/').to_owned()
+            }
+            Some(url) => {
+                return Err(
+                    self.invalid("stripe_api_base", format!("expected an http(s) URL without /v1, got {url:?}"))
+                );
+            }
+        };
         Ok(Config {
             mode,
             listen,
@@ -397,6 +416,7 @@ impl Sourced {
             api_rate_per_second,
             alert_retry_base,
             webhooks_allow_private: r.webhooks_allow_private.unwrap_or(false),
+            stripe_api_base,
         })
     }
 }

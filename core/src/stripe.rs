@@ -118,6 +118,26 @@ pub async fn webhook_secret(
     }
 }
 
+/// The key Tollgate calls Stripe with for the project (`None` without a key connection).
+pub async fn secret_key(db: &Db, master: &MasterKey, project: &ProjectId) -> Result<Option<String>, StripeError> {
+    const SQL: &str = "SELECT secret_key_sealed FROM stripe_connections WHERE project_id = $1";
+    let sealed: Option<Option<String>> =
+        with_db!(db, pool => sqlx::query_scalar::<_, Option<String>>(SQL).bind(project).fetch_optional(pool).await)?;
+    match sealed.flatten() {
+        Some(sealed) => Ok(Some(master.open(&sealed).map_err(|_| StripeError::Secret)?)),
+        None => Ok(None),
+    }
+}
+
+/// Records the outcome of a connection check: `None` when Stripe answered, else the error.
+pub async fn record_check(db: &Db, project: &ProjectId, error: Option<&str>) -> Result<(), StripeError> {
+    const SQL: &str = "UPDATE stripe_connections SET last_check_at = $1, last_check_error = $2 WHERE project_id = $3";
+    let now = UnixMillis::now().0;
+    let error = error.map(|e| e.chars().take(500).collect::<String>());
+    with_db!(db, pool => sqlx::query(SQL).bind(now).bind(&error).bind(project).execute(pool).await.map(|_| ()))?;
+    Ok(())
+}
+
 /// The fields of a webhook event Tollgate files it by.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct EventEnvelope {

@@ -7,11 +7,13 @@
 //! - [`housekeeping`]: the periodic jobs (worker heartbeat, pruning).
 //! - [`alerts`]: budget alerts found by a scan and delivered (webhook, mail) with retries.
 //! - [`mail`]: outgoing mail.
+//! - [`stripe_api`]: calls to Stripe's API, with errors classified for retries.
 
 pub mod alerts;
 pub mod housekeeping;
 pub mod mail;
 mod store;
+pub mod stripe_api;
 mod workers;
 
 pub use alerts::AlertServices;

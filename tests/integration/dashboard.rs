@@ -34,6 +34,7 @@ pub fn cases() -> Vec<DbCase> {
         stripe_is_connected_on_the_billing_page_and_events_listed,
         the_api_reference_is_rendered_from_the_openapi_document,
         nul_characters_in_forms_get_a_message_not_an_error,
+        test_connection_asks_stripe_and_shows_the_answer,
     ]
 }
 
@@ -1161,5 +1162,54 @@ async fn nul_characters_in_forms_get_a_message_not_an_error(db: TestDatabase) ->
     assert_eq!(count(&app, "customers").await?, 0);
     assert_eq!(count(&app, "provider_connections").await?, 0);
     assert_eq!(count(&app, "projects").await?, 1);
+    app.stop().await
+}
+
+async fn test_connection_asks_stripe_and_shows_the_answer(db: TestDatabase) -> TestResult {
+    let fake = crate::fake_stripe::FakeStripe::start(&[("rk_test_51Hgoodkey1234", "acct_tenant1")]).await?;
+    let base = fake.base_url();
+    let app = spawn_app_with(&db, |env| {
+        env.insert("TOLLGATE_STRIPE_API_BASE".into(), base);
+    })
+    .await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let project = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let billing = format!("{project}/billing");
+    let check = format!("{billing}/check");
+    let connect = |key: &'static str| {
+        let (ada, billing) = (&ada, billing.clone());
+        async move {
+            let fields = [("secret_key", key), ("webhook_secret", "whsec_test_0123456789abcdef0123")];
+            let page = ada.submit(&billing, &billing, &fields).await?;
+            anyhow::ensure!(page.status == StatusCode::SEE_OTHER, "{}", page.body);
+            anyhow::Ok(())
+        }
+    };
+    let last_check = |body: &str| {
+        body.split("id=\"last-check\">").nth(1).and_then(|r| r.split("</dd>").next()).unwrap_or_default().to_owned()
+    };
+
+    connect("rk_test_51Hgoodkey1234").await?;
+    assert!(last_check(&ada.get(&billing).await?.body).contains("never"));
+    assert_eq!(ada.submit(&billing, &check, &[]).await?.status, StatusCode::SEE_OTHER);
+    let shown = last_check(&ada.get(&billing).await?.body);
+    assert!(shown.contains("Stripe answered"), "{shown}");
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!((seen[0].method.as_str(), seen[0].path.as_str()), ("GET", "/v1/account"));
+    assert_eq!((seen[0].key.as_deref(), seen[0].account.as_deref()), (Some("rk_test_51Hgoodkey1234"), None));
+
+    connect("rk_test_51Hrevoked0000").await?;
+    ada.submit(&billing, &check, &[]).await?;
+    let shown = last_check(&ada.get(&billing).await?.body);
+    assert!(shown.contains("failed") && shown.contains("Stripe answered 401: Invalid API Key provided"), "{shown}");
+    assert!(!shown.contains("rk_test_51Hrevoked0000"), "the key was shown: {shown}");
+
+    connect("rk_test_51Hgoodkey1234").await?;
+    fake.stop();
+    ada.submit(&billing, &check, &[]).await?;
+    let shown = last_check(&ada.get(&billing).await?.body);
+    assert!(shown.contains("Stripe could not be reached"), "{shown}");
     app.stop().await
 }

@@ -16,6 +16,7 @@ mod cli;
 mod customers;
 mod dashboard;
 mod fake_smtp;
+mod fake_stripe;
 mod helpers;
 mod jobs;
 mod mock_provider;

@@ -64,6 +64,7 @@ pub struct BillingPage {
     project: Project,
     connection: Option<Connection>,
     connected_at: String,
+    checked_at: String,
     webhook_url: String,
     webhook_events: &'static [&'static str],
     events: Vec<EventView>,
@@ -129,6 +130,7 @@ async fn page(
     let base = state.config.public_url.trim_end_matches('/');
     Ok(BillingPage {
         connected_at: connection.as_ref().map(|c| format::datetime(c.updated_at)).unwrap_or_default(),
+        checked_at: connection.as_ref().and_then(|c| c.last_check_at).map(format::datetime).unwrap_or_default(),
         connection,
         webhook_url: format!("{base}/stripe/webhooks/{}", project.id),
         webhook_events: WEBHOOK_EVENTS,
@@ -223,6 +225,31 @@ pub async fn set_policy(
     let detail = format!("block on payment failure: {block}");
     audit::record(&state.db, me.org_id(), &me.actor(), "stripe.policy_changed", &project.name, &detail).await?;
     Ok(Redirect::to(&format!("/projects/{}/billing?saved=1", project.id)).into_response())
+}
+
+/// "Test connection": asks Stripe which account the key reaches, and records the answer.
+pub async fn check(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    let Some(key) = stripe::secret_key(&state.db, &state.master_key, &project.id).await.map_err(stripe_error)? else {
+        return Err(WebError::BadRequest("Connect Stripe first".to_owned()));
+    };
+    let outcome = state.stripe.account(&key, None).await;
+    let error = match &outcome {
+        Ok(account) => {
+            tracing::info!(project = %project.id, account = %account.id, "stripe connection checked");
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    };
+    stripe::record_check(&state.db, &project.id, error.as_deref()).await.map_err(stripe_error)?;
+    Ok(Redirect::to(&format!("/projects/{}/billing", project.id)).into_response())
 }
 
 pub async fn disconnect(

@@ -1,0 +1,138 @@
+//! Calls to Stripe's API on a tenant's account, over the process's pooled HTTP client: one
+//! attempt per call (retries are the caller's, with its own backoff), and every error
+//! classified from the status and Stripe's headers so the caller knows whether retrying helps.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Stripe's API (or a stand-in at another base URL).
+#[derive(Clone)]
+pub struct StripeApi {
+    http: reqwest::Client,
+    base: String,
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StripeApiError {
+    #[error("Stripe could not be reached: {0}")]
+    Transport(String),
+    #[error("Stripe answered {status}: {message}")]
+    Api {
+        status: u16,
+        /// Stripe's error `type` (`invalid_request_error`, `api_error`, …) and `code`.
+        kind: Option<String>,
+        code: Option<String>,
+        message: String,
+        /// Seconds, from `Retry-After`.
+        retry_after: Option<u64>,
+        /// `Stripe-Should-Retry`, when sent.
+        should_retry: Option<bool>,
+    },
+    #[error("Stripe's answer could not be read: {0}")]
+    Decode(String),
+}
+
+impl StripeApiError {
+    /// Whether the same call may succeed later: transport errors, 409 (a concurrent request
+    /// with the same idempotency key), 429 and 5xx, unless Stripe says not to.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StripeApiError::Transport(_) => true,
+            StripeApiError::Api { should_retry: Some(answer), .. } => *answer,
+            StripeApiError::Api { status, .. } => matches!(status, 409 | 429) || *status >= 500,
+            StripeApiError::Decode(_) => false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    code: Option<String>,
+    message: Option<String>,
+}
+
+/// What "test connection" shows of an account.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct AccountInfo {
+    pub id: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub country: Option<String>,
+    #[serde(default)]
+    pub charges_enabled: Option<bool>,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+impl StripeApi {
+    pub fn new(http: reqwest::Client, base: &str) -> Self {
+        Self { http, base: base.trim_end_matches('/').to_owned() }
+    }
+
+    /// `GET /v1{path}` with `key`, on `account` (Connect) if given.
+    pub async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        account: Option<&str>,
+        path: &str,
+    ) -> Result<T, StripeApiError> {
+        let mut request = self.http.get(format!("{}/v1{path}", self.base)).bearer_auth(key).timeout(TIMEOUT);
+        if let Some(account) = account {
+            request = request.header("stripe-account", account);
+        }
+        let response = request.send().await.map_err(|e| StripeApiError::Transport(e.to_string()))?;
+        let status = response.status().as_u16();
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let retry_after = header("retry-after").and_then(|v| v.trim().parse().ok());
+        let should_retry = header("stripe-should-retry").map(|v| v.trim() == "true");
+        let body = response.bytes().await.map_err(|e| StripeApiError::Transport(e.to_string()))?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&body).map_err(|e| StripeApiError::Decode(e.to_string()));
+        }
+        let detail = serde_json::from_slice::<ErrorBody>(&body).ok().map(|b| b.error);
+        Err(StripeApiError::Api {
+            status,
+            kind: detail.as_ref().and_then(|d| d.kind.clone()),
+            code: detail.as_ref().and_then(|d| d.code.clone()),
+            message: detail.and_then(|d| d.message).unwrap_or_else(|| format!("HTTP {status}")),
+            retry_after,
+            should_retry,
+        })
+    }
+
+    /// The account the key (and `account`) reach: what "test connection" calls.
+    pub async fn account(&self, key: &str, account: Option<&str>) -> Result<AccountInfo, StripeApiError> {
+        self.get(key, account, "/account").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16, should_retry: Option<bool>) -> StripeApiError {
+        StripeApiError::Api { status, kind: None, code: None, message: String::new(), retry_after: None, should_retry }
+    }
+
+    #[test]
+    fn retryable_errors_are_told_apart() {
+        assert!(api(429, None).is_retryable());
+        assert!(api(503, None).is_retryable());
+        assert!(api(409, None).is_retryable());
+        assert!(!api(400, None).is_retryable());
+        assert!(!api(401, None).is_retryable());
+        assert!(!api(500, Some(false)).is_retryable());
+        assert!(api(400, Some(true)).is_retryable());
+        assert!(StripeApiError::Transport("reset".into()).is_retryable());
+    }
+}
