@@ -71,8 +71,8 @@ impl FakeStripe {
     }
 }
 
-/// Who is calling: the key's account, or Stripe's 401.
-fn authenticate(inner: &Mutex<Inner>, method: &str, path: &str, headers: &HeaderMap) -> Result<String, Response> {
+/// Who is calling: the key's account, or the message of Stripe's 401.
+fn authenticate(inner: &Mutex<Inner>, method: &str, path: &str, headers: &HeaderMap) -> Result<String, String> {
     let key = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -88,11 +88,7 @@ fn authenticate(inner: &Mutex<Inner>, method: &str, path: &str, headers: &Header
     });
     let Some(own) = key.as_ref().and_then(|k| inner.keys.get(k)).cloned() else {
         let shown = key.as_deref().map(|k| format!("{}***", k.chars().take(8).collect::<String>())).unwrap_or_default();
-        return Err(stripe_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            &format!("Invalid API Key provided: {shown}"),
-        ));
+        return Err(format!("Invalid API Key provided: {shown}"));
     };
     Ok(account.unwrap_or(own))
 }
@@ -104,6 +100,6 @@ async fn account(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap) -> 
             "charges_enabled": true, "type": "standard"
         }))
         .into_response(),
-        Err(refused) => refused,
+        Err(message) => stripe_error(StatusCode::UNAUTHORIZED, "invalid_request_error", &message),
     }
 }
