@@ -16,7 +16,7 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_core::{Config, Db};
-use tollgate_jobs::{AlertServices, JobStore, WorkerOptions};
+use tollgate_jobs::{AlertServices, BillingServices, JobStore, WorkerOptions};
 use tower::ServiceBuilder;
 use tower_http::LatencyUnit;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -87,10 +87,12 @@ impl Application {
         let workers = state.config.run_workers.then(|| {
             let options = WorkerOptions { grace, ..WorkerOptions::default() };
             let alerts = AlertServices::new(&state.config, state.master_key.clone(), state.mailer.clone());
+            let billing = BillingServices::new(&state.config, state.master_key.clone(), state.http.clone());
             tokio::spawn(tollgate_jobs::run_workers(
                 state.db.clone(),
                 state.jobs.clone(),
                 alerts,
+                billing,
                 options,
                 shutdown.child_token(),
             ))

@@ -190,9 +190,13 @@ async fn worker(config: Config) -> anyhow::Result<()> {
     let options = WorkerOptions { grace: config.shutdown_grace, ..WorkerOptions::default() };
     let master_key = config.resolve_master_key()?;
     let mailer = Arc::new(Mailer::from_config(&config)?);
-    let alerts = AlertServices::new(&config, master_key, mailer);
+    let alerts = AlertServices::new(&config, master_key.clone(), mailer);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10)).build()?;
+    let billing = tollgate_jobs::BillingServices::new(&config, master_key, http);
     tracing::info!(process = %options.process_name, "job workers starting");
-    let result = tollgate_jobs::run_workers(db.clone(), jobs.clone(), alerts, options, shutdown::on_signal()).await;
+    let result =
+        tollgate_jobs::run_workers(db.clone(), jobs.clone(), alerts, billing, options, shutdown::on_signal()).await;
     jobs.close().await;
     db.close().await;
     result

@@ -77,6 +77,14 @@ pub struct Config {
     pub webhooks_allow_private: bool,
     /// Where Stripe's API is (`https://api.stripe.com`); tests point it at a fake.
     pub stripe_api_base: String,
+    /// The operator's Stripe platform key (`sk_…`), for projects billed through Stripe Connect
+    /// (calls made on the tenant's connected account with the `Stripe-Account` header).
+    pub stripe_platform_key: Option<SecretString>,
+    /// The signing secret of the platform's Connect webhook endpoint (`whsec_…`), which
+    /// receives the events of every connected account.
+    pub stripe_connect_webhook_secret: Option<SecretString>,
+    /// How often each worker process compares delivered usage with Stripe's meter summaries.
+    pub stripe_reconcile_interval: Duration,
 }
 
 impl Config {
@@ -168,6 +176,9 @@ struct RawConfig {
     alert_retry_base_seconds: Option<u64>,
     webhooks_allow_private: Option<bool>,
     stripe_api_base: Option<String>,
+    stripe_platform_key: Option<String>,
+    stripe_connect_webhook_secret: Option<String>,
+    stripe_reconcile_seconds: Option<u64>,
 }
 
 /// Raw settings plus where each came from, so errors can point at the right place.
@@ -197,6 +208,9 @@ const SETTINGS: &[(&str, &str)] = &[
     ("alert_retry_base_seconds", "TOLLGATE_ALERT_RETRY_BASE_SECONDS"),
     ("webhooks_allow_private", "TOLLGATE_WEBHOOKS_ALLOW_PRIVATE"),
     ("stripe_api_base", "TOLLGATE_STRIPE_API_BASE"),
+    ("stripe_platform_key", "TOLLGATE_STRIPE_PLATFORM_KEY"),
+    ("stripe_connect_webhook_secret", "TOLLGATE_STRIPE_CONNECT_WEBHOOK_SECRET"),
+    ("stripe_reconcile_seconds", "TOLLGATE_STRIPE_RECONCILE_SECONDS"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -239,6 +253,16 @@ impl Sourced {
                 "smtp_url" => r.smtp_url = text,
                 "smtp_from" => r.smtp_from = text,
                 "stripe_api_base" => r.stripe_api_base = text,
+                "stripe_platform_key" => r.stripe_platform_key = text,
+                "stripe_connect_webhook_secret" => r.stripe_connect_webhook_secret = text,
+                "stripe_reconcile_seconds" => {
+                    r.stripe_reconcile_seconds = Some(
+                        value
+                            .trim()
+                            .parse()
+                            .map_err(|_| invalid(format!("expected a number of seconds, got {value:?}")))?,
+                    )
+                }
                 "database_max_connections" => {
                     r.database_max_connections = Some(
                         value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
@@ -398,6 +422,24 @@ impl Sourced {
                 );
             }
         };
+        let secret =
+            |value: &Option<String>| value.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+        let stripe_platform_key = secret(&r.stripe_platform_key);
+        if let Some(key) = &stripe_platform_key
+            && crate::stripe::key_livemode(key).is_none()
+        {
+            return Err(self.invalid("stripe_platform_key", "must be a Stripe secret key (sk_test_… or sk_live_…)"));
+        }
+        let stripe_connect_webhook_secret = secret(&r.stripe_connect_webhook_secret);
+        if let Some(secret) = &stripe_connect_webhook_secret
+            && !secret.starts_with("whsec_")
+        {
+            return Err(self.invalid("stripe_connect_webhook_secret", "must be a webhook signing secret (whsec_…)"));
+        }
+        let stripe_reconcile_interval = Duration::from_secs(r.stripe_reconcile_seconds.unwrap_or(300));
+        if stripe_reconcile_interval.is_zero() {
+            return Err(self.invalid("stripe_reconcile_seconds", "must be at least 1"));
+        }
         Ok(Config {
             mode,
             listen,
@@ -417,6 +459,9 @@ impl Sourced {
             alert_retry_base,
             webhooks_allow_private: r.webhooks_allow_private.unwrap_or(false),
             stripe_api_base,
+            stripe_platform_key: stripe_platform_key.map(SecretString::from),
+            stripe_connect_webhook_secret: stripe_connect_webhook_secret.map(SecretString::from),
+            stripe_reconcile_interval,
         })
     }
 }

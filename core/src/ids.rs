@@ -137,6 +137,11 @@ define_id!(
     DeliveryId,
     "dlv"
 );
+define_id!(
+    /// A batch of settled usage sent to Stripe as one meter event (its identifier).
+    MeterBatchId,
+    "mtb"
+);
 
 #[cfg(test)]
 mod tests {

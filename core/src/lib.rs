@@ -19,6 +19,7 @@
 pub mod accounts;
 pub mod alerts;
 pub mod audit;
+pub mod billing;
 pub mod config;
 pub mod crypto;
 pub mod customers;

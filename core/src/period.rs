@@ -74,6 +74,35 @@ impl BudgetPeriod {
     }
 }
 
+/// Unix seconds of an RFC 3339 UTC time as Stripe's v2 API writes it
+/// (`2026-11-22T10:15:30.123Z`); `None` for anything else.
+pub fn rfc3339_utc_seconds(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        part.bytes().all(|c| c.is_ascii_digit()).then(|| part.parse().ok()).flatten()
+    };
+    let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    let rest = &s[19..];
+    let rest = match rest.strip_prefix('.') {
+        Some(fraction) => fraction.trim_start_matches(|c: char| c.is_ascii_digit()),
+        None => rest,
+    };
+    if !matches!(rest, "Z" | "z" | "+00:00")
+        || !(1..=12).contains(&mo)
+        || !(1..=31).contains(&d)
+        || h > 23
+        || mi > 59
+        || se > 60
+    {
+        return None;
+    }
+    Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se)
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -123,6 +152,14 @@ mod tests {
         let later = UnixMillis(set.0 + 45 * DAY_MS);
         assert_eq!(BudgetPeriod::Rolling.window_after(start, later), (set.0 + 30 * DAY_MS, set.0 + 60 * DAY_MS));
         assert_eq!(BudgetPeriod::Month.window_after(start, later), BudgetPeriod::Month.window(later));
+    }
+
+    #[test]
+    fn stripe_v2_times_are_read() {
+        assert_eq!(rfc3339_utc_seconds("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(rfc3339_utc_seconds("2026-11-22T10:15:30.123Z"), Some(1_795_342_530));
+        assert_eq!(rfc3339_utc_seconds("2026-11-22T10:15:30+01:00"), None);
+        assert_eq!(rfc3339_utc_seconds("yesterday"), None);
     }
 
     #[test]

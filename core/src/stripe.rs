@@ -7,6 +7,7 @@ use crate::db::{Db, DbError};
 use crate::ids::ProjectId;
 use crate::time::UnixMillis;
 use crate::with_db;
+use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StripeError {
@@ -89,6 +90,82 @@ pub async fn connect_with_key(
     connection(db, project).await?.ok_or_else(|| invalid("project", "no such project"))
 }
 
+/// Whether `id` has the shape of a Stripe account id (`acct_…`).
+pub fn is_account_id(id: &str) -> bool {
+    id.strip_prefix("acct_")
+        .is_some_and(|r| !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// Connects the project through Stripe Connect: the operator's platform key acts on the
+/// tenant's connected account `account_id` (its events reach the platform's Connect endpoint,
+/// so there is no per-project signing secret). `livemode` is the platform key's mode.
+pub async fn connect_with_account(
+    db: &Db,
+    master: &MasterKey,
+    project: &ProjectId,
+    account_id: &str,
+    livemode: bool,
+) -> Result<Connection, StripeError> {
+    let account_id = account_id.trim();
+    if !is_account_id(account_id) {
+        return Err(invalid("account_id", "must be a Stripe account id (acct_…)"));
+    }
+    const SQL: &str = "INSERT INTO stripe_connections (project_id, mode, account_id, secret_key_sealed, key_hint, \
+            webhook_secret_sealed, livemode, created_at, updated_at) \
+        VALUES ($1, 'connect', $2, NULL, NULL, $3, $4, $5, $5) \
+        ON CONFLICT (project_id) DO UPDATE SET mode = 'connect', account_id = excluded.account_id, \
+            secret_key_sealed = NULL, key_hint = NULL, webhook_secret_sealed = excluded.webhook_secret_sealed, \
+            livemode = excluded.livemode, last_check_at = NULL, last_check_error = NULL, \
+            updated_at = excluded.updated_at";
+    let now = UnixMillis::now().0;
+    let stored = with_db!(db, pool => sqlx::query(SQL).bind(project).bind(account_id).bind(master.seal(""))
+        .bind(livemode).bind(now).execute(pool).await.map(|_| ()));
+    match stored {
+        Ok(()) => {}
+        Err(e) if crate::db::is_unique_violation(&e) => {
+            return Err(invalid("account_id", "this Stripe account already bills another project"));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    connection(db, project).await?.ok_or_else(|| invalid("project", "no such project"))
+}
+
+/// How Tollgate reaches a project's Stripe account.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Access {
+    /// The tenant's own (restricted) key.
+    Key(String),
+    /// The operator's platform key on this connected account.
+    Connect { account: String },
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Access::Key(_) => f.write_str("Key(***)"),
+            Access::Connect { account } => f.debug_struct("Connect").field("account", account).finish(),
+        }
+    }
+}
+
+/// How Tollgate reaches the project's Stripe account, if it is connected.
+pub async fn access(db: &Db, master: &MasterKey, project: &ProjectId) -> Result<Option<Access>, StripeError> {
+    const SQL: &str = "SELECT mode, account_id, secret_key_sealed FROM stripe_connections WHERE project_id = $1";
+    let row: Option<(String, Option<String>, Option<String>)> = with_db!(db, pool =>
+        sqlx::query_as::<_, (String, Option<String>, Option<String>)>(SQL).bind(project).fetch_optional(pool).await)?;
+    Ok(match row {
+        Some((mode, Some(account), _)) if mode == "connect" => Some(Access::Connect { account }),
+        Some((_, _, Some(sealed))) => Some(Access::Key(master.open(&sealed).map_err(|_| StripeError::Secret)?)),
+        _ => None,
+    })
+}
+
+/// The project a Connect account's events belong to, and its mode.
+pub async fn project_for_account(db: &Db, account_id: &str) -> Result<Option<(ProjectId, bool)>, StripeError> {
+    const SQL: &str = "SELECT project_id, livemode FROM stripe_connections WHERE mode = 'connect' AND account_id = $1";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, (ProjectId, bool)>(SQL).bind(account_id).fetch_optional(pool).await)?)
+}
+
 /// The project's connection, if it has one.
 pub async fn connection(db: &Db, project: &ProjectId) -> Result<Option<Connection>, StripeError> {
     const SQL: &str = "SELECT mode, block_on_payment_failure, account_id, key_hint, livemode, last_check_at, last_check_error, updated_at \
@@ -109,7 +186,8 @@ pub async fn webhook_secret(
     master: &MasterKey,
     project: &ProjectId,
 ) -> Result<Option<(String, bool)>, StripeError> {
-    const SQL: &str = "SELECT webhook_secret_sealed, livemode FROM stripe_connections WHERE project_id = $1";
+    const SQL: &str =
+        "SELECT webhook_secret_sealed, livemode FROM stripe_connections WHERE project_id = $1 AND mode = 'key'";
     let row: Option<(String, bool)> =
         with_db!(db, pool => sqlx::query_as::<_, (String, bool)>(SQL).bind(project).fetch_optional(pool).await)?;
     match row {
@@ -138,14 +216,33 @@ pub async fn record_check(db: &Db, project: &ProjectId, error: Option<&str>) -> 
     Ok(())
 }
 
-/// The fields of a webhook event Tollgate files it by.
+/// The fields of a webhook event Tollgate files it by: a v1 snapshot event, or a v2 thin
+/// event (whose `created` is an RFC 3339 time).
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct EventEnvelope {
     pub id: String,
     #[serde(rename = "type")]
     pub kind: String,
     pub livemode: bool,
+    #[serde(deserialize_with = "unix_seconds")]
     pub created: i64,
+    /// The connected account it happened on (Connect events only).
+    #[serde(default)]
+    pub account: Option<String>,
+}
+
+fn unix_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Time {
+        Seconds(i64),
+        Text(String),
+    }
+    match Time::deserialize(d)? {
+        Time::Seconds(s) => Ok(s),
+        Time::Text(t) => crate::period::rfc3339_utc_seconds(&t)
+            .ok_or_else(|| serde::de::Error::custom(format!("`created` is not a UTC time: {t:?}"))),
+    }
 }
 
 /// Whether an event was new.
@@ -234,6 +331,10 @@ fn status_rank(status: &str) -> i64 {
 pub enum Processed {
     /// An invoice snapshot was applied (or was older than the one held).
     Invoice { id: String, applied: bool },
+    /// A subscription's status was applied (or was older than the one held).
+    Subscription { id: String, applied: bool },
+    /// Stripe reported meter events it accepted but could not count.
+    MeterError,
     /// A type Tollgate does not act on.
     Ignored,
 }
@@ -255,6 +356,14 @@ pub async fn process_pending(db: &Db, limit: i64) -> Result<Vec<(String, Process
             | "invoice.voided"
             | "invoice.updated"
             | "invoice.marked_uncollectible" => apply_invoice(db, &project, &payload).await,
+            "customer.subscription.created"
+            | "customer.subscription.updated"
+            | "customer.subscription.deleted"
+            | "customer.subscription.paused"
+            | "customer.subscription.resumed" => apply_subscription(db, &project, &payload).await,
+            "billing.meter.error_report_triggered" | "v1.billing.meter.error_report_triggered" => {
+                apply_meter_error(db, &project, &payload).await
+            }
             _ => Ok(Processed::Ignored),
         };
         let now = UnixMillis::now().0;
@@ -309,6 +418,68 @@ async fn apply_invoice(db: &Db, project: &ProjectId, payload: &str) -> Result<Pr
         reconcile_hold(db, project, &stripe_customer).await?;
     }
     Ok(Processed::Invoice { id: invoice.id, applied: applied > 0 })
+}
+
+/// The fields of a subscription Tollgate mirrors.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct SubscriptionObject {
+    id: String,
+    customer: String,
+    status: String,
+}
+
+/// Mirrors the status of a subscription provisioning made (or one of a linked customer's):
+/// the newest snapshot wins, and a canceled subscription stays canceled.
+async fn apply_subscription(db: &Db, project: &ProjectId, payload: &str) -> Result<Processed, StripeError> {
+    let event: Event<SubscriptionObject> =
+        serde_json::from_str(payload).map_err(|e| invalid("payload", format!("not a subscription event: {e}")))?;
+    let subscription = event.data.object;
+    let status =
+        if event.kind == "customer.subscription.deleted" { "canceled".to_owned() } else { subscription.status };
+    const SQL: &str = "UPDATE customers SET stripe_subscription_id = $1, stripe_subscription_status = $2, \
+            stripe_subscription_state_at = $3 \
+        WHERE project_id = $4 AND stripe_customer_id = $5 AND stripe_subscription_id = $1 \
+          AND (stripe_subscription_state_at IS NULL OR stripe_subscription_state_at <= $3) \
+          AND (stripe_subscription_status IS NULL OR stripe_subscription_status <> 'canceled')";
+    let applied = with_db!(db, pool => sqlx::query(SQL).bind(&subscription.id).bind(&status).bind(event.created)
+        .bind(project).bind(&subscription.customer).execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(Processed::Subscription { id: subscription.id, applied: applied > 0 })
+}
+
+/// Stripe's report of meter events it accepted and then could not count: a v1 snapshot or a
+/// v2 thin event (`related_object` names the meter; its details are in Stripe's dashboard).
+async fn apply_meter_error(db: &Db, project: &ProjectId, payload: &str) -> Result<Processed, StripeError> {
+    let event: serde_json::Value =
+        serde_json::from_str(payload).map_err(|e| invalid("payload", format!("not an event: {e}")))?;
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+    let meter = text(&event["related_object"]["id"])
+        .or_else(|| text(&event["data"]["object"]["meter"]))
+        .or_else(|| text(&event["data"]["object"]["id"]).filter(|id| id.starts_with("mtr_")));
+    let summary = text(&event["data"]["developer_message_summary"])
+        .or_else(|| text(&event["data"]["object"]["developer_message_summary"]))
+        .or_else(|| {
+            let types = event["data"]["object"]["reason"]["error_types"].as_array()?;
+            let codes: Vec<String> = types
+                .iter()
+                .filter_map(|t| Some(format!("{} ×{}", t["code"].as_str()?, t["error_count"].as_i64().unwrap_or(1))))
+                .collect();
+            (!codes.is_empty()).then(|| codes.join(", "))
+        })
+        .unwrap_or_else(|| "see the meter's error reports in Stripe's dashboard".to_owned());
+    let message: String = format!(
+        "Stripe could not count some meter events{}: {summary}",
+        meter.as_deref().map(|m| format!(" of {m}")).unwrap_or_default()
+    )
+    .chars()
+    .take(500)
+    .collect();
+    const SQL: &str = "UPDATE stripe_connections SET meter_error = $1, meter_error_at = $2 \
+        WHERE project_id = $3 AND (meter_error_at IS NULL OR meter_error_at <= $2)";
+    let created =
+        event["created"].as_i64().or_else(|| event["created"].as_str().and_then(crate::period::rfc3339_utc_seconds));
+    let at = created.unwrap_or_else(|| UnixMillis::now().0 / 1000) * 1000;
+    with_db!(db, pool => sqlx::query(SQL).bind(&message).bind(at).bind(project).execute(pool).await.map(|_| ()))?;
+    Ok(Processed::MeterError)
 }
 
 /// Applies the project's policy to the customer billed by `stripe_customer`, from the state of

@@ -6,10 +6,12 @@
 //! - [`run_workers`]: the workers of one process, until shutdown.
 //! - [`housekeeping`]: the periodic jobs (worker heartbeat, pruning).
 //! - [`alerts`]: budget alerts found by a scan and delivered (webhook, mail) with retries.
+//! - [`billing`]: Stripe provisioning, the meter event outbox's delivery, reconciliation.
 //! - [`mail`]: outgoing mail.
 //! - [`stripe_api`]: calls to Stripe's API, with errors classified for retries.
 
 pub mod alerts;
+pub mod billing;
 pub mod housekeeping;
 pub mod mail;
 mod store;
@@ -17,5 +19,6 @@ pub mod stripe_api;
 mod workers;
 
 pub use alerts::AlertServices;
+pub use billing::BillingServices;
 pub use store::{JobStore, JobStoreError};
 pub use workers::{WorkerOptions, run_workers};

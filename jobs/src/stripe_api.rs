@@ -74,28 +74,104 @@ pub struct AccountInfo {
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How Tollgate acts on a tenant's Stripe account: the tenant's own key, or the operator's
+/// platform key on the tenant's connected account (`Stripe-Account`).
+#[derive(Clone)]
+pub struct Credentials {
+    pub key: secrecy::SecretString,
+    pub account: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("key", &"***").field("account", &self.account).finish()
+    }
+}
+
+/// Stripe's list envelope.
+#[derive(Debug, Clone, Deserialize)]
+pub struct List<T> {
+    pub data: Vec<T>,
+    #[serde(default)]
+    pub has_more: bool,
+}
+
+/// An object Tollgate only needs the id of (product, price, customer).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Created {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Meter {
+    pub id: String,
+    pub event_name: String,
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Subscription {
+    pub id: String,
+    pub status: String,
+}
+
+/// One of a meter's event summaries. Stripe sends the value as a JSON number; Tollgate's
+/// meter counts whole nano-units, so it is read as an integer (fractions cannot occur).
+#[derive(Debug, Clone, Deserialize)]
+pub struct EventSummary {
+    pub aggregated_value: serde_json::Number,
+    pub start_time: i64,
+    pub end_time: i64,
+}
+
+impl EventSummary {
+    pub fn value(&self) -> Option<i64> {
+        self.aggregated_value.as_i64().or_else(|| {
+            let v = self.aggregated_value.as_f64()?;
+            (v.fract() == 0.0 && v.abs() < 9.0e15).then_some(v as i64)
+        })
+    }
+}
+
+enum Method<'a> {
+    Get(&'a [(&'a str, String)]),
+    Post { form: &'a [(String, String)], idempotency_key: Option<&'a str> },
+}
+
 impl StripeApi {
     pub fn new(http: reqwest::Client, base: &str) -> Self {
         Self { http, base: base.trim_end_matches('/').to_owned() }
     }
 
-    /// `GET /v1{path}` with `key`, on `account` (Connect) if given.
-    pub async fn get<T: serde::de::DeserializeOwned>(
+    async fn call<T: serde::de::DeserializeOwned>(
         &self,
-        key: &str,
-        account: Option<&str>,
+        credentials: &Credentials,
         path: &str,
+        method: Method<'_>,
     ) -> Result<T, StripeApiError> {
-        let mut request = self.http.get(format!("{}/v1{path}", self.base)).bearer_auth(key).timeout(TIMEOUT);
-        if let Some(account) = account {
+        use secrecy::ExposeSecret;
+        let url = format!("{}/v1{path}", self.base);
+        let mut request = match method {
+            Method::Get(query) => self.http.get(url).query(query),
+            Method::Post { form, idempotency_key } => {
+                let mut request = self.http.post(url).form(form);
+                if let Some(key) = idempotency_key {
+                    request = request.header("idempotency-key", key);
+                }
+                request
+            }
+        };
+        request = request.bearer_auth(credentials.key.expose_secret()).timeout(TIMEOUT);
+        if let Some(account) = &credentials.account {
             request = request.header("stripe-account", account);
         }
-        let response = request.send().await.map_err(|e| StripeApiError::Transport(e.to_string()))?;
+        let response = request.send().await.map_err(|e| StripeApiError::Transport(e.without_url().to_string()))?;
         let status = response.status().as_u16();
         let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let retry_after = header("retry-after").and_then(|v| v.trim().parse().ok());
         let should_retry = header("stripe-should-retry").map(|v| v.trim() == "true");
-        let body = response.bytes().await.map_err(|e| StripeApiError::Transport(e.to_string()))?;
+        let body = response.bytes().await.map_err(|e| StripeApiError::Transport(e.without_url().to_string()))?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&body).map_err(|e| StripeApiError::Decode(e.to_string()));
         }
@@ -110,10 +186,37 @@ impl StripeApi {
         })
     }
 
-    /// The account the key (and `account`) reach: what "test connection" calls.
-    pub async fn account(&self, key: &str, account: Option<&str>) -> Result<AccountInfo, StripeApiError> {
-        self.get(key, account, "/account").await
+    /// `GET /v1{path}?{query}`.
+    pub async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        credentials: &Credentials,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, StripeApiError> {
+        self.call(credentials, path, Method::Get(query)).await
     }
+
+    /// `POST /v1{path}` with a form body (Stripe's bracket notation in the names) and an
+    /// `Idempotency-Key`, so that repeating a call whose answer was lost makes nothing twice.
+    pub async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        credentials: &Credentials,
+        path: &str,
+        form: &[(String, String)],
+        idempotency_key: &str,
+    ) -> Result<T, StripeApiError> {
+        self.call(credentials, path, Method::Post { form, idempotency_key: Some(idempotency_key) }).await
+    }
+
+    /// The account the credentials reach: what "test connection" calls.
+    pub async fn account(&self, credentials: &Credentials) -> Result<AccountInfo, StripeApiError> {
+        self.get(credentials, "/account", &[]).await
+    }
+}
+
+/// Builds a form body from (name, value) pairs.
+pub fn form<const N: usize>(pairs: [(&str, String); N]) -> Vec<(String, String)> {
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use tollgate_core::Db;
 use tollgate_core::time::UnixMillis;
 
 use crate::alerts::{self, AlertDelivery, AlertServices};
+use crate::billing::{self, BillingServices};
 use crate::housekeeping::{self, Housekeeping};
 use crate::store::JobStore;
 
@@ -57,6 +58,7 @@ struct JobContext {
     store: JobStore,
     process_name: String,
     alerts: AlertServices,
+    billing: BillingServices,
 }
 
 /// Alert deliveries run side by side (each waits on a receiver up to 10 s).
@@ -67,11 +69,18 @@ pub async fn run_workers(
     db: Db,
     store: JobStore,
     alert_services: AlertServices,
+    billing_services: BillingServices,
     options: WorkerOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ctx =
-        JobContext { db, store: store.clone(), process_name: options.process_name.clone(), alerts: alert_services };
+    let reconcile_every = reconcile_schedule(billing_services.reconcile_interval)?;
+    let ctx = JobContext {
+        db,
+        store: store.clone(),
+        process_name: options.process_name.clone(),
+        alerts: alert_services,
+        billing: billing_services,
+    };
     // Beat once before the first tick so the process shows as alive immediately.
     if let Err(e) = housekeeping::beat(&ctx.db, &ctx.process_name).await {
         tracing::warn!(error = %e, "could not record worker heartbeat");
@@ -93,7 +102,10 @@ pub async fn run_workers(
     let scheduler_ctx = ctx.clone();
     let scan_ctx = ctx.clone();
     let stripe_ctx = ctx.clone();
+    let billing_ctx = ctx.clone();
+    let reconcile_ctx = ctx.clone();
     let every_2s = cron::Schedule::from_str("*/2 * * * * *")?;
+    let billing_every = every_2s.clone();
     let monitor = monitor
         .register({
             let name = name.clone();
@@ -133,6 +145,26 @@ pub async fn run_workers(
                     .data(stripe_ctx.clone())
                     .catch_panic()
                     .build(process_stripe_events)
+            }
+        })
+        .register({
+            let name = name.clone();
+            move |restarts| {
+                WorkerBuilder::new(name("stripe-billing", restarts))
+                    .backend(CronScheduler::new(billing_every.clone()))
+                    .data(billing_ctx.clone())
+                    .catch_panic()
+                    .build(run_billing)
+            }
+        })
+        .register({
+            let name = name.clone();
+            move |restarts| {
+                WorkerBuilder::new(name("stripe-reconcile", restarts))
+                    .backend(CronScheduler::new(reconcile_every.clone()))
+                    .data(reconcile_ctx.clone())
+                    .catch_panic()
+                    .build(run_reconcile)
             }
         });
     let poll = options.poll_interval;
@@ -218,6 +250,32 @@ async fn process_stripe_events(_tick: Tick, ctx: Data<JobContext>) -> Result<(),
         metrics::counter!("tollgate_stripe_events_processed_total").increment(processed.len() as u64);
     }
     Ok(())
+}
+
+/// Provisioning, then the meter event outbox (see [`crate::billing`]).
+async fn run_billing(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+    let provisioned = billing::provision(&ctx.db, &ctx.billing).await.map_err(|e| e.to_string())?;
+    let delivered = billing::deliver(&ctx.db, &ctx.billing).await.map_err(|e| e.to_string())?;
+    metrics::counter!("tollgate_meter_events_total", "outcome" => "delivered").increment(delivered.delivered as u64);
+    metrics::counter!("tollgate_meter_events_total", "outcome" => "retrying").increment(delivered.retrying as u64);
+    metrics::counter!("tollgate_meter_events_total", "outcome" => "failed").increment(delivered.failed as u64);
+    if provisioned.failures > 0 {
+        metrics::counter!("tollgate_stripe_provisioning_failures_total").increment(provisioned.failures as u64);
+    }
+    Ok(())
+}
+
+async fn run_reconcile(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+    billing::reconcile(&ctx.db, &ctx.billing).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// A cron schedule for "every `interval`" (whole seconds under a minute, else whole minutes).
+fn reconcile_schedule(interval: Duration) -> anyhow::Result<cron::Schedule> {
+    let seconds = interval.as_secs().max(1);
+    let expression =
+        if seconds < 60 { format!("*/{seconds} * * * * *") } else { format!("0 */{} * * * *", (seconds / 60).min(59)) };
+    Ok(cron::Schedule::from_str(&expression)?)
 }
 
 async fn deliver_alert(job: AlertDelivery, ctx: Data<JobContext>) -> Result<(), BoxDynError> {

@@ -2,6 +2,10 @@
 //! its Stripe dashboard. A delivery is checked against the project's signing secret (Stripe's
 //! scheme, 5 minutes of tolerance, so forged and replayed deliveries are refused with 400),
 //! stored once by event id, and only then acknowledged with 200. Processing is a job's work.
+//!
+//! Projects billed through Stripe Connect have no endpoint of their own: the operator registers
+//! `POST /stripe/webhooks/connect` as the platform's Connect endpoint, whose events name the
+//! connected account they happened on, and each is filed under the project that bills it.
 
 use axum::Router;
 use axum::body::Bytes;
@@ -18,7 +22,9 @@ use tollgate_core::time::UnixMillis;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/stripe/webhooks/{project}", post(receive))
+    Router::new()
+        .route("/stripe/webhooks/connect", post(receive_connect))
+        .route("/stripe/webhooks/{project}", post(receive))
 }
 
 /// What Stripe's webhook log shows for a refused delivery.
@@ -78,6 +84,42 @@ async fn receive(
     }
     let intake = stripe::store_event(&state.db, &project, &event, payload).await.map_err(|e| internal(&e))?;
     tracing::info!(%project, event = %event.id, kind = %event.kind, ?intake, "stripe webhook received");
+    let duplicate = intake == Intake::AlreadyStored;
+    Ok((StatusCode::OK, axum::Json(json!({ "received": true, "duplicate": duplicate }))).into_response())
+}
+
+async fn receive_connect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, WebhookError> {
+    use secrecy::ExposeSecret;
+    let secret = state.config.stripe_connect_webhook_secret.as_ref().ok_or(WebhookError::UnknownEndpoint)?;
+    let header = headers.get("stripe-signature").and_then(|v| v.to_str().ok()).ok_or(WebhookError::NoSignature)?;
+    let now = UnixMillis::now().0 / 1000;
+    signature::verify(secret.expose_secret(), header, &body, now, DEFAULT_TOLERANCE_SECS)
+        .map_err(WebhookError::Signature)?;
+    let payload = std::str::from_utf8(&body).map_err(|_| WebhookError::NotAnEvent("not UTF-8".into()))?;
+    let event: EventEnvelope = serde_json::from_str(payload).map_err(|e| WebhookError::NotAnEvent(e.to_string()))?;
+    // The platform's other accounts (and the platform's own events) are none of Tollgate's
+    // business: acknowledged, so Stripe does not retry them for days, and not stored.
+    let ignored = || (StatusCode::OK, axum::Json(json!({ "received": true, "ignored": true }))).into_response();
+    let Some(account) = event.account.as_deref() else { return Ok(ignored()) };
+    let Some((project, livemode)) = stripe::project_for_account(&state.db, account).await.map_err(|e| {
+        tracing::error!(error = %e, "stripe connect webhook intake failed");
+        WebhookError::Internal
+    })?
+    else {
+        return Ok(ignored());
+    };
+    if event.livemode != livemode {
+        return Err(WebhookError::WrongMode(mode(event.livemode), mode(livemode)));
+    }
+    let intake = stripe::store_event(&state.db, &project, &event, payload).await.map_err(|e| {
+        tracing::error!(error = %e, %project, "stripe connect webhook intake failed");
+        WebhookError::Internal
+    })?;
+    tracing::info!(%project, account, event = %event.id, kind = %event.kind, ?intake, "stripe connect webhook received");
     let duplicate = intake == Intake::AlreadyStored;
     Ok((StatusCode::OK, axum::Json(json!({ "received": true, "duplicate": duplicate }))).into_response())
 }

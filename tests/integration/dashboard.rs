@@ -39,15 +39,15 @@ pub fn cases() -> Vec<DbCase> {
 }
 
 /// A browser: keeps cookies, does not follow redirects (tests look at them).
-struct Browser<'a> {
+pub(crate) struct Browser<'a> {
     app: &'a TestApp,
     client: reqwest::Client,
 }
 
-struct Page {
-    status: StatusCode,
-    location: Option<String>,
-    body: String,
+pub(crate) struct Page {
+    pub status: StatusCode,
+    pub location: Option<String>,
+    pub body: String,
 }
 
 impl Page {
@@ -65,7 +65,7 @@ fn field_value(html: &str, name: &str) -> Option<String> {
 }
 
 impl<'a> Browser<'a> {
-    fn new(app: &'a TestApp) -> anyhow::Result<Self> {
+    pub(crate) fn new(app: &'a TestApp) -> anyhow::Result<Self> {
         let client =
             reqwest::Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build()?;
         Ok(Self { app, client })
@@ -77,32 +77,32 @@ impl<'a> Browser<'a> {
         Ok(Page { status, location, body: response.text().await? })
     }
 
-    async fn get(&self, path: &str) -> anyhow::Result<Page> {
+    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Page> {
         Self::page(self.client.get(self.app.url(path)).send().await?).await
     }
 
-    async fn post(&self, path: &str, form: &[(&str, &str)]) -> anyhow::Result<Page> {
+    pub(crate) async fn post(&self, path: &str, form: &[(&str, &str)]) -> anyhow::Result<Page> {
         Self::page(self.client.post(self.app.url(path)).form(form).send().await?).await
     }
 
     /// Fills the form of the page at `form_page` (taking its CSRF token) and posts it to `action`.
-    async fn submit(&self, form_page: &str, action: &str, fields: &[(&str, &str)]) -> anyhow::Result<Page> {
+    pub(crate) async fn submit(&self, form_page: &str, action: &str, fields: &[(&str, &str)]) -> anyhow::Result<Page> {
         let csrf = self.get(form_page).await?.csrf();
         let mut form = vec![("csrf", csrf.as_str())];
         form.extend_from_slice(fields);
         self.post(action, &form).await
     }
 
-    async fn sign_up(&self, org: &str, email: &str, password: &str) -> anyhow::Result<Page> {
+    pub(crate) async fn sign_up(&self, org: &str, email: &str, password: &str) -> anyhow::Result<Page> {
         self.submit("/signup", "/signup", &[("org_name", org), ("email", email), ("password", password)]).await
     }
 
-    async fn log_in(&self, email: &str, password: &str) -> anyhow::Result<Page> {
+    pub(crate) async fn log_in(&self, email: &str, password: &str) -> anyhow::Result<Page> {
         self.submit("/login", "/login", &[("email", email), ("password", password), ("next", "")]).await
     }
 }
 
-const PASSWORD: &str = "correct horse battery";
+pub(crate) const PASSWORD: &str = "correct horse battery";
 
 async fn count(app: &TestApp, table: &str) -> anyhow::Result<i64> {
     let sql = format!("SELECT COUNT(*) FROM {table}");

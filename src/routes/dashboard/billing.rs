@@ -1,5 +1,7 @@
 //! A project's billing through Stripe: how it is connected (a pasted secret or restricted key,
-//! test or live), the webhook endpoint to register in Stripe, and the webhook events received.
+//! or a Stripe Connect account; test or live), what provisioning made, the meter delivery's lag
+//! and errors, each customer's subscription and drift against Stripe's meter summaries, the
+//! invoices, the webhook endpoint to register in Stripe, and the webhook events received.
 
 use askama::Template;
 use askama_web::WebTemplate;
@@ -10,8 +12,10 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use tollgate_core::accounts::Role;
 use tollgate_core::audit;
+use tollgate_core::billing;
 use tollgate_core::projects::Project;
 use tollgate_core::stripe::{self, Connection, StripeError};
+use tollgate_core::time::UnixMillis;
 use tollgate_core::with_db;
 
 use super::error::WebError;
@@ -19,6 +23,7 @@ use super::format;
 use super::projects::load_project;
 use super::session::{CsrfForm, Member};
 use crate::state::AppState;
+use tollgate_jobs::stripe_api::Credentials;
 
 /// The webhook events Tollgate acts on; the tenant subscribes its endpoint to these.
 pub const WEBHOOK_EVENTS: &[&str] = &[
@@ -27,6 +32,7 @@ pub const WEBHOOK_EVENTS: &[&str] = &[
     "invoice.paid",
     "invoice.payment_failed",
     "invoice.voided",
+    "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
     "billing.meter.error_report_triggered",
@@ -50,6 +56,49 @@ pub struct InvoiceView {
     updated: String,
 }
 
+pub struct DeliveryView {
+    waiting_events: i64,
+    waiting: String,
+    lag: String,
+    delivered_batches: i64,
+    delivered: String,
+    last_delivered: String,
+    failed_batches: i64,
+    problems: Vec<ProblemView>,
+}
+
+pub struct ProblemView {
+    customer: String,
+    status: String,
+    amount: String,
+    attempts: i64,
+    error: String,
+    next_attempt: String,
+}
+
+pub struct CustomerBillingView {
+    id: String,
+    external_id: String,
+    stripe_customer_id: String,
+    subscription: String,
+    error: Option<String>,
+    delivered: String,
+    stripe: String,
+    pending: String,
+    drift: String,
+    drift_nonzero: bool,
+    checked: String,
+}
+
+pub struct ProvisionView {
+    meter_id: String,
+    price_id: String,
+    error: Option<String>,
+    next_attempt: String,
+    meter_error: Option<String>,
+    billing_from: String,
+}
+
 pub struct EventView {
     id: String,
     kind: String,
@@ -69,6 +118,12 @@ pub struct BillingPage {
     webhook_events: &'static [&'static str],
     events: Vec<EventView>,
     invoices: Vec<InvoiceView>,
+    provision: Option<ProvisionView>,
+    delivery: Option<DeliveryView>,
+    customers: Vec<CustomerBillingView>,
+    period: String,
+    connect_available: bool,
+    connect_mode: bool,
     saved: bool,
     errors: Vec<String>,
 }
@@ -127,8 +182,90 @@ async fn page(
             updated: format::datetime(i.state_at.saturating_mul(1000)),
         })
         .collect();
+    let currency = project.currency.clone();
+    let money = |nanos: i64| format::money(nanos, &currency);
+    let now = UnixMillis::now();
+    let provision_status = billing::provision_status(&state.db, &project.id).await?;
+    let delivery = match &provision_status {
+        Some(p) => {
+            let d = billing::delivery_status(&state.db, &project.id, p.created_at).await?;
+            Some(DeliveryView {
+                waiting_events: d.waiting_events,
+                waiting: money(d.waiting_nanos),
+                lag: d.oldest_waiting_at.map(|t| duration((now.0 - t).max(0))).unwrap_or_else(|| "none".to_owned()),
+                delivered_batches: d.delivered_batches,
+                delivered: money(d.delivered_nanos),
+                last_delivered: d.last_delivered_at.map(format::datetime).unwrap_or_else(|| "never".to_owned()),
+                failed_batches: d.failed_batches,
+                problems: d
+                    .problems
+                    .into_iter()
+                    .map(|b| ProblemView {
+                        customer: b.customer_external_id.unwrap_or_else(|| "(deleted customer)".to_owned()),
+                        status: if b.status == "failed" { "refused".to_owned() } else { "retrying".to_owned() },
+                        amount: money(b.value_nanos),
+                        attempts: b.attempts,
+                        error: b.last_error.unwrap_or_default(),
+                        next_attempt: if b.status == "failed" {
+                            String::new()
+                        } else {
+                            format::datetime(b.next_attempt_at)
+                        },
+                    })
+                    .collect(),
+            })
+        }
+        None => None,
+    };
+    let provision = provision_status.map(|p| ProvisionView {
+        meter_id: p.meter_id.unwrap_or_else(|| "not yet".to_owned()),
+        price_id: p.price_id.unwrap_or_else(|| "not yet".to_owned()),
+        next_attempt: if p.provision_error.is_some() && p.provision_next_at < i64::MAX / 4 {
+            format::datetime(p.provision_next_at)
+        } else {
+            String::new()
+        },
+        error: p.provision_error,
+        meter_error: p.meter_error,
+        billing_from: format::datetime(p.created_at),
+    });
+    let (period_start, _) = billing::reconcile_window(now);
+    let customers = billing::customer_billing(&state.db, &project.id, period_start, 500)
+        .await?
+        .into_iter()
+        .map(|c| {
+            let drift = c.drift_nanos.unwrap_or(0);
+            CustomerBillingView {
+                id: c.id.to_string(),
+                external_id: c.external_id,
+                stripe_customer_id: c.stripe_customer_id.unwrap_or_default(),
+                subscription: match (c.stripe_subscription_id, c.stripe_subscription_status) {
+                    (Some(id), Some(status)) => format!("{status} ({id})"),
+                    (Some(id), None) => id,
+                    _ => "none yet".to_owned(),
+                },
+                error: c.stripe_provision_error,
+                delivered: c.delivered_nanos.map(money).unwrap_or_else(|| "–".to_owned()),
+                stripe: match (c.stripe_nanos, &c.reconcile_error) {
+                    (_, Some(e)) => format!("could not be read: {e}"),
+                    (Some(v), None) => money(v),
+                    (None, None) => "not checked yet".to_owned(),
+                },
+                pending: c.pending_nanos.map(money).unwrap_or_else(|| "–".to_owned()),
+                drift: c.drift_nanos.map(money).unwrap_or_else(|| "–".to_owned()),
+                drift_nonzero: drift != 0,
+                checked: c.checked_at.map(format::datetime).unwrap_or_else(|| "never".to_owned()),
+            }
+        })
+        .collect();
     let base = state.config.public_url.trim_end_matches('/');
     Ok(BillingPage {
+        provision,
+        delivery,
+        customers,
+        period: format::date(period_start),
+        connect_available: state.config.stripe_platform_key.is_some(),
+        connect_mode: connection.as_ref().is_some_and(|c| c.mode == "connect"),
         connected_at: connection.as_ref().map(|c| format::datetime(c.updated_at)).unwrap_or_default(),
         checked_at: connection.as_ref().and_then(|c| c.last_check_at).map(format::datetime).unwrap_or_default(),
         connection,
@@ -141,6 +278,16 @@ async fn page(
         me,
         project,
     })
+}
+
+/// A lag as people read it: `42 s`, `3 min`, `2 h 5 min`.
+fn duration(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
 }
 
 /// An amount in a currency's smallest unit (Stripe's way) as text: `1234` usd → `12.34 USD`.
@@ -237,16 +384,25 @@ pub async fn check(
     me.verify_csrf(&form.csrf).await?;
     me.require(Role::Admin)?;
     let project = load_project(&state, &me, &id).await?;
-    let Some(key) = stripe::secret_key(&state.db, &state.master_key, &project.id).await.map_err(stripe_error)? else {
-        return Err(WebError::BadRequest("Connect Stripe first".to_owned()));
+    let access = stripe::access(&state.db, &state.master_key, &project.id).await.map_err(stripe_error)?;
+    let credentials = match access {
+        Some(stripe::Access::Key(key)) => Ok(Credentials { key: key.into(), account: None }),
+        Some(stripe::Access::Connect { account }) => match &state.config.stripe_platform_key {
+            Some(key) => Ok(Credentials { key: key.clone(), account: Some(account) }),
+            None => Err("this server has no Stripe platform key (TOLLGATE_STRIPE_PLATFORM_KEY)".to_owned()),
+        },
+        None => return Err(WebError::BadRequest("Connect Stripe first".to_owned())),
     };
-    let outcome = state.stripe.account(&key, None).await;
+    let outcome = match &credentials {
+        Ok(credentials) => state.stripe.account(credentials).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.clone()),
+    };
     let error = match &outcome {
         Ok(account) => {
             tracing::info!(project = %project.id, account = %account.id, "stripe connection checked");
             None
         }
-        Err(e) => Some(e.to_string()),
+        Err(e) => Some(e.clone()),
     };
     stripe::record_check(&state.db, &project.id, error.as_deref()).await.map_err(stripe_error)?;
     Ok(Redirect::to(&format!("/projects/{}/billing", project.id)).into_response())
@@ -264,5 +420,69 @@ pub async fn disconnect(
     if stripe::disconnect(&state.db, &project.id).await.map_err(stripe_error)? {
         audit::record(&state.db, me.org_id(), &me.actor(), "stripe.disconnected", &project.name, "").await?;
     }
+    Ok(Redirect::to(&format!("/projects/{}/billing", project.id)).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct ConnectAccountForm {
+    csrf: String,
+    account_id: String,
+}
+
+/// Connects through Stripe Connect: the operator's platform key acts on the tenant's account.
+/// The account must answer the platform (it is connected to it) before it is saved.
+pub async fn connect_account(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Form(form): Form<ConnectAccountForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    let Some(platform_key) = state.config.stripe_platform_key.clone() else {
+        return Err(WebError::BadRequest("Stripe Connect is not set up on this server".to_owned()));
+    };
+    let account = form.account_id.trim().to_owned();
+    let refuse = async |message: String| -> Result<Response, WebError> {
+        let page = page(&state, me.clone(), project.clone(), vec![message], false).await?;
+        Ok((StatusCode::BAD_REQUEST, page).into_response())
+    };
+    if !stripe::is_account_id(&account) {
+        return refuse("Stripe account: must be a Stripe account id (acct_…)".to_owned()).await;
+    }
+    let livemode = {
+        use secrecy::ExposeSecret;
+        stripe::key_livemode(platform_key.expose_secret()).unwrap_or(false)
+    };
+    let credentials = Credentials { key: platform_key, account: Some(account.clone()) };
+    if let Err(e) = state.stripe.account(&credentials).await {
+        return refuse(format!("Stripe account: the platform cannot act on {account}: {e}")).await;
+    }
+    match stripe::connect_with_account(&state.db, &state.master_key, &project.id, &account, livemode).await {
+        Ok(_) => {
+            let detail = format!("Connect account {account}");
+            audit::record(&state.db, me.org_id(), &me.actor(), "stripe.connected", &project.name, &detail).await?;
+            Ok(Redirect::to(&format!("/projects/{}/billing?saved=1", project.id)).into_response())
+        }
+        Err(StripeError::Invalid { reason, .. }) => refuse(format!("Stripe account: {reason}")).await,
+        Err(e) => Err(stripe_error(e)),
+    }
+}
+
+/// "Retry now": provisioning that failed, and meter events Stripe refused, are tried again.
+pub async fn retry(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    let batches = billing::retry_now(&state.db, &project.id).await?;
+    let detail = format!("{batches} refused meter events queued again");
+    audit::record(&state.db, me.org_id(), &me.actor(), "stripe.retried", &project.name, &detail).await?;
     Ok(Redirect::to(&format!("/projects/{}/billing", project.id)).into_response())
 }

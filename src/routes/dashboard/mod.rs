@@ -77,6 +77,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/billing/disconnect", post(billing::disconnect))
         .route("/projects/{id}/billing/policy", post(billing::set_policy))
         .route("/projects/{id}/billing/check", post(billing::check))
+        .route("/projects/{id}/billing/connect-account", post(billing::connect_account))
+        .route("/projects/{id}/billing/retry", post(billing::retry))
         .route("/projects/{id}/prices", get(settings::prices).post(settings::set_price))
         .route("/projects/{id}/prices/delete", post(settings::delete_price))
         .route("/projects/{id}/api", get(api_reference::page))

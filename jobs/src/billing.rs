@@ -1,0 +1,437 @@
+//! Billing through Stripe, the slow path: provisioning (a meter, a product and a metered price
+//! per project; a Stripe customer and a subscription per end-customer), delivery of the meter
+//! event outbox, and reconciliation against Stripe's meter event summaries. Each runs on an
+//! apalis-cron tick in every worker process; claims in the database (see
+//! `tollgate_core::billing`) keep replicas from doing the same work at once, and Stripe's
+//! `Idempotency-Key` makes a repeated call create nothing twice.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use secrecy::SecretString;
+use tollgate_core::billing::{self, Attempt, DueBatch, Made, ProjectBilling, StepFailure};
+use tollgate_core::crypto::MasterKey;
+use tollgate_core::db::DbError;
+use tollgate_core::stripe::{self, Access};
+use tollgate_core::time::UnixMillis;
+use tollgate_core::{Config, Db};
+
+use crate::stripe_api::{
+    Created, Credentials, EventSummary, List, Meter, StripeApi, StripeApiError, Subscription, form,
+};
+
+/// What the billing jobs need besides the database.
+#[derive(Clone)]
+pub struct BillingServices {
+    pub api: StripeApi,
+    pub master_key: MasterKey,
+    /// The operator's platform key, for projects connected through Stripe Connect.
+    pub platform_key: Option<SecretString>,
+    pub reconcile_interval: Duration,
+}
+
+impl BillingServices {
+    pub fn new(config: &Config, master_key: MasterKey, http: reqwest::Client) -> Self {
+        Self {
+            api: StripeApi::new(http, &config.stripe_api_base),
+            master_key,
+            platform_key: config.stripe_platform_key.clone(),
+            reconcile_interval: config.stripe_reconcile_interval,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Stripe(#[from] stripe::StripeError),
+}
+
+/// How Tollgate acts on the project's Stripe account; the error is shown to the tenant.
+async fn credentials(
+    db: &Db,
+    services: &BillingServices,
+    project: &tollgate_core::ids::ProjectId,
+) -> Result<Result<Credentials, String>, BillingError> {
+    Ok(match stripe::access(db, &services.master_key, project).await? {
+        Some(Access::Key(key)) => Ok(Credentials { key: SecretString::from(key), account: None }),
+        Some(Access::Connect { account }) => match &services.platform_key {
+            Some(key) => Ok(Credentials { key: key.clone(), account: Some(account) }),
+            None => Err("this server has no Stripe platform key (TOLLGATE_STRIPE_PLATFORM_KEY) for Connect".to_owned()),
+        },
+        None => Err("Stripe is not connected".to_owned()),
+    })
+}
+
+fn step_failure(what: &str, error: &StripeApiError, attempts: i64) -> StepFailure {
+    StepFailure {
+        message: format!("{what}: {error}"),
+        retry_in_ms: error.is_retryable().then(|| billing::provision_backoff_ms(attempts)),
+    }
+}
+
+/// What one provisioning run did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ProvisionReport {
+    pub projects: usize,
+    pub customers: usize,
+    pub failures: usize,
+}
+
+/// Provisions what is missing: each claimed project's meter, product and price, then the
+/// Stripe customers and subscriptions of the end-customers that need them.
+pub async fn provision(db: &Db, services: &BillingServices) -> Result<ProvisionReport, BillingError> {
+    let mut report = ProvisionReport::default();
+    for project in billing::claim_projects_to_provision(db, UnixMillis::now(), 20).await? {
+        let outcome = match credentials(db, services, &project.project_id).await? {
+            Ok(credentials) => provision_project(db, &services.api, &credentials, &project).await?,
+            Err(message) => Err(StepFailure { message, retry_in_ms: None }),
+        };
+        report.projects += 1;
+        if let Err(failure) = &outcome {
+            report.failures += 1;
+            tracing::warn!(project = %project.project_id, error = %failure.message, "stripe provisioning failed");
+        }
+        billing::record_project_outcome(db, &project.project_id, outcome.err().as_ref()).await?;
+    }
+    for project in billing::provisioned_projects(db).await? {
+        let customers = billing::claim_customers_to_provision(db, &project, UnixMillis::now(), 50).await?;
+        if customers.is_empty() {
+            continue;
+        }
+        let credentials = match credentials(db, services, &project.project_id).await? {
+            Ok(credentials) => credentials,
+            Err(message) => {
+                for customer in &customers {
+                    billing::record_customer_failure(
+                        db,
+                        &customer.id,
+                        &StepFailure { message: message.clone(), retry_in_ms: None },
+                    )
+                    .await?;
+                }
+                continue;
+            }
+        };
+        for customer in customers {
+            report.customers += 1;
+            if let Err(failure) = provision_customer(db, &services.api, &credentials, &project, &customer).await? {
+                report.failures += 1;
+                tracing::warn!(customer = %customer.id, error = %failure.message, "stripe customer provisioning failed");
+                billing::record_customer_failure(db, &customer.id, &failure).await?;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Minor units of the currency per nano-unit, as Stripe's `unit_amount_decimal` (at most 12
+/// decimals): the meter counts nano-units of the project's currency.
+pub fn unit_amount_decimal(currency: &str) -> &'static str {
+    const ZERO_DECIMAL: &[&str] = &[
+        "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf",
+    ];
+    const THREE_DECIMAL: &[&str] = &["bhd", "jod", "kwd", "omr", "tnd"];
+    let currency = currency.to_ascii_lowercase();
+    if ZERO_DECIMAL.contains(&currency.as_str()) {
+        "0.000000001"
+    } else if THREE_DECIMAL.contains(&currency.as_str()) {
+        "0.000001"
+    } else {
+        "0.0000001"
+    }
+}
+
+async fn provision_project(
+    db: &Db,
+    api: &StripeApi,
+    credentials: &Credentials,
+    project: &ProjectBilling,
+) -> Result<Result<(), StepFailure>, BillingError> {
+    let id = project.project_id.as_str();
+    let attempts = project.provision_attempts;
+    // Keys are per connection (its creation time), so connecting again provisions afresh.
+    let key = |what: &str| format!("tollgate-{what}-{id}-{}", project.billing_from);
+    let event_name = project.event_name();
+    let meter_id = match &project.meter_id {
+        Some(meter) => meter.clone(),
+        None => {
+            // A meter made by an earlier connection of this project is found by its event name.
+            let query = [("status", "active".to_owned()), ("limit", "100".to_owned())];
+            let existing = match api.get::<List<Meter>>(credentials, "/billing/meters", &query).await {
+                Ok(list) => list.data.into_iter().find(|m| m.event_name == event_name),
+                Err(e) => return Ok(Err(step_failure("listing meters", &e, attempts))),
+            };
+            let meter = match existing {
+                Some(meter) => meter,
+                None => {
+                    let body = form([
+                        ("display_name", format!("{} LLM usage (Tollgate)", project.project_name)),
+                        ("event_name", event_name.clone()),
+                        ("default_aggregation[formula]", "sum".to_owned()),
+                        ("customer_mapping[type]", "by_id".to_owned()),
+                        ("customer_mapping[event_payload_key]", "stripe_customer_id".to_owned()),
+                        ("value_settings[event_payload_key]", "value".to_owned()),
+                    ]);
+                    match api.post::<Meter>(credentials, "/billing/meters", &body, &key("meter")).await {
+                        Ok(meter) => meter,
+                        Err(e) => return Ok(Err(step_failure("creating the meter", &e, attempts))),
+                    }
+                }
+            };
+            billing::record_made(db, &project.project_id, Made::Meter { id: &meter.id, event_name: &meter.event_name })
+                .await?;
+            meter.id
+        }
+    };
+    let product_id = match &project.product_id {
+        Some(product) => product.clone(),
+        None => {
+            let body = form([
+                ("name", format!("{} LLM usage", project.project_name)),
+                ("metadata[tollgate_project]", id.to_owned()),
+            ]);
+            match api.post::<Created>(credentials, "/products", &body, &key("product")).await {
+                Ok(product) => {
+                    billing::record_made(db, &project.project_id, Made::Product(&product.id)).await?;
+                    product.id
+                }
+                Err(e) => return Ok(Err(step_failure("creating the product", &e, attempts))),
+            }
+        }
+    };
+    if project.price_id.is_none() {
+        let body = form([
+            ("currency", project.currency.to_ascii_lowercase()),
+            ("product", product_id),
+            ("unit_amount_decimal", unit_amount_decimal(&project.currency).to_owned()),
+            ("billing_scheme", "per_unit".to_owned()),
+            ("recurring[interval]", "month".to_owned()),
+            ("recurring[usage_type]", "metered".to_owned()),
+            ("recurring[meter]", meter_id.clone()),
+            ("nickname", "LLM usage, per nano-unit of the currency".to_owned()),
+            ("metadata[tollgate_project]", id.to_owned()),
+        ]);
+        match api.post::<Created>(credentials, "/prices", &body, &key(&format!("price-{meter_id}"))).await {
+            Ok(price) => billing::record_made(db, &project.project_id, Made::Price(&price.id)).await?,
+            Err(e) => return Ok(Err(step_failure("creating the metered price", &e, attempts))),
+        }
+    }
+    Ok(Ok(()))
+}
+
+async fn provision_customer(
+    db: &Db,
+    api: &StripeApi,
+    credentials: &Credentials,
+    project: &ProjectBilling,
+    customer: &billing::CustomerToProvision,
+) -> Result<Result<(), StepFailure>, BillingError> {
+    let attempts = customer.stripe_provision_attempts;
+    let Some(price) = &project.price_id else { return Ok(Ok(())) };
+    let stripe_customer = match &customer.stripe_customer_id {
+        Some(id) => id.clone(),
+        None => {
+            let mut body = form([
+                ("name", customer.external_id.clone()),
+                ("metadata[tollgate_customer]", customer.id.to_string()),
+                ("metadata[tollgate_external_id]", customer.external_id.clone()),
+                ("metadata[tollgate_project]", project.project_id.to_string()),
+            ]);
+            if let Some(email) = &customer.email {
+                body.push(("email".to_owned(), email.clone()));
+            }
+            let key = format!("tollgate-customer-{}", customer.id);
+            match api.post::<Created>(credentials, "/customers", &body, &key).await {
+                Ok(made) => {
+                    billing::record_stripe_customer(db, &customer.id, &made.id).await?;
+                    made.id
+                }
+                Err(e) => return Ok(Err(step_failure("creating the Stripe customer", &e, attempts))),
+            }
+        }
+    };
+    if customer.stripe_subscription_id.is_none() {
+        let body = form([
+            ("customer", stripe_customer),
+            ("items[0][price]", price.clone()),
+            ("metadata[tollgate_customer]", customer.id.to_string()),
+            ("metadata[tollgate_project]", project.project_id.to_string()),
+        ]);
+        let key = format!("tollgate-subscription-{}-{price}", customer.id);
+        match api.post::<Subscription>(credentials, "/subscriptions", &body, &key).await {
+            Ok(subscription) => {
+                billing::record_subscription(db, &customer.id, &subscription.id, &subscription.status).await?
+            }
+            Err(e) => return Ok(Err(step_failure("creating the subscription", &e, attempts))),
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// What one delivery run did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryReport {
+    pub batches_formed: usize,
+    pub delivered: usize,
+    pub retrying: usize,
+    pub failed: usize,
+}
+
+/// Meter events sent side by side per project (Stripe allows about 1,000 calls a second).
+const DELIVERY_CONCURRENCY: usize = 8;
+/// The most batches one run sends per project, so one project cannot hold the others up.
+const DELIVERIES_PER_RUN: usize = 2_000;
+
+/// Forms batches from the outbox and sends those due, per provisioned project.
+pub async fn deliver(db: &Db, services: &BillingServices) -> Result<DeliveryReport, BillingError> {
+    let mut report = DeliveryReport::default();
+    for project in billing::provisioned_projects(db).await? {
+        report.batches_formed += billing::form_batches(db, &project, 1_000).await?;
+        let Ok(credentials) = credentials(db, services, &project.project_id).await? else { continue };
+        let mut sent = 0;
+        'project: while sent < DELIVERIES_PER_RUN {
+            let batches = billing::claim_due_batches(db, &project.project_id, UnixMillis::now(), 100).await?;
+            if batches.is_empty() {
+                break;
+            }
+            sent += batches.len();
+            let attempts: Vec<(DueBatch, Attempt)> = futures::stream::iter(batches)
+                .map(|batch| {
+                    let credentials = &credentials;
+                    async move {
+                        let attempt = send(&services.api, credentials, &batch).await;
+                        (batch, attempt)
+                    }
+                })
+                .buffer_unordered(DELIVERY_CONCURRENCY)
+                .collect()
+                .await;
+            let mut slow_down = false;
+            for (batch, attempt) in attempts {
+                billing::record_attempt(db, &batch.id, &attempt).await?;
+                match &attempt {
+                    Attempt::Delivered => report.delivered += 1,
+                    Attempt::Retry { error, .. } => {
+                        report.retrying += 1;
+                        slow_down = true;
+                        tracing::info!(batch = %batch.id, %error, "meter event will be retried");
+                    }
+                    Attempt::Failed { error } => {
+                        report.failed += 1;
+                        tracing::warn!(batch = %batch.id, %error, "meter event refused by Stripe");
+                    }
+                }
+            }
+            if slow_down {
+                // Rate limited or Stripe unavailable: the rest waits for the next run.
+                break 'project;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Whether Stripe refused a meter event because it already has one with that identifier.
+fn is_duplicate_identifier(error: &StripeApiError) -> bool {
+    match error {
+        StripeApiError::Api { status: 400, code, message, .. } => {
+            let message = message.to_ascii_lowercase();
+            code.as_deref() == Some("resource_already_exists")
+                || (message.contains("identifier") && (message.contains("already") || message.contains("duplicate")))
+        }
+        _ => false,
+    }
+}
+
+/// One attempt at sending a batch as a meter event.
+pub async fn send(api: &StripeApi, credentials: &Credentials, batch: &DueBatch) -> Attempt {
+    let now = UnixMillis::now().0;
+    if now - batch.last_at > billing::MAX_EVENT_AGE_MS {
+        return Attempt::Failed {
+            error: "older than the 35 days Stripe accepts meter events for; bill it by hand".to_owned(),
+        };
+    }
+    let body = form([
+        ("event_name", batch.event_name.clone()),
+        ("payload[stripe_customer_id]", batch.stripe_customer_id.clone()),
+        ("payload[value]", batch.value_nanos.to_string()),
+        ("identifier", batch.id.to_string()),
+        ("timestamp", batch.timestamp().to_string()),
+    ]);
+    match api.post::<serde_json::Value>(credentials, "/billing/meter_events", &body, batch.id.as_str()).await {
+        Ok(_) => Attempt::Delivered,
+        Err(e) if is_duplicate_identifier(&e) => Attempt::Delivered,
+        Err(e) if e.is_retryable() => {
+            let retry_after = match &e {
+                StripeApiError::Api { retry_after: Some(seconds), .. } => (*seconds as i64).saturating_mul(1000),
+                _ => 0,
+            };
+            let wait = billing::delivery_backoff_ms(batch.attempts - 1).max(retry_after);
+            Attempt::Retry { error: e.to_string(), next_at: now + wait }
+        }
+        Err(e) => Attempt::Failed { error: e.to_string() },
+    }
+}
+
+/// Compares, per billed customer, what Tollgate delivered this month with Stripe's meter
+/// event summary for the same window, and records the drift. Returns how many were checked.
+pub async fn reconcile(db: &Db, services: &BillingServices) -> Result<usize, BillingError> {
+    let window = billing::reconcile_window(UnixMillis::now());
+    let mut checked = 0;
+    for project in billing::provisioned_projects(db).await? {
+        let Some(meter) = &project.meter_id else { continue };
+        let Ok(credentials) = credentials(db, services, &project.project_id).await? else { continue };
+        for customer in billing::billed_customers(db, &project.project_id, window.0, window.1).await? {
+            let query = [
+                ("customer", customer.stripe_customer_id.clone()),
+                ("start_time", (window.0 / 1000).to_string()),
+                ("end_time", (window.1 / 1000).to_string()),
+                ("limit", "100".to_owned()),
+            ];
+            let path = format!("/billing/meters/{meter}/event_summaries");
+            let stripe_total = match services.api.get::<List<EventSummary>>(&credentials, &path, &query).await {
+                Ok(list) if list.has_more => Err("Stripe returned more summaries than one page".to_owned()),
+                Ok(list) => list
+                    .data
+                    .iter()
+                    .try_fold(0_i64, |sum, s| s.value().and_then(|v| sum.checked_add(v)))
+                    .ok_or_else(|| "Stripe's summary is not a whole number of nano-units".to_owned()),
+                Err(e) => Err(e.to_string()),
+            };
+            billing::record_reconciliation(db, &project.project_id, &customer, window, stripe_total).await?;
+            checked += 1;
+        }
+    }
+    Ok(checked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_price_is_one_nano_unit_in_the_currency_minor_unit() {
+        assert_eq!(unit_amount_decimal("usd"), "0.0000001");
+        assert_eq!(unit_amount_decimal("JPY"), "0.000000001");
+        assert_eq!(unit_amount_decimal("kwd"), "0.000001");
+    }
+
+    #[test]
+    fn a_duplicate_identifier_counts_as_delivered() {
+        let api = |status, code: Option<&str>, message: &str| StripeApiError::Api {
+            status,
+            kind: Some("invalid_request_error".into()),
+            code: code.map(str::to_owned),
+            message: message.into(),
+            retry_after: None,
+            should_retry: None,
+        };
+        assert!(is_duplicate_identifier(&api(400, Some("resource_already_exists"), "exists")));
+        assert!(is_duplicate_identifier(&api(400, None, "An event with identifier mtb_1 already exists.")));
+        assert!(!is_duplicate_identifier(&api(400, None, "No such customer: cus_1")));
+        assert!(!is_duplicate_identifier(&api(429, Some("rate_limit"), "Too many requests")));
+    }
+}
