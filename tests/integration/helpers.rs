@@ -150,6 +150,8 @@ impl TestDatabase {
             ("TOLLGATE_MASTER_KEY".to_owned(), self.master_key.clone()),
             ("TOLLGATE_SHUTDOWN_GRACE_SECONDS".to_owned(), "5".to_owned()),
             ("TOLLGATE_WORKERS".to_owned(), "false".to_owned()),
+            // No test reaches the real Stripe: a closed port unless a test brings the fake.
+            ("TOLLGATE_STRIPE_API_BASE".to_owned(), "http://127.0.0.1:9".to_owned()),
             // A test machine's disk need not survive power loss.
             ("TOLLGATE_SQLITE_SYNCHRONOUS".to_owned(), "normal".to_owned()),
         ])
