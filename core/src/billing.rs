@@ -586,6 +586,23 @@ pub async fn customer_billing(
         .fetch_all(pool).await)?)
 }
 
+/// One customer's Stripe side, for their page.
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct CustomerStripe {
+    pub stripe_customer_id: Option<String>,
+    pub stripe_subscription_id: Option<String>,
+    pub stripe_subscription_status: Option<String>,
+    pub stripe_provision_error: Option<String>,
+}
+
+pub async fn customer_stripe(db: &Db, project: &ProjectId, customer: &CustomerId) -> Result<CustomerStripe, DbError> {
+    const SQL: &str = "SELECT stripe_customer_id, stripe_subscription_id, stripe_subscription_status, \
+        stripe_provision_error FROM customers WHERE id = $1 AND project_id = $2";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, CustomerStripe>(SQL).bind(customer).bind(project)
+        .fetch_optional(pool).await)?
+    .unwrap_or_default())
+}
+
 /// What the billing page shows of provisioning.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ProvisionStatus {

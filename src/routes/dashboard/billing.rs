@@ -47,13 +47,13 @@ pub struct ConnectForm {
 }
 
 pub struct InvoiceView {
-    number: String,
-    customer_id: Option<String>,
-    customer: String,
-    amount: String,
-    status: String,
-    url: Option<String>,
-    updated: String,
+    pub number: String,
+    pub customer_id: Option<String>,
+    pub customer: String,
+    pub amount: String,
+    pub status: String,
+    pub url: Option<String>,
+    pub updated: String,
 }
 
 pub struct DeliveryView {
@@ -134,7 +134,7 @@ pub struct ShowQuery {
     saved: Option<String>,
 }
 
-fn stripe_error(e: StripeError) -> WebError {
+pub(super) fn stripe_error(e: StripeError) -> WebError {
     match e {
         StripeError::Invalid { field, reason } => WebError::BadRequest(format!("{field}: {reason}")),
         StripeError::Secret => {
@@ -167,21 +167,7 @@ async fn page(
             processed: processed.map(format::datetime).unwrap_or_else(|| "waiting".to_owned()),
         })
         .collect();
-    let invoices = stripe::invoices(&state.db, &project.id, None, 100)
-        .await
-        .map_err(stripe_error)?
-        .into_iter()
-        .map(|i| InvoiceView {
-            number: i.number.unwrap_or_else(|| "(draft)".to_owned()),
-            customer_id: i.customer_id.map(|c| c.to_string()),
-            customer: i.customer_external_id.unwrap_or(i.stripe_customer_id),
-            amount: minor_units(i.amount_due, &i.currency),
-            status: if i.payment_failed { "payment failed".to_owned() } else { i.status },
-            // Only Stripe's own https links become links.
-            url: i.hosted_invoice_url.filter(|u| u.starts_with("https://")),
-            updated: format::datetime(i.state_at.saturating_mul(1000)),
-        })
-        .collect();
+    let invoices = invoice_views(state, &project, None).await?;
     let currency = project.currency.clone();
     let money = |nanos: i64| format::money(nanos, &currency);
     let now = UnixMillis::now();
@@ -278,6 +264,29 @@ async fn page(
         me,
         project,
     })
+}
+
+/// The project's invoices (one customer's if given), newest first, for pages.
+pub(super) async fn invoice_views(
+    state: &AppState,
+    project: &Project,
+    customer: Option<&tollgate_core::ids::CustomerId>,
+) -> Result<Vec<InvoiceView>, WebError> {
+    Ok(stripe::invoices(&state.db, &project.id, customer, 100)
+        .await
+        .map_err(stripe_error)?
+        .into_iter()
+        .map(|i| InvoiceView {
+            number: i.number.unwrap_or_else(|| "(draft)".to_owned()),
+            customer_id: i.customer_id.map(|c| c.to_string()),
+            customer: i.customer_external_id.unwrap_or(i.stripe_customer_id),
+            amount: minor_units(i.amount_due, &i.currency),
+            status: if i.payment_failed { "payment failed".to_owned() } else { i.status },
+            // Only Stripe's own https links become links.
+            url: i.hosted_invoice_url.filter(|u| u.starts_with("https://")),
+            updated: format::datetime(i.state_at.saturating_mul(1000)),
+        })
+        .collect())
 }
 
 /// A lag as people read it: `42 s`, `3 min`, `2 h 5 min`.

@@ -255,6 +255,9 @@ pub struct CustomerPage {
     calls: Vec<CallView>,
     form: CustomerForm,
     errors: Vec<String>,
+    stripe: tollgate_core::billing::CustomerStripe,
+    stripe_connected: bool,
+    invoices: Vec<super::billing::InvoiceView>,
 }
 
 async fn load_customer(state: &AppState, project: &Project, id: &str) -> Result<CustomerRow, WebError> {
@@ -285,7 +288,16 @@ pub async fn show(
         .collect();
     let calls = call_views(usage::recent_calls(&state.db, &project.id, Some(&customer.id), 50).await?, &currency);
     let lifetime = customer.budget_period == "lifetime";
+    let stripe = tollgate_core::billing::customer_stripe(&state.db, &project.id, &customer.id).await?;
+    let stripe_connected = tollgate_core::stripe::connection(&state.db, &project.id)
+        .await
+        .map_err(super::billing::stripe_error)?
+        .is_some();
+    let invoices = super::billing::invoice_views(&state, &project, Some(&customer.id)).await?;
     Ok(CustomerPage {
+        stripe,
+        stripe_connected,
+        invoices,
         spent: format::money(customer.spent_nanos, &currency),
         budget: format::money(customer.budget_nanos, &currency),
         remaining: format::money(customer.remaining().0, &currency),
@@ -337,4 +349,44 @@ pub async fn unblock(
     Form(form): Form<CsrfForm>,
 ) -> Result<Redirect, WebError> {
     set_blocked(state, me, id, customer_id, form.csrf, false).await
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub struct LinkStripeForm {
+    csrf: String,
+    stripe_customer_id: String,
+}
+
+/// Bills the customer through an existing Stripe customer (`cus_…`) instead of one Tollgate
+/// would make; provisioning then subscribes it to the project's metered price.
+pub async fn link_stripe(
+    State(state): State<AppState>,
+    me: Member,
+    Path((id, customer_id)): Path<(String, String)>,
+    Form(form): Form<LinkStripeForm>,
+) -> Result<axum::response::Response, WebError> {
+    use axum::response::IntoResponse;
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    let customer = load_customer(&state, &project, &customer_id).await?;
+    let current = tollgate_core::billing::customer_stripe(&state.db, &project.id, &customer.id).await?;
+    if current.stripe_customer_id.is_some() {
+        return Err(WebError::BadRequest("this customer is already billed through a Stripe customer".to_owned()));
+    }
+    match tollgate_core::stripe::link_customer(&state.db, &project.id, &customer.id, &form.stripe_customer_id).await {
+        Ok(_) => {
+            let detail = format!("{} linked to {}", customer.external_id, form.stripe_customer_id.trim());
+            audit::record(&state.db, me.org_id(), &me.actor(), "customer.stripe_linked", &project.name, &detail)
+                .await?;
+            Ok(Redirect::to(&format!("/projects/{}/customers/{}", project.id, customer.id)).into_response())
+        }
+        Err(tollgate_core::stripe::StripeError::Invalid { field: _, reason }) => {
+            let mut page = show(State(state.clone()), me, Path((id, customer_id))).await?;
+            page.errors = vec![format!("Stripe customer: {reason}")];
+            Ok((axum::http::StatusCode::BAD_REQUEST, page).into_response())
+        }
+        Err(e) => Err(super::billing::stripe_error(e)),
+    }
 }

@@ -69,6 +69,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/customers/{customer_id}", get(customers::show))
         .route("/projects/{id}/customers/{customer_id}/block", post(customers::block))
         .route("/projects/{id}/customers/{customer_id}/unblock", post(customers::unblock))
+        .route("/projects/{id}/customers/{customer_id}/stripe", post(customers::link_stripe))
         .route("/projects/{id}/settings", get(settings::show).post(settings::save))
         .route("/projects/{id}/delete", post(settings::delete))
         .route("/projects/{id}/alerts", get(alerts::show).post(alerts::save))
