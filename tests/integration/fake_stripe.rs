@@ -1,18 +1,32 @@
 //! A stand-in for Stripe's API over real HTTP, answering as Stripe does for the endpoints
-//! Tollgate calls: keys are checked (401 with Stripe's error body otherwise), `Stripe-Account`
-//! picks the connected account, and every request is recorded for the test to inspect.
-//! It grows with the billing work (meters, meter events, customers, subscriptions).
+//! Tollgate calls, with Stripe's documented rules:
+//!
+//! - keys are checked (401 with Stripe's error body); a platform key acts on its connected
+//!   accounts with `Stripe-Account` (403 for any other), and every object lives in the account
+//!   it was made on;
+//! - form bodies in Stripe's bracket notation; `Idempotency-Key` replays a successful answer
+//!   (`Idempotent-Replayed: true`) and refuses the key with other parameters;
+//! - meters (event names unique), products, metered prices tied to a meter, customers,
+//!   subscriptions; meter events refused for an unknown meter or customer, a timestamp more than
+//!   35 days old or 5 minutes ahead, or an identifier already used (deduplicated); meter event
+//!   summaries summing what was accepted, with minute-aligned bounds;
+//! - faults on demand: 429 rate limits and other statuses for the next meter events, going down
+//!   (connections refused) and coming back on the same port with the same state;
+//! - signed webhook events sent to a URL, as Stripe sends them.
+//!
+//! Every request is recorded for the test to inspect.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use serde_json::json;
+use axum::routing::{get, post};
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
 
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
@@ -21,24 +35,80 @@ pub struct SeenRequest {
     pub path: String,
     pub key: Option<String>,
     pub account: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub form: Vec<(String, String)>,
+}
+
+/// A meter event as the fake received it.
+#[derive(Debug, Clone)]
+pub struct MeterEvent {
+    pub identifier: String,
+    pub event_name: String,
+    pub stripe_customer_id: String,
+    pub value: i64,
+    pub timestamp: i64,
+}
+
+#[derive(Default)]
+struct Account {
+    meters: Vec<Value>,
+    products: Vec<Value>,
+    prices: Vec<Value>,
+    customers: Vec<Value>,
+    subscriptions: Vec<Value>,
+    /// Accepted meter events.
+    meter_events: Vec<MeterEvent>,
+    /// Every meter event POST, accepted or not.
+    meter_event_attempts: Vec<MeterEvent>,
+}
+
+struct Saved {
+    path: String,
+    form: Vec<(String, String)>,
+    status: StatusCode,
+    body: Value,
 }
 
 #[derive(Default)]
 struct Inner {
-    /// Key → the account it belongs to.
+    /// Key → its own account.
     keys: HashMap<String, String>,
+    /// Platform key → the accounts connected to the platform.
+    connected: HashMap<String, HashSet<String>>,
+    accounts: HashMap<String, Account>,
+    idempotency: HashMap<(String, String), Saved>,
     seen: Vec<SeenRequest>,
+    rate_limited: usize,
+    failing: Option<(usize, u16)>,
+    next_id: u64,
 }
 
-#[derive(Clone)]
+impl Inner {
+    fn id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}_fake{:08}", self.next_id)
+    }
+}
+
+type Shared = Arc<Mutex<Inner>>;
+
+/// The fake Stripe server.
 pub struct FakeStripe {
     pub addr: SocketAddr,
-    inner: Arc<Mutex<Inner>>,
-    server: Arc<tokio::task::JoinHandle<()>>,
+    inner: Shared,
+    running: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
 }
 
-fn stripe_error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (status, Json(json!({ "error": { "type": kind, "message": message } }))).into_response()
+fn stripe_error(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> (StatusCode, Value) {
+    let mut error = json!({ "type": kind, "message": message });
+    if let Some(code) = code {
+        error["code"] = json!(code);
+    }
+    (status, json!({ "error": error }))
+}
+
+fn now() -> i64 {
+    tollgate_core::time::UnixMillis::now().0 / 1000
 }
 
 impl FakeStripe {
@@ -46,60 +116,692 @@ impl FakeStripe {
     pub async fn start(keys: &[(&str, &str)]) -> anyhow::Result<Self> {
         let inner = Arc::new(Mutex::new(Inner {
             keys: keys.iter().map(|(k, a)| ((*k).to_owned(), (*a).to_owned())).collect(),
-            seen: Vec::new(),
+            ..Inner::default()
         }));
-        let app = axum::Router::new().route("/v1/account", get(account)).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let fake = Self { addr, inner, running: Mutex::new(None) };
+        fake.serve(listener);
+        Ok(fake)
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let app = axum::Router::new()
+            .route("/v1/account", get(account))
+            .route("/v1/billing/meters", post(create_meter).get(list_meters))
+            .route("/v1/billing/meters/{id}", get(get_meter))
+            .route("/v1/billing/meters/{id}/event_summaries", get(event_summaries))
+            .route("/v1/billing/meter_events", post(create_meter_event))
+            .route("/v1/products", post(create_product))
+            .route("/v1/prices", post(create_price))
+            .route("/v1/customers", post(create_customer))
+            .route("/v1/customers/{id}", get(get_customer))
+            .route("/v1/subscriptions", post(create_subscription))
+            .route("/v1/subscriptions/{id}", get(get_subscription))
+            .with_state(self.inner.clone());
+        let stop = CancellationToken::new();
+        let signal = stop.clone().cancelled_owned();
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(listener, app).with_graceful_shutdown(signal).await;
         });
-        Ok(Self { addr, inner, server: Arc::new(server) })
+        *self.running.lock().unwrap() = Some((stop, server));
     }
 
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
+    /// Makes `key` a platform key (of account `platform`), for Stripe Connect.
+    pub fn add_platform_key(&self, key: &str, platform: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.keys.insert(key.to_owned(), platform.to_owned());
+        inner.connected.entry(key.to_owned()).or_default();
+    }
+
+    /// Connects `account` to the platform whose key is `platform_key`.
+    pub fn add_connected_account(&self, platform_key: &str, account: &str) {
+        self.inner.lock().unwrap().connected.entry(platform_key.to_owned()).or_default().insert(account.to_owned());
+    }
+
     pub fn seen(&self) -> Vec<SeenRequest> {
         self.inner.lock().unwrap().seen.clone()
     }
 
-    /// Stops answering (connections are refused), as when Stripe is unreachable.
+    /// Meter events accepted on `account`.
+    pub fn meter_events(&self, account: &str) -> Vec<MeterEvent> {
+        self.inner.lock().unwrap().accounts.get(account).map(|a| a.meter_events.clone()).unwrap_or_default()
+    }
+
+    /// Every meter event sent to `account`, accepted or refused.
+    pub fn meter_event_attempts(&self, account: &str) -> Vec<MeterEvent> {
+        self.inner.lock().unwrap().accounts.get(account).map(|a| a.meter_event_attempts.clone()).unwrap_or_default()
+    }
+
+    fn objects(&self, account: &str, pick: fn(&Account) -> &Vec<Value>) -> Vec<Value> {
+        self.inner.lock().unwrap().accounts.get(account).map(|a| pick(a).clone()).unwrap_or_default()
+    }
+
+    pub fn meters(&self, account: &str) -> Vec<Value> {
+        self.objects(account, |a| &a.meters)
+    }
+
+    pub fn prices(&self, account: &str) -> Vec<Value> {
+        self.objects(account, |a| &a.prices)
+    }
+
+    pub fn customers(&self, account: &str) -> Vec<Value> {
+        self.objects(account, |a| &a.customers)
+    }
+
+    pub fn subscriptions(&self, account: &str) -> Vec<Value> {
+        self.objects(account, |a| &a.subscriptions)
+    }
+
+    /// The next `n` meter events are refused with 429, as when over Stripe's rate limit.
+    pub fn set_rate_limit(&self, n: usize) {
+        self.inner.lock().unwrap().rate_limited = n;
+    }
+
+    /// The next `n` meter events are answered with `status` (5xx: Stripe's API error; 4xx: an
+    /// invalid request).
+    pub fn fail_next(&self, n: usize, status: u16) {
+        self.inner.lock().unwrap().failing = Some((n, status));
+    }
+
+    /// Forgets the idempotency keys (Stripe keeps them 24 hours), so that only the meter
+    /// event identifiers' deduplication stands between a resend and a double count.
+    pub fn forget_idempotency_keys(&self) {
+        self.inner.lock().unwrap().idempotency.clear();
+    }
+
+    /// Stops answering: open connections are closed and new ones refused.
+    pub async fn go_down(&self) -> anyhow::Result<()> {
+        let running = self.running.lock().unwrap().take();
+        if let Some((stop, server)) = running {
+            stop.cancel();
+            server.await?;
+        }
+        Ok(())
+    }
+
+    /// Answers again, on the same port, with the same state.
+    pub async fn come_back(&self) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.addr).await?;
+        self.serve(listener);
+        Ok(())
+    }
+
+    /// Stops answering for good (connections are refused), as when Stripe is unreachable.
     pub fn stop(&self) {
-        self.server.abort();
+        if let Some((stop, server)) = self.running.lock().unwrap().take() {
+            stop.cancel();
+            server.abort();
+        }
+    }
+
+    /// An invoice of `customer` on `account`, as Stripe's `invoice` object.
+    pub fn make_invoice(&self, account: &str, customer: &str, status: &str, amount_due: i64) -> Value {
+        let id = self.inner.lock().unwrap().id("in");
+        let paid = if status == "paid" { amount_due } else { 0 };
+        json!({
+            "id": id, "object": "invoice", "account_name": account, "customer": customer, "status": status,
+            "number": format!("FAKE-{}", &id[id.len() - 4..]), "currency": "usd", "amount_due": amount_due,
+            "amount_paid": paid, "amount_remaining": amount_due - paid, "livemode": false, "created": now(),
+            "hosted_invoice_url": format!("https://invoice.stripe.com/i/{id}"),
+        })
+    }
+
+    /// Sends `object` as a `kind` event (on `account`, for Connect) to `url`, signed with
+    /// `secret` as Stripe signs; returns the answer's status and body.
+    pub async fn send_event(
+        &self,
+        url: &str,
+        secret: &str,
+        kind: &str,
+        object: Value,
+        account: Option<&str>,
+    ) -> anyhow::Result<(StatusCode, String)> {
+        let id = self.inner.lock().unwrap().id("evt");
+        let mut event = json!({
+            "id": id, "object": "event", "type": kind, "created": now(), "livemode": false,
+            "api_version": "2026-09-30.endive", "pending_webhooks": 1,
+            "request": {"id": null, "idempotency_key": null}, "data": {"object": object},
+        });
+        if let Some(account) = account {
+            event["account"] = json!(account);
+        }
+        let body = event.to_string();
+        let signature = tollgate_core::signature::header(secret, now(), body.as_bytes());
+        let response = reqwest::Client::new()
+            .post(url)
+            .header("stripe-signature", signature)
+            .header("content-type", "application/json; charset=utf-8")
+            .body(body)
+            .send()
+            .await?;
+        Ok((response.status(), response.text().await?))
     }
 }
 
-/// Who is calling: the key's account, or the message of Stripe's 401.
-fn authenticate(inner: &Mutex<Inner>, method: &str, path: &str, headers: &HeaderMap) -> Result<String, String> {
-    let key = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    let account = headers.get("stripe-account").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let mut inner = inner.lock().unwrap();
-    inner.seen.push(SeenRequest {
-        method: method.into(),
-        path: path.into(),
-        key: key.clone(),
-        account: account.clone(),
-    });
-    let Some(own) = key.as_ref().and_then(|k| inner.keys.get(k)).cloned() else {
-        let shown = key.as_deref().map(|k| format!("{}***", k.chars().take(8).collect::<String>())).unwrap_or_default();
-        return Err(format!("Invalid API Key provided: {shown}"));
+/// Stripe's bracket notation (`a[b][0][c]=v`) as JSON; numeric keys make arrays.
+fn nest(form: &[(String, String)]) -> Value {
+    let mut root = Map::new();
+    for (name, value) in form {
+        let mut parts: Vec<String> = Vec::new();
+        let (head, rest) = name.split_once('[').map_or((name.as_str(), ""), |(h, r)| (h, r));
+        parts.push(head.to_owned());
+        for part in rest.split('[').filter(|p| !p.is_empty()) {
+            parts.push(part.trim_end_matches(']').to_owned());
+        }
+        let mut node = &mut root;
+        for (i, part) in parts.iter().enumerate() {
+            if i == parts.len() - 1 {
+                node.insert(part.clone(), Value::String(value.clone()));
+            } else {
+                let child = node.entry(part.clone()).or_insert_with(|| Value::Object(Map::new()));
+                node = child.as_object_mut().expect("a form name used as both value and object");
+            }
+        }
+    }
+    arrays(Value::Object(root))
+}
+
+fn arrays(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let numeric = !map.is_empty() && map.keys().all(|k| k.parse::<usize>().is_ok());
+            if numeric {
+                let sorted: BTreeMap<usize, Value> =
+                    map.into_iter().map(|(k, v)| (k.parse().unwrap_or(0), arrays(v))).collect();
+                Value::Array(sorted.into_values().collect())
+            } else {
+                Value::Object(map.into_iter().map(|(k, v)| (k, arrays(v))).collect())
+            }
+        }
+        other => other,
+    }
+}
+
+/// The caller, checked as Stripe checks it: the account it acts on, or Stripe's refusal.
+fn authenticate(inner: &mut Inner, headers: &HeaderMap) -> Result<String, (StatusCode, Value)> {
+    let key = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let account = headers.get("stripe-account").and_then(|v| v.to_str().ok());
+    let Some((key, own)) = key.and_then(|k| inner.keys.get(k).map(|own| (k.to_owned(), own.clone()))) else {
+        let shown = key.map(|k| format!("{}***", k.chars().take(8).collect::<String>())).unwrap_or_default();
+        return Err(stripe_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            None,
+            &format!("Invalid API Key provided: {shown}"),
+        ));
     };
-    Ok(account.unwrap_or(own))
+    match account {
+        None => Ok(own),
+        Some(account) if account == own => Ok(own),
+        Some(account) if inner.connected.get(&key).is_some_and(|c| c.contains(account)) => Ok(account.to_owned()),
+        Some(account) => Err(stripe_error(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            Some("account_invalid"),
+            &format!(
+                "The provided key '{}***' does not have access to account '{account}' (or that account does not exist). \
+                 Application access may have been revoked.",
+                key.chars().take(8).collect::<String>()
+            ),
+        )),
+    }
 }
 
-async fn account(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap) -> Response {
-    match authenticate(&inner, "GET", "/v1/account", &headers) {
-        Ok(account) => Json(json!({
-            "id": account, "object": "account", "email": "billing@tenant.example", "country": "US",
-            "charges_enabled": true, "type": "standard"
-        }))
-        .into_response(),
-        Err(message) => stripe_error(StatusCode::UNAUTHORIZED, "invalid_request_error", &message),
+/// What every request goes through: it is recorded, authenticated, and for a POST with an
+/// `Idempotency-Key` answered from Stripe's record of that key when it has one. `handle` runs
+/// on the account acted on, with the form nested as JSON.
+fn request(
+    inner: &Shared,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    form: Vec<(String, String)>,
+    handle: impl FnOnce(&mut Inner, &str, &Value) -> (StatusCode, Value),
+) -> Response {
+    let mut inner = inner.lock().unwrap();
+    let path = uri.path().to_owned();
+    let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    inner.seen.push(SeenRequest {
+        method: method.to_string(),
+        path: path.clone(),
+        key: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned),
+        account: headers.get("stripe-account").and_then(|v| v.to_str().ok()).map(str::to_owned),
+        idempotency_key: idempotency_key.clone(),
+        form: form.clone(),
+    });
+    let account = match authenticate(&mut inner, headers) {
+        Ok(account) => account,
+        Err((status, body)) => return (status, Json(body)).into_response(),
+    };
+    let slot = idempotency_key.filter(|_| method == Method::POST).map(|k| (account.clone(), k));
+    if let Some(slot) = &slot
+        && let Some(saved) = inner.idempotency.get(slot)
+    {
+        if saved.path != path || saved.form != form {
+            let (status, body) = stripe_error(
+                StatusCode::BAD_REQUEST,
+                "idempotency_error",
+                None,
+                &format!(
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with. \
+                     Try using a key other than '{}' if you meant to execute a different request.",
+                    slot.1
+                ),
+            );
+            return (status, Json(body)).into_response();
+        }
+        let mut response = (saved.status, Json(saved.body.clone())).into_response();
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+        return response;
     }
+    let params = nest(&form);
+    let (status, body) = handle(&mut inner, &account, &params);
+    // Stripe keeps the result of a request that ran; not one refused before it ran.
+    if let Some(slot) = slot
+        && status.is_success()
+    {
+        inner.idempotency.insert(slot, Saved { path, form, status, body: body.clone() });
+    }
+    (status, Json(body)).into_response()
+}
+
+fn text<'a>(params: &'a Value, name: &str) -> Option<&'a str> {
+    params.get(name).and_then(Value::as_str)
+}
+
+fn missing(name: &str) -> (StatusCode, Value) {
+    stripe_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        Some("parameter_missing"),
+        &format!("Missing required param: {name}."),
+    )
+}
+
+fn no_such(kind: &str, id: &str) -> (StatusCode, Value) {
+    stripe_error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        Some("resource_missing"),
+        &format!("No such {kind}: '{id}'"),
+    )
+}
+
+fn metadata(params: &Value) -> Value {
+    params.get("metadata").cloned().unwrap_or_else(|| json!({}))
+}
+
+type Form = axum::extract::Form<Vec<(String, String)>>;
+
+async fn account(State(inner): State<Shared>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    request(&inner, method, &uri, &headers, vec![], |_, account, _| {
+        (
+            StatusCode::OK,
+            json!({
+                "id": account, "object": "account", "email": "billing@tenant.example", "country": "US",
+                "charges_enabled": true, "type": "standard"
+            }),
+        )
+    })
+}
+
+async fn create_meter(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    form: Form,
+) -> Response {
+    request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
+        let (Some(name), Some(event_name)) = (text(params, "display_name"), text(params, "event_name")) else {
+            return missing("display_name or event_name");
+        };
+        let formula = params["default_aggregation"]["formula"].as_str().unwrap_or_default().to_owned();
+        if !matches!(formula.as_str(), "sum" | "count" | "last") {
+            return missing("default_aggregation[formula]");
+        }
+        let taken = inner
+            .accounts
+            .get(account)
+            .is_some_and(|a| a.meters.iter().any(|m| m["event_name"] == event_name && m["status"] == "active"));
+        if taken {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                &format!("An active meter with event_name `{event_name}` already exists."),
+            );
+        }
+        let id = inner.id("mtr");
+        let meter = json!({
+            "id": id, "object": "billing.meter", "created": now(), "updated": now(), "livemode": false,
+            "display_name": name, "event_name": event_name, "event_time_window": null, "status": "active",
+            "status_transitions": {"deactivated_at": null},
+            "default_aggregation": {"formula": formula},
+            "customer_mapping": {
+                "type": params["customer_mapping"]["type"].as_str().unwrap_or("by_id"),
+                "event_payload_key": params["customer_mapping"]["event_payload_key"].as_str().unwrap_or("stripe_customer_id"),
+            },
+            "value_settings": {"event_payload_key": params["value_settings"]["event_payload_key"].as_str().unwrap_or("value")},
+        });
+        inner.accounts.entry(account.to_owned()).or_default().meters.push(meter.clone());
+        (StatusCode::OK, meter)
+    })
+}
+
+fn list(data: Vec<Value>, url: &str) -> Value {
+    json!({ "object": "list", "data": data, "has_more": false, "url": url })
+}
+
+async fn list_meters(State(inner): State<Shared>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    let url = uri.path().to_owned();
+    request(&inner, method, &uri, &headers, vec![], |inner, account, _| {
+        let meters = inner.accounts.get(account).map(|a| a.meters.clone()).unwrap_or_default();
+        (StatusCode::OK, list(meters, &url))
+    })
+}
+
+fn find(objects: &[Value], id: &str) -> Option<Value> {
+    objects.iter().find(|o| o["id"] == id).cloned()
+}
+
+async fn get_meter(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    request(&inner, method, &uri, &headers, vec![], |inner, account, _| {
+        match inner.accounts.get(account).and_then(|a| find(&a.meters, &id)) {
+            Some(meter) => (StatusCode::OK, meter),
+            None => no_such("billing.meter", &id),
+        }
+    })
+}
+
+async fn create_product(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    form: Form,
+) -> Response {
+    request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
+        let Some(name) = text(params, "name") else { return missing("name") };
+        let id = inner.id("prod");
+        let product = json!({
+            "id": id, "object": "product", "active": true, "created": now(), "updated": now(), "livemode": false,
+            "name": name, "metadata": metadata(params), "images": [], "marketing_features": [], "package_dimensions": null,
+            "shippable": null, "url": null, "description": null, "type": "service",
+        });
+        inner.accounts.entry(account.to_owned()).or_default().products.push(product.clone());
+        (StatusCode::OK, product)
+    })
+}
+
+async fn create_price(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    form: Form,
+) -> Response {
+    request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
+        let (Some(currency), Some(product)) = (text(params, "currency"), text(params, "product")) else {
+            return missing("currency or product");
+        };
+        let data = inner.accounts.entry(account.to_owned()).or_default();
+        if find(&data.products, product).is_none() {
+            return no_such("product", product);
+        }
+        let recurring = params.get("recurring").cloned().unwrap_or(Value::Null);
+        if recurring["usage_type"] == "metered" {
+            let meter = recurring["meter"].as_str().unwrap_or_default();
+            if find(&data.meters, meter).is_none() {
+                return stripe_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    None,
+                    "A metered price must be tied to an existing meter (recurring[meter]).",
+                );
+            }
+        }
+        let id = inner.id("price");
+        let price = json!({
+            "id": id, "object": "price", "active": true, "created": now(), "livemode": false, "currency": currency,
+            "product": product, "unit_amount_decimal": text(params, "unit_amount_decimal"),
+            "unit_amount": null, "billing_scheme": text(params, "billing_scheme").unwrap_or("per_unit"),
+            "recurring": {
+                "interval": recurring["interval"].as_str().unwrap_or("month"), "interval_count": 1,
+                "usage_type": recurring["usage_type"].as_str().unwrap_or("licensed"),
+                "meter": recurring["meter"].as_str(), "trial_period_days": null,
+            },
+            "type": "recurring", "nickname": text(params, "nickname"), "metadata": metadata(params),
+            "tax_behavior": "unspecified", "lookup_key": null, "tiers_mode": null, "transform_quantity": null,
+            "custom_unit_amount": null,
+        });
+        inner.accounts.entry(account.to_owned()).or_default().prices.push(price.clone());
+        (StatusCode::OK, price)
+    })
+}
+
+async fn create_customer(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    form: Form,
+) -> Response {
+    request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
+        let id = inner.id("cus");
+        let customer = json!({
+            "id": id, "object": "customer", "created": now(), "livemode": false, "name": text(params, "name"),
+            "email": text(params, "email"), "metadata": metadata(params), "balance": 0, "delinquent": false,
+            "description": null, "invoice_prefix": "FAKE", "preferred_locales": [],
+        });
+        inner.accounts.entry(account.to_owned()).or_default().customers.push(customer.clone());
+        (StatusCode::OK, customer)
+    })
+}
+
+async fn get_customer(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    request(&inner, method, &uri, &headers, vec![], |inner, account, _| {
+        match inner.accounts.get(account).and_then(|a| find(&a.customers, &id)) {
+            Some(customer) => (StatusCode::OK, customer),
+            None => no_such("customer", &id),
+        }
+    })
+}
+
+async fn create_subscription(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    form: Form,
+) -> Response {
+    request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
+        let Some(customer) = text(params, "customer") else { return missing("customer") };
+        let Some(price) = params["items"][0]["price"].as_str() else { return missing("items") };
+        let data = inner.accounts.entry(account.to_owned()).or_default();
+        if find(&data.customers, customer).is_none() {
+            return no_such("customer", customer);
+        }
+        let Some(price_object) = find(&data.prices, price) else { return no_such("price", price) };
+        let (id, item) = (inner.id("sub"), inner.id("si"));
+        let start = now();
+        let subscription = json!({
+            "id": id, "object": "subscription", "created": start, "livemode": false, "customer": customer,
+            "status": "active", "metadata": metadata(params), "collection_method": "charge_automatically",
+            "current_period_start": start, "current_period_end": start + 30 * 86_400, "cancel_at_period_end": false,
+            "items": {"object": "list", "has_more": false, "url": format!("/v1/subscription_items?subscription={id}"),
+                "data": [{"id": item, "object": "subscription_item", "price": price_object, "quantity": null,
+                          "subscription": id, "created": start, "metadata": {}}]},
+        });
+        inner.accounts.entry(account.to_owned()).or_default().subscriptions.push(subscription.clone());
+        (StatusCode::OK, subscription)
+    })
+}
+
+async fn get_subscription(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    request(&inner, method, &uri, &headers, vec![], |inner, account, _| {
+        match inner.accounts.get(account).and_then(|a| find(&a.subscriptions, &id)) {
+            Some(subscription) => (StatusCode::OK, subscription),
+            None => no_such("subscription", &id),
+        }
+    })
+}
+
+async fn create_meter_event(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    form: Form,
+) -> Response {
+    request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
+        let timestamp = match text(params, "timestamp") {
+            Some(t) => match t.parse::<i64>() {
+                Ok(t) => t,
+                Err(_) => return missing("timestamp"),
+            },
+            None => now(),
+        };
+        let identifier = text(params, "identifier").map(str::to_owned).unwrap_or_else(|| inner.id("ident"));
+        let event = MeterEvent {
+            identifier: identifier.clone(),
+            event_name: text(params, "event_name").unwrap_or_default().to_owned(),
+            stripe_customer_id: params["payload"]["stripe_customer_id"].as_str().unwrap_or_default().to_owned(),
+            value: params["payload"]["value"].as_str().and_then(|v| v.parse().ok()).unwrap_or(i64::MIN),
+            timestamp,
+        };
+        let data = inner.accounts.entry(account.to_owned()).or_default();
+        data.meter_event_attempts.push(event.clone());
+        if inner.rate_limited > 0 {
+            inner.rate_limited -= 1;
+            return stripe_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "invalid_request_error",
+                Some("rate_limit"),
+                "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits.",
+            );
+        }
+        if let Some((n, status)) = inner.failing {
+            inner.failing = (n > 1).then_some((n - 1, status));
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return if status.is_server_error() {
+                stripe_error(status, "api_error", None, "An unknown error occurred")
+            } else {
+                stripe_error(status, "invalid_request_error", None, "The customer has been deleted.")
+            };
+        }
+        let data = inner.accounts.entry(account.to_owned()).or_default();
+        if !data.meters.iter().any(|m| m["event_name"] == event.event_name.as_str() && m["status"] == "active") {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                &format!("No active meter was found for event_name `{}`.", event.event_name),
+            );
+        }
+        if find(&data.customers, &event.stripe_customer_id).is_none() {
+            return no_such("customer", &event.stripe_customer_id);
+        }
+        if event.value == i64::MIN {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                "payload[value] must be a whole number.",
+            );
+        }
+        let now = now();
+        if timestamp < now - 35 * 86_400 || timestamp > now + 300 {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                "The timestamp must be within the past 35 days and no more than 5 minutes in the future.",
+            );
+        }
+        if data.meter_events.iter().any(|e| e.identifier == identifier) {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("resource_already_exists"),
+                &format!("An event with identifier `{identifier}` already exists."),
+            );
+        }
+        data.meter_events.push(event.clone());
+        (
+            StatusCode::OK,
+            json!({
+                "object": "billing.meter_event", "created": now, "livemode": false, "event_name": event.event_name,
+                "identifier": identifier, "timestamp": timestamp,
+                "payload": {"stripe_customer_id": event.stripe_customer_id, "value": event.value.to_string()},
+            }),
+        )
+    })
+}
+
+async fn event_summaries(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let url = uri.path().to_owned();
+    request(&inner, method, &uri, &headers, vec![], |inner, account, _| {
+        let Some(customer) = query.get("customer") else { return missing("customer") };
+        let bound = |name: &str| query.get(name).and_then(|v| v.parse::<i64>().ok());
+        let (Some(start), Some(end)) = (bound("start_time"), bound("end_time")) else {
+            return missing("start_time or end_time");
+        };
+        if start % 60 != 0 || end % 60 != 0 || end <= start {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                "start_time and end_time must be aligned with minute boundaries, and start_time before end_time.",
+            );
+        }
+        let Some(data) = inner.accounts.get(account) else { return no_such("billing.meter", &id) };
+        let Some(meter) = find(&data.meters, &id) else { return no_such("billing.meter", &id) };
+        let total: i64 = data
+            .meter_events
+            .iter()
+            .filter(|e| e.event_name == meter["event_name"].as_str().unwrap_or_default())
+            .filter(|e| &e.stripe_customer_id == customer && e.timestamp >= start && e.timestamp < end)
+            .map(|e| e.value)
+            .sum();
+        let summary = json!({
+            "id": format!("mtrusg_{customer}_{start}"), "object": "billing.meter_event_summary",
+            "aggregated_value": total, "start_time": start, "end_time": end, "livemode": false, "meter": id,
+        });
+        (StatusCode::OK, list(vec![summary], &url))
+    })
 }

@@ -11,6 +11,7 @@ mod accounts;
 mod alerts;
 mod api;
 mod apis;
+mod billing;
 mod browser;
 mod cli;
 mod customers;
@@ -57,6 +58,7 @@ fn main() -> ExitCode {
         tokens::cases(),
         alerts::cases(),
         stripe_webhooks::cases(),
+        billing::cases(),
         schemathesis::cases(),
         browser::cases(),
     ]

@@ -1,0 +1,499 @@
+//! Billing through Stripe, against the fake Stripe over real HTTP: provisioning makes each object
+//! once, usage reaches Stripe exactly once (Stripe down for a while, rate limits, a worker killed
+//! mid-batch), meter events equal the ledger per customer, invoices and subscription events apply
+//! the blocking policy, reconciliation finds no drift, and Stripe Connect acts on the connected
+//! account.
+
+use std::collections::HashMap;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use tollgate_core::billing;
+use tollgate_core::projects::BudgetPolicy;
+use tollgate_core::stripe;
+use tollgate_core::with_db;
+use tollgate_jobs::billing::{self as jobs, BillingServices};
+
+use crate::dashboard::Browser;
+use crate::db_cases;
+use crate::fake_stripe::FakeStripe;
+use crate::helpers::{DbCase, TestDatabase, TestResult};
+use crate::proxy::{Setup, setup_with};
+
+pub fn cases() -> Vec<DbCase> {
+    db_cases![
+        provisioning_makes_each_stripe_object_once,
+        usage_reaches_stripe_once_and_invoices_apply_the_policy,
+        stripe_down_then_back_and_rate_limits_deliver_everything_once,
+        a_worker_killed_mid_batch_sends_no_duplicate_and_loses_nothing,
+        refused_meter_events_are_shown_and_retried_on_request,
+        subscription_and_meter_error_events_are_mirrored,
+        connect_mode_acts_on_the_connected_account,
+        the_workers_provision_deliver_and_reconcile_on_their_own,
+    ]
+}
+
+const KEY: &str = "rk_test_51Htenantkey0001";
+const ACCOUNT: &str = "acct_tenant1";
+const WHSEC: &str = "whsec_test_0123456789abcdef0123";
+const PLATFORM_KEY: &str = "sk_test_51Hplatformkey001";
+const PLATFORM: &str = "acct_platform";
+const CONNECT_WHSEC: &str = "whsec_test_connect0123456789abcd";
+
+struct Billing {
+    s: Setup,
+    fake: FakeStripe,
+    services: BillingServices,
+}
+
+async fn billing_setup(db: &TestDatabase) -> anyhow::Result<Billing> {
+    billing_setup_with(db, |_| {}).await
+}
+
+async fn billing_setup_with(
+    db: &TestDatabase,
+    customize: impl FnOnce(&mut HashMap<String, String>),
+) -> anyhow::Result<Billing> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    fake.add_platform_key(PLATFORM_KEY, PLATFORM);
+    let base = fake.base_url();
+    let s = setup_with(db, BudgetPolicy::Reject, |env| {
+        env.insert("TOLLGATE_STRIPE_API_BASE".into(), base);
+        env.insert("TOLLGATE_STRIPE_PLATFORM_KEY".into(), PLATFORM_KEY.into());
+        env.insert("TOLLGATE_STRIPE_CONNECT_WEBHOOK_SECRET".into(), CONNECT_WHSEC.into());
+        customize(env);
+    })
+    .await?;
+    let state = &s.app.state;
+    let services = BillingServices::new(&state.config, state.master_key.clone(), state.http.clone());
+    Ok(Billing { s, fake, services })
+}
+
+impl Billing {
+    async fn connect_with_key(&self) -> anyhow::Result<()> {
+        let state = &self.s.app.state;
+        stripe::connect_with_key(&state.db, &state.master_key, &self.s.project.id, KEY, WHSEC).await?;
+        Ok(())
+    }
+
+    /// Calls for `customer`, each of `tokens` output tokens; returns their billed total.
+    async fn calls(&self, customer: &str, count: usize, tokens: i64) -> anyhow::Result<()> {
+        self.s.budget(customer, 1_000_000).await?;
+        for _ in 0..count {
+            let body = json!({"model": "mock-model", "max_tokens": tokens,
+                "messages": [{"role": "user", "content": "Hello!"}]});
+            let response = self.s.chat(customer, body).await?;
+            anyhow::ensure!(response.status() == StatusCode::OK, "{}", response.text().await?);
+        }
+        Ok(())
+    }
+
+    async fn provision(&self) -> anyhow::Result<jobs::ProvisionReport> {
+        Ok(jobs::provision(&self.s.app.state.db, &self.services).await?)
+    }
+
+    async fn deliver(&self) -> anyhow::Result<jobs::DeliveryReport> {
+        Ok(jobs::deliver(&self.s.app.state.db, &self.services).await?)
+    }
+
+    /// The ledger's billed total per customer (external id).
+    async fn ledger(&self) -> anyhow::Result<HashMap<String, i64>> {
+        let rows: Vec<(String, i64)> = with_db!(&self.s.app.state.db, pool => sqlx::query_as::<_, (String, i64)>(
+            "SELECT c.external_id, CAST(SUM(u.billed_nanos) AS BIGINT) FROM usage_events u \
+             JOIN customers c ON c.id = u.customer_id WHERE u.status = 'settled' GROUP BY c.external_id")
+            .fetch_all(pool).await)?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// What the fake counted per customer (external id), from accepted meter events.
+    async fn metered(&self, account: &str) -> anyhow::Result<HashMap<String, i64>> {
+        let links: Vec<(String, String)> = with_db!(&self.s.app.state.db, pool => sqlx::query_as::<_, (String, String)>(
+            "SELECT stripe_customer_id, external_id FROM customers WHERE stripe_customer_id IS NOT NULL")
+            .fetch_all(pool).await)?;
+        let links: HashMap<String, String> = links.into_iter().collect();
+        let mut totals = HashMap::new();
+        for event in self.fake.meter_events(account) {
+            let customer = links.get(&event.stripe_customer_id).cloned().unwrap_or(event.stripe_customer_id.clone());
+            *totals.entry(customer).or_insert(0) += event.value;
+        }
+        Ok(totals)
+    }
+
+    /// Identifiers the fake accepted more than once (must be none) and how many it accepted.
+    fn accepted_identifiers(&self, account: &str) -> (usize, Vec<String>) {
+        let mut seen = HashMap::new();
+        for event in self.fake.meter_events(account) {
+            *seen.entry(event.identifier).or_insert(0) += 1;
+        }
+        let twice = seen.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id.clone()).collect();
+        (seen.len(), twice)
+    }
+
+    async fn batches(&self, status: &str) -> anyhow::Result<i64> {
+        Ok(with_db!(&self.s.app.state.db, pool => sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM meter_batches WHERE status = $1").bind(status).fetch_one(pool).await)?)
+    }
+
+    async fn billing_page(&self) -> anyhow::Result<String> {
+        let browser = Browser::new(&self.s.app)?;
+        browser.log_in("ada@example.com", crate::dashboard::PASSWORD).await?;
+        let page = browser.get(&format!("/projects/{}/billing", self.s.project.id)).await?;
+        anyhow::ensure!(page.status == StatusCode::OK, "{}", page.body);
+        Ok(page.body)
+    }
+
+    async fn process_events(&self) -> anyhow::Result<Vec<(String, stripe::Processed)>> {
+        Ok(stripe::process_pending(&self.s.app.state.db, 100).await?)
+    }
+}
+
+fn section<'a>(body: &'a str, id: &str) -> &'a str {
+    let marker = format!("id=\"{id}\"");
+    body.split(&marker).nth(1).and_then(|r| r.split("</dd>").next()).unwrap_or_default()
+}
+
+async fn provisioning_makes_each_stripe_object_once(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    b.calls("cust-a", 2, 10).await?;
+    b.calls("cust-b", 1, 10).await?;
+    b.provision().await?;
+    b.provision().await?;
+
+    let meters = b.fake.meters(ACCOUNT);
+    assert_eq!(meters.len(), 1, "{meters:?}");
+    let meter = &meters[0];
+    assert_eq!(meter["event_name"], format!("tollgate_usage_{}", b.s.project.id));
+    assert_eq!(meter["default_aggregation"]["formula"], "sum");
+    assert_eq!(meter["customer_mapping"]["event_payload_key"], "stripe_customer_id");
+    let prices = b.fake.prices(ACCOUNT);
+    assert_eq!(prices.len(), 1, "{prices:?}");
+    assert_eq!(prices[0]["currency"], "usd");
+    assert_eq!(prices[0]["unit_amount_decimal"], "0.0000001");
+    assert_eq!(prices[0]["recurring"]["usage_type"], "metered");
+    assert_eq!(prices[0]["recurring"]["meter"], meter["id"]);
+    let customers = b.fake.customers(ACCOUNT);
+    assert_eq!(customers.len(), 2, "{customers:?}");
+    let subscriptions = b.fake.subscriptions(ACCOUNT);
+    assert_eq!(subscriptions.len(), 2, "{subscriptions:?}");
+
+    // A crash between Stripe making the customer and Tollgate recording it: the same
+    // Idempotency-Key gets the same customer back, and nothing is made twice.
+    with_db!(&b.s.app.state.db, pool => sqlx::query(
+        "UPDATE customers SET stripe_customer_id = NULL, stripe_subscription_id = NULL, stripe_subscription_status = NULL \
+         WHERE external_id = 'cust-a'").execute(pool).await.map(|_| ()))?;
+    b.provision().await?;
+    assert_eq!(b.fake.customers(ACCOUNT).len(), 2);
+    assert_eq!(b.fake.subscriptions(ACCOUNT).len(), 2);
+    let linked: Vec<Option<String>> = with_db!(&b.s.app.state.db, pool => sqlx::query_scalar::<_, Option<String>>(
+        "SELECT stripe_subscription_status FROM customers ORDER BY external_id").fetch_all(pool).await)?;
+    assert_eq!(linked, vec![Some("active".to_owned()), Some("active".to_owned())]);
+    let seen = b.fake.seen();
+    let replayed = seen.iter().filter(|r| r.path == "/v1/customers").count();
+    assert_eq!(replayed, 3, "two customers, one replayed");
+    let posts: Vec<_> = seen.iter().filter(|r| r.method == "POST").collect();
+    assert!(posts.iter().all(|r| r.idempotency_key.is_some()), "every POST carries an Idempotency-Key");
+    let meter_form =
+        &posts.iter().find(|r| r.path == "/v1/billing/meters").ok_or_else(|| anyhow::anyhow!("no meter"))?.form;
+    assert!(
+        meter_form.contains(&("value_settings[event_payload_key]".to_owned(), "value".to_owned())),
+        "{meter_form:?}"
+    );
+
+    let page = b.billing_page().await?;
+    assert!(page.contains(meter["id"].as_str().unwrap_or("?")), "{page}");
+    assert!(page.contains("cust-a") && page.contains("active"), "{page}");
+    Ok(())
+}
+
+async fn usage_reaches_stripe_once_and_invoices_apply_the_policy(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    b.calls("cust-a", 3, 20).await?;
+    b.calls("cust-b", 2, 7).await?;
+    b.provision().await?;
+    let report = b.deliver().await?;
+    assert_eq!(report.delivered, 2, "{report:?}");
+    b.calls("cust-a", 1, 5).await?;
+    b.deliver().await?;
+    b.deliver().await?;
+
+    let ledger = b.ledger().await?;
+    assert_eq!(ledger.len(), 2);
+    assert_eq!(b.metered(ACCOUNT).await?, ledger, "meter events equal the ledger per customer");
+    let (accepted, twice) = b.accepted_identifiers(ACCOUNT);
+    assert_eq!((accepted, twice), (3, vec![]));
+    assert_eq!(b.batches("delivered").await?, 3);
+    // Every meter event carries the meter's event name and a timestamp Stripe accepts.
+    let event_name = format!("tollgate_usage_{}", b.s.project.id);
+    assert!(b.fake.meter_events(ACCOUNT).iter().all(|e| e.event_name == event_name));
+
+    // Reconciliation: Stripe's summaries agree with what was delivered.
+    assert_eq!(jobs::reconcile(&b.s.app.state.db, &b.services).await?, 2);
+    let drift: Vec<(Option<i64>, Option<i64>)> = with_db!(&b.s.app.state.db, pool => sqlx::query_as::<_, (Option<i64>, Option<i64>)>(
+        "SELECT drift_nanos, stripe_nanos FROM billing_reconciliations ORDER BY customer_id").fetch_all(pool).await)?;
+    assert_eq!(drift.len(), 2);
+    assert!(drift.iter().all(|(d, s)| *d == Some(0) && s.unwrap_or(0) > 0), "{drift:?}");
+    let page = b.billing_page().await?;
+    assert!(section(&page, "delivery-lag").contains("none"), "{page}");
+
+    // Stripe invoices cust-a; the payment fails: blocked. It is paid: unblocked.
+    let cus_a: String = with_db!(&b.s.app.state.db, pool => sqlx::query_scalar::<_, String>(
+        "SELECT stripe_customer_id FROM customers WHERE external_id = 'cust-a'").fetch_one(pool).await)?;
+    let webhook = b.s.app.url(&format!("/stripe/webhooks/{}", b.s.project.id));
+    let invoice = b.fake.make_invoice(ACCOUNT, &cus_a, "open", 1234);
+    let (status, _) = b.fake.send_event(&webhook, WHSEC, "invoice.payment_failed", invoice.clone(), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    b.process_events().await?;
+    let refused =
+        b.s.chat(
+            "cust-a",
+            json!({"model": "mock-model", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await?;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let page = b.billing_page().await?;
+    assert!(page.contains("payment failed") && page.contains("12.34 USD"), "{page}");
+
+    let mut paid = invoice;
+    paid["status"] = json!("paid");
+    paid["amount_paid"] = json!(1234);
+    let (status, _) = b.fake.send_event(&webhook, WHSEC, "invoice.paid", paid, None).await?;
+    assert_eq!(status, StatusCode::OK);
+    b.process_events().await?;
+    b.calls("cust-a", 1, 5).await?;
+    let page = b.billing_page().await?;
+    assert!(page.contains(">paid<"), "{page}");
+    Ok(())
+}
+
+async fn stripe_down_then_back_and_rate_limits_deliver_everything_once(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    b.calls("cust-a", 2, 10).await?;
+    b.provision().await?;
+    b.fake.go_down().await?;
+    b.calls("cust-b", 2, 10).await?;
+    b.calls("cust-a", 1, 10).await?;
+    let report = b.deliver().await?;
+    assert_eq!((report.delivered, report.failed), (0, 0), "{report:?}");
+    assert!(report.retrying >= 1, "{report:?}");
+    let page = b.billing_page().await?;
+    assert!(page.contains("Stripe could not be reached") && page.contains("retrying"), "{page}");
+
+    b.fake.come_back().await?;
+    // cust-b has no Stripe customer yet: provisioning was down too.
+    b.provision().await?;
+    b.fake.set_rate_limit(2);
+    // Retries wait out their backoff (2 s, then 4 s); keep delivering until all is in.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while b.batches("pending").await? > 0 || b.ledger().await? != b.metered(ACCOUNT).await? {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "not delivered in time");
+        b.provision().await?;
+        b.deliver().await?;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(b.fake.meter_event_attempts(ACCOUNT).len() > b.fake.meter_events(ACCOUNT).len(), "429s were retried");
+    let (_, twice) = b.accepted_identifiers(ACCOUNT);
+    assert!(twice.is_empty(), "{twice:?}");
+    assert_eq!(b.metered(ACCOUNT).await?, b.ledger().await?);
+    assert_eq!(b.batches("failed").await?, 0);
+    Ok(())
+}
+
+async fn a_worker_killed_mid_batch_sends_no_duplicate_and_loses_nothing(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    b.calls("cust-a", 2, 10).await?;
+    b.calls("cust-b", 2, 10).await?;
+    b.calls("cust-c", 1, 10).await?;
+    b.provision().await?;
+    let state = &b.s.app.state;
+    let project =
+        billing::project_billing(&state.db, &b.s.project.id).await?.ok_or_else(|| anyhow::anyhow!("no billing"))?;
+    assert_eq!(billing::form_batches(&state.db, &project, 100).await?, 3);
+
+    // A worker claims the three batches, Stripe accepts the first, and the worker dies before
+    // recording it (and before sending the others).
+    let now = tollgate_core::time::UnixMillis::now();
+    let claimed = billing::claim_due_batches(&state.db, &b.s.project.id, now, 100).await?;
+    assert_eq!(claimed.len(), 3);
+    let credentials = tollgate_jobs::stripe_api::Credentials { key: KEY.to_owned().into(), account: None };
+    assert_eq!(jobs::send(&b.services.api, &credentials, &claimed[0]).await, billing::Attempt::Delivered);
+    // Another worker runs meanwhile: the claims hold, nothing is sent twice.
+    assert_eq!(b.deliver().await?.delivered, 0);
+    assert_eq!(b.fake.meter_events(ACCOUNT).len(), 1);
+
+    // The dead worker's claims expire (a minute, here set back by hand); a restarted worker
+    // sends all three. A day later Stripe has forgotten the Idempotency-Key: it refuses the
+    // first by its identifier, and that counts as delivered.
+    b.fake.forget_idempotency_keys();
+    with_db!(&state.db, pool => sqlx::query("UPDATE meter_batches SET claimed_until = 0").execute(pool).await.map(|_| ()))?;
+    let report = b.deliver().await?;
+    assert_eq!(report.delivered, 3, "{report:?}");
+    assert_eq!(b.fake.meter_event_attempts(ACCOUNT).len(), 4, "one resend");
+    let (accepted, twice) = b.accepted_identifiers(ACCOUNT);
+    assert_eq!((accepted, twice), (3, vec![]));
+    assert_eq!(b.metered(ACCOUNT).await?, b.ledger().await?);
+    Ok(())
+}
+
+async fn refused_meter_events_are_shown_and_retried_on_request(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    b.calls("cust-a", 1, 10).await?;
+    b.provision().await?;
+    b.fake.fail_next(1, 400);
+    let report = b.deliver().await?;
+    assert_eq!(report.failed, 1, "{report:?}");
+    assert_eq!(b.batches("failed").await?, 1);
+    b.deliver().await?;
+    assert_eq!(b.fake.meter_events(ACCOUNT).len(), 0, "a refused event is not retried by itself");
+    let page = b.billing_page().await?;
+    assert!(section(&page, "delivery-failed").contains('1'), "{page}");
+    assert!(page.contains("refused"), "{page}");
+
+    // The tenant fixes it and asks for a retry.
+    let browser = Browser::new(&b.s.app)?;
+    browser.log_in("ada@example.com", crate::dashboard::PASSWORD).await?;
+    let billing = format!("/projects/{}/billing", b.s.project.id);
+    let retried = browser.submit(&billing, &format!("{billing}/retry"), &[]).await?;
+    assert_eq!(retried.status, StatusCode::SEE_OTHER, "{}", retried.body);
+    assert_eq!(b.deliver().await?.delivered, 1);
+    assert_eq!(b.metered(ACCOUNT).await?, b.ledger().await?);
+    Ok(())
+}
+
+async fn subscription_and_meter_error_events_are_mirrored(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    b.calls("cust-a", 1, 10).await?;
+    b.provision().await?;
+    let (cus, sub): (String, String) = with_db!(&b.s.app.state.db, pool => sqlx::query_as::<_, (String, String)>(
+        "SELECT stripe_customer_id, stripe_subscription_id FROM customers WHERE external_id = 'cust-a'")
+        .fetch_one(pool).await)?;
+    let webhook = b.s.app.url(&format!("/stripe/webhooks/{}", b.s.project.id));
+    let subscription = |status: &str| json!({"id": sub, "object": "subscription", "customer": cus, "status": status});
+    // Deleted, then an older "past_due" arrives late: it stays canceled.
+    b.fake.send_event(&webhook, WHSEC, "customer.subscription.deleted", subscription("canceled"), None).await?;
+    b.process_events().await?;
+    let stale = json!({"id": "evt_stale_1", "object": "event", "type": "customer.subscription.updated",
+        "created": 1_700_000_000, "livemode": false, "data": {"object": subscription("past_due")}});
+    let body = stale.to_string();
+    let now = tollgate_core::time::UnixMillis::now().0 / 1000;
+    let status =
+        b.s.app
+            .client
+            .post(&webhook)
+            .header("stripe-signature", tollgate_core::signature::header(WHSEC, now, body.as_bytes()))
+            .body(body)
+            .send()
+            .await?
+            .status();
+    assert_eq!(status, StatusCode::OK);
+    b.process_events().await?;
+    let shown: Option<String> = with_db!(&b.s.app.state.db, pool => sqlx::query_scalar::<_, Option<String>>(
+        "SELECT stripe_subscription_status FROM customers WHERE external_id = 'cust-a'").fetch_one(pool).await)?;
+    assert_eq!(shown.as_deref(), Some("canceled"));
+
+    // A v2 thin event: `created` is an RFC 3339 time, and the meter is the related object.
+    let meter: String = with_db!(&b.s.app.state.db, pool => sqlx::query_scalar::<_, String>(
+        "SELECT meter_id FROM stripe_connections").fetch_one(pool).await)?;
+    let thin = json!({"id": "evt_thin_1", "object": "v2.core.event", "type": "v1.billing.meter.error_report_triggered",
+        "created": "2026-11-22T10:15:30.123Z", "livemode": false,
+        "related_object": {"id": meter, "type": "billing.meter", "url": format!("/v1/billing/meters/{meter}")}});
+    let body = thin.to_string();
+    let status =
+        b.s.app
+            .client
+            .post(&webhook)
+            .header("stripe-signature", tollgate_core::signature::header(WHSEC, now, body.as_bytes()))
+            .body(body)
+            .send()
+            .await?
+            .status();
+    assert_eq!(status, StatusCode::OK);
+    let processed = b.process_events().await?;
+    assert!(processed.iter().any(|(_, p)| *p == stripe::Processed::MeterError), "{processed:?}");
+    let page = b.billing_page().await?;
+    assert!(section(&page, "meter-error").contains(&meter), "{page}");
+    assert!(page.contains("canceled"), "{page}");
+    Ok(())
+}
+
+async fn connect_mode_acts_on_the_connected_account(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.fake.add_connected_account(PLATFORM_KEY, "acct_connected1");
+    // Through the dashboard: an account not connected to the platform is refused.
+    let browser = Browser::new(&b.s.app)?;
+    browser.log_in("ada@example.com", crate::dashboard::PASSWORD).await?;
+    let billing = format!("/projects/{}/billing", b.s.project.id);
+    let action = format!("{billing}/connect-account");
+    let refused = browser.submit(&billing, &action, &[("account_id", "acct_stranger")]).await?;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(refused.body.contains("the platform cannot act on acct_stranger"), "{}", refused.body);
+    let connected = browser.submit(&billing, &action, &[("account_id", "acct_connected1")]).await?;
+    assert_eq!(connected.status, StatusCode::SEE_OTHER, "{}", connected.body);
+
+    b.calls("cust-a", 2, 10).await?;
+    b.provision().await?;
+    b.deliver().await?;
+    assert_eq!(b.metered("acct_connected1").await?, b.ledger().await?);
+    assert!(b.fake.meter_events(PLATFORM).is_empty(), "nothing on the platform's own account");
+    let calls: Vec<_> = b.fake.seen().into_iter().filter(|r| r.path != "/v1/account").collect();
+    assert!(!calls.is_empty());
+    assert!(
+        calls.iter().all(|r| r.key.as_deref() == Some(PLATFORM_KEY) && r.account.as_deref() == Some("acct_connected1")),
+        "{calls:?}"
+    );
+
+    // The platform's Connect endpoint files the account's events under the project.
+    let connect = b.s.app.url("/stripe/webhooks/connect");
+    let cus: String = with_db!(&b.s.app.state.db, pool => sqlx::query_scalar::<_, String>(
+        "SELECT stripe_customer_id FROM customers WHERE external_id = 'cust-a'").fetch_one(pool).await)?;
+    let invoice = b.fake.make_invoice("acct_connected1", &cus, "open", 500);
+    let (status, _) =
+        b.fake.send_event(&connect, CONNECT_WHSEC, "invoice.payment_failed", invoice, Some("acct_connected1")).await?;
+    assert_eq!(status, StatusCode::OK);
+    // Another account's event is acknowledged and ignored; a forged one is refused.
+    let other = b.fake.make_invoice("acct_other", "cus_x", "open", 1);
+    let (status, answer) =
+        b.fake.send_event(&connect, CONNECT_WHSEC, "invoice.paid", other.clone(), Some("acct_other")).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(answer.contains("ignored"), "{answer}");
+    let (status, _) = b.fake.send_event(&connect, WHSEC, "invoice.paid", other, Some("acct_connected1")).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    b.process_events().await?;
+    let page = b.billing_page().await?;
+    assert!(page.contains("acct_connected1") && page.contains("payment failed"), "{page}");
+    let blocked: bool = with_db!(&b.s.app.state.db, pool => sqlx::query_scalar::<_, bool>(
+        "SELECT blocked FROM customers WHERE external_id = 'cust-a'").fetch_one(pool).await)?;
+    assert!(blocked);
+    Ok(())
+}
+
+async fn the_workers_provision_deliver_and_reconcile_on_their_own(db: TestDatabase) -> TestResult {
+    let b = billing_setup_with(&db, |env| {
+        env.insert("TOLLGATE_WORKERS".into(), "true".into());
+        env.insert("TOLLGATE_STRIPE_RECONCILE_SECONDS".into(), "2".into());
+    })
+    .await?;
+    b.connect_with_key().await?;
+    b.calls("cust-a", 3, 10).await?;
+    b.calls("cust-b", 1, 10).await?;
+    let ledger = b.ledger().await?;
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        Ok(b.metered(ACCOUNT).await? == ledger)
+    })
+    .await?;
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        let checked: Vec<Option<i64>> = with_db!(&b.s.app.state.db, pool => sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT drift_nanos FROM billing_reconciliations").fetch_all(pool).await)?;
+        Ok(checked.len() == 2 && checked.iter().all(|d| *d == Some(0)))
+    })
+    .await?;
+    let (_, twice) = b.accepted_identifiers(ACCOUNT);
+    assert!(twice.is_empty(), "{twice:?}");
+    Ok(())
+}
