@@ -26,6 +26,7 @@ mod proxy;
 mod python;
 mod replicas;
 mod schemathesis;
+mod stripe_sdk;
 mod stripe_webhooks;
 mod tokens;
 mod upgrades;
@@ -68,5 +69,6 @@ fn main() -> ExitCode {
     let mut trials = helpers::db_trials(db_cases, postgres);
     trials.extend(helpers::plain_trials(cli::plain_cases()));
     trials.extend(helpers::plain_trials(python::plain_cases()));
+    trials.extend(helpers::plain_trials(stripe_sdk::cases()));
     libtest_mimic::run(&args, trials).exit_code()
 }
