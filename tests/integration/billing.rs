@@ -30,6 +30,7 @@ pub fn cases() -> Vec<DbCase> {
         subscription_and_meter_error_events_are_mirrored,
         connect_mode_acts_on_the_connected_account,
         the_workers_provision_deliver_and_reconcile_on_their_own,
+        a_worker_process_killed_mid_batch_and_restarted_delivers_once,
     ]
 }
 
@@ -495,5 +496,57 @@ async fn the_workers_provision_deliver_and_reconcile_on_their_own(db: TestDataba
     .await?;
     let (_, twice) = b.accepted_identifiers(ACCOUNT);
     assert!(twice.is_empty(), "{twice:?}");
+    Ok(())
+}
+
+/// A `tollgate worker` child process on the test's database, calling the fake Stripe.
+fn worker_process(db: &TestDatabase, fake: &FakeStripe) -> anyhow::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.arg("worker").kill_on_drop(true);
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("TOLLGATE_")) {
+        cmd.env_remove(key);
+    }
+    let mut env = db.env();
+    env.insert("TOLLGATE_STRIPE_API_BASE".into(), fake.base_url());
+    env.insert("TOLLGATE_LOG".into(), "warn".into());
+    Ok(cmd.envs(env).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).spawn()?)
+}
+
+async fn a_worker_process_killed_mid_batch_and_restarted_delivers_once(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    for customer in ["cust-a", "cust-b", "cust-c", "cust-d"] {
+        b.calls(customer, 2, 10).await?;
+    }
+    b.provision().await?;
+    // Stripe accepts each meter event at once but answers only 5 s later: the worker is killed
+    // (SIGKILL) while it waits, with events accepted and not recorded as delivered.
+    b.fake.set_meter_event_latency(std::time::Duration::from_secs(5));
+    let mut worker = worker_process(&db, &b.fake)?;
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        Ok(!b.fake.meter_events(ACCOUNT).is_empty())
+    })
+    .await?;
+    worker.start_kill()?;
+    worker.wait().await?;
+    assert!(b.batches("pending").await? > 0, "the killed worker recorded nothing");
+    assert!(!b.fake.meter_events(ACCOUNT).is_empty());
+
+    // Restarted once its claims have expired (a minute; set back by hand here).
+    b.fake.set_meter_event_latency(std::time::Duration::ZERO);
+    with_db!(&b.s.app.state.db, pool => sqlx::query("UPDATE meter_batches SET claimed_until = 0")
+        .execute(pool).await.map(|_| ()))?;
+    let mut worker = worker_process(&db, &b.fake)?;
+    let ledger = b.ledger().await?;
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        Ok(b.batches("pending").await? == 0 && b.metered(ACCOUNT).await? == ledger)
+    })
+    .await?;
+    worker.start_kill()?;
+    let (accepted, twice) = b.accepted_identifiers(ACCOUNT);
+    assert_eq!((accepted as i64, twice), (b.batches("delivered").await?, vec![]));
+    // The killed worker's events were sent again, and answered from Stripe's idempotency record.
+    let sent = b.fake.seen().iter().filter(|r| r.path == "/v1/billing/meter_events").count();
+    assert!(sent > accepted, "{sent} sent for {accepted} accepted");
     Ok(())
 }

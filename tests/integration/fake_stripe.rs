@@ -80,6 +80,8 @@ struct Inner {
     seen: Vec<SeenRequest>,
     rate_limited: usize,
     failing: Option<(usize, u16)>,
+    /// How long a meter event's answer takes, after the event is accepted.
+    meter_event_latency: std::time::Duration,
     next_id: u64,
 }
 
@@ -206,6 +208,11 @@ impl FakeStripe {
     /// invalid request).
     pub fn fail_next(&self, n: usize, status: u16) {
         self.inner.lock().unwrap().failing = Some((n, status));
+    }
+
+    /// Answers meter events only `latency` after accepting them (a worker can die in between).
+    pub fn set_meter_event_latency(&self, latency: std::time::Duration) {
+        self.inner.lock().unwrap().meter_event_latency = latency;
     }
 
     /// Forgets the idempotency keys (Stripe keeps them 24 hours), so that only the meter
@@ -681,7 +688,8 @@ async fn create_meter_event(
     headers: HeaderMap,
     form: Form,
 ) -> Response {
-    request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
+    let latency = inner.lock().unwrap().meter_event_latency;
+    let response = request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
         let timestamp = match text(params, "timestamp") {
             Some(t) => match t.parse::<i64>() {
                 Ok(t) => t,
@@ -763,7 +771,9 @@ async fn create_meter_event(
                 "payload": {"stripe_customer_id": event.stripe_customer_id, "value": event.value.to_string()},
             }),
         )
-    })
+    });
+    tokio::time::sleep(latency).await;
+    response
 }
 
 async fn event_summaries(
