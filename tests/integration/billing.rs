@@ -381,17 +381,7 @@ async fn subscription_and_meter_error_events_are_mirrored(db: TestDatabase) -> T
     b.process_events().await?;
     let stale = json!({"id": "evt_stale_1", "object": "event", "type": "customer.subscription.updated",
         "created": 1_700_000_000, "livemode": false, "data": {"object": subscription("past_due")}});
-    let body = stale.to_string();
-    let now = tollgate_core::time::UnixMillis::now().0 / 1000;
-    let status =
-        b.s.app
-            .client
-            .post(&webhook)
-            .header("stripe-signature", tollgate_core::signature::header(WHSEC, now, body.as_bytes()))
-            .body(body)
-            .send()
-            .await?
-            .status();
+    let (status, _) = b.fake.send_raw(&webhook, WHSEC, &stale).await?;
     assert_eq!(status, StatusCode::OK);
     b.process_events().await?;
     let shown: Option<String> = with_db!(&b.s.app.state.db, pool => sqlx::query_scalar::<_, Option<String>>(
@@ -404,16 +394,7 @@ async fn subscription_and_meter_error_events_are_mirrored(db: TestDatabase) -> T
     let thin = json!({"id": "evt_thin_1", "object": "v2.core.event", "type": "v1.billing.meter.error_report_triggered",
         "created": "2026-11-22T10:15:30.123Z", "livemode": false,
         "related_object": {"id": meter, "type": "billing.meter", "url": format!("/v1/billing/meters/{meter}")}});
-    let body = thin.to_string();
-    let status =
-        b.s.app
-            .client
-            .post(&webhook)
-            .header("stripe-signature", tollgate_core::signature::header(WHSEC, now, body.as_bytes()))
-            .body(body)
-            .send()
-            .await?
-            .status();
+    let (status, _) = b.fake.send_raw(&webhook, WHSEC, &thin).await?;
     assert_eq!(status, StatusCode::OK);
     let processed = b.process_events().await?;
     assert!(processed.iter().any(|(_, p)| *p == stripe::Processed::MeterError), "{processed:?}");

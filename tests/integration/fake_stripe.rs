@@ -277,6 +277,11 @@ impl FakeStripe {
         if let Some(account) = account {
             event["account"] = json!(account);
         }
+        self.send_raw(url, secret, &event).await
+    }
+
+    /// Sends `event` as it is to `url`, signed with `secret` as Stripe signs.
+    pub async fn send_raw(&self, url: &str, secret: &str, event: &Value) -> anyhow::Result<(StatusCode, String)> {
         let body = event.to_string();
         let signature = tollgate_core::signature::header(secret, now(), body.as_bytes());
         let response = reqwest::Client::new()
@@ -521,6 +526,24 @@ fn find(objects: &[Value], id: &str) -> Option<Value> {
     objects.iter().find(|o| o["id"] == id).cloned()
 }
 
+/// `GET` of one object of the account acted on, or Stripe's 404.
+fn get_object(
+    inner: &Shared,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    id: &str,
+    kind: &str,
+    pick: fn(&Account) -> &Vec<Value>,
+) -> Response {
+    request(inner, method, uri, headers, vec![], |inner, account, _| {
+        match inner.accounts.get(account).and_then(|a| find(pick(a), id)) {
+            Some(object) => (StatusCode::OK, object),
+            None => no_such(kind, id),
+        }
+    })
+}
+
 async fn get_meter(
     State(inner): State<Shared>,
     method: Method,
@@ -528,12 +551,7 @@ async fn get_meter(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    request(&inner, method, &uri, &headers, vec![], |inner, account, _| {
-        match inner.accounts.get(account).and_then(|a| find(&a.meters, &id)) {
-            Some(meter) => (StatusCode::OK, meter),
-            None => no_such("billing.meter", &id),
-        }
-    })
+    get_object(&inner, method, &uri, &headers, &id, "billing.meter", |a| &a.meters)
 }
 
 async fn create_product(
@@ -628,12 +646,7 @@ async fn get_customer(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    request(&inner, method, &uri, &headers, vec![], |inner, account, _| {
-        match inner.accounts.get(account).and_then(|a| find(&a.customers, &id)) {
-            Some(customer) => (StatusCode::OK, customer),
-            None => no_such("customer", &id),
-        }
-    })
+    get_object(&inner, method, &uri, &headers, &id, "customer", |a| &a.customers)
 }
 
 async fn create_subscription(
@@ -673,12 +686,7 @@ async fn get_subscription(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    request(&inner, method, &uri, &headers, vec![], |inner, account, _| {
-        match inner.accounts.get(account).and_then(|a| find(&a.subscriptions, &id)) {
-            Some(subscription) => (StatusCode::OK, subscription),
-            None => no_such("subscription", &id),
-        }
-    })
+    get_object(&inner, method, &uri, &headers, &id, "subscription", |a| &a.subscriptions)
 }
 
 async fn create_meter_event(

@@ -96,8 +96,18 @@ async fn tiktoken_rs_assets() -> anyhow::Result<PathBuf> {
     once_blocking(&ASSETS, || {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        // Offline, only this machine's platform: packages for other platforms (never
+        // downloaded by a build here) are not needed.
+        let rustc = std::process::Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
+            .arg("-vV")
+            .output()
+            .map_err(|e| format!("could not run rustc -vV: {e}"))?;
+        let host = String::from_utf8_lossy(&rustc.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+            .ok_or("rustc -vV names no host")?;
         let output = std::process::Command::new(cargo)
-            .args(["metadata", "--format-version", "1", "--offline", "--manifest-path"])
+            .args(["metadata", "--format-version", "1", "--offline", "--filter-platform", &host, "--manifest-path"])
             .arg(&manifest)
             .stdin(Stdio::null())
             .output()
