@@ -66,6 +66,7 @@ impl Application {
             master_key,
             metrics: telemetry::metrics_handle(),
             keys: Default::default(),
+            config_cache: Default::default(),
             mailer: Arc::new(mailer),
             api_limits: Arc::new(api_limits),
         };

@@ -9,6 +9,7 @@ use tollgate_jobs::JobStore;
 
 use crate::routes::api::limits::RateLimiter;
 use crate::routes::proxy::auth::KeyCache;
+use crate::routes::proxy::cache::ConfigCache;
 use tollgate_jobs::mail::Mailer;
 
 /// Shared, cheaply cloned application state.
@@ -23,6 +24,8 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// Project keys recently looked up by the proxy.
     pub keys: Arc<KeyCache>,
+    /// Providers and prices recently read by the proxy.
+    pub config_cache: Arc<ConfigCache>,
     /// Outgoing mail.
     pub mailer: Arc<Mailer>,
     /// Stripe's API.

@@ -2,13 +2,15 @@
 //! event that records the outcome. This is where "no end-customer ever spends past their
 //! budget" is kept.
 //!
-//! - [`reserve`] is one conditional `UPDATE`: it adds to `reserved_nanos` only if
+//! - [`reserve`] is one conditional `UPDATE` (on PostgreSQL one statement with the
+//!   reservation's record, a single round trip): it adds to `reserved_nanos` only if
 //!   `spent + reserved + amount <= budget` holds *on the row as it is when the update runs*
 //!   (PostgreSQL re-checks the condition after taking the row lock; SQLite serialises
 //!   writers). No read-compute-write, so concurrent calls, replicas and processes cannot
 //!   oversubscribe a budget. A period that has ended is rolled over in the same statement.
 //! - [`settle`] deletes the reservation (at most once: `DELETE … RETURNING`), moves the
-//!   actual billed cost into `spent_nanos`, and writes the usage event, in one transaction.
+//!   actual billed cost into `spent_nanos`, and writes the usage event, in one transaction
+//!   (on PostgreSQL one statement of data-modifying CTEs, a single round trip).
 //!   A reservation already released by expiry is not released twice.
 //! - [`renew`] keeps a long call's reservation from expiring under it.
 //! - [`release_expired`] frees reservations whose call never settled (a crashed process).
@@ -60,31 +62,73 @@ pub async fn reserve(
         let now = UnixMillis::now();
         let (start, end) = period.window_after(customer.period_start, now);
         let id = ReservationId::generate();
-        const HOLD: &str = "UPDATE customers SET \
-              spent_nanos = CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END, \
-              period_start = CASE WHEN period_end <= $1 THEN $2 ELSE period_start END, \
-              period_end = CASE WHEN period_end <= $1 THEN $3 ELSE period_end END, \
-              reserved_nanos = reserved_nanos + $4 \
-            WHERE id = $5 AND budget_period = $6 AND NOT blocked \
-              AND (CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END) + reserved_nanos + $4 <= budget_nanos \
-            RETURNING budget_nanos - spent_nanos - reserved_nanos";
+        /// The hold: a period that has ended is rolled over, and the amount added only if it fits.
+        macro_rules! hold {
+            () => {
+                "UPDATE customers SET \
+                  spent_nanos = CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END, \
+                  period_start = CASE WHEN period_end <= $1 THEN $2 ELSE period_start END, \
+                  period_end = CASE WHEN period_end <= $1 THEN $3 ELSE period_end END, \
+                  reserved_nanos = reserved_nanos + $4 \
+                WHERE id = $5 AND budget_period = $6 AND NOT blocked \
+                  AND (CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END) + reserved_nanos + $4 <= budget_nanos \
+                RETURNING budget_nanos - spent_nanos - reserved_nanos AS remaining"
+            };
+        }
+        const HOLD: &str = hold!();
+        const HOLD_AND_RECORD: &str = concat!(
+            "WITH held AS (",
+            hold!(),
+            ") INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at) \
+             SELECT $7, $5, $4, $8, $1, $9 FROM held RETURNING (SELECT remaining FROM held)"
+        );
         const RECORD: &str = "INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at) \
                               VALUES ($1, $2, $3, $4, $5, $6)";
-        let held: Option<i64> = with_db!(db, pool => async {
-            let mut tx = pool.begin().await?;
-            let remaining: Option<i64> = sqlx::query_scalar(HOLD)
-                .bind(now.0).bind(start).bind(end).bind(amount.0).bind(&customer.id).bind(period.as_str())
-                .fetch_optional(&mut *tx).await?;
-            if remaining.is_some() {
-                sqlx::query(RECORD).bind(&id).bind(&customer.id).bind(amount.0).bind(request_id)
-                    .bind(now.0).bind(expires_at.0).execute(&mut *tx).await?;
-                tx.commit().await?;
-            } else {
-                tx.rollback().await?;
+        let held: Option<i64> = match db {
+            // One statement, one round trip: the hold and its record commit together or not at all.
+            Db::Postgres(pool) => sqlx::query_scalar::<_, i64>(HOLD_AND_RECORD)
+                .bind(now.0)
+                .bind(start)
+                .bind(end)
+                .bind(amount.0)
+                .bind(&customer.id)
+                .bind(period.as_str())
+                .bind(&id)
+                .bind(request_id)
+                .bind(expires_at.0)
+                .fetch_optional(pool)
+                .await
+                .map_err(DbError::from)?,
+            Db::Sqlite(pool) => async {
+                let mut tx = pool.begin().await?;
+                let remaining: Option<i64> = sqlx::query_scalar(HOLD)
+                    .bind(now.0)
+                    .bind(start)
+                    .bind(end)
+                    .bind(amount.0)
+                    .bind(&customer.id)
+                    .bind(period.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if remaining.is_some() {
+                    sqlx::query(RECORD)
+                        .bind(&id)
+                        .bind(&customer.id)
+                        .bind(amount.0)
+                        .bind(request_id)
+                        .bind(now.0)
+                        .bind(expires_at.0)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                } else {
+                    tx.rollback().await?;
+                }
+                Ok::<_, sqlx::Error>(remaining)
             }
-            Ok::<_, sqlx::Error>(remaining)
-        }
-        .await)?;
+            .await
+            .map_err(DbError::from)?,
+        };
         if let Some(remaining) = held {
             let reservation = Reservation { id, customer_id: customer.id.clone(), amount };
             return Ok(ReserveOutcome::Reserved { reservation, remaining: Nanos(remaining) });
@@ -176,31 +220,93 @@ pub async fn settle(
         billed_nanos, usage_source, latency_ms, created_at) \
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)";
     let event_id = UsageEventId::generate();
-    let remaining: Option<i64> = with_db!(db, pool => async {
-        let mut tx = pool.begin().await?;
-        let held: i64 = match reservation {
-            Some(r) => sqlx::query_scalar::<_, i64>(FREE).bind(&r.id).fetch_optional(&mut *tx).await?.unwrap_or(0),
-            None => 0,
-        };
-        let remaining: Option<i64> = match &record.customer_id {
-            Some(customer) if held != 0 || record.billed.0 != 0 => {
-                sqlx::query_scalar(CHARGE).bind(held).bind(record.billed.0).bind(customer)
-                    .fetch_optional(&mut *tx).await?
-            }
-            _ => None,
-        };
-        let t = &record.tokens;
-        sqlx::query(EVENT)
-            .bind(&event_id).bind(&record.project_id).bind(&record.customer_id).bind(&record.request_id)
-            .bind(&record.endpoint).bind(&record.model).bind(record.status.as_str()).bind(&record.reason)
-            .bind(t.input).bind(t.cached_input).bind(t.cache_write).bind(t.output).bind(t.reasoning)
-            .bind(record.reserved.0).bind(record.cost.0).bind(record.billed.0).bind(record.source.as_str())
-            .bind(record.latency_ms).bind(UnixMillis::now().0)
-            .execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok::<_, sqlx::Error>(remaining)
-    }
-    .await)?;
+    let t = &record.tokens;
+    let remaining: Option<i64> = match db {
+        // One statement, one round trip, atomic: free the hold, charge, record the event.
+        Db::Postgres(pool) => {
+            const SETTLE: &str = "WITH freed AS (DELETE FROM reservations WHERE id = $20 RETURNING amount_nanos), \
+                charged AS (UPDATE customers SET \
+                    reserved_nanos = reserved_nanos - COALESCE((SELECT amount_nanos FROM freed), 0), \
+                    spent_nanos = spent_nanos + $16 \
+                  WHERE id = $3 AND (EXISTS (SELECT 1 FROM freed) OR $16 <> 0) \
+                  RETURNING budget_nanos - spent_nanos - reserved_nanos AS remaining), \
+                event AS (INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, \
+                    reason, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
+                    reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at) \
+                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)) \
+                SELECT (SELECT remaining FROM charged)";
+            let reservation_id = reservation.map(|r| r.id.as_str().to_owned());
+            sqlx::query_scalar::<_, Option<i64>>(SETTLE)
+                .bind(&event_id)
+                .bind(&record.project_id)
+                .bind(&record.customer_id)
+                .bind(&record.request_id)
+                .bind(&record.endpoint)
+                .bind(&record.model)
+                .bind(record.status.as_str())
+                .bind(&record.reason)
+                .bind(t.input)
+                .bind(t.cached_input)
+                .bind(t.cache_write)
+                .bind(t.output)
+                .bind(t.reasoning)
+                .bind(record.reserved.0)
+                .bind(record.cost.0)
+                .bind(record.billed.0)
+                .bind(record.source.as_str())
+                .bind(record.latency_ms)
+                .bind(UnixMillis::now().0)
+                .bind(&reservation_id)
+                .fetch_one(pool)
+                .await
+                .map_err(DbError::from)?
+        }
+        Db::Sqlite(pool) => async {
+            let mut tx = pool.begin().await?;
+            let held: i64 = match reservation {
+                Some(r) => sqlx::query_scalar::<_, i64>(FREE).bind(&r.id).fetch_optional(&mut *tx).await?.unwrap_or(0),
+                None => 0,
+            };
+            let remaining: Option<i64> = match &record.customer_id {
+                Some(customer) if held != 0 || record.billed.0 != 0 => {
+                    sqlx::query_scalar(CHARGE)
+                        .bind(held)
+                        .bind(record.billed.0)
+                        .bind(customer)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                }
+                _ => None,
+            };
+            let t = &record.tokens;
+            sqlx::query(EVENT)
+                .bind(&event_id)
+                .bind(&record.project_id)
+                .bind(&record.customer_id)
+                .bind(&record.request_id)
+                .bind(&record.endpoint)
+                .bind(&record.model)
+                .bind(record.status.as_str())
+                .bind(&record.reason)
+                .bind(t.input)
+                .bind(t.cached_input)
+                .bind(t.cache_write)
+                .bind(t.output)
+                .bind(t.reasoning)
+                .bind(record.reserved.0)
+                .bind(record.cost.0)
+                .bind(record.billed.0)
+                .bind(record.source.as_str())
+                .bind(record.latency_ms)
+                .bind(UnixMillis::now().0)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(remaining)
+        }
+        .await
+        .map_err(DbError::from)?,
+    };
     Ok(remaining.map(Nanos))
 }
 

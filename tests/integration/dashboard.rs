@@ -35,6 +35,7 @@ pub fn cases() -> Vec<DbCase> {
         the_api_reference_is_rendered_from_the_openapi_document,
         nul_characters_in_forms_get_a_message_not_an_error,
         test_connection_asks_stripe_and_shows_the_answer,
+        price_and_provider_changes_apply_to_the_next_call,
     ]
 }
 
@@ -1211,5 +1212,55 @@ async fn test_connection_asks_stripe_and_shows_the_answer(db: TestDatabase) -> T
     ada.submit(&billing, &check, &[]).await?;
     let shown = last_check(&ada.get(&billing).await?.body);
     assert!(shown.contains("Stripe could not be reached"), "{shown}");
+    app.stop().await
+}
+
+/// The proxy keeps prices and providers for two seconds; a change made in the dashboard
+/// applies to the very next call all the same.
+async fn price_and_provider_changes_apply_to_the_next_call(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let mock = MockProvider::start().await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let (project_path, key) = project_with_traffic(&ada, &mock).await?;
+    let customers = format!("{project_path}/customers");
+    let customer = [("external_id", "cust-1"), ("budget", "1.00"), ("period", "month")];
+    assert_eq!(ada.submit(&customers, &customers, &customer).await?.status, StatusCode::SEE_OTHER);
+    let call = || async {
+        let response = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-tollgate-customer", "cust-1")
+            .json(&serde_json::json!({"model": "mock-model", "max_tokens": 20,
+                "messages": [{"role": "user", "content": "Hi"}]}))
+            .send()
+            .await?;
+        let status = response.status();
+        let cost = response.headers().get("x-tollgate-cost").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        anyhow::Ok((status, cost, response.text().await?))
+    };
+    let (status, cost, body) = call().await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(cost.as_deref(), Some("0.02"));
+
+    let prices = format!("{project_path}/prices");
+    let price = [("model", "mock-model"), ("input", "0"), ("output", "2000"), ("max_output_tokens", "100")];
+    assert_eq!(ada.submit(&prices, &prices, &price).await?.status, StatusCode::SEE_OTHER);
+    let (_, cost, body) = call().await?;
+    assert_eq!(cost.as_deref(), Some("0.04"), "the new price, at once: {body}");
+
+    let page = ada.get(&format!("{project_path}/providers")).await?;
+    let delete = page
+        .body
+        .split("action=\"")
+        .map(|r| r.split('"').next().unwrap_or_default())
+        .find(|a| a.ends_with("/delete") && a.contains("/providers/"));
+    let delete = delete.ok_or_else(|| anyhow::anyhow!("no provider on the page"))?.to_owned();
+    let removed = ada.submit(&format!("{project_path}/providers"), &delete, &[]).await?;
+    assert_eq!(removed.status, StatusCode::SEE_OTHER, "{}", removed.body);
+    let (status, _, body) = call().await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("model_not_routed"), "{body}");
     app.stop().await
 }

@@ -199,7 +199,7 @@ pub async fn revoke(
     if !projects::revoke_key(&state.db, &project.id, &key).await? {
         return Err(missing());
     }
-    state.keys.forget_project(&project.id);
+    state.forget_project(&project.id);
     super::audit(&state, &project, &actor, "key.revoked", &project.name, &format!("{key} (API)")).await?;
     Ok(Json(listed(&state, &project, &key).await?))
 }

@@ -127,7 +127,7 @@ pub async fn revoke(
         return Err(WebError::NotFound);
     }
     // Immediate effect on this process's proxy; other replicas within the key cache's TTL.
-    state.keys.forget_project(&project.id);
+    state.forget_project(&project.id);
     audit::record(&state.db, me.org_id(), &me.actor(), "key.revoked", &project.name, key_id.as_str()).await?;
     Ok(Redirect::to(&format!("/projects/{}/keys", project.id)))
 }

@@ -93,7 +93,7 @@ pub async fn add(
             Ok(_) => {
                 let detail = format!("{} connection for {}", kind.as_str(), form.models.trim());
                 audit::record(&state.db, me.org_id(), &me.actor(), "provider.added", &project.name, &detail).await?;
-                state.keys.forget_project(&project.id);
+                state.forget_project(&project.id);
                 return Ok(Redirect::to(&format!("/projects/{}/providers", project.id)).into_response());
             }
             Err(ProjectError::Invalid { field, reason }) => errors.push(format!("{}: {reason}", capitalized(field))),
@@ -116,7 +116,7 @@ pub async fn delete(
     if !projects::delete_provider(&state.db, &project.id, &provider_id).await? {
         return Err(WebError::NotFound);
     }
-    state.keys.forget_project(&project.id);
+    state.forget_project(&project.id);
     audit::record(&state.db, me.org_id(), &me.actor(), "provider.removed", &project.name, provider_id.as_str()).await?;
     Ok(Redirect::to(&format!("/projects/{}/providers", project.id)))
 }

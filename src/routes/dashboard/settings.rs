@@ -195,7 +195,7 @@ pub async fn save(
     let before = ProjectSettings::of(&project);
     let updated =
         projects::update_project(&state.db, me.org_id(), &project.id, &settings).await.map_err(project_error)?;
-    state.keys.forget_project(&project.id);
+    state.forget_project(&project.id);
     let detail = describe_changes(&before, &settings);
     audit::record(&state.db, me.org_id(), &me.actor(), "project.settings_changed", &updated.name, &detail).await?;
     // Redirect after the post, so a reload does not submit the form again.
@@ -251,7 +251,7 @@ pub async fn delete(
         return Ok((StatusCode::BAD_REQUEST, page).into_response());
     }
     projects::delete_project(&state.db, me.org_id(), &project.id).await?;
-    state.keys.forget_project(&project.id);
+    state.forget_project(&project.id);
     audit::record(&state.db, me.org_id(), &me.actor(), "project.deleted", &project.name, project.id.as_str()).await?;
     Ok(Redirect::to("/projects").into_response())
 }
@@ -379,6 +379,7 @@ pub async fn set_price(
     };
     match result {
         Ok(()) => {
+            state.forget_project(&project.id);
             let detail = format!("input {} / output {} per Mtok", form.input.trim(), form.output.trim());
             audit::record(&state.db, me.org_id(), &me.actor(), "price.set", form.model.trim(), &detail).await?;
             Ok(Redirect::to(&format!("/projects/{}/prices", project.id)).into_response())
@@ -408,6 +409,7 @@ pub async fn delete_price(
     if !projects::delete_price(&state.db, &project.id, &form.model).await? {
         return Err(WebError::NotFound);
     }
+    state.forget_project(&project.id);
     audit::record(&state.db, me.org_id(), &me.actor(), "price.removed", &form.model, "override removed").await?;
     Ok(Redirect::to(&format!("/projects/{}/prices", project.id)))
 }

@@ -9,10 +9,12 @@
 //! - [`embeddings`]: `POST /v1/embeddings`.
 //! - [`models`]: `GET /v1/models`, what the project may call.
 //! - [`auth`]: project keys (`Authorization: Bearer` or `x-api-key`).
+//! - [`cache`]: providers and prices kept for two seconds.
 //! - [`error`]: the one error type of this face, written in the caller's error shape.
 //! - [`sse`]: server-sent event framing.
 
 pub mod auth;
+pub mod cache;
 pub mod chat;
 pub mod embeddings;
 pub mod error;

@@ -134,10 +134,10 @@ pub fn json_body(body: &[u8]) -> Result<Value, ProxyError> {
 
 /// The provider connection that serves `model` for API `D`.
 pub async fn route<D: Dialect>(state: &AppState, project: &Project, model: &str) -> Result<Provider, ProxyError> {
-    let providers = projects::list_providers(&state.db, &state.master_key, &project.id).await?;
-    let serving: Vec<Provider> = providers.into_iter().filter(|p| p.serves(model)).collect();
+    let providers = state.config_cache.providers(&state.db, &state.master_key, &project.id).await?;
+    let serving: Vec<&Provider> = providers.iter().filter(|p| p.serves(model)).collect();
     if let Some(provider) = serving.iter().find(|p| D::speaks(p.kind)) {
-        return Ok(provider.clone());
+        return Ok((*provider).clone());
     }
     Err(match serving.first() {
         Some(p) => ProxyError::invalid(
@@ -213,7 +213,7 @@ async fn run<D: Dialect>(
         Some(customer) => token_customer_of_call(&headers, customer)?,
         None => customer_of_call(&project, &headers, D::user(&request))?,
     };
-    let price = projects::price_for(&state.db, &project.id, &shape.model).await?.ok_or_else(|| {
+    let price = state.config_cache.price(&state.db, &project.id, &shape.model).await?.ok_or_else(|| {
         ProxyError::invalid(
             format!(
                 "The model `{}` has no price in this project, so Tollgate cannot meter it. Add a price override for it.",
