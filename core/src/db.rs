@@ -80,6 +80,16 @@ pub enum DbError {
     Query(#[from] sqlx::Error),
 }
 
+impl DbError {
+    /// Whether the statement failed before it could commit because another writer held a lock
+    /// (SQLite busy or locked; PostgreSQL serialization failure, deadlock, lock timeout): the
+    /// transaction rolled back, so it can be tried again without doing anything twice.
+    pub fn is_lock_contention(&self) -> bool {
+        let DbError::Query(sqlx::Error::Database(e)) = self else { return false };
+        matches!(e.code().as_deref(), Some("5" | "6" | "261" | "262" | "517" | "773" | "40001" | "40P01" | "55P03"))
+    }
+}
+
 /// Settings for opening a pool, taken from [`Config`] or given directly (tests, tools).
 #[derive(Debug, Clone)]
 pub struct PoolSettings {

@@ -454,31 +454,47 @@ impl Call {
         TokenUsage { output: output.max(input.output), ..input }
     }
 
-    /// Settles on a task of its own (it must finish even if the client is gone) and waits for it.
-    async fn finish(self, record: UsageRecord) -> (Nanos, Option<Nanos>) {
+    /// Settles on a task of its own (it must finish even if the client is gone) and waits for
+    /// it. A settlement that lost a lock race rolled back whole, so it is tried again (five
+    /// times over about three seconds); `Err` when it could not be recorded at all.
+    async fn finish(self, record: UsageRecord) -> Result<(Nanos, Option<Nanos>), Unrecorded> {
         let billed = record.billed;
         let db = self.state.db.clone();
         let reservation = self.reservation.clone();
-        let settled = tokio::spawn(async move { ledger::settle(&db, Some(&reservation), &record).await }).await;
-        let remaining = match settled {
-            Ok(Ok(remaining)) => remaining,
+        let settled = tokio::spawn(async move {
+            let mut wait = Duration::from_millis(100);
+            loop {
+                match ledger::settle(&db, Some(&reservation), &record).await {
+                    Err(e) if e.is_lock_contention() && wait < Duration::from_secs(2) => {
+                        tokio::time::sleep(wait).await;
+                        wait *= 2;
+                    }
+                    outcome => return outcome,
+                }
+            }
+        })
+        .await;
+        match settled {
+            Ok(Ok(remaining)) => Ok((billed, remaining)),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, request_id = %self.request_id, "settlement failed; the reservation expires instead");
-                None
+                Err(Unrecorded)
             }
             Err(e) => {
                 tracing::error!(error = %e, "settlement task failed");
-                None
+                Err(Unrecorded)
             }
-        };
-        (billed, remaining)
+        }
     }
 
     async fn release(self, reason: &str) {
         let record = self.record(CallStatus::Failed, Some(reason.to_owned()), TokenUsage::default(), UsageSource::None);
-        self.finish(record).await;
+        let _ = self.finish(record).await;
     }
 }
+
+/// The ledger could not record a call's outcome.
+struct Unrecorded;
 
 fn money_header(n: Nanos) -> Option<HeaderValue> {
     HeaderValue::from_str(&n.to_string()).ok()
@@ -523,7 +539,8 @@ async fn json_response<D: Dialect>(call: Call, upstream: reqwest::Response) -> R
     };
     let budget = call.budget;
     let record = call.record(CallStatus::Settled, None, tokens, source);
-    let (billed, remaining) = call.finish(record).await;
+    // Fail closed: an answer whose cost the ledger could not record is not handed out.
+    let (billed, remaining) = call.finish(record).await.map_err(|Unrecorded| ProxyError::Internal)?;
     let mut response = Response::new(Body::from(body));
     let headers = response.headers_mut();
     if let Some(ct) = content_type {
@@ -587,7 +604,8 @@ fn stream_response<D: Dialect>(call: Call, upstream: reqwest::Response, client_w
             None => (call.counted(watch.input.take(), &watch.delivered), UsageSource::Counted),
         };
         let record = call.record(CallStatus::Settled, failure, tokens, source);
-        call.finish(record).await;
+        // The stream is delivered already; a failure is logged (and the reservation expires).
+        let _ = call.finish(record).await;
     });
     let body =
         Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }));
