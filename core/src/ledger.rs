@@ -204,6 +204,33 @@ pub struct UsageRecord {
     pub latency_ms: i64,
 }
 
+/// Binds a usage event's 19 columns, in `usage_events`' order, to `$1`…`$19` of `$query`.
+macro_rules! bind_event {
+    ($query:expr, $event_id:expr, $record:expr) => {{
+        let (record, t) = (&$record, &$record.tokens);
+        $query
+            .bind(&$event_id)
+            .bind(&record.project_id)
+            .bind(&record.customer_id)
+            .bind(&record.request_id)
+            .bind(&record.endpoint)
+            .bind(&record.model)
+            .bind(record.status.as_str())
+            .bind(&record.reason)
+            .bind(t.input)
+            .bind(t.cached_input)
+            .bind(t.cache_write)
+            .bind(t.output)
+            .bind(t.reasoning)
+            .bind(record.reserved.0)
+            .bind(record.cost.0)
+            .bind(record.billed.0)
+            .bind(record.source.as_str())
+            .bind(record.latency_ms)
+            .bind(UnixMillis::now().0)
+    }};
+}
+
 /// Ends a call: frees its reservation (if still held), charges `record.billed` to the
 /// customer, and writes the usage event, atomically. Returns the customer's remaining
 /// budget afterwards, when there is a customer.
@@ -220,7 +247,6 @@ pub async fn settle(
         billed_nanos, usage_source, latency_ms, created_at) \
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)";
     let event_id = UsageEventId::generate();
-    let t = &record.tokens;
     let remaining: Option<i64> = match db {
         // One statement, one round trip, atomic: free the hold, charge, record the event.
         Db::Postgres(pool) => {
@@ -236,26 +262,7 @@ pub async fn settle(
                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)) \
                 SELECT (SELECT remaining FROM charged)";
             let reservation_id = reservation.map(|r| r.id.as_str().to_owned());
-            sqlx::query_scalar::<_, Option<i64>>(SETTLE)
-                .bind(&event_id)
-                .bind(&record.project_id)
-                .bind(&record.customer_id)
-                .bind(&record.request_id)
-                .bind(&record.endpoint)
-                .bind(&record.model)
-                .bind(record.status.as_str())
-                .bind(&record.reason)
-                .bind(t.input)
-                .bind(t.cached_input)
-                .bind(t.cache_write)
-                .bind(t.output)
-                .bind(t.reasoning)
-                .bind(record.reserved.0)
-                .bind(record.cost.0)
-                .bind(record.billed.0)
-                .bind(record.source.as_str())
-                .bind(record.latency_ms)
-                .bind(UnixMillis::now().0)
+            bind_event!(sqlx::query_scalar::<_, Option<i64>>(SETTLE), event_id, record)
                 .bind(&reservation_id)
                 .fetch_one(pool)
                 .await
@@ -278,29 +285,7 @@ pub async fn settle(
                 }
                 _ => None,
             };
-            let t = &record.tokens;
-            sqlx::query(EVENT)
-                .bind(&event_id)
-                .bind(&record.project_id)
-                .bind(&record.customer_id)
-                .bind(&record.request_id)
-                .bind(&record.endpoint)
-                .bind(&record.model)
-                .bind(record.status.as_str())
-                .bind(&record.reason)
-                .bind(t.input)
-                .bind(t.cached_input)
-                .bind(t.cache_write)
-                .bind(t.output)
-                .bind(t.reasoning)
-                .bind(record.reserved.0)
-                .bind(record.cost.0)
-                .bind(record.billed.0)
-                .bind(record.source.as_str())
-                .bind(record.latency_ms)
-                .bind(UnixMillis::now().0)
-                .execute(&mut *tx)
-                .await?;
+            bind_event!(sqlx::query(EVENT), event_id, record).execute(&mut *tx).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(remaining)
         }
