@@ -524,9 +524,11 @@ fn missing(name: &str) -> (StatusCode, Value) {
     invalid(name, Some("parameter_missing"), &format!("Missing required param: {name}."))
 }
 
-fn with_param((status, mut body): (StatusCode, Value), param: &str) -> (StatusCode, Value) {
+/// An error about the object a parameter names: Stripe answers 400 (404 is for the object
+/// of the URL), with the parameter.
+fn with_param((_, mut body): (StatusCode, Value), param: &str) -> (StatusCode, Value) {
     body["error"]["param"] = json!(param);
-    (status, body)
+    (StatusCode::BAD_REQUEST, body)
 }
 
 fn no_such(kind: &str, id: &str) -> (StatusCode, Value) {
@@ -564,9 +566,8 @@ async fn create_meter(
     form: Form,
 ) -> Response {
     request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
-        let (Some(name), Some(event_name)) = (text(params, "display_name"), text(params, "event_name")) else {
-            return missing("display_name or event_name");
-        };
+        let Some(name) = text(params, "display_name") else { return missing("display_name") };
+        let Some(event_name) = text(params, "event_name") else { return missing("event_name") };
         let formula = params["default_aggregation"]["formula"].as_str().unwrap_or_default().to_owned();
         if !matches!(formula.as_str(), "sum" | "count" | "last") {
             return invalid(
@@ -676,9 +677,8 @@ async fn create_price(
     form: Form,
 ) -> Response {
     request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
-        let (Some(currency), Some(product)) = (text(params, "currency"), text(params, "product")) else {
-            return missing("currency or product");
-        };
+        let Some(currency) = text(params, "currency") else { return missing("currency") };
+        let Some(product) = text(params, "product") else { return missing("product") };
         let data = inner.accounts.entry(account.to_owned()).or_default();
         if find(&data.products, product).is_none() {
             return with_param(no_such("product", product), "product");
@@ -767,24 +767,29 @@ async fn create_subscription(
             "nickname": null, "product": price_object["product"], "tiers_mode": null, "transform_usage": null,
             "trial_period_days": null, "usage_type": recurring["usage_type"],
         });
-        let subscription = json!({
+        let item = json!({
+            "id": item, "object": "subscription_item", "price": price_object, "plan": plan, "subscription": id,
+            "created": start, "metadata": {}, "discounts": [], "current_period_start": start,
+            "current_period_end": end, "tax_rates": [], "billing_thresholds": null,
+        });
+        let mut subscription = json!({
             "id": id, "object": "subscription", "created": start, "livemode": false, "customer": customer,
             "status": "active", "metadata": metadata(params), "collection_method": "charge_automatically",
             "currency": price_object["currency"], "start_date": start, "billing_cycle_anchor": start,
-            "billing_cycle_anchor_config": null, "billing_mode": {"type": "classic"}, "billing_schedules": [],
+            "billing_mode": {"type": "classic"}, "billing_schedules": [], "discounts": [],
             "automatic_tax": {"enabled": false, "liability": null, "disabled_reason": null},
-            "cancel_at": null, "cancel_at_period_end": false, "canceled_at": null, "cancellation_details":
-                {"comment": null, "feedback": null, "reason": null},
-            "days_until_due": null, "default_payment_method": null, "description": null, "discounts": [],
-            "ended_at": null, "invoice_settings": {"account_tax_ids": null, "issuer": {"type": "self"}},
-            "latest_invoice": null, "pending_invoice_item_interval": null, "pending_setup_intent": null,
-            "pending_update": null, "schedule": null, "test_clock": null, "trial_end": null, "trial_start": null,
-            "items": {"object": "list", "has_more": false, "url": format!("/v1/subscription_items?subscription={id}"),
-                "data": [{"id": item, "object": "subscription_item", "price": price_object, "plan": plan,
-                          "subscription": id, "created": start, "metadata": {}, "discounts": [],
-                          "current_period_start": start, "current_period_end": end, "tax_rates": [],
-                          "billing_thresholds": null}]},
+            "cancel_at_period_end": false, "cancellation_details": {"comment": null, "feedback": null, "reason": null},
+            "invoice_settings": {"account_tax_ids": null, "issuer": {"type": "self"}},
+            "items": {"object": "list", "has_more": false, "data": [item],
+                      "url": format!("/v1/subscription_items?subscription={id}")},
         });
+        for empty in [
+            "billing_cycle_anchor_config", "cancel_at", "canceled_at", "days_until_due", "default_payment_method",
+            "description", "ended_at", "latest_invoice", "pending_invoice_item_interval", "pending_setup_intent",
+            "pending_update", "schedule", "test_clock", "trial_end", "trial_start",
+        ] {
+            subscription[empty] = Value::Null;
+        }
         inner.accounts.entry(account.to_owned()).or_default().subscriptions.push(subscription.clone());
         (StatusCode::OK, subscription)
     })

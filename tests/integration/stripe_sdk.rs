@@ -118,7 +118,7 @@ async fn fake_stripe_answers_the_official_sdk() -> anyhow::Result<()> {
         .unit_amount_decimal("1")
         .recurring(CreatePriceRecurring { meter: Some("mtr_elsewhere".to_owned()), ..recurring });
     let (status, _, code, _) = stripe_error(&refused(orphan.send(&stripe).await, "a price on no meter")?);
-    assert_eq!((status, code), (404, Some(ApiErrorsCode::ResourceMissing)));
+    assert_eq!((status, code), (400, Some(ApiErrorsCode::ResourceMissing)));
 
     let customer = CreateCustomer::new()
         .name("customer-42")
