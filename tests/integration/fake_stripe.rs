@@ -784,9 +784,21 @@ async fn create_subscription(
                       "url": format!("/v1/subscription_items?subscription={id}")},
         });
         for empty in [
-            "billing_cycle_anchor_config", "cancel_at", "canceled_at", "days_until_due", "default_payment_method",
-            "description", "ended_at", "latest_invoice", "pending_invoice_item_interval", "pending_setup_intent",
-            "pending_update", "schedule", "test_clock", "trial_end", "trial_start",
+            "billing_cycle_anchor_config",
+            "cancel_at",
+            "canceled_at",
+            "days_until_due",
+            "default_payment_method",
+            "description",
+            "ended_at",
+            "latest_invoice",
+            "pending_invoice_item_interval",
+            "pending_setup_intent",
+            "pending_update",
+            "schedule",
+            "test_clock",
+            "trial_end",
+            "trial_start",
         ] {
             subscription[empty] = Value::Null;
         }

@@ -214,7 +214,11 @@ async fn fake_stripe_dedupes_identifiers_and_keeps_the_timestamp_window() -> any
     assert_eq!(summary.body["data"][0]["object"], "billing.meter_event_summary");
     assert_eq!(summary.body["data"][0]["aggregated_value"], 7);
     let unaligned = stripe
-        .get(&format!("/billing/meters/{meter}/event_summaries?customer={customer}&start_time={}&end_time={}", now - 1, now))
+        .get(&format!(
+            "/billing/meters/{meter}/event_summaries?customer={customer}&start_time={}&end_time={}",
+            now - 1,
+            now
+        ))
         .await?;
     assert_eq!(unaligned.status, StatusCode::BAD_REQUEST, "{}", unaligned.body);
     Ok(())
@@ -228,7 +232,10 @@ async fn fake_stripe_scopes_objects_by_key_and_stripe_account() -> anyhow::Resul
     let tenant = Caller::new(&fake, KEY, None);
     let (_, customer) = tenant.provision().await?;
     // The key's own account named in Stripe-Account is the same account.
-    assert_eq!(Caller::new(&fake, KEY, Some(ACCOUNT)).get(&format!("/customers/{customer}")).await?.status, StatusCode::OK);
+    assert_eq!(
+        Caller::new(&fake, KEY, Some(ACCOUNT)).get(&format!("/customers/{customer}")).await?.status,
+        StatusCode::OK
+    );
     // Another tenant's key cannot see it, nor act on the tenant's account.
     let other = Caller::new(&fake, OTHER_KEY, None).get(&format!("/customers/{customer}")).await?;
     assert_eq!((other.status, other.code()), (StatusCode::NOT_FOUND, "resource_missing"));
@@ -298,7 +305,10 @@ async fn fake_stripe_replays_idempotency_keys_as_stripe_does() -> anyhow::Result
     let now = now();
     let failed = stripe.meter_event(Some("mtb-1"), &customer, "mtb_1", 5, now).await?;
     let replayed = stripe.meter_event(Some("mtb-1"), &customer, "mtb_1", 5, now).await?;
-    assert_eq!((failed.status, failed.body["error"]["type"].as_str()), (StatusCode::INTERNAL_SERVER_ERROR, Some("api_error")));
+    assert_eq!(
+        (failed.status, failed.body["error"]["type"].as_str()),
+        (StatusCode::INTERNAL_SERVER_ERROR, Some("api_error"))
+    );
     assert_eq!((replayed.status, replayed.replayed()), (StatusCode::INTERNAL_SERVER_ERROR, true));
     // A fresh key runs it; the identifier keeps a later resend from counting twice.
     let fresh = stripe.meter_event(Some("mtb-1-retry"), &customer, "mtb_1", 5, now).await?;
@@ -366,7 +376,11 @@ async fn fake_stripe_goes_down_and_comes_back_with_its_state() -> anyhow::Result
     let addr = fake.addr;
 
     fake.go_down().await?;
-    let error = Caller::new(&fake, KEY, None).get(&format!("/customers/{customer}")).await.err().ok_or_else(|| anyhow::anyhow!("answered"))?;
+    let error = Caller::new(&fake, KEY, None)
+        .get(&format!("/customers/{customer}"))
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("answered"))?;
     let error = error.downcast::<reqwest::Error>()?;
     assert!(error.is_connect(), "{error:?}");
     fake.come_back().await?;

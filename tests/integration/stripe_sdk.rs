@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 
 use stripe::{AccountId, ApiErrorsCode, Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError};
-use stripe::{StripeRequest, ApiErrorsType};
+use stripe::{ApiErrorsType, StripeRequest};
+use stripe_billing::SubscriptionStatus;
 use stripe_billing::billing_meter::{
     CreateBillingMeter, CreateBillingMeterCustomerMapping, CreateBillingMeterCustomerMappingType,
     CreateBillingMeterDefaultAggregation, CreateBillingMeterDefaultAggregationFormula, CreateBillingMeterValueSettings,
@@ -15,10 +16,11 @@ use stripe_billing::billing_meter::{
 use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
 use stripe_billing::billing_meter_event_summary::ListIdBillingMeterEventSummary;
 use stripe_billing::subscription::{CreateSubscription, CreateSubscriptionItems, RetrieveSubscription};
-use stripe_billing::SubscriptionStatus;
 use stripe_core::customer::{CreateCustomer, RetrieveCustomer, RetrieveCustomerReturned};
 use stripe_product::PriceBillingScheme;
-use stripe_product::price::{CreatePrice, CreatePriceRecurring, CreatePriceRecurringInterval, CreatePriceRecurringUsageType};
+use stripe_product::price::{
+    CreatePrice, CreatePriceRecurring, CreatePriceRecurringInterval, CreatePriceRecurringUsageType,
+};
 use stripe_product::product::CreateProduct;
 use stripe_types::Currency;
 
