@@ -12,12 +12,19 @@
 //! - meters (event names unique), products, metered prices tied to a meter, customers,
 //!   subscriptions; meter events refused for an unknown meter or customer, a timestamp more than
 //!   35 days old or 5 minutes ahead, or an identifier already used (deduplicated); meter event
-//!   summaries summing what was accepted, with minute-aligned bounds;
+//!   summaries summing what was accepted, with minute-aligned bounds (hour or day with
+//!   `value_grouping_window`, one summary per window);
 //! - faults on demand: 429 rate limits and other statuses for the next meter events, going down
 //!   (connections refused) and coming back on the same port with the same state;
 //! - signed webhook events sent to a URL, as Stripe sends them.
 //!
 //! Every request is recorded for the test to inspect.
+//!
+//! Not modelled: pagination (`limit`, `starting_after`; every list is one page), `expand`,
+//! updates and deletions, API v2 meter event streams,
+//! meter errors that Stripe reports later (`v1.billing.meter.error_report_triggered`; here an
+//! unknown meter or customer is refused at once), Stripe's real rate limits (only the 429s
+//! asked for), key expiry after 24 hours (`forget_idempotency_keys` stands for it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -225,13 +232,18 @@ impl FakeStripe {
         self.objects(account, |a| &a.subscriptions)
     }
 
-    /// The next `n` meter events are refused with 429, as when over Stripe's rate limit.
+    /// The next `n` meter events are refused with 429, as when over Stripe's rate limit: Stripe's
+    /// body (`invalid_request_error`, code `rate_limit`), no `Stripe-Should-Retry` header (Stripe
+    /// documents none for rate limits; its SDKs back off on 429 by status), nothing kept for the
+    /// request's Idempotency-Key.
     pub fn set_rate_limit(&self, n: usize) {
         self.inner.lock().unwrap().rate_limited = n;
     }
 
-    /// The next `n` meter events are answered with `status` (5xx: Stripe's API error; 4xx: an
-    /// invalid request).
+    /// The next `n` meter events are answered with `status`. 5xx: Stripe's `api_error`, raised
+    /// while the endpoint runs, so kept for the request's Idempotency-Key and replayed to a
+    /// retry with the same key (as Stripe documents for 500s). 4xx: an invalid parameter,
+    /// refused before the endpoint runs, so the key stays free.
     pub fn fail_next(&self, n: usize, status: u16) {
         self.inner.lock().unwrap().failing = Some((n, status));
     }
@@ -932,27 +944,45 @@ async fn event_summaries(
         let (Some(start), Some(end)) = (bound("start_time"), bound("end_time")) else {
             return missing("start_time or end_time");
         };
-        if start % 60 != 0 || end % 60 != 0 || end <= start {
-            return stripe_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
+        // Bounds aligned with the grouping window (minutes without one, as Stripe requires).
+        let (window, unit) = match query.get("value_grouping_window").map(String::as_str) {
+            None => (60, "minute"),
+            Some("hour") => (3_600, "hour"),
+            Some("day") => (86_400, "UTC day"),
+            Some(_) => {
+                return invalid("value_grouping_window", None, "value_grouping_window must be one of day, hour.");
+            }
+        };
+        if start % window != 0 || end % window != 0 || end <= start {
+            return invalid(
+                "start_time",
                 None,
-                "start_time and end_time must be aligned with minute boundaries, and start_time before end_time.",
+                &format!(
+                    "start_time and end_time must be aligned with {unit} boundaries, and start_time before end_time."
+                ),
             );
         }
         let Some(data) = inner.accounts.get(account) else { return no_such("billing.meter", &id) };
         let Some(meter) = find(&data.meters, &id) else { return no_such("billing.meter", &id) };
-        let total: i64 = data
-            .meter_events
-            .iter()
-            .filter(|e| e.event_name == meter["event_name"].as_str().unwrap_or_default())
-            .filter(|e| &e.stripe_customer_id == customer && e.timestamp >= start && e.timestamp < end)
-            .map(|e| e.value)
-            .sum();
-        let summary = json!({
-            "id": format!("mtrusg_{customer}_{start}"), "object": "billing.meter_event_summary",
-            "aggregated_value": total, "start_time": start, "end_time": end, "livemode": false, "meter": id,
-        });
-        (StatusCode::OK, list(vec![summary], &url))
+        // One summary for the range, or one per window (in time order) when grouped.
+        let step = if query.contains_key("value_grouping_window") { window } else { end - start };
+        let summaries = (start..end)
+            .step_by(usize::try_from(step).unwrap_or(usize::MAX))
+            .map(|from| {
+                let to = from + step;
+                let total: i64 = data
+                    .meter_events
+                    .iter()
+                    .filter(|e| e.event_name == meter["event_name"].as_str().unwrap_or_default())
+                    .filter(|e| &e.stripe_customer_id == customer && e.timestamp >= from && e.timestamp < to)
+                    .map(|e| e.value)
+                    .sum();
+                json!({
+                    "id": format!("mtrusg_{customer}_{from}"), "object": "billing.meter_event_summary",
+                    "aggregated_value": total, "start_time": from, "end_time": to, "livemode": false, "meter": id,
+                })
+            })
+            .collect();
+        (StatusCode::OK, list(summaries, &url))
     })
 }

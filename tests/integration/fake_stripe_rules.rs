@@ -221,6 +221,25 @@ async fn fake_stripe_dedupes_identifiers_and_keeps_the_timestamp_window() -> any
         ))
         .await?;
     assert_eq!(unaligned.status, StatusCode::BAD_REQUEST, "{}", unaligned.body);
+    // Grouped by hour: one summary per hour of the range, each with its own events.
+    let hour = now - now.rem_euclid(3_600);
+    let grouped = stripe
+        .get(&format!(
+            "/billing/meters/{meter}/event_summaries?customer={customer}&start_time={}&end_time={}\
+             &value_grouping_window=hour",
+            hour - 3_600,
+            hour + 3_600
+        ))
+        .await?;
+    let values: Vec<_> = grouped.body["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| (s["start_time"].as_i64().unwrap_or_default(), s["aggregated_value"].as_i64().unwrap_or_default()))
+        .collect();
+    // mtb_1 (7) is in this hour; mtb_newest (1, four minutes ahead) may be in the next.
+    let this_hour = 7 + i64::from(now + 240 < hour + 3_600);
+    assert_eq!(values, [(hour - 3_600, 0), (hour, this_hour)], "{}", grouped.body);
     Ok(())
 }
 
@@ -323,7 +342,10 @@ async fn fake_stripe_replays_idempotency_keys_as_stripe_does() -> anyhow::Result
     fake.set_meter_event_latency(Duration::from_millis(1500));
     let slow = stripe.meter_event(Some("mtb-2"), &customer, "mtb_2", 5, now);
     let (slow, concurrent) = tokio::join!(slow, async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Once the first has reached the fake.
+        while !fake.seen().iter().any(|r| r.idempotency_key.as_deref() == Some("mtb-2")) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         stripe.meter_event(Some("mtb-2"), &customer, "mtb_2", 5, now).await
     });
     fake.set_meter_event_latency(Duration::ZERO);
