@@ -4,17 +4,27 @@
 //! - keys are checked (401 with Stripe's error body); a platform key acts on its connected
 //!   accounts with `Stripe-Account` (403 for any other), and every object lives in the account
 //!   it was made on;
-//! - form bodies in Stripe's bracket notation; `Idempotency-Key` replays a successful answer
-//!   (`Idempotent-Replayed: true`) and refuses the key with other parameters;
+//! - form bodies in Stripe's bracket notation; `Idempotency-Key` (per account) replays the answer
+//!   of a request whose endpoint ran — successes, refusals and 500s alike, as Stripe's API v1
+//!   does — with `Idempotent-Replayed: true`, saves nothing for a request refused before it ran
+//!   (parameter validation, rate limits), answers 409 `idempotency_key_in_use` while the first
+//!   request with the key is still being answered, and refuses the key with other parameters;
 //! - meters (event names unique), products, metered prices tied to a meter, customers,
 //!   subscriptions; meter events refused for an unknown meter or customer, a timestamp more than
 //!   35 days old or 5 minutes ahead, or an identifier already used (deduplicated); meter event
-//!   summaries summing what was accepted, with minute-aligned bounds;
+//!   summaries summing what was accepted, with minute-aligned bounds (hour or day with
+//!   `value_grouping_window`, one summary per window);
 //! - faults on demand: 429 rate limits and other statuses for the next meter events, going down
 //!   (connections refused) and coming back on the same port with the same state;
 //! - signed webhook events sent to a URL, as Stripe sends them.
 //!
 //! Every request is recorded for the test to inspect.
+//!
+//! Not modelled: pagination (`limit`, `starting_after`; every list is one page), `expand`,
+//! updates and deletions, API v2 meter event streams,
+//! meter errors that Stripe reports later (`v1.billing.meter.error_report_triggered`; here an
+//! unknown meter or customer is refused at once), Stripe's real rate limits (only the 429s
+//! asked for), key expiry after 24 hours (`forget_idempotency_keys` stands for it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -77,6 +87,8 @@ struct Inner {
     connected: HashMap<String, HashSet<String>>,
     accounts: HashMap<String, Account>,
     idempotency: HashMap<(String, String), Saved>,
+    /// (account, Idempotency-Key) of the requests still being answered.
+    in_flight: HashSet<(String, String)>,
     seen: Vec<SeenRequest>,
     rate_limited: usize,
     failing: Option<(usize, u16)>,
@@ -105,8 +117,25 @@ fn stripe_error(status: StatusCode, kind: &str, code: Option<&str>, message: &st
     let mut error = json!({ "type": kind, "message": message });
     if let Some(code) = code {
         error["code"] = json!(code);
+        error["doc_url"] = json!(format!("https://stripe.com/docs/error-codes/{}", code.replace('_', "-")));
     }
     (status, json!({ "error": error }))
+}
+
+/// A parameter refused before the endpoint ran (Stripe names it in `param`; no idempotent
+/// result is saved for it).
+fn invalid(param: &str, code: Option<&str>, message: &str) -> (StatusCode, Value) {
+    let (status, mut body) = stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", code, message);
+    body["error"]["param"] = json!(param);
+    (status, body)
+}
+
+/// Whether Stripe keeps this answer for its Idempotency-Key: the endpoint ran (success, a
+/// refusal while running, a 500), not a request refused before (a parameter, the rate limiter).
+fn kept_for_idempotency(status: StatusCode, body: &Value) -> bool {
+    status.is_success()
+        || status.is_server_error()
+        || (status != StatusCode::TOO_MANY_REQUESTS && body["error"].get("param").is_none())
 }
 
 fn now() -> i64 {
@@ -183,6 +212,10 @@ impl FakeStripe {
         self.inner.lock().unwrap().accounts.get(account).map(|a| pick(a).clone()).unwrap_or_default()
     }
 
+    pub fn products(&self, account: &str) -> Vec<Value> {
+        self.objects(account, |a| &a.products)
+    }
+
     pub fn meters(&self, account: &str) -> Vec<Value> {
         self.objects(account, |a| &a.meters)
     }
@@ -199,13 +232,18 @@ impl FakeStripe {
         self.objects(account, |a| &a.subscriptions)
     }
 
-    /// The next `n` meter events are refused with 429, as when over Stripe's rate limit.
+    /// The next `n` meter events are refused with 429, as when over Stripe's rate limit: Stripe's
+    /// body (`invalid_request_error`, code `rate_limit`), no `Stripe-Should-Retry` header (Stripe
+    /// documents none for rate limits; its SDKs back off on 429 by status), nothing kept for the
+    /// request's Idempotency-Key.
     pub fn set_rate_limit(&self, n: usize) {
         self.inner.lock().unwrap().rate_limited = n;
     }
 
-    /// The next `n` meter events are answered with `status` (5xx: Stripe's API error; 4xx: an
-    /// invalid request).
+    /// The next `n` meter events are answered with `status`. 5xx: Stripe's `api_error`, raised
+    /// while the endpoint runs, so kept for the request's Idempotency-Key and replayed to a
+    /// retry with the same key (as Stripe documents for 500s). 4xx: an invalid parameter,
+    /// refused before the endpoint runs, so the key stays free.
     pub fn fail_next(&self, n: usize, status: u16) {
         self.inner.lock().unwrap().failing = Some((n, status));
     }
@@ -375,7 +413,46 @@ fn request(
     form: Vec<(String, String)>,
     handle: impl FnOnce(&mut Inner, &str, &Value) -> (StatusCode, Value),
 ) -> Response {
-    let mut inner = inner.lock().unwrap();
+    answer(inner, method, uri, headers, form, handle).0
+}
+
+/// An Idempotency-Key whose first request is still being answered; released when dropped
+/// (the answer sent, or the connection gone).
+struct InFlight {
+    inner: Shared,
+    slot: Option<(String, String)>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take()
+            && let Ok(mut inner) = self.inner.lock()
+        {
+            inner.in_flight.remove(&slot);
+        }
+    }
+}
+
+fn respond(inner: &mut Inner, status: StatusCode, body: Value) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    let request_id = inner.id("req");
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("request-id", value);
+    }
+    response
+}
+
+/// [`request`], with the key held as in flight until the returned guard is dropped.
+fn answer(
+    shared: &Shared,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    form: Vec<(String, String)>,
+    handle: impl FnOnce(&mut Inner, &str, &Value) -> (StatusCode, Value),
+) -> (Response, InFlight) {
+    let mut flight = InFlight { inner: shared.clone(), slot: None };
+    let mut inner = shared.lock().unwrap();
     let path = uri.path().to_owned();
     let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
     inner.seen.push(SeenRequest {
@@ -392,38 +469,63 @@ fn request(
     });
     let account = match authenticate(&mut inner, headers) {
         Ok(account) => account,
-        Err((status, body)) => return (status, Json(body)).into_response(),
+        Err((status, body)) => return (respond(&mut inner, status, body), flight),
     };
     let slot = idempotency_key.filter(|_| method == Method::POST).map(|k| (account.clone(), k));
-    if let Some(slot) = &slot
-        && let Some(saved) = inner.idempotency.get(slot)
-    {
-        if saved.path != path || saved.form != form {
+    if let Some(slot) = &slot {
+        if slot.1.len() > 255 {
             let (status, body) = stripe_error(
                 StatusCode::BAD_REQUEST,
-                "idempotency_error",
+                "invalid_request_error",
                 None,
+                "Invalid idempotency key: the key may be at most 255 characters long.",
+            );
+            return (respond(&mut inner, status, body), flight);
+        }
+        if inner.in_flight.contains(slot) {
+            let (status, body) = stripe_error(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("idempotency_key_in_use"),
                 &format!(
-                    "Keys for idempotent requests can only be used with the same parameters they were first used with. \
-                     Try using a key other than '{}' if you meant to execute a different request.",
+                    "There is currently another in-progress request using this Idempotent Key (that probably means \
+                     you submitted twice, and the other request is still going through): {}. Please try again later.",
                     slot.1
                 ),
             );
-            return (status, Json(body)).into_response();
+            return (respond(&mut inner, status, body), flight);
         }
-        let mut response = (saved.status, Json(saved.body.clone())).into_response();
-        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-        return response;
+        if let Some(saved) = inner.idempotency.get(slot) {
+            if saved.path != path || saved.form != form {
+                let (status, body) = stripe_error(
+                    StatusCode::BAD_REQUEST,
+                    "idempotency_error",
+                    None,
+                    &format!(
+                        "Keys for idempotent requests can only be used with the same parameters they were first used \
+                         with. Try using a key other than '{}' if you meant to execute a different request.",
+                        slot.1
+                    ),
+                );
+                return (respond(&mut inner, status, body), flight);
+            }
+            let (status, body) = (saved.status, saved.body.clone());
+            let mut response = respond(&mut inner, status, body);
+            response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return (response, flight);
+        }
     }
     let params = nest(&form);
     let (status, body) = handle(&mut inner, &account, &params);
-    // Stripe keeps the result of a request that ran; not one refused before it ran.
+    // Stripe keeps the answer of a request whose endpoint ran; not one refused before it ran.
     if let Some(slot) = slot
-        && status.is_success()
+        && kept_for_idempotency(status, &body)
     {
-        inner.idempotency.insert(slot, Saved { path, form, status, body: body.clone() });
+        inner.idempotency.insert(slot.clone(), Saved { path, form, status, body: body.clone() });
+        inner.in_flight.insert(slot.clone());
+        flight.slot = Some(slot);
     }
-    (status, Json(body)).into_response()
+    (respond(&mut inner, status, body), flight)
 }
 
 fn text<'a>(params: &'a Value, name: &str) -> Option<&'a str> {
@@ -431,12 +533,14 @@ fn text<'a>(params: &'a Value, name: &str) -> Option<&'a str> {
 }
 
 fn missing(name: &str) -> (StatusCode, Value) {
-    stripe_error(
-        StatusCode::BAD_REQUEST,
-        "invalid_request_error",
-        Some("parameter_missing"),
-        &format!("Missing required param: {name}."),
-    )
+    invalid(name, Some("parameter_missing"), &format!("Missing required param: {name}."))
+}
+
+/// An error about the object a parameter names: Stripe answers 400 (404 is for the object
+/// of the URL), with the parameter.
+fn with_param((_, mut body): (StatusCode, Value), param: &str) -> (StatusCode, Value) {
+    body["error"]["param"] = json!(param);
+    (StatusCode::BAD_REQUEST, body)
 }
 
 fn no_such(kind: &str, id: &str) -> (StatusCode, Value) {
@@ -474,12 +578,15 @@ async fn create_meter(
     form: Form,
 ) -> Response {
     request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
-        let (Some(name), Some(event_name)) = (text(params, "display_name"), text(params, "event_name")) else {
-            return missing("display_name or event_name");
-        };
+        let Some(name) = text(params, "display_name") else { return missing("display_name") };
+        let Some(event_name) = text(params, "event_name") else { return missing("event_name") };
         let formula = params["default_aggregation"]["formula"].as_str().unwrap_or_default().to_owned();
         if !matches!(formula.as_str(), "sum" | "count" | "last") {
-            return missing("default_aggregation[formula]");
+            return invalid(
+                "default_aggregation[formula]",
+                Some("parameter_invalid_empty"),
+                "Invalid default_aggregation[formula]: must be one of sum, count or last",
+            );
         }
         let taken = inner
             .accounts
@@ -582,23 +689,17 @@ async fn create_price(
     form: Form,
 ) -> Response {
     request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
-        let (Some(currency), Some(product)) = (text(params, "currency"), text(params, "product")) else {
-            return missing("currency or product");
-        };
+        let Some(currency) = text(params, "currency") else { return missing("currency") };
+        let Some(product) = text(params, "product") else { return missing("product") };
         let data = inner.accounts.entry(account.to_owned()).or_default();
         if find(&data.products, product).is_none() {
-            return no_such("product", product);
+            return with_param(no_such("product", product), "product");
         }
         let recurring = params.get("recurring").cloned().unwrap_or(Value::Null);
         if recurring["usage_type"] == "metered" {
-            let meter = recurring["meter"].as_str().unwrap_or_default();
+            let Some(meter) = recurring["meter"].as_str() else { return missing("recurring[meter]") };
             if find(&data.meters, meter).is_none() {
-                return stripe_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    None,
-                    "A metered price must be tied to an existing meter (recurring[meter]).",
-                );
+                return with_param(no_such("billing meter", meter), "recurring[meter]");
             }
         }
         let id = inner.id("price");
@@ -661,19 +762,58 @@ async fn create_subscription(
         let Some(price) = params["items"][0]["price"].as_str() else { return missing("items") };
         let data = inner.accounts.entry(account.to_owned()).or_default();
         if find(&data.customers, customer).is_none() {
-            return no_such("customer", customer);
+            return with_param(no_such("customer", customer), "customer");
         }
-        let Some(price_object) = find(&data.prices, price) else { return no_such("price", price) };
+        let Some(price_object) = find(&data.prices, price) else {
+            return with_param(no_such("price", price), "items[0][price]");
+        };
         let (id, item) = (inner.id("sub"), inner.id("si"));
-        let start = now();
-        let subscription = json!({
+        let (start, end) = (now(), now() + 30 * 86_400);
+        let recurring = &price_object["recurring"];
+        // The legacy `plan` view of the price, which Stripe still puts on every subscription item.
+        let plan = json!({
+            "id": price, "object": "plan", "active": true, "amount": price_object["unit_amount"],
+            "amount_decimal": price_object["unit_amount_decimal"], "billing_scheme": price_object["billing_scheme"],
+            "created": price_object["created"], "currency": price_object["currency"], "interval": recurring["interval"],
+            "interval_count": recurring["interval_count"], "livemode": false, "metadata": {}, "meter": recurring["meter"],
+            "nickname": null, "product": price_object["product"], "tiers_mode": null, "transform_usage": null,
+            "trial_period_days": null, "usage_type": recurring["usage_type"],
+        });
+        let item = json!({
+            "id": item, "object": "subscription_item", "price": price_object, "plan": plan, "subscription": id,
+            "created": start, "metadata": {}, "discounts": [], "current_period_start": start,
+            "current_period_end": end, "tax_rates": [], "billing_thresholds": null,
+        });
+        let mut subscription = json!({
             "id": id, "object": "subscription", "created": start, "livemode": false, "customer": customer,
             "status": "active", "metadata": metadata(params), "collection_method": "charge_automatically",
-            "current_period_start": start, "current_period_end": start + 30 * 86_400, "cancel_at_period_end": false,
-            "items": {"object": "list", "has_more": false, "url": format!("/v1/subscription_items?subscription={id}"),
-                "data": [{"id": item, "object": "subscription_item", "price": price_object, "quantity": null,
-                          "subscription": id, "created": start, "metadata": {}}]},
+            "currency": price_object["currency"], "start_date": start, "billing_cycle_anchor": start,
+            "billing_mode": {"type": "classic"}, "billing_schedules": [], "discounts": [],
+            "automatic_tax": {"enabled": false, "liability": null, "disabled_reason": null},
+            "cancel_at_period_end": false, "cancellation_details": {"comment": null, "feedback": null, "reason": null},
+            "invoice_settings": {"account_tax_ids": null, "issuer": {"type": "self"}},
+            "items": {"object": "list", "has_more": false, "data": [item],
+                      "url": format!("/v1/subscription_items?subscription={id}")},
         });
+        for empty in [
+            "billing_cycle_anchor_config",
+            "cancel_at",
+            "canceled_at",
+            "days_until_due",
+            "default_payment_method",
+            "description",
+            "ended_at",
+            "latest_invoice",
+            "pending_invoice_item_interval",
+            "pending_setup_intent",
+            "pending_update",
+            "schedule",
+            "test_clock",
+            "trial_end",
+            "trial_start",
+        ] {
+            subscription[empty] = Value::Null;
+        }
         inner.accounts.entry(account.to_owned()).or_default().subscriptions.push(subscription.clone());
         (StatusCode::OK, subscription)
     })
@@ -697,11 +837,11 @@ async fn create_meter_event(
     form: Form,
 ) -> Response {
     let latency = inner.lock().unwrap().meter_event_latency;
-    let response = request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
+    let (response, flight) = answer(&inner, method, &uri, &headers, form.0, |inner, account, params| {
         let timestamp = match text(params, "timestamp") {
             Some(t) => match t.parse::<i64>() {
                 Ok(t) => t,
-                Err(_) => return missing("timestamp"),
+                Err(_) => return invalid("timestamp", Some("parameter_invalid_integer"), "Invalid integer: timestamp"),
             },
             None => now(),
         };
@@ -730,34 +870,37 @@ async fn create_meter_event(
             return if status.is_server_error() {
                 stripe_error(status, "api_error", None, "An unknown error occurred")
             } else {
-                stripe_error(status, "invalid_request_error", None, "The customer has been deleted.")
+                (status, invalid("payload[stripe_customer_id]", None, "The customer has been deleted.").1)
             };
+        }
+        if event.event_name.is_empty() {
+            return invalid("event_name", Some("parameter_missing"), "Missing required param: event_name.");
         }
         let data = inner.accounts.entry(account.to_owned()).or_default();
         if !data.meters.iter().any(|m| m["event_name"] == event.event_name.as_str() && m["status"] == "active") {
-            return stripe_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
+            return invalid(
+                "event_name",
                 None,
                 &format!("No active meter was found for event_name `{}`.", event.event_name),
             );
         }
+        if event.stripe_customer_id.is_empty() {
+            return invalid(
+                "payload",
+                Some("parameter_missing"),
+                "The payload must contain the meter's customer mapping key `stripe_customer_id`.",
+            );
+        }
         if find(&data.customers, &event.stripe_customer_id).is_none() {
-            return no_such("customer", &event.stripe_customer_id);
+            return with_param(no_such("customer", &event.stripe_customer_id), "payload[stripe_customer_id]");
         }
         if event.value == i64::MIN {
-            return stripe_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                None,
-                "payload[value] must be a whole number.",
-            );
+            return invalid("payload[value]", None, "payload[value] must be a whole number.");
         }
         let now = now();
         if timestamp < now - 35 * 86_400 || timestamp > now + 300 {
-            return stripe_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
+            return invalid(
+                "timestamp",
                 None,
                 "The timestamp must be within the past 35 days and no more than 5 minutes in the future.",
             );
@@ -780,7 +923,9 @@ async fn create_meter_event(
             }),
         )
     });
+    // The key stays in flight while the answer is held back.
     tokio::time::sleep(latency).await;
+    drop(flight);
     response
 }
 
@@ -799,27 +944,45 @@ async fn event_summaries(
         let (Some(start), Some(end)) = (bound("start_time"), bound("end_time")) else {
             return missing("start_time or end_time");
         };
-        if start % 60 != 0 || end % 60 != 0 || end <= start {
-            return stripe_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
+        // Bounds aligned with the grouping window (minutes without one, as Stripe requires).
+        let (window, unit) = match query.get("value_grouping_window").map(String::as_str) {
+            None => (60, "minute"),
+            Some("hour") => (3_600, "hour"),
+            Some("day") => (86_400, "UTC day"),
+            Some(_) => {
+                return invalid("value_grouping_window", None, "value_grouping_window must be one of day, hour.");
+            }
+        };
+        if start % window != 0 || end % window != 0 || end <= start {
+            return invalid(
+                "start_time",
                 None,
-                "start_time and end_time must be aligned with minute boundaries, and start_time before end_time.",
+                &format!(
+                    "start_time and end_time must be aligned with {unit} boundaries, and start_time before end_time."
+                ),
             );
         }
         let Some(data) = inner.accounts.get(account) else { return no_such("billing.meter", &id) };
         let Some(meter) = find(&data.meters, &id) else { return no_such("billing.meter", &id) };
-        let total: i64 = data
-            .meter_events
-            .iter()
-            .filter(|e| e.event_name == meter["event_name"].as_str().unwrap_or_default())
-            .filter(|e| &e.stripe_customer_id == customer && e.timestamp >= start && e.timestamp < end)
-            .map(|e| e.value)
-            .sum();
-        let summary = json!({
-            "id": format!("mtrusg_{customer}_{start}"), "object": "billing.meter_event_summary",
-            "aggregated_value": total, "start_time": start, "end_time": end, "livemode": false, "meter": id,
-        });
-        (StatusCode::OK, list(vec![summary], &url))
+        // One summary for the range, or one per window (in time order) when grouped.
+        let step = if query.contains_key("value_grouping_window") { window } else { end - start };
+        let summaries = (start..end)
+            .step_by(usize::try_from(step).unwrap_or(usize::MAX))
+            .map(|from| {
+                let to = from + step;
+                let total: i64 = data
+                    .meter_events
+                    .iter()
+                    .filter(|e| e.event_name == meter["event_name"].as_str().unwrap_or_default())
+                    .filter(|e| &e.stripe_customer_id == customer && e.timestamp >= from && e.timestamp < to)
+                    .map(|e| e.value)
+                    .sum();
+                json!({
+                    "id": format!("mtrusg_{customer}_{from}"), "object": "billing.meter_event_summary",
+                    "aggregated_value": total, "start_time": from, "end_time": to, "livemode": false, "meter": id,
+                })
+            })
+            .collect();
+        (StatusCode::OK, list(summaries, &url))
     })
 }

@@ -18,6 +18,7 @@ mod customers;
 mod dashboard;
 mod fake_smtp;
 mod fake_stripe;
+mod fake_stripe_rules;
 mod helpers;
 mod jobs;
 mod mock_provider;
@@ -70,5 +71,6 @@ fn main() -> ExitCode {
     trials.extend(helpers::plain_trials(cli::plain_cases()));
     trials.extend(helpers::plain_trials(python::plain_cases()));
     trials.extend(helpers::plain_trials(stripe_sdk::cases()));
+    trials.extend(helpers::plain_trials(fake_stripe_rules::cases()));
     libtest_mimic::run(&args, trials).exit_code()
 }

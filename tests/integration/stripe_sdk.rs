@@ -1,29 +1,42 @@
 //! The official Stripe SDK (async-stripe) pointed at the fake Stripe: every answer it gets must
 //! parse into the SDK's own types, so the fake answers as Stripe does — and the rules Tollgate
-//! relies on (identifier dedupe, the timestamp window, `Stripe-Account` scoping, summaries) hold
-//! for Stripe's own client too.
+//! relies on (identifier dedupe, the timestamp window, `Stripe-Account` scoping, Idempotency-Key
+//! replay, summaries) hold for Stripe's own client too.
 
 use std::collections::HashMap;
 
-use stripe::{AccountId, Client, ClientBuilder, StripeError};
+use stripe::{AccountId, ApiErrorsCode, Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError};
+use stripe::{ApiErrorsType, StripeRequest};
+use stripe_billing::SubscriptionStatus;
 use stripe_billing::billing_meter::{
     CreateBillingMeter, CreateBillingMeterCustomerMapping, CreateBillingMeterCustomerMappingType,
     CreateBillingMeterDefaultAggregation, CreateBillingMeterDefaultAggregationFormula, CreateBillingMeterValueSettings,
+    ListBillingMeter, RetrieveBillingMeter,
 };
 use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
 use stripe_billing::billing_meter_event_summary::ListIdBillingMeterEventSummary;
-use stripe_core::customer::CreateCustomer;
+use stripe_billing::subscription::{CreateSubscription, CreateSubscriptionItems, RetrieveSubscription};
+use stripe_core::customer::{CreateCustomer, RetrieveCustomer, RetrieveCustomerReturned};
+use stripe_product::PriceBillingScheme;
+use stripe_product::price::{
+    CreatePrice, CreatePriceRecurring, CreatePriceRecurringInterval, CreatePriceRecurringUsageType,
+};
+use stripe_product::product::CreateProduct;
+use stripe_types::Currency;
 
 use crate::fake_stripe::FakeStripe;
 use crate::helpers::PlainCase;
 use crate::plain_cases;
 
 pub fn cases() -> Vec<PlainCase> {
-    plain_cases![the_official_sdk_reads_the_fakes_answers]
+    plain_cases![fake_stripe_answers_the_official_sdk]
 }
 
 const PLATFORM_KEY: &str = "sk_test_51Hplatformkey001";
+const CONNECTED: &str = "acct_connected1";
 
+/// The SDK's client on the fake: `url` takes the base with a trailing slash (the SDK appends
+/// `v1/…`), `account_id` sends `Stripe-Account` on every request.
 fn client(fake: &FakeStripe, account: Option<&str>) -> anyhow::Result<Client> {
     let mut builder = ClientBuilder::new(PLATFORM_KEY).url(format!("{}/", fake.base_url()));
     if let Some(account) = account {
@@ -32,20 +45,31 @@ fn client(fake: &FakeStripe, account: Option<&str>) -> anyhow::Result<Client> {
     Ok(builder.build()?)
 }
 
-fn stripe_message(error: &StripeError) -> (u16, String) {
+/// Stripe's error as the SDK hands it over: (HTTP status, type, code, message).
+fn stripe_error(error: &StripeError) -> (u16, Option<ApiErrorsType>, Option<ApiErrorsCode>, String) {
     match error {
-        StripeError::Stripe(errors, status) => (*status, errors.message.clone().unwrap_or_default()),
-        other => (0, other.to_string()),
+        StripeError::Stripe(errors, status) => {
+            (*status, Some(errors.type_.clone()), errors.code.clone(), errors.message.clone().unwrap_or_default())
+        }
+        other => (0, None, None, other.to_string()),
     }
 }
 
-async fn the_official_sdk_reads_the_fakes_answers() -> anyhow::Result<()> {
+fn refused<T: std::fmt::Debug>(result: Result<T, StripeError>, what: &str) -> anyhow::Result<StripeError> {
+    match result {
+        Ok(answer) => anyhow::bail!("{what} was accepted: {answer:?}"),
+        Err(error) => Ok(error),
+    }
+}
+
+async fn fake_stripe_answers_the_official_sdk() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let fake = FakeStripe::start(&[]).await?;
     fake.add_platform_key(PLATFORM_KEY, "acct_platform");
-    fake.add_connected_account(PLATFORM_KEY, "acct_connected1");
-    let stripe = client(&fake, Some("acct_connected1"))?;
+    fake.add_connected_account(PLATFORM_KEY, CONNECTED);
+    let stripe = client(&fake, Some(CONNECTED))?;
 
+    // Provisioning, as Tollgate does it: meter, product, metered price, customer, subscription.
     let meter = CreateBillingMeter::new(
         CreateBillingMeterDefaultAggregation::new(CreateBillingMeterDefaultAggregationFormula::Sum),
         "LLM usage",
@@ -59,8 +83,68 @@ async fn the_official_sdk_reads_the_fakes_answers() -> anyhow::Result<()> {
     .send(&stripe)
     .await?;
     assert_eq!(meter.event_name, "tollgate_usage_sdk");
-    let customer = CreateCustomer::new().name("customer-42").email("grace@example.com").send(&stripe).await?;
+    assert_eq!(RetrieveBillingMeter::new(meter.id.clone()).send(&stripe).await?.id, meter.id);
+    assert_eq!(ListBillingMeter::new().send(&stripe).await?.data.len(), 1);
+    // Event names are unique per account.
+    let again = CreateBillingMeter::new(
+        CreateBillingMeterDefaultAggregation::new(CreateBillingMeterDefaultAggregationFormula::Sum),
+        "LLM usage again",
+        "tollgate_usage_sdk",
+    );
+    let (status, _, _, message) = stripe_error(&refused(again.send(&stripe).await, "a second meter")?);
+    assert_eq!(status, 400);
+    assert!(message.contains("tollgate_usage_sdk"), "{message}");
 
+    let tags = HashMap::from([("tollgate_project".to_owned(), "prj_1".to_owned())]);
+    let product = CreateProduct::new("LLM usage").metadata(tags.clone()).send(&stripe).await?;
+    assert_eq!(product.metadata, tags);
+    let recurring = CreatePriceRecurring {
+        usage_type: Some(CreatePriceRecurringUsageType::Metered),
+        meter: Some(meter.id.to_string()),
+        ..CreatePriceRecurring::new(CreatePriceRecurringInterval::Month)
+    };
+    let price = CreatePrice::new(Currency::USD)
+        .product(product.id.as_str())
+        .unit_amount_decimal("0.0000001")
+        .billing_scheme(PriceBillingScheme::PerUnit)
+        .recurring(recurring.clone())
+        .metadata(tags.clone())
+        .send(&stripe)
+        .await?;
+    let price_recurring = price.recurring.clone().ok_or_else(|| anyhow::anyhow!("no recurring"))?;
+    assert_eq!(price_recurring.meter.as_deref(), Some(meter.id.as_str()));
+    assert_eq!(price.unit_amount_decimal.as_deref(), Some("0.0000001"));
+    // A metered price needs a meter of the account.
+    let orphan = CreatePrice::new(Currency::USD)
+        .product(product.id.as_str())
+        .unit_amount_decimal("1")
+        .recurring(CreatePriceRecurring { meter: Some("mtr_elsewhere".to_owned()), ..recurring });
+    let (status, _, code, _) = stripe_error(&refused(orphan.send(&stripe).await, "a price on no meter")?);
+    assert_eq!((status, code), (400, Some(ApiErrorsCode::ResourceMissing)));
+
+    let customer = CreateCustomer::new()
+        .name("customer-42")
+        .email("grace@example.com")
+        .metadata(HashMap::from([("tollgate_customer".to_owned(), "customer-42".to_owned())]))
+        .send(&stripe)
+        .await?;
+    match RetrieveCustomer::new(customer.id.clone()).send(&stripe).await? {
+        RetrieveCustomerReturned::Customer(found) => assert_eq!(found.email.as_deref(), Some("grace@example.com")),
+        RetrieveCustomerReturned::DeletedCustomer(_) => anyhow::bail!("the customer reads as deleted"),
+    }
+    let item = CreateSubscriptionItems { price: Some(price.id.to_string()), ..CreateSubscriptionItems::new() };
+    let subscription = CreateSubscription::new()
+        .customer(customer.id.as_str())
+        .items(vec![item])
+        .metadata(tags.clone())
+        .send(&stripe)
+        .await?;
+    assert_eq!(subscription.status, SubscriptionStatus::Active);
+    assert_eq!(subscription.items.data[0].price.id, price.id);
+    let fetched = RetrieveSubscription::new(subscription.id.clone()).send(&stripe).await?;
+    assert_eq!(fetched.id, subscription.id);
+
+    // A meter event, accepted once; the same identifier again is refused.
     let now = tollgate_core::time::UnixMillis::now().0 / 1000;
     let payload = HashMap::from([
         ("stripe_customer_id".to_owned(), customer.id.to_string()),
@@ -70,42 +154,62 @@ async fn the_official_sdk_reads_the_fakes_answers() -> anyhow::Result<()> {
         CreateBillingMeterEvent::new("tollgate_usage_sdk", payload.clone()).identifier("mtb_sdk_1").timestamp(now);
     let accepted = event.send(&stripe).await?;
     assert_eq!((accepted.identifier.as_str(), accepted.payload["value"].as_str()), ("mtb_sdk_1", "1250"));
-
-    // The same identifier again: refused, with Stripe's error as the SDK reads it.
-    let duplicate = event.send(&stripe).await.err().ok_or_else(|| anyhow::anyhow!("a duplicate was accepted"))?;
-    let (status, message) = stripe_message(&duplicate);
-    assert_eq!(status, 400);
+    let (status, kind, code, message) = stripe_error(&refused(event.send(&stripe).await, "a duplicate")?);
+    assert_eq!(
+        (status, kind, code),
+        (400, Some(ApiErrorsType::InvalidRequestError), Some(ApiErrorsCode::ResourceAlreadyExists))
+    );
     assert!(message.contains("mtb_sdk_1") && message.contains("already exists"), "{message}");
     // Outside the timestamp window, both ways.
     for timestamp in [now - 36 * 86_400, now + 600] {
         let late = CreateBillingMeterEvent::new("tollgate_usage_sdk", payload.clone())
             .identifier(format!("mtb_sdk_{timestamp}"))
             .timestamp(timestamp);
-        let refused = late.send(&stripe).await.err().ok_or_else(|| anyhow::anyhow!("{timestamp} was accepted"))?;
-        assert!(stripe_message(&refused).1.contains("35 days"), "{refused}");
+        let (status, _, _, message) = stripe_error(&refused(late.send(&stripe).await, "out of the window")?);
+        assert_eq!(status, 400);
+        assert!(message.contains("35 days"), "{message}");
     }
-    assert_eq!(fake.meter_events("acct_connected1").len(), 1);
 
+    // Idempotency-Key through the SDK's request strategy: the second send is Stripe's replay of
+    // the first answer (no second event), the key with other parameters is refused.
+    let key = RequestStrategy::Idempotent(IdempotencyKey::new("tollgate-sdk-batch-2")?);
+    let second =
+        CreateBillingMeterEvent::new("tollgate_usage_sdk", payload.clone()).identifier("mtb_sdk_2").timestamp(now);
+    let first = second.customize().request_strategy(key.clone()).send(&stripe).await?;
+    let replayed = second.customize().request_strategy(key.clone()).send(&stripe).await?;
+    assert_eq!((first.identifier.as_str(), replayed.created), ("mtb_sdk_2", first.created));
+    let other = CreateBillingMeterEvent::new("tollgate_usage_sdk", payload.clone()).identifier("mtb_sdk_3");
+    let (status, kind, _, _) =
+        stripe_error(&refused(other.customize().request_strategy(key).send(&stripe).await, "a reused key")?);
+    assert_eq!((status, kind), (400, Some(ApiErrorsType::IdempotencyError)));
+    assert_eq!(fake.meter_events(CONNECTED).len(), 2);
+
+    // Summaries: what was accepted, in minute-aligned bounds.
     let start = now - now.rem_euclid(60);
     let summaries = ListIdBillingMeterEventSummary::new(meter.id.clone(), customer.id.to_string(), start + 60, start)
         .send(&stripe)
         .await?;
     assert_eq!(summaries.data.len(), 1);
-    assert_eq!(summaries.data[0].aggregated_value, 1250.0);
+    assert_eq!(summaries.data[0].aggregated_value, 2500.0);
+    assert_eq!(summaries.data[0].meter, meter.id.as_str());
 
-    // Connect scoping: the connected account's meter is not the platform's, and an account not
-    // connected to the platform is refused.
+    // 429 as the SDK reads it.
+    fake.set_rate_limit(1);
+    let limited = CreateBillingMeterEvent::new("tollgate_usage_sdk", payload).identifier("mtb_sdk_4");
+    let (status, _, code, _) = stripe_error(&refused(limited.send(&stripe).await, "over the rate limit")?);
+    assert_eq!((status, code), (429, Some(ApiErrorsCode::RateLimit)));
+
+    // Connect scoping: the connected account's objects are not the platform's, and an account
+    // not connected to the platform is refused.
     let platform = client(&fake, None)?;
-    let elsewhere = ListIdBillingMeterEventSummary::new(meter.id.clone(), customer.id.to_string(), start + 60, start)
-        .send(&platform)
-        .await
-        .err()
-        .ok_or_else(|| anyhow::anyhow!("the platform saw the connected account's meter"))?;
-    assert_eq!(stripe_message(&elsewhere).0, 404);
+    let elsewhere = ListIdBillingMeterEventSummary::new(meter.id.clone(), customer.id.to_string(), start + 60, start);
+    let (status, _, code, _) = stripe_error(&refused(elsewhere.send(&platform).await, "another account's meter")?);
+    assert_eq!((status, code), (404, Some(ApiErrorsCode::ResourceMissing)));
     let stranger = client(&fake, Some("acct_stranger"))?;
-    let refused = CreateCustomer::new().send(&stranger).await.err().ok_or_else(|| anyhow::anyhow!("not scoped"))?;
-    let (status, message) = stripe_message(&refused);
+    let (status, _, _, message) = stripe_error(&refused(CreateCustomer::new().send(&stranger).await, "not scoped")?);
     assert_eq!(status, 403);
     assert!(message.contains("does not have access to account 'acct_stranger'"), "{message}");
+    assert!(fake.seen().iter().all(|r| r.key.as_deref() == Some(PLATFORM_KEY)));
+    assert_eq!(fake.seen().iter().filter(|r| r.account.as_deref() == Some(CONNECTED)).count(), 20);
     Ok(())
 }

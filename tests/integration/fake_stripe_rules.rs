@@ -1,0 +1,459 @@
+//! The fake Stripe's rules, checked over plain HTTP: what Tollgate's own client meets.
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::Value;
+
+use crate::fake_stripe::FakeStripe;
+use crate::helpers::PlainCase;
+use crate::plain_cases;
+
+pub fn cases() -> Vec<PlainCase> {
+    plain_cases![
+        fake_stripe_dedupes_identifiers_and_keeps_the_timestamp_window,
+        fake_stripe_scopes_objects_by_key_and_stripe_account,
+        fake_stripe_replays_idempotency_keys_as_stripe_does,
+        fake_stripe_rate_limits_and_fails_on_demand,
+        fake_stripe_goes_down_and_comes_back_with_its_state,
+        fake_stripe_sends_signed_events,
+    ]
+}
+
+const KEY: &str = "sk_test_tenant_a";
+const ACCOUNT: &str = "acct_tenant_a";
+const OTHER_KEY: &str = "sk_test_tenant_b";
+const OTHER_ACCOUNT: &str = "acct_tenant_b";
+const PLATFORM_KEY: &str = "sk_test_platform";
+const CONNECTED: &str = "acct_connected";
+const EVENT: &str = "tollgate_usage";
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Answer {
+    fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or_default()
+    }
+
+    fn id(&self) -> String {
+        self.body["id"].as_str().unwrap_or_default().to_owned()
+    }
+
+    fn replayed(&self) -> bool {
+        self.headers.get("idempotent-replayed").is_some_and(|v| v == "true")
+    }
+}
+
+/// A caller: a key, perhaps a `Stripe-Account`, perhaps an `Idempotency-Key`.
+struct Caller<'a> {
+    fake: &'a FakeStripe,
+    http: reqwest::Client,
+    key: &'a str,
+    account: Option<&'a str>,
+}
+
+impl<'a> Caller<'a> {
+    fn new(fake: &'a FakeStripe, key: &'a str, account: Option<&'a str>) -> Self {
+        Self { fake, http: reqwest::Client::new(), key, account }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
+        let mut request = request.bearer_auth(self.key);
+        if let Some(account) = self.account {
+            request = request.header("stripe-account", account);
+        }
+        let response = request.send().await?;
+        let (status, headers) = (response.status(), response.headers().clone());
+        Ok(Answer { status, headers, body: response.json().await? })
+    }
+
+    async fn post(&self, path: &str, idempotency_key: Option<&str>, form: &[(&str, String)]) -> anyhow::Result<Answer> {
+        let mut request = self.http.post(format!("{}/v1{path}", self.fake.base_url())).form(form);
+        if let Some(key) = idempotency_key {
+            request = request.header("idempotency-key", key);
+        }
+        self.send(request).await
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Answer> {
+        self.send(self.http.get(format!("{}/v1{path}", self.fake.base_url()))).await
+    }
+
+    /// A meter for [`EVENT`] and one customer; returns (meter id, customer id).
+    async fn provision(&self) -> anyhow::Result<(String, String)> {
+        let meter = self
+            .post(
+                "/billing/meters",
+                None,
+                &[
+                    ("display_name", "LLM usage".to_owned()),
+                    ("event_name", EVENT.to_owned()),
+                    ("default_aggregation[formula]", "sum".to_owned()),
+                    ("customer_mapping[event_payload_key]", "stripe_customer_id".to_owned()),
+                    ("customer_mapping[type]", "by_id".to_owned()),
+                    ("value_settings[event_payload_key]", "value".to_owned()),
+                ],
+            )
+            .await?;
+        assert_eq!(meter.status, StatusCode::OK, "{}", meter.body);
+        let customer = self.customer("customer-1").await?;
+        assert_eq!(customer.status, StatusCode::OK, "{}", customer.body);
+        Ok((meter.id(), customer.id()))
+    }
+
+    async fn customer(&self, name: &str) -> anyhow::Result<Answer> {
+        self.post("/customers", None, &[("name", name.to_owned()), ("metadata[tollgate_customer]", name.to_owned())])
+            .await
+    }
+
+    async fn meter_event(
+        &self,
+        idempotency_key: Option<&str>,
+        customer: &str,
+        identifier: &str,
+        value: i64,
+        timestamp: i64,
+    ) -> anyhow::Result<Answer> {
+        self.post(
+            "/billing/meter_events",
+            idempotency_key,
+            &[
+                ("event_name", EVENT.to_owned()),
+                ("payload[stripe_customer_id]", customer.to_owned()),
+                ("payload[value]", value.to_string()),
+                ("identifier", identifier.to_owned()),
+                ("timestamp", timestamp.to_string()),
+            ],
+        )
+        .await
+    }
+}
+
+fn now() -> i64 {
+    tollgate_core::time::UnixMillis::now().0 / 1000
+}
+
+async fn fake_stripe_dedupes_identifiers_and_keeps_the_timestamp_window() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let stripe = Caller::new(&fake, KEY, None);
+    let (meter, customer) = stripe.provision().await?;
+    let now = now();
+
+    let first = stripe.meter_event(None, &customer, "mtb_1", 7, now).await?;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(first.body["object"], "billing.meter_event");
+    assert_eq!(first.body["payload"]["value"], "7");
+    assert_eq!((first.body["identifier"].as_str(), first.body["timestamp"].as_i64()), (Some("mtb_1"), Some(now)));
+    // The same identifier again, even with another value: refused, not counted.
+    let again = stripe.meter_event(None, &customer, "mtb_1", 9, now).await?;
+    assert_eq!((again.status, again.code()), (StatusCode::BAD_REQUEST, "resource_already_exists"));
+    assert!(again.body["error"]["message"].as_str().unwrap_or_default().contains("mtb_1"), "{}", again.body);
+
+    // The window: 35 days back, 5 minutes ahead.
+    let too_old = stripe.meter_event(None, &customer, "mtb_old", 1, now - 35 * 86_400 - 60).await?;
+    let oldest = stripe.meter_event(None, &customer, "mtb_oldest", 1, now - 35 * 86_400 + 60).await?;
+    let too_new = stripe.meter_event(None, &customer, "mtb_new", 1, now + 360).await?;
+    let newest = stripe.meter_event(None, &customer, "mtb_newest", 1, now + 240).await?;
+    for refused in [&too_old, &too_new] {
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+        assert_eq!(refused.body["error"]["param"], "timestamp");
+        assert!(refused.body["error"]["message"].as_str().unwrap_or_default().contains("35 days"));
+    }
+    assert_eq!((oldest.status, newest.status), (StatusCode::OK, StatusCode::OK));
+
+    // An event for no meter of the account, a customer of no one, a value that is no whole number.
+    let wrong = [
+        stripe
+            .post(
+                "/billing/meter_events",
+                None,
+                &[
+                    ("event_name", "no_such_meter".to_owned()),
+                    ("payload[stripe_customer_id]", customer.clone()),
+                    ("payload[value]", "1".to_owned()),
+                ],
+            )
+            .await?,
+        stripe.meter_event(None, "cus_nobody", "mtb_nobody", 1, now).await?,
+        stripe
+            .post(
+                "/billing/meter_events",
+                None,
+                &[
+                    ("event_name", EVENT.to_owned()),
+                    ("payload[stripe_customer_id]", customer.clone()),
+                    ("payload[value]", "1.5".to_owned()),
+                ],
+            )
+            .await?,
+    ];
+    for refused in &wrong {
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+        assert_eq!(refused.body["error"]["type"], "invalid_request_error");
+    }
+    assert_eq!(wrong[1].code(), "resource_missing");
+
+    let accepted: Vec<_> = fake.meter_events(ACCOUNT).into_iter().map(|e| (e.identifier, e.value)).collect();
+    assert_eq!(accepted, [("mtb_1".to_owned(), 7), ("mtb_oldest".to_owned(), 1), ("mtb_newest".to_owned(), 1)]);
+    assert_eq!(fake.meter_event_attempts(ACCOUNT).len(), 9);
+
+    // Summaries count what was accepted, within [start, end).
+    let start = now - now.rem_euclid(60);
+    let summary = stripe
+        .get(&format!(
+            "/billing/meters/{meter}/event_summaries?customer={customer}&start_time={start}&end_time={}",
+            start + 60
+        ))
+        .await?;
+    assert_eq!(summary.status, StatusCode::OK, "{}", summary.body);
+    assert_eq!(summary.body["object"], "list");
+    assert_eq!(summary.body["data"][0]["object"], "billing.meter_event_summary");
+    assert_eq!(summary.body["data"][0]["aggregated_value"], 7);
+    let unaligned = stripe
+        .get(&format!(
+            "/billing/meters/{meter}/event_summaries?customer={customer}&start_time={}&end_time={}",
+            now - 1,
+            now
+        ))
+        .await?;
+    assert_eq!(unaligned.status, StatusCode::BAD_REQUEST, "{}", unaligned.body);
+    // Grouped by hour: one summary per hour of the range, each with its own events.
+    let hour = now - now.rem_euclid(3_600);
+    let grouped = stripe
+        .get(&format!(
+            "/billing/meters/{meter}/event_summaries?customer={customer}&start_time={}&end_time={}\
+             &value_grouping_window=hour",
+            hour - 3_600,
+            hour + 3_600
+        ))
+        .await?;
+    let values: Vec<_> = grouped.body["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| (s["start_time"].as_i64().unwrap_or_default(), s["aggregated_value"].as_i64().unwrap_or_default()))
+        .collect();
+    // mtb_1 (7) is in this hour; mtb_newest (1, four minutes ahead) may be in the next.
+    let this_hour = 7 + i64::from(now + 240 < hour + 3_600);
+    assert_eq!(values, [(hour - 3_600, 0), (hour, this_hour)], "{}", grouped.body);
+    Ok(())
+}
+
+async fn fake_stripe_scopes_objects_by_key_and_stripe_account() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT), (OTHER_KEY, OTHER_ACCOUNT)]).await?;
+    fake.add_platform_key(PLATFORM_KEY, "acct_platform");
+    fake.add_connected_account(PLATFORM_KEY, CONNECTED);
+
+    let tenant = Caller::new(&fake, KEY, None);
+    let (_, customer) = tenant.provision().await?;
+    // The key's own account named in Stripe-Account is the same account.
+    assert_eq!(
+        Caller::new(&fake, KEY, Some(ACCOUNT)).get(&format!("/customers/{customer}")).await?.status,
+        StatusCode::OK
+    );
+    // Another tenant's key cannot see it, nor act on the tenant's account.
+    let other = Caller::new(&fake, OTHER_KEY, None).get(&format!("/customers/{customer}")).await?;
+    assert_eq!((other.status, other.code()), (StatusCode::NOT_FOUND, "resource_missing"));
+    let other = Caller::new(&fake, OTHER_KEY, Some(ACCOUNT)).customer("mallory").await?;
+    assert_eq!(other.status, StatusCode::FORBIDDEN, "{}", other.body);
+
+    // The platform acts on its connected account, and only there.
+    let connected = Caller::new(&fake, PLATFORM_KEY, Some(CONNECTED));
+    let (meter, connected_customer) = connected.provision().await?;
+    assert_eq!(fake.customers(CONNECTED).len(), 1);
+    assert_eq!(fake.meters(CONNECTED)[0]["id"].as_str(), Some(meter.as_str()));
+    let platform = Caller::new(&fake, PLATFORM_KEY, None);
+    let missing = platform.get(&format!("/customers/{connected_customer}")).await?;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let missing = platform.get(&format!("/billing/meters/{meter}")).await?;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    for account in [ACCOUNT, "acct_unknown"] {
+        let refused = Caller::new(&fake, PLATFORM_KEY, Some(account)).get("/account").await?;
+        assert_eq!((refused.status, refused.code()), (StatusCode::FORBIDDEN, "account_invalid"), "{}", refused.body);
+        let message = refused.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("does not have access to account") && message.contains(account), "{message}");
+    }
+    let account = connected.get("/account").await?;
+    assert_eq!(account.body["id"], CONNECTED);
+    // An event for the connected account's customer, sent to the tenant's account: no customer there.
+    let elsewhere = tenant.meter_event(None, &connected_customer, "mtb_x", 1, now()).await?;
+    assert_eq!(elsewhere.status, StatusCode::BAD_REQUEST, "{}", elsewhere.body);
+
+    let unknown = Caller::new(&fake, "sk_test_unknown", None).get("/account").await?;
+    assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
+    let seen = fake.seen();
+    assert!(seen.iter().any(|r| r.key.as_deref() == Some(PLATFORM_KEY) && r.account.as_deref() == Some(CONNECTED)));
+    Ok(())
+}
+
+async fn fake_stripe_replays_idempotency_keys_as_stripe_does() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT), (OTHER_KEY, OTHER_ACCOUNT)]).await?;
+    let stripe = Caller::new(&fake, KEY, None);
+    let (_, customer) = stripe.provision().await?;
+    let form = [("name", "grace".to_owned()), ("email", "grace@example.com".to_owned())];
+
+    let first = stripe.post("/customers", Some("cust-grace"), &form).await?;
+    let replay = stripe.post("/customers", Some("cust-grace"), &form).await?;
+    assert_eq!((first.status, first.replayed()), (StatusCode::OK, false));
+    assert_eq!((replay.status, replay.replayed()), (StatusCode::OK, true));
+    assert_eq!(replay.body, first.body);
+    assert_eq!(fake.customers(ACCOUNT).len(), 2, "one customer made with the key");
+    let mismatch = stripe.post("/customers", Some("cust-grace"), &[("name", "hopper".to_owned())]).await?;
+    assert_eq!(mismatch.status, StatusCode::BAD_REQUEST);
+    assert_eq!(mismatch.body["error"]["type"], "idempotency_error");
+    let other_path = stripe.post("/products", Some("cust-grace"), &[("name", "grace".to_owned())]).await?;
+    assert_eq!(other_path.body["error"]["type"], "idempotency_error");
+    // Keys belong to an account: the same key elsewhere is a new request.
+    let elsewhere = Caller::new(&fake, OTHER_KEY, None).post("/customers", Some("cust-grace"), &form).await?;
+    assert_eq!((elsewhere.status, elsewhere.replayed()), (StatusCode::OK, false));
+
+    // A request refused before it ran (a parameter) leaves the key free.
+    let invalid = stripe.post("/products", Some("product-1"), &[("description", "LLM usage".to_owned())]).await?;
+    assert_eq!(invalid.status, StatusCode::BAD_REQUEST, "{}", invalid.body);
+    assert_eq!((invalid.code(), invalid.body["error"]["param"].as_str()), ("parameter_missing", Some("name")));
+    let fixed = stripe.post("/products", Some("product-1"), &[("name", "LLM usage".to_owned())]).await?;
+    assert_eq!((fixed.status, fixed.replayed()), (StatusCode::OK, false), "{}", fixed.body);
+    assert_eq!(fake.products(ACCOUNT).len(), 1);
+
+    // A 500 from a running endpoint is kept and replayed, as Stripe documents.
+    fake.fail_next(1, 500);
+    let now = now();
+    let failed = stripe.meter_event(Some("mtb-1"), &customer, "mtb_1", 5, now).await?;
+    let replayed = stripe.meter_event(Some("mtb-1"), &customer, "mtb_1", 5, now).await?;
+    assert_eq!(
+        (failed.status, failed.body["error"]["type"].as_str()),
+        (StatusCode::INTERNAL_SERVER_ERROR, Some("api_error"))
+    );
+    assert_eq!((replayed.status, replayed.replayed()), (StatusCode::INTERNAL_SERVER_ERROR, true));
+    // A fresh key runs it; the identifier keeps a later resend from counting twice.
+    let fresh = stripe.meter_event(Some("mtb-1-retry"), &customer, "mtb_1", 5, now).await?;
+    assert_eq!(fresh.status, StatusCode::OK, "{}", fresh.body);
+    let resent = stripe.meter_event(Some("mtb-1-retry-2"), &customer, "mtb_1", 5, now).await?;
+    assert_eq!(resent.code(), "resource_already_exists");
+    // A refusal while running (the duplicate) is kept too.
+    let resent_again = stripe.meter_event(Some("mtb-1-retry-2"), &customer, "mtb_1", 5, now).await?;
+    assert_eq!((resent_again.code(), resent_again.replayed()), ("resource_already_exists", true));
+
+    // While the first request with a key is still being answered, the key is in use (409).
+    fake.set_meter_event_latency(Duration::from_millis(1500));
+    let slow = stripe.meter_event(Some("mtb-2"), &customer, "mtb_2", 5, now);
+    let (slow, concurrent) = tokio::join!(slow, async {
+        // Once the first has reached the fake.
+        while !fake.seen().iter().any(|r| r.idempotency_key.as_deref() == Some("mtb-2")) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stripe.meter_event(Some("mtb-2"), &customer, "mtb_2", 5, now).await
+    });
+    fake.set_meter_event_latency(Duration::ZERO);
+    let concurrent = concurrent?;
+    assert_eq!(slow?.status, StatusCode::OK);
+    assert_eq!((concurrent.status, concurrent.code()), (StatusCode::CONFLICT, "idempotency_key_in_use"));
+    let after = stripe.meter_event(Some("mtb-2"), &customer, "mtb_2", 5, now).await?;
+    assert_eq!((after.status, after.replayed()), (StatusCode::OK, true));
+    assert_eq!(fake.meter_events(ACCOUNT).len(), 2);
+    Ok(())
+}
+
+async fn fake_stripe_rate_limits_and_fails_on_demand() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let stripe = Caller::new(&fake, KEY, None);
+    let (_, customer) = stripe.provision().await?;
+    let now = now();
+
+    fake.set_rate_limit(2);
+    for _ in 0..2 {
+        let limited = stripe.meter_event(Some("mtb-1"), &customer, "mtb_1", 3, now).await?;
+        assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(limited.body["error"]["type"], "invalid_request_error");
+        assert_eq!(limited.code(), "rate_limit");
+        assert!(limited.headers.get("request-id").is_some());
+    }
+    // A rate-limited request did not run: its key is still free.
+    let through = stripe.meter_event(Some("mtb-1"), &customer, "mtb_1", 3, now).await?;
+    assert_eq!((through.status, through.replayed()), (StatusCode::OK, false), "{}", through.body);
+
+    fake.fail_next(2, 503);
+    for identifier in ["mtb_2", "mtb_3"] {
+        let failed = stripe.meter_event(None, &customer, identifier, 3, now).await?;
+        assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(failed.body["error"]["type"], "api_error");
+    }
+    fake.fail_next(1, 400);
+    let refused = stripe.meter_event(None, &customer, "mtb_2", 3, now).await?;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(stripe.meter_event(None, &customer, "mtb_2", 3, now).await?.status, StatusCode::OK);
+    assert_eq!(fake.meter_events(ACCOUNT).len(), 2);
+    assert_eq!(fake.meter_event_attempts(ACCOUNT).len(), 7);
+    Ok(())
+}
+
+async fn fake_stripe_goes_down_and_comes_back_with_its_state() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let stripe = Caller::new(&fake, KEY, None);
+    let (_, customer) = stripe.provision().await?;
+    let addr = fake.addr;
+
+    fake.go_down().await?;
+    let error = Caller::new(&fake, KEY, None)
+        .get(&format!("/customers/{customer}"))
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("answered"))?;
+    let error = error.downcast::<reqwest::Error>()?;
+    assert!(error.is_connect(), "{error:?}");
+    fake.come_back().await?;
+    assert_eq!(fake.addr, addr);
+    let found = stripe.get(&format!("/customers/{customer}")).await?;
+    assert_eq!((found.status, found.id()), (StatusCode::OK, customer.clone()));
+    let accepted = stripe.meter_event(None, &customer, "mtb_1", 1, now()).await?;
+    assert_eq!(accepted.status, StatusCode::OK, "{}", accepted.body);
+    // Down and back twice: the state stays.
+    fake.go_down().await?;
+    fake.come_back().await?;
+    assert_eq!(stripe.meter_event(None, &customer, "mtb_1", 1, now()).await?.code(), "resource_already_exists");
+    Ok(())
+}
+
+async fn fake_stripe_sends_signed_events() -> anyhow::Result<()> {
+    use std::sync::{Arc, Mutex};
+    let received: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/stripe",
+        axum::routing::post(move |headers: HeaderMap, body: String| async move {
+            let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            sink.lock().unwrap().push((signature.to_owned(), body));
+            "ok"
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/stripe", listener.local_addr()?);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let invoice = fake.make_invoice(ACCOUNT, "cus_1", "paid", 1234);
+    for (field, value) in [("object", "invoice"), ("customer", "cus_1"), ("status", "paid"), ("currency", "usd")] {
+        assert_eq!(invoice[field], value, "{invoice}");
+    }
+    assert_eq!((invoice["amount_due"].as_i64(), invoice["amount_paid"].as_i64()), (Some(1234), Some(1234)));
+    assert!(invoice["id"].as_str().unwrap_or_default().starts_with("in_"));
+    assert!(invoice["hosted_invoice_url"].as_str().unwrap_or_default().starts_with("https://invoice.stripe.com/i/"));
+    let (status, body) = fake.send_event(&url, "whsec_test", "invoice.paid", invoice.clone(), Some(CONNECTED)).await?;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+
+    let (signature, body) = received.lock().unwrap()[0].clone();
+    tollgate_core::signature::verify("whsec_test", &signature, body.as_bytes(), now(), 300)?;
+    assert!(tollgate_core::signature::verify("whsec_other", &signature, body.as_bytes(), now(), 300).is_err());
+    let event: Value = serde_json::from_str(&body)?;
+    assert!(event["id"].as_str().unwrap_or_default().starts_with("evt_"));
+    assert_eq!((event["object"].as_str(), event["type"].as_str()), (Some("event"), Some("invoice.paid")));
+    assert_eq!((event["account"].as_str(), event["livemode"].as_bool()), (Some(CONNECTED), Some(false)));
+    assert_eq!(event["api_version"], "2026-09-30.endive");
+    assert_eq!(event["data"]["object"], invoice);
+    server.abort();
+    Ok(())
+}
