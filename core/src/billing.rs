@@ -6,8 +6,8 @@
 //! **Exactly once.** Settled, billable usage events are gathered into *batches* — one per
 //! customer and UTC hour at most, each a single meter event. A batch's id is fixed, and its
 //! usage events marked with it, in one transaction before the first attempt; the id is the
-//! meter event's `identifier` (Stripe refuses a second event with it) and its
-//! `Idempotency-Key`. A batch is marked delivered only once Stripe accepted it, or refused it
+//! meter event's `identifier` (Stripe refuses a second event with it), and with the attempt's
+//! number its `Idempotency-Key`. A batch is marked delivered only once Stripe accepted it, or refused it
 //! as a duplicate of the one it already has. Sending again after a crash or a lost answer
 //! cannot count twice; a claim (a lease) keeps two workers from sending at once.
 

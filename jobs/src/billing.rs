@@ -334,7 +334,8 @@ pub async fn deliver(db: &Db, services: &BillingServices) -> Result<DeliveryRepo
     Ok(report)
 }
 
-/// Whether Stripe refused a meter event because it already has one with that identifier.
+/// Whether Stripe refused a meter event because it already has one with that identifier
+/// (an earlier attempt was accepted, and its answer lost).
 fn is_duplicate_identifier(error: &StripeApiError) -> bool {
     match error {
         StripeApiError::Api { status: 400, code, message, .. } => {
@@ -361,7 +362,11 @@ pub async fn send(api: &StripeApi, credentials: &Credentials, batch: &DueBatch) 
         ("identifier", batch.id.to_string()),
         ("timestamp", batch.timestamp().to_string()),
     ]);
-    match api.post::<serde_json::Value>(credentials, "/billing/meter_events", &body, batch.id.as_str()).await {
+    // A key per attempt: Stripe saves what an attempt's request ended with (a 500 included) and
+    // would answer every retry with the same key from that record for 24 hours. The identifier,
+    // the same on every attempt, is what keeps a retry from being counted twice.
+    let idempotency_key = format!("{}-{}", batch.id, batch.attempts);
+    match api.post::<serde_json::Value>(credentials, "/billing/meter_events", &body, &idempotency_key).await {
         Ok(_) => Attempt::Delivered,
         Err(e) if is_duplicate_identifier(&e) => Attempt::Delivered,
         Err(e) if e.is_retryable() => {

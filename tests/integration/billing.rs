@@ -287,6 +287,9 @@ async fn stripe_down_then_back_and_rate_limits_deliver_everything_once(db: TestD
     // cust-b has no Stripe customer yet: provisioning was down too.
     b.provision().await?;
     b.fake.set_rate_limit(2);
+    // And a 500, which Stripe saves for the attempt's Idempotency-Key: the retry must use a key
+    // of its own, or it would get the same 500 back for a day.
+    b.fake.fail_next(1, 500);
     // Retries wait out their backoff (2 s, then 4 s); keep delivering until all is in.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while b.batches("pending").await? > 0 || b.ledger().await? != b.metered(ACCOUNT).await? {
@@ -296,6 +299,15 @@ async fn stripe_down_then_back_and_rate_limits_deliver_everything_once(db: TestD
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     assert!(b.fake.meter_event_attempts(ACCOUNT).len() > b.fake.meter_events(ACCOUNT).len(), "429s were retried");
+    let keys: Vec<_> = b
+        .fake
+        .seen()
+        .into_iter()
+        .filter(|r| r.path == "/v1/billing/meter_events")
+        .filter_map(|r| r.idempotency_key)
+        .collect();
+    let distinct: std::collections::HashSet<_> = keys.iter().collect();
+    assert_eq!(distinct.len(), keys.len(), "a key per attempt: {keys:?}");
     let (_, twice) = b.accepted_identifiers(ACCOUNT);
     assert!(twice.is_empty(), "{twice:?}");
     assert_eq!(b.metered(ACCOUNT).await?, b.ledger().await?);
@@ -327,7 +339,7 @@ async fn a_worker_killed_mid_batch_sends_no_duplicate_and_loses_nothing(db: Test
     assert_eq!(b.fake.meter_events(ACCOUNT).len(), 1);
 
     // The dead worker's claims expire (a minute, here set back by hand); a restarted worker
-    // sends all three. A day later Stripe has forgotten the Idempotency-Key: it refuses the
+    // sends all three, each attempt with an Idempotency-Key of its own: Stripe refuses the
     // first by its identifier, and that counts as delivered.
     b.fake.forget_idempotency_keys();
     with_db!(&state.db, pool => sqlx::query("UPDATE meter_batches SET claimed_until = 0").execute(pool).await.map(|_| ()))?;
@@ -526,7 +538,7 @@ async fn a_worker_process_killed_mid_batch_and_restarted_delivers_once(db: TestD
     worker.start_kill()?;
     let (accepted, twice) = b.accepted_identifiers(ACCOUNT);
     assert_eq!((accepted as i64, twice), (b.batches("delivered").await?, vec![]));
-    // The killed worker's events were sent again, and answered from Stripe's idempotency record.
+    // The killed worker's events were sent again and refused as duplicates of what Stripe has.
     let sent = b.fake.seen().iter().filter(|r| r.path == "/v1/billing/meter_events").count();
     assert!(sent > accepted, "{sent} sent for {accepted} accepted");
     Ok(())
