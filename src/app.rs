@@ -15,6 +15,7 @@ use axum::serve::ListenerExt;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tollgate_core::ledger::Ledger;
 use tollgate_core::{Config, Db};
 use tollgate_jobs::{AlertServices, BillingServices, JobStore, WorkerOptions};
 use tower::ServiceBuilder;
@@ -57,7 +58,9 @@ impl Application {
             .tcp_nodelay(true)
             .build()?;
         let stripe = tollgate_jobs::stripe_api::StripeApi::new(http.clone(), &config.stripe_api_base);
+        let ledger = Ledger::start(db.clone(), config.sqlite_synchronous);
         let state = AppState {
+            ledger,
             stripe,
             http,
             config: Arc::new(config),
@@ -66,7 +69,7 @@ impl Application {
             master_key,
             metrics: telemetry::metrics_handle(),
             keys: Default::default(),
-            config_cache: Default::default(),
+            proxy_cache: Default::default(),
             mailer: Arc::new(mailer),
             api_limits: Arc::new(api_limits),
         };

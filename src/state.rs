@@ -4,12 +4,13 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tollgate_core::crypto::MasterKey;
+use tollgate_core::ledger::Ledger;
 use tollgate_core::{Config, Db};
 use tollgate_jobs::JobStore;
 
 use crate::routes::api::limits::RateLimiter;
 use crate::routes::proxy::auth::KeyCache;
-use crate::routes::proxy::cache::ConfigCache;
+use crate::routes::proxy::cache::ProxyCache;
 use tollgate_jobs::mail::Mailer;
 
 /// Shared, cheaply cloned application state.
@@ -24,8 +25,10 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// Project keys recently looked up by the proxy.
     pub keys: Arc<KeyCache>,
-    /// Providers and prices recently read by the proxy.
-    pub config_cache: Arc<ConfigCache>,
+    /// Project configurations and customers recently read by the proxy.
+    pub proxy_cache: Arc<ProxyCache>,
+    /// Reservations and settlements, applied in batches (group commit).
+    pub ledger: Ledger,
     /// Outgoing mail.
     pub mailer: Arc<Mailer>,
     /// Stripe's API.

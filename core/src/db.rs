@@ -78,6 +78,9 @@ pub enum DbError {
     Lock { path: String, source: std::io::Error },
     #[error(transparent)]
     Query(#[from] sqlx::Error),
+    /// The ledger's writers have stopped: nothing can be reserved or settled.
+    #[error("the ledger's writers have stopped")]
+    Ledger,
 }
 
 impl DbError {

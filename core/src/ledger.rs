@@ -2,24 +2,37 @@
 //! event that records the outcome. This is where "no end-customer ever spends past their
 //! budget" is kept.
 //!
-//! - [`reserve`] is one conditional `UPDATE` (on PostgreSQL one statement with the
-//!   reservation's record, a single round trip): it adds to `reserved_nanos` only if
-//!   `spent + reserved + amount <= budget` holds *on the row as it is when the update runs*
+//! - A reservation ([`reserve`]) is one conditional `UPDATE`: it adds to `reserved_nanos` only
+//!   if `spent + reserved + amount <= budget` holds *on the row as it is when the update runs*
 //!   (PostgreSQL re-checks the condition after taking the row lock; SQLite serialises
 //!   writers). No read-compute-write, so concurrent calls, replicas and processes cannot
-//!   oversubscribe a budget. A period that has ended is rolled over in the same statement.
-//! - [`settle`] deletes the reservation (at most once: `DELETE … RETURNING`), moves the
-//!   actual billed cost into `spent_nanos`, and writes the usage event, in one transaction
-//!   (on PostgreSQL one statement of data-modifying CTEs, a single round trip).
-//!   A reservation already released by expiry is not released twice.
+//!   oversubscribe a budget. A period that has ended is rolled over in the same statement. On
+//!   PostgreSQL the hold, its record and what a refusal needs to know are one statement (one
+//!   round trip); on SQLite, one transaction.
+//! - A settlement ([`settle`]) deletes the reservation (at most once: `DELETE … RETURNING`),
+//!   moves the actual billed cost into `spent_nanos`, and writes the usage event, atomically
+//!   (on PostgreSQL one statement of data-modifying CTEs). A reservation already released by
+//!   expiry is not released twice.
+//! - [`Ledger`] is how the proxy does both: writer tasks take reservations and settlements
+//!   from a channel and apply them in batches, one transaction (one commit, one fsync) per
+//!   batch, answering each caller only once its batch has committed (group commit). Each
+//!   operation in a batch is the same atomic statement as alone; a batch that fails is
+//!   retried one operation at a time, so one bad operation cannot fail the others.
 //! - [`renew`] keeps a long call's reservation from expiring under it.
 //! - [`release_expired`] frees reservations whose call never settled (a crashed process).
 
+use std::sync::Arc;
+
+use sqlx::{Connection, PgConnection, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::SqliteSync;
 use crate::db::{Db, DbError};
 use crate::ids::{CustomerId, ProjectId, ReservationId, UsageEventId};
 use crate::money::Nanos;
+use crate::period::{BudgetPeriod, ROLLING_DAYS};
 use crate::pricing::TokenUsage;
-use crate::projects::Customer;
+use crate::projects::{Customer, NewCustomer, create_customer_pg, create_customer_sqlite};
 use crate::time::UnixMillis;
 use crate::with_db;
 
@@ -43,9 +56,172 @@ pub enum ReserveOutcome {
         remaining: Nanos,
     },
     Blocked,
+    /// The customer is not as the caller described it: its row is gone (deleted) or its
+    /// period changed. Nothing was held; look the customer up again and retry.
+    Unknown,
 }
 
-/// Holds `amount` of `customer`'s budget until settled, released, or `expires_at`.
+/// A reservation to make: `amount` of the customer's budget, held until settled, released,
+/// or `expires_at`. `period` is the customer's budget period as the caller knows it (a
+/// reservation against a customer whose period changed since is [`ReserveOutcome::Unknown`]).
+#[derive(Debug, Clone)]
+pub struct Hold {
+    pub customer_id: CustomerId,
+    pub period: BudgetPeriod,
+    pub amount: Nanos,
+    pub request_id: String,
+    pub expires_at: UnixMillis,
+    /// Chosen before the first attempt, so a retry can never hold twice.
+    id: ReservationId,
+}
+
+impl Hold {
+    pub fn new(
+        customer_id: CustomerId,
+        period: BudgetPeriod,
+        amount: Nanos,
+        request_id: String,
+        expires_at: UnixMillis,
+    ) -> Self {
+        Self { customer_id, period, amount, request_id, expires_at, id: ReservationId::generate() }
+    }
+}
+
+/// The length of a rolling window, in milliseconds (rolled over in SQL, from the row's own anchor).
+const ROLLING_MS: i64 = ROLLING_DAYS * 86_400_000;
+
+/// The hold: a period that has ended is rolled over (calendar periods to `$2..$3`, rolling ones
+/// by whole windows from their anchor), and the amount added only if it fits.
+macro_rules! hold_sql {
+    () => {
+        "UPDATE customers SET \
+          spent_nanos = CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END, \
+          period_start = CASE WHEN period_end > $1 THEN period_start \
+            WHEN budget_period = 'rolling' THEN period_start + (($1 - period_start) / $10) * $10 ELSE $2 END, \
+          period_end = CASE WHEN period_end > $1 THEN period_end \
+            WHEN budget_period = 'rolling' THEN period_start + (($1 - period_start) / $10 + 1) * $10 ELSE $3 END, \
+          reserved_nanos = reserved_nanos + $4 \
+        WHERE id = $5 AND budget_period = $6 AND NOT blocked \
+          AND (CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END) + reserved_nanos + $4 <= budget_nanos \
+        RETURNING budget_nanos - spent_nanos - reserved_nanos AS remaining"
+    };
+}
+
+/// What a refusal needs to know about the customer: blocked, its period, what it has left.
+macro_rules! why_sql {
+    () => {
+        "c.blocked, c.budget_period, \
+         c.budget_nanos - (CASE WHEN c.period_end <= $1 THEN 0 ELSE c.spent_nanos END) - c.reserved_nanos"
+    };
+}
+
+/// One round trip on PostgreSQL: the hold, its record, and (when nothing was held) the row as
+/// this statement's snapshot saw it, to say why.
+const RESERVE_PG: &str = concat!(
+    "WITH held AS (",
+    hold_sql!(),
+    "), recorded AS (INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at) \
+     SELECT $7, $5, $4, $8, $1, $9 FROM held) \
+     SELECT held.remaining, ",
+    why_sql!(),
+    " FROM (SELECT 1) AS one LEFT JOIN held ON TRUE LEFT JOIN customers c ON c.id = $5"
+);
+const HOLD_SQLITE: &str = hold_sql!();
+const RECORD_SQLITE: &str = "INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6)";
+const WHY_SQLITE: &str = concat!("SELECT ", why_sql!(), " FROM customers c WHERE c.id = $2");
+
+/// The row a reservation attempt reports: what is left if held, else the customer as seen.
+type ReserveRow = (Option<i64>, Option<bool>, Option<String>, Option<i64>);
+
+fn reserve_outcome(hold: &Hold, row: ReserveRow) -> ReserveOutcome {
+    match row {
+        (Some(remaining), ..) => ReserveOutcome::Reserved {
+            reservation: Reservation {
+                id: hold.id.clone(),
+                customer_id: hold.customer_id.clone(),
+                amount: hold.amount,
+            },
+            remaining: Nanos(remaining),
+        },
+        (None, Some(true), ..) => ReserveOutcome::Blocked,
+        (None, Some(false), Some(period), Some(remaining))
+            if period == hold.period.as_str() && remaining < hold.amount.0 =>
+        {
+            ReserveOutcome::Insufficient { remaining: Nanos(remaining.max(0)) }
+        }
+        // Gone, another period, or a snapshot older than the row the update saw: look again.
+        _ => ReserveOutcome::Unknown,
+    }
+}
+
+/// The parameters every reservation statement shares (`$1`–`$3`): now and the calendar window.
+fn hold_window(hold: &Hold) -> (UnixMillis, i64, i64) {
+    let now = UnixMillis::now();
+    let (start, end) = hold.period.window(now);
+    (now, start, end)
+}
+
+async fn reserve_pg(conn: &mut PgConnection, hold: &Hold) -> Result<ReserveOutcome, sqlx::Error> {
+    let (now, start, end) = hold_window(hold);
+    let row: ReserveRow = sqlx::query_as(RESERVE_PG)
+        .bind(now.0)
+        .bind(start)
+        .bind(end)
+        .bind(hold.amount.0)
+        .bind(&hold.customer_id)
+        .bind(hold.period.as_str())
+        .bind(&hold.id)
+        .bind(&hold.request_id)
+        .bind(hold.expires_at.0)
+        .bind(ROLLING_MS)
+        .fetch_one(conn)
+        .await?;
+    Ok(reserve_outcome(hold, row))
+}
+
+/// Within a write transaction (the caller's).
+async fn reserve_sqlite(conn: &mut SqliteConnection, hold: &Hold) -> Result<ReserveOutcome, sqlx::Error> {
+    let (now, start, end) = hold_window(hold);
+    let remaining: Option<i64> = sqlx::query_scalar(HOLD_SQLITE)
+        .bind(now.0)
+        .bind(start)
+        .bind(end)
+        .bind(hold.amount.0)
+        .bind(&hold.customer_id)
+        .bind(hold.period.as_str())
+        // $7–$9 are the PostgreSQL statement's; bound so that `$10` is the tenth value.
+        .bind(&hold.id)
+        .bind(&hold.request_id)
+        .bind(hold.expires_at.0)
+        .bind(ROLLING_MS)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if remaining.is_some() {
+        sqlx::query(RECORD_SQLITE)
+            .bind(&hold.id)
+            .bind(&hold.customer_id)
+            .bind(hold.amount.0)
+            .bind(&hold.request_id)
+            .bind(now.0)
+            .bind(hold.expires_at.0)
+            .execute(&mut *conn)
+            .await?;
+        return Ok(reserve_outcome(hold, (remaining, None, None, None)));
+    }
+    let why: Option<(bool, String, i64)> =
+        sqlx::query_as(WHY_SQLITE).bind(now.0).bind(&hold.customer_id).fetch_optional(&mut *conn).await?;
+    Ok(reserve_outcome(
+        hold,
+        match why {
+            Some((blocked, period, left)) => (None, Some(blocked), Some(period), Some(left)),
+            None => (None, None, None, None),
+        },
+    ))
+}
+
+/// Holds `amount` of `customer`'s budget until settled, released, or `expires_at`, on its own
+/// (the proxy goes through [`Ledger::reserve`], which batches).
 pub async fn reserve(
     db: &Db,
     customer: &Customer,
@@ -53,98 +229,11 @@ pub async fn reserve(
     request_id: &str,
     expires_at: UnixMillis,
 ) -> Result<ReserveOutcome, DbError> {
-    if amount.is_negative() {
-        return Ok(ReserveOutcome::Insufficient { remaining: Nanos::ZERO });
-    }
-    // The customer's period kind may change under us (a budget edit); try with the fresh one.
-    let mut period = customer.period();
-    for _ in 0..3 {
-        let now = UnixMillis::now();
-        let (start, end) = period.window_after(customer.period_start, now);
-        let id = ReservationId::generate();
-        /// The hold: a period that has ended is rolled over, and the amount added only if it fits.
-        macro_rules! hold {
-            () => {
-                "UPDATE customers SET \
-                  spent_nanos = CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END, \
-                  period_start = CASE WHEN period_end <= $1 THEN $2 ELSE period_start END, \
-                  period_end = CASE WHEN period_end <= $1 THEN $3 ELSE period_end END, \
-                  reserved_nanos = reserved_nanos + $4 \
-                WHERE id = $5 AND budget_period = $6 AND NOT blocked \
-                  AND (CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END) + reserved_nanos + $4 <= budget_nanos \
-                RETURNING budget_nanos - spent_nanos - reserved_nanos AS remaining"
-            };
-        }
-        const HOLD: &str = hold!();
-        const HOLD_AND_RECORD: &str = concat!(
-            "WITH held AS (",
-            hold!(),
-            ") INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at) \
-             SELECT $7, $5, $4, $8, $1, $9 FROM held RETURNING (SELECT remaining FROM held)"
-        );
-        const RECORD: &str = "INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at) \
-                              VALUES ($1, $2, $3, $4, $5, $6)";
-        let held: Option<i64> = match db {
-            // One statement, one round trip: the hold and its record commit together or not at all.
-            Db::Postgres(pool) => sqlx::query_scalar::<_, i64>(HOLD_AND_RECORD)
-                .bind(now.0)
-                .bind(start)
-                .bind(end)
-                .bind(amount.0)
-                .bind(&customer.id)
-                .bind(period.as_str())
-                .bind(&id)
-                .bind(request_id)
-                .bind(expires_at.0)
-                .fetch_optional(pool)
-                .await
-                .map_err(DbError::from)?,
-            Db::Sqlite(pool) => async {
-                let mut tx = pool.begin().await?;
-                let remaining: Option<i64> = sqlx::query_scalar(HOLD)
-                    .bind(now.0)
-                    .bind(start)
-                    .bind(end)
-                    .bind(amount.0)
-                    .bind(&customer.id)
-                    .bind(period.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if remaining.is_some() {
-                    sqlx::query(RECORD)
-                        .bind(&id)
-                        .bind(&customer.id)
-                        .bind(amount.0)
-                        .bind(request_id)
-                        .bind(now.0)
-                        .bind(expires_at.0)
-                        .execute(&mut *tx)
-                        .await?;
-                    tx.commit().await?;
-                } else {
-                    tx.rollback().await?;
-                }
-                Ok::<_, sqlx::Error>(remaining)
-            }
-            .await
-            .map_err(DbError::from)?,
-        };
-        if let Some(remaining) = held {
-            let reservation = Reservation { id, customer_id: customer.id.clone(), amount };
-            return Ok(ReserveOutcome::Reserved { reservation, remaining: Nanos(remaining) });
-        }
-        let Some(fresh) = crate::projects::get_customer(db, &customer.id).await? else {
-            return Ok(ReserveOutcome::Blocked);
-        };
-        if fresh.blocked {
-            return Ok(ReserveOutcome::Blocked);
-        }
-        if fresh.period() == period {
-            return Ok(ReserveOutcome::Insufficient { remaining: fresh.remaining(now).max(Nanos::ZERO) });
-        }
-        period = fresh.period();
-    }
-    Ok(ReserveOutcome::Insufficient { remaining: Nanos::ZERO })
+    let hold = Hold::new(customer.id.clone(), customer.period(), amount, request_id.to_owned(), expires_at);
+    apply_alone(db, &Op::Reserve(hold)).await.map(|done| match done {
+        Done::Reserved(outcome) => outcome,
+        _ => ReserveOutcome::Unknown,
+    })
 }
 
 /// How a call ended, for the usage ledger.
@@ -204,95 +293,343 @@ pub struct UsageRecord {
     pub latency_ms: i64,
 }
 
-/// Binds a usage event's 19 columns, in `usage_events`' order, to `$1`…`$19` of `$query`.
+/// A settlement to make: the call's reservation (if any) freed, its record charged and written.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub reservation: Option<Reservation>,
+    pub record: UsageRecord,
+    /// Chosen before the first attempt, so a retry can never record (or charge) twice.
+    event_id: UsageEventId,
+}
+
+impl Settlement {
+    pub fn new(reservation: Option<Reservation>, record: UsageRecord) -> Self {
+        Self { reservation, record, event_id: UsageEventId::generate() }
+    }
+}
+
+/// One round trip on PostgreSQL, atomic: free the hold, charge, record the event.
+const SETTLE_PG: &str = "WITH freed AS (DELETE FROM reservations WHERE id = $20 RETURNING amount_nanos), \
+    charged AS (UPDATE customers SET \
+        reserved_nanos = reserved_nanos - COALESCE((SELECT amount_nanos FROM freed), 0), \
+        spent_nanos = spent_nanos + $16 \
+      WHERE id = $3 AND (EXISTS (SELECT 1 FROM freed) OR $16 <> 0) \
+      RETURNING budget_nanos - spent_nanos - reserved_nanos AS remaining), \
+    event AS (INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, \
+        reason, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
+        reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at) \
+      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)) \
+    SELECT (SELECT remaining FROM charged)";
+const FREE_SQLITE: &str = "DELETE FROM reservations WHERE id = $1 RETURNING amount_nanos";
+const CHARGE_SQLITE: &str = "UPDATE customers SET reserved_nanos = reserved_nanos - $1, spent_nanos = spent_nanos + $2 \
+                             WHERE id = $3 RETURNING budget_nanos - spent_nanos - reserved_nanos";
+const EVENT_SQLITE: &str = "INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, \
+    reason, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_nanos, \
+    cost_nanos, billed_nanos, usage_source, latency_ms, created_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)";
+
+/// Binds a usage event's 19 columns, in `usage_events`' order, to `$query`.
 macro_rules! bind_event {
-    ($query:expr, $event_id:expr, $record:expr) => {{
-        let (record, t) = (&$record, &$record.tokens);
+    ($query:expr, $s:expr) => {{
+        let (r, t) = (&$s.record, &$s.record.tokens);
         $query
-            .bind(&$event_id)
-            .bind(&record.project_id)
-            .bind(&record.customer_id)
-            .bind(&record.request_id)
-            .bind(&record.endpoint)
-            .bind(&record.model)
-            .bind(record.status.as_str())
-            .bind(&record.reason)
+            .bind(&$s.event_id)
+            .bind(&r.project_id)
+            .bind(&r.customer_id)
+            .bind(&r.request_id)
+            .bind(&r.endpoint)
+            .bind(&r.model)
+            .bind(r.status.as_str())
+            .bind(&r.reason)
             .bind(t.input)
             .bind(t.cached_input)
             .bind(t.cache_write)
             .bind(t.output)
             .bind(t.reasoning)
-            .bind(record.reserved.0)
-            .bind(record.cost.0)
-            .bind(record.billed.0)
-            .bind(record.source.as_str())
-            .bind(record.latency_ms)
+            .bind(r.reserved.0)
+            .bind(r.cost.0)
+            .bind(r.billed.0)
+            .bind(r.source.as_str())
+            .bind(r.latency_ms)
             .bind(UnixMillis::now().0)
     }};
 }
 
-/// Ends a call: frees its reservation (if still held), charges `record.billed` to the
-/// customer, and writes the usage event, atomically. Returns the customer's remaining
-/// budget afterwards, when there is a customer.
+async fn settle_pg(conn: &mut PgConnection, s: &Settlement) -> Result<Option<Nanos>, sqlx::Error> {
+    let reservation_id = s.reservation.as_ref().map(|r| &r.id);
+    let remaining: Option<i64> =
+        bind_event!(sqlx::query_scalar::<_, Option<i64>>(SETTLE_PG), s).bind(reservation_id).fetch_one(conn).await?;
+    Ok(remaining.map(Nanos))
+}
+
+/// Within a write transaction (the caller's).
+async fn settle_sqlite(conn: &mut SqliteConnection, s: &Settlement) -> Result<Option<Nanos>, sqlx::Error> {
+    let held: i64 = match &s.reservation {
+        Some(r) => sqlx::query_scalar::<_, i64>(FREE_SQLITE).bind(&r.id).fetch_optional(&mut *conn).await?.unwrap_or(0),
+        None => 0,
+    };
+    let remaining: Option<i64> = match &s.record.customer_id {
+        Some(customer) if held != 0 || s.record.billed.0 != 0 => {
+            sqlx::query_scalar(CHARGE_SQLITE)
+                .bind(held)
+                .bind(s.record.billed.0)
+                .bind(customer)
+                .fetch_optional(&mut *conn)
+                .await?
+        }
+        _ => None,
+    };
+    bind_event!(sqlx::query(EVENT_SQLITE), s).execute(&mut *conn).await?;
+    Ok(remaining.map(Nanos))
+}
+
+/// Ends a call on its own (the proxy goes through [`Ledger::settle`], which batches): frees its
+/// reservation (if still held), charges `record.billed` to the customer, and writes the usage
+/// event, atomically. Returns the customer's remaining budget afterwards, when there is a
+/// customer.
 pub async fn settle(
     db: &Db,
     reservation: Option<&Reservation>,
     record: &UsageRecord,
 ) -> Result<Option<Nanos>, DbError> {
-    const FREE: &str = "DELETE FROM reservations WHERE id = $1 RETURNING amount_nanos";
-    const CHARGE: &str = "UPDATE customers SET reserved_nanos = reserved_nanos - $1, spent_nanos = spent_nanos + $2 \
-                          WHERE id = $3 RETURNING budget_nanos - spent_nanos - reserved_nanos";
-    const EVENT: &str = "INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, reason, \
-        input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_nanos, cost_nanos, \
-        billed_nanos, usage_source, latency_ms, created_at) \
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)";
-    let event_id = UsageEventId::generate();
-    let remaining: Option<i64> = match db {
-        // One statement, one round trip, atomic: free the hold, charge, record the event.
+    let settlement = Settlement::new(reservation.cloned(), record.clone());
+    apply_alone(db, &Op::Settle(Box::new(settlement))).await.map(|done| match done {
+        Done::Settled(remaining) => remaining,
+        _ => None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Group commit
+
+/// One ledger operation.
+#[derive(Debug, Clone)]
+enum Op {
+    Reserve(Hold),
+    Settle(Box<Settlement>),
+    /// A customer's first call creates it (through the writer: on SQLite, a write beside the
+    /// writer's would wait for its lock, sleeping).
+    Customer(NewCustomer),
+}
+
+impl Op {
+    /// The customer row it locks, if any: batches apply operations in this order, so two
+    /// writers always lock rows in the same order and cannot deadlock each other.
+    fn customer(&self) -> Option<&CustomerId> {
+        match self {
+            Op::Reserve(hold) => Some(&hold.customer_id),
+            Op::Settle(s) => s.record.customer_id.as_ref(),
+            Op::Customer(_) => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Done {
+    Reserved(ReserveOutcome),
+    Settled(Option<Nanos>),
+    Customer(Option<Customer>),
+}
+
+async fn apply_pg(conn: &mut PgConnection, op: &Op) -> Result<Done, sqlx::Error> {
+    Ok(match op {
+        Op::Reserve(hold) if hold.amount.is_negative() => {
+            Done::Reserved(ReserveOutcome::Insufficient { remaining: Nanos::ZERO })
+        }
+        Op::Reserve(hold) => Done::Reserved(reserve_pg(conn, hold).await?),
+        Op::Settle(s) => Done::Settled(settle_pg(conn, s).await?),
+        Op::Customer(new) => Done::Customer(create_customer_pg(conn, new).await?),
+    })
+}
+
+async fn apply_sqlite(conn: &mut SqliteConnection, op: &Op) -> Result<Done, sqlx::Error> {
+    Ok(match op {
+        Op::Reserve(hold) if hold.amount.is_negative() => {
+            Done::Reserved(ReserveOutcome::Insufficient { remaining: Nanos::ZERO })
+        }
+        Op::Reserve(hold) => Done::Reserved(reserve_sqlite(conn, hold).await?),
+        Op::Settle(s) => Done::Settled(settle_sqlite(conn, s).await?),
+        Op::Customer(new) => Done::Customer(create_customer_sqlite(conn, new).await?),
+    })
+}
+
+/// How a batch without settlements commits on SQLite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// As the database is configured.
+    Configured,
+    /// Without waiting for the disk (`synchronous = NORMAL`, WAL), then back to `FULL`.
+    Relaxed,
+}
+
+/// Applies `ops` in one transaction, in order; nothing of it is kept if any fails.
+async fn apply_batch(db: &Db, ops: &[&Op], commit: Commit) -> Result<Vec<Done>, sqlx::Error> {
+    let mut done = Vec::with_capacity(ops.len());
+    match db {
+        // One statement alone is atomic already: no BEGIN and COMMIT round trips.
+        Db::Postgres(pool) if ops.len() == 1 => {
+            let mut conn = pool.acquire().await?;
+            for op in ops {
+                done.push(apply_pg(&mut conn, op).await?);
+            }
+        }
         Db::Postgres(pool) => {
-            const SETTLE: &str = "WITH freed AS (DELETE FROM reservations WHERE id = $20 RETURNING amount_nanos), \
-                charged AS (UPDATE customers SET \
-                    reserved_nanos = reserved_nanos - COALESCE((SELECT amount_nanos FROM freed), 0), \
-                    spent_nanos = spent_nanos + $16 \
-                  WHERE id = $3 AND (EXISTS (SELECT 1 FROM freed) OR $16 <> 0) \
-                  RETURNING budget_nanos - spent_nanos - reserved_nanos AS remaining), \
-                event AS (INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, \
-                    reason, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
-                    reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at) \
-                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)) \
-                SELECT (SELECT remaining FROM charged)";
-            let reservation_id = reservation.map(|r| r.id.as_str().to_owned());
-            bind_event!(sqlx::query_scalar::<_, Option<i64>>(SETTLE), event_id, record)
-                .bind(&reservation_id)
-                .fetch_one(pool)
-                .await
-                .map_err(DbError::from)?
-        }
-        Db::Sqlite(pool) => async {
             let mut tx = pool.begin().await?;
-            let held: i64 = match reservation {
-                Some(r) => sqlx::query_scalar::<_, i64>(FREE).bind(&r.id).fetch_optional(&mut *tx).await?.unwrap_or(0),
-                None => 0,
-            };
-            let remaining: Option<i64> = match &record.customer_id {
-                Some(customer) if held != 0 || record.billed.0 != 0 => {
-                    sqlx::query_scalar(CHARGE)
-                        .bind(held)
-                        .bind(record.billed.0)
-                        .bind(customer)
-                        .fetch_optional(&mut *tx)
-                        .await?
-                }
-                _ => None,
-            };
-            bind_event!(sqlx::query(EVENT), event_id, record).execute(&mut *tx).await?;
+            for op in ops {
+                done.push(apply_pg(&mut tx, op).await?);
+            }
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(remaining)
         }
-        .await
-        .map_err(DbError::from)?,
-    };
-    Ok(remaining.map(Nanos))
+        Db::Sqlite(pool) => {
+            let mut conn = pool.acquire().await?;
+            // Only a settlement must reach the disk before its caller hears of it; see `Ledger`.
+            let relaxed = commit == Commit::Relaxed && ops.iter().all(|op| !matches!(op, Op::Settle(_)));
+            if relaxed {
+                sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+            }
+            let applied = async {
+                // The write lock from the start: the reads of a refusal see what the writes saw.
+                let mut tx = (*conn).begin_with("BEGIN IMMEDIATE").await?;
+                for op in ops {
+                    done.push(apply_sqlite(&mut tx, op).await?);
+                }
+                tx.commit().await
+            }
+            .await;
+            if relaxed {
+                sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+            }
+            applied?;
+        }
+    }
+    Ok(done)
+}
+
+async fn apply_alone(db: &Db, op: &Op) -> Result<Done, DbError> {
+    let mut done = apply_batch(db, &[op], Commit::Configured).await?;
+    done.pop().ok_or(DbError::Ledger)
+}
+
+/// An operation waiting for its batch, and who waits for its outcome.
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Done, DbError>>,
+}
+
+/// How many operations one transaction takes at most.
+const MAX_BATCH: usize = 128;
+/// Operations waiting beyond this make their callers wait to enqueue (backpressure).
+const QUEUE: usize = 8_192;
+
+/// The proxy's way to the ledger: reservations and settlements applied by writer tasks in
+/// batches, one transaction per batch (group commit; see the module docs). One writer on
+/// SQLite (it has one writer anyway, and waiting for its lock is slower than a queue), up to
+/// four on PostgreSQL. Cloning is cheap. When the writers are gone every call fails with
+/// [`DbError::Ledger`]: the proxy then refuses rather than serve a call it cannot meter.
+///
+/// On SQLite with `synchronous = FULL`, a batch of reservations (and first-call customers) only
+/// commits without waiting for the disk (WAL, `NORMAL`: durable across a crash of the process,
+/// visible to every other connection at once); settlements always wait for it. A reservation
+/// lost to a power cut belonged to a call that died with the machine, and a reservation of a
+/// call that dies is never charged anyway (housekeeping releases it): what power loss must not
+/// take — usage events and spend — is committed with an fsync before anyone hears of it, and
+/// that fsync also makes every earlier commit durable. PostgreSQL commits every batch durably:
+/// there the database can fail apart from the proxy, which carries on.
+#[derive(Clone)]
+pub struct Ledger {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Ledger {
+    /// Starts the writers on `db` (within a Tokio runtime). They stop once every clone of the
+    /// returned handle is dropped and the queue is drained.
+    pub fn start(db: Db, sqlite_synchronous: SqliteSync) -> Self {
+        let (jobs, queue) = mpsc::channel(QUEUE);
+        let writers = match &db {
+            Db::Sqlite(_) => 1,
+            Db::Postgres(pool) => (pool.options().get_max_connections() / 2).clamp(1, 4),
+        };
+        let commit = match (&db, sqlite_synchronous) {
+            (Db::Sqlite(_), SqliteSync::Full) => Commit::Relaxed,
+            _ => Commit::Configured,
+        };
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        for _ in 0..writers {
+            tokio::spawn(write(db.clone(), queue.clone(), commit));
+        }
+        Self { jobs }
+    }
+
+    async fn submit(&self, op: Op) -> Result<Done, DbError> {
+        let (reply, outcome) = oneshot::channel();
+        self.jobs.send(Job { op, reply }).await.map_err(|_| DbError::Ledger)?;
+        outcome.await.map_err(|_| DbError::Ledger)?
+    }
+
+    /// [`reserve`], batched with other calls' operations.
+    pub async fn reserve(&self, hold: Hold) -> Result<ReserveOutcome, DbError> {
+        match self.submit(Op::Reserve(hold)).await? {
+            Done::Reserved(outcome) => Ok(outcome),
+            _ => Err(DbError::Ledger),
+        }
+    }
+
+    /// [`settle`], batched with other calls' operations; returns once it has committed.
+    pub async fn settle(&self, settlement: Settlement) -> Result<Option<Nanos>, DbError> {
+        match self.submit(Op::Settle(Box::new(settlement))).await? {
+            Done::Settled(remaining) => Ok(remaining),
+            _ => Err(DbError::Ledger),
+        }
+    }
+
+    /// The customer `new` names, created (with its default budget) if it does not exist yet.
+    pub async fn customer(&self, new: NewCustomer) -> Result<Option<Customer>, DbError> {
+        match self.submit(Op::Customer(new)).await? {
+            Done::Customer(customer) => Ok(customer),
+            _ => Err(DbError::Ledger),
+        }
+    }
+}
+
+/// A writer: takes what is queued (up to [`MAX_BATCH`]), applies it in one transaction,
+/// answers, and again. Writers take turns at the queue, so one fills a batch while another
+/// commits.
+async fn write(db: Db, queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, commit: Commit) {
+    loop {
+        let mut batch = Vec::new();
+        {
+            let mut queue = queue.lock().await;
+            if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                return;
+            }
+        }
+        // Rows locked in customer order; a customer's operations in the order they came.
+        batch.sort_by(|a, b| a.op.customer().cmp(&b.op.customer()));
+        let ops: Vec<&Op> = batch.iter().map(|job| &job.op).collect();
+        match apply_batch(&db, &ops, commit).await {
+            Ok(done) => {
+                for (job, done) in batch.into_iter().zip(done) {
+                    let _ = job.reply.send(Ok(done));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                tracing::error!(error = %e, "a ledger operation failed");
+                if let Some(job) = batch.pop() {
+                    let _ = job.reply.send(Err(e.into()));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, operations = batch.len(), "a ledger batch failed; applying its operations one by one");
+                for job in batch {
+                    let outcome = apply_alone(&db, &job.op).await;
+                    if let Err(e) = &outcome {
+                        tracing::error!(error = %e, "a ledger operation failed");
+                    }
+                    let _ = job.reply.send(outcome);
+                }
+            }
+        }
+    }
 }
 
 /// Pushes a held reservation's expiry to `expires_at` (a long stream keeps its budget held).
@@ -333,4 +670,18 @@ pub async fn release_expired(db: &Db, now: UnixMillis) -> Result<u64, DbError> {
         tracing::warn!(released, "released expired reservations (calls that never settled)");
     }
     Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn without_its_writers_the_ledger_fails_closed() {
+        let (jobs, queue) = mpsc::channel(1);
+        drop(queue);
+        let ledger = Ledger { jobs };
+        let hold = Hold::new(CustomerId::generate(), BudgetPeriod::Month, Nanos(1), "r".into(), UnixMillis::now());
+        assert!(matches!(ledger.reserve(hold).await, Err(DbError::Ledger)));
+    }
 }

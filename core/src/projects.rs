@@ -551,6 +551,46 @@ pub async fn price_for(db: &Db, project: &ProjectId, model: &str) -> Result<Opti
     })
 }
 
+/// Everything a proxied call needs of its project beside the key and the customer: the
+/// provider connections (credentials decrypted, oldest first) and the price overrides. Read
+/// whole, so one cached copy serves every model of the project.
+#[derive(Debug, Clone)]
+pub struct CallConfig {
+    pub providers: Vec<Provider>,
+    overrides: std::collections::HashMap<String, Price>,
+}
+
+impl CallConfig {
+    /// The price of `model`: the project's override, else the shipped price.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        self.overrides.get(model).copied().or_else(|| crate::pricing::shipped_price(model))
+    }
+}
+
+/// The project's [`CallConfig`], in one round trip per table.
+pub async fn call_config(db: &Db, key: &MasterKey, project: &ProjectId) -> Result<CallConfig, DbError> {
+    const SQL: &str = "SELECT model, input, cached_input, output, cache_write, max_output_tokens FROM price_overrides \
+                       WHERE project_id = $1";
+    let providers = list_providers(db, key, project).await?;
+    let rows = with_db!(db, pool => sqlx::query_as::<_, PriceOverride>(SQL).bind(project).fetch_all(pool).await)?;
+    let overrides = rows
+        .into_iter()
+        .map(|r| {
+            let shipped = crate::pricing::shipped_price(&r.model);
+            let price = Price {
+                input: r.input,
+                cached_input: r.cached_input,
+                output: r.output,
+                cache_write: r.cache_write,
+                max_output_tokens: r.max_output_tokens,
+                tokenizer: shipped.map_or(Tokenizer::Approximate, |p| p.tokenizer),
+            };
+            (r.model, price)
+        })
+        .collect();
+    Ok(CallConfig { providers, overrides })
+}
+
 /// A price override of a project, as listed.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PriceOverride {
@@ -646,16 +686,68 @@ pub async fn customer_for_call(db: &Db, project: &Project, external_id: &str) ->
     if let Some(c) = find_customer(db, &project.id, external_id).await? {
         return Ok(c);
     }
-    let now = UnixMillis::now();
-    let period = project.default_period();
-    let (start, end) = period.window(now);
-    const SQL: &str = "INSERT INTO customers (id, project_id, external_id, budget_nanos, budget_period, period_start, \
-        period_end, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (project_id, external_id) DO NOTHING";
-    with_db!(db, pool => sqlx::query(SQL).bind(CustomerId::generate()).bind(&project.id).bind(external_id)
-        .bind(project.default_budget_nanos).bind(period.as_str()).bind(start).bind(end).bind(now.0)
-        .execute(pool).await.map(|_| ()))?;
-    find_customer(db, &project.id, external_id).await?.ok_or(ProjectError::NotFound("customer"))
+    let new = NewCustomer::of(project, external_id);
+    let created = match db {
+        Db::Sqlite(pool) => create_customer_sqlite(&mut *pool.acquire().await.map_err(DbError::from)?, &new).await,
+        Db::Postgres(pool) => create_customer_pg(&mut *pool.acquire().await.map_err(DbError::from)?, &new).await,
+    };
+    created.map_err(DbError::from)?.ok_or(ProjectError::NotFound("customer"))
 }
+
+/// A customer to create with its project's default budget, unless it exists already.
+#[derive(Debug, Clone)]
+pub struct NewCustomer {
+    pub project_id: ProjectId,
+    pub external_id: String,
+    pub budget: Nanos,
+    pub period: BudgetPeriod,
+}
+
+impl NewCustomer {
+    /// `external_id` (validated) with `project`'s default budget and period.
+    pub fn of(project: &Project, external_id: &str) -> Self {
+        Self {
+            project_id: project.id.clone(),
+            external_id: external_id.to_owned(),
+            budget: Nanos(project.default_budget_nanos),
+            period: project.default_period(),
+        }
+    }
+}
+
+/// Creates `new` unless it exists (insert-or-ignore), then reads it: concurrent first calls
+/// all end up with the one row, so none can slip past the default budget. One function per
+/// backend, on a connection of the caller's (the ledger's writer, within its transaction).
+macro_rules! create_customer_fn {
+    ($name:ident, $conn:ty) => {
+        pub(crate) async fn $name(conn: &mut $conn, new: &NewCustomer) -> Result<Option<Customer>, sqlx::Error> {
+            const SQL: &str = "INSERT INTO customers (id, project_id, external_id, budget_nanos, budget_period, \
+                period_start, period_end, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                ON CONFLICT (project_id, external_id) DO NOTHING";
+            let now = UnixMillis::now();
+            let (start, end) = new.period.window(now);
+            sqlx::query(SQL)
+                .bind(CustomerId::generate())
+                .bind(&new.project_id)
+                .bind(&new.external_id)
+                .bind(new.budget.0)
+                .bind(new.period.as_str())
+                .bind(start)
+                .bind(end)
+                .bind(now.0)
+                .execute(&mut *conn)
+                .await?;
+            let sql = format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE project_id = $1 AND external_id = $2");
+            sqlx::query_as::<_, Customer>(sqlx::AssertSqlSafe(sql))
+                .bind(&new.project_id)
+                .bind(&new.external_id)
+                .fetch_optional(&mut *conn)
+                .await
+        }
+    };
+}
+create_customer_fn!(create_customer_sqlite, sqlx::SqliteConnection);
+create_customer_fn!(create_customer_pg, sqlx::PgConnection);
 
 pub async fn find_customer(db: &Db, project: &ProjectId, external_id: &str) -> Result<Option<Customer>, ProjectError> {
     let sql = format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE project_id = $1 AND external_id = $2");

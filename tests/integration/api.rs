@@ -20,6 +20,7 @@ pub fn cases() -> Vec<DbCase> {
         the_list_pages_with_cursors,
         keys_and_projects_are_kept_apart,
         a_budget_set_through_the_api_holds_on_the_proxy,
+        a_deleted_customer_is_created_afresh_by_its_next_call,
         usage_is_exported_as_json_and_csv,
         keys_are_made_listed_and_revoked_and_settings_read,
         each_key_is_rate_limited_with_retry_after,
@@ -251,6 +252,49 @@ async fn a_budget_set_through_the_api_holds_on_the_proxy(db: TestDatabase) -> Te
     // Its usage stays in the ledger.
     let events: i64 = with_db!(&s.app.state.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM usage_events").fetch_one(pool).await)?;
     assert_eq!(events, 3);
+    s.app.stop().await
+}
+
+/// The proxy keeps which row a customer id names for two seconds; a customer deleted in the
+/// meantime — through the API here, or by another replica (no cache told) — is created afresh
+/// by its next call, with the project's default budget and nothing spent.
+async fn a_deleted_customer_is_created_afresh_by_its_next_call(db: TestDatabase) -> TestResult {
+    use reqwest::Method;
+    let s = setup(&db, projects::BudgetPolicy::Reject).await?;
+    let hello = json!({"model": "mock-model", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]});
+    let (db, project) = (&s.app.state.db, &s.project.id);
+    let row_id = |external: &'static str| async move {
+        let row = projects::find_customer(db, project, external).await?;
+        anyhow::Ok(row.map(|c| (c.id, c.budget_nanos, c.spent_nanos)))
+    };
+    for (external, through_api) in [("phoenix", true), ("elsewhere", false)] {
+        s.api(Method::POST, "/api/v1/customers", Some(json!({"id": external, "budget": "0.05"}))).await?;
+        let first = s.chat(external, hello.clone()).await?;
+        assert_eq!(first.status(), StatusCode::OK);
+        assert_eq!(first.headers()["x-tollgate-remaining"], "0.03");
+        let (old_id, ..) = row_id(external).await?.ok_or_else(|| anyhow::anyhow!("no {external}"))?;
+        if through_api {
+            let (status, _) = s.api(Method::DELETE, &format!("/api/v1/customers/{external}"), None).await?;
+            assert_eq!(status, StatusCode::NO_CONTENT);
+        } else {
+            tollgate_core::customers::delete(db, project, external).await?;
+        }
+        // The project's default budget is zero: the fresh customer has nothing to spend.
+        let refused = s.chat(external, hello.clone()).await?;
+        assert_eq!(refused.status(), StatusCode::PAYMENT_REQUIRED, "{external}: {}", refused.text().await?);
+        let (new_id, budget, spent) =
+            row_id(external).await?.ok_or_else(|| anyhow::anyhow!("{external} not recreated"))?;
+        assert_ne!(new_id, old_id, "{external}: a new row");
+        assert_eq!((budget, spent), (0, 0), "{external}: the default budget, nothing spent");
+        let refusals: i64 = with_db!(db, pool => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM usage_events WHERE customer_id = $1 AND status = 'refused'").bind(&new_id).fetch_one(pool).await)?;
+        assert_eq!(refusals, 1, "{external}: the refusal is the new customer's");
+        // A budget set afterwards applies to the new row at once.
+        s.api(Method::POST, "/api/v1/customers", Some(json!({"id": external, "budget": "0.05"}))).await?;
+        let again = s.chat(external, hello.clone()).await?;
+        assert_eq!(again.status(), StatusCode::OK);
+        assert_eq!(again.headers()["x-tollgate-remaining"], "0.03", "{external}: spend starts from zero");
+    }
     s.app.stop().await
 }
 

@@ -348,7 +348,7 @@ async fn a_revoked_key_stops_working_promptly(db: TestDatabase) -> TestResult {
     let revoked_at = std::time::Instant::now();
     assert!(projects::revoke_key(&state.db, &s.project.id, &created.id).await?);
     eventually(Duration::from_secs(10), || async { Ok(call().await?.status() == StatusCode::UNAUTHORIZED) }).await?;
-    assert!(revoked_at.elapsed() <= tollgate::routes::proxy::auth::KEY_CACHE_TTL + Duration::from_secs(1));
+    assert!(revoked_at.elapsed() <= tollgate::routes::proxy::cache::CACHE_TTL + Duration::from_secs(1));
 
     // Revoked by this process: refused at once.
     let other = projects::create_key(&state.db, &s.project.id, KeyKind::Secret, "app2").await?;

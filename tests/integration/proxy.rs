@@ -22,6 +22,7 @@ pub fn cases() -> Vec<DbCase> {
     db_cases![
         a_call_is_reserved_forwarded_and_settled,
         concurrent_calls_never_spend_past_the_budget,
+        a_failing_ledger_operation_does_not_fail_its_batch,
         clamp_lowers_max_output_to_what_the_budget_pays_for,
         reject_refuses_with_402_and_the_provider_sees_nothing,
         streamed_calls_settle_and_hide_the_usage_chunk,
@@ -206,6 +207,58 @@ async fn concurrent_calls_never_spend_past_the_budget(db: TestDatabase) -> TestR
     assert_eq!(spent, N * 20 * OUTPUT_NANOS_PER_TOKEN);
     assert_eq!(s.events("settled").await?, N);
     assert_eq!(s.events("refused").await?, 19 * N);
+    s.app.stop().await
+}
+
+/// Reservations and settlements are applied in batches (one transaction each): one that
+/// fails (here, a usage event naming a customer that does not exist) fails alone, and the
+/// others of its batch still hold exactly what fits.
+async fn a_failing_ledger_operation_does_not_fail_its_batch(db: TestDatabase) -> TestResult {
+    use tollgate_core::ids::CustomerId;
+    use tollgate_core::ledger::{CallStatus, Hold, ReserveOutcome, Settlement, UsageRecord, UsageSource};
+    const FITS: i64 = 10;
+    let s = setup(&db, BudgetPolicy::Reject).await?;
+    s.budget("batched", FITS * 20).await?;
+    let customer = projects::find_customer(&s.app.state.db, &s.project.id, "batched").await?.unwrap();
+    let ledger = &s.app.state.ledger;
+    let expires = UnixMillis::now().plus_secs(60);
+    let holds = (0..4 * FITS).map(|i| {
+        let hold = Hold::new(
+            customer.id.clone(),
+            customer.period(),
+            Nanos(20 * OUTPUT_NANOS_PER_TOKEN),
+            format!("req-{i}"),
+            expires,
+        );
+        ledger.reserve(hold)
+    });
+    let orphan = UsageRecord {
+        project_id: s.project.id.clone(),
+        customer_id: Some(CustomerId::generate()),
+        request_id: "orphan".into(),
+        endpoint: "chat".into(),
+        model: "mock-model".into(),
+        status: CallStatus::Refused,
+        reason: None,
+        tokens: Default::default(),
+        reserved: Nanos::ZERO,
+        cost: Nanos::ZERO,
+        billed: Nanos::ZERO,
+        source: UsageSource::None,
+        latency_ms: 0,
+    };
+    let (held, orphan) = tokio::join!(futures::future::join_all(holds), ledger.settle(Settlement::new(None, orphan)));
+    assert!(orphan.is_err(), "an event for no customer must fail: {orphan:?}");
+    let mut reserved = 0;
+    for outcome in held {
+        match outcome? {
+            ReserveOutcome::Reserved { .. } => reserved += 1,
+            ReserveOutcome::Insufficient { .. } => {}
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(reserved, FITS, "exactly what fits is held");
+    assert_eq!(s.ledger("batched").await?, (0, FITS * 20 * OUTPUT_NANOS_PER_TOKEN));
     s.app.stop().await
 }
 

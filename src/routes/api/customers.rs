@@ -289,6 +289,7 @@ pub async fn upsert(
     };
     let input = input(body, external_id, existing.as_ref())?;
     let saved = customers::save(&state.db, &project.id, &input).await?;
+    state.proxy_cache.forget_customer(&project.id, &saved.external_id);
     super::audit(&state, &project, &actor, "customer.saved", &saved.external_id, &budget_detail(&saved, &project))
         .await?;
     let status = if existing.is_some() { StatusCode::OK } else { StatusCode::CREATED };
@@ -365,6 +366,7 @@ pub async fn update(
     let current = found(&state, &project, &external_id).await?;
     let input = input(body, external_id, Some(&current))?;
     let saved = customers::save(&state.db, &project.id, &input).await?;
+    state.proxy_cache.forget_customer(&project.id, &saved.external_id);
     super::audit(&state, &project, &actor, "customer.saved", &saved.external_id, &budget_detail(&saved, &project))
         .await?;
     Ok(Json(Customer::new(&saved, &project)))
@@ -539,6 +541,9 @@ pub async fn delete(
     }
     match customers::delete(&state.db, &project.id, &external_id).await {
         Ok(()) => {
+            // Its next call creates it afresh (other replicas: within the cache's TTL, or at
+            // once when their reservation finds the row gone).
+            state.proxy_cache.forget_customer(&project.id, &external_id);
             super::audit(&state, &project, &actor, "customer.deleted", &external_id, &project.name).await?;
             Ok(StatusCode::NO_CONTENT)
         }

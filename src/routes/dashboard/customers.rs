@@ -196,6 +196,7 @@ pub async fn save(
         }
     };
     let saved = customers::save(&state.db, &project.id, &input).await.map_err(project_error)?;
+    state.proxy_cache.forget_customer(&project.id, &saved.external_id);
     let detail = format!("budget {} per {}", format::money(saved.budget_nanos, &project.currency), saved.budget_period);
     audit::record(&state.db, me.org_id(), &me.actor(), "customer.saved", &saved.external_id, &detail).await?;
     Ok(Redirect::to(&format!("/projects/{}/customers/{}", project.id, saved.id)).into_response())

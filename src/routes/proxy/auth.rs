@@ -2,7 +2,7 @@
 //! `x-api-key: <key>` (Anthropic SDKs). Keys are stored and looked up by their SHA-256.
 //!
 //! Lookups go through a [`KeyCache`]: a key's project is read from the database at most once
-//! per [`KEY_CACHE_TTL`], so a revocation made anywhere takes effect on every replica within
+//! per [`CACHE_TTL`] (like the rest of what the proxy caches, [`super::cache`]), so a revocation made anywhere takes effect on every replica within
 //! that time, and at once on the replica that made it ([`KeyCache::forget_project`]). Unknown
 //! keys are cached too, so a client hammering with a wrong key does not hammer the database.
 //! `last_used_at` is written at most once a minute per key, off the request's path.
@@ -17,11 +17,10 @@ use tollgate_core::projects::{self, Project};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::tokens;
 
+use super::cache::CACHE_TTL;
 use super::error::ProxyError;
 use crate::state::AppState;
 
-/// How long a key lookup is trusted before the database is asked again.
-pub const KEY_CACHE_TTL: Duration = Duration::from_secs(2);
 const LAST_USED_EVERY: Duration = Duration::from_secs(60);
 /// Past this many entries the cache starts over (bounded memory under a flood of wrong keys).
 const MAX_ENTRIES: usize = 100_000;
@@ -39,7 +38,7 @@ struct Entry {
     fetched: Instant,
 }
 
-/// Key hash → grant, for [`KEY_CACHE_TTL`].
+/// Key hash → grant, for [`CACHE_TTL`].
 #[derive(Default)]
 pub struct KeyCache {
     entries: Mutex<HashMap<String, Entry>>,
@@ -49,7 +48,7 @@ pub struct KeyCache {
 impl KeyCache {
     fn cached(&self, hash: &str) -> Option<Option<KeyGrant>> {
         let entries = self.entries.lock().ok()?;
-        entries.get(hash).filter(|e| e.fetched.elapsed() < KEY_CACHE_TTL).map(|e| e.grant.clone())
+        entries.get(hash).filter(|e| e.fetched.elapsed() < CACHE_TTL).map(|e| e.grant.clone())
     }
 
     fn store(&self, hash: String, grant: Option<KeyGrant>) {

@@ -23,10 +23,13 @@ use futures::StreamExt;
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use tollgate_core::estimate;
-use tollgate_core::ledger::{self, CallStatus, Reservation, ReserveOutcome, UsageRecord, UsageSource};
+use tollgate_core::ids::CustomerId;
+use tollgate_core::ledger::{
+    self, CallStatus, Hold, Reservation, ReserveOutcome, Settlement, UsageRecord, UsageSource,
+};
 use tollgate_core::money::Nanos;
 use tollgate_core::pricing::{Price, TokenUsage, Tokenizer, tokens_cost, with_markup};
-use tollgate_core::projects::{self, BudgetPolicy, Customer, Project, Provider, ProviderKind};
+use tollgate_core::projects::{BudgetPolicy, CallConfig, Project, Provider, ProviderKind};
 use tollgate_core::time::UnixMillis;
 
 use super::error::{ErrorShape, ProxyError};
@@ -134,12 +137,18 @@ pub fn json_body(body: &[u8]) -> Result<Value, ProxyError> {
 
 /// The provider connection that serves `model` for API `D`.
 pub async fn route<D: Dialect>(state: &AppState, project: &Project, model: &str) -> Result<Provider, ProxyError> {
-    let providers = state.config_cache.providers(&state.db, &state.master_key, &project.id).await?;
-    let serving: Vec<&Provider> = providers.iter().filter(|p| p.serves(model)).collect();
-    if let Some(provider) = serving.iter().find(|p| D::speaks(p.kind)) {
-        return Ok((*provider).clone());
+    let config = state.proxy_cache.config(&state.db, &state.master_key, &project.id).await?;
+    route_in::<D>(&config, model).cloned()
+}
+
+/// The connection of `config` that serves `model` for API `D` (the first that does).
+fn route_in<'c, D: Dialect>(config: &'c CallConfig, model: &str) -> Result<&'c Provider, ProxyError> {
+    let mut serving = config.providers.iter().filter(|p| p.serves(model));
+    let first = serving.next();
+    if let Some(provider) = first.into_iter().chain(serving).find(|p| D::speaks(p.kind)) {
+        return Ok(provider);
     }
-    Err(match serving.first() {
+    Err(match first {
         Some(p) => ProxyError::invalid(
             format!(
                 "The model `{model}` is routed to a {} connection, which does not speak this API: call it through {}.",
@@ -213,7 +222,8 @@ async fn run<D: Dialect>(
         Some(customer) => token_customer_of_call(&headers, customer)?,
         None => customer_of_call(&project, &headers, D::user(&request))?,
     };
-    let price = state.config_cache.price(&state.db, &project.id, &shape.model).await?.ok_or_else(|| {
+    let config = state.proxy_cache.config(&state.db, &state.master_key, &project.id).await?;
+    let price = config.price(&shape.model).ok_or_else(|| {
         ProxyError::invalid(
             format!(
                 "The model `{}` has no price in this project, so Tollgate cannot meter it. Add a price override for it.",
@@ -223,31 +233,30 @@ async fn run<D: Dialect>(
             Some("model"),
         )
     })?;
-    let provider = route::<D>(&state, &project, &shape.model).await?;
-    let customer = projects::customer_for_call(&state.db, &project, &external_id).await?;
-    let refusal = |reason: &str| UsageRecord {
-        project_id: project.id.clone(),
-        customer_id: Some(customer.id.clone()),
-        request_id: request_id.0.clone(),
-        endpoint: D::ENDPOINT.to_owned(),
-        model: shape.model.clone(),
-        status: CallStatus::Refused,
-        reason: Some(reason.to_owned()),
-        tokens: TokenUsage::default(),
-        reserved: Nanos::ZERO,
-        cost: Nanos::ZERO,
-        billed: Nanos::ZERO,
-        source: UsageSource::None,
-        latency_ms: started.elapsed().as_millis() as i64,
+    let provider = route_in::<D>(&config, &shape.model)?;
+    let mut customer = state.proxy_cache.customer(&state.db, &state.ledger, &project, &external_id).await?;
+    let refusal = |customer: &CustomerId, reason: &str| {
+        let record = UsageRecord {
+            project_id: project.id.clone(),
+            customer_id: Some(customer.clone()),
+            request_id: request_id.0.clone(),
+            endpoint: D::ENDPOINT.to_owned(),
+            model: shape.model.clone(),
+            status: CallStatus::Refused,
+            reason: Some(reason.to_owned()),
+            tokens: TokenUsage::default(),
+            reserved: Nanos::ZERO,
+            cost: Nanos::ZERO,
+            billed: Nanos::ZERO,
+            source: UsageSource::None,
+            latency_ms: started.elapsed().as_millis() as i64,
+        };
+        state.ledger.settle(Settlement::new(None, record))
     };
     let blocked = || ProxyError::Forbidden {
         message: format!("The customer `{external_id}` is blocked in this project."),
         code: "customer_blocked",
     };
-    if customer.blocked {
-        ledger::settle(&state.db, None, &refusal("customer blocked")).await?;
-        return Err(blocked());
-    }
 
     // The worst case, as a function of the max output tokens.
     let input_estimate =
@@ -262,15 +271,22 @@ async fn run<D: Dialect>(
     let mut max_output = requested_output;
     let expires = UnixMillis::now().plus_secs(RESERVATION_TTL_SECS);
     let mut reservation = None;
-    for _ in 0..4 {
-        match ledger::reserve(&state.db, &customer, worst_case(max_output), &request_id.0, expires).await? {
+    for _ in 0..5 {
+        let hold =
+            Hold::new(customer.id.clone(), customer.period, worst_case(max_output), request_id.0.clone(), expires);
+        match state.ledger.reserve(hold).await? {
             ReserveOutcome::Reserved { reservation: r, .. } => {
                 reservation = Some(r);
                 break;
             }
             ReserveOutcome::Blocked => {
-                ledger::settle(&state.db, None, &refusal("customer blocked")).await?;
+                refusal(&customer.id, "customer blocked").await?;
                 return Err(blocked());
+            }
+            ReserveOutcome::Unknown => {
+                // Deleted (the next lookup creates it afresh) or its period changed: look again.
+                state.proxy_cache.forget_customer(&project.id, &external_id);
+                customer = state.proxy_cache.customer(&state.db, &state.ledger, &project, &external_id).await?;
             }
             ReserveOutcome::Insufficient { remaining } => {
                 let affordable = largest_affordable(requested_output, remaining, &worst_case);
@@ -284,7 +300,7 @@ async fn run<D: Dialect>(
                     } else {
                         minimum_output
                     });
-                    ledger::settle(&state.db, None, &refusal("insufficient budget")).await?;
+                    refusal(&customer.id, "insufficient budget").await?;
                     return Err(ProxyError::InsufficientBudget {
                         remaining,
                         needed,
@@ -297,7 +313,7 @@ async fn run<D: Dialect>(
         }
     }
     let Some(reservation) = reservation else {
-        ledger::settle(&state.db, None, &refusal("insufficient budget")).await?;
+        refusal(&customer.id, "insufficient budget").await?;
         return Err(ProxyError::InsufficientBudget {
             remaining: Nanos::ZERO,
             needed: worst_case(minimum_output),
@@ -311,11 +327,11 @@ async fn run<D: Dialect>(
     }
     let client_wants_usage = if shape.stream { D::prepare_stream(&mut request) } else { true };
 
-    let url = D::upstream_url(&provider);
+    let url = D::upstream_url(provider);
     let call = Call {
         state: state.clone(),
         project,
-        customer,
+        customer: customer.id,
         price,
         endpoint: D::ENDPOINT,
         model: shape.model,
@@ -325,7 +341,7 @@ async fn run<D: Dialect>(
         started,
         budget: BudgetHeaders { max_output, clamped },
     };
-    let upstream = upstream_request(&state, &provider, url, &headers).json(&request).send().await;
+    let upstream = upstream_request(&state, provider, url, &headers).json(&request).send().await;
     let upstream = match upstream {
         Ok(r) => r,
         Err(e) => {
@@ -409,7 +425,7 @@ struct BudgetHeaders {
 struct Call {
     state: AppState,
     project: Project,
-    customer: Customer,
+    customer: CustomerId,
     price: Price,
     endpoint: &'static str,
     model: String,
@@ -431,7 +447,7 @@ impl Call {
         let cost = if status == CallStatus::Settled { self.price.cost(&tokens) } else { Nanos::ZERO };
         UsageRecord {
             project_id: self.project.id.clone(),
-            customer_id: Some(self.customer.id.clone()),
+            customer_id: Some(self.customer.clone()),
             request_id: self.request_id.clone(),
             endpoint: self.endpoint.to_owned(),
             model: self.model.clone(),
@@ -455,16 +471,18 @@ impl Call {
     }
 
     /// Settles on a task of its own (it must finish even if the client is gone) and waits for
-    /// it. A settlement that lost a lock race rolled back whole, so it is tried again (five
-    /// times over about three seconds); `Err` when it could not be recorded at all.
-    async fn finish(self, record: UsageRecord) -> Result<(Nanos, Option<Nanos>), Unrecorded> {
+    /// it to commit. A settlement that lost a lock race rolled back whole, so it is tried again
+    /// (over about three seconds; the event id is fixed, so never twice). Returns what was
+    /// billed and what the customer has left, or the error that kept it from being metered
+    /// (the reservation then expires).
+    async fn finish(self, record: UsageRecord) -> Result<(Nanos, Option<Nanos>), ProxyError> {
         let billed = record.billed;
-        let db = self.state.db.clone();
-        let reservation = self.reservation.clone();
+        let ledger = self.state.ledger.clone();
+        let settlement = Settlement::new(Some(self.reservation), record);
         let settled = tokio::spawn(async move {
             let mut wait = Duration::from_millis(100);
             loop {
-                match ledger::settle(&db, Some(&reservation), &record).await {
+                match ledger.settle(settlement.clone()).await {
                     Err(e) if e.is_lock_contention() && wait < Duration::from_secs(2) => {
                         tokio::time::sleep(wait).await;
                         wait *= 2;
@@ -478,11 +496,11 @@ impl Call {
             Ok(Ok(remaining)) => Ok((billed, remaining)),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, request_id = %self.request_id, "settlement failed; the reservation expires instead");
-                Err(Unrecorded)
+                Err(ProxyError::Internal)
             }
             Err(e) => {
-                tracing::error!(error = %e, "settlement task failed");
-                Err(Unrecorded)
+                tracing::error!(error = %e, request_id = %self.request_id, "settlement task failed");
+                Err(ProxyError::Internal)
             }
         }
     }
@@ -492,9 +510,6 @@ impl Call {
         let _ = self.finish(record).await;
     }
 }
-
-/// The ledger could not record a call's outcome.
-struct Unrecorded;
 
 fn money_header(n: Nanos) -> Option<HeaderValue> {
     HeaderValue::from_str(&n.to_string()).ok()
@@ -540,7 +555,7 @@ async fn json_response<D: Dialect>(call: Call, upstream: reqwest::Response) -> R
     let budget = call.budget;
     let record = call.record(CallStatus::Settled, None, tokens, source);
     // Fail closed: an answer whose cost the ledger could not record is not handed out.
-    let (billed, remaining) = call.finish(record).await.map_err(|Unrecorded| ProxyError::Internal)?;
+    let (billed, remaining) = call.finish(record).await?;
     let mut response = Response::new(Body::from(body));
     let headers = response.headers_mut();
     if let Some(ct) = content_type {
