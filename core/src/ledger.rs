@@ -23,7 +23,8 @@
 
 use std::sync::Arc;
 
-use sqlx::{Connection, PgConnection, SqliteConnection};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, Postgres, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::SqliteSync;
@@ -413,8 +414,8 @@ enum Op {
 }
 
 impl Op {
-    /// The customer row it locks, if any: batches apply operations in this order, so two
-    /// writers always lock rows in the same order and cannot deadlock each other.
+    /// The customer row it locks, if any: it picks the writer, and batches apply operations in
+    /// this order (rows locked in one order by every batch cannot deadlock each other).
     fn customer(&self) -> Option<&CustomerId> {
         match self {
             Op::Reserve(hold) => Some(&hold.customer_id),
@@ -462,47 +463,89 @@ enum Commit {
     Relaxed,
 }
 
-/// Applies `ops` in one transaction, in order; nothing of it is kept if any fails.
-async fn apply_batch(db: &Db, ops: &[&Op], commit: Commit) -> Result<Vec<Done>, sqlx::Error> {
-    let mut done = Vec::with_capacity(ops.len());
-    match db {
-        // One statement alone is atomic already: no BEGIN and COMMIT round trips.
-        Db::Postgres(pool) if ops.len() == 1 => {
-            let mut conn = pool.acquire().await?;
-            for op in ops {
-                done.push(apply_pg(&mut conn, op).await?);
+/// A connection a writer keeps between batches (its page cache stays warm, no pool round
+/// trip), and on SQLite whether it currently commits [`Commit::Relaxed`].
+enum Conn {
+    Postgres(PoolConnection<Postgres>),
+    Sqlite { conn: PoolConnection<Sqlite>, relaxed: bool },
+}
+
+impl Conn {
+    async fn acquire(db: &Db) -> Result<Self, sqlx::Error> {
+        Ok(match db {
+            Db::Postgres(pool) => Conn::Postgres(pool.acquire().await?),
+            Db::Sqlite(pool) => Conn::Sqlite { conn: pool.acquire().await?, relaxed: false },
+        })
+    }
+
+    /// Applies `ops` in one transaction, in order; nothing of it is kept if any fails.
+    async fn apply(&mut self, ops: &[&Op], commit: Commit) -> Result<Vec<Done>, sqlx::Error> {
+        let mut done = Vec::with_capacity(ops.len());
+        match self {
+            // One statement alone is atomic already: no BEGIN and COMMIT round trips.
+            Conn::Postgres(conn) if ops.len() == 1 => {
+                for op in ops {
+                    done.push(apply_pg(conn, op).await?);
+                }
             }
-        }
-        Db::Postgres(pool) => {
-            let mut tx = pool.begin().await?;
-            for op in ops {
-                done.push(apply_pg(&mut tx, op).await?);
+            Conn::Postgres(conn) => {
+                let mut tx = conn.begin().await?;
+                for op in ops {
+                    done.push(apply_pg(&mut tx, op).await?);
+                }
+                tx.commit().await?;
             }
-            tx.commit().await?;
-        }
-        Db::Sqlite(pool) => {
-            let mut conn = pool.acquire().await?;
-            // Only a settlement must reach the disk before its caller hears of it; see `Ledger`.
-            let relaxed = commit == Commit::Relaxed && ops.iter().all(|op| !matches!(op, Op::Settle(_)));
-            if relaxed {
-                sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
-            }
-            let applied = async {
+            Conn::Sqlite { conn, relaxed } => {
+                // Only a settlement must reach the disk before its caller hears of it; see `Ledger`.
+                let relax = commit == Commit::Relaxed && ops.iter().all(|op| !matches!(op, Op::Settle(_)));
+                if relax != *relaxed {
+                    let pragma = if relax { "PRAGMA synchronous = NORMAL" } else { "PRAGMA synchronous = FULL" };
+                    sqlx::query(pragma).execute(&mut **conn).await?;
+                    *relaxed = relax;
+                }
                 // The write lock from the start: the reads of a refusal see what the writes saw.
-                let mut tx = (*conn).begin_with("BEGIN IMMEDIATE").await?;
+                let mut tx = (**conn).begin_with("BEGIN IMMEDIATE").await?;
                 for op in ops {
                     done.push(apply_sqlite(&mut tx, op).await?);
                 }
-                tx.commit().await
+                tx.commit().await?;
             }
-            .await;
-            if relaxed {
-                sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
-            }
-            applied?;
+        }
+        Ok(done)
+    }
+
+    /// Gives the connection back to the pool as the pool configured it.
+    async fn release(self) {
+        if let Conn::Sqlite { mut conn, relaxed: true } = self
+            && sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await.is_err()
+        {
+            // Not as configured: closed rather than handed to anyone else.
+            drop(conn.detach());
         }
     }
-    Ok(done)
+
+    /// Closes the connection (after an error it may be mid-transaction or relaxed).
+    fn discard(self) {
+        match self {
+            Conn::Postgres(conn) => drop(conn.detach()),
+            Conn::Sqlite { conn, .. } => drop(conn.detach()),
+        }
+    }
+}
+
+/// Applies `ops` in one transaction on a connection of its own.
+async fn apply_batch(db: &Db, ops: &[&Op], commit: Commit) -> Result<Vec<Done>, sqlx::Error> {
+    let mut conn = Conn::acquire(db).await?;
+    match conn.apply(ops, commit).await {
+        Ok(done) => {
+            conn.release().await;
+            Ok(done)
+        }
+        Err(e) => {
+            conn.discard();
+            Err(e)
+        }
+    }
 }
 
 async fn apply_alone(db: &Db, op: &Op) -> Result<Done, DbError> {
@@ -524,8 +567,9 @@ const QUEUE: usize = 8_192;
 /// The proxy's way to the ledger: reservations and settlements applied by writer tasks in
 /// batches, one transaction per batch (group commit; see the module docs). One writer on
 /// SQLite (it has one writer anyway, and waiting for its lock is slower than a queue), up to
-/// four on PostgreSQL. Cloning is cheap. When the writers are gone every call fails with
-/// [`DbError::Ledger`]: the proxy then refuses rather than serve a call it cannot meter.
+/// four on PostgreSQL, each with its own share of the customers. Cloning is cheap. When the
+/// writers are gone every call fails with [`DbError::Ledger`]: the proxy then refuses rather
+/// than serve a call it cannot meter.
 ///
 /// On SQLite with `synchronous = FULL`, a batch of reservations (and first-call customers) only
 /// commits without waiting for the disk (WAL, `NORMAL`: durable across a crash of the process,
@@ -537,14 +581,14 @@ const QUEUE: usize = 8_192;
 /// there the database can fail apart from the proxy, which carries on.
 #[derive(Clone)]
 pub struct Ledger {
-    jobs: mpsc::Sender<Job>,
+    /// One queue per writer; a customer's operations always go to the same one.
+    writers: Arc<[mpsc::Sender<Job>]>,
 }
 
 impl Ledger {
     /// Starts the writers on `db` (within a Tokio runtime). They stop once every clone of the
     /// returned handle is dropped and the queue is drained.
     pub fn start(db: Db, sqlite_synchronous: SqliteSync) -> Self {
-        let (jobs, queue) = mpsc::channel(QUEUE);
         let writers = match &db {
             Db::Sqlite(_) => 1,
             Db::Postgres(pool) => (pool.options().get_max_connections() / 2).clamp(1, 4),
@@ -553,16 +597,29 @@ impl Ledger {
             (Db::Sqlite(_), SqliteSync::Full) => Commit::Relaxed,
             _ => Commit::Configured,
         };
-        let queue = Arc::new(tokio::sync::Mutex::new(queue));
-        for _ in 0..writers {
-            tokio::spawn(write(db.clone(), queue.clone(), commit));
-        }
-        Self { jobs }
+        let writers = (0..writers)
+            .map(|_| {
+                let (jobs, queue) = mpsc::channel(QUEUE);
+                tokio::spawn(write(db.clone(), queue, commit));
+                jobs
+            })
+            .collect();
+        Self { writers }
     }
 
     async fn submit(&self, op: Op) -> Result<Done, DbError> {
+        // A customer's operations go to one writer: two writers never wait for one row's lock
+        // (a hot customer's operations share a batch instead), and they apply in order.
+        let writer = match op.customer() {
+            Some(customer) if self.writers.len() > 1 => {
+                let mut hasher = std::hash::DefaultHasher::new();
+                std::hash::Hash::hash(customer, &mut hasher);
+                (std::hash::Hasher::finish(&hasher) % self.writers.len() as u64) as usize
+            }
+            _ => 0,
+        };
         let (reply, outcome) = oneshot::channel();
-        self.jobs.send(Job { op, reply }).await.map_err(|_| DbError::Ledger)?;
+        self.writers[writer].send(Job { op, reply }).await.map_err(|_| DbError::Ledger)?;
         outcome.await.map_err(|_| DbError::Ledger)?
     }
 
@@ -592,21 +649,42 @@ impl Ledger {
 }
 
 /// A writer: takes what is queued (up to [`MAX_BATCH`]), applies it in one transaction,
-/// answers, and again. Writers take turns at the queue, so one fills a batch while another
-/// commits.
-async fn write(db: Db, queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>, commit: Commit) {
+/// answers, and again; what arrives meanwhile makes the next batch. It keeps its connection
+/// between batches, unless the pool has only one (an in-memory database) to share.
+async fn write(db: Db, mut queue: mpsc::Receiver<Job>, commit: Commit) {
+    let keep = match &db {
+        Db::Sqlite(pool) => pool.options().get_max_connections() > 1,
+        Db::Postgres(_) => true,
+    };
+    let mut kept: Option<Conn> = None;
     loop {
         let mut batch = Vec::new();
-        {
-            let mut queue = queue.lock().await;
-            if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
-                return;
+        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            if let Some(conn) = kept {
+                conn.release().await;
             }
+            return;
         }
         // Rows locked in customer order; a customer's operations in the order they came.
         batch.sort_by(|a, b| a.op.customer().cmp(&b.op.customer()));
         let ops: Vec<&Op> = batch.iter().map(|job| &job.op).collect();
-        match apply_batch(&db, &ops, commit).await {
+        let conn = match kept.take() {
+            Some(conn) => Ok(conn),
+            None => Conn::acquire(&db).await,
+        };
+        let applied = match conn {
+            Ok(mut conn) => {
+                let applied = conn.apply(&ops, commit).await;
+                match (&applied, keep) {
+                    (Ok(_), true) => kept = Some(conn),
+                    (Ok(_), false) => conn.release().await,
+                    (Err(_), _) => conn.discard(),
+                }
+                applied
+            }
+            Err(e) => Err(e),
+        };
+        match applied {
             Ok(done) => {
                 for (job, done) in batch.into_iter().zip(done) {
                     let _ = job.reply.send(Ok(done));
@@ -680,7 +758,7 @@ mod tests {
     async fn without_its_writers_the_ledger_fails_closed() {
         let (jobs, queue) = mpsc::channel(1);
         drop(queue);
-        let ledger = Ledger { jobs };
+        let ledger = Ledger { writers: Arc::new([jobs]) };
         let hold = Hold::new(CustomerId::generate(), BudgetPeriod::Month, Nanos(1), "r".into(), UnixMillis::now());
         assert!(matches!(ledger.reserve(hold).await, Err(DbError::Ledger)));
     }
