@@ -648,9 +648,13 @@ impl Ledger {
     }
 }
 
+/// How long a writer keeps its connection while nothing comes.
+const KEEP_IDLE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// A writer: takes what is queued (up to [`MAX_BATCH`]), applies it in one transaction,
 /// answers, and again; what arrives meanwhile makes the next batch. It keeps its connection
-/// between batches, unless the pool has only one (an in-memory database) to share.
+/// between batches while they keep coming (for up to [`KEEP_IDLE`] without any), unless the
+/// pool has only one (an in-memory database) to share.
 async fn write(db: Db, mut queue: mpsc::Receiver<Job>, commit: Commit) {
     let keep = match &db {
         Db::Sqlite(pool) => pool.options().get_max_connections() > 1,
@@ -659,7 +663,18 @@ async fn write(db: Db, mut queue: mpsc::Receiver<Job>, commit: Commit) {
     let mut kept: Option<Conn> = None;
     loop {
         let mut batch = Vec::new();
-        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+        if kept.is_some() {
+            // A quiet spell gives the connection back (a pool being closed waits for it).
+            match tokio::time::timeout(KEEP_IDLE, queue.recv_many(&mut batch, MAX_BATCH)).await {
+                Ok(_) => {}
+                Err(_) => {
+                    if let Some(conn) = kept.take() {
+                        conn.release().await;
+                    }
+                }
+            }
+        }
+        if batch.is_empty() && queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
             if let Some(conn) = kept {
                 conn.release().await;
             }
