@@ -163,41 +163,35 @@ fn hold_window(hold: &Hold) -> (UnixMillis, i64, i64) {
     (now, start, end)
 }
 
+/// Binds a reservation's `$1`…`$10`: now, the calendar window, the hold, and the rolling window.
+macro_rules! bind_hold {
+    ($query:expr, $hold:expr, $now:expr, $start:expr, $end:expr) => {
+        $query
+            .bind($now.0)
+            .bind($start)
+            .bind($end)
+            .bind($hold.amount.0)
+            .bind(&$hold.customer_id)
+            .bind($hold.period.as_str())
+            .bind(&$hold.id)
+            .bind(&$hold.request_id)
+            .bind($hold.expires_at.0)
+            .bind(ROLLING_MS)
+    };
+}
+
 async fn reserve_pg(conn: &mut PgConnection, hold: &Hold) -> Result<ReserveOutcome, sqlx::Error> {
     let (now, start, end) = hold_window(hold);
-    let row: ReserveRow = sqlx::query_as(RESERVE_PG)
-        .bind(now.0)
-        .bind(start)
-        .bind(end)
-        .bind(hold.amount.0)
-        .bind(&hold.customer_id)
-        .bind(hold.period.as_str())
-        .bind(&hold.id)
-        .bind(&hold.request_id)
-        .bind(hold.expires_at.0)
-        .bind(ROLLING_MS)
-        .fetch_one(conn)
-        .await?;
+    let row: ReserveRow = bind_hold!(sqlx::query_as(RESERVE_PG), hold, now, start, end).fetch_one(conn).await?;
     Ok(reserve_outcome(hold, row))
 }
 
 /// Within a write transaction (the caller's).
 async fn reserve_sqlite(conn: &mut SqliteConnection, hold: &Hold) -> Result<ReserveOutcome, sqlx::Error> {
     let (now, start, end) = hold_window(hold);
-    let remaining: Option<i64> = sqlx::query_scalar(HOLD_SQLITE)
-        .bind(now.0)
-        .bind(start)
-        .bind(end)
-        .bind(hold.amount.0)
-        .bind(&hold.customer_id)
-        .bind(hold.period.as_str())
-        // $7–$9 are the PostgreSQL statement's; bound so that `$10` is the tenth value.
-        .bind(&hold.id)
-        .bind(&hold.request_id)
-        .bind(hold.expires_at.0)
-        .bind(ROLLING_MS)
-        .fetch_optional(&mut *conn)
-        .await?;
+    // $7–$9 are the PostgreSQL statement's; bound anyway so that `$10` is the tenth value.
+    let remaining: Option<i64> =
+        bind_hold!(sqlx::query_scalar(HOLD_SQLITE), hold, now, start, end).fetch_optional(&mut *conn).await?;
     if remaining.is_some() {
         sqlx::query(RECORD_SQLITE)
             .bind(&hold.id)

@@ -522,35 +522,6 @@ pub async fn list_providers(db: &Db, key: &MasterKey, project: &ProjectId) -> Re
 // ---------------------------------------------------------------------------------------
 // Prices
 
-#[derive(sqlx::FromRow)]
-struct PriceRow {
-    input: i64,
-    cached_input: i64,
-    output: i64,
-    cache_write: i64,
-    max_output_tokens: i64,
-}
-
-/// The price of `model` for this project: its override, else the shipped price.
-pub async fn price_for(db: &Db, project: &ProjectId, model: &str) -> Result<Option<Price>, DbError> {
-    const SQL: &str = "SELECT input, cached_input, output, cache_write, max_output_tokens FROM price_overrides \
-                       WHERE project_id = $1 AND model = $2";
-    let row =
-        with_db!(db, pool => sqlx::query_as::<_, PriceRow>(SQL).bind(project).bind(model).fetch_optional(pool).await)?;
-    let shipped = crate::pricing::shipped_price(model);
-    Ok(match row {
-        Some(r) => Some(Price {
-            input: r.input,
-            cached_input: r.cached_input,
-            output: r.output,
-            cache_write: r.cache_write,
-            max_output_tokens: r.max_output_tokens,
-            tokenizer: shipped.map_or(Tokenizer::Approximate, |p| p.tokenizer),
-        }),
-        None => shipped,
-    })
-}
-
 /// Everything a proxied call needs of its project beside the key and the customer: the
 /// provider connections (credentials decrypted, oldest first) and the price overrides. Read
 /// whole, so one cached copy serves every model of the project.
