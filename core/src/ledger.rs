@@ -9,7 +9,7 @@
 //!   oversubscribe a budget. A period that has ended is rolled over in the same statement. On
 //!   PostgreSQL the hold, its record and what a refusal needs to know are one statement (one
 //!   round trip); on SQLite, one transaction.
-//! - A settlement ([`settle`]) deletes the reservation (at most once: `DELETE … RETURNING`),
+//! - A settlement ([`Ledger::settle`]) deletes the reservation (at most once: `DELETE … RETURNING`),
 //!   moves the actual billed cost into `spent_nanos`, and writes the usage event, atomically
 //!   (on PostgreSQL one statement of data-modifying CTEs). A reservation already released by
 //!   expiry is not released twice.
@@ -378,22 +378,6 @@ async fn settle_sqlite(conn: &mut SqliteConnection, s: &Settlement) -> Result<Op
     Ok(remaining.map(Nanos))
 }
 
-/// Ends a call on its own (the proxy goes through [`Ledger::settle`], which batches): frees its
-/// reservation (if still held), charges `record.billed` to the customer, and writes the usage
-/// event, atomically. Returns the customer's remaining budget afterwards, when there is a
-/// customer.
-pub async fn settle(
-    db: &Db,
-    reservation: Option<&Reservation>,
-    record: &UsageRecord,
-) -> Result<Option<Nanos>, DbError> {
-    let settlement = Settlement::new(reservation.cloned(), record.clone());
-    apply_alone(db, &Op::Settle(Box::new(settlement))).await.map(|done| match done {
-        Done::Settled(remaining) => remaining,
-        _ => None,
-    })
-}
-
 // ---------------------------------------------------------------------------------------
 // Group commit
 
@@ -625,11 +609,24 @@ impl Ledger {
         }
     }
 
-    /// [`settle`], batched with other calls' operations; returns once it has committed.
+    /// Ends a call: frees its reservation (if still held), charges `record.billed` to the
+    /// customer and writes the usage event, atomically, batched with other calls' operations.
+    /// Returns once it has committed, with the customer's remaining budget (when there is a
+    /// customer). A settlement that lost a lock race (to a write outside the ledger) rolled
+    /// back whole, so it is tried again, over about three seconds; its event id is fixed, so
+    /// it can never count twice.
     pub async fn settle(&self, settlement: Settlement) -> Result<Option<Nanos>, DbError> {
-        match self.submit(Op::Settle(Box::new(settlement))).await? {
-            Done::Settled(remaining) => Ok(remaining),
-            _ => Err(DbError::Ledger),
+        let mut wait = std::time::Duration::from_millis(100);
+        loop {
+            match self.submit(Op::Settle(Box::new(settlement.clone()))).await {
+                Ok(Done::Settled(remaining)) => return Ok(remaining),
+                Ok(_) => return Err(DbError::Ledger),
+                Err(e) if e.is_lock_contention() && wait < std::time::Duration::from_secs(2) => {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 

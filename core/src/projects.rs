@@ -649,22 +649,6 @@ pub fn validate_external_id(external_id: &str) -> Result<&str, ProjectError> {
     Ok(id)
 }
 
-/// The customer `external_id` of `project`, created with the project's default budget when
-/// first seen. Concurrent first calls all end up with the one row (insert-or-ignore, then
-/// read), so none can slip past the default budget.
-pub async fn customer_for_call(db: &Db, project: &Project, external_id: &str) -> Result<Customer, ProjectError> {
-    let external_id = validate_external_id(external_id)?;
-    if let Some(c) = find_customer(db, &project.id, external_id).await? {
-        return Ok(c);
-    }
-    let new = NewCustomer::of(project, external_id);
-    let created = match db {
-        Db::Sqlite(pool) => create_customer_sqlite(&mut *pool.acquire().await.map_err(DbError::from)?, &new).await,
-        Db::Postgres(pool) => create_customer_pg(&mut *pool.acquire().await.map_err(DbError::from)?, &new).await,
-    };
-    created.map_err(DbError::from)?.ok_or(ProjectError::NotFound("customer"))
-}
-
 /// A customer to create with its project's default budget, unless it exists already.
 #[derive(Debug, Clone)]
 pub struct NewCustomer {

@@ -2,8 +2,9 @@
 //! `x-api-key: <key>` (Anthropic SDKs). Keys are stored and looked up by their SHA-256.
 //!
 //! Lookups go through a [`KeyCache`]: a key's project is read from the database at most once
-//! per [`CACHE_TTL`] (like the rest of what the proxy caches, [`super::cache`]), so a revocation made anywhere takes effect on every replica within
-//! that time, and at once on the replica that made it ([`KeyCache::forget_project`]). Unknown
+//! per [`CACHE_TTL`] (like the rest of what the proxy caches, [`super::cache`]), so a
+//! revocation made anywhere takes effect on every replica within that time, and at once on
+//! the replica that made it ([`KeyCache::forget_project`]). Unknown
 //! keys are cached too, so a client hammering with a wrong key does not hammer the database.
 //! `last_used_at` is written at most once a minute per key, off the request's path.
 

@@ -471,27 +471,13 @@ impl Call {
     }
 
     /// Settles on a task of its own (it must finish even if the client is gone) and waits for
-    /// it to commit. A settlement that lost a lock race rolled back whole, so it is tried again
-    /// (over about three seconds; the event id is fixed, so never twice). Returns what was
-    /// billed and what the customer has left, or the error that kept it from being metered
-    /// (the reservation then expires).
+    /// it to commit. Returns what was billed and what the customer has left, or the error that
+    /// kept it from being metered (the reservation then expires).
     async fn finish(self, record: UsageRecord) -> Result<(Nanos, Option<Nanos>), ProxyError> {
         let billed = record.billed;
         let ledger = self.state.ledger.clone();
         let settlement = Settlement::new(Some(self.reservation), record);
-        let settled = tokio::spawn(async move {
-            let mut wait = Duration::from_millis(100);
-            loop {
-                match ledger.settle(settlement.clone()).await {
-                    Err(e) if e.is_lock_contention() && wait < Duration::from_secs(2) => {
-                        tokio::time::sleep(wait).await;
-                        wait *= 2;
-                    }
-                    outcome => return outcome,
-                }
-            }
-        })
-        .await;
+        let settled = tokio::spawn(async move { ledger.settle(settlement).await }).await;
         match settled {
             Ok(Ok(remaining)) => Ok((billed, remaining)),
             Ok(Err(e)) => {
