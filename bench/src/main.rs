@@ -73,9 +73,15 @@ enum Cmd {
         /// Distinct customers in the many-customers case.
         #[arg(long, default_value_t = 1000)]
         customers: u64,
+        /// Run SQLite with synchronous = FULL (the default configuration).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        sqlite_full: bool,
         /// Also run SQLite with synchronous = NORMAL (TOLLGATE_SQLITE_SYNCHRONOUS=normal).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         sqlite_normal: bool,
+        /// Also run streamed calls (`false` runs JSON calls only).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        stream: bool,
         /// A PostgreSQL server whose user may create databases; unset skips PostgreSQL.
         #[arg(long, env = "TOLLGATE_BENCH_POSTGRES_URL")]
         postgres_url: Option<String>,
@@ -136,7 +142,17 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", report.summary());
             Ok(())
         }
-        Cmd::Matrix { tollgate, rates, duration, customers, sqlite_normal, postgres_url, pacing } => {
+        Cmd::Matrix {
+            tollgate,
+            rates,
+            duration,
+            customers,
+            sqlite_full,
+            sqlite_normal,
+            stream,
+            postgres_url,
+            pacing,
+        } => {
             matrix::run(matrix::MatrixConfig {
                 tollgate,
                 rates,
@@ -146,7 +162,9 @@ async fn main() -> anyhow::Result<()> {
                 chunks: pacing.chunks,
                 chunk_interval_ms: pacing.chunk_interval_ms,
                 postgres_url,
+                sqlite_full,
                 sqlite_normal,
+                stream,
             })
             .await
         }

@@ -39,8 +39,18 @@ pub struct MatrixConfig {
     pub chunks: u32,
     pub chunk_interval_ms: u64,
     pub postgres_url: Option<String>,
+    /// Run SQLite with `synchronous = FULL`.
+    pub sqlite_full: bool,
     /// Also run SQLite with `synchronous = NORMAL`.
     pub sqlite_normal: bool,
+    /// Also run streamed calls.
+    pub stream: bool,
+}
+
+impl MatrixConfig {
+    fn calls(&self) -> Vec<Call> {
+        if self.stream { vec![Call::Json, Call::Stream] } else { vec![Call::Json] }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -134,7 +144,7 @@ pub async fn run(config: MatrixConfig) -> anyhow::Result<()> {
 
     // Baselines: the same loads straight to the mock.
     let mut baselines: HashMap<(Call, u64), LoadReport> = HashMap::new();
-    for call in [Call::Json, Call::Stream] {
+    for call in config.calls() {
         for &rate in &config.rates {
             let spec = spec(&mock_url, rate, config.duration, vec![], 1, call);
             let report = load::run(&load::client_for(rate, spec.timeout)?, &spec).await?;
@@ -143,7 +153,10 @@ pub async fn run(config: MatrixConfig) -> anyhow::Result<()> {
         }
     }
 
-    let mut databases = vec![Database::Sqlite { synchronous: "full" }];
+    let mut databases = Vec::new();
+    if config.sqlite_full {
+        databases.push(Database::Sqlite { synchronous: "full" });
+    }
     if config.sqlite_normal {
         databases.push(Database::Sqlite { synchronous: "normal" });
     }
@@ -470,7 +483,7 @@ async fn measure(
     ok_calls += report.ok;
 
     let mut rows = Vec::new();
-    for call in [Call::Json, Call::Stream] {
+    for call in config.calls() {
         for (customer, customers) in [("hot", 1), ("cust-{i}", config.customers)] {
             for &rate in &config.rates {
                 let spec = spec(&url, rate, config.duration, tollgate.headers(customer), customers, call);
@@ -615,7 +628,7 @@ fn render(
     let _ = writeln!(out, "Baseline (load generator -> mock), ms:\n");
     let _ = writeln!(out, "| call | rate/s | p50 | p90 | p99 | max | first byte p50 | first byte p99 | errors |");
     let _ = writeln!(out, "| --- | --: | --: | --: | --: | --: | --: | --: | --: |");
-    for call in [Call::Json, Call::Stream] {
+    for call in config.calls() {
         for &rate in &config.rates {
             if let Some(b) = baselines.get(&(call, rate as u64)) {
                 let fb = |q| if call == Call::Stream { format!("{:.2}", b.first_byte_ms(q)) } else { "-".to_owned() };

@@ -8,11 +8,13 @@
 //!   writers). No read-compute-write, so concurrent calls, replicas and processes cannot
 //!   oversubscribe a budget. A period that has ended is rolled over in the same statement. On
 //!   PostgreSQL the hold, its record and what a refusal needs to know are one statement (one
-//!   round trip); on SQLite, one transaction.
-//! - A settlement ([`Ledger::settle`]) deletes the reservation (at most once: `DELETE … RETURNING`),
-//!   moves the actual billed cost into `spent_nanos`, and writes the usage event, atomically
-//!   (on PostgreSQL one statement of data-modifying CTEs). A reservation already released by
-//!   expiry is not released twice.
+//!   round trip); on SQLite, statements in one transaction sent as one text (one call into the
+//!   connection's thread, see [`Frame`]).
+//! - A settlement ([`Ledger::settle`]) deletes the reservation (at most once: the row is
+//!   gone after), unholds what it held, moves the actual billed cost into `spent_nanos`, and
+//!   writes the usage event, atomically (on PostgreSQL one statement of data-modifying CTEs;
+//!   on SQLite one text, under the write lock its transaction took first). A reservation
+//!   already released by expiry is not released twice.
 //! - [`Ledger`] is how the proxy does both: writer tasks take reservations and settlements
 //!   from a channel and apply them in batches, one transaction (one commit, one fsync) per
 //!   batch, answering each caller only once its batch has committed (group commit). Each
@@ -21,10 +23,10 @@
 //! - [`renew`] keeps a long call's reservation from expiring under it.
 //! - [`release_expired`] frees reservations whose call never settled (a crashed process).
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Connection, PgConnection, Postgres, Sqlite, SqliteConnection};
+use sqlx::{Connection, PgConnection, Postgres, Row, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::SqliteSync;
@@ -127,10 +129,17 @@ const RESERVE_PG: &str = concat!(
     why_sql!(),
     " FROM (SELECT 1) AS one LEFT JOIN held ON TRUE LEFT JOIN customers c ON c.id = $5"
 );
-const HOLD_SQLITE: &str = hold_sql!();
-const RECORD_SQLITE: &str = "INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6)";
-const WHY_SQLITE: &str = concat!("SELECT ", why_sql!(), " FROM customers c WHERE c.id = $2");
+/// On SQLite, the hold, its record only if the hold was made (`changes()` counts the
+/// update's rows), and the customer as it is when nothing was held, to say why: one call into
+/// the connection's thread.
+const RESERVE_SQLITE: &str = concat!(
+    hold_sql!(),
+    "; INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at) \
+     SELECT $7, $5, $4, $8, $1, $9 WHERE changes() = 1; \
+     SELECT ",
+    why_sql!(),
+    " FROM customers c WHERE c.id = $5 AND NOT EXISTS (SELECT 1 FROM reservations WHERE id = $7)"
+);
 
 /// The row a reservation attempt reports: what is left if held, else the customer as seen.
 type ReserveRow = (Option<i64>, Option<bool>, Option<String>, Option<i64>);
@@ -186,33 +195,18 @@ async fn reserve_pg(conn: &mut PgConnection, hold: &Hold) -> Result<ReserveOutco
     Ok(reserve_outcome(hold, row))
 }
 
-/// Within a write transaction (the caller's).
-async fn reserve_sqlite(conn: &mut SqliteConnection, hold: &Hold) -> Result<ReserveOutcome, sqlx::Error> {
+/// Within the batch's transaction, which `frame` opens and commits around it.
+async fn reserve_sqlite(conn: &mut SqliteConnection, hold: &Hold, frame: Frame) -> Result<ReserveOutcome, sqlx::Error> {
     let (now, start, end) = hold_window(hold);
-    // $7–$9 are the PostgreSQL statement's; bound anyway so that `$10` is the tenth value.
-    let remaining: Option<i64> =
-        bind_hold!(sqlx::query_scalar(HOLD_SQLITE), hold, now, start, end).fetch_optional(&mut *conn).await?;
-    if remaining.is_some() {
-        sqlx::query(RECORD_SQLITE)
-            .bind(&hold.id)
-            .bind(&hold.customer_id)
-            .bind(hold.amount.0)
-            .bind(&hold.request_id)
-            .bind(now.0)
-            .bind(hold.expires_at.0)
-            .execute(&mut *conn)
-            .await?;
-        return Ok(reserve_outcome(hold, (remaining, None, None, None)));
-    }
-    let why: Option<(bool, String, i64)> =
-        sqlx::query_as(WHY_SQLITE).bind(now.0).bind(&hold.customer_id).fetch_optional(&mut *conn).await?;
-    Ok(reserve_outcome(
-        hold,
-        match why {
-            Some((blocked, period, left)) => (None, Some(blocked), Some(period), Some(left)),
-            None => (None, None, None, None),
-        },
-    ))
+    let rows =
+        bind_hold!(sqlx::query(RESERVE_SQLITE_FRAMED.get(frame)), hold, now, start, end).fetch_all(&mut *conn).await?;
+    // One row: the hold's (one column) or the refusal's (three); none: the customer is gone.
+    let row = match rows.first() {
+        Some(held) if held.len() == 1 => (Some(held.try_get(0)?), None, None, None),
+        Some(why) => (None, Some(why.try_get(0)?), Some(why.try_get(1)?), Some(why.try_get(2)?)),
+        None => (None, None, None, None),
+    };
+    Ok(reserve_outcome(hold, row))
 }
 
 /// Holds `amount` of `customer`'s budget until settled, released, or `expires_at`, on its own
@@ -303,25 +297,39 @@ impl Settlement {
     }
 }
 
+/// The usage event's insert, its 19 columns bound as `$1`–`$19` (see [`bind_event!`]).
+macro_rules! event_sql {
+    () => {
+        "INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, \
+            reason, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
+            reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at) \
+          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+    };
+}
+
 /// One round trip on PostgreSQL, atomic: free the hold, charge, record the event.
-const SETTLE_PG: &str = "WITH freed AS (DELETE FROM reservations WHERE id = $20 RETURNING amount_nanos), \
+const SETTLE_PG: &str = concat!(
+    "WITH freed AS (DELETE FROM reservations WHERE id = $20 RETURNING amount_nanos), \
     charged AS (UPDATE customers SET \
         reserved_nanos = reserved_nanos - COALESCE((SELECT amount_nanos FROM freed), 0), \
         spent_nanos = spent_nanos + $16 \
       WHERE id = $3 AND (EXISTS (SELECT 1 FROM freed) OR $16 <> 0) \
       RETURNING budget_nanos - spent_nanos - reserved_nanos AS remaining), \
-    event AS (INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, \
-        reason, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
-        reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at) \
-      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)) \
-    SELECT (SELECT remaining FROM charged)";
-const FREE_SQLITE: &str = "DELETE FROM reservations WHERE id = $1 RETURNING amount_nanos";
-const CHARGE_SQLITE: &str = "UPDATE customers SET reserved_nanos = reserved_nanos - $1, spent_nanos = spent_nanos + $2 \
-                             WHERE id = $3 RETURNING budget_nanos - spent_nanos - reserved_nanos";
-const EVENT_SQLITE: &str = "INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, \
-    reason, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_nanos, \
-    cost_nanos, billed_nanos, usage_source, latency_ms, created_at) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)";
+    event AS (",
+    event_sql!(),
+    ") SELECT (SELECT remaining FROM charged)"
+);
+/// The same on SQLite, as statements run in order by one call into the connection's thread:
+/// charge (and unhold what the reservation still holds), free the hold, record the event.
+const SETTLE_SQLITE: &str = concat!(
+    "UPDATE customers SET \
+        reserved_nanos = reserved_nanos - COALESCE((SELECT amount_nanos FROM reservations WHERE id = $20), 0), \
+        spent_nanos = spent_nanos + $16 \
+      WHERE id = $3 AND (EXISTS (SELECT 1 FROM reservations WHERE id = $20) OR $16 <> 0) \
+      RETURNING budget_nanos - spent_nanos - reserved_nanos; \
+    DELETE FROM reservations WHERE id = $20; ",
+    event_sql!()
+);
 
 /// Binds a usage event's 19 columns, in `usage_events`' order, to `$query`.
 macro_rules! bind_event {
@@ -357,26 +365,80 @@ async fn settle_pg(conn: &mut PgConnection, s: &Settlement) -> Result<Option<Nan
     Ok(remaining.map(Nanos))
 }
 
-/// Within a write transaction (the caller's).
-async fn settle_sqlite(conn: &mut SqliteConnection, s: &Settlement) -> Result<Option<Nanos>, sqlx::Error> {
-    let held: i64 = match &s.reservation {
-        Some(r) => sqlx::query_scalar::<_, i64>(FREE_SQLITE).bind(&r.id).fetch_optional(&mut *conn).await?.unwrap_or(0),
-        None => 0,
-    };
-    let remaining: Option<i64> = match &s.record.customer_id {
-        Some(customer) if held != 0 || s.record.billed.0 != 0 => {
-            sqlx::query_scalar(CHARGE_SQLITE)
-                .bind(held)
-                .bind(s.record.billed.0)
-                .bind(customer)
-                .fetch_optional(&mut *conn)
-                .await?
-        }
-        _ => None,
-    };
-    bind_event!(sqlx::query(EVENT_SQLITE), s).execute(&mut *conn).await?;
-    Ok(remaining.map(Nanos))
+/// Within the batch's transaction, which `frame` opens and commits around it.
+async fn settle_sqlite(
+    conn: &mut SqliteConnection,
+    s: &Settlement,
+    frame: Frame,
+) -> Result<Option<Nanos>, sqlx::Error> {
+    let reservation_id = s.reservation.as_ref().map(|r| &r.id);
+    let rows =
+        bind_event!(sqlx::query(SETTLE_SQLITE_FRAMED.get(frame)), s).bind(reservation_id).fetch_all(&mut *conn).await?;
+    Ok(rows.first().map(|charged| charged.try_get(0)).transpose()?.map(Nanos))
 }
+
+// ---------------------------------------------------------------------------------------
+// SQLite: one call into the connection's thread per operation
+
+/// What the statements of an operation open and close around it on SQLite. Every statement
+/// sqlx runs is a message to the connection's own thread and an answer back; an operation's
+/// statements, the batch's `BEGIN` and its `COMMIT` sent as one text make a batch of one
+/// operation a single such exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Frame {
+    open: Open,
+    commit: bool,
+}
+
+/// How the operation opens the batch's transaction, if it is the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    /// Within the transaction already.
+    No,
+    /// `BEGIN IMMEDIATE`: the write lock from the start, so a refusal's reads see what its
+    /// writes saw.
+    Begin,
+    /// `synchronous` set to `NORMAL` first (see [`Commit::Relaxed`]).
+    BeginRelaxed,
+    /// `synchronous` set back to `FULL` first.
+    BeginStrict,
+}
+
+impl Open {
+    /// In the order of their discriminants.
+    const ALL: [Open; 4] = [Open::No, Open::Begin, Open::BeginRelaxed, Open::BeginStrict];
+
+    fn sql(self) -> &'static str {
+        match self {
+            Open::No => "",
+            Open::Begin => "BEGIN IMMEDIATE; ",
+            Open::BeginRelaxed => "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE; ",
+            Open::BeginStrict => "PRAGMA synchronous = FULL; BEGIN IMMEDIATE; ",
+        }
+    }
+}
+
+/// An operation's statements in each frame (built once; prepared once per connection).
+struct Framed(Vec<String>);
+
+impl Framed {
+    fn new(body: &str) -> Self {
+        Self(
+            Open::ALL
+                .iter()
+                .flat_map(|open| [format!("{}{body}", open.sql()), format!("{}{body}; COMMIT", open.sql())])
+                .collect(),
+        )
+    }
+
+    fn get(&'static self, frame: Frame) -> &'static str {
+        // Built in `Open::ALL`'s order, each without and with the commit.
+        &self.0[frame.open as usize * 2 + usize::from(frame.commit)]
+    }
+}
+
+static RESERVE_SQLITE_FRAMED: LazyLock<Framed> = LazyLock::new(|| Framed::new(RESERVE_SQLITE));
+static SETTLE_SQLITE_FRAMED: LazyLock<Framed> = LazyLock::new(|| Framed::new(SETTLE_SQLITE));
 
 // ---------------------------------------------------------------------------------------
 // Group commit
@@ -421,14 +483,24 @@ async fn apply_pg(conn: &mut PgConnection, op: &Op) -> Result<Done, sqlx::Error>
     })
 }
 
-async fn apply_sqlite(conn: &mut SqliteConnection, op: &Op) -> Result<Done, sqlx::Error> {
+async fn apply_sqlite(conn: &mut SqliteConnection, op: &Op, frame: Frame) -> Result<Done, sqlx::Error> {
     Ok(match op {
-        Op::Reserve(hold) if hold.amount.is_negative() => {
-            Done::Reserved(ReserveOutcome::Insufficient { remaining: Nanos::ZERO })
+        Op::Reserve(hold) if !hold.amount.is_negative() => Done::Reserved(reserve_sqlite(conn, hold, frame).await?),
+        Op::Settle(s) => Done::Settled(settle_sqlite(conn, s, frame).await?),
+        // The others open and commit apart from their own statements.
+        other => {
+            if frame.open != Open::No {
+                sqlx::raw_sql(frame.open.sql()).execute(&mut *conn).await?;
+            }
+            let done = match other {
+                Op::Customer(new) => Done::Customer(create_customer_sqlite(conn, new).await?),
+                _ => Done::Reserved(ReserveOutcome::Insufficient { remaining: Nanos::ZERO }),
+            };
+            if frame.commit {
+                sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+            }
+            done
         }
-        Op::Reserve(hold) => Done::Reserved(reserve_sqlite(conn, hold).await?),
-        Op::Settle(s) => Done::Settled(settle_sqlite(conn, s).await?),
-        Op::Customer(new) => Done::Customer(create_customer_sqlite(conn, new).await?),
     })
 }
 
@@ -476,17 +548,19 @@ impl Conn {
             Conn::Sqlite { conn, relaxed } => {
                 // Only a settlement must reach the disk before its caller hears of it; see `Ledger`.
                 let relax = commit == Commit::Relaxed && ops.iter().all(|op| !matches!(op, Op::Settle(_)));
-                if relax != *relaxed {
-                    let pragma = if relax { "PRAGMA synchronous = NORMAL" } else { "PRAGMA synchronous = FULL" };
-                    sqlx::query(pragma).execute(&mut **conn).await?;
-                    *relaxed = relax;
+                let mut open = match (relax, *relaxed) {
+                    (true, false) => Open::BeginRelaxed,
+                    (false, true) => Open::BeginStrict,
+                    _ => Open::Begin,
+                };
+                // Set already; should anything fail, the connection (and its open transaction,
+                // rolled back) is closed, not reused.
+                *relaxed = relax;
+                for (i, op) in ops.iter().enumerate() {
+                    let frame = Frame { open, commit: i + 1 == ops.len() };
+                    done.push(apply_sqlite(conn, op, frame).await?);
+                    open = Open::No;
                 }
-                // The write lock from the start: the reads of a refusal see what the writes saw.
-                let mut tx = (**conn).begin_with("BEGIN IMMEDIATE").await?;
-                for op in ops {
-                    done.push(apply_sqlite(&mut tx, op).await?);
-                }
-                tx.commit().await?;
             }
         }
         Ok(done)
