@@ -4,6 +4,7 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tollgate_core::config::LogFormat;
+use tollgate_core::ledger;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the log subscriber once for the process. Later calls are ignored, so tests
@@ -47,6 +48,15 @@ pub fn metrics_handle() -> PrometheusHandle {
                 "Time to answer an HTTP request (headers), by route"
             );
             metrics::describe_counter!("tollgate_jobs_total", "Background jobs finished, by job and outcome");
+            metrics::describe_histogram!(
+                ledger::LEDGER_SECONDS,
+                "A ledger operation's wait on the proxy's path (queue, batch, commit), by op: reserve, settle, customer"
+            );
+            metrics::describe_histogram!(
+                ledger::COMMIT_SECONDS,
+                "One ledger batch's transaction, first statement to commit"
+            );
+            metrics::describe_histogram!(ledger::BATCH_OPERATIONS, "Ledger operations per batch (one commit)");
             metrics::describe_gauge!(
                 "tollgate_worker_heartbeat_age_seconds",
                 "Seconds since any job worker last reported alive"

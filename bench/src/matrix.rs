@@ -105,6 +105,53 @@ struct Row {
     report: LoadReport,
     cpu_percent: f64,
     peak_rss_mb: f64,
+    ledger: LedgerWaits,
+}
+
+/// What Tollgate's `/metrics` say of its ledger over one run: mean waits and batch size.
+#[derive(Debug, Clone, Copy, Default)]
+struct LedgerWaits {
+    reserve_ms: f64,
+    settle_ms: f64,
+    commit_ms: f64,
+    operations_per_batch: f64,
+}
+
+/// The `_sum` and `_count` of every histogram and summary in a Prometheus text page.
+#[derive(Debug, Default)]
+struct Scrape(HashMap<String, f64>);
+
+impl Scrape {
+    async fn take(client: &reqwest::Client, base: &str) -> anyhow::Result<Self> {
+        let text = client.get(format!("{base}/metrics")).send().await?.error_for_status()?.text().await?;
+        let values = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(name, _)| name.contains("_sum") || name.contains("_count"))
+            .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
+            .collect();
+        Ok(Self(values))
+    }
+
+    /// The mean of `metric` (with `labels`, as rendered) between `self` and `later`.
+    fn mean_since(&self, later: &Scrape, metric: &str, labels: &str) -> f64 {
+        let delta = |suffix: &str| {
+            let key = format!("{metric}{suffix}{labels}");
+            later.0.get(&key).copied().unwrap_or(0.0) - self.0.get(&key).copied().unwrap_or(0.0)
+        };
+        let count = delta("_count");
+        if count > 0.0 { delta("_sum") / count } else { 0.0 }
+    }
+
+    fn ledger_since(&self, later: &Scrape) -> LedgerWaits {
+        LedgerWaits {
+            reserve_ms: 1000.0 * self.mean_since(later, "tollgate_ledger_seconds", "{op=\"reserve\"}"),
+            settle_ms: 1000.0 * self.mean_since(later, "tollgate_ledger_seconds", "{op=\"settle\"}"),
+            commit_ms: 1000.0 * self.mean_since(later, "tollgate_ledger_commit_seconds", ""),
+            operations_per_batch: self.mean_since(later, "tollgate_ledger_batch_operations", ""),
+        }
+    }
 }
 
 /// The correctness findings for one database.
@@ -488,10 +535,13 @@ async fn measure(
             for &rate in &config.rates {
                 let spec = spec(&url, rate, config.duration, tollgate.headers(customer), customers, call);
                 let client = load::client_for(rate, spec.timeout)?;
+                let scraper = reqwest::Client::new();
+                let metrics_before = Scrape::take(&scraper, &tollgate.base).await?;
                 let cpu_before = cpu_seconds(tollgate.pid)?;
                 let started = std::time::Instant::now();
                 let report = load::run(&client, &spec).await?;
                 let cpu = cpu_seconds(tollgate.pid)? - cpu_before;
+                let ledger = metrics_before.ledger_since(&Scrape::take(&scraper, &tollgate.base).await?);
                 let cpu_percent = 100.0 * cpu / started.elapsed().as_secs_f64();
                 ok_calls += report.ok;
                 eprintln!("{} {} x{customers} {rate}/s: {}", db.label(), call.label(), report.summary());
@@ -504,6 +554,7 @@ async fn measure(
                     report,
                     cpu_percent,
                     peak_rss_mb: peak_rss_kb(tollgate.pid)? as f64 / 1024.0,
+                    ledger,
                 });
                 if saturated {
                     eprintln!("saturated: higher rates skipped for this case");
@@ -683,6 +734,27 @@ fn render(
             fb(0.99),
             row.cpu_percent,
             row.peak_rss_mb
+        );
+    }
+    let _ = writeln!(out, "\nWhere a call waits in Tollgate's ledger (means over each run, from its /metrics), ms:\n");
+    let _ = writeln!(
+        out,
+        "| database | call | customers | rate/s | reserve wait | settle wait | batch transaction | operations per batch |"
+    );
+    let _ = writeln!(out, "| --- | --- | --: | --: | --: | --: | --: | --: |");
+    for row in rows {
+        let l = row.ledger;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            row.db,
+            row.call.label(),
+            row.customers,
+            row.rate,
+            l.reserve_ms,
+            l.settle_ms,
+            l.commit_ms,
+            l.operations_per_batch
         );
     }
     let _ = writeln!(out, "\nHighest tested rate with added p99 < 1 ms and no errors:\n");

@@ -463,6 +463,15 @@ impl Op {
             Op::Customer(_) => None,
         }
     }
+
+    /// Its name on the ledger's metrics.
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::Reserve(_) => "reserve",
+            Op::Settle(_) => "settle",
+            Op::Customer(_) => "customer",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -670,9 +679,12 @@ impl Ledger {
             }
             _ => 0,
         };
+        let (kind, queued) = (op.kind(), std::time::Instant::now());
         let (reply, outcome) = oneshot::channel();
         self.writers[writer].send(Job { op, reply }).await.map_err(|_| DbError::Ledger)?;
-        outcome.await.map_err(|_| DbError::Ledger)?
+        let outcome = outcome.await.map_err(|_| DbError::Ledger)?;
+        metrics::histogram!(LEDGER_SECONDS, "op" => kind).record(queued.elapsed().as_secs_f64());
+        outcome
     }
 
     /// [`reserve`], batched with other calls' operations.
@@ -713,6 +725,13 @@ impl Ledger {
     }
 }
 
+/// A ledger operation's whole wait (queue, batch, commit), by `op`: what the ledger adds to a call.
+pub const LEDGER_SECONDS: &str = "tollgate_ledger_seconds";
+/// A batch's transaction, from its first statement to its commit.
+pub const COMMIT_SECONDS: &str = "tollgate_ledger_commit_seconds";
+/// Operations per batch (one transaction, one commit).
+pub const BATCH_OPERATIONS: &str = "tollgate_ledger_batch_operations";
+
 /// How long a writer keeps its connection while nothing comes.
 const KEEP_IDLE: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -752,9 +771,12 @@ async fn write(db: Db, mut queue: mpsc::Receiver<Job>, commit: Commit) {
             Some(conn) => Ok(conn),
             None => Conn::acquire(&db).await,
         };
+        let started = std::time::Instant::now();
         let applied = match conn {
             Ok(mut conn) => {
                 let applied = conn.apply(&ops, commit).await;
+                metrics::histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                metrics::histogram!(BATCH_OPERATIONS).record(ops.len() as f64);
                 match (&applied, keep) {
                     (Ok(_), true) => kept = Some(conn),
                     (Ok(_), false) => conn.release().await,
