@@ -81,6 +81,9 @@ pub enum DbError {
     /// The ledger's writers have stopped: nothing can be reserved or settled.
     #[error("the ledger's writers have stopped")]
     Ledger,
+    /// A commit could not be made durable (the fsync of the database's log failed).
+    #[error("could not make a commit durable: {0}")]
+    Durability(String),
 }
 
 impl DbError {

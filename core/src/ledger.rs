@@ -400,20 +400,17 @@ enum Open {
     Begin,
     /// `synchronous` set to `NORMAL` first (see [`Commit::Relaxed`]).
     BeginRelaxed,
-    /// `synchronous` set back to `FULL` first.
-    BeginStrict,
 }
 
 impl Open {
     /// In the order of their discriminants.
-    const ALL: [Open; 4] = [Open::No, Open::Begin, Open::BeginRelaxed, Open::BeginStrict];
+    const ALL: [Open; 3] = [Open::No, Open::Begin, Open::BeginRelaxed];
 
     fn sql(self) -> &'static str {
         match self {
             Open::No => "",
             Open::Begin => "BEGIN IMMEDIATE; ",
             Open::BeginRelaxed => "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE; ",
-            Open::BeginStrict => "PRAGMA synchronous = FULL; BEGIN IMMEDIATE; ",
         }
     }
 }
@@ -513,12 +510,13 @@ async fn apply_sqlite(conn: &mut SqliteConnection, op: &Op, frame: Frame) -> Res
     })
 }
 
-/// How a batch without settlements commits on SQLite.
+/// How a writer's batches commit on SQLite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Commit {
     /// As the database is configured.
     Configured,
-    /// Without waiting for the disk (`synchronous = NORMAL`, WAL), then back to `FULL`.
+    /// Without waiting for the disk (`synchronous = NORMAL`, WAL); a batch with settlements is
+    /// answered once a [`Syncer`] has made the WAL durable after its commit.
     Relaxed,
 }
 
@@ -555,13 +553,8 @@ impl Conn {
                 tx.commit().await?;
             }
             Conn::Sqlite { conn, relaxed } => {
-                // Only a settlement must reach the disk before its caller hears of it; see `Ledger`.
-                let relax = commit == Commit::Relaxed && ops.iter().all(|op| !matches!(op, Op::Settle(_)));
-                let mut open = match (relax, *relaxed) {
-                    (true, false) => Open::BeginRelaxed,
-                    (false, true) => Open::BeginStrict,
-                    _ => Open::Begin,
-                };
+                let relax = commit == Commit::Relaxed;
+                let mut open = if relax && !*relaxed { Open::BeginRelaxed } else { Open::Begin };
                 // Set already; should anything fail, the connection (and its open transaction,
                 // rolled back) is closed, not reused.
                 *relaxed = relax;
@@ -614,6 +607,69 @@ async fn apply_alone(db: &Db, op: &Op) -> Result<Done, DbError> {
     done.pop().ok_or(DbError::Ledger)
 }
 
+/// Makes a SQLite database's commits durable apart from its writer: a batch committed with
+/// `synchronous = NORMAL` (written to the WAL file, durable across a crash of the process)
+/// waits here for an fsync of the WAL file that starts after its commit, while the writer
+/// goes on with the next batch. One fsync covers every batch committed before it, so under
+/// load many batches share one. This is the durability `synchronous = FULL` gives (an fsync of
+/// the WAL after the commit), without holding the write lock through the fsync.
+struct Syncer {
+    waiting: std::sync::mpsc::Sender<Vec<(Job, Done)>>,
+}
+
+impl Syncer {
+    /// A thread of its own (fsync blocks); it ends when the writer drops the syncer.
+    fn start(database: &std::path::Path) -> std::io::Result<Self> {
+        let (waiting, queue) = std::sync::mpsc::channel::<Vec<(Job, Done)>>();
+        let (database, wal) = (database.to_path_buf(), wal_path(database));
+        std::thread::Builder::new().name("tollgate-ledger-sync".into()).spawn(move || {
+            while let Ok(first) = queue.recv() {
+                let mut batches = vec![first];
+                batches.extend(queue.try_iter());
+                let synced = sync_wal(&database, &wal);
+                if let Err(e) = &synced {
+                    tracing::error!(error = %e, "could not make the ledger's commits durable");
+                }
+                for (job, done) in batches.into_iter().flatten() {
+                    let outcome = match &synced {
+                        Ok(()) => Ok(done),
+                        Err(e) => Err(DbError::Durability(e.to_string())),
+                    };
+                    let _ = job.reply.send(outcome);
+                }
+            }
+        })?;
+        Ok(Self { waiting })
+    }
+
+    /// Answers `batch` once what it committed is on disk.
+    fn answer_when_durable(&self, batch: Vec<(Job, Done)>) {
+        if let Err(std::sync::mpsc::SendError(batch)) = self.waiting.send(batch) {
+            for (job, _) in batch {
+                let _ = job.reply.send(Err(DbError::Ledger));
+            }
+        }
+    }
+}
+
+fn wal_path(database: &std::path::Path) -> std::path::PathBuf {
+    let mut wal = database.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
+}
+
+/// An fsync of the WAL file (every frame written before it is on disk). With no WAL file (it
+/// was checkpointed into the database and removed), of the database file.
+fn sync_wal(database: &std::path::Path, wal: &std::path::Path) -> std::io::Result<()> {
+    // Opened read-only and closed again: SQLite keeps no locks on the WAL file itself (they
+    // are on the database and its `-shm`), so closing this descriptor releases none of them.
+    match std::fs::File::open(wal) {
+        Ok(file) => file.sync_data(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::File::open(database)?.sync_data(),
+        Err(e) => Err(e),
+    }
+}
+
 /// An operation waiting for its batch, and who waits for its outcome.
 struct Job {
     op: Op,
@@ -632,14 +688,16 @@ const QUEUE: usize = 8_192;
 /// writers are gone every call fails with [`DbError::Ledger`]: the proxy then refuses rather
 /// than serve a call it cannot meter.
 ///
-/// On SQLite with `synchronous = FULL`, a batch of reservations (and first-call customers) only
-/// commits without waiting for the disk (WAL, `NORMAL`: durable across a crash of the process,
-/// visible to every other connection at once); settlements always wait for it. A reservation
-/// lost to a power cut belonged to a call that died with the machine, and a reservation of a
-/// call that dies is never charged anyway (housekeeping releases it): what power loss must not
-/// take — usage events and spend — is committed with an fsync before anyone hears of it, and
-/// that fsync also makes every earlier commit durable. PostgreSQL commits every batch durably:
-/// there the database can fail apart from the proxy, which carries on.
+/// On SQLite with `synchronous = FULL`, the writer commits every batch without waiting for
+/// the disk (WAL, `NORMAL`: durable across a crash of the process, visible to every other
+/// connection at once) and goes on with the next, while a [`Syncer`] thread fsyncs the WAL:
+/// a batch with settlements is answered only after an fsync that began after its commit.
+/// Reservations (and first-call customers) are answered at once: a reservation lost to a
+/// power cut belonged to a call that died with the machine, and a reservation of a call that
+/// dies is never charged anyway (housekeeping releases it). What power loss must not take —
+/// usage events and spend — is on disk before anyone hears of it, and that fsync also makes
+/// every earlier commit durable. PostgreSQL commits every batch durably: there the database
+/// can fail apart from the proxy, which carries on.
 #[derive(Clone)]
 pub struct Ledger {
     /// One queue per writer; a customer's operations always go to the same one.
@@ -744,6 +802,19 @@ async fn write(db: Db, mut queue: mpsc::Receiver<Job>, commit: Commit) {
         Db::Sqlite(pool) => pool.options().get_max_connections() > 1,
         Db::Postgres(_) => true,
     };
+    let syncer = match &db {
+        // An in-memory database has no file: nothing to sync.
+        Db::Sqlite(pool) if commit == Commit::Relaxed && pool.connect_options().get_filename().is_file() => {
+            Syncer::start(pool.connect_options().get_filename())
+                .inspect_err(
+                    |e| tracing::warn!(error = %e, "no thread to sync the ledger: each commit waits for the disk"),
+                )
+                .ok()
+        }
+        _ => None,
+    };
+    // Without a syncer, every commit waits for the disk as configured.
+    let commit = if syncer.is_some() { Commit::Relaxed } else { Commit::Configured };
     let mut kept: Option<Conn> = None;
     loop {
         let mut batch = Vec::new();
@@ -767,6 +838,7 @@ async fn write(db: Db, mut queue: mpsc::Receiver<Job>, commit: Commit) {
         // Rows locked in customer order; a customer's operations in the order they came.
         batch.sort_by(|a, b| a.op.customer().cmp(&b.op.customer()));
         let ops: Vec<&Op> = batch.iter().map(|job| &job.op).collect();
+        let settles = ops.iter().any(|op| matches!(op, Op::Settle(_)));
         let conn = match kept.take() {
             Some(conn) => Ok(conn),
             None => Conn::acquire(&db).await,
@@ -788,8 +860,15 @@ async fn write(db: Db, mut queue: mpsc::Receiver<Job>, commit: Commit) {
         };
         match applied {
             Ok(done) => {
-                for (job, done) in batch.into_iter().zip(done) {
-                    let _ = job.reply.send(Ok(done));
+                let answers = batch.into_iter().zip(done);
+                match &syncer {
+                    // Only a settlement must be on disk before its caller hears of it; see `Ledger`.
+                    Some(syncer) if settles => syncer.answer_when_durable(answers.collect()),
+                    _ => {
+                        for (job, done) in answers {
+                            let _ = job.reply.send(Ok(done));
+                        }
+                    }
                 }
             }
             Err(e) if batch.len() == 1 => {
@@ -855,6 +934,19 @@ pub async fn release_expired(db: &Db, now: UnixMillis) -> Result<u64, DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wal_is_synced_or_else_the_database_it_was_checkpointed_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("tollgate.db");
+        assert_eq!(wal_path(&database), dir.path().join("tollgate.db-wal"));
+        // No database at all: the failure is reported, not hidden.
+        assert!(sync_wal(&database, &wal_path(&database)).is_err());
+        std::fs::write(&database, b"db").unwrap();
+        sync_wal(&database, &wal_path(&database)).unwrap();
+        std::fs::write(wal_path(&database), b"wal").unwrap();
+        sync_wal(&database, &wal_path(&database)).unwrap();
+    }
 
     #[tokio::test]
     async fn without_its_writers_the_ledger_fails_closed() {
