@@ -656,6 +656,13 @@ impl Pool {
     }
 }
 
+/// A table's title, header row and alignment row.
+fn table_head(out: &mut String, title: &str, header: &str, align: &str) {
+    let _ = writeln!(out, "{title}");
+    let _ = writeln!(out, "{header}");
+    let _ = writeln!(out, "{align}");
+}
+
 fn render(
     config: &MatrixConfig,
     baselines: &HashMap<(Call, u64), LoadReport>,
@@ -676,9 +683,12 @@ fn render(
         config.duration.as_secs_f64(),
         config.customers
     );
-    let _ = writeln!(out, "Baseline (load generator -> mock), ms:\n");
-    let _ = writeln!(out, "| call | rate/s | p50 | p90 | p99 | max | first byte p50 | first byte p99 | errors |");
-    let _ = writeln!(out, "| --- | --: | --: | --: | --: | --: | --: | --: | --: |");
+    table_head(
+        &mut out,
+        "Baseline (load generator -> mock), ms:\n",
+        "| call | rate/s | p50 | p90 | p99 | max | first byte p50 | first byte p99 | errors |",
+        "| --- | --: | --: | --: | --: | --: | --: | --: | --: |",
+    );
     for call in config.calls() {
         for &rate in &config.rates {
             if let Some(b) = baselines.get(&(call, rate as u64)) {
@@ -698,13 +708,12 @@ fn render(
             }
         }
     }
-    let _ = writeln!(out, "\nThrough Tollgate: latency added over the baseline at the same rate, ms:\n");
-    let _ = writeln!(
-        out,
-        "| database | call | customers | rate/s | achieved/s | ok | errors | +p50 | +p90 | +p99 | +max | +first byte p50 | +first byte p99 | CPU % | peak RSS MB |"
+    table_head(
+        &mut out,
+        "\nThrough Tollgate: latency added over the baseline at the same rate, ms:\n",
+        "| database | call | customers | rate/s | achieved/s | ok | errors | +p50 | +p90 | +p99 | +max | +first byte p50 | +first byte p99 | CPU % | peak RSS MB |",
+        "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
     );
-    let _ =
-        writeln!(out, "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |");
     for row in rows {
         let Some(b) = baselines.get(&(row.call, row.rate as u64)) else { continue };
         let r = &row.report;
@@ -736,12 +745,12 @@ fn render(
             row.peak_rss_mb
         );
     }
-    let _ = writeln!(out, "\nWhere a call waits in Tollgate's ledger (means over each run, from its /metrics), ms:\n");
-    let _ = writeln!(
-        out,
-        "| database | call | customers | rate/s | reserve wait | settle wait | batch transaction | operations per batch |"
+    table_head(
+        &mut out,
+        "\nWhere a call waits in Tollgate's ledger (means over each run, from its /metrics), ms:\n",
+        "| database | call | customers | rate/s | reserve wait | settle wait | batch transaction | operations per batch |",
+        "| --- | --- | --: | --: | --: | --: | --: | --: |",
     );
-    let _ = writeln!(out, "| --- | --- | --: | --: | --: | --: | --: | --: |");
     for row in rows {
         let l = row.ledger;
         let _ = writeln!(
@@ -757,9 +766,12 @@ fn render(
             l.operations_per_batch
         );
     }
-    let _ = writeln!(out, "\nHighest tested rate with added p99 < 1 ms and no errors:\n");
-    let _ = writeln!(out, "| database | call | customers | rate/s |");
-    let _ = writeln!(out, "| --- | --- | --: | --: |");
+    table_head(
+        &mut out,
+        "\nHighest tested rate with added p99 < 1 ms and no errors:\n",
+        "| database | call | customers | rate/s |",
+        "| --- | --- | --: | --: |",
+    );
     let mut seen: Vec<(String, Call, u64)> = Vec::new();
     for row in rows {
         let case = (row.db.clone(), row.call, row.customers);
@@ -780,12 +792,12 @@ fn render(
         let _ = writeln!(out, "| {} | {} | {} | {best} |", case.0, case.1.label(), case.2);
         seen.push(case);
     }
-    let _ = writeln!(out, "\nCorrectness (after all runs):\n");
-    let _ = writeln!(
-        out,
-        "| database | successful calls | settled usage events | open reservations | customers over budget | spent != sum of events | tight customer: ok / refused, spent of 1,000,000 nanos | verdict |"
+    table_head(
+        &mut out,
+        "\nCorrectness (after all runs):\n",
+        "| database | successful calls | settled usage events | open reservations | customers over budget | spent != sum of events | tight customer: ok / refused, spent of 1,000,000 nanos | verdict |",
+        "| --- | --: | --: | --: | --: | --: | --- | --- |",
     );
-    let _ = writeln!(out, "| --- | --: | --: | --: | --: | --: | --- | --- |");
     for c in checks {
         let _ = writeln!(
             out,
