@@ -108,6 +108,13 @@ struct Row {
     ledger: LedgerWaits,
 }
 
+impl Row {
+    /// The first cells of its table rows: database, call, customers, rate.
+    fn case(&self) -> String {
+        format!("| {} | {} | {} | {} |", self.db, self.call.label(), self.customers, self.rate)
+    }
+}
+
 /// What Tollgate's `/metrics` say of its ledger over one run: mean waits and batch size.
 #[derive(Debug, Clone, Copy, Default)]
 struct LedgerWaits {
@@ -727,11 +734,8 @@ fn render(
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0} | {:.1} |",
-            row.db,
-            row.call.label(),
-            row.customers,
-            row.rate,
+            "{} {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0} | {:.1} |",
+            row.case(),
             r.achieved_rate,
             r.ok,
             r.errors,
@@ -755,11 +759,8 @@ fn render(
         let l = row.ledger;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} |",
-            row.db,
-            row.call.label(),
-            row.customers,
-            row.rate,
+            "{} {:.2} | {:.2} | {:.2} | {:.1} |",
+            row.case(),
             l.reserve_ms,
             l.settle_ms,
             l.commit_ms,
