@@ -936,6 +936,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_frame_opens_and_commits_around_the_same_statements() {
+        let framed = Box::leak(Box::new(Framed::new("UPDATE t SET x = $1")));
+        let text = |open, commit| framed.get(Frame { open, commit });
+        assert_eq!(text(Open::No, false), "UPDATE t SET x = $1");
+        assert_eq!(text(Open::No, true), "UPDATE t SET x = $1; COMMIT");
+        assert_eq!(text(Open::Begin, false), "BEGIN IMMEDIATE; UPDATE t SET x = $1");
+        assert_eq!(text(Open::Begin, true), "BEGIN IMMEDIATE; UPDATE t SET x = $1; COMMIT");
+        assert_eq!(
+            text(Open::BeginRelaxed, true),
+            "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE; UPDATE t SET x = $1; COMMIT"
+        );
+    }
+
+    #[test]
     fn the_wal_is_synced_or_else_the_database_it_was_checkpointed_into() {
         let dir = tempfile::tempdir().unwrap();
         let database = dir.path().join("tollgate.db");
