@@ -88,6 +88,11 @@ impl Hold {
     ) -> Self {
         Self { customer_id, period, amount, request_id, expires_at, id: ReservationId::generate() }
     }
+
+    /// A negative amount would add budget: refused before any statement runs.
+    fn refused_outright(&self) -> Option<ReserveOutcome> {
+        self.amount.is_negative().then_some(ReserveOutcome::Insufficient { remaining: Nanos::ZERO })
+    }
 }
 
 /// The length of a rolling window, in milliseconds (rolled over in SQL, from the row's own anchor).
@@ -219,6 +224,9 @@ pub async fn reserve(
     expires_at: UnixMillis,
 ) -> Result<ReserveOutcome, DbError> {
     let hold = Hold::new(customer.id.clone(), customer.period(), amount, request_id.to_owned(), expires_at);
+    if let Some(refused) = hold.refused_outright() {
+        return Ok(refused);
+    }
     apply_alone(db, &Op::Reserve(hold)).await.map(|done| match done {
         Done::Reserved(outcome) => outcome,
         _ => ReserveOutcome::Unknown,
@@ -480,9 +488,6 @@ enum Done {
 
 async fn apply_pg(conn: &mut PgConnection, op: &Op) -> Result<Done, sqlx::Error> {
     Ok(match op {
-        Op::Reserve(hold) if hold.amount.is_negative() => {
-            Done::Reserved(ReserveOutcome::Insufficient { remaining: Nanos::ZERO })
-        }
         Op::Reserve(hold) => Done::Reserved(reserve_pg(conn, hold).await?),
         Op::Settle(s) => Done::Settled(settle_pg(conn, s).await?),
         Op::Customer(new) => Done::Customer(create_customer_pg(conn, new).await?),
@@ -491,21 +496,18 @@ async fn apply_pg(conn: &mut PgConnection, op: &Op) -> Result<Done, sqlx::Error>
 
 async fn apply_sqlite(conn: &mut SqliteConnection, op: &Op, frame: Frame) -> Result<Done, sqlx::Error> {
     Ok(match op {
-        Op::Reserve(hold) if !hold.amount.is_negative() => Done::Reserved(reserve_sqlite(conn, hold, frame).await?),
+        Op::Reserve(hold) => Done::Reserved(reserve_sqlite(conn, hold, frame).await?),
         Op::Settle(s) => Done::Settled(settle_sqlite(conn, s, frame).await?),
-        // The others open and commit apart from their own statements.
-        other => {
+        // A customer's creation is several statements of its own: the frame goes apart.
+        Op::Customer(new) => {
             if frame.open != Open::No {
                 sqlx::raw_sql(frame.open.sql()).execute(&mut *conn).await?;
             }
-            let done = match other {
-                Op::Customer(new) => Done::Customer(create_customer_sqlite(conn, new).await?),
-                _ => Done::Reserved(ReserveOutcome::Insufficient { remaining: Nanos::ZERO }),
-            };
+            let created = create_customer_sqlite(conn, new).await?;
             if frame.commit {
                 sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
             }
-            done
+            Done::Customer(created)
         }
     })
 }
@@ -747,6 +749,9 @@ impl Ledger {
 
     /// [`reserve`], batched with other calls' operations.
     pub async fn reserve(&self, hold: Hold) -> Result<ReserveOutcome, DbError> {
+        if let Some(refused) = hold.refused_outright() {
+            return Ok(refused);
+        }
         match self.submit(Op::Reserve(hold)).await? {
             Done::Reserved(outcome) => Ok(outcome),
             _ => Err(DbError::Ledger),
