@@ -21,6 +21,7 @@ mod fake_stripe;
 mod fake_stripe_rules;
 mod helpers;
 mod jobs;
+mod ledger;
 mod mock_provider;
 mod ops;
 mod proxy;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         jobs::cases(),
         cli::db_cases(),
         proxy::cases(),
+        ledger::cases(),
         apis::cases(),
         replicas::cases(),
         customers::cases(),

@@ -39,6 +39,8 @@ use crate::projects::{Customer, NewCustomer, create_customer_pg, create_customer
 use crate::time::UnixMillis;
 use crate::with_db;
 
+mod batch_pg;
+
 /// Budget held for one call in flight.
 #[derive(Debug, Clone)]
 pub struct Reservation {
@@ -484,6 +486,8 @@ enum Done {
     Reserved(ReserveOutcome),
     Settled(Option<Nanos>),
     Customer(Option<Customer>),
+    /// Not applied in this batch (see [`batch_pg::Decided::Again`]): the writer applies it in its next.
+    Again,
 }
 
 async fn apply_pg(conn: &mut PgConnection, op: &Op) -> Result<Done, sqlx::Error> {
@@ -510,6 +514,37 @@ async fn apply_sqlite(conn: &mut SqliteConnection, op: &Op, frame: Frame) -> Res
             Done::Customer(created)
         }
     })
+}
+
+/// A batch's reservations and settlements as one statement (see [`batch_pg`]); the answers in
+/// the order of `ops`, without its customers.
+async fn apply_pg_batch(conn: &mut PgConnection, ops: &[&Op]) -> Result<Vec<Done>, sqlx::Error> {
+    let settlements: Vec<&Settlement> =
+        ops.iter().filter_map(|op| if let Op::Settle(s) = op { Some(&**s) } else { None }).collect();
+    let holds: Vec<&Hold> = ops.iter().filter_map(|op| if let Op::Reserve(h) = op { Some(h) } else { None }).collect();
+    if settlements.is_empty() && holds.is_empty() {
+        return Ok(Vec::new());
+    }
+    let decided = batch_pg::apply(conn, &settlements, &holds).await?;
+    let (mut settled, mut reserved) = {
+        let mut decided = decided.into_iter();
+        let settled: Vec<_> = decided.by_ref().take(settlements.len()).collect();
+        (settled.into_iter(), decided)
+    };
+    let mut done = Vec::with_capacity(ops.len());
+    for op in ops {
+        let next = match op {
+            Op::Settle(_) => settled.next(),
+            Op::Reserve(_) => reserved.next(),
+            Op::Customer(_) => continue,
+        };
+        done.push(match next.ok_or(sqlx::Error::RowNotFound)? {
+            batch_pg::Decided::Settled(remaining) => Done::Settled(remaining),
+            batch_pg::Decided::Reserved(outcome) => Done::Reserved(outcome),
+            batch_pg::Decided::Again => Done::Again,
+        });
+    }
+    Ok(done)
 }
 
 /// How a writer's batches commit on SQLite.
@@ -547,13 +582,25 @@ impl Conn {
                     done.push(apply_pg(conn, op).await?);
                 }
             }
-            Conn::Postgres(conn) => {
+            // First-call customers are statements of their own: a transaction around them and
+            // the batch's one statement.
+            Conn::Postgres(conn) if ops.iter().any(|op| matches!(op, Op::Customer(_))) => {
                 let mut tx = conn.begin().await?;
+                let mut created = Vec::new();
                 for op in ops {
-                    done.push(apply_pg(&mut tx, op).await?);
+                    if let Op::Customer(new) = op {
+                        created.push(Done::Customer(create_customer_pg(&mut tx, new).await?));
+                    }
+                }
+                let mut created = created.into_iter();
+                let mut batched = apply_pg_batch(&mut tx, ops).await?.into_iter();
+                for op in ops {
+                    let next = if matches!(op, Op::Customer(_)) { created.next() } else { batched.next() };
+                    done.push(next.ok_or(sqlx::Error::RowNotFound)?);
                 }
                 tx.commit().await?;
             }
+            Conn::Postgres(conn) => done = apply_pg_batch(conn, ops).await?,
             Conn::Sqlite { conn, relaxed } => {
                 let relax = commit == Commit::Relaxed;
                 let mut open = if relax && !*relaxed { Open::BeginRelaxed } else { Open::Begin };
@@ -821,9 +868,18 @@ async fn write(db: Db, mut queue: mpsc::Receiver<Job>, commit: Commit) {
     // Without a syncer, every commit waits for the disk as configured.
     let commit = if syncer.is_some() { Commit::Relaxed } else { Commit::Configured };
     let mut kept: Option<Conn> = None;
+    // Operations a batch left for the next (see [`Done::Again`]): they go first.
+    let mut again: Vec<Job> = Vec::new();
     loop {
-        let mut batch = Vec::new();
-        if kept.is_some() {
+        let mut batch = std::mem::take(&mut again);
+        if !batch.is_empty() {
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        } else if kept.is_some() {
             // A quiet spell gives the connection back (a pool being closed waits for it).
             match tokio::time::timeout(KEEP_IDLE, queue.recv_many(&mut batch, MAX_BATCH)).await {
                 Ok(_) => {}
@@ -865,7 +921,10 @@ async fn write(db: Db, mut queue: mpsc::Receiver<Job>, commit: Commit) {
         };
         match applied {
             Ok(done) => {
-                let answers = batch.into_iter().zip(done);
+                let (retry, answers): (Vec<_>, Vec<_>) =
+                    batch.into_iter().zip(done).partition(|(_, done)| matches!(done, Done::Again));
+                again.extend(retry.into_iter().map(|(job, _)| job));
+                let answers = answers.into_iter();
                 match &syncer {
                     // Only a settlement must be on disk before its caller hears of it; see `Ledger`.
                     Some(syncer) if settles => syncer.answer_when_durable(answers.collect()),
