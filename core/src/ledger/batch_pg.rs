@@ -7,7 +7,7 @@
 //!
 //! 1. The settlements' reservations are deleted (each at most once: a reservation already
 //!    released by expiry returns nothing and is not unheld twice), then every customer the
-//!    batch touches is locked (`FOR UPDATE`, in id order, after the deletions: the order
+//!    batch touches is locked (`FOR NO KEY UPDATE`, as an `UPDATE` locks it, in id order, after the deletions: the order
 //!    [`super::release_expired`] takes its locks in). What follows is computed from the rows
 //!    as locked — their latest committed versions, which nothing else can change until this
 //!    statement commits — so the conditional check of a lone reservation holds here too.
@@ -56,7 +56,7 @@ WITH s AS MATERIALIZED (
     WHERE c.id IN (SELECT customer_id FROM s UNION SELECT customer_id FROM h)
         AND (SELECT count(*) FROM freed) >= 0
     ORDER BY c.id
-    FOR UPDATE
+    FOR NO KEY UPDATE
 ), settled AS MATERIALIZED (
     SELECT l.*, l.period_end <= $29 AS ended,
         l.spent_nanos + COALESCE((SELECT CAST(SUM(s.billed_nanos) AS BIGINT) FROM s WHERE s.customer_id = l.id), 0) AS spent_after,
