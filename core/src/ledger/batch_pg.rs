@@ -27,8 +27,8 @@
 
 use sqlx::PgConnection;
 
-use super::{Hold, ROLLING_MS, Reservation, ReserveOutcome, Settlement, reserve_outcome};
-use crate::money::Nanos;
+use super::batch::{Answers, Decided};
+use super::{Hold, ROLLING_MS, Settlement};
 use crate::time::UnixMillis;
 
 /// The statement. `$1`–`$20`: the settlements (the usage event's 19 columns in
@@ -121,15 +121,6 @@ FROM decided d LEFT JOIN holds hs ON hs.customer_id = d.customer_id";
 /// A row of the statement's answer: a settlement's or a hold's, by its place in the batch.
 type Answer = (bool, i64, Option<bool>, Option<i64>, Option<bool>, Option<String>);
 
-/// What the batch decided for one operation.
-#[derive(Debug)]
-pub(super) enum Decided {
-    Reserved(ReserveOutcome),
-    Settled(Option<Nanos>),
-    /// A hold that did not fit behind the batch's earlier holds but may on its own: apply it again.
-    Again,
-}
-
 /// Applies `settlements` then `holds`, each in order, as one statement; the answers in the
 /// same order (settlements first). Atomic: nothing of it is kept if it fails.
 pub(super) async fn apply(
@@ -175,44 +166,13 @@ pub(super) async fn apply(
         .bind(ROLLING_MS)
         .fetch_all(conn)
         .await?;
-    let mut settled: Vec<Option<Option<Nanos>>> = vec![None; settlements.len()];
-    let mut reserved: Vec<Option<Decided>> = (0..holds.len()).map(|_| None).collect();
+    let mut answers = Answers::new(settlements.len(), holds);
     for (hold, n, held, remaining, blocked, period) in rows {
-        let i = usize::try_from(n - 1).map_err(|e| sqlx::Error::Decode(e.into()))?;
         if hold {
-            let (Some(h), Some(slot)) = (holds.get(i), reserved.get_mut(i)) else { continue };
-            *slot = Some(decide(h, held.unwrap_or(false), remaining, blocked, period));
-        } else if let Some(slot) = settled.get_mut(i) {
-            *slot = Some(remaining.map(Nanos));
+            answers.hold(n, held.unwrap_or(false), remaining, blocked, period)?;
+        } else {
+            answers.settled(n, remaining)?;
         }
     }
-    // Every operation has its row; one without would be a bug in the statement, not a refusal.
-    let missing = || sqlx::Error::RowNotFound;
-    let mut decided = Vec::with_capacity(settlements.len() + holds.len());
-    for remaining in settled {
-        decided.push(Decided::Settled(remaining.ok_or_else(missing)?));
-    }
-    for outcome in reserved {
-        decided.push(outcome.ok_or_else(missing)?);
-    }
-    Ok(decided)
-}
-
-fn decide(hold: &Hold, held: bool, remaining: Option<i64>, blocked: Option<bool>, period: Option<String>) -> Decided {
-    if held {
-        return Decided::Reserved(ReserveOutcome::Reserved {
-            reservation: Reservation {
-                id: hold.id.clone(),
-                customer_id: hold.customer_id.clone(),
-                amount: hold.amount,
-            },
-            remaining: Nanos(remaining.unwrap_or(0)),
-        });
-    }
-    let eligible = blocked == Some(false) && period.as_deref() == Some(hold.period.as_str());
-    match remaining {
-        // Refused only because an earlier hold of the batch did not fit: it may on its own.
-        Some(left) if eligible && left >= hold.amount.0 => Decided::Again,
-        _ => Decided::Reserved(reserve_outcome(hold, (None, blocked, period, remaining))),
-    }
+    answers.finish()
 }

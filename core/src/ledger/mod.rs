@@ -39,7 +39,9 @@ use crate::projects::{Customer, NewCustomer, create_customer_pg, create_customer
 use crate::time::UnixMillis;
 use crate::with_db;
 
+mod batch;
 mod batch_pg;
+mod batch_sqlite;
 
 /// Budget held for one call in flight.
 #[derive(Debug, Clone)]
@@ -486,7 +488,7 @@ enum Done {
     Reserved(ReserveOutcome),
     Settled(Option<Nanos>),
     Customer(Option<Customer>),
-    /// Not applied in this batch (see [`batch_pg::Decided::Again`]): the writer applies it in its next.
+    /// Not applied in this batch (see [`batch::Decided::Again`]): the writer applies it in its next.
     Again,
 }
 
@@ -516,21 +518,19 @@ async fn apply_sqlite(conn: &mut SqliteConnection, op: &Op, frame: Frame) -> Res
     })
 }
 
-/// A batch's reservations and settlements as one statement (see [`batch_pg`]); the answers in
-/// the order of `ops`, without its customers.
-async fn apply_pg_batch(conn: &mut PgConnection, ops: &[&Op]) -> Result<Vec<Done>, sqlx::Error> {
-    let settlements: Vec<&Settlement> =
-        ops.iter().filter_map(|op| if let Op::Settle(s) = op { Some(&**s) } else { None }).collect();
-    let holds: Vec<&Hold> = ops.iter().filter_map(|op| if let Op::Reserve(h) = op { Some(h) } else { None }).collect();
-    if settlements.is_empty() && holds.is_empty() {
-        return Ok(Vec::new());
-    }
-    let decided = batch_pg::apply(conn, &settlements, &holds).await?;
-    let (mut settled, mut reserved) = {
-        let mut decided = decided.into_iter();
-        let settled: Vec<_> = decided.by_ref().take(settlements.len()).collect();
-        (settled.into_iter(), decided)
-    };
+/// A batch's reservations and settlements, each kind in `ops`' order (its customers apart).
+fn split<'a>(ops: &[&'a Op]) -> (Vec<&'a Settlement>, Vec<&'a Hold>) {
+    let settlements = ops.iter().filter_map(|op| if let Op::Settle(s) = op { Some(&**s) } else { None }).collect();
+    let holds = ops.iter().filter_map(|op| if let Op::Reserve(h) = op { Some(h) } else { None }).collect();
+    (settlements, holds)
+}
+
+/// A batch's answers (settlements first, as [`split`] ordered them) in the order of `ops`,
+/// without its customers.
+fn merge(ops: &[&Op], decided: Vec<batch::Decided>, settlements: usize) -> Result<Vec<Done>, sqlx::Error> {
+    let mut decided = decided.into_iter();
+    let settled: Vec<_> = decided.by_ref().take(settlements).collect();
+    let (mut settled, mut reserved) = (settled.into_iter(), decided);
     let mut done = Vec::with_capacity(ops.len());
     for op in ops {
         let next = match op {
@@ -539,12 +539,23 @@ async fn apply_pg_batch(conn: &mut PgConnection, ops: &[&Op]) -> Result<Vec<Done
             Op::Customer(_) => continue,
         };
         done.push(match next.ok_or(sqlx::Error::RowNotFound)? {
-            batch_pg::Decided::Settled(remaining) => Done::Settled(remaining),
-            batch_pg::Decided::Reserved(outcome) => Done::Reserved(outcome),
-            batch_pg::Decided::Again => Done::Again,
+            batch::Decided::Settled(remaining) => Done::Settled(remaining),
+            batch::Decided::Reserved(outcome) => Done::Reserved(outcome),
+            batch::Decided::Again => Done::Again,
         });
     }
     Ok(done)
+}
+
+/// A batch's reservations and settlements as one statement (see [`batch_pg`]); the answers in
+/// the order of `ops`, without its customers.
+async fn apply_pg_batch(conn: &mut PgConnection, ops: &[&Op]) -> Result<Vec<Done>, sqlx::Error> {
+    let (settlements, holds) = split(ops);
+    if settlements.is_empty() && holds.is_empty() {
+        return Ok(Vec::new());
+    }
+    let decided = batch_pg::apply(conn, &settlements, &holds).await?;
+    merge(ops, decided, settlements.len())
 }
 
 /// How a writer's batches commit on SQLite.
@@ -607,6 +618,13 @@ impl Conn {
                 // Set already; should anything fail, the connection (and its open transaction,
                 // rolled back) is closed, not reused.
                 *relaxed = relax;
+                // Reservations and settlements only: the whole batch in one text (see [`batch_sqlite`]).
+                if ops.len() > 1 && !ops.iter().any(|op| matches!(op, Op::Customer(_))) {
+                    let (settlements, holds) = split(ops);
+                    let frame = Frame { open, commit: true };
+                    let decided = batch_sqlite::apply(conn, &settlements, &holds, frame).await?;
+                    return merge(ops, decided, settlements.len());
+                }
                 for (i, op) in ops.iter().enumerate() {
                     let frame = Frame { open, commit: i + 1 == ops.len() };
                     done.push(apply_sqlite(conn, op, frame).await?);
