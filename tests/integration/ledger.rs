@@ -16,7 +16,11 @@ use crate::helpers::{TestDatabase, TestResult};
 use crate::proxy::{OUTPUT_NANOS_PER_TOKEN, Setup, setup};
 
 pub fn cases() -> Vec<crate::helpers::DbCase> {
-    db_cases![a_crowd_of_holds_fills_the_budget_and_no_further, settling_a_crowd_frees_every_hold_and_charges_once]
+    db_cases![
+        a_crowd_of_holds_fills_the_budget_and_no_further,
+        settling_a_crowd_frees_every_hold_and_charges_once,
+        a_crowd_rolls_an_ended_period_over_once_and_a_blocked_customer_holds_nothing,
+    ]
 }
 
 /// Amounts of different sizes, so that a large one can fail where a later small one fits.
@@ -102,7 +106,8 @@ async fn settling_a_crowd_frees_every_hold_and_charges_once(db: TestDatabase) ->
     let record = |i: usize, billed: Nanos| UsageRecord {
         project_id: s.project.id.clone(),
         customer_id: Some(c.id.clone()),
-        request_id: format!("req-{i}"),
+        // What a batch carries as JSON (SQLite) or arrays (PostgreSQL) comes back as sent.
+        request_id: format!("req-{i} \"quoted\" 'single' \\ ü 🙂"),
         endpoint: "chat.completions".into(),
         model: "gpt-4o-mini".into(),
         status: CallStatus::Settled,
@@ -132,11 +137,40 @@ async fn settling_a_crowd_frees_every_hold_and_charges_once(db: TestDatabase) ->
         "SELECT COUNT(*), CAST(COALESCE(SUM(billed_nanos), 0) AS BIGINT) FROM usage_events WHERE customer_id = $1")
         .bind(&c.id).fetch_one(pool).await)?;
     assert_eq!(events, (300, billed));
+    let ids: Vec<String> = with_db!(&s.app.state.db, pool => sqlx::query_scalar(
+        "SELECT request_id FROM usage_events WHERE customer_id = $1").bind(&c.id).fetch_all(pool).await)?;
+    assert!(ids.iter().any(|id| id == "req-7 \"quoted\" 'single' \\ ü 🙂"), "{:?}", ids.first());
 
     // A settlement applied again (its reservation gone) neither frees nor charges a second time.
     let first = reservations[0].clone();
     let twice = Settlement::new(Some(first), record(0, Nanos(0)));
     s.app.state.ledger.settle(twice).await?;
     assert_eq!(held(&s, &c).await?, (total, total));
+    s.app.stop().await
+}
+
+async fn a_crowd_rolls_an_ended_period_over_once_and_a_blocked_customer_holds_nothing(db: TestDatabase) -> TestResult {
+    let s = setup(&db, BudgetPolicy::Clamp).await?;
+    let ended = customer(&s, "ended", 1_000).await?;
+    let blocked = customer(&s, "blocked", 1_000).await?;
+    // The whole budget spent in a period that ended a second ago; the other customer blocked.
+    let past = UnixMillis::now().0 - 1_000;
+    with_db!(&s.app.state.db, pool => sqlx::query(
+        "UPDATE customers SET spent_nanos = budget_nanos, period_end = $1 WHERE id = $2")
+        .bind(past).bind(&ended.id).execute(pool).await.map(|r| r.rows_affected()))?;
+    with_db!(&s.app.state.db, pool => sqlx::query("UPDATE customers SET blocked = TRUE WHERE id = $1")
+        .bind(&blocked.id).execute(pool).await.map(|r| r.rows_affected()))?;
+
+    let unit = Nanos(OUTPUT_NANOS_PER_TOKEN);
+    let units = [unit; 50];
+    let (fresh, refused) = tokio::join!(hold_all(&s, &ended, &units), hold_all(&s, &blocked, &units));
+    assert!(fresh?.iter().all(|o| matches!(o, ReserveOutcome::Reserved { .. })), "a new period has its whole budget");
+    assert!(refused?.iter().all(|o| matches!(o, ReserveOutcome::Blocked)));
+
+    let after = projects::get_customer(&s.app.state.db, &ended.id).await?.ok_or_else(|| anyhow::anyhow!("gone"))?;
+    assert_eq!(after.spent_nanos, 0, "the ended period's spend does not count");
+    assert!(after.period_end > UnixMillis::now().0 && after.period_start <= UnixMillis::now().0);
+    assert_eq!(held(&s, &ended).await?, (50 * unit.0, 50 * unit.0));
+    assert_eq!(held(&s, &blocked).await?, (0, 0));
     s.app.stop().await
 }

@@ -17,9 +17,11 @@
 //!   already released by expiry is not released twice.
 //! - [`Ledger`] is how the proxy does both: writer tasks take reservations and settlements
 //!   from a channel and apply them in batches, one transaction (one commit, one fsync) per
-//!   batch, answering each caller only once its batch has committed (group commit). Each
-//!   operation in a batch is the same atomic statement as alone; a batch that fails is
-//!   retried one operation at a time, so one bad operation cannot fail the others.
+//!   batch, answering each caller only once its batch has committed (group commit). A batch
+//!   of several is one statement on PostgreSQL ([`batch_pg`]) and one text on SQLite
+//!   ([`batch_sqlite`]) doing what its operations would do one after the other, under the
+//!   same locks; a batch that fails is retried one operation at a time, each the statement
+//!   above, so one bad operation cannot fail the others.
 //! - [`renew`] keeps a long call's reservation from expiring under it.
 //! - [`release_expired`] frees reservations whose call never settled (a crashed process).
 
