@@ -82,6 +82,10 @@ enum Cmd {
         /// Also run streamed calls (`false` runs JSON calls only).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         stream: bool,
+        /// Measure the baseline again right before each run through Tollgate and subtract that
+        /// (`false`: subtract the baselines measured once at the start).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        paired_baseline: bool,
         /// A PostgreSQL server whose user may create databases; unset skips PostgreSQL.
         #[arg(long, env = "TOLLGATE_BENCH_POSTGRES_URL")]
         postgres_url: Option<String>,
@@ -150,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
             sqlite_full,
             sqlite_normal,
             stream,
+            paired_baseline,
             postgres_url,
             pacing,
         } => {
@@ -165,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
                 sqlite_full,
                 sqlite_normal,
                 stream,
+                paired_baseline,
             })
             .await
         }

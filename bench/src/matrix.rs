@@ -45,6 +45,9 @@ pub struct MatrixConfig {
     pub sqlite_normal: bool,
     /// Also run streamed calls.
     pub stream: bool,
+    /// Measure the baseline again right before each run through Tollgate (the machine drifts
+    /// between runs by more than the latency a proxy should add).
+    pub paired_baseline: bool,
 }
 
 impl MatrixConfig {
@@ -103,12 +106,19 @@ struct Row {
     customers: u64,
     rate: f64,
     report: LoadReport,
+    /// The same load straight to the mock, right before (with `paired_baseline`).
+    baseline: Option<LoadReport>,
     cpu_percent: f64,
     peak_rss_mb: f64,
     ledger: LedgerWaits,
 }
 
 impl Row {
+    /// What its added latency is measured against: its own baseline, else the one at the start.
+    fn baseline<'a>(&'a self, at_start: &'a HashMap<(Call, u64), LoadReport>) -> Option<&'a LoadReport> {
+        self.baseline.as_ref().or_else(|| at_start.get(&(self.call, self.rate as u64)))
+    }
+
     /// The first cells of its table rows: database, call, customers, rate.
     fn case(&self) -> String {
         format!("| {} | {} | {} | {} |", self.db, self.call.label(), self.customers, self.rate)
@@ -507,7 +517,7 @@ async fn run_database(config: &MatrixConfig, db: &Database, mock_addr: &str) -> 
     let database_url = create_database(db, &name).await?;
     let result = async {
         let tollgate = Tollgate::start(config, db, &database_url, mock_addr).await?;
-        let measured = measure(config, db, &tollgate).await;
+        let measured = measure(config, db, &tollgate, mock_addr).await;
         let checks = match &measured {
             Ok((_, ok_calls, tight)) => Some(check(db, &tollgate.database_url, *ok_calls, *tight).await),
             Err(_) => None,
@@ -528,8 +538,10 @@ async fn measure(
     config: &MatrixConfig,
     db: &Database,
     tollgate: &Tollgate,
+    mock_addr: &str,
 ) -> anyhow::Result<(Vec<Row>, u64, (u64, u64))> {
     let url = format!("{}/v1/chat/completions", tollgate.base);
+    let mock_url = format!("http://{mock_addr}/v1/chat/completions");
     let mut ok_calls = 0;
     // Warm up (connections, caches, the hot customer's row): not timed.
     let warm = spec(&url, 200.0, Duration::from_secs(1), tollgate.headers("hot"), 1, Call::Json);
@@ -540,6 +552,13 @@ async fn measure(
     for call in config.calls() {
         for (customer, customers) in [("hot", 1), ("cust-{i}", config.customers)] {
             for &rate in &config.rates {
+                // The same load straight to the mock, just before: what this run is compared with.
+                let baseline = if config.paired_baseline {
+                    let direct = spec(&mock_url, rate, config.duration, vec![], 1, call);
+                    Some(load::run(&load::client_for(rate, direct.timeout)?, &direct).await?)
+                } else {
+                    None
+                };
                 let spec = spec(&url, rate, config.duration, tollgate.headers(customer), customers, call);
                 let client = load::client_for(rate, spec.timeout)?;
                 let scraper = reqwest::Client::new();
@@ -559,6 +578,7 @@ async fn measure(
                     customers,
                     rate,
                     report,
+                    baseline,
                     cpu_percent,
                     peak_rss_mb: peak_rss_kb(tollgate.pid)? as f64 / 1024.0,
                     ledger,
@@ -717,12 +737,16 @@ fn render(
     }
     table_head(
         &mut out,
-        "\nThrough Tollgate: latency added over the baseline at the same rate, ms:\n",
-        "| database | call | customers | rate/s | achieved/s | ok | errors | +p50 | +p90 | +p99 | +max | +first byte p50 | +first byte p99 | CPU % | peak RSS MB |",
-        "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
+        if config.paired_baseline {
+            "\nThrough Tollgate: latency added over the same load straight to the mock, measured right before, ms:\n"
+        } else {
+            "\nThrough Tollgate: latency added over the baseline at the same rate, ms:\n"
+        },
+        "| database | call | customers | rate/s | achieved/s | ok | errors | +p50 | +p90 | +p99 | +max | +first byte p50 | +first byte p99 | CPU % | peak RSS MB | baseline p50 | baseline p99 |",
+        "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
     );
     for row in rows {
-        let Some(b) = baselines.get(&(row.call, row.rate as u64)) else { continue };
+        let Some(b) = row.baseline(baselines) else { continue };
         let r = &row.report;
         let add = |q| r.total_ms(q) - b.total_ms(q);
         let fb = |q| {
@@ -734,7 +758,7 @@ fn render(
         };
         let _ = writeln!(
             out,
-            "{} {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0} | {:.1} |",
+            "{} {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0} | {:.1} | {:.2} | {:.2} |",
             row.case(),
             r.achieved_rate,
             r.ok,
@@ -746,7 +770,9 @@ fn render(
             fb(0.5),
             fb(0.99),
             row.cpu_percent,
-            row.peak_rss_mb
+            row.peak_rss_mb,
+            b.total_ms(0.5),
+            b.total_ms(0.99)
         );
     }
     table_head(
@@ -783,8 +809,7 @@ fn render(
             .iter()
             .filter(|r| (r.db.as_str(), r.call, r.customers) == (case.0.as_str(), case.1, case.2))
             .filter(|r| {
-                baselines
-                    .get(&(r.call, r.rate as u64))
+                r.baseline(baselines)
                     .is_some_and(|b| r.report.errors == 0 && r.report.total_ms(0.99) - b.total_ms(0.99) < 1.0)
             })
             .map(|r| r.rate)
