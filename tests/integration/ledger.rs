@@ -12,7 +12,7 @@ use tollgate_core::time::UnixMillis;
 use tollgate_core::with_db;
 
 use crate::db_cases;
-use crate::helpers::{TestDatabase, TestResult};
+use crate::helpers::{TestDatabase, TestResult, eventually};
 use crate::proxy::{OUTPUT_NANOS_PER_TOKEN, Setup, setup};
 
 pub fn cases() -> Vec<crate::helpers::DbCase> {
@@ -20,6 +20,7 @@ pub fn cases() -> Vec<crate::helpers::DbCase> {
         a_crowd_of_holds_fills_the_budget_and_no_further,
         settling_a_crowd_frees_every_hold_and_charges_once,
         a_crowd_rolls_an_ended_period_over_once_and_a_blocked_customer_holds_nothing,
+        holds_whose_callers_stopped_waiting_are_released,
     ]
 }
 
@@ -172,5 +173,29 @@ async fn a_crowd_rolls_an_ended_period_over_once_and_a_blocked_customer_holds_no
     assert!(after.period_end > UnixMillis::now().0 && after.period_start <= UnixMillis::now().0);
     assert_eq!(held(&s, &ended).await?, (50 * unit.0, 50 * unit.0));
     assert_eq!(held(&s, &blocked).await?, (0, 0));
+    s.app.stop().await
+}
+
+/// A call cancelled while its reservation is being made (the client went away) does not leave
+/// the hold behind: the ledger releases it as soon as it is made, not when it expires.
+async fn holds_whose_callers_stopped_waiting_are_released(db: TestDatabase) -> TestResult {
+    let s = setup(&db, BudgetPolicy::Clamp).await?;
+    let c = customer(&s, "impatient", 1_000_000).await?;
+    let expires = UnixMillis::now().plus_secs(3_600);
+    let unit = Nanos(1_000);
+    let impatient = (0..200).map(|i| {
+        let hold = Hold::new(c.id.clone(), c.period(), unit, format!("req-{i}"), expires);
+        tokio::time::timeout(std::time::Duration::from_micros(200), s.app.state.ledger.reserve(hold))
+    });
+    let outcomes = join_all(impatient).await;
+    let mut kept = 0;
+    // A timeout's `Ok`: the caller waited long enough to get its hold.
+    for outcome in outcomes.iter().flatten() {
+        assert!(matches!(outcome, Ok(ReserveOutcome::Reserved { .. })), "{outcome:?}");
+        kept += unit.0;
+    }
+    assert!(kept < 200 * unit.0, "some callers stopped waiting");
+    // What the callers that waited got stays held; what the others would have got is freed.
+    eventually(std::time::Duration::from_secs(10), || async { Ok(held(&s, &c).await? == (kept, kept)) }).await?;
     s.app.stop().await
 }

@@ -771,6 +771,8 @@ const QUEUE: usize = 8_192;
 pub struct Ledger {
     /// One queue per writer; a customer's operations always go to the same one.
     writers: Arc<[mpsc::Sender<Job>]>,
+    /// Where a hold whose caller stopped waiting is released (see [`Ledger::reserve`]).
+    db: Db,
 }
 
 impl Ledger {
@@ -792,7 +794,7 @@ impl Ledger {
                 jobs
             })
             .collect();
-        Self { writers }
+        Self { writers, db }
     }
 
     async fn submit(&self, op: Op) -> Result<Done, DbError> {
@@ -808,8 +810,10 @@ impl Ledger {
         };
         let (kind, queued) = (op.kind(), std::time::Instant::now());
         let (reply, outcome) = oneshot::channel();
+        let reserves = matches!(op, Op::Reserve(_));
         self.writers[writer].send(Job { op, reply }).await.map_err(|_| DbError::Ledger)?;
-        let outcome = outcome.await.map_err(|_| DbError::Ledger)?;
+        let mut waiting = Waiting { outcome: Some(outcome), db: reserves.then(|| self.db.clone()) };
+        let outcome = waiting.outcome().await;
         metrics::histogram!(LEDGER_SECONDS, "op" => kind).record(queued.elapsed().as_secs_f64());
         outcome
     }
@@ -852,6 +856,38 @@ impl Ledger {
             Done::Customer(customer) => Ok(customer),
             _ => Err(DbError::Ledger),
         }
+    }
+}
+
+/// A caller waiting for its operation. A reservation's caller that stops waiting (its request
+/// was cancelled: the client went away) leaves the hold to be made anyway; it is then
+/// released as soon as it is, rather than blocking budget until it expires.
+struct Waiting {
+    outcome: Option<oneshot::Receiver<Result<Done, DbError>>>,
+    /// Set for a reservation: where to release it.
+    db: Option<Db>,
+}
+
+impl Waiting {
+    async fn outcome(&mut self) -> Result<Done, DbError> {
+        let Some(outcome) = self.outcome.as_mut() else { return Err(DbError::Ledger) };
+        let done = outcome.await.map_err(|_| DbError::Ledger);
+        self.outcome = None;
+        done?
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let (Some(outcome), Some(db)) = (self.outcome.take(), self.db.take()) else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            if let Ok(Ok(Done::Reserved(ReserveOutcome::Reserved { reservation, .. }))) = outcome.await
+                && let Err(e) = release(&db, &reservation.id).await
+            {
+                tracing::error!(error = %e, "could not release the reservation of a cancelled call; it expires instead");
+            }
+        });
     }
 }
 
@@ -984,28 +1020,33 @@ pub async fn renew(db: &Db, reservation: &Reservation, expires_at: UnixMillis) -
     Ok(updated == 1)
 }
 
+/// Frees reservation `id` and what it holds, if it is still there (once, whoever else tries).
+/// Returns whether it was.
+pub async fn release(db: &Db, id: &ReservationId) -> Result<bool, DbError> {
+    const FREE: &str = "DELETE FROM reservations WHERE id = $1 RETURNING customer_id, amount_nanos";
+    const UNHOLD: &str = "UPDATE customers SET reserved_nanos = reserved_nanos - $1 WHERE id = $2";
+    Ok(with_db!(db, pool => async {
+        let mut tx = pool.begin().await?;
+        let row: Option<(CustomerId, i64)> = sqlx::query_as(FREE).bind(id).fetch_optional(&mut *tx).await?;
+        if let Some((customer, amount)) = &row {
+            sqlx::query(UNHOLD).bind(*amount).bind(customer).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(row.is_some())
+    }
+    .await)?)
+}
+
 /// Releases every reservation past its expiry (their calls never settled: a crash, or a
 /// process killed mid-call). Each is released exactly once even when several replicas run
 /// this at the same time. Returns how many were released.
 pub async fn release_expired(db: &Db, now: UnixMillis) -> Result<u64, DbError> {
     const EXPIRED: &str = "SELECT id FROM reservations WHERE expires_at <= $1 ORDER BY expires_at LIMIT 1000";
-    const FREE: &str = "DELETE FROM reservations WHERE id = $1 RETURNING customer_id, amount_nanos";
-    const UNHOLD: &str = "UPDATE customers SET reserved_nanos = reserved_nanos - $1 WHERE id = $2";
     let ids: Vec<ReservationId> =
         with_db!(db, pool => sqlx::query_scalar::<_, ReservationId>(EXPIRED).bind(now.0).fetch_all(pool).await)?;
     let mut released = 0;
     for id in ids {
-        let freed = with_db!(db, pool => async {
-            let mut tx = pool.begin().await?;
-            let row: Option<(CustomerId, i64)> = sqlx::query_as(FREE).bind(&id).fetch_optional(&mut *tx).await?;
-            if let Some((customer, amount)) = &row {
-                sqlx::query(UNHOLD).bind(*amount).bind(customer).execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(row.is_some())
-        }
-        .await)?;
-        if freed {
+        if release(db, &id).await? {
             released += 1;
         }
     }
@@ -1050,7 +1091,8 @@ mod tests {
     async fn without_its_writers_the_ledger_fails_closed() {
         let (jobs, queue) = mpsc::channel(1);
         drop(queue);
-        let ledger = Ledger { writers: Arc::new([jobs]) };
+        let db = Db::Sqlite(sqlx::sqlite::SqlitePoolOptions::new().connect_lazy("sqlite::memory:").unwrap());
+        let ledger = Ledger { writers: Arc::new([jobs]), db };
         let hold = Hold::new(CustomerId::generate(), BudgetPeriod::Month, Nanos(1), "r".into(), UnixMillis::now());
         assert!(matches!(ledger.reserve(hold).await, Err(DbError::Ledger)));
     }
