@@ -243,6 +243,10 @@ async fn chat(State(mock): State<MockProvider>, Json(body): Json<Value>) -> Resp
     let tokens = if slow { max.min(200) } else { max };
     let usage =
         json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": tokens, "total_tokens": PROMPT_TOKENS + tokens});
+    if model == "slow-json" {
+        // A JSON answer that takes its time (a client may give up on it meanwhile).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     if !body["stream"].as_bool().unwrap_or(false) {
         return Json(json!({
             "id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model,

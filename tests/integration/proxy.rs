@@ -27,6 +27,7 @@ pub fn cases() -> Vec<DbCase> {
         reject_refuses_with_402_and_the_provider_sees_nothing,
         streamed_calls_settle_and_hide_the_usage_chunk,
         a_client_that_disconnects_mid_stream_is_settled_for_what_was_generated,
+        a_client_that_gives_up_on_a_json_call_leaves_no_reservation_behind,
         an_upstream_error_releases_the_reservation,
         expired_reservations_are_released,
         bad_requests_get_clear_errors_and_spend_nothing,
@@ -105,7 +106,7 @@ pub async fn setup_with(
         max_output_tokens: 100,
         tokenizer: Tokenizer::O200kBase,
     };
-    for model in ["mock-model", "slow-model", "error-500", "claude-mock", "claude-mock-slow"] {
+    for model in ["mock-model", "slow-model", "slow-json", "error-500", "claude-mock", "claude-mock-slow"] {
         projects::set_price(&state.db, &project.id, model, &price).await?;
     }
     // Embeddings: input only, 1e6 nanos a token.
@@ -341,6 +342,22 @@ async fn a_client_that_disconnects_mid_stream_is_settled_for_what_was_generated(
     let reason: Option<String> = with_db!(&s.app.state.db, pool => sqlx::query_scalar(
         "SELECT reason FROM usage_events WHERE status = 'settled'").fetch_one(pool).await)?;
     assert_eq!(reason.as_deref(), Some("client disconnected"));
+    s.app.stop().await
+}
+
+async fn a_client_that_gives_up_on_a_json_call_leaves_no_reservation_behind(db: TestDatabase) -> TestResult {
+    let s = setup(&db, BudgetPolicy::Reject).await?;
+    s.budget("impatient", 1_000).await?;
+    let body = json!({"model": "slow-json", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
+    // The provider takes half a second; the client hangs up long before.
+    let gave_up = tokio::time::timeout(Duration::from_millis(150), s.chat("impatient", body)).await;
+    assert!(gave_up.is_err(), "the mock answered sooner than it should");
+    // The call finishes with the provider and is settled for what it generated.
+    eventually(Duration::from_secs(10), || async {
+        Ok(s.ledger("impatient").await? == (100 * OUTPUT_NANOS_PER_TOKEN, 0))
+    })
+    .await?;
+    assert_eq!(s.events("settled").await?, 1);
     s.app.stop().await
 }
 

@@ -105,15 +105,24 @@ pub trait Dialect: Send + Sync + 'static {
 }
 
 /// The handler of every metered endpoint: `post(pipeline::handle::<Chat>)`.
+///
+/// The call runs on a task of its own: a client that goes away mid-call (its request future
+/// dropped) does not cut the call off between its reservation and its settlement. The call
+/// finishes with the provider and is settled (a reservation left behind would block budget
+/// until it expired); a stream's client leaving is seen by the stream itself.
 pub async fn handle<D: Dialect>(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match run::<D>(state, request_id, headers, body).await {
-        Ok(response) => response,
-        Err(e) => e.into_response_shaped(D::ERRORS),
+    match tokio::spawn(run::<D>(state, request_id, headers, body)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => e.into_response_shaped(D::ERRORS),
+        Err(e) => {
+            tracing::error!(error = %e, "a proxied call's task failed");
+            ProxyError::Internal.into_response_shaped(D::ERRORS)
+        }
     }
 }
 
