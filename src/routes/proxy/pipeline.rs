@@ -22,6 +22,7 @@ use axum::response::Response;
 use futures::StreamExt;
 use secrecy::ExposeSecret;
 use serde_json::Value;
+use tracing::Instrument;
 use tollgate_core::estimate;
 use tollgate_core::ids::CustomerId;
 use tollgate_core::ledger::{
@@ -116,7 +117,8 @@ pub async fn handle<D: Dialect>(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match tokio::spawn(run::<D>(state, request_id, headers, body)).await {
+    // In the request's span, so what the call logs still names its request.
+    match tokio::spawn(run::<D>(state, request_id, headers, body).in_current_span()).await {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => e.into_response_shaped(D::ERRORS),
         Err(e) => {
