@@ -22,7 +22,6 @@ use axum::response::Response;
 use futures::StreamExt;
 use secrecy::ExposeSecret;
 use serde_json::Value;
-use tracing::Instrument;
 use tollgate_core::estimate;
 use tollgate_core::ids::CustomerId;
 use tollgate_core::ledger::{
@@ -32,6 +31,7 @@ use tollgate_core::money::Nanos;
 use tollgate_core::pricing::{Price, TokenUsage, Tokenizer, tokens_cost, with_markup};
 use tollgate_core::projects::{BudgetPolicy, CallConfig, Project, Provider, ProviderKind};
 use tollgate_core::time::UnixMillis;
+use tracing::Instrument;
 
 use super::error::{ErrorShape, ProxyError};
 use super::{CUSTOMER_HEADER, auth, sse};
