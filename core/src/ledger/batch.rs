@@ -1,24 +1,14 @@
 //! What both backends' batches answer (see [`super::batch_pg`], [`super::batch_sqlite`]).
 
-use super::{Hold, Reservation, ReserveOutcome, reserve_outcome};
+use super::{Done, Hold, Reservation, ReserveOutcome, reserve_outcome};
 use crate::money::Nanos;
-
-/// What a batch decided for one operation.
-#[derive(Debug)]
-pub(super) enum Decided {
-    Reserved(ReserveOutcome),
-    Settled(Option<Nanos>),
-    /// A hold that did not fit behind the batch's earlier holds of its customer but may on its
-    /// own: the writer applies it in its next batch.
-    Again,
-}
 
 /// A batch's answers as its statement returns them: one row per operation, numbered from 1
 /// in its kind's order.
 pub(super) struct Answers<'a> {
     holds: &'a [&'a Hold],
     settled: Vec<Option<Option<Nanos>>>,
-    reserved: Vec<Option<Decided>>,
+    reserved: Vec<Option<Done>>,
 }
 
 impl<'a> Answers<'a> {
@@ -49,8 +39,8 @@ impl<'a> Answers<'a> {
 
     /// Every operation's answer, settlements first; an operation without its row is an error
     /// (a fault of the statement, not a refusal).
-    pub(super) fn finish(self) -> Result<Vec<Decided>, sqlx::Error> {
-        let settled = self.settled.into_iter().map(|s| s.map(Decided::Settled));
+    pub(super) fn finish(self) -> Result<Vec<Done>, sqlx::Error> {
+        let settled = self.settled.into_iter().map(|s| s.map(Done::Settled));
         settled.chain(self.reserved).map(|d| d.ok_or(sqlx::Error::RowNotFound)).collect()
     }
 }
@@ -59,9 +49,9 @@ fn slot<T>(slots: &mut [Option<T>], n: i64) -> Result<&mut Option<T>, sqlx::Erro
     usize::try_from(n - 1).ok().and_then(|i| slots.get_mut(i)).ok_or(sqlx::Error::RowNotFound)
 }
 
-fn decide(hold: &Hold, held: bool, remaining: Option<i64>, blocked: Option<bool>, period: Option<String>) -> Decided {
+fn decide(hold: &Hold, held: bool, remaining: Option<i64>, blocked: Option<bool>, period: Option<String>) -> Done {
     if held {
-        return Decided::Reserved(ReserveOutcome::Reserved {
+        return Done::Reserved(ReserveOutcome::Reserved {
             reservation: Reservation {
                 id: hold.id.clone(),
                 customer_id: hold.customer_id.clone(),
@@ -73,7 +63,7 @@ fn decide(hold: &Hold, held: bool, remaining: Option<i64>, blocked: Option<bool>
     let eligible = blocked == Some(false) && period.as_deref() == Some(hold.period.as_str());
     match remaining {
         // Refused only because an earlier hold of the batch did not fit: it may on its own.
-        Some(left) if eligible && left >= hold.amount.0 => Decided::Again,
-        _ => Decided::Reserved(reserve_outcome(hold, (None, blocked, period, remaining))),
+        Some(left) if eligible && left >= hold.amount.0 => Done::Again,
+        _ => Done::Reserved(reserve_outcome(hold, (None, blocked, period, remaining))),
     }
 }

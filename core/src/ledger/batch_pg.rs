@@ -21,14 +21,14 @@
 //!
 //! Holds form a prefix: once one of a customer's holds does not fit, the later ones are not
 //! held either. A later one that would have fit on its own (it asks less than what is left
-//! once the prefix is held) is answered [`Decided::Again`]: the writer applies it in its next
+//! once the prefix is held) is answered [`Done::Again`]: the writer applies it in its next
 //! batch. Every other answer is what the operations would have got applied one by one in some
 //! order, which is all concurrent calls may expect.
 
 use sqlx::PgConnection;
 
-use super::batch::{Answers, Decided};
-use super::{Hold, ROLLING_MS, Settlement};
+use super::batch::Answers;
+use super::{Done, Hold, ROLLING_MS, Settlement};
 use crate::time::UnixMillis;
 
 /// The statement. `$1`–`$20`: the settlements (the usage event's 19 columns in
@@ -127,7 +127,7 @@ pub(super) async fn apply(
     conn: &mut PgConnection,
     settlements: &[&Settlement],
     holds: &[&Hold],
-) -> Result<Vec<Decided>, sqlx::Error> {
+) -> Result<Vec<Done>, sqlx::Error> {
     let now = UnixMillis::now();
     let windows: Vec<(i64, i64)> = holds.iter().map(|h| h.period.window(now)).collect();
     let created_at = now.0;

@@ -17,12 +17,12 @@
 //!    something is held, as alone); then what each hold leaves, or why it was refused.
 //!
 //! Holds form a prefix, as on PostgreSQL (see [`super::batch_pg`]): a later hold of a
-//! customer that would have fit on its own comes back [`Decided::Again`].
+//! customer that would have fit on its own comes back [`Done::Again`].
 
 use sqlx::{Row, SqliteConnection};
 
-use super::batch::{Answers, Decided};
-use super::{Frame, Framed, Hold, ROLLING_MS, Settlement};
+use super::batch::Answers;
+use super::{Done, Frame, Framed, Hold, ROLLING_MS, Settlement};
 use crate::time::UnixMillis;
 
 /// The statements. `$1`: the settlements, each `[the usage event's 19 columns in
@@ -100,7 +100,7 @@ pub(super) async fn apply(
     settlements: &[&Settlement],
     holds: &[&Hold],
     frame: Frame,
-) -> Result<Vec<Decided>, sqlx::Error> {
+) -> Result<Vec<Done>, sqlx::Error> {
     let now = UnixMillis::now();
     let settlements_json = serde_json::Value::Array(
         settlements

@@ -490,7 +490,8 @@ enum Done {
     Reserved(ReserveOutcome),
     Settled(Option<Nanos>),
     Customer(Option<Customer>),
-    /// Not applied in this batch (see [`batch::Decided::Again`]): the writer applies it in its next.
+    /// A hold that did not fit behind its batch's earlier holds of its customer but may on its
+    /// own (see [`batch_pg`]): the writer applies it in its next batch.
     Again,
 }
 
@@ -529,7 +530,7 @@ fn split<'a>(ops: &[&'a Op]) -> (Vec<&'a Settlement>, Vec<&'a Hold>) {
 
 /// A batch's answers (settlements first, as [`split`] ordered them) in the order of `ops`,
 /// without its customers.
-fn merge(ops: &[&Op], decided: Vec<batch::Decided>, settlements: usize) -> Result<Vec<Done>, sqlx::Error> {
+fn merge(ops: &[&Op], decided: Vec<Done>, settlements: usize) -> Result<Vec<Done>, sqlx::Error> {
     let mut decided = decided.into_iter();
     let settled: Vec<_> = decided.by_ref().take(settlements).collect();
     let (mut settled, mut reserved) = (settled.into_iter(), decided);
@@ -540,11 +541,7 @@ fn merge(ops: &[&Op], decided: Vec<batch::Decided>, settlements: usize) -> Resul
             Op::Reserve(_) => reserved.next(),
             Op::Customer(_) => continue,
         };
-        done.push(match next.ok_or(sqlx::Error::RowNotFound)? {
-            batch::Decided::Settled(remaining) => Done::Settled(remaining),
-            batch::Decided::Reserved(outcome) => Done::Reserved(outcome),
-            batch::Decided::Again => Done::Again,
-        });
+        done.push(next.ok_or(sqlx::Error::RowNotFound)?);
     }
     Ok(done)
 }
