@@ -4,7 +4,10 @@
 //! budget, no hold refused that fit, every settlement charged once.
 
 use futures::future::join_all;
-use tollgate_core::ledger::{CallStatus, Hold, ReserveOutcome, Settlement, UsageRecord, UsageSource};
+use tollgate_core::config::SqliteSync;
+use tollgate_core::ledger::{
+    CallStatus, Hold, Ledger, Reservation, ReserveOutcome, Settlement, UsageRecord, UsageSource, lease,
+};
 use tollgate_core::money::Nanos;
 use tollgate_core::pricing::TokenUsage;
 use tollgate_core::projects::{self, BudgetPolicy, Customer};
@@ -21,6 +24,9 @@ pub fn cases() -> Vec<crate::helpers::DbCase> {
         settling_a_crowd_frees_every_hold_and_charges_once,
         a_crowd_rolls_an_ended_period_over_once_and_a_blocked_customer_holds_nothing,
         holds_whose_callers_stopped_waiting_are_released,
+        a_busy_customer_s_calls_share_a_lease_and_nothing_stays_held_at_rest,
+        leased_calls_on_two_processes_never_spend_past_the_budget,
+        a_lease_is_carved_no_more_once_its_customer_is_blocked,
     ]
 }
 
@@ -197,5 +203,191 @@ async fn holds_whose_callers_stopped_waiting_are_released(db: TestDatabase) -> T
     assert!(kept < 200 * unit.0, "some callers stopped waiting");
     // What the callers that waited got stays held; what the others would have got is freed.
     eventually(std::time::Duration::from_secs(10), || async { Ok(held(&s, &c).await? == (kept, kept)) }).await?;
+    s.app.stop().await
+}
+
+/// A settled call's record for `customer`, billed `billed`.
+fn settled_call(s: &Setup, customer: &Customer, i: usize, reserved: Nanos, billed: Nanos) -> UsageRecord {
+    UsageRecord {
+        project_id: s.project.id.clone(),
+        customer_id: Some(customer.id.clone()),
+        request_id: format!("req-{i}"),
+        endpoint: "chat.completions".into(),
+        model: "gpt-4o-mini".into(),
+        status: CallStatus::Settled,
+        reason: None,
+        tokens: TokenUsage { input: 10, output: 5, ..TokenUsage::default() },
+        reserved,
+        cost: billed,
+        billed,
+        source: UsageSource::Provider,
+        latency_ms: 1,
+    }
+}
+
+async fn reserve_leased(
+    ledger: &Ledger,
+    customer: &Customer,
+    amount: Nanos,
+    i: usize,
+) -> anyhow::Result<ReserveOutcome> {
+    let hold =
+        Hold::new(customer.id.clone(), customer.period(), amount, format!("req-{i}"), UnixMillis::now().plus_secs(60));
+    Ok(ledger.reserve_leased(hold).await?)
+}
+
+fn reserved(outcome: ReserveOutcome) -> Reservation {
+    match outcome {
+        ReserveOutcome::Reserved { reservation, .. } => reservation,
+        other => panic!("a budget this large holds every call: {other:?}"),
+    }
+}
+
+/// What the database has for `customer`: (spent, reserved, open reservation rows, usage events).
+async fn books(s: &Setup, customer: &Customer) -> anyhow::Result<(i64, i64, i64, i64)> {
+    let (reserved, open) = held(s, customer).await?;
+    assert_eq!(reserved, open, "reserved_nanos is the sum of the open reservations");
+    let c = projects::get_customer(&s.app.state.db, &customer.id).await?.ok_or_else(|| anyhow::anyhow!("gone"))?;
+    let (rows, events): (i64, i64) = with_db!(&s.app.state.db, pool => sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM reservations WHERE customer_id = $1), \
+                (SELECT COUNT(*) FROM usage_events WHERE customer_id = $1)")
+        .bind(&customer.id).fetch_one(pool).await)?;
+    Ok((c.spent_nanos, reserved, rows, events))
+}
+
+/// Calls that overlap share one reservation — a lease — carved in memory, and the lease's
+/// last call gives back what is left: nothing is held once no call is in flight.
+async fn a_busy_customer_s_calls_share_a_lease_and_nothing_stays_held_at_rest(db: TestDatabase) -> TestResult {
+    let s = setup(&db, BudgetPolicy::Clamp).await?;
+    let ledger = &s.app.state.ledger;
+    let c = customer(&s, "busy", 10_000_000).await?;
+    let unit = Nanos(1_000);
+
+    // Alone, nobody else in flight: a hold of its own.
+    let first = reserved(reserve_leased(ledger, &c, unit, 0).await?);
+    assert!(!first.is_leased());
+    // While it is in flight, the next ones share a lease.
+    let mut calls = vec![first];
+    for i in 1..=100 {
+        calls.push(reserved(reserve_leased(ledger, &c, unit, i).await?));
+    }
+    let leased = calls.iter().filter(|r| r.is_leased()).count();
+    assert!(leased >= 95, "only {leased} of 100 overlapping calls were carved from a lease");
+    let (_, held_now, rows, _) = books(&s, &c).await?;
+    assert!(rows <= 4, "{rows} rows held for 101 calls");
+    assert!(held_now >= 101 * unit.0, "{held_now} held for 101 calls in flight");
+
+    // Settled at a quarter, some not billed at all (failed), all at once.
+    let settlements = calls.iter().enumerate().map(|(i, r)| {
+        let billed = if i % 10 == 3 { Nanos::ZERO } else { Nanos(r.amount.0 / 4) };
+        ledger.settle(Settlement::new(Some(r.clone()), settled_call(&s, &c, i, r.amount, billed)))
+    });
+    for remaining in join_all(settlements).await {
+        remaining?;
+    }
+    let billed: i64 = (0..=100).map(|i| if i % 10 == 3 { 0 } else { unit.0 / 4 }).sum();
+    assert_eq!(books(&s, &c).await?, (billed, 0, 0, 101), "(spent, reserved, rows, events) at rest");
+
+    // The next call holds alone again.
+    let again = reserved(reserve_leased(ledger, &c, unit, 200).await?);
+    assert!(!again.is_leased());
+    ledger.settle(Settlement::new(Some(again), settled_call(&s, &c, 200, unit, unit))).await?;
+    assert_eq!(books(&s, &c).await?, (billed + unit.0, 0, 0, 102));
+    s.app.stop().await
+}
+
+/// Two processes (two ledgers on one database, each with its own leases) run a customer's
+/// budget dry with overlapping calls: never past the budget, every call charged once, and
+/// nothing left held — the budget that is left can be held whole at the end.
+async fn leased_calls_on_two_processes_never_spend_past_the_budget(db: TestDatabase) -> TestResult {
+    let s = setup(&db, BudgetPolicy::Clamp).await?;
+    let other = Ledger::start(s.app.state.db.clone(), SqliteSync::Full);
+    let budget = 200_000 * OUTPUT_NANOS_PER_TOKEN;
+    let c = customer(&s, "dry", 200_000).await?;
+    let ledgers = [&s.app.state.ledger, &other];
+
+    // 24 callers, 12 on each process, each calling until it is refused: worst cases of
+    // different sizes, billed from nothing up to all of it.
+    let callers = (0..24).map(|caller| {
+        let (ledger, s, c) = (ledgers[caller % 2], &s, &c);
+        async move {
+            let (mut calls, mut billed, mut leased) = (0i64, 0i64, 0i64);
+            for i in 0.. {
+                let asked = Nanos(OUTPUT_NANOS_PER_TOKEN * (50 + (caller as i64 * 7 + i) % 150));
+                let reservation = match reserve_leased(ledger, c, asked, caller * 100_000 + i as usize).await? {
+                    ReserveOutcome::Reserved { reservation, .. } => reservation,
+                    ReserveOutcome::Insufficient { .. } => break,
+                    // The other process changed the row after this statement's snapshot: again
+                    // (as the proxy does).
+                    ReserveOutcome::Unknown => continue,
+                    other => anyhow::bail!("unexpected {other:?}"),
+                };
+                leased += i64::from(reservation.is_leased());
+                tokio::task::yield_now().await;
+                let bill = Nanos(asked.0 * ((caller as i64 + i) % 5) / 4);
+                let record = settled_call(s, c, i as usize, asked, bill);
+                ledger.settle(Settlement::new(Some(reservation), record)).await?;
+                calls += 1;
+                billed += bill.0;
+            }
+            Ok::<_, anyhow::Error>((calls, billed, leased))
+        }
+    });
+    let (mut calls, mut billed, mut leased) = (0, 0, 0);
+    for outcome in join_all(callers).await {
+        let (n, b, l) = outcome?;
+        calls += n;
+        billed += b;
+        leased += l;
+    }
+    assert!(leased * 2 > calls, "only {leased} of {calls} calls were carved from leases");
+    let (spent, held_now, rows, events) = books(&s, &c).await?;
+    assert_eq!((spent, events), (billed, calls), "each call charged once");
+    assert_eq!((held_now, rows), (0, 0), "nothing held at rest");
+    assert!(spent <= budget, "spent {spent} of {budget}");
+    assert!(spent > budget / 10 * 9, "ran dry at {spent} of {budget}");
+    // What is left is free to hold, in one piece.
+    let left = Nanos(budget - spent);
+    let last = reserved(reserve_leased(&other, &c, left, 0).await?);
+    other.settle(Settlement::new(Some(last), settled_call(&s, &c, 0, left, Nanos::ZERO))).await?;
+    drop(other);
+    s.app.stop().await
+}
+
+/// A block takes effect on a lease at once in the process where it was made, and within
+/// [`lease::FRESH`] in the others; the calls already in flight finish on it.
+async fn a_lease_is_carved_no_more_once_its_customer_is_blocked(db: TestDatabase) -> TestResult {
+    let s = setup(&db, BudgetPolicy::Clamp).await?;
+    let ledger = &s.app.state.ledger;
+    let c = customer(&s, "to-block", 10_000_000).await?;
+    let unit = Nanos(1_000);
+    let (db, id) = (&s.app.state.db, &c.id);
+    let block = move |blocked: bool| async move {
+        with_db!(db, pool => sqlx::query("UPDATE customers SET blocked = $1 WHERE id = $2")
+            .bind(blocked).bind(id).execute(pool).await.map(|r| r.rows_affected()))
+    };
+    let mut calls = vec![reserved(reserve_leased(ledger, &c, unit, 0).await?)];
+    calls.push(reserved(reserve_leased(ledger, &c, unit, 1).await?));
+    assert!(calls[1].is_leased());
+
+    // Blocked by another process: carved from until the lease is no longer fresh.
+    block(true).await?;
+    calls.push(reserved(reserve_leased(ledger, &c, unit, 2).await?));
+    tokio::time::sleep(lease::FRESH + std::time::Duration::from_millis(100)).await;
+    assert!(matches!(reserve_leased(ledger, &c, unit, 3).await?, ReserveOutcome::Blocked));
+
+    // Unblocked, a new lease; blocked here: refused at once.
+    block(false).await?;
+    calls.push(reserved(reserve_leased(ledger, &c, unit, 4).await?));
+    calls.push(reserved(reserve_leased(ledger, &c, unit, 5).await?));
+    assert!(calls[4].is_leased());
+    block(true).await?;
+    ledger.forget_lease(&c.id);
+    assert!(matches!(reserve_leased(ledger, &c, unit, 6).await?, ReserveOutcome::Blocked));
+
+    for (i, r) in calls.into_iter().enumerate() {
+        ledger.settle(Settlement::new(Some(r), settled_call(&s, &c, i, unit, unit))).await?;
+    }
+    assert_eq!(books(&s, &c).await?, (5 * unit.0, 0, 0, 5), "(spent, reserved, rows, events)");
     s.app.stop().await
 }

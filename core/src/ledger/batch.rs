@@ -56,6 +56,7 @@ fn decide(hold: &Hold, held: bool, remaining: Option<i64>, blocked: Option<bool>
                 id: hold.id.clone(),
                 customer_id: hold.customer_id.clone(),
                 amount: hold.amount,
+                held: super::Held::Alone,
             },
             remaining: Nanos(remaining.unwrap_or(0)),
         });

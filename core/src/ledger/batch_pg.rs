@@ -6,7 +6,9 @@
 //! data-modifying CTEs that does what they would do one after the other:
 //!
 //! 1. The settlements' reservations are deleted (each at most once: a reservation already
-//!    released by expiry returns nothing and is not unheld twice), then every customer the
+//!    released by expiry returns nothing and is not unheld twice) — or, for a call carved
+//!    from a lease, the lease's row shrunk by the call's share (unless the batch also deletes
+//!    it: its last call, which frees what is left) —, then every customer the
 //!    batch touches is locked (`FOR NO KEY UPDATE`, as an `UPDATE` locks it, in id order, after the deletions: the order
 //!    [`super::release_expired`] takes its locks in). What follows is computed from the rows
 //!    as locked — their latest committed versions, which nothing else can change until this
@@ -31,24 +33,37 @@ use super::batch::Answers;
 use super::{Done, Hold, ROLLING_MS, Settlement};
 use crate::time::UnixMillis;
 
-/// The statement. `$1`–`$20`: the settlements (the usage event's 19 columns in
-/// `usage_events`' order, then the reservation to free); `$21`–`$28`: the holds; `$29` now;
-/// `$30` the length of a rolling window.
+/// The statement. `$1`–`$20` and `$31`: the settlements (the usage event's 19 columns in
+/// `usage_events`' order, the reservation to free, and the share of it to free: null for all
+/// of it, the row deleted); `$21`–`$28`: the holds; `$29` now; `$30` the length of a rolling
+/// window.
 const BATCH_PG: &str = "\
 WITH s AS MATERIALIZED (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[],
-        $15::bigint[], $16::bigint[], $17::text[], $18::bigint[], $19::bigint[], $20::text[])
+        $15::bigint[], $16::bigint[], $17::text[], $18::bigint[], $19::bigint[], $20::text[], $31::bigint[])
     WITH ORDINALITY AS s(id, project_id, customer_id, request_id, endpoint, model, status, reason,
         input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-        reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at, reservation_id, n)
+        reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at, reservation_id, part, n)
 ), h AS MATERIALIZED (
     SELECT * FROM unnest($21::text[], $22::text[], $23::bigint[], $24::text[], $25::text[], $26::bigint[],
         $27::bigint[], $28::bigint[])
     WITH ORDINALITY AS h(id, customer_id, amount, period, request_id, expires_at, calendar_start, calendar_end, n)
-), freed AS (
-    DELETE FROM reservations r USING s WHERE r.id = s.reservation_id
+), deleted AS (
+    DELETE FROM reservations r USING s WHERE r.id = s.reservation_id AND s.part IS NULL
     RETURNING s.n, s.customer_id, r.amount_nanos
+), shrunk AS (
+    UPDATE reservations r SET amount_nanos = r.amount_nanos - p.total
+    FROM (SELECT reservation_id, CAST(SUM(part) AS BIGINT) AS total FROM s
+          WHERE part IS NOT NULL AND reservation_id NOT IN
+              (SELECT reservation_id FROM s WHERE part IS NULL AND reservation_id IS NOT NULL)
+          GROUP BY reservation_id) p
+    WHERE r.id = p.reservation_id
+    RETURNING r.id
+), freed AS (
+    SELECT n, customer_id, amount_nanos FROM deleted
+    UNION ALL
+    SELECT s.n, s.customer_id, s.part FROM s JOIN shrunk ON shrunk.id = s.reservation_id
 ), locked AS MATERIALIZED (
     SELECT c.id, c.budget_nanos, c.spent_nanos, c.reserved_nanos, c.blocked, c.budget_period,
         c.period_start, c.period_end
@@ -164,6 +179,7 @@ pub(super) async fn apply(
         .bind(windows.iter().map(|w| w.1).collect::<Vec<_>>())
         .bind(now.0)
         .bind(ROLLING_MS)
+        .bind(settlements.iter().map(|s| s.part.map(|p| p.0)).collect::<Vec<_>>())
         .fetch_all(conn)
         .await?;
     let mut answers = Answers::new(settlements.len(), holds);

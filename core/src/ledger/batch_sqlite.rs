@@ -25,15 +25,17 @@ use super::batch::Answers;
 use super::{Done, Frame, Framed, Hold, ROLLING_MS, Settlement};
 use crate::time::UnixMillis;
 
-/// The statements. `$1`: the settlements, each `[the usage event's 19 columns in
-/// usage_events' order, the reservation to free]`; `$2`: the holds, each `[id, customer,
+/// The statements (`FREED` stands for [`FREED`]). `$1`: the settlements, each `[the usage
+/// event's 19 columns in usage_events' order, the reservation to free, the share of it to
+/// free (null: all of it, the row deleted)]`; `$2`: the holds, each `[id, customer,
 /// amount, period, request id, expires at, calendar start, calendar end]`; `$3` now; `$4`
 /// the length of a rolling window.
 const BATCH_SQLITE: &str = "\
-WITH s AS (SELECT key + 1 AS n, value ->> 2 AS customer_id, value ->> 15 AS billed, value ->> 19 AS reservation_id
+WITH s AS (SELECT key + 1 AS n, value ->> 2 AS customer_id, value ->> 15 AS billed, value ->> 19 AS reservation_id,
+                  value ->> 20 AS part
            FROM json_each($1)),
      x AS (SELECT s.n, s.customer_id, (r.id IS NOT NULL OR s.billed <> 0) AS charges,
-                  SUM(s.billed) OVER w AS billed_so_far, SUM(COALESCE(r.amount_nanos, 0)) OVER w AS freed_so_far
+                  SUM(s.billed) OVER w AS billed_so_far, SUM(FREED) OVER w AS freed_so_far
            FROM s LEFT JOIN reservations r ON r.id = s.reservation_id
            WINDOW w AS (PARTITION BY s.customer_id ORDER BY s.n))
 SELECT 0, x.n, NULL,
@@ -42,11 +44,16 @@ SELECT 0, x.n, NULL,
     NULL, NULL
 FROM x LEFT JOIN customers c ON c.id = x.customer_id;
 UPDATE customers SET reserved_nanos = reserved_nanos - t.freed, spent_nanos = spent_nanos + t.billed
-FROM (SELECT s.value ->> 2 AS customer_id, SUM(COALESCE(r.amount_nanos, 0)) AS freed, SUM(s.value ->> 15) AS billed
-      FROM json_each($1) s LEFT JOIN reservations r ON r.id = s.value ->> 19
-      WHERE s.value ->> 2 IS NOT NULL GROUP BY 1) t
+FROM (SELECT s.customer_id, SUM(FREED) AS freed, SUM(s.billed) AS billed
+      FROM (SELECT value ->> 2 AS customer_id, value ->> 15 AS billed, value ->> 19 AS reservation_id,
+                   value ->> 20 AS part FROM json_each($1)) s
+      LEFT JOIN reservations r ON r.id = s.reservation_id
+      WHERE s.customer_id IS NOT NULL GROUP BY 1) t
 WHERE customers.id = t.customer_id AND (t.freed <> 0 OR t.billed <> 0);
-DELETE FROM reservations WHERE id IN (SELECT value ->> 19 FROM json_each($1));
+DELETE FROM reservations WHERE id IN (SELECT value ->> 19 FROM json_each($1) WHERE value ->> 20 IS NULL);
+UPDATE reservations SET amount_nanos = amount_nanos - t.part
+FROM (SELECT value ->> 19 AS id, SUM(value ->> 20) AS part FROM json_each($1) WHERE value ->> 20 IS NOT NULL GROUP BY 1) t
+WHERE reservations.id = t.id;
 INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, reason,
     input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
     reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at)
@@ -90,7 +97,15 @@ SELECT 1, k.n, k.held,
     CAST(c.blocked AS INTEGER), c.budget_period
 FROM k LEFT JOIN customers c ON c.id = k.customer_id";
 
-static BATCH_SQLITE_FRAMED: std::sync::LazyLock<Framed> = std::sync::LazyLock::new(|| Framed::new(BATCH_SQLITE));
+/// What settlement `s` frees of its reservation `r` (read before anything changes): a row it
+/// deletes, all of it; a share of a lease, that share — unless the batch deletes the lease's
+/// row too (its last call), which then frees it all.
+const FREED: &str = "CASE WHEN r.id IS NULL THEN 0 WHEN s.part IS NULL THEN r.amount_nanos \
+    WHEN EXISTS (SELECT 1 FROM json_each($1) d WHERE d.value ->> 19 = r.id AND d.value ->> 20 IS NULL) THEN 0 \
+    ELSE s.part END";
+
+static BATCH_SQLITE_FRAMED: std::sync::LazyLock<Framed> =
+    std::sync::LazyLock::new(|| Framed::new(&BATCH_SQLITE.replace("FREED", FREED)));
 
 /// Applies `settlements` then `holds`, each in order, as one text within the batch's
 /// transaction, which `frame` opens and commits around it; the answers in the same order
@@ -128,6 +143,7 @@ pub(super) async fn apply(
                     r.latency_ms,
                     now.0,
                     s.reservation.as_ref().map(|r| r.id.as_str()),
+                    s.part.map(|p| p.0),
                 ])
             })
             .collect(),

@@ -44,13 +44,35 @@ use crate::with_db;
 mod batch;
 mod batch_pg;
 mod batch_sqlite;
+pub mod lease;
 
 /// Budget held for one call in flight.
 #[derive(Debug, Clone)]
 pub struct Reservation {
+    /// The row that holds it: the call's own, or the lease it was carved from.
     pub id: ReservationId,
     pub customer_id: CustomerId,
     pub amount: Nanos,
+    held: Held,
+}
+
+impl Reservation {
+    /// Whether the call's share was carved from a lease (see [`lease`]) rather than held alone.
+    pub fn is_leased(&self) -> bool {
+        self.held == Held::Leased
+    }
+}
+
+/// How a reservation holds its budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// A row of its own ([`Ledger::reserve`], [`reserve`]).
+    Alone,
+    /// A row of its own, counted among its customer's calls in flight in this process
+    /// ([`Ledger::reserve_leased`]: a customer with calls in flight may get a lease).
+    Counted,
+    /// A share of a lease's row ([`Ledger::reserve_leased`]).
+    Leased,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +184,7 @@ fn reserve_outcome(hold: &Hold, row: ReserveRow) -> ReserveOutcome {
                 id: hold.id.clone(),
                 customer_id: hold.customer_id.clone(),
                 amount: hold.amount,
+                held: Held::Alone,
             },
             remaining: Nanos(remaining),
         },
@@ -303,11 +326,14 @@ pub struct Settlement {
     pub record: UsageRecord,
     /// Chosen before the first attempt, so a retry can never record (or charge) twice.
     event_id: UsageEventId,
+    /// What to free of a lease's row, which stays; none: the reservation's row is deleted,
+    /// freeing all it holds (a call's own, or a lease's last call).
+    part: Option<Nanos>,
 }
 
 impl Settlement {
     pub fn new(reservation: Option<Reservation>, record: UsageRecord) -> Self {
-        Self { reservation, record, event_id: UsageEventId::generate() }
+        Self { reservation, record, event_id: UsageEventId::generate(), part: None }
     }
 }
 
@@ -321,27 +347,33 @@ macro_rules! event_sql {
     };
 }
 
-/// One round trip on PostgreSQL, atomic: free the hold, charge, record the event.
+/// One round trip on PostgreSQL, atomic: free the hold (`$20`: its row, deleted; or, with
+/// `$21`, that much of a lease's row), charge, record the event.
 const SETTLE_PG: &str = concat!(
-    "WITH freed AS (DELETE FROM reservations WHERE id = $20 RETURNING amount_nanos), \
+    "WITH freed AS (DELETE FROM reservations WHERE id = $20 AND $21::BIGINT IS NULL RETURNING amount_nanos), \
+    shrunk AS (UPDATE reservations SET amount_nanos = amount_nanos - $21 \
+      WHERE id = $20 AND $21::BIGINT IS NOT NULL RETURNING $21::BIGINT AS amount_nanos), \
+    released AS (SELECT amount_nanos FROM freed UNION ALL SELECT amount_nanos FROM shrunk), \
     charged AS (UPDATE customers SET \
-        reserved_nanos = reserved_nanos - COALESCE((SELECT amount_nanos FROM freed), 0), \
+        reserved_nanos = reserved_nanos - COALESCE((SELECT amount_nanos FROM released), 0), \
         spent_nanos = spent_nanos + $16 \
-      WHERE id = $3 AND (EXISTS (SELECT 1 FROM freed) OR $16 <> 0) \
+      WHERE id = $3 AND (EXISTS (SELECT 1 FROM released) OR $16 <> 0) \
       RETURNING budget_nanos - spent_nanos - reserved_nanos AS remaining), \
     event AS (",
     event_sql!(),
     ") SELECT (SELECT remaining FROM charged)"
 );
 /// The same on SQLite, as statements run in order by one call into the connection's thread:
-/// charge (and unhold what the reservation still holds), free the hold, record the event.
+/// charge (and unhold what the reservation still holds, or `$21` of its lease), free the
+/// hold, record the event.
 const SETTLE_SQLITE: &str = concat!(
     "UPDATE customers SET \
-        reserved_nanos = reserved_nanos - COALESCE((SELECT amount_nanos FROM reservations WHERE id = $20), 0), \
+        reserved_nanos = reserved_nanos - COALESCE((SELECT COALESCE($21, amount_nanos) FROM reservations WHERE id = $20), 0), \
         spent_nanos = spent_nanos + $16 \
       WHERE id = $3 AND (EXISTS (SELECT 1 FROM reservations WHERE id = $20) OR $16 <> 0) \
       RETURNING budget_nanos - spent_nanos - reserved_nanos; \
-    DELETE FROM reservations WHERE id = $20; ",
+    DELETE FROM reservations WHERE id = $20 AND $21 IS NULL; \
+    UPDATE reservations SET amount_nanos = amount_nanos - $21 WHERE id = $20 AND $21 IS NOT NULL; ",
     event_sql!()
 );
 
@@ -374,8 +406,11 @@ macro_rules! bind_event {
 
 async fn settle_pg(conn: &mut PgConnection, s: &Settlement) -> Result<Option<Nanos>, sqlx::Error> {
     let reservation_id = s.reservation.as_ref().map(|r| &r.id);
-    let remaining: Option<i64> =
-        bind_event!(sqlx::query_scalar::<_, Option<i64>>(SETTLE_PG), s).bind(reservation_id).fetch_one(conn).await?;
+    let remaining: Option<i64> = bind_event!(sqlx::query_scalar::<_, Option<i64>>(SETTLE_PG), s)
+        .bind(reservation_id)
+        .bind(s.part.map(|p| p.0))
+        .fetch_one(conn)
+        .await?;
     Ok(remaining.map(Nanos))
 }
 
@@ -386,8 +421,11 @@ async fn settle_sqlite(
     frame: Frame,
 ) -> Result<Option<Nanos>, sqlx::Error> {
     let reservation_id = s.reservation.as_ref().map(|r| &r.id);
-    let rows =
-        bind_event!(sqlx::query(SETTLE_SQLITE_FRAMED.get(frame)), s).bind(reservation_id).fetch_all(&mut *conn).await?;
+    let rows = bind_event!(sqlx::query(SETTLE_SQLITE_FRAMED.get(frame)), s)
+        .bind(reservation_id)
+        .bind(s.part.map(|p| p.0))
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(rows.first().map(|charged| charged.try_get(0)).transpose()?.map(Nanos))
 }
 
@@ -770,6 +808,7 @@ pub struct Ledger {
     writers: Arc<[mpsc::Sender<Job>]>,
     /// Where a hold whose caller stopped waiting is released (see [`Ledger::reserve`]).
     db: Db,
+    leases: Arc<lease::Leases>,
 }
 
 impl Ledger {
@@ -791,7 +830,7 @@ impl Ledger {
                 jobs
             })
             .collect();
-        Self { writers, db }
+        Self { writers, db, leases: Default::default() }
     }
 
     async fn submit(&self, op: Op) -> Result<Done, DbError> {
@@ -826,17 +865,74 @@ impl Ledger {
         }
     }
 
+    /// [`Ledger::reserve`] for a proxied call: carved from its customer's lease when it has
+    /// one with room, or held as a new lease when the customer has other calls in flight here
+    /// and budget to spare, or else held alone (see [`lease`]). Settled by [`Ledger::settle`]
+    /// like any other.
+    pub async fn reserve_leased(&self, hold: Hold) -> Result<ReserveOutcome, DbError> {
+        if let Some(refused) = hold.refused_outright() {
+            return Ok(refused);
+        }
+        // A call that comes while another takes its customer's lease waits for it (as long
+        // as it would wait to hold alone) rather than hold alone beside it; once.
+        let mut may_wait = true;
+        let extra = loop {
+            match self.leases.plan(&hold, may_wait) {
+                lease::Plan::Carved(outcome) => return Ok(outcome),
+                lease::Plan::Alone => break None,
+                lease::Plan::Lease(extra) => break Some(extra),
+                lease::Plan::Wait(mut taken) => {
+                    may_wait = false;
+                    let _ = taken.changed().await;
+                }
+            }
+        };
+        // Whatever happens to the attempt (an error, the caller gone), it is accounted for.
+        let mut pending = Pending { leases: &self.leases, customer: Some(&hold.customer_id), taking: extra.is_some() };
+        if let Some(extra) = extra {
+            let more = Hold { amount: Nanos(hold.amount.0 + extra.0), ..hold.clone() };
+            match self.reserve(more).await? {
+                // Not that much to spare after all: held alone, if it fits.
+                ReserveOutcome::Insufficient { remaining } if remaining >= hold.amount => {
+                    self.leases.not_taken(&hold.customer_id);
+                    pending.taking = false;
+                }
+                outcome => {
+                    pending.customer = None;
+                    return Ok(self.leases.held(&hold, Some(extra), outcome));
+                }
+            }
+        }
+        let outcome = self.reserve(hold.clone()).await?;
+        pending.customer = None;
+        Ok(self.leases.held(&hold, None, outcome))
+    }
+
+    /// Carves no more from `customer`'s lease in this process (it was changed here: blocked,
+    /// its budget or period edited); the next call holds anew. Other processes see the
+    /// change within [`lease::FRESH`].
+    pub fn forget_lease(&self, customer: &CustomerId) {
+        self.leases.forget(customer);
+    }
+
     /// Ends a call: frees its reservation (if still held), charges `record.billed` to the
     /// customer and writes the usage event, atomically, batched with other calls' operations.
     /// Returns once it has committed, with the customer's remaining budget (when there is a
     /// customer). A settlement that lost a lock race (to a write outside the ledger) rolled
     /// back whole, so it is tried again, over about three seconds; its event id is fixed, so
-    /// it can never count twice.
-    pub async fn settle(&self, settlement: Settlement) -> Result<Option<Nanos>, DbError> {
+    /// it can never count twice. A call carved from a lease gives back to it what it did not
+    /// bill (see [`lease`]).
+    pub async fn settle(&self, mut settlement: Settlement) -> Result<Option<Nanos>, DbError> {
+        self.leases.settling(&mut settlement);
         let mut wait = std::time::Duration::from_millis(100);
         loop {
             match self.submit(Op::Settle(Box::new(settlement.clone()))).await {
-                Ok(Done::Settled(remaining)) => return Ok(remaining),
+                Ok(Done::Settled(remaining)) => {
+                    if let Some(customer) = &settlement.record.customer_id {
+                        self.leases.settled(customer, remaining);
+                    }
+                    return Ok(remaining);
+                }
                 Ok(_) => return Err(DbError::Ledger),
                 Err(e) if e.is_lock_contention() && wait < std::time::Duration::from_secs(2) => {
                     tokio::time::sleep(wait).await;
@@ -852,6 +948,22 @@ impl Ledger {
         match self.submit(Op::Customer(new)).await? {
             Done::Customer(customer) => Ok(customer),
             _ => Err(DbError::Ledger),
+        }
+    }
+}
+
+/// A call of `customer` planned but not answered yet (and whether it is taking a lease):
+/// dropped unanswered, it is no longer in flight.
+struct Pending<'a> {
+    leases: &'a lease::Leases,
+    customer: Option<&'a CustomerId>,
+    taking: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(customer) = self.customer {
+            self.leases.gone(customer, self.taking);
         }
     }
 }
@@ -1089,7 +1201,7 @@ mod tests {
         let (jobs, queue) = mpsc::channel(1);
         drop(queue);
         let db = Db::Sqlite(sqlx::sqlite::SqlitePoolOptions::new().connect_lazy("sqlite::memory:").unwrap());
-        let ledger = Ledger { writers: Arc::new([jobs]), db };
+        let ledger = Ledger { writers: Arc::new([jobs]), db, leases: Default::default() };
         let hold = Hold::new(CustomerId::generate(), BudgetPeriod::Month, Nanos(1), "r".into(), UnixMillis::now());
         assert!(matches!(ledger.reserve(hold).await, Err(DbError::Ledger)));
     }

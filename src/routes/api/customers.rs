@@ -290,6 +290,7 @@ pub async fn upsert(
     let input = input(body, external_id, existing.as_ref())?;
     let saved = customers::save(&state.db, &project.id, &input).await?;
     state.proxy_cache.forget_customer(&project.id, &saved.external_id);
+    state.ledger.forget_lease(&saved.id);
     super::audit(&state, &project, &actor, "customer.saved", &saved.external_id, &budget_detail(&saved, &project))
         .await?;
     let status = if existing.is_some() { StatusCode::OK } else { StatusCode::CREATED };
@@ -367,6 +368,7 @@ pub async fn update(
     let input = input(body, external_id, Some(&current))?;
     let saved = customers::save(&state.db, &project.id, &input).await?;
     state.proxy_cache.forget_customer(&project.id, &saved.external_id);
+    state.ledger.forget_lease(&saved.id);
     super::audit(&state, &project, &actor, "customer.saved", &saved.external_id, &budget_detail(&saved, &project))
         .await?;
     Ok(Json(Customer::new(&saved, &project)))
@@ -447,6 +449,7 @@ async fn set_blocked(
     let external_id = path_param(path)?;
     let customer = found(&state, &project, &external_id).await?;
     customers::set_blocked(&state.db, &project.id, &customer.id, blocked).await?;
+    state.ledger.forget_lease(&customer.id);
     let action = if blocked { "customer.blocked" } else { "customer.unblocked" };
     super::audit(&state, &project, &actor, action, &external_id, &project.name).await?;
     let customer = found(&state, &project, &external_id).await?;

@@ -197,6 +197,7 @@ pub async fn save(
     };
     let saved = customers::save(&state.db, &project.id, &input).await.map_err(project_error)?;
     state.proxy_cache.forget_customer(&project.id, &saved.external_id);
+    state.ledger.forget_lease(&saved.id);
     let detail = format!("budget {} per {}", format::money(saved.budget_nanos, &project.currency), saved.budget_period);
     audit::record(&state.db, me.org_id(), &me.actor(), "customer.saved", &saved.external_id, &detail).await?;
     Ok(Redirect::to(&format!("/projects/{}/customers/{}", project.id, saved.id)).into_response())
@@ -329,6 +330,7 @@ async fn set_blocked(
     let project = load_project(&state, &me, &id).await?;
     let customer = load_customer(&state, &project, &customer_id).await?;
     customers::set_blocked(&state.db, &project.id, &customer.id, blocked).await?;
+    state.ledger.forget_lease(&customer.id);
     let action = if blocked { "customer.blocked" } else { "customer.unblocked" };
     audit::record(&state.db, me.org_id(), &me.actor(), action, &customer.external_id, &project.name).await?;
     Ok(Redirect::to(&format!("/projects/{}/customers/{}", project.id, customer.id)))

@@ -285,7 +285,7 @@ async fn run<D: Dialect>(
     for _ in 0..5 {
         let hold =
             Hold::new(customer.id.clone(), customer.period, worst_case(max_output), request_id.0.clone(), expires);
-        match state.ledger.reserve(hold).await? {
+        match state.ledger.reserve_leased(hold).await? {
             ReserveOutcome::Reserved { reservation: r, .. } => {
                 reservation = Some(r);
                 break;
