@@ -100,8 +100,10 @@ FROM k LEFT JOIN customers c ON c.id = k.customer_id";
 /// What settlement `s` frees of its reservation `r` (read before anything changes): a row it
 /// deletes, all of it; a share of a lease, that share — unless the batch deletes the lease's
 /// row too (its last call), which then frees it all.
+/// (The rows the batch deletes are one uncorrelated subquery: SQLite reads them once per
+/// statement, not once per settlement.)
 const FREED: &str = "CASE WHEN r.id IS NULL THEN 0 WHEN s.part IS NULL THEN r.amount_nanos \
-    WHEN EXISTS (SELECT 1 FROM json_each($1) d WHERE d.value ->> 19 = r.id AND d.value ->> 20 IS NULL) THEN 0 \
+    WHEN r.id IN (SELECT value ->> 19 FROM json_each($1) WHERE value ->> 20 IS NULL) THEN 0 \
     ELSE s.part END";
 
 static BATCH_SQLITE_FRAMED: std::sync::LazyLock<Framed> =

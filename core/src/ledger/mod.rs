@@ -22,6 +22,10 @@
 //!   ([`batch_sqlite`]) doing what its operations would do one after the other, under the
 //!   same locks; a batch that fails is retried one operation at a time, each the statement
 //!   above, so one bad operation cannot fail the others.
+//! - A busy customer's calls share a *lease* ([`lease`], [`Ledger::reserve_leased`]): one
+//!   reservation made as above, from which the calls that overlap in this process take their
+//!   worst case in memory; each settlement shrinks it by what its call billed, and its last
+//!   call's deletes it.
 //! - [`renew`] keeps a long call's reservation from expiring under it.
 //! - [`release_expired`] frees reservations whose call never settled (a crashed process).
 
@@ -833,7 +837,9 @@ impl Ledger {
         Self { writers, db, leases: Default::default() }
     }
 
-    async fn submit(&self, op: Op) -> Result<Done, DbError> {
+    /// Applies `op` in a batch; its whole wait recorded in [`LEDGER_SECONDS`] when `timed`
+    /// (a call carved from a lease, or holding through one, is timed as a whole instead).
+    async fn submit(&self, op: Op, timed: bool) -> Result<Done, DbError> {
         // A customer's operations go to one writer: two writers never wait for one row's lock
         // (a hot customer's operations share a batch instead), and they apply in order.
         let writer = match op.customer() {
@@ -850,16 +856,22 @@ impl Ledger {
         self.writers[writer].send(Job { op, reply }).await.map_err(|_| DbError::Ledger)?;
         let mut waiting = Waiting { outcome: Some(outcome), db: reserves.then(|| self.db.clone()) };
         let outcome = waiting.outcome().await;
-        metrics::histogram!(LEDGER_SECONDS, "op" => kind).record(queued.elapsed().as_secs_f64());
+        if timed {
+            metrics::histogram!(LEDGER_SECONDS, "op" => kind).record(queued.elapsed().as_secs_f64());
+        }
         outcome
     }
 
     /// [`reserve`], batched with other calls' operations.
     pub async fn reserve(&self, hold: Hold) -> Result<ReserveOutcome, DbError> {
+        self.reserve_timed(hold, true).await
+    }
+
+    async fn reserve_timed(&self, hold: Hold, timed: bool) -> Result<ReserveOutcome, DbError> {
         if let Some(refused) = hold.refused_outright() {
             return Ok(refused);
         }
-        match self.submit(Op::Reserve(hold)).await? {
+        match self.submit(Op::Reserve(hold), timed).await? {
             Done::Reserved(outcome) => Ok(outcome),
             _ => Err(DbError::Ledger),
         }
@@ -870,6 +882,13 @@ impl Ledger {
     /// and budget to spare, or else held alone (see [`lease`]). Settled by [`Ledger::settle`]
     /// like any other.
     pub async fn reserve_leased(&self, hold: Hold) -> Result<ReserveOutcome, DbError> {
+        let started = std::time::Instant::now();
+        let outcome = self.hold_leased(hold).await;
+        metrics::histogram!(LEDGER_SECONDS, "op" => "reserve").record(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    async fn hold_leased(&self, hold: Hold) -> Result<ReserveOutcome, DbError> {
         if let Some(refused) = hold.refused_outright() {
             return Ok(refused);
         }
@@ -891,7 +910,7 @@ impl Ledger {
         let mut pending = Pending { leases: &self.leases, customer: Some(&hold.customer_id), taking: extra.is_some() };
         if let Some(extra) = extra {
             let more = Hold { amount: Nanos(hold.amount.0 + extra.0), ..hold.clone() };
-            match self.reserve(more).await? {
+            match self.reserve_timed(more, false).await? {
                 // Not that much to spare after all: held alone, if it fits.
                 ReserveOutcome::Insufficient { remaining } if remaining >= hold.amount => {
                     self.leases.not_taken(&hold.customer_id);
@@ -903,7 +922,7 @@ impl Ledger {
                 }
             }
         }
-        let outcome = self.reserve(hold.clone()).await?;
+        let outcome = self.reserve_timed(hold.clone(), false).await?;
         pending.customer = None;
         Ok(self.leases.held(&hold, None, outcome))
     }
@@ -926,7 +945,7 @@ impl Ledger {
         self.leases.settling(&mut settlement);
         let mut wait = std::time::Duration::from_millis(100);
         loop {
-            match self.submit(Op::Settle(Box::new(settlement.clone()))).await {
+            match self.submit(Op::Settle(Box::new(settlement.clone())), true).await {
                 Ok(Done::Settled(remaining)) => {
                     if let Some(customer) = &settlement.record.customer_id {
                         self.leases.settled(customer, remaining);
@@ -945,7 +964,7 @@ impl Ledger {
 
     /// The customer `new` names, created (with its default budget) if it does not exist yet.
     pub async fn customer(&self, new: NewCustomer) -> Result<Option<Customer>, DbError> {
-        match self.submit(Op::Customer(new)).await? {
+        match self.submit(Op::Customer(new), true).await? {
             Done::Customer(customer) => Ok(customer),
             _ => Err(DbError::Ledger),
         }
