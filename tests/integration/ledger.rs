@@ -98,33 +98,15 @@ async fn settling_a_crowd_frees_every_hold_and_charges_once(db: TestDatabase) ->
     let s = setup(&db, BudgetPolicy::Clamp).await?;
     let c = customer(&s, "settle", 1_000_000).await?;
     let amounts: Vec<Nanos> = (0..300).map(|i| Nanos(amount(i).0 * 1_000)).collect();
-    let reservations: Vec<_> = hold_all(&s, &c, &amounts)
-        .await?
-        .into_iter()
-        .map(|outcome| match outcome {
-            ReserveOutcome::Reserved { reservation, .. } => reservation,
-            other => panic!("a budget this large holds every call: {other:?}"),
-        })
-        .collect();
+    let reservations: Vec<_> = hold_all(&s, &c, &amounts).await?.into_iter().map(reserved).collect();
     let total: i64 = amounts.iter().map(|a| a.0).sum();
     assert_eq!(held(&s, &c).await?, (total, total));
 
     // Settled at half what each held, while as many new holds arrive in the same batches.
     let record = |i: usize, billed: Nanos| UsageRecord {
-        project_id: s.project.id.clone(),
-        customer_id: Some(c.id.clone()),
         // What a batch carries as JSON (SQLite) or arrays (PostgreSQL) comes back as sent.
         request_id: format!("req-{i} \"quoted\" 'single' \\ ü 🙂"),
-        endpoint: "chat.completions".into(),
-        model: "gpt-4o-mini".into(),
-        status: CallStatus::Settled,
-        reason: None,
-        tokens: TokenUsage { input: 10, output: 5, ..TokenUsage::default() },
-        reserved: Nanos(billed.0 * 2),
-        cost: billed,
-        billed,
-        source: UsageSource::Provider,
-        latency_ms: 1,
+        ..settled_call(&s, &c, i, Nanos(billed.0 * 2), billed)
     };
     let settlements = reservations.iter().enumerate().map(|(i, r)| {
         let billed = Nanos(r.amount.0 / 2);
