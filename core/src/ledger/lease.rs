@@ -171,11 +171,10 @@ impl Leases {
                     );
                     local.current = Some(reservation.id.clone());
                     // What is left beside the call's share includes what is left to carve.
-                    return finish(
-                        customers,
-                        &hold.customer_id,
-                        ReserveOutcome::Reserved { reservation, remaining: Nanos(remaining.0.saturating_add(extra.0)) },
-                    );
+                    return ReserveOutcome::Reserved {
+                        reservation,
+                        remaining: Nanos(remaining.0.saturating_add(extra.0)),
+                    };
                 }
                 ReserveOutcome::Reserved { reservation, remaining }
             }
@@ -191,7 +190,8 @@ impl Leases {
                 other
             }
         };
-        finish(customers, &hold.customer_id, outcome)
+        forget_if_idle(customers, &hold.customer_id);
+        outcome
     }
 
     /// A lease was not taken after all (not that much to spare): the call holds alone.
@@ -211,10 +211,8 @@ impl Leases {
             if taking {
                 local.taking = None;
             }
-            if local.idle() {
-                inner.customers.remove(customer);
-            }
         }
+        forget_if_idle(&mut inner.customers, customer);
     }
 
     /// Says what `settlement` frees of a lease: the call's share of what it held, less what
@@ -251,10 +249,8 @@ impl Leases {
             if local.current.as_ref().is_some_and(|id| !leases.contains_key(id)) {
                 local.current = None;
             }
-            if local.idle() {
-                customers.remove(&reservation.customer_id);
-            }
         }
+        forget_if_idle(customers, &reservation.customer_id);
     }
 
     /// What a settlement left its customer, as the database said.
@@ -276,14 +272,9 @@ impl Leases {
     }
 }
 
-/// `outcome`, once `customer` is forgotten if it has nothing in flight here any more.
-fn finish(
-    customers: &mut HashMap<CustomerId, Local>,
-    customer: &CustomerId,
-    outcome: ReserveOutcome,
-) -> ReserveOutcome {
+/// Forgets `customer` if it has nothing in flight here any more.
+fn forget_if_idle(customers: &mut HashMap<CustomerId, Local>, customer: &CustomerId) {
     if customers.get(customer).is_some_and(Local::idle) {
         customers.remove(customer);
     }
-    outcome
 }
