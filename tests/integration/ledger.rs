@@ -22,6 +22,7 @@ pub fn cases() -> Vec<crate::helpers::DbCase> {
     db_cases![
         a_crowd_of_holds_fills_the_budget_and_no_further,
         settling_a_crowd_frees_every_hold_and_charges_once,
+        settling_many_customers_at_once_charges_each_what_its_calls_billed,
         a_crowd_rolls_an_ended_period_over_once_and_a_blocked_customer_holds_nothing,
         holds_whose_callers_stopped_waiting_are_released,
         a_busy_customer_s_calls_share_a_lease_and_nothing_stays_held_at_rest,
@@ -135,6 +136,51 @@ async fn settling_a_crowd_frees_every_hold_and_charges_once(db: TestDatabase) ->
     let twice = Settlement::new(Some(first), record(0, Nanos(0)));
     s.app.state.ledger.settle(twice).await?;
     assert_eq!(held(&s, &c).await?, (total, total));
+    s.app.stop().await
+}
+
+/// Batches that hold many customers' settlements (and holds) at once: each customer is
+/// charged what its own calls billed and unheld what its own reservations held.
+async fn settling_many_customers_at_once_charges_each_what_its_calls_billed(db: TestDatabase) -> TestResult {
+    let s = setup(&db, BudgetPolicy::Clamp).await?;
+    let mut customers = Vec::new();
+    for k in 0..40 {
+        customers.push(customer(&s, &format!("many-{k}"), 1_000_000).await?);
+    }
+    // Customer k holds 5 calls of (k + 1) µ$ each, and is billed a k-th of its holds per call.
+    let unit = |k: usize| Nanos((k as i64 + 1) * 1_000);
+    let billed = |k: usize, j: usize| Nanos(unit(k).0 * j as i64 / 5);
+    let amounts: Vec<[Nanos; 5]> = (0..customers.len()).map(|k| [unit(k); 5]).collect();
+    let holds = customers.iter().zip(&amounts).map(|(c, amounts)| hold_all(&s, c, amounts));
+    let held_first: Vec<Vec<Reservation>> = join_all(holds)
+        .await
+        .into_iter()
+        .map(|outcomes| outcomes.map(|o| o.into_iter().map(reserved).collect()))
+        .collect::<Result<_, _>>()?;
+    let settlements = held_first.iter().enumerate().flat_map(|(k, rs)| {
+        let s = &s;
+        let c = &customers[k];
+        rs.iter().enumerate().map(move |(j, r)| {
+            let record = settled_call(s, c, k * 5 + j, unit(k), billed(k, j));
+            s.app.state.ledger.settle(Settlement::new(Some(r.clone()), record))
+        })
+    });
+    // A second round of holds arrives while the first is settled, in the same batches.
+    let again = customers.iter().zip(&amounts).map(|(c, amounts)| hold_all(&s, c, amounts));
+    let (settled, again) = tokio::join!(join_all(settlements), join_all(again));
+    for remaining in settled {
+        assert!(remaining?.is_some());
+    }
+    for (k, c) in customers.iter().enumerate() {
+        assert!(again[k].as_ref().is_ok_and(|o| o.iter().all(|o| matches!(o, ReserveOutcome::Reserved { .. }))));
+        let spent: i64 = (0..5).map(|j| billed(k, j).0).sum();
+        let (spent_nanos, reserved_nanos, rows, events) = books(&s, c).await?;
+        assert_eq!(
+            (spent_nanos, reserved_nanos, rows, events),
+            (spent, unit(k).0 * 5, 5, 5),
+            "customer {k}: charged its own calls, holding its second round only"
+        );
+    }
     s.app.stop().await
 }
 

@@ -14,7 +14,9 @@
 //!    as locked — their latest committed versions, which nothing else can change until this
 //!    statement commits — so the conditional check of a lone reservation holds here too.
 //! 2. Settlements, in the order they came: each customer is charged what its settlements
-//!    billed and unheld what their reservations held.
+//!    billed and unheld what their reservations held (summed per customer once: a sum looked
+//!    up per customer row made a batch of many customers quadratic — 4.5 of a 128-operation
+//!    batch's 19 ms).
 //! 3. Reservations, in the order they came, against what the settlements left: a period that
 //!    has ended rolls over (only if something is held, as alone), and a customer's holds are
 //!    held while their running total fits. One customer row is written once, whatever the
@@ -74,10 +76,13 @@ WITH s AS MATERIALIZED (
     FOR NO KEY UPDATE
 ), settled AS MATERIALIZED (
     SELECT l.*, l.period_end <= $29 AS ended,
-        l.spent_nanos + COALESCE((SELECT CAST(SUM(s.billed_nanos) AS BIGINT) FROM s WHERE s.customer_id = l.id), 0) AS spent_after,
-        l.reserved_nanos - COALESCE((SELECT CAST(SUM(f.amount_nanos) AS BIGINT) FROM freed f WHERE f.customer_id = l.id), 0)
-            AS reserved_after
+        l.spent_nanos + COALESCE(b.billed, 0) AS spent_after,
+        l.reserved_nanos - COALESCE(f.freed, 0) AS reserved_after
     FROM locked l
+    LEFT JOIN (SELECT customer_id, CAST(SUM(billed_nanos) AS BIGINT) AS billed FROM s GROUP BY customer_id) b
+        ON b.customer_id = l.id
+    LEFT JOIN (SELECT customer_id, CAST(SUM(amount_nanos) AS BIGINT) AS freed FROM freed GROUP BY customer_id) f
+        ON f.customer_id = l.id
 ), settles AS (
     SELECT s.n, s.customer_id, (f.n IS NOT NULL OR s.billed_nanos <> 0) AS charges,
         CAST(SUM(s.billed_nanos) OVER w AS BIGINT) AS billed_so_far,
