@@ -147,7 +147,7 @@ async fn settling_many_customers_at_once_charges_each_what_its_calls_billed(db: 
     for k in 0..40 {
         customers.push(customer(&s, &format!("many-{k}"), 1_000_000).await?);
     }
-    // Customer k holds 5 calls of (k + 1) µ$ each, and is billed a k-th of its holds per call.
+    // Customer k holds 5 calls of (k + 1) µ$ each; its call j is billed j fifths of what it held.
     let unit = |k: usize| Nanos((k as i64 + 1) * 1_000);
     let billed = |k: usize, j: usize| Nanos(unit(k).0 * j as i64 / 5);
     let amounts: Vec<[Nanos; 5]> = (0..customers.len()).map(|k| [unit(k); 5]).collect();
