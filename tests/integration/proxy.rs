@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tollgate::routes::proxy::MAX_BODY_BYTES;
 use tollgate_core::accounts::{self, NewOrganization};
 use tollgate_core::money::Nanos;
 use tollgate_core::period::BudgetPeriod;
@@ -428,9 +429,23 @@ async fn bad_requests_get_clear_errors_and_spend_nothing(db: TestDatabase) -> Te
     expect(r, StatusCode::BAD_REQUEST, "invalid_value").await?;
     let r = client.post(&url).bearer_auth(&s.key).json(&hello(5)).send().await?;
     expect(r, StatusCode::BAD_REQUEST, "missing_customer").await?;
-    let huge = json!({"model": "mock-model", "messages": [{"role": "user", "content": "x".repeat(17 * 1024 * 1024)}]});
-    let r = s.chat("c", huge).await?;
-    expect(r, StatusCode::PAYLOAD_TOO_LARGE, "request_too_large").await?;
+    // Too large, declared: answered from the headers, before any of the body is sent (a client
+    // still writing 17 MB would race the answer, so this one sends none and reads).
+    let (status, body) = raw_post(s.app.addr, &s.key, Some(17 * 1024 * 1024), b"").await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("request_too_large")), "{body}");
+    // Too large, chunked (no length to judge by): refused once the limit is crossed. The client
+    // sends the limit and one byte more and stops there, so the server has read all it was sent
+    // when it answers (unread bytes would make its close a reset that can eat the answer).
+    let chunk = vec![b'x'; 1024 * 1024];
+    let mut chunked = Vec::new();
+    for _ in 0..MAX_BODY_BYTES / chunk.len() {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(&chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"1\r\nx");
+    let (status, body) = raw_post(s.app.addr, &s.key, None, &chunked).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("request_too_large")), "{body}");
     projects::set_customer_blocked(&s.app.state.db, &s.project.id, "c", true).await?;
     let r = s.chat("c", hello(5)).await?;
     expect(r, StatusCode::FORBIDDEN, "customer_blocked").await?;
@@ -451,4 +466,40 @@ async fn bad_requests_get_clear_errors_and_spend_nothing(db: TestDatabase) -> Te
     assert_eq!(s.ledger("c").await?, (0, 0));
     assert_eq!(s.events("settled").await?, 0);
     s.app.stop().await
+}
+
+/// A chat request over a bare HTTP/1.1 connection: the headers (with `Content-Length:
+/// declared`, else chunked), then `body` as it is, then the answer read whole. Returns its
+/// status and JSON body.
+async fn raw_post(
+    addr: std::net::SocketAddr,
+    key: &str,
+    declared: Option<usize>,
+    body: &[u8],
+) -> anyhow::Result<(u16, Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let length = match declared {
+        Some(n) => format!("content-length: {n}"),
+        None => "transfer-encoding: chunked".to_owned(),
+    };
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {key}\r\n\
+         x-tollgate-customer: c\r\ncontent-type: application/json\r\n{length}\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.flush().await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(30), stream.read_to_end(&mut answer)).await??;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, payload) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // A chunked answer: the JSON is its first chunk.
+    let payload = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        payload.split_once("\r\n").map_or("", |(_, rest)| rest).rsplit_once("\r\n0\r\n").map_or("", |(json, _)| json)
+    } else {
+        payload
+    };
+    Ok((status, serde_json::from_str(payload.trim()).unwrap_or(Value::Null)))
 }

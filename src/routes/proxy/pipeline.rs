@@ -131,12 +131,33 @@ pub async fn handle<D: Dialect>(
 /// The request body, or the error that explains why there is none.
 pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ProxyError> {
     body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ProxyError::PayloadTooLarge(format!(
-            "The request body is larger than {} MB.",
-            super::MAX_BODY_BYTES / (1024 * 1024)
-        )),
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(),
         _ => ProxyError::invalid(e.body_text(), "invalid_body", None),
     })
+}
+
+fn too_large() -> ProxyError {
+    ProxyError::PayloadTooLarge(format!(
+        "The request body is larger than {} MB.",
+        super::MAX_BODY_BYTES / (1024 * 1024)
+    ))
+}
+
+/// Refuses a request whose declared length is over [`super::MAX_BODY_BYTES`] from its headers,
+/// before a byte of its body is read (a client sending `Expect: 100-continue` sends none). A
+/// body without a declared length is refused once it crosses the limit ([`body_bytes`]).
+pub async fn refuse_declared_too_large(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > super::MAX_BODY_BYTES as u64) {
+        let shape =
+            if request.uri().path().starts_with("/v1/messages") { ErrorShape::Anthropic } else { ErrorShape::OpenAi };
+        return too_large().into_response_shaped(shape);
+    }
+    next.run(request).await
 }
 
 /// The body as a JSON value.
