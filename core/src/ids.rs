@@ -113,6 +113,11 @@ define_id!(
     "rsv"
 );
 define_id!(
+    /// One life of a serving process: its reservations are released when its heartbeat stops.
+    InstanceId,
+    "ins"
+);
+define_id!(
     /// One settled, refused or failed call in the usage ledger.
     UsageEventId,
     "use"

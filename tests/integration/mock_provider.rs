@@ -1,6 +1,7 @@
 //! A stand-in provider over real HTTP, speaking OpenAI (chat completions, responses,
 //! embeddings under `/v1`) and Anthropic (messages, count_tokens). Behaviour follows the
-//! model name: `error-500` fails; `slow-*` and `*-slow` stream up to 200 chunks 20 ms apart; anything
+//! model name: `error-500` fails; `slow-*` and `*-slow` stream up to 200 chunks 20 ms apart;
+//! `mock-wait-<ms>` answers JSON after that many milliseconds; anything
 //! else answers with exactly the requested max output tokens (default 20), one per chunk when
 //! streaming, and reports usage (10 input tokens; embeddings 5 per input).
 
@@ -246,6 +247,10 @@ async fn chat(State(mock): State<MockProvider>, Json(body): Json<Value>) -> Resp
     if model == "slow-json" {
         // A JSON answer that takes its time (a client may give up on it meanwhile).
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Some(ms) = model.strip_prefix("mock-wait-").and_then(|ms| ms.parse::<u64>().ok()) {
+        // `mock-wait-<ms>`: a JSON answer after that many milliseconds (slow, overlapping calls).
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if !body["stream"].as_bool().unwrap_or(false) {
         return Json(json!({

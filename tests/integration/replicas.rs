@@ -30,6 +30,9 @@ pub fn cases() -> Vec<DbCase> {
         two_processes_never_spend_past_one_budget,
         two_processes_never_spend_past_one_budget_streaming,
         processes_starting_at_once_all_come_up,
+        slow_overlapping_calls_on_one_process_are_all_admitted,
+        slow_overlapping_calls_on_two_processes_are_all_admitted,
+        slow_overlapping_calls_with_budget_to_spare_are_all_admitted,
     ]
 }
 
@@ -45,6 +48,11 @@ const TOKENS_PER_CALL: i64 = 20;
 const OUTPUT_NANOS_PER_TOKEN: i64 = 1_000_000;
 const CALL_COST: i64 = TOKENS_PER_CALL * OUTPUT_NANOS_PER_TOKEN;
 const CUSTOMER: &str = "shared-customer";
+/// A model whose calls take [`SLOW_CALL`] each (the mock waits before answering).
+const SLOW_MODEL: &str = "mock-wait-5000";
+const SLOW_CALL: Duration = Duration::from_secs(5);
+/// How often a slow call starts: 200 of them overlap.
+const CALL_EVERY: Duration = Duration::from_millis(25);
 
 /// A `tollgate serve` child process, its log (stderr) collected line by line.
 struct Replica {
@@ -165,6 +173,7 @@ async fn set_up_tenant(db: &TestDatabase, mock: &MockProvider) -> anyhow::Result
         tokenizer: Tokenizer::O200kBase,
     };
     projects::set_price(&pool, &project.id, "mock-model", &price).await?;
+    projects::set_price(&pool, &project.id, SLOW_MODEL, &price).await?;
     let key = projects::create_key(&pool, &project.id, KeyKind::Secret, "replicas").await?.plaintext;
     let budget = Nanos(N * CALL_COST);
     projects::upsert_customer_budget(&pool, &project.id, CUSTOMER, budget, BudgetPeriod::Month).await?;
@@ -309,6 +318,77 @@ async fn processes_starting_at_once_all_come_up(db: TestDatabase) -> TestResult 
         assert_eq!(ready.status(), StatusCode::OK, "{}", ready.text().await?);
     }
     assert!(db.connect().await?.pending_migrations().await?.is_empty());
+    for replica in replicas {
+        let (code, log) = replica.terminate().await?;
+        assert_eq!(code, 0, "{log}");
+    }
+    Ok(())
+}
+
+async fn slow_overlapping_calls_on_one_process_are_all_admitted(db: TestDatabase) -> TestResult {
+    slow_overlapping_calls(db, 1, 200, 200).await
+}
+
+async fn slow_overlapping_calls_on_two_processes_are_all_admitted(db: TestDatabase) -> TestResult {
+    slow_overlapping_calls(db, 2, 200, 200).await
+}
+
+async fn slow_overlapping_calls_with_budget_to_spare_are_all_admitted(db: TestDatabase) -> TestResult {
+    slow_overlapping_calls(db, 2, 300, 1_000).await
+}
+
+/// Leases never refuse an affordable call: `calls` slow calls (each [`SLOW_CALL`], one every
+/// [`CALL_EVERY`], so two hundred overlap and their customer's leases go stale under them),
+/// spread over `processes` replicas, against a budget for `budget_calls` of them (at least
+/// as many) — every one admitted, nothing spent past the budget, nothing left held. (In the
+/// field: 10 s calls 50 ms apart; the same shape, twice as fast.)
+async fn slow_overlapping_calls(db: TestDatabase, processes: usize, calls: usize, budget_calls: i64) -> TestResult {
+    let mut replicas = Vec::new();
+    let mut bases = Vec::new();
+    for _ in 0..processes {
+        let mut replica = Replica::start(db.dir.path(), &db.env())?;
+        bases.push(replica.base_url().await?);
+        replicas.push(replica);
+    }
+    let mock = MockProvider::start().await?;
+    let tenant = set_up_tenant(&db, &mock).await?;
+    let budget = Nanos(budget_calls * CALL_COST);
+    projects::upsert_customer_budget(&tenant.db, &tenant.project.id, CUSTOMER, budget, BudgetPeriod::Month).await?;
+
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let mut handles = Vec::new();
+    for i in 0..calls {
+        let (client, base, key) = (client.clone(), bases[i % processes].clone(), tenant.key.clone());
+        handles.push(tokio::spawn(async move {
+            let body = json!({"model": SLOW_MODEL, "max_tokens": TOKENS_PER_CALL,
+                "messages": [{"role": "user", "content": "Hello!"}]});
+            let response = client
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-tollgate-customer", CUSTOMER)
+                .json(&body)
+                .send()
+                .await?;
+            anyhow::Ok((response.status(), response.text().await?))
+        }));
+        tokio::time::sleep(CALL_EVERY).await;
+    }
+    let mut refused = Vec::new();
+    for handle in handles {
+        let (status, text) = handle.await??;
+        if status != StatusCode::OK {
+            refused.push(format!("{status}: {text}"));
+        }
+    }
+    assert!(refused.is_empty(), "{} of {calls} affordable calls refused: {:?}", refused.len(), refused.first());
+
+    eventually(Duration::from_secs(10), || async { Ok(tenant.customer().await?.reserved_nanos == 0) }).await?;
+    let customer = tenant.customer().await?;
+    assert_eq!(customer.spent_nanos, calls as i64 * CALL_COST);
+    assert!(customer.spent_nanos <= budget.0);
+    assert_eq!(tenant.reservations(&customer).await?, 0, "reservation rows left behind");
+    assert_eq!(tenant.events(&customer, "settled").await?.0, calls as i64);
+    assert!(SLOW_CALL > tollgate_core::ledger::lease::FRESH, "the calls must outlive their leases' freshness");
     for replica in replicas {
         let (code, log) = replica.terminate().await?;
         assert_eq!(code, 0, "{log}");

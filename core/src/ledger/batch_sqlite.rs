@@ -28,7 +28,8 @@ use crate::time::UnixMillis;
 /// The statements (`FREED` stands for [`FREED`]). `$1`: the settlements, each `[the usage
 /// event's 19 columns in usage_events' order, the reservation to free, the share of it to
 /// free (null: all of it, the row deleted)]`; `$2`: the holds, each `[id, customer,
-/// amount, period, request id, expires at, calendar start, calendar end]`; `$3` now; `$4`
+/// amount, period, request id, expires at, calendar start, calendar end, spare until, instance]`;
+/// `$3` now; `$4`
 /// the length of a rolling window.
 const BATCH_SQLITE: &str = "\
 WITH s AS (SELECT key + 1 AS n, value ->> 2 AS customer_id, value ->> 15 AS billed, value ->> 19 AS reservation_id,
@@ -62,7 +63,8 @@ SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->
     value ->> 16, value ->> 17, value ->> 18
 FROM json_each($1) ORDER BY key;
 WITH h AS (SELECT key + 1 AS n, value ->> 0 AS id, value ->> 1 AS customer_id, value ->> 2 AS amount,
-                  value ->> 3 AS period, value ->> 4 AS request_id, value ->> 5 AS expires_at
+                  value ->> 3 AS period, value ->> 4 AS request_id, value ->> 5 AS expires_at,
+                  value ->> 8 AS spare_until, value ->> 9 AS instance_id
            FROM json_each($2)),
      k AS (SELECT h.*, c.budget_nanos, c.reserved_nanos,
                   CASE WHEN c.period_end <= $3 THEN 0 ELSE c.spent_nanos END AS spent,
@@ -71,8 +73,8 @@ WITH h AS (SELECT key + 1 AS n, value ->> 0 AS id, value ->> 1 AS customer_id, v
      d AS (SELECT k.*, SUM(CASE WHEN eligible THEN amount ELSE 0 END)
                   OVER (PARTITION BY customer_id ORDER BY n) AS so_far
            FROM k)
-INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at)
-SELECT id, customer_id, amount, request_id, $3, expires_at FROM d
+INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at, spare_until, instance_id)
+SELECT id, customer_id, amount, request_id, $3, expires_at, spare_until, instance_id FROM d
 WHERE eligible AND spent + reserved_nanos + so_far <= budget_nanos ORDER BY n;
 UPDATE customers SET
     spent_nanos = CASE WHEN period_end <= $3 THEN 0 ELSE spent_nanos END,
@@ -163,7 +165,9 @@ pub(super) async fn apply(
                     h.request_id,
                     h.expires_at.0,
                     start,
-                    end
+                    end,
+                    h.spare_until.map(|t| t.0),
+                    h.instance.as_ref().map(|i| i.as_str())
                 ])
             })
             .collect(),

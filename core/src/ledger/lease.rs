@@ -16,9 +16,19 @@
 //!
 //! The promise holds as without leases: whatever is carved was held in the database first,
 //! by one conditional update against the budget. What a lease costs is budget held for calls
-//! not made yet, kept small beside what is left: a lease is taken only when the customer has
-//! at least [`HEADROOM`] times it left, and stops being carved after [`FRESH`] (a call then
-//! holds anew, so a block, a budget or a period changed elsewhere takes effect within it).
+//! not made yet (its *spare*), kept small beside what is left: a lease is taken only when the
+//! customer has at least [`HEADROOM`] times it left, and stops being carved after [`FRESH`] (a
+//! call then holds anew, so a block, a budget or a period changed elsewhere takes effect
+//! within it).
+//!
+//! Leases never refuse what a plain reservation would admit:
+//! - After [`FRESH`] a lease gives its spare back ([`Leases::trim`]): from then on its row
+//!   holds only what its calls in flight may spend, and each of them frees its whole share
+//!   when it settles. Slow calls that outlive many leases do not leave their spare stacked up.
+//! - A call about to be refused first has its customer's leases in this process give back
+//!   their spare at once, and waits for other processes' leases of the customer to give back
+//!   theirs (their rows say until when they hold any: `spare_until`, at most [`SPARE_FOR`]
+//!   ahead), then tries once more.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -37,8 +47,11 @@ pub const HEADROOM: i64 = 4;
 /// [`MAX_CALLS`]: eight per call in flight.
 const MIN_CALLS: i64 = 16;
 const MAX_CALLS: i64 = 256;
-/// How long a lease is carved from after it was taken.
+/// How long a lease is carved from after it was taken; then it gives back its spare.
 pub const FRESH: Duration = Duration::from_secs(1);
+/// How long a lease's row may hold spare, as other processes are told (`spare_until`): a call
+/// they would refuse waits for it to be given back, up to this long.
+pub const SPARE_FOR: Duration = Duration::from_millis(1_500);
 
 /// What [`Leases::plan`] decided for a hold.
 pub(super) enum Plan {
@@ -84,12 +97,16 @@ impl Local {
 }
 
 struct Lease {
+    customer: CustomerId,
     period: BudgetPeriod,
     /// What is left to carve.
     available: Nanos,
     /// Its calls in flight.
     calls: i64,
     taken: Instant,
+    /// Its spare was given back ([`Leases::trim`]): carved no more, and each of its calls
+    /// frees its whole share when it settles.
+    trimmed: bool,
 }
 
 impl Leases {
@@ -105,7 +122,8 @@ impl Leases {
         let Inner { customers, leases } = &mut *inner;
         let local = customers.entry(hold.customer_id.clone()).or_default();
         if let Some(id) = local.current.clone() {
-            let usable = leases.get(&id).is_some_and(|l| l.period == hold.period && l.taken.elapsed() < FRESH);
+            let usable =
+                leases.get(&id).is_some_and(|l| l.period == hold.period && !l.trimmed && l.taken.elapsed() < FRESH);
             if !usable {
                 // Stale, or of another period: carved no more; its last call ends it.
                 local.current = None;
@@ -167,7 +185,14 @@ impl Leases {
                     reservation.held = Held::Leased;
                     leases.insert(
                         reservation.id.clone(),
-                        Lease { period: hold.period, available: extra, calls: 1, taken: Instant::now() },
+                        Lease {
+                            customer: hold.customer_id.clone(),
+                            period: hold.period,
+                            available: extra,
+                            calls: 1,
+                            taken: Instant::now(),
+                            trimmed: false,
+                        },
                     );
                     local.current = Some(reservation.id.clone());
                     // What is left beside the call's share includes what is left to carve.
@@ -231,6 +256,9 @@ impl Leases {
                     if lease.calls <= 0 {
                         leases.remove(&reservation.id);
                         None
+                    } else if lease.trimmed {
+                        // Nothing is carved from it any more: the call's whole share goes.
+                        Some(reservation.amount)
                     } else {
                         // Its row holds this call's share and what is left to carve: what it
                         // billed beyond its share comes out of what is left.
@@ -259,6 +287,29 @@ impl Leases {
         if let (Some(local), Some(remaining)) = (inner.customers.get_mut(customer), remaining) {
             local.remaining = Some(remaining);
         }
+    }
+
+    /// Gives back lease `id`'s spare: it is carved no more, and holds only what its calls in
+    /// flight may spend. Returns how much its row must shrink by (maybe nothing), or `None`
+    /// when the lease is gone or gave its spare back already.
+    pub(super) fn trim(&self, id: &ReservationId) -> Option<Nanos> {
+        let mut inner = self.lock();
+        let Inner { customers, leases } = &mut *inner;
+        let lease = leases.get_mut(id).filter(|l| !l.trimmed)?;
+        lease.trimmed = true;
+        let spare = std::mem::replace(&mut lease.available, Nanos::ZERO);
+        if let Some(local) = customers.get_mut(&lease.customer)
+            && local.current.as_ref() == Some(id)
+        {
+            local.current = None;
+        }
+        Some(spare)
+    }
+
+    /// `customer`'s leases in this process that have not given their spare back.
+    pub(super) fn untrimmed(&self, customer: &CustomerId) -> Vec<ReservationId> {
+        let inner = self.lock();
+        inner.leases.iter().filter(|(_, l)| &l.customer == customer && !l.trimmed).map(|(id, _)| id.clone()).collect()
     }
 
     /// Carves no more from `customer`'s lease (it changed: blocked, budget, period); its

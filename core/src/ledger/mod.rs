@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::SqliteSync;
 use crate::db::{Db, DbError};
-use crate::ids::{CustomerId, ProjectId, ReservationId, UsageEventId};
+use crate::ids::{CustomerId, InstanceId, ProjectId, ReservationId, UsageEventId};
 use crate::money::Nanos;
 use crate::period::{BudgetPeriod, ROLLING_DAYS};
 use crate::pricing::TokenUsage;
@@ -108,6 +108,10 @@ pub struct Hold {
     pub expires_at: UnixMillis,
     /// Chosen before the first attempt, so a retry can never hold twice.
     id: ReservationId,
+    /// For a lease: until when its row holds spare budget for calls not made yet (see [`lease`]).
+    spare_until: Option<UnixMillis>,
+    /// The process instance whose call this is (set by the [`Ledger`] that holds it).
+    instance: Option<InstanceId>,
 }
 
 impl Hold {
@@ -118,7 +122,16 @@ impl Hold {
         request_id: String,
         expires_at: UnixMillis,
     ) -> Self {
-        Self { customer_id, period, amount, request_id, expires_at, id: ReservationId::generate() }
+        Self {
+            customer_id,
+            period,
+            amount,
+            request_id,
+            expires_at,
+            id: ReservationId::generate(),
+            spare_until: None,
+            instance: None,
+        }
     }
 
     /// A negative amount would add budget: refused before any statement runs.
@@ -160,8 +173,8 @@ macro_rules! why_sql {
 const RESERVE_PG: &str = concat!(
     "WITH held AS (",
     hold_sql!(),
-    "), recorded AS (INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at) \
-     SELECT $7, $5, $4, $8, $1, $9 FROM held) \
+    "), recorded AS (INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at, \
+     spare_until, instance_id) SELECT $7, $5, $4, $8, $1, $9, $11, $12 FROM held) \
      SELECT held.remaining, ",
     why_sql!(),
     " FROM (SELECT 1) AS one LEFT JOIN held ON TRUE LEFT JOIN customers c ON c.id = $5"
@@ -171,8 +184,8 @@ const RESERVE_PG: &str = concat!(
 /// the connection's thread.
 const RESERVE_SQLITE: &str = concat!(
     hold_sql!(),
-    "; INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at) \
-     SELECT $7, $5, $4, $8, $1, $9 WHERE changes() = 1; \
+    "; INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at, spare_until, \
+     instance_id) SELECT $7, $5, $4, $8, $1, $9, $11, $12 WHERE changes() = 1; \
      SELECT ",
     why_sql!(),
     " FROM customers c WHERE c.id = $5 AND NOT EXISTS (SELECT 1 FROM reservations WHERE id = $7)"
@@ -210,7 +223,8 @@ fn hold_window(hold: &Hold) -> (UnixMillis, i64, i64) {
     (now, start, end)
 }
 
-/// Binds a reservation's `$1`…`$10`: now, the calendar window, the hold, and the rolling window.
+/// Binds a reservation's `$1`…`$12`: now, the calendar window, the hold, the rolling window,
+/// and the hold's spare and instance.
 macro_rules! bind_hold {
     ($query:expr, $hold:expr, $now:expr, $start:expr, $end:expr) => {
         $query
@@ -224,6 +238,8 @@ macro_rules! bind_hold {
             .bind(&$hold.request_id)
             .bind($hold.expires_at.0)
             .bind(ROLLING_MS)
+            .bind($hold.spare_until.map(|t| t.0))
+            .bind(&$hold.instance)
     };
 }
 
@@ -844,6 +860,8 @@ pub struct Ledger {
     /// Where a hold whose caller stopped waiting is released (see [`Ledger::reserve`]).
     db: Db,
     leases: Arc<lease::Leases>,
+    /// This process's life: every hold it makes belongs to it.
+    instance: InstanceId,
 }
 
 impl Ledger {
@@ -865,7 +883,12 @@ impl Ledger {
                 jobs
             })
             .collect();
-        Self { writers, db, leases: Default::default() }
+        Self { writers, db, leases: Default::default(), instance: InstanceId::generate() }
+    }
+
+    /// The process instance this ledger's holds belong to.
+    pub fn instance(&self) -> &InstanceId {
+        &self.instance
     }
 
     /// Applies `op` in a batch; its whole wait recorded in [`LEDGER_SECONDS`] when `timed`
@@ -898,10 +921,11 @@ impl Ledger {
         self.reserve_timed(hold, true).await
     }
 
-    async fn reserve_timed(&self, hold: Hold, timed: bool) -> Result<ReserveOutcome, DbError> {
+    async fn reserve_timed(&self, mut hold: Hold, timed: bool) -> Result<ReserveOutcome, DbError> {
         if let Some(refused) = hold.refused_outright() {
             return Ok(refused);
         }
+        hold.instance = Some(self.instance.clone());
         match self.submit(Op::Reserve(hold), timed).await? {
             Done::Reserved(outcome) => Ok(outcome),
             _ => Err(DbError::Ledger),
@@ -912,11 +936,40 @@ impl Ledger {
     /// one with room, or held as a new lease when the customer has other calls in flight here
     /// and budget to spare, or else held alone (see [`lease`]). Settled by [`Ledger::settle`]
     /// like any other.
+    ///
+    /// Leases never refuse what a plain reservation would admit: before a call is refused,
+    /// the spare of its customer's leases — this process's, given back at once, and other
+    /// processes', given back within [`lease::FRESH`] — is waited for, and the call tried again.
     pub async fn reserve_leased(&self, hold: Hold) -> Result<ReserveOutcome, DbError> {
         let started = std::time::Instant::now();
-        let outcome = self.hold_leased(hold).await;
+        let mut outcome = self.hold_leased(hold.clone()).await;
+        if matches!(outcome, Ok(ReserveOutcome::Insufficient { .. }))
+            && self.spare_given_back(&hold.customer_id).await?
+        {
+            outcome = self.hold_leased(hold).await;
+        }
         metrics::histogram!(LEDGER_SECONDS, "op" => "reserve").record(started.elapsed().as_secs_f64());
         outcome
+    }
+
+    /// Gives back the spare of `customer`'s leases in this process, and waits for other
+    /// processes' leases of it to give theirs back. Returns whether there was any.
+    async fn spare_given_back(&self, customer: &CustomerId) -> Result<bool, DbError> {
+        let mut any = false;
+        for id in self.leases.untrimmed(customer) {
+            any |= trim_lease(&self.leases, &self.db, &id).await;
+        }
+        const ELSEWHERE: &str =
+            "SELECT MAX(spare_until) FROM reservations WHERE customer_id = $1 AND spare_until IS NOT NULL";
+        let until: Option<i64> =
+            with_db!(&self.db, pool => sqlx::query_scalar(ELSEWHERE).bind(customer).fetch_one(pool).await)?;
+        if let Some(until) = until {
+            // They give it back when it is due (a little after, on a busy machine).
+            let due = (until - UnixMillis::now().0).clamp(0, lease::SPARE_FOR.as_millis() as i64) as u64;
+            tokio::time::sleep(std::time::Duration::from_millis(due + 50)).await;
+            any = true;
+        }
+        Ok(any)
     }
 
     async fn hold_leased(&self, hold: Hold) -> Result<ReserveOutcome, DbError> {
@@ -940,7 +993,8 @@ impl Ledger {
         // Whatever happens to the attempt (an error, the caller gone), it is accounted for.
         let mut pending = Pending { leases: &self.leases, customer: Some(&hold.customer_id), taking: extra.is_some() };
         if let Some(extra) = extra {
-            let more = Hold { amount: Nanos(hold.amount.0 + extra.0), ..hold.clone() };
+            let spare_until = Some(UnixMillis(UnixMillis::now().0 + lease::SPARE_FOR.as_millis() as i64));
+            let more = Hold { amount: Nanos(hold.amount.0 + extra.0), spare_until, ..hold.clone() };
             match self.reserve_timed(more, false).await? {
                 // Not that much to spare after all: held alone, if it fits.
                 ReserveOutcome::Insufficient { remaining } if remaining >= hold.amount => {
@@ -949,7 +1003,16 @@ impl Ledger {
                 }
                 outcome => {
                     pending.customer = None;
-                    return Ok(self.leases.held(&hold, Some(extra), outcome));
+                    let outcome = self.leases.held(&hold, Some(extra), outcome);
+                    if matches!(outcome, ReserveOutcome::Reserved { .. }) {
+                        // Carved while fresh; then what it has left is given back.
+                        let (leases, db, id) = (self.leases.clone(), self.db.clone(), hold.id.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(lease::FRESH).await;
+                            trim_lease(&leases, &db, &id).await;
+                        });
+                    }
+                    return Ok(outcome);
                 }
             }
         }
@@ -1170,6 +1233,40 @@ async fn write(db: Db, mut queue: mpsc::Receiver<Job>, commit: Commit) {
     }
 }
 
+/// Gives back what lease `id` holds for calls not made yet (see [`lease::Leases::trim`]).
+/// Returns whether it held any.
+async fn trim_lease(leases: &lease::Leases, db: &Db, id: &ReservationId) -> bool {
+    let Some(spare) = leases.trim(id) else { return false };
+    if let Err(e) = give_back(db, id, spare).await {
+        // Held until its last call settles (which deletes its row) instead.
+        tracing::warn!(error = %e, reservation = %id, "could not give back a lease's spare");
+    }
+    spare.0 > 0
+}
+
+/// Shrinks lease `id`'s row by `spare` and unholds it from its customer; marks the row as
+/// holding no spare. Nothing if the row is gone (its last call settled: all of it was freed).
+async fn give_back(db: &Db, id: &ReservationId, spare: Nanos) -> Result<(), DbError> {
+    const PG: &str = "WITH r AS (UPDATE reservations SET amount_nanos = amount_nanos - $1, spare_until = NULL \
+        WHERE id = $2 RETURNING customer_id) \
+        UPDATE customers SET reserved_nanos = reserved_nanos - $1 WHERE id IN (SELECT customer_id FROM r)";
+    const UNHOLD: &str = "UPDATE customers SET reserved_nanos = reserved_nanos - $1 \
+        WHERE id = (SELECT customer_id FROM reservations WHERE id = $2)";
+    const SHRINK: &str = "UPDATE reservations SET amount_nanos = amount_nanos - $1, spare_until = NULL WHERE id = $2";
+    match db {
+        Db::Postgres(pool) => {
+            sqlx::query(PG).bind(spare.0).bind(id).execute(pool).await?;
+        }
+        Db::Sqlite(pool) => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(UNHOLD).bind(spare.0).bind(id).execute(&mut *tx).await?;
+            sqlx::query(SHRINK).bind(spare.0).bind(id).execute(&mut *tx).await?;
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}
+
 /// Pushes a held reservation's expiry to `expires_at` (a long stream keeps its budget held).
 /// Returns false when the reservation is gone already (settled, or released by expiry).
 pub async fn renew(db: &Db, reservation: &Reservation, expires_at: UnixMillis) -> Result<bool, DbError> {
@@ -1251,7 +1348,8 @@ mod tests {
         let (jobs, queue) = mpsc::channel(1);
         drop(queue);
         let db = Db::Sqlite(sqlx::sqlite::SqlitePoolOptions::new().connect_lazy("sqlite::memory:").unwrap());
-        let ledger = Ledger { writers: Arc::new([jobs]), db, leases: Default::default() };
+        let ledger =
+            Ledger { writers: Arc::new([jobs]), db, leases: Default::default(), instance: InstanceId::generate() };
         let hold = Hold::new(CustomerId::generate(), BudgetPeriod::Month, Nanos(1), "r".into(), UnixMillis::now());
         assert!(matches!(ledger.reserve(hold).await, Err(DbError::Ledger)));
     }
