@@ -15,6 +15,7 @@ use axum::serve::ListenerExt;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tollgate_core::instances;
 use tollgate_core::ledger::Ledger;
 use tollgate_core::{Config, Db};
 use tollgate_jobs::{AlertServices, BillingServices, JobStore, WorkerOptions};
@@ -35,6 +36,8 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     local_addr: SocketAddr,
+    /// What this process serves under across restarts (see [`instances`]).
+    instance_name: String,
 }
 
 impl Application {
@@ -59,6 +62,12 @@ impl Application {
             .build()?;
         let stripe = tollgate_jobs::stripe_api::StripeApi::new(http.clone(), &config.stripe_api_base);
         let ledger = Ledger::start(db.clone(), config.sqlite_synchronous);
+        let instance_name = config.instance_name.clone().unwrap_or_else(|| default_instance_name(local_addr));
+        let recovered = instances::register(&db, ledger.instance(), &instance_name).await?;
+        if recovered.reservations > 0 {
+            tracing::warn!(released = recovered.reservations, name = %instance_name,
+                "released what an earlier life of this instance held (its calls are recorded as interrupted)");
+        }
         let state = AppState {
             ledger,
             stripe,
@@ -73,7 +82,7 @@ impl Application {
             mailer: Arc::new(mailer),
             api_limits: Arc::new(api_limits),
         };
-        Ok(Self { listener, state, local_addr })
+        Ok(Self { listener, state, local_addr, instance_name })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -86,7 +95,8 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled, then drains (see the module docs).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { listener, state, .. } = self;
+        let Self { listener, state, instance_name, .. } = self;
+        let beating = tokio::spawn(beat(state.clone(), instance_name, shutdown.child_token()));
         let grace = state.config.shutdown_grace;
         let workers = state.config.run_workers.then(|| {
             let options = WorkerOptions { grace, ..WorkerOptions::default() };
@@ -132,10 +142,50 @@ impl Application {
                 Err(_) => tracing::warn!("job workers did not stop within the grace period"),
             }
         }
+        beating.abort();
+        // Every call has settled (or was cut off with the connections): what this instance
+        // still holds, it gives back and records as interrupted.
+        if let Err(e) = instances::leave(&state.db, state.ledger.instance()).await {
+            tracing::warn!(error = %e, "could not leave the instances table; another instance recovers this one");
+        }
         state.jobs.close().await;
         state.db.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// The host and listening address: what a restarted process serves under again.
+fn default_instance_name(local_addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}/{local_addr}")
+}
+
+/// Beats this instance's heartbeat, and recovers dead instances, every [`instances::BEAT`]
+/// (see [`instances`]) until shutdown.
+async fn beat(state: AppState, name: String, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(instances::BEAT);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Err(e) = instances::beat(&state.db, state.ledger.instance(), &name).await {
+            tracing::warn!(error = %e, "could not beat this instance's heartbeat");
+        }
+        match instances::recover_dead(&state.db, tollgate_core::time::UnixMillis::now()).await {
+            Ok(recovered) if recovered.instances > 0 => {
+                metrics::counter!("tollgate_interrupted_calls_total").increment(recovered.reservations);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not recover dead instances"),
+        }
     }
 }
 

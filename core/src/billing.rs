@@ -174,7 +174,7 @@ pub async fn claim_customers_to_provision(
         FROM customers c WHERE c.project_id = $1 AND c.stripe_provision_next_at <= $2 AND ( \
             (c.stripe_customer_id IS NULL AND EXISTS (SELECT 1 FROM usage_events u \
                 WHERE u.project_id = $1 AND u.customer_id = c.id AND u.meter_batch_id IS NULL \
-                  AND u.status = 'settled' AND u.billed_nanos > 0 AND u.created_at >= $3)) \
+                  AND u.status IN ('settled', 'interrupted') AND u.billed_nanos > 0 AND u.created_at >= $3)) \
             OR (c.stripe_customer_id IS NOT NULL AND c.stripe_subscription_id IS NULL)) \
         ORDER BY c.id LIMIT $4";
     const CLAIM: &str =
@@ -250,7 +250,7 @@ pub async fn retry_now(db: &Db, project: &ProjectId) -> Result<u64, DbError> {
 pub async fn form_batches(db: &Db, project: &ProjectBilling, max_batches: usize) -> Result<usize, DbError> {
     const WAITING: &str = "SELECT u.customer_id, MIN(u.created_at) FROM usage_events u \
             JOIN customers c ON c.id = u.customer_id \
-        WHERE u.project_id = $1 AND u.meter_batch_id IS NULL AND u.status = 'settled' AND u.billed_nanos > 0 \
+        WHERE u.project_id = $1 AND u.meter_batch_id IS NULL AND u.status IN ('settled', 'interrupted') AND u.billed_nanos > 0 \
           AND u.created_at >= $2 AND c.stripe_customer_id IS NOT NULL \
         GROUP BY u.customer_id LIMIT $3";
     let Some(event_name) = project.meter_event_name.clone() else { return Ok(0) };
@@ -284,7 +284,7 @@ async fn form_batch(
     // batcher's rows are re-checked after its commit, so no event lands in two batches.
     const MARK: &str = "UPDATE usage_events SET meter_batch_id = $1 \
         WHERE meter_batch_id IS NULL AND id IN (SELECT id FROM usage_events \
-            WHERE project_id = $2 AND customer_id = $3 AND meter_batch_id IS NULL AND status = 'settled' \
+            WHERE project_id = $2 AND customer_id = $3 AND meter_batch_id IS NULL AND status IN ('settled', 'interrupted') \
               AND billed_nanos > 0 AND created_at >= $4 AND created_at < $5 \
             ORDER BY created_at LIMIT $6)";
     const TOTAL: &str = "SELECT CAST(COALESCE(SUM(billed_nanos), 0) AS BIGINT), CAST(COUNT(*) AS BIGINT), \
@@ -440,7 +440,7 @@ pub struct BatchProblem {
 pub async fn delivery_status(db: &Db, project: &ProjectId, billing_from: i64) -> Result<DeliveryStatus, DbError> {
     const UNBATCHED: &str = "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(billed_nanos), 0) AS BIGINT), \
             MIN(created_at) FROM usage_events \
-        WHERE project_id = $1 AND meter_batch_id IS NULL AND status = 'settled' AND billed_nanos > 0 AND created_at >= $2";
+        WHERE project_id = $1 AND meter_batch_id IS NULL AND status IN ('settled', 'interrupted') AND billed_nanos > 0 AND created_at >= $2";
     const BATCHES: &str = "SELECT status, CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(value_nanos), 0) AS BIGINT), \
             CAST(COALESCE(SUM(events), 0) AS BIGINT), MIN(first_at), MAX(delivered_at) \
         FROM meter_batches WHERE project_id = $1 GROUP BY status";
@@ -516,7 +516,7 @@ pub async fn billed_customers(
             CAST(COALESCE((SELECT SUM(b.value_nanos) FROM meter_batches b WHERE b.customer_id = c.id \
                 AND b.status <> 'delivered' AND b.last_at >= $2 AND b.last_at < $3), 0) \
               + COALESCE((SELECT SUM(u.billed_nanos) FROM usage_events u WHERE u.project_id = $1 AND u.customer_id = c.id \
-                AND u.meter_batch_id IS NULL AND u.status = 'settled' AND u.created_at >= $2 AND u.created_at < $3), 0) \
+                AND u.meter_batch_id IS NULL AND u.status IN ('settled', 'interrupted') AND u.created_at >= $2 AND u.created_at < $3), 0) \
               AS BIGINT) AS pending_nanos \
         FROM customers c WHERE c.project_id = $1 AND c.stripe_customer_id IS NOT NULL ORDER BY c.id";
     Ok(with_db!(db, pool => sqlx::query_as::<_, BilledCustomer>(SQL).bind(project).bind(start).bind(end)

@@ -61,6 +61,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Whether `serve` also runs the background job workers in its own process.
     pub run_workers: bool,
+    /// The name this process serves under across restarts (default: host and listening
+    /// address). A process that starts under the name of one that died releases what the dead
+    /// one held at once (see `tollgate_core::instances`); two live processes must not share one.
+    pub instance_name: Option<String>,
     /// Where mail goes: `smtps://user:pass@host:465` (TLS), `smtp://user:pass@host:587?tls=required`
     /// (STARTTLS), or `smtp://host:25` (plain, for a relay on a trusted network). None: links
     /// that would be mailed are written to the log instead.
@@ -170,6 +174,7 @@ struct RawConfig {
     log: Option<String>,
     shutdown_grace_seconds: Option<u64>,
     workers: Option<bool>,
+    instance_name: Option<String>,
     smtp_url: Option<String>,
     smtp_from: Option<String>,
     api_rate_per_second: Option<u32>,
@@ -202,6 +207,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("log", "TOLLGATE_LOG"),
     ("shutdown_grace_seconds", "TOLLGATE_SHUTDOWN_GRACE_SECONDS"),
     ("workers", "TOLLGATE_WORKERS"),
+    ("instance_name", "TOLLGATE_INSTANCE_NAME"),
     ("smtp_url", "TOLLGATE_SMTP_URL"),
     ("smtp_from", "TOLLGATE_SMTP_FROM"),
     ("api_rate_per_second", "TOLLGATE_API_RATE_PER_SECOND"),
@@ -252,6 +258,7 @@ impl Sourced {
                 "log" => r.log = text,
                 "smtp_url" => r.smtp_url = text,
                 "smtp_from" => r.smtp_from = text,
+                "instance_name" => r.instance_name = text,
                 "stripe_api_base" => r.stripe_api_base = text,
                 "stripe_platform_key" => r.stripe_platform_key = text,
                 "stripe_connect_webhook_secret" => r.stripe_connect_webhook_secret = text,
@@ -453,6 +460,7 @@ impl Sourced {
             log_filter,
             shutdown_grace,
             run_workers: r.workers.unwrap_or(true),
+            instance_name: r.instance_name.as_deref().map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned),
             smtp_url,
             smtp_from,
             api_rate_per_second,

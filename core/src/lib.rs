@@ -27,6 +27,7 @@ pub mod db;
 pub mod estimate;
 pub mod idempotency;
 pub mod ids;
+pub mod instances;
 pub mod ledger;
 pub mod money;
 pub mod period;

@@ -37,6 +37,9 @@ pub struct Project {
     pub customer_from_user: bool,
     pub default_customer: Option<String>,
     pub estimate_margin_bps: i64,
+    /// Whether a call interrupted by its process's death is billed at what it had reserved
+    /// (else it is recorded, not billed). See [`crate::instances`].
+    pub bill_interrupted: bool,
 }
 
 impl Project {
@@ -50,7 +53,8 @@ impl Project {
 }
 
 const PROJECT_COLUMNS: &str = "id, org_id, name, currency, budget_policy, min_output_tokens, markup_bps, \
-    default_budget_nanos, default_budget_period, customer_from_user, default_customer, estimate_margin_bps";
+    default_budget_nanos, default_budget_period, customer_from_user, default_customer, estimate_margin_bps, \
+    bill_interrupted";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
@@ -143,6 +147,7 @@ pub struct ProjectSettings {
     pub customer_from_user: bool,
     pub default_customer: Option<String>,
     pub estimate_margin_bps: i64,
+    pub bill_interrupted: bool,
 }
 
 impl ProjectSettings {
@@ -157,6 +162,7 @@ impl ProjectSettings {
             customer_from_user: project.customer_from_user,
             default_customer: project.default_customer.clone(),
             estimate_margin_bps: project.estimate_margin_bps,
+            bill_interrupted: project.bill_interrupted,
         }
     }
 
@@ -203,7 +209,7 @@ pub async fn update_project(
     }
     const SQL: &str = "UPDATE projects SET name = $1, budget_policy = $2, min_output_tokens = $3, markup_bps = $4, \
         default_budget_nanos = $5, default_budget_period = $6, customer_from_user = $7, default_customer = $8, \
-        estimate_margin_bps = $9 WHERE id = $10 AND org_id = $11";
+        estimate_margin_bps = $9, bill_interrupted = $12 WHERE id = $10 AND org_id = $11";
     let policy = match settings.policy {
         BudgetPolicy::Clamp => "clamp",
         BudgetPolicy::Reject => "reject",
@@ -212,7 +218,7 @@ pub async fn update_project(
     let n = with_db!(db, pool => sqlx::query(SQL)
         .bind(settings.name.trim()).bind(policy).bind(settings.min_output_tokens).bind(settings.markup_bps)
         .bind(settings.default_budget.0).bind(settings.default_period.as_str()).bind(settings.customer_from_user)
-        .bind(default_customer).bind(settings.estimate_margin_bps).bind(id).bind(org)
+        .bind(default_customer).bind(settings.estimate_margin_bps).bind(id).bind(org).bind(settings.bill_interrupted)
         .execute(pool).await.map(|r| r.rows_affected()))?;
     if n == 0 {
         return Err(ProjectError::NotFound("project"));

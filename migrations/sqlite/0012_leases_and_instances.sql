@@ -12,6 +12,9 @@ ALTER TABLE reservations ADD COLUMN spare_until BIGINT;
 -- The process instance whose calls the reservation holds budget for (null: made outside the
 -- proxy, released only by expiry).
 ALTER TABLE reservations ADD COLUMN instance_id TEXT;
+-- The call it holds for (a lease: its first call), to record it should its instance die.
+ALTER TABLE reservations ADD COLUMN endpoint TEXT;
+ALTER TABLE reservations ADD COLUMN model TEXT;
 CREATE INDEX reservations_instance ON reservations (instance_id) WHERE instance_id IS NOT NULL;
 
 -- Every serving process beats here every few seconds; one whose beat has stopped is dead,

@@ -33,6 +33,8 @@ pub fn cases() -> Vec<DbCase> {
         slow_overlapping_calls_on_one_process_are_all_admitted,
         slow_overlapping_calls_on_two_processes_are_all_admitted,
         slow_overlapping_calls_with_budget_to_spare_are_all_admitted,
+        a_killed_process_s_holds_are_released_by_the_other_within_a_minute,
+        a_process_restarted_after_a_kill_releases_its_holds_at_once,
     ]
 }
 
@@ -110,6 +112,15 @@ impl Replica {
         }
     }
 
+    /// Kills the process outright (SIGKILL: no shutdown, nothing settled).
+    async fn kill(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("already exited; log:\n{}", self.log_text()))?;
+        let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status().await?;
+        anyhow::ensure!(status.success(), "kill failed");
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await??;
+        Ok(())
+    }
+
     /// Stops the process with SIGTERM; returns its exit code and log.
     async fn terminate(mut self) -> anyhow::Result<(i32, String)> {
         let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("already exited; log:\n{}", self.log_text()))?;
@@ -164,20 +175,25 @@ async fn set_up_tenant(db: &TestDatabase, mock: &MockProvider) -> anyhow::Result
         },
     )
     .await?;
-    let price = Price {
-        input: 0,
-        cached_input: 0,
-        output: OUTPUT_NANOS_PER_TOKEN * 1_000_000,
-        cache_write: 0,
-        max_output_tokens: 100,
-        tokenizer: Tokenizer::O200kBase,
-    };
+    let price = tenant_price();
     projects::set_price(&pool, &project.id, "mock-model", &price).await?;
     projects::set_price(&pool, &project.id, SLOW_MODEL, &price).await?;
     let key = projects::create_key(&pool, &project.id, KeyKind::Secret, "replicas").await?.plaintext;
     let budget = Nanos(N * CALL_COST);
     projects::upsert_customer_budget(&pool, &project.id, CUSTOMER, budget, BudgetPeriod::Month).await?;
     Ok(Tenant { db: pool, project, key, budget })
+}
+
+/// Every model's price: one output token costs [`OUTPUT_NANOS_PER_TOKEN`], input is free.
+fn tenant_price() -> Price {
+    Price {
+        input: 0,
+        cached_input: 0,
+        output: OUTPUT_NANOS_PER_TOKEN * 1_000_000,
+        cache_write: 0,
+        max_output_tokens: 100,
+        tokenizer: Tokenizer::O200kBase,
+    }
 }
 
 impl Tenant {
@@ -393,5 +409,130 @@ async fn slow_overlapping_calls(db: TestDatabase, processes: usize, calls: usize
         let (code, log) = replica.terminate().await?;
         assert_eq!(code, 0, "{log}");
     }
+    Ok(())
+}
+
+/// A model whose calls outlast the process that serves them in the crash tests.
+const HUNG_MODEL: &str = "mock-wait-60000";
+/// Calls in flight when their process is killed.
+const IN_FLIGHT: i64 = 6;
+
+/// Starts `IN_FLIGHT` calls of [`HUNG_MODEL`] on `base`, with request ids `killed-<i>`, and
+/// waits until all of them hold their budget. Their answers never come (the process dies).
+async fn calls_in_flight(tenant: &Tenant, base: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+    for i in 0..IN_FLIGHT {
+        let (client, url, key) = (client.clone(), format!("{base}/v1/chat/completions"), tenant.key.clone());
+        tokio::spawn(async move {
+            let body = json!({"model": HUNG_MODEL, "max_tokens": TOKENS_PER_CALL,
+                "messages": [{"role": "user", "content": "Hello!"}]});
+            let _ = client
+                .post(url)
+                .bearer_auth(key)
+                .header("x-tollgate-customer", CUSTOMER)
+                .header("x-request-id", format!("killed-{i}"))
+                .json(&body)
+                .send()
+                .await;
+        });
+    }
+    eventually(Duration::from_secs(20), || async {
+        Ok(tenant.customer().await?.reserved_nanos == IN_FLIGHT * CALL_COST)
+    })
+    .await
+}
+
+/// A call worth all that is left of the budget once the killed calls' holds are back: only
+/// admitted then. (The price's limit is 100 tokens, five calls' worth.)
+async fn big_call(client: &reqwest::Client, base: &str, key: &str) -> anyhow::Result<StatusCode> {
+    let body = json!({"model": "mock-model", "max_tokens": 5 * TOKENS_PER_CALL,
+        "messages": [{"role": "user", "content": "Hello!"}]});
+    let response = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("x-tollgate-customer", CUSTOMER)
+        .json(&body)
+        .send()
+        .await?;
+    Ok(response.status())
+}
+
+/// The killed calls, recorded as interrupted: (request id, reserved, billed), by request id.
+async fn interrupted(tenant: &Tenant) -> anyhow::Result<Vec<(String, i64, i64)>> {
+    Ok(with_db!(&tenant.db, pool => sqlx::query_as::<_, (String, i64, i64)>(
+        "SELECT request_id, reserved_nanos, billed_nanos FROM usage_events WHERE status = 'interrupted' \
+         ORDER BY request_id").fetch_all(pool).await)?)
+}
+
+/// kill -9 of one of two replicas with calls in flight: the other keeps serving, sees the
+/// dead one's heartbeat stop, and gives its holds back within a minute; the killed calls are
+/// recorded as interrupted, not billed (the default).
+async fn a_killed_process_s_holds_are_released_by_the_other_within_a_minute(db: TestDatabase) -> TestResult {
+    let mut doomed = Replica::start(db.dir.path(), &db.env())?;
+    let doomed_base = doomed.base_url().await?;
+    let mut survivor = Replica::start(db.dir.path(), &db.env())?;
+    let survivor_base = survivor.base_url().await?;
+    let mock = MockProvider::start().await?;
+    let tenant = set_up_tenant(&db, &mock).await?;
+    projects::set_price(&tenant.db, &tenant.project.id, HUNG_MODEL, &tenant_price()).await?;
+    let budget = Nanos(10 * CALL_COST);
+    projects::upsert_customer_budget(&tenant.db, &tenant.project.id, CUSTOMER, budget, BudgetPeriod::Month).await?;
+
+    calls_in_flight(&tenant, &doomed_base).await?;
+    doomed.kill().await?;
+    let killed_at = tokio::time::Instant::now();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    // The survivor serves on: one call fits beside the dead one's holds; a big one does not yet.
+    assert!(matches!(call(&client, &survivor_base, &tenant.key, false).await?, Outcome::Served));
+    assert_eq!(big_call(&client, &survivor_base, &tenant.key).await?, StatusCode::PAYMENT_REQUIRED);
+    eventually(Duration::from_secs(60), || async {
+        Ok(big_call(&client, &survivor_base, &tenant.key).await? == StatusCode::OK)
+    })
+    .await?;
+    let waited = killed_at.elapsed();
+    assert!(waited < Duration::from_secs(60), "the dead process's holds came back after {waited:?}");
+
+    let customer = tenant.customer().await?;
+    assert_eq!(customer.reserved_nanos, 0);
+    assert_eq!(customer.spent_nanos, 6 * CALL_COST, "the killed calls are not billed by default");
+    let expected: Vec<_> = (0..IN_FLIGHT).map(|i| (format!("killed-{i}"), CALL_COST, 0)).collect();
+    assert_eq!(interrupted(&tenant).await?, expected);
+    let (code, log) = survivor.terminate().await?;
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("recovered a dead instance"), "{log}");
+    Ok(())
+}
+
+/// kill -9 of the only process, then a restart under the same instance name: the restarted
+/// process gives back what its earlier life held as it starts; with a project that bills
+/// interrupted calls, each is billed at what it had reserved.
+async fn a_process_restarted_after_a_kill_releases_its_holds_at_once(db: TestDatabase) -> TestResult {
+    let mut env = db.env();
+    env.insert("TOLLGATE_INSTANCE_NAME".into(), "replica-a".into());
+    let mut first = Replica::start(db.dir.path(), &env)?;
+    let base = first.base_url().await?;
+    let mock = MockProvider::start().await?;
+    let tenant = set_up_tenant(&db, &mock).await?;
+    projects::set_price(&tenant.db, &tenant.project.id, HUNG_MODEL, &tenant_price()).await?;
+    let budget = Nanos(12 * CALL_COST);
+    projects::upsert_customer_budget(&tenant.db, &tenant.project.id, CUSTOMER, budget, BudgetPeriod::Month).await?;
+    let mut settings = projects::ProjectSettings::of(&tenant.project);
+    settings.bill_interrupted = true;
+    projects::update_project(&tenant.db, &tenant.project.org_id, &tenant.project.id, &settings).await?;
+
+    calls_in_flight(&tenant, &base).await?;
+    first.kill().await?;
+    let mut again = Replica::start(db.dir.path(), &env)?;
+    let base = again.base_url().await?;
+    // Started: the earlier life's holds are back already, no heartbeat waited for.
+    let customer = tenant.customer().await?;
+    assert_eq!(customer.reserved_nanos, 0);
+    assert_eq!(customer.spent_nanos, IN_FLIGHT * CALL_COST, "billed at what they had reserved");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    assert_eq!(big_call(&client, &base, &tenant.key).await?, StatusCode::OK);
+    let expected: Vec<_> = (0..IN_FLIGHT).map(|i| (format!("killed-{i}"), CALL_COST, CALL_COST)).collect();
+    assert_eq!(interrupted(&tenant).await?, expected);
+    let (code, log) = again.terminate().await?;
+    assert_eq!(code, 0, "{log}");
     Ok(())
 }

@@ -37,7 +37,7 @@ use crate::time::UnixMillis;
 
 /// The statement. `$1`–`$20` and `$31`: the settlements (the usage event's 19 columns in
 /// `usage_events`' order, the reservation to free, and the share of it to free: null for all
-/// of it, the row deleted); `$21`–`$28`, `$32` and `$33`: the holds; `$29` now; `$30` the
+/// of it, the row deleted); `$21`–`$28` and `$32`–`$35`: the holds; `$29` now; `$30` the
 /// length of a rolling window.
 const BATCH_PG: &str = "\
 WITH s AS MATERIALIZED (
@@ -49,9 +49,9 @@ WITH s AS MATERIALIZED (
         reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at, reservation_id, part, n)
 ), h AS MATERIALIZED (
     SELECT * FROM unnest($21::text[], $22::text[], $23::bigint[], $24::text[], $25::text[], $26::bigint[],
-        $27::bigint[], $28::bigint[], $32::bigint[], $33::text[])
+        $27::bigint[], $28::bigint[], $32::bigint[], $33::text[], $34::text[], $35::text[])
     WITH ORDINALITY AS h(id, customer_id, amount, period, request_id, expires_at, calendar_start, calendar_end,
-        spare_until, instance_id, n)
+        spare_until, instance_id, endpoint, model, n)
 ), deleted AS (
     DELETE FROM reservations r USING s WHERE r.id = s.reservation_id AND s.part IS NULL
     RETURNING s.n, s.customer_id, r.amount_nanos
@@ -117,8 +117,10 @@ WITH s AS MATERIALIZED (
     WHERE c.id = t.id
         AND (hs.customer_id IS NOT NULL OR t.spent_after <> t.spent_nanos OR t.reserved_after <> t.reserved_nanos)
 ), recorded AS (
-    INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at, spare_until, instance_id)
-    SELECT id, customer_id, amount, request_id, $29, expires_at, spare_until, instance_id FROM decided WHERE held
+    INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at, spare_until, instance_id,
+        endpoint, model)
+    SELECT id, customer_id, amount, request_id, $29, expires_at, spare_until, instance_id, endpoint, model
+    FROM decided WHERE held
 ), events AS (
     INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, reason,
         input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
@@ -188,6 +190,8 @@ pub(super) async fn apply(
         .bind(settlements.iter().map(|s| s.part.map(|p| p.0)).collect::<Vec<_>>())
         .bind(holds.iter().map(|h| h.spare_until.map(|t| t.0)).collect::<Vec<_>>())
         .bind(holds.iter().map(|h| h.instance.as_ref().map(|i| i.to_string())).collect::<Vec<_>>())
+        .bind(holds.iter().map(|h| h.call.as_ref().map(|c| c.0.clone())).collect::<Vec<_>>())
+        .bind(holds.iter().map(|h| h.call.as_ref().map(|c| c.1.clone())).collect::<Vec<_>>())
         .fetch_all(conn)
         .await?;
     let mut answers = Answers::new(settlements.len(), holds);

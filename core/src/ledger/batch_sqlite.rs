@@ -28,7 +28,7 @@ use crate::time::UnixMillis;
 /// The statements (`FREED` stands for [`FREED`]). `$1`: the settlements, each `[the usage
 /// event's 19 columns in usage_events' order, the reservation to free, the share of it to
 /// free (null: all of it, the row deleted)]`; `$2`: the holds, each `[id, customer,
-/// amount, period, request id, expires at, calendar start, calendar end, spare until, instance]`;
+/// amount, period, request id, expires at, calendar start, calendar end, spare until, instance, endpoint, model]`;
 /// `$3` now; `$4`
 /// the length of a rolling window.
 const BATCH_SQLITE: &str = "\
@@ -64,7 +64,8 @@ SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->
 FROM json_each($1) ORDER BY key;
 WITH h AS (SELECT key + 1 AS n, value ->> 0 AS id, value ->> 1 AS customer_id, value ->> 2 AS amount,
                   value ->> 3 AS period, value ->> 4 AS request_id, value ->> 5 AS expires_at,
-                  value ->> 8 AS spare_until, value ->> 9 AS instance_id
+                  value ->> 8 AS spare_until, value ->> 9 AS instance_id, value ->> 10 AS endpoint,
+                  value ->> 11 AS model
            FROM json_each($2)),
      k AS (SELECT h.*, c.budget_nanos, c.reserved_nanos,
                   CASE WHEN c.period_end <= $3 THEN 0 ELSE c.spent_nanos END AS spent,
@@ -73,8 +74,9 @@ WITH h AS (SELECT key + 1 AS n, value ->> 0 AS id, value ->> 1 AS customer_id, v
      d AS (SELECT k.*, SUM(CASE WHEN eligible THEN amount ELSE 0 END)
                   OVER (PARTITION BY customer_id ORDER BY n) AS so_far
            FROM k)
-INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at, spare_until, instance_id)
-SELECT id, customer_id, amount, request_id, $3, expires_at, spare_until, instance_id FROM d
+INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at, spare_until, instance_id,
+    endpoint, model)
+SELECT id, customer_id, amount, request_id, $3, expires_at, spare_until, instance_id, endpoint, model FROM d
 WHERE eligible AND spent + reserved_nanos + so_far <= budget_nanos ORDER BY n;
 UPDATE customers SET
     spent_nanos = CASE WHEN period_end <= $3 THEN 0 ELSE spent_nanos END,
@@ -167,7 +169,9 @@ pub(super) async fn apply(
                     start,
                     end,
                     h.spare_until.map(|t| t.0),
-                    h.instance.as_ref().map(|i| i.as_str())
+                    h.instance.as_ref().map(|i| i.as_str()),
+                    h.call.as_ref().map(|c| c.0.as_str()),
+                    h.call.as_ref().map(|c| c.1.as_str())
                 ])
             })
             .collect(),

@@ -112,6 +112,8 @@ pub struct Hold {
     spare_until: Option<UnixMillis>,
     /// The process instance whose call this is (set by the [`Ledger`] that holds it).
     instance: Option<InstanceId>,
+    /// The call's endpoint and model, recorded with its hold (see [`Hold::for_call`]).
+    call: Option<(String, String)>,
 }
 
 impl Hold {
@@ -131,7 +133,15 @@ impl Hold {
             id: ReservationId::generate(),
             spare_until: None,
             instance: None,
+            call: None,
         }
+    }
+
+    /// Names the call the hold is for, so that should its process die mid-call, the call is
+    /// recorded as interrupted under its endpoint and model (see [`crate::instances`]).
+    pub fn for_call(mut self, endpoint: &str, model: &str) -> Self {
+        self.call = Some((endpoint.to_owned(), model.to_owned()));
+        self
     }
 
     /// A negative amount would add budget: refused before any statement runs.
@@ -174,7 +184,7 @@ const RESERVE_PG: &str = concat!(
     "WITH held AS (",
     hold_sql!(),
     "), recorded AS (INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at, \
-     spare_until, instance_id) SELECT $7, $5, $4, $8, $1, $9, $11, $12 FROM held) \
+     spare_until, instance_id, endpoint, model) SELECT $7, $5, $4, $8, $1, $9, $11, $12, $13, $14 FROM held) \
      SELECT held.remaining, ",
     why_sql!(),
     " FROM (SELECT 1) AS one LEFT JOIN held ON TRUE LEFT JOIN customers c ON c.id = $5"
@@ -185,7 +195,7 @@ const RESERVE_PG: &str = concat!(
 const RESERVE_SQLITE: &str = concat!(
     hold_sql!(),
     "; INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at, spare_until, \
-     instance_id) SELECT $7, $5, $4, $8, $1, $9, $11, $12 WHERE changes() = 1; \
+     instance_id, endpoint, model) SELECT $7, $5, $4, $8, $1, $9, $11, $12, $13, $14 WHERE changes() = 1; \
      SELECT ",
     why_sql!(),
     " FROM customers c WHERE c.id = $5 AND NOT EXISTS (SELECT 1 FROM reservations WHERE id = $7)"
@@ -223,8 +233,8 @@ fn hold_window(hold: &Hold) -> (UnixMillis, i64, i64) {
     (now, start, end)
 }
 
-/// Binds a reservation's `$1`…`$12`: now, the calendar window, the hold, the rolling window,
-/// and the hold's spare and instance.
+/// Binds a reservation's `$1`…`$14`: now, the calendar window, the hold, the rolling window,
+/// and the hold's spare, instance and call.
 macro_rules! bind_hold {
     ($query:expr, $hold:expr, $now:expr, $start:expr, $end:expr) => {
         $query
@@ -240,6 +250,8 @@ macro_rules! bind_hold {
             .bind(ROLLING_MS)
             .bind($hold.spare_until.map(|t| t.0))
             .bind(&$hold.instance)
+            .bind($hold.call.as_ref().map(|c| c.0.as_str()))
+            .bind($hold.call.as_ref().map(|c| c.1.as_str()))
     };
 }
 

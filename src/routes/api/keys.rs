@@ -243,6 +243,9 @@ pub struct ProjectSettings {
     default_customer: Option<String>,
     /// The safety margin on bounded (not counted) input tokens, in basis points.
     estimate_margin_bps: i64,
+    /// Whether a call cut off by the death of the Tollgate process serving it is billed at
+    /// what it had reserved (else it is recorded as interrupted and not billed).
+    bill_interrupted: bool,
 }
 
 /// Read the project's settings
@@ -272,5 +275,6 @@ pub async fn project(State(state): State<AppState>, headers: HeaderMap) -> Resul
         customer_from_user: p.customer_from_user,
         default_customer: p.default_customer,
         estimate_margin_bps: p.estimate_margin_bps,
+        bill_interrupted: p.bill_interrupted,
     }))
 }

@@ -35,6 +35,7 @@ pub struct SettingsForm {
     customer_from_user: Option<String>,
     default_customer: String,
     estimate_margin: String,
+    bill_interrupted: Option<String>,
 }
 
 #[derive(Template, WebTemplate)]
@@ -57,6 +58,7 @@ pub struct SettingsView {
     customer_from_user: bool,
     default_customer: String,
     estimate_margin: String,
+    bill_interrupted: bool,
 }
 
 /// Basis points shown as a percentage (`2500` → `25.00`).
@@ -82,6 +84,7 @@ impl SettingsView {
             customer_from_user: project.customer_from_user,
             default_customer: project.default_customer.clone().unwrap_or_default(),
             estimate_margin: percent(project.estimate_margin_bps),
+            bill_interrupted: project.bill_interrupted,
         }
     }
 
@@ -96,6 +99,7 @@ impl SettingsView {
             customer_from_user: form.customer_from_user.is_some(),
             default_customer: form.default_customer,
             estimate_margin: form.estimate_margin,
+            bill_interrupted: form.bill_interrupted.is_some(),
         }
     }
 }
@@ -154,6 +158,7 @@ impl SettingsForm {
             customer_from_user: self.customer_from_user.is_some(),
             default_customer,
             estimate_margin_bps,
+            bill_interrupted: self.bill_interrupted.is_some(),
         };
         let problems: Vec<String> = settings.problems().iter().map(problem_message).collect();
         if problems.is_empty() { Ok(settings) } else { Err(problems) }
@@ -220,6 +225,7 @@ fn describe_changes(before: &ProjectSettings, after: &ProjectSettings) -> String
         format!("{} per {}", after.default_budget, after.default_period.as_str()),
     );
     note("customer from user", before.customer_from_user.to_string(), after.customer_from_user.to_string());
+    note("bill interrupted calls", before.bill_interrupted.to_string(), after.bill_interrupted.to_string());
     note("default customer", format!("{:?}", before.default_customer), format!("{:?}", after.default_customer));
     note(
         "estimate margin",

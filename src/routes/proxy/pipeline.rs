@@ -305,7 +305,8 @@ async fn run<D: Dialect>(
     let mut reservation = None;
     for _ in 0..5 {
         let hold =
-            Hold::new(customer.id.clone(), customer.period, worst_case(max_output), request_id.0.clone(), expires);
+            Hold::new(customer.id.clone(), customer.period, worst_case(max_output), request_id.0.clone(), expires)
+                .for_call(D::ENDPOINT, &shape.model);
         match state.ledger.reserve_leased(hold).await? {
             ReserveOutcome::Reserved { reservation: r, .. } => {
                 reservation = Some(r);
