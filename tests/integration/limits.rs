@@ -1,12 +1,12 @@
 //! The output limit a call is reserved for is the one the provider receives: one field, never
 //! above the model's limit, whatever limit fields the client sent (and a valid extended-thinking
-//! budget for Anthropic).
+//! budget for Anthropic); calls that name no limit take the project's default max output.
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tollgate_core::money::Nanos;
 use tollgate_core::pricing::{Price, Tokenizer};
-use tollgate_core::projects::{self, BudgetPolicy, NewProvider, ProviderKind};
+use tollgate_core::projects::{self, BudgetPolicy, NewProvider, ProjectSettings, ProviderKind};
 use tollgate_core::with_db;
 
 use crate::db_cases;
@@ -19,6 +19,8 @@ pub fn cases() -> Vec<crate::helpers::DbCase> {
         responses_forward_exactly_the_limit_they_reserved_for,
         messages_forward_exactly_the_limit_they_reserved_for,
         a_thinking_budget_stays_valid_or_the_call_is_refused,
+        calls_without_a_limit_reserve_the_project_default,
+        the_default_max_output_is_shown_by_the_api,
     ]
 }
 
@@ -256,5 +258,75 @@ async fn a_thinking_budget_stays_valid_or_the_call_is_refused(db: TestDatabase) 
     let r = s.post("/v1/messages", "c", think(2_000, 500)).await?;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(s.mock.requests().last().map(|r| r["thinking"]["budget_tokens"].clone()), Some(json!(500)));
+    s.app.stop().await
+}
+
+/// Sets the project's default max output (None: the model's limit).
+async fn set_default_max_output(s: &Setup, default: Option<i64>) -> anyhow::Result<()> {
+    let state = &s.app.state;
+    let project =
+        projects::get_project(&state.db, &s.project.id).await?.ok_or_else(|| anyhow::anyhow!("no project"))?;
+    let settings = ProjectSettings { default_max_output_tokens: default, ..ProjectSettings::of(&project) };
+    projects::update_project(&state.db, &project.org_id, &project.id, &settings).await?;
+    state.forget_project(&project.id);
+    Ok(())
+}
+
+/// Sends `calls` chat calls at once without a limit; returns how many were admitted.
+async fn burst(s: &Setup, customer: &str, calls: usize) -> anyhow::Result<usize> {
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "Hello!"}]});
+    let results = futures::future::join_all((0..calls).map(|_| s.chat(customer, body.clone()))).await;
+    let mut admitted = 0;
+    for r in results {
+        match r?.status() {
+            StatusCode::OK => admitted += 1,
+            StatusCode::PAYMENT_REQUIRED => {}
+            other => anyhow::bail!("unexpected {other}"),
+        }
+    }
+    Ok(admitted)
+}
+
+async fn calls_without_a_limit_reserve_the_project_default(db: TestDatabase) -> TestResult {
+    let s = setup(&db, BudgetPolicy::Clamp).await?;
+    // A budget for 10 calls of the default's 10 tokens (the model's limit is 100).
+    set_default_max_output(&s, Some(10)).await?;
+    s.budget("burst", 100).await?;
+    assert_eq!(burst(&s, "burst", 100).await?, 10, "the budget pays for 10 default-sized calls");
+    let requests = s.mock.requests();
+    assert_eq!(requests.len(), 10);
+    assert!(requests.iter().all(|r| limits_sent(r) == vec![("max_tokens", 10)]), "{requests:?}");
+    assert_eq!(s.ledger("burst").await?, (100 * OUTPUT_NANOS_PER_TOKEN, 0));
+
+    // A default above the model's limit is capped at it, like a call's own limit.
+    set_default_max_output(&s, Some(1_000)).await?;
+    s.budget("c", 1_000_000).await?;
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "Hello!"}]});
+    assert_forwarded(&s, "/v1/chat/completions", body, ("max_tokens", MODEL_LIMIT), "default above the model").await?;
+
+    // Without a default, the model's whole limit is the worst case: the first call of the
+    // burst takes the whole budget.
+    set_default_max_output(&s, None).await?;
+    s.budget("whole", 100).await?;
+    assert_eq!(burst(&s, "whole", 20).await?, 1);
+    s.app.stop().await
+}
+
+async fn the_default_max_output_is_shown_by_the_api(db: TestDatabase) -> TestResult {
+    let s = setup(&db, BudgetPolicy::Clamp).await?;
+    let (status, shown) = s.api(reqwest::Method::GET, "/api/v1/project", None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shown["default_max_output_tokens"], projects::DEFAULT_MAX_OUTPUT_TOKENS, "a new project's default");
+    set_default_max_output(&s, None).await?;
+    let (_, shown) = s.api(reqwest::Method::GET, "/api/v1/project", None).await?;
+    assert_eq!(shown["default_max_output_tokens"], Value::Null);
+    // Out of range, or below the minimum clamped output: refused, nothing saved.
+    for bad in [0, 2_000_000] {
+        let project = projects::get_project(&s.app.state.db, &s.project.id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no project"))?;
+        let settings = ProjectSettings { default_max_output_tokens: Some(bad), ..ProjectSettings::of(&project) };
+        assert!(projects::update_project(&s.app.state.db, &project.org_id, &project.id, &settings).await.is_err());
+    }
     s.app.stop().await
 }

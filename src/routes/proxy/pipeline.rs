@@ -3,8 +3,8 @@
 //!
 //! 1. Authenticate the key, parse the request, name the customer, price the model, route it.
 //! 2. Reserve the worst case: input (counted) + max output × `n`, with the project's markup.
-//!    The max output is the call's own, capped at the model's limit; a call that names none
-//!    gets the model's limit. When it does not fit: `reject` answers 402; `clamp` lowers the
+//!    The max output is the call's own, else the project's default max output (else the
+//!    model's limit), capped at the model's limit. When it does not fit: `reject` answers 402; `clamp` lowers the
 //!    call's max output to what the remaining budget pays for (if at least the project's
 //!    minimum and what the request needs to stay valid), else 402. The forwarded request
 //!    names exactly the max output reserved for, in one field, whatever the client sent.
@@ -288,7 +288,7 @@ async fn run<D: Dialect>(
     };
     // Never more than the model can produce: a larger request is capped, and reserved capped.
     let requested_output = if shape.produces_output {
-        let asked = shape.max_output.unwrap_or(price.max_output_tokens);
+        let asked = shape.max_output.or(project.default_max_output_tokens).unwrap_or(price.max_output_tokens);
         asked.min(price.max_output_tokens).max(1)
     } else {
         0
