@@ -127,7 +127,8 @@ fn shipped() -> &'static HashMap<String, Price> {
     })
 }
 
-/// The shipped price of `model`, trying its base name when it is a dated snapshot.
+/// The shipped price of `model`: its own entry (a snapshot priced apart from its base model
+/// has one), else its base model's when it is a dated snapshot.
 pub fn shipped_price(model: &str) -> Option<Price> {
     let table = shipped();
     table.get(model).or_else(|| base_model(model).and_then(|base| table.get(base))).copied()
@@ -173,6 +174,48 @@ mod tests {
         assert_eq!(shipped_price("claude-sonnet-4-20250514"), shipped_price("claude-sonnet-4"));
         assert_eq!(shipped_price("gpt-4o-audio-preview"), None);
         assert_eq!(shipped_price("my-finetune"), None);
+    }
+
+    /// Dated snapshots that cost what their base model costs, so the table lists only the base.
+    const SNAPSHOTS_AT_BASE_PRICE: [(&str, &str); 12] = [
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("gpt-4o-2024-11-20", "gpt-4o"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("gpt-4.1-2025-04-14", "gpt-4.1"),
+        ("gpt-5-2025-08-07", "gpt-5"),
+        ("o3-2025-04-16", "o3"),
+        ("gpt-4-turbo-2024-04-09", "gpt-4-turbo"),
+        ("claude-sonnet-4-20250514", "claude-sonnet-4"),
+        ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+        ("claude-3-7-sonnet-20250219", "claude-3-7-sonnet"),
+        ("claude-3-5-haiku-20241022", "claude-3-5-haiku"),
+        ("claude-3-haiku-20240307", "claude-3-haiku"),
+    ];
+
+    #[test]
+    fn every_shipped_name_and_snapshot_resolves_to_its_own_price() {
+        let table = shipped();
+        for (name, price) in table {
+            assert_eq!(shipped_price(name), Some(*price), "{name} resolves to another entry's price");
+            // A snapshot is listed apart only when it is priced apart.
+            if let Some(base) = base_model(name).and_then(|b| table.get(b)) {
+                assert_ne!(price, base, "{name} repeats its base model's price: list the base only");
+            }
+        }
+        for (snapshot, base) in SNAPSHOTS_AT_BASE_PRICE {
+            assert!(!table.contains_key(snapshot), "{snapshot} is listed but costs what {base} costs");
+            assert_eq!(base_model(snapshot), Some(base));
+            assert!(shipped_price(snapshot).is_some() && shipped_price(snapshot) == shipped_price(base), "{snapshot}");
+        }
+        // Snapshots priced apart, at their published prices (input, output per M; output limit).
+        let published = |model: &str| shipped_price(model).map(|p| (p.input, p.output, p.max_output_tokens));
+        let usd = |dollars: &str| parse_per_million(dollars).unwrap_or(-1);
+        assert_eq!(published("gpt-4o-2024-05-13"), Some((usd("5.0"), usd("15.0"), 4_096)));
+        assert_eq!(published("gpt-4o"), Some((usd("2.5"), usd("10.0"), 16_384)));
+        assert_eq!(published("gpt-3.5-turbo-0125"), Some((usd("0.5"), usd("1.5"), 4_096)));
+        assert_eq!(published("gpt-3.5-turbo-1106"), Some((usd("1.0"), usd("2.0"), 4_096)));
+        assert_eq!(published("gpt-4-1106-preview"), Some((usd("10.0"), usd("30.0"), 4_096)));
+        assert_eq!(published("gpt-4-0613"), Some((usd("30.0"), usd("60.0"), 8_192)));
     }
 
     #[test]

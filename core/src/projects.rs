@@ -31,6 +31,8 @@ pub struct Project {
     pub currency: String,
     pub budget_policy: String,
     pub min_output_tokens: i64,
+    /// The max output of a call that names none; None: the model's own limit.
+    pub default_max_output_tokens: Option<i64>,
     pub markup_bps: i64,
     pub default_budget_nanos: i64,
     pub default_budget_period: String,
@@ -52,9 +54,9 @@ impl Project {
     }
 }
 
-const PROJECT_COLUMNS: &str = "id, org_id, name, currency, budget_policy, min_output_tokens, markup_bps, \
-    default_budget_nanos, default_budget_period, customer_from_user, default_customer, estimate_margin_bps, \
-    bill_interrupted";
+const PROJECT_COLUMNS: &str = "id, org_id, name, currency, budget_policy, min_output_tokens, \
+    default_max_output_tokens, markup_bps, default_budget_nanos, default_budget_period, customer_from_user, \
+    default_customer, estimate_margin_bps, bill_interrupted";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
@@ -76,6 +78,27 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ProjectError {
     ProjectError::Invalid { field, reason: reason.into() }
 }
 
+/// The default max output of a new project. A call that names no limit is reserved for this,
+/// not for the model's whole limit (128,000 tokens on gpt-5): a customer's budget then admits
+/// that many more concurrent calls, and under `clamp` the first call of a burst no longer
+/// takes the whole remaining budget. 4,096 tokens (some 3,000 words) holds a long answer,
+/// and is the whole limit of many models (gpt-4-turbo, gpt-3.5-turbo, Claude 3 Haiku), so
+/// clients already live with it. A reasoning model spends its hidden reasoning from the same
+/// limit, so a call that needs more should name its own (the answer says it was cut:
+/// `finish_reason: "length"`, `stop_reason: "max_tokens"`).
+pub const DEFAULT_MAX_OUTPUT_TOKENS: i64 = 4_096;
+/// The largest default max output a project may set (more than any model produces).
+const MAX_DEFAULT_MAX_OUTPUT_TOKENS: i64 = 1_000_000;
+
+/// Checks a default max output (None: the model's limit) against the minimum clamped output.
+fn check_default_max_output(default: Option<i64>, min_output_tokens: i64) -> Option<ProjectError> {
+    let default = default?;
+    if !(1..=MAX_DEFAULT_MAX_OUTPUT_TOKENS).contains(&default) {
+        return Some(invalid("default max output", format!("must be between 1 and {MAX_DEFAULT_MAX_OUTPUT_TOKENS}")));
+    }
+    (default < min_output_tokens).then(|| invalid("default max output", "must not be below the minimum output tokens"))
+}
+
 /// Settings of a new project; `Default` is what the dashboard pre-fills.
 #[derive(Debug, Clone)]
 pub struct NewProject {
@@ -85,6 +108,7 @@ pub struct NewProject {
     pub default_budget: Nanos,
     pub default_period: BudgetPeriod,
     pub min_output_tokens: i64,
+    pub default_max_output_tokens: Option<i64>,
 }
 
 impl Default for NewProject {
@@ -96,6 +120,7 @@ impl Default for NewProject {
             default_budget: Nanos::ZERO,
             default_period: BudgetPeriod::Month,
             min_output_tokens: 16,
+            default_max_output_tokens: Some(DEFAULT_MAX_OUTPUT_TOKENS),
         }
     }
 }
@@ -114,15 +139,20 @@ pub async fn create_project(db: &Db, org: &OrgId, new: &NewProject) -> Result<Pr
     if new.min_output_tokens < 1 {
         return Err(invalid("minimum output tokens", "must be at least 1"));
     }
+    if let Some(problem) = check_default_max_output(new.default_max_output_tokens, new.min_output_tokens) {
+        return Err(problem);
+    }
     let id = ProjectId::generate();
-    const SQL: &str = "INSERT INTO projects (id, org_id, name, budget_policy, min_output_tokens, markup_bps, \
-        default_budget_nanos, default_budget_period, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+    const SQL: &str = "INSERT INTO projects (id, org_id, name, budget_policy, min_output_tokens, \
+        default_max_output_tokens, markup_bps, default_budget_nanos, default_budget_period, created_at) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
     let policy = match new.policy {
         BudgetPolicy::Clamp => "clamp",
         BudgetPolicy::Reject => "reject",
     };
     with_db!(db, pool => sqlx::query(SQL)
-        .bind(&id).bind(org).bind(name).bind(policy).bind(new.min_output_tokens).bind(new.markup_bps)
+        .bind(&id).bind(org).bind(name).bind(policy).bind(new.min_output_tokens)
+        .bind(new.default_max_output_tokens).bind(new.markup_bps)
         .bind(new.default_budget.0).bind(new.default_period.as_str()).bind(UnixMillis::now().0)
         .execute(pool).await.map(|_| ()))?;
     get_project(db, &id).await?.ok_or(ProjectError::NotFound("project"))
@@ -141,6 +171,7 @@ pub struct ProjectSettings {
     pub name: String,
     pub policy: BudgetPolicy,
     pub min_output_tokens: i64,
+    pub default_max_output_tokens: Option<i64>,
     pub markup_bps: i64,
     pub default_budget: Nanos,
     pub default_period: BudgetPeriod,
@@ -156,6 +187,7 @@ impl ProjectSettings {
             name: project.name.clone(),
             policy: project.policy(),
             min_output_tokens: project.min_output_tokens,
+            default_max_output_tokens: project.default_max_output_tokens,
             markup_bps: project.markup_bps,
             default_budget: Nanos(project.default_budget_nanos),
             default_period: project.default_period(),
@@ -182,6 +214,7 @@ impl ProjectSettings {
         if !(1..=1_000_000).contains(&self.min_output_tokens) {
             problems.push(invalid("minimum output tokens", "must be between 1 and 1000000"));
         }
+        problems.extend(check_default_max_output(self.default_max_output_tokens, self.min_output_tokens));
         if !(0..=100_000).contains(&self.estimate_margin_bps) {
             problems.push(invalid("estimate margin", "must be between 0 % and 1000 %"));
         }
@@ -209,7 +242,7 @@ pub async fn update_project(
     }
     const SQL: &str = "UPDATE projects SET name = $1, budget_policy = $2, min_output_tokens = $3, markup_bps = $4, \
         default_budget_nanos = $5, default_budget_period = $6, customer_from_user = $7, default_customer = $8, \
-        estimate_margin_bps = $9, bill_interrupted = $12 WHERE id = $10 AND org_id = $11";
+        estimate_margin_bps = $9, default_max_output_tokens = $10, bill_interrupted = $13 WHERE id = $11 AND org_id = $12";
     let policy = match settings.policy {
         BudgetPolicy::Clamp => "clamp",
         BudgetPolicy::Reject => "reject",
@@ -218,7 +251,8 @@ pub async fn update_project(
     let n = with_db!(db, pool => sqlx::query(SQL)
         .bind(settings.name.trim()).bind(policy).bind(settings.min_output_tokens).bind(settings.markup_bps)
         .bind(settings.default_budget.0).bind(settings.default_period.as_str()).bind(settings.customer_from_user)
-        .bind(default_customer).bind(settings.estimate_margin_bps).bind(id).bind(org).bind(settings.bill_interrupted)
+        .bind(default_customer).bind(settings.estimate_margin_bps).bind(settings.default_max_output_tokens)
+        .bind(id).bind(org).bind(settings.bill_interrupted)
         .execute(pool).await.map(|r| r.rows_affected()))?;
     if n == 0 {
         return Err(ProjectError::NotFound("project"));

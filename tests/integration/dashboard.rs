@@ -462,12 +462,18 @@ async fn settings_and_prices_are_checked_saved_and_audited(db: TestDatabase) -> 
     let settings = format!("{project_path}/settings");
     let shown = ada.get(&settings).await?;
     assert_eq!(field_value(&shown.body, "markup").as_deref(), Some("0.00"), "{}", shown.body);
+    assert_eq!(
+        field_value(&shown.body, "default_max_output_tokens").as_deref(),
+        Some("4096"),
+        "a new project's default"
+    );
 
     let form = |markup: &'static str, budget: &'static str, default_customer: &'static str| -> Vec<(&str, &str)> {
         vec![
             ("name", "Chat v2"),
             ("policy", "reject"),
             ("min_output_tokens", "32"),
+            ("default_max_output_tokens", "2048"),
             ("markup", markup),
             ("default_budget", budget),
             ("default_period", "day"),
@@ -485,6 +491,13 @@ async fn settings_and_prices_are_checked_saved_and_audited(db: TestDatabase) -> 
     let too_long: &'static str = Box::leak("x".repeat(201).into_boxed_str());
     let bad = ada.submit(&settings, &settings, &form("20", "5", too_long)).await?;
     assert!(bad.body.contains("Default customer: must be 1 to 200"), "{}", bad.body);
+    let mut below_minimum = form("20", "5", "");
+    below_minimum[3].1 = "31";
+    let bad = ada.submit(&settings, &settings, &below_minimum).await?;
+    assert!(bad.body.contains("Default max output: must not be below the minimum"), "{}", bad.body);
+    below_minimum[3].1 = "many";
+    let bad = ada.submit(&settings, &settings, &below_minimum).await?;
+    assert!(bad.body.contains("Default max output: must be a whole number"), "{}", bad.body);
     let unchanged: (String, i64) = with_db!(&app.state.db, pool => sqlx::query_as(
         "SELECT name, markup_bps FROM projects").fetch_one(pool).await)?;
     assert_eq!(unchanged, ("Chat".to_owned(), 0), "a rejected form saved something");
@@ -494,6 +507,10 @@ async fn settings_and_prices_are_checked_saved_and_audited(db: TestDatabase) -> 
     let after = ada.get(saved.location.as_deref().unwrap_or_default()).await?;
     assert!(after.body.contains("Settings saved."), "{}", after.body);
     assert_eq!(field_value(&after.body, "markup").as_deref(), Some("12.50"));
+    assert_eq!(field_value(&after.body, "default_max_output_tokens").as_deref(), Some("2048"));
+    let default: Option<i64> = with_db!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT default_max_output_tokens FROM projects").fetch_one(pool).await)?;
+    assert_eq!(default, Some(2_048));
     let row: (String, String, i64, i64, i64, String, bool, Option<String>, i64) = with_db!(&app.state.db, pool => sqlx::query_as(
         "SELECT name, budget_policy, min_output_tokens, markup_bps, default_budget_nanos, default_budget_period, \
          customer_from_user, default_customer, estimate_margin_bps FROM projects").fetch_one(pool).await)?;
@@ -503,6 +520,7 @@ async fn settings_and_prices_are_checked_saved_and_audited(db: TestDatabase) -> 
     );
     let audit = ada.get("/audit").await?;
     assert!(audit.body.contains("markup 0.00 % → 12.50 %"), "{}", audit.body);
+    assert!(audit.body.contains("default max output 4096 → 2048"), "{}", audit.body);
 
     // Prices: checked, saved, listed, removed.
     let prices = format!("{project_path}/prices");

@@ -22,6 +22,7 @@ mod fake_stripe_rules;
 mod helpers;
 mod jobs;
 mod ledger;
+mod limits;
 mod mock_provider;
 mod ops;
 mod proxy;
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
         proxy::cases(),
         ledger::cases(),
         apis::cases(),
+        limits::cases(),
         replicas::cases(),
         customers::cases(),
         dashboard::cases(),

@@ -227,6 +227,10 @@ pub struct ProjectSettings {
     budget_policy: String,
     /// The least max output a clamped call may be lowered to; below it the call is refused.
     min_output_tokens: i64,
+    /// The max output a call that names none is reserved for and forwarded with (capped at
+    /// the model's limit); null: the model's limit.
+    #[schema(required = true)]
+    default_max_output_tokens: Option<i64>,
     /// The markup on provider prices, in basis points (1000 = 10 %).
     markup_bps: i64,
     /// The budget a customer gets when first seen.
@@ -269,6 +273,7 @@ pub async fn project(State(state): State<AppState>, headers: HeaderMap) -> Resul
         currency: p.currency,
         budget_policy: p.budget_policy,
         min_output_tokens: p.min_output_tokens,
+        default_max_output_tokens: p.default_max_output_tokens,
         markup_bps: p.markup_bps,
         default_budget_nanos: p.default_budget_nanos,
         default_budget_period: p.default_budget_period,

@@ -29,6 +29,7 @@ pub struct SettingsForm {
     name: String,
     policy: String,
     min_output_tokens: String,
+    default_max_output_tokens: String,
     markup: String,
     default_budget: String,
     default_period: String,
@@ -52,6 +53,7 @@ pub struct SettingsView {
     name: String,
     policy: String,
     min_output_tokens: String,
+    default_max_output_tokens: String,
     markup: String,
     default_budget: String,
     default_period: String,
@@ -78,6 +80,7 @@ impl SettingsView {
             name: project.name.clone(),
             policy: project.budget_policy.clone(),
             min_output_tokens: project.min_output_tokens.to_string(),
+            default_max_output_tokens: project.default_max_output_tokens.map(|t| t.to_string()).unwrap_or_default(),
             markup: percent(project.markup_bps),
             default_budget: Nanos(project.default_budget_nanos).to_string(),
             default_period: project.default_budget_period.clone(),
@@ -93,6 +96,7 @@ impl SettingsView {
             name: form.name,
             policy: form.policy,
             min_output_tokens: form.min_output_tokens,
+            default_max_output_tokens: form.default_max_output_tokens,
             markup: form.markup,
             default_budget: form.default_budget,
             default_period: form.default_period,
@@ -120,6 +124,14 @@ impl SettingsForm {
         if min_output.is_none() {
             errors.push("Minimum output tokens: must be a whole number".to_owned());
         }
+        // Empty: the model's own limit.
+        let default_max_output = match self.default_max_output_tokens.trim() {
+            "" => Some(None),
+            typed => typed.parse::<i64>().ok().map(Some),
+        };
+        if default_max_output.is_none() {
+            errors.push("Default max output: must be a whole number, or empty for the model's limit".to_owned());
+        }
         let markup = parse_percent(&self.markup);
         if markup.is_none() {
             errors.push("Markup: must be a percentage with at most two decimals, such as 20 or 12.5".to_owned());
@@ -140,11 +152,12 @@ impl SettingsForm {
         let (
             Some(policy),
             Some(min_output_tokens),
+            Some(default_max_output_tokens),
             Some(markup_bps),
             Some(default_budget),
             Some(default_period),
             Some(estimate_margin_bps),
-        ) = (policy, min_output, markup, budget, period, margin)
+        ) = (policy, min_output, default_max_output, markup, budget, period, margin)
         else {
             return Err(errors);
         };
@@ -152,6 +165,7 @@ impl SettingsForm {
             name: self.name.clone(),
             policy,
             min_output_tokens,
+            default_max_output_tokens,
             markup_bps,
             default_budget,
             default_period,
@@ -218,6 +232,8 @@ fn describe_changes(before: &ProjectSettings, after: &ProjectSettings) -> String
     note("name", before.name.clone(), after.name.trim().to_owned());
     note("policy", format!("{:?}", before.policy).to_lowercase(), format!("{:?}", after.policy).to_lowercase());
     note("min output", before.min_output_tokens.to_string(), after.min_output_tokens.to_string());
+    let limit = |t: Option<i64>| t.map_or_else(|| "the model's limit".to_owned(), |t| t.to_string());
+    note("default max output", limit(before.default_max_output_tokens), limit(after.default_max_output_tokens));
     note("markup", format!("{} %", percent(before.markup_bps)), format!("{} %", percent(after.markup_bps)));
     note(
         "default budget",

@@ -60,18 +60,25 @@ impl Dialect for ChatCompletions {
         estimate::chat_input_bound(tokenizer, request)
     }
 
-    fn limit_output(request: &mut Value, max_output: i64) {
-        // Keep the field the client used (older models only know `max_tokens`); set both if both.
-        let mut named = false;
-        for field in ["max_tokens", "max_completion_tokens"] {
-            if request.get(field).is_some_and(|v| !v.is_null()) {
-                request[field] = json!(max_output);
-                named = true;
-            }
-        }
-        if !named {
-            request["max_completion_tokens"] = json!(max_output);
-        }
+    /// Chat has two limit fields, and servers differ in which one they honour when both are
+    /// sent (some compatible servers take the larger), so exactly one is forwarded: the one
+    /// the client used; when it used both or neither, the one the upstream surely reads.
+    /// OpenAI reads `max_completion_tokens` on every model (its reasoning models refuse
+    /// `max_tokens`). An OpenAI-compatible server may predate `max_completion_tokens` and
+    /// would ignore it silently, generating past the reservation; every one of them reads
+    /// `max_tokens`, so that is what such a connection gets.
+    fn limit_output(request: &mut Value, max_output: i64, kind: ProviderKind) {
+        let Some(obj) = request.as_object_mut() else { return };
+        let used = |field: &str| obj.get(field).is_some_and(|v| !v.is_null());
+        let field = match (used("max_tokens"), used("max_completion_tokens")) {
+            (true, false) => "max_tokens",
+            (false, true) => "max_completion_tokens",
+            _ if kind == ProviderKind::OpenAi => "max_completion_tokens",
+            _ => "max_tokens",
+        };
+        obj.remove("max_tokens");
+        obj.remove("max_completion_tokens");
+        obj.insert(field.to_owned(), json!(max_output));
     }
 
     fn prepare_stream(request: &mut Value) -> bool {
@@ -180,5 +187,31 @@ pub fn positive_int(obj: &serde_json::Map<String, Value>, field: &'static str) -
         Some(v) => v.as_i64().filter(|m| *m >= 1).map(Some).ok_or_else(|| {
             ProxyError::invalid(format!("`{field}` must be a positive integer."), "invalid_value", Some(field))
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limited(request: Value, kind: ProviderKind) -> Value {
+        let mut request = request;
+        ChatCompletions::limit_output(&mut request, 5, kind);
+        request
+    }
+
+    #[test]
+    fn exactly_one_limit_field_is_forwarded() {
+        let compatible = ProviderKind::OpenAiCompatible;
+        let sent = limited(json!({"max_tokens": 9}), compatible);
+        assert_eq!(sent, json!({"max_tokens": 5}));
+        let sent = limited(json!({"max_completion_tokens": 9}), compatible);
+        assert_eq!(sent, json!({"max_completion_tokens": 5}));
+        let sent = limited(json!({"max_tokens": 5, "max_completion_tokens": 100_000}), compatible);
+        assert_eq!(sent, json!({"max_tokens": 5}));
+        let sent = limited(json!({"max_tokens": 5, "max_completion_tokens": 100_000}), ProviderKind::OpenAi);
+        assert_eq!(sent, json!({"max_completion_tokens": 5}));
+        assert_eq!(limited(json!({}), compatible), json!({"max_tokens": 5}));
+        assert_eq!(limited(json!({"max_tokens": null}), ProviderKind::OpenAi), json!({"max_completion_tokens": 5}));
     }
 }

@@ -71,7 +71,7 @@ impl Dialect for Embeddings {
         }
     }
 
-    fn limit_output(_request: &mut Value, _max_output: i64) {}
+    fn limit_output(_request: &mut Value, _max_output: i64, _kind: ProviderKind) {}
 
     fn usage(body: &Value) -> Option<TokenUsage> {
         body.get("usage").and_then(usage_from_openai)

@@ -28,6 +28,15 @@ use crate::state::AppState;
 pub const IMAGE_MAX_TOKENS: i64 = 1_600;
 /// Framing tokens per message (role markers), bounded generously.
 const TOKENS_PER_MESSAGE: i64 = 5;
+/// Anthropic's least extended-thinking budget: `thinking.budget_tokens` "must be ≥1024 and
+/// less than `max_tokens`" (Messages API reference, <https://docs.anthropic.com/en/api/messages>;
+/// <https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking>). A call whose
+/// clamped max output could not keep a valid budget is refused with 402 instead of being
+/// forwarded to a certain 400. A client's own invalid budget is forwarded as it is (the
+/// provider refuses it, and nothing is charged): Tollgate does not restate the provider's
+/// validation, whose rules differ by feature (interleaved thinking lets the budget exceed
+/// `max_tokens`).
+pub const THINKING_MIN_BUDGET: i64 = 1_024;
 
 pub struct Messages;
 
@@ -64,13 +73,26 @@ impl Dialect for Messages {
         input_tokens(tokenizer, request)
     }
 
-    fn limit_output(request: &mut Value, max_output: i64) {
+    /// Extended thinking needs a max output above the least thinking budget.
+    fn least_output(request: &Value) -> i64 {
+        if thinking_budget(request).is_some() { THINKING_MIN_BUDGET + 1 } else { 1 }
+    }
+
+    /// Sets `max_tokens`. A thinking budget the client kept below its `max_tokens` (the
+    /// documented rule) is kept below the new one; the pipeline never clamps below
+    /// [`Dialect::least_output`], so it stays at least [`THINKING_MIN_BUDGET`]. A budget the
+    /// client sent at or above its own `max_tokens` is left alone: that is either allowed
+    /// (interleaved thinking, where the budget spans the whole turn) or the provider's to refuse.
+    fn limit_output(request: &mut Value, max_output: i64, _kind: ProviderKind) {
+        let asked = request.get("max_tokens").and_then(Value::as_i64);
+        let budget = thinking_budget(request);
         request["max_tokens"] = json!(max_output);
-        // Extended thinking spends from max_tokens, and its budget must stay below it.
-        if let Some(budget) = request.pointer_mut("/thinking/budget_tokens")
-            && budget.as_i64().is_some_and(|b| b >= max_output)
+        if let (Some(asked), Some(budget)) = (asked, budget)
+            && budget < asked
+            && budget >= max_output
+            && max_output > THINKING_MIN_BUDGET
         {
-            *budget = json!((max_output - 1).max(1));
+            request["thinking"]["budget_tokens"] = json!(max_output - 1);
         }
     }
 
@@ -125,6 +147,14 @@ impl Dialect for Messages {
         }
         true
     }
+}
+
+/// The extended-thinking budget of a request that enables it (`thinking.type: "enabled"`).
+fn thinking_budget(request: &Value) -> Option<i64> {
+    let thinking = request.get("thinking")?;
+    (thinking.get("type").and_then(Value::as_str) == Some("enabled"))
+        .then(|| thinking.get("budget_tokens").and_then(Value::as_i64))
+        .flatten()
 }
 
 /// The input side of an Anthropic `usage` (output left at 0). `input_tokens` excludes cache
@@ -248,9 +278,22 @@ mod tests {
 
     #[test]
     fn clamping_keeps_the_thinking_budget_below_max_tokens() {
-        let mut request = json!({"max_tokens": 8000, "thinking": {"type": "enabled", "budget_tokens": 4000}});
-        Messages::limit_output(&mut request, 3000);
-        assert_eq!(request["max_tokens"], 3000);
-        assert_eq!(request["thinking"]["budget_tokens"], 2999);
+        let thinking = |max: i64, budget: i64| json!({"max_tokens": max, "thinking": {"type": "enabled", "budget_tokens": budget}});
+        let mut request = thinking(8000, 4000);
+        assert_eq!(Messages::least_output(&request), THINKING_MIN_BUDGET + 1);
+        Messages::limit_output(&mut request, 3000, ProviderKind::Anthropic);
+        assert_eq!(
+            (request["max_tokens"].as_i64(), request["thinking"]["budget_tokens"].as_i64()),
+            (Some(3000), Some(2999))
+        );
+        // A budget already below the new limit is the client's.
+        let mut request = thinking(8000, 2000);
+        Messages::limit_output(&mut request, 3000, ProviderKind::Anthropic);
+        assert_eq!(request["thinking"]["budget_tokens"], 2000);
+        // Interleaved thinking lets the budget exceed max_tokens: left as sent.
+        let mut request = thinking(4000, 10_000);
+        Messages::limit_output(&mut request, 3000, ProviderKind::Anthropic);
+        assert_eq!(request["thinking"]["budget_tokens"], 10_000);
+        assert_eq!(Messages::least_output(&json!({"max_tokens": 10})), 1);
     }
 }

@@ -3,8 +3,11 @@
 //!
 //! 1. Authenticate the key, parse the request, name the customer, price the model, route it.
 //! 2. Reserve the worst case: input (counted) + max output × `n`, with the project's markup.
-//!    When it does not fit: `reject` answers 402; `clamp` lowers the call's max output to what
-//!    the remaining budget pays for (if at least the project's minimum), else 402.
+//!    The max output is the call's own, else the project's default max output (else the
+//!    model's limit), capped at the model's limit. When it does not fit: `reject` answers 402; `clamp` lowers the
+//!    call's max output to what the remaining budget pays for (if at least the project's
+//!    minimum and what the request needs to stay valid), else 402. The forwarded request
+//!    names exactly the max output reserved for, in one field, whatever the client sent.
 //! 3. Forward. Upstream errors come back with their status and body; the reservation is
 //!    released. Nothing is retried (a retry could be charged twice).
 //! 4. Settle from the provider's usage (for streams, watched in the events as they pass),
@@ -90,8 +93,14 @@ pub trait Dialect: Send + Sync + 'static {
     fn user(request: &Value) -> Option<&str>;
     /// Input tokens of the request, exact or bounded from above.
     fn input_tokens(tokenizer: Tokenizer, request: &Value) -> i64;
-    /// Sets the request's max output to `max_output`.
-    fn limit_output(request: &mut Value, max_output: i64);
+    /// The least max output the request stays valid with at the provider (what clamping may
+    /// not go below).
+    fn least_output(_request: &Value) -> i64 {
+        1
+    }
+    /// Makes the request name exactly `max_output` as its output limit (the one reserved for),
+    /// in the one field `kind`'s upstream reads, removing any other limit field.
+    fn limit_output(request: &mut Value, max_output: i64, kind: ProviderKind);
     /// Adjusts a streamed request so the upstream reports usage; returns whether the client
     /// itself asked for what was added (so it must not be hidden from it).
     fn prepare_stream(_request: &mut Value) -> bool {
@@ -298,8 +307,15 @@ async fn run<D: Dialect>(
         let output_cost = tokens_cost(max_output.saturating_mul(shape.n), price.output);
         with_markup(input_cost.checked_add(output_cost).unwrap_or(Nanos(i64::MAX)), project.markup_bps)
     };
-    let requested_output = if shape.produces_output { shape.max_output.unwrap_or(price.max_output_tokens) } else { 0 };
-    let minimum_output = if shape.produces_output { project.min_output_tokens.max(1) } else { 0 };
+    // Never more than the model can produce: a larger request is capped, and reserved capped.
+    let requested_output = if shape.produces_output {
+        let asked = shape.max_output.or(project.default_max_output_tokens).unwrap_or(price.max_output_tokens);
+        asked.min(price.max_output_tokens).max(1)
+    } else {
+        0
+    };
+    let minimum_output =
+        if shape.produces_output { project.min_output_tokens.max(D::least_output(&request)).max(1) } else { 0 };
     let mut max_output = requested_output;
     let expires = UnixMillis::now().plus_secs(RESERVATION_TTL_SECS);
     let mut reservation = None;
@@ -354,9 +370,9 @@ async fn run<D: Dialect>(
         });
     };
     let clamped = max_output < requested_output;
-    if shape.produces_output && (clamped || shape.max_output.is_none()) {
-        // Name the limit explicitly, so the provider cannot generate past what was reserved.
-        D::limit_output(&mut request, max_output);
+    if shape.produces_output {
+        // Name the reserved limit, and only it, so the provider cannot generate past it.
+        D::limit_output(&mut request, max_output, provider.kind);
     }
     let client_wants_usage = if shape.stream { D::prepare_stream(&mut request) } else { true };
 

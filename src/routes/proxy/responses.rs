@@ -68,8 +68,13 @@ impl Dialect for Responses {
         estimate::chat_input_bound(tokenizer, &as_chat(request))
     }
 
-    fn limit_output(request: &mut Value, max_output: i64) {
-        request["max_output_tokens"] = json!(max_output);
+    /// Sets `max_output_tokens`, and drops chat's limit fields, which are not Responses fields
+    /// but which a compatible server built on its chat code may still read.
+    fn limit_output(request: &mut Value, max_output: i64, _kind: ProviderKind) {
+        let Some(obj) = request.as_object_mut() else { return };
+        obj.remove("max_tokens");
+        obj.remove("max_completion_tokens");
+        obj.insert("max_output_tokens".to_owned(), json!(max_output));
     }
 
     fn usage(body: &Value) -> Option<TokenUsage> {
