@@ -37,6 +37,9 @@ pub struct Project {
     pub customer_from_user: bool,
     pub default_customer: Option<String>,
     pub estimate_margin_bps: i64,
+    /// What a call whose cost Tollgate cannot bound from the request reserves (billed nanos);
+    /// None: such calls are refused. See the proxy's admission rule.
+    pub unbounded_call_ceiling_nanos: Option<i64>,
 }
 
 impl Project {
@@ -47,10 +50,16 @@ impl Project {
     pub fn default_period(&self) -> BudgetPeriod {
         BudgetPeriod::parse(&self.default_budget_period).unwrap_or(BudgetPeriod::Month)
     }
+
+    /// The per-call ceiling under which calls Tollgate cannot bound are admitted, if any.
+    pub fn unbounded_call_ceiling(&self) -> Option<Nanos> {
+        self.unbounded_call_ceiling_nanos.map(Nanos)
+    }
 }
 
 const PROJECT_COLUMNS: &str = "id, org_id, name, currency, budget_policy, min_output_tokens, markup_bps, \
-    default_budget_nanos, default_budget_period, customer_from_user, default_customer, estimate_margin_bps";
+    default_budget_nanos, default_budget_period, customer_from_user, default_customer, estimate_margin_bps, \
+    unbounded_call_ceiling_nanos";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
@@ -143,6 +152,8 @@ pub struct ProjectSettings {
     pub customer_from_user: bool,
     pub default_customer: Option<String>,
     pub estimate_margin_bps: i64,
+    /// None: calls whose cost Tollgate cannot bound are refused.
+    pub unbounded_call_ceiling: Option<Nanos>,
 }
 
 impl ProjectSettings {
@@ -157,6 +168,7 @@ impl ProjectSettings {
             customer_from_user: project.customer_from_user,
             default_customer: project.default_customer.clone(),
             estimate_margin_bps: project.estimate_margin_bps,
+            unbounded_call_ceiling: project.unbounded_call_ceiling(),
         }
     }
 
@@ -178,6 +190,9 @@ impl ProjectSettings {
         }
         if !(0..=100_000).contains(&self.estimate_margin_bps) {
             problems.push(invalid("estimate margin", "must be between 0 % and 1000 %"));
+        }
+        if self.unbounded_call_ceiling.is_some_and(|c| c <= Nanos::ZERO) {
+            problems.push(invalid("per-call ceiling", "must be more than zero (empty: refuse such calls)"));
         }
         if let Some(default) = &self.default_customer
             && let Err(e) = validate_external_id(default)
@@ -203,7 +218,7 @@ pub async fn update_project(
     }
     const SQL: &str = "UPDATE projects SET name = $1, budget_policy = $2, min_output_tokens = $3, markup_bps = $4, \
         default_budget_nanos = $5, default_budget_period = $6, customer_from_user = $7, default_customer = $8, \
-        estimate_margin_bps = $9 WHERE id = $10 AND org_id = $11";
+        estimate_margin_bps = $9, unbounded_call_ceiling_nanos = $10 WHERE id = $11 AND org_id = $12";
     let policy = match settings.policy {
         BudgetPolicy::Clamp => "clamp",
         BudgetPolicy::Reject => "reject",
@@ -212,7 +227,8 @@ pub async fn update_project(
     let n = with_db!(db, pool => sqlx::query(SQL)
         .bind(settings.name.trim()).bind(policy).bind(settings.min_output_tokens).bind(settings.markup_bps)
         .bind(settings.default_budget.0).bind(settings.default_period.as_str()).bind(settings.customer_from_user)
-        .bind(default_customer).bind(settings.estimate_margin_bps).bind(id).bind(org)
+        .bind(default_customer).bind(settings.estimate_margin_bps).bind(settings.unbounded_call_ceiling.map(|c| c.0))
+        .bind(id).bind(org)
         .execute(pool).await.map(|r| r.rows_affected()))?;
     if n == 0 {
         return Err(ProjectError::NotFound("project"));

@@ -243,6 +243,12 @@ pub struct ProjectSettings {
     default_customer: Option<String>,
     /// The safety margin on bounded (not counted) input tokens, in basis points.
     estimate_margin_bps: i64,
+    /// What a call whose cost Tollgate cannot bound from the request (a document by URL, a
+    /// file by id, a hosted tool, an unknown field) reserves; null if such calls are refused.
+    #[schema(required = true, example = "0.50")]
+    unbounded_call_ceiling: Option<String>,
+    #[schema(required = true)]
+    unbounded_call_ceiling_nanos: Option<i64>,
 }
 
 /// Read the project's settings
@@ -272,5 +278,7 @@ pub async fn project(State(state): State<AppState>, headers: HeaderMap) -> Resul
         customer_from_user: p.customer_from_user,
         default_customer: p.default_customer,
         estimate_margin_bps: p.estimate_margin_bps,
+        unbounded_call_ceiling: p.unbounded_call_ceiling_nanos.map(|c| Nanos(c).to_string()),
+        unbounded_call_ceiling_nanos: p.unbounded_call_ceiling_nanos,
     }))
 }

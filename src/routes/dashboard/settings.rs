@@ -35,6 +35,7 @@ pub struct SettingsForm {
     customer_from_user: Option<String>,
     default_customer: String,
     estimate_margin: String,
+    unbounded_call_ceiling: String,
 }
 
 #[derive(Template, WebTemplate)]
@@ -57,6 +58,7 @@ pub struct SettingsView {
     customer_from_user: bool,
     default_customer: String,
     estimate_margin: String,
+    unbounded_call_ceiling: String,
 }
 
 /// Basis points shown as a percentage (`2500` → `25.00`).
@@ -82,6 +84,7 @@ impl SettingsView {
             customer_from_user: project.customer_from_user,
             default_customer: project.default_customer.clone().unwrap_or_default(),
             estimate_margin: percent(project.estimate_margin_bps),
+            unbounded_call_ceiling: project.unbounded_call_ceiling().map(|c| c.to_string()).unwrap_or_default(),
         }
     }
 
@@ -96,6 +99,7 @@ impl SettingsView {
             customer_from_user: form.customer_from_user.is_some(),
             default_customer: form.default_customer,
             estimate_margin: form.estimate_margin,
+            unbounded_call_ceiling: form.unbounded_call_ceiling,
         }
     }
 }
@@ -132,6 +136,13 @@ impl SettingsForm {
         if margin.is_none() {
             errors.push("Estimate margin: must be a percentage with at most two decimals".to_owned());
         }
+        let ceiling = match self.unbounded_call_ceiling.trim() {
+            "" => Some(None),
+            text => text.parse::<Nanos>().ok().map(Some),
+        };
+        if ceiling.is_none() {
+            errors.push("Per-call ceiling: must be an amount such as 0.50, or empty to refuse such calls".to_owned());
+        }
         let default_customer = Some(self.default_customer.trim().to_owned()).filter(|c| !c.is_empty());
         let (
             Some(policy),
@@ -140,7 +151,8 @@ impl SettingsForm {
             Some(default_budget),
             Some(default_period),
             Some(estimate_margin_bps),
-        ) = (policy, min_output, markup, budget, period, margin)
+            Some(unbounded_call_ceiling),
+        ) = (policy, min_output, markup, budget, period, margin, ceiling)
         else {
             return Err(errors);
         };
@@ -154,6 +166,7 @@ impl SettingsForm {
             customer_from_user: self.customer_from_user.is_some(),
             default_customer,
             estimate_margin_bps,
+            unbounded_call_ceiling,
         };
         let problems: Vec<String> = settings.problems().iter().map(problem_message).collect();
         if problems.is_empty() { Ok(settings) } else { Err(problems) }
@@ -226,6 +239,8 @@ fn describe_changes(before: &ProjectSettings, after: &ProjectSettings) -> String
         format!("{} %", percent(before.estimate_margin_bps)),
         format!("{} %", percent(after.estimate_margin_bps)),
     );
+    let ceiling = |c: Option<Nanos>| c.map_or_else(|| "refused".to_owned(), |c| c.to_string());
+    note("unbounded call ceiling", ceiling(before.unbounded_call_ceiling), ceiling(after.unbounded_call_ceiling));
     if changes.is_empty() { "no change".to_owned() } else { changes.join("; ") }
 }
 
