@@ -411,6 +411,11 @@ async fn known_harmless_fields_pass(db: TestDatabase) -> TestResult {
         body[field] = value;
     }
     body["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    // An SDK's earlier answer sent back as it came: its nulls and empty citations are harmless.
+    body["messages"] = json!([{"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "refusal": null, "audio": null, "annotations": [], "tool_calls": null},
+        {"role": "user", "content": "Again"}]);
+    body["prediction"] = Value::Null;
     let response = s.post("/v1/chat/completions", "c", body).await?;
     assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await?);
     let body = json!({"model": "mock-model", "max_output_tokens": 10, "input": "Hi", "instructions": "Be brief.",

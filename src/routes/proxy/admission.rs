@@ -82,9 +82,10 @@ impl Unbounded {
     }
 }
 
-/// The first top-level field of `request` that is not in `known`.
+/// The first top-level field of `request` that is not in `known` (a null one is as good as
+/// absent: SDKs send nulls for what they were not given).
 pub fn unknown_field(request: &Map<String, Value>, known: &[&str]) -> Option<Unbounded> {
-    request.keys().find(|k| !known.contains(&k.as_str())).map(|k| Unbounded {
+    request.iter().find(|(k, v)| !v.is_null() && !known.contains(&k.as_str())).map(|(k, _)| Unbounded {
         kind: Kind::Field,
         field: k.clone(),
         what: "a field Tollgate does not know".to_owned(),

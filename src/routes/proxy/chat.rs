@@ -205,7 +205,9 @@ const CHAT_FIELDS: &[&str] = &[
 const CHAT_JSON_FIELDS: &[&str] = &["response_format", "tool_choice", "function_call"];
 
 /// The fields of a message Tollgate counts.
-const MESSAGE_FIELDS: &[&str] = &["role", "content", "name", "tool_calls", "tool_call_id", "function_call", "refusal"];
+/// (`annotations` are an answer's citations, sent back with it: text, counted.)
+const MESSAGE_FIELDS: &[&str] =
+    &["role", "content", "name", "tool_calls", "tool_call_id", "function_call", "refusal", "annotations"];
 
 /// Tokens of `fields` of `request` counted as their JSON text (a string counts its text).
 pub fn json_fields_tokens(tokenizer: Tokenizer, request: &Value, fields: &[&str]) -> i64 {
@@ -264,7 +266,8 @@ fn unbounded(request: &Value) -> Option<Unbounded> {
     }
     for (i, message) in obj.get("messages").and_then(Value::as_array).into_iter().flatten().enumerate() {
         let Some(fields) = message.as_object() else { continue };
-        if let Some(field) = fields.keys().find(|k| !MESSAGE_FIELDS.contains(&k.as_str())) {
+        let unknown = fields.iter().find(|(k, v)| !v.is_null() && !MESSAGE_FIELDS.contains(&k.as_str()));
+        if let Some((field, _)) = unknown {
             let what = if field == "audio" {
                 "an earlier audio answer by id".to_owned()
             } else {
