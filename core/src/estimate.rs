@@ -17,8 +17,11 @@
 //!   cookbook, nested properties and `required` are not counted.
 //!
 //! Parts the recipe does not cover are bounded from above: an image part counts its worst
-//! case (1445 tokens at `high`/`auto` detail: 85 + 170 × 8 tiles; 85 at `low`), a tool that is
-//! not a function counts the tokens of its JSON text.
+//! case (the recipe alone: gpt-4o's 1445 tokens at `high`/`auto` detail, 85 + 170 × 8 tiles,
+//! and 85 at `low`; the reservation bound: the model's own formula, see [`crate::vision`]), a
+//! tool that is not a function counts the tokens of its JSON text. Parts whose tokens are not
+//! in the request (files, audio) count nothing here: the proxy admits them only under the
+//! project's per-call ceiling, which is reserved in full.
 //!
 //! Models without an exact tokenizer (`approximate`) count UTF-8 bytes instead, an upper
 //! bound for byte-pair encodings (every token covers at least one byte), and the project's
@@ -30,6 +33,7 @@ use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
 use crate::pricing::Tokenizer;
+use crate::vision::{self, Detail};
 
 pub const TOKENS_PER_MESSAGE: i64 = 3;
 pub const TOKENS_PER_NAME: i64 = 1;
@@ -104,40 +108,46 @@ fn count_value(tokenizer: Tokenizer, value: &Value) -> i64 {
     }
 }
 
-fn count_content(tokenizer: Tokenizer, content: &Value) -> i64 {
+fn count_content(tokenizer: Tokenizer, model: Option<&str>, content: &Value) -> i64 {
     match content {
-        Value::Array(parts) => parts.iter().map(|p| count_part(tokenizer, p)).sum(),
+        Value::Array(parts) => parts.iter().map(|p| count_part(tokenizer, model, p)).sum(),
         other => count_value(tokenizer, other),
     }
 }
 
-fn count_part(tokenizer: Tokenizer, part: &Value) -> i64 {
+/// An image part's tokens: by `model`'s own formula when it is given (the reservation bound),
+/// else gpt-4o's worst case (the cookbook recipe's figure).
+fn image_tokens(model: Option<&str>, part: &Value) -> i64 {
+    let image = part.get("image_url");
+    let detail = image.and_then(|i| i.get("detail")).or_else(|| part.get("detail")).and_then(Value::as_str);
+    let Some(model) = model else {
+        return if detail == Some("low") { IMAGE_LOW_DETAIL } else { IMAGE_HIGH_DETAIL_MAX };
+    };
+    let url = image.and_then(|i| i.get("url").or(Some(i))).and_then(Value::as_str);
+    let size = url.and_then(vision::data_url_prefix).as_deref().and_then(vision::image_size);
+    vision::openai_image_tokens(model, Detail::parse(detail), size)
+}
+
+fn count_part(tokenizer: Tokenizer, model: Option<&str>, part: &Value) -> i64 {
     match part.get("type").and_then(Value::as_str) {
         Some("text") | Some("input_text") | Some("output_text") => {
             count_text(tokenizer, part.get("text").and_then(Value::as_str).unwrap_or(""))
         }
-        Some("image_url") | Some("input_image") | Some("image") => {
-            let detail = part
-                .get("image_url")
-                .and_then(|i| i.get("detail"))
-                .or_else(|| part.get("detail"))
-                .and_then(Value::as_str)
-                .unwrap_or("auto");
-            if detail == "low" { IMAGE_LOW_DETAIL } else { IMAGE_HIGH_DETAIL_MAX }
-        }
+        Some("image_url") | Some("input_image") | Some("image") => image_tokens(model, part),
+        Some("file") | Some("input_file") | Some("input_audio") => 0,
         _ => count_text(tokenizer, &part.to_string()),
     }
 }
 
 /// The cookbook's `num_tokens_from_messages`, without the reply priming.
-fn count_message(tokenizer: Tokenizer, message: &Value) -> i64 {
+fn count_message(tokenizer: Tokenizer, model: Option<&str>, message: &Value) -> i64 {
     let Some(fields) = message.as_object() else {
         return TOKENS_PER_MESSAGE + count_value(tokenizer, message);
     };
     let mut total = TOKENS_PER_MESSAGE;
     for (key, value) in fields {
         total += match key.as_str() {
-            "content" => count_content(tokenizer, value),
+            "content" => count_content(tokenizer, model, value),
             _ => count_value(tokenizer, value),
         };
         if key == "name" {
@@ -212,14 +222,15 @@ fn count_tools(tokenizer: Tokenizer, request: &Value) -> i64 {
 /// Input tokens of an OpenAI chat request (`messages`, `tools`/`functions`), as the
 /// cookbook counts them.
 pub fn chat_input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
-    messages_tokens(tokenizer, request) + count_tools(tokenizer, request)
+    messages_tokens(tokenizer, None, request) + count_tools(tokenizer, request)
 }
 
-/// What a reservation holds for a chat request's input: [`chat_input_tokens`], except that
-/// function definitions count at least the tokens of their whole JSON text. The cookbook's
-/// recipe skips nested properties, `required` and array `items`, so on a deep schema it
-/// counts less than the provider bills; the JSON text covers all of it.
-pub fn chat_input_bound(tokenizer: Tokenizer, request: &Value) -> i64 {
+/// What a reservation holds for a chat request's input to `model`: [`chat_input_tokens`],
+/// except that images count by the model's own formula, and function definitions count at
+/// least the tokens of their whole JSON text. The cookbook's recipe skips nested properties,
+/// `required` and array `items`, so on a deep schema it counts less than the provider bills;
+/// the JSON text covers all of it.
+pub fn chat_input_bound(tokenizer: Tokenizer, model: &str, request: &Value) -> i64 {
     let tools = request.get("tools").and_then(Value::as_array).into_iter().flatten();
     let functions = request.get("functions").and_then(Value::as_array).into_iter().flatten();
     let overheads = ToolOverheads::of(tokenizer);
@@ -230,12 +241,12 @@ pub fn chat_input_bound(tokenizer: Tokenizer, request: &Value) -> i64 {
         json_text += overheads.func_init + count_value(tokenizer, definition);
     }
     let json_text = if any { json_text + overheads.func_end } else { 0 };
-    messages_tokens(tokenizer, request) + count_tools(tokenizer, request).max(json_text)
+    messages_tokens(tokenizer, Some(model), request) + count_tools(tokenizer, request).max(json_text)
 }
 
-fn messages_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
+fn messages_tokens(tokenizer: Tokenizer, model: Option<&str>, request: &Value) -> i64 {
     let messages = request.get("messages").and_then(Value::as_array).into_iter().flatten();
-    messages.map(|m| count_message(tokenizer, m)).sum::<i64>() + REPLY_PRIMING
+    messages.map(|m| count_message(tokenizer, model, m)).sum::<i64>() + REPLY_PRIMING
 }
 
 #[cfg(test)]
@@ -252,10 +263,10 @@ mod tests {
             "tools": [{"type": "function", "function": {"name": "ship", "description": "Ship an order", "parameters": nested}}]});
         let t = Tokenizer::O200kBase;
         let recipe = chat_input_tokens(t, &request);
-        let bound = chat_input_bound(t, &request);
+        let bound = chat_input_bound(t, "gpt-4o", &request);
         assert!(bound > recipe, "{bound} <= {recipe}: nested properties were not held");
         let plain = json!({"messages": [{"role": "user", "content": "Hello"}]});
-        assert_eq!(chat_input_bound(t, &plain), chat_input_tokens(t, &plain));
+        assert_eq!(chat_input_bound(t, "gpt-4o", &plain), chat_input_tokens(t, &plain));
     }
 
     #[test]
@@ -301,6 +312,9 @@ mod tests {
         let t = Tokenizer::O200kBase;
         let text = count_text(t, "What is this?");
         assert_eq!(chat_input_tokens(t, &request), 3 + count_text(t, "user") + text + 85 + 1445 + 3);
+        // The reservation counts the model's own figures: gpt-4o-mini's tiles are far dearer.
+        let mini = 3 + count_text(t, "user") + text + 2833 + (2833 + 5667 * 8) + 3;
+        assert_eq!(chat_input_bound(t, "gpt-4o-mini", &request), mini);
     }
 
     /// The cookbook's tools example, whose counts it checked against the OpenAI API:

@@ -39,6 +39,7 @@ pub mod stripe;
 pub mod time;
 pub mod tokens;
 pub mod usage;
+pub mod vision;
 
 pub use config::Config;
 pub use db::Db;

@@ -42,6 +42,9 @@ pub struct Project {
     /// Whether a call interrupted by its process's death is billed at what it had reserved
     /// (else it is recorded, not billed). See [`crate::instances`].
     pub bill_interrupted: bool,
+    /// What a call whose cost Tollgate cannot bound from the request reserves (billed nanos);
+    /// None: such calls are refused. See the proxy's admission rule.
+    pub unbounded_call_ceiling_nanos: Option<i64>,
 }
 
 impl Project {
@@ -52,11 +55,16 @@ impl Project {
     pub fn default_period(&self) -> BudgetPeriod {
         BudgetPeriod::parse(&self.default_budget_period).unwrap_or(BudgetPeriod::Month)
     }
+
+    /// The per-call ceiling under which calls Tollgate cannot bound are admitted, if any.
+    pub fn unbounded_call_ceiling(&self) -> Option<Nanos> {
+        self.unbounded_call_ceiling_nanos.map(Nanos)
+    }
 }
 
 const PROJECT_COLUMNS: &str = "id, org_id, name, currency, budget_policy, min_output_tokens, \
     default_max_output_tokens, markup_bps, default_budget_nanos, default_budget_period, customer_from_user, \
-    default_customer, estimate_margin_bps, bill_interrupted";
+    default_customer, estimate_margin_bps, bill_interrupted, unbounded_call_ceiling_nanos";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
@@ -179,6 +187,8 @@ pub struct ProjectSettings {
     pub default_customer: Option<String>,
     pub estimate_margin_bps: i64,
     pub bill_interrupted: bool,
+    /// None: calls whose cost Tollgate cannot bound are refused.
+    pub unbounded_call_ceiling: Option<Nanos>,
 }
 
 impl ProjectSettings {
@@ -195,6 +205,7 @@ impl ProjectSettings {
             default_customer: project.default_customer.clone(),
             estimate_margin_bps: project.estimate_margin_bps,
             bill_interrupted: project.bill_interrupted,
+            unbounded_call_ceiling: project.unbounded_call_ceiling(),
         }
     }
 
@@ -217,6 +228,9 @@ impl ProjectSettings {
         problems.extend(check_default_max_output(self.default_max_output_tokens, self.min_output_tokens));
         if !(0..=100_000).contains(&self.estimate_margin_bps) {
             problems.push(invalid("estimate margin", "must be between 0 % and 1000 %"));
+        }
+        if self.unbounded_call_ceiling.is_some_and(|c| c <= Nanos::ZERO) {
+            problems.push(invalid("per-call ceiling", "must be more than zero (empty: refuse such calls)"));
         }
         if let Some(default) = &self.default_customer
             && let Err(e) = validate_external_id(default)
@@ -242,7 +256,8 @@ pub async fn update_project(
     }
     const SQL: &str = "UPDATE projects SET name = $1, budget_policy = $2, min_output_tokens = $3, markup_bps = $4, \
         default_budget_nanos = $5, default_budget_period = $6, customer_from_user = $7, default_customer = $8, \
-        estimate_margin_bps = $9, default_max_output_tokens = $10, bill_interrupted = $13 WHERE id = $11 AND org_id = $12";
+        estimate_margin_bps = $9, default_max_output_tokens = $10, bill_interrupted = $13, \
+        unbounded_call_ceiling_nanos = $14 WHERE id = $11 AND org_id = $12";
     let policy = match settings.policy {
         BudgetPolicy::Clamp => "clamp",
         BudgetPolicy::Reject => "reject",
@@ -252,7 +267,7 @@ pub async fn update_project(
         .bind(settings.name.trim()).bind(policy).bind(settings.min_output_tokens).bind(settings.markup_bps)
         .bind(settings.default_budget.0).bind(settings.default_period.as_str()).bind(settings.customer_from_user)
         .bind(default_customer).bind(settings.estimate_margin_bps).bind(settings.default_max_output_tokens)
-        .bind(id).bind(org).bind(settings.bill_interrupted)
+        .bind(id).bind(org).bind(settings.bill_interrupted).bind(settings.unbounded_call_ceiling.map(|c| c.0))
         .execute(pool).await.map(|r| r.rows_affected()))?;
     if n == 0 {
         return Err(ProjectError::NotFound("project"));

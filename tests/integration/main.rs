@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
 
 mod accounts;
+mod admission;
 mod alerts;
 mod api;
 mod apis;
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
         jobs::cases(),
         cli::db_cases(),
         proxy::cases(),
+        admission::cases(),
         ledger::cases(),
         apis::cases(),
         limits::cases(),

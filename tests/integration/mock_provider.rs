@@ -3,7 +3,9 @@
 //! model name: `error-500` fails; `slow-*` and `*-slow` stream up to 200 chunks 20 ms apart;
 //! `mock-wait-<ms>` answers JSON after that many milliseconds; anything
 //! else answers with exactly the requested max output tokens (default 20), one per chunk when
-//! streaming, and reports usage (10 input tokens; embeddings 5 per input).
+//! streaming, and reports usage (10 input tokens; embeddings 5 per input) — plus what the real
+//! provider bills for what Tollgate cannot count itself: images (the provider's figures for the
+//! model, at the largest size, as for an image by URL) and hosted tools ([`HOSTED_TOOL_TOKENS`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -67,6 +69,58 @@ impl MockProvider {
 }
 
 const PROMPT_TOKENS: i64 = 10;
+/// Input tokens a hosted tool (web search, …) adds: its results, read by the model.
+pub const HOSTED_TOOL_TOKENS: i64 = 50_000;
+
+/// Input tokens OpenAI bills for one image of the largest size at `detail`, for `model`
+/// (gpt-4o-mini: 2833 + 5667 per tile; gpt-4o and the rest: 85 + 170 per tile; 8 tiles).
+pub fn openai_image_tokens(model: &str, detail: Option<&str>) -> i64 {
+    let (base, tile) = if model.starts_with("gpt-4o-mini") { (2833, 5667) } else { (85, 170) };
+    if detail == Some("low") { base } else { base + 8 * tile }
+}
+
+/// Input tokens Anthropic bills for one large image: 1,600 for the older models, 4,784 for
+/// the high-resolution ones (any other name here).
+pub fn anthropic_image_tokens(model: &str) -> i64 {
+    if model.starts_with("claude-sonnet-4") { 1_600 } else { 4_784 }
+}
+
+/// Every object in `value` (depth first).
+fn objects(value: &Value) -> Vec<&serde_json::Map<String, Value>> {
+    let mut found = Vec::new();
+    match value {
+        Value::Object(fields) => {
+            found.push(fields);
+            fields.values().for_each(|v| found.extend(objects(v)));
+        }
+        Value::Array(items) => items.iter().for_each(|v| found.extend(objects(v))),
+        _ => {}
+    }
+    found
+}
+
+/// What the request's images and hosted tools add to its input, as the provider bills them.
+fn unseen_input_tokens(body: &Value) -> i64 {
+    let model = body["model"].as_str().unwrap_or("");
+    let mut tokens = 0;
+    for part in objects(&body["messages"]).into_iter().chain(objects(&body["input"])) {
+        match part.get("type").and_then(Value::as_str) {
+            Some("image_url") => {
+                tokens += openai_image_tokens(model, part.get("image_url").and_then(|i| i["detail"].as_str()))
+            }
+            Some("input_image") => tokens += openai_image_tokens(model, part.get("detail").and_then(Value::as_str)),
+            Some("image") => tokens += anthropic_image_tokens(model),
+            _ => {}
+        }
+    }
+    for tool in body["tools"].as_array().into_iter().flatten() {
+        let kind = tool["type"].as_str().unwrap_or("custom");
+        if !matches!(kind, "function" | "custom") {
+            tokens += HOSTED_TOOL_TOKENS;
+        }
+    }
+    tokens
+}
 
 async fn record_credentials(
     State(mock): State<MockProvider>,
@@ -132,8 +186,9 @@ async fn responses(State(mock): State<MockProvider>, Json(body): Json<Value>) ->
         return (StatusCode::INTERNAL_SERVER_ERROR, Json(err)).into_response();
     }
     let tokens = output_tokens(&model, body["max_output_tokens"].as_i64().unwrap_or(20));
-    let usage = json!({"input_tokens": PROMPT_TOKENS, "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": tokens, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": PROMPT_TOKENS + tokens});
+    let prompt = PROMPT_TOKENS + unseen_input_tokens(&body);
+    let usage = json!({"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": tokens, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + tokens});
     let response = |status: &str, text: String, usage: Value| {
         json!({"id": "resp_mock", "object": "response", "created_at": 1, "status": status, "model": model,
             "output": [{"type": "message", "id": "msg_mock", "status": "completed", "role": "assistant",
@@ -190,8 +245,9 @@ async fn messages(State(mock): State<MockProvider>, Json(body): Json<Value>) -> 
         return anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", "max_tokens: Field required");
     };
     let tokens = output_tokens(&model, max);
-    let usage = |output: i64| {
-        json!({"input_tokens": PROMPT_TOKENS, "output_tokens": output,
+    let prompt = PROMPT_TOKENS + unseen_input_tokens(&body);
+    let usage = move |output: i64| {
+        json!({"input_tokens": prompt, "output_tokens": output,
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})
     };
     let message = |text: String, output: i64, stop: Value| {
@@ -242,8 +298,8 @@ async fn chat(State(mock): State<MockProvider>, Json(body): Json<Value>) -> Resp
     let max = body["max_completion_tokens"].as_i64().or(body["max_tokens"].as_i64()).unwrap_or(20);
     let slow = model.starts_with("slow-");
     let tokens = if slow { max.min(200) } else { max };
-    let usage =
-        json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": tokens, "total_tokens": PROMPT_TOKENS + tokens});
+    let prompt = PROMPT_TOKENS + unseen_input_tokens(&body);
+    let usage = json!({"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens});
     if model == "slow-json" {
         // A JSON answer that takes its time (a client may give up on it meanwhile).
         tokio::time::sleep(Duration::from_millis(500)).await;

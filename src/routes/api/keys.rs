@@ -250,6 +250,12 @@ pub struct ProjectSettings {
     /// Whether a call cut off by the death of the Tollgate process serving it is billed at
     /// what it had reserved (else it is recorded as interrupted and not billed).
     bill_interrupted: bool,
+    /// What a call whose cost Tollgate cannot bound from the request (a document by URL, a
+    /// file by id, a hosted tool, an unknown field) reserves; null if such calls are refused.
+    #[schema(required = true, example = "0.50")]
+    unbounded_call_ceiling: Option<String>,
+    #[schema(required = true)]
+    unbounded_call_ceiling_nanos: Option<i64>,
 }
 
 /// Read the project's settings
@@ -281,5 +287,7 @@ pub async fn project(State(state): State<AppState>, headers: HeaderMap) -> Resul
         default_customer: p.default_customer,
         estimate_margin_bps: p.estimate_margin_bps,
         bill_interrupted: p.bill_interrupted,
+        unbounded_call_ceiling: p.unbounded_call_ceiling_nanos.map(|c| Nanos(c).to_string()),
+        unbounded_call_ceiling_nanos: p.unbounded_call_ceiling_nanos,
     }))
 }

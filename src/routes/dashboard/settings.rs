@@ -37,6 +37,7 @@ pub struct SettingsForm {
     default_customer: String,
     estimate_margin: String,
     bill_interrupted: Option<String>,
+    unbounded_call_ceiling: String,
 }
 
 #[derive(Template, WebTemplate)]
@@ -61,6 +62,7 @@ pub struct SettingsView {
     default_customer: String,
     estimate_margin: String,
     bill_interrupted: bool,
+    unbounded_call_ceiling: String,
 }
 
 /// Basis points shown as a percentage (`2500` → `25.00`).
@@ -88,6 +90,7 @@ impl SettingsView {
             default_customer: project.default_customer.clone().unwrap_or_default(),
             estimate_margin: percent(project.estimate_margin_bps),
             bill_interrupted: project.bill_interrupted,
+            unbounded_call_ceiling: project.unbounded_call_ceiling().map(|c| c.to_string()).unwrap_or_default(),
         }
     }
 
@@ -104,6 +107,7 @@ impl SettingsView {
             default_customer: form.default_customer,
             estimate_margin: form.estimate_margin,
             bill_interrupted: form.bill_interrupted.is_some(),
+            unbounded_call_ceiling: form.unbounded_call_ceiling,
         }
     }
 }
@@ -148,6 +152,13 @@ impl SettingsForm {
         if margin.is_none() {
             errors.push("Estimate margin: must be a percentage with at most two decimals".to_owned());
         }
+        let ceiling = match self.unbounded_call_ceiling.trim() {
+            "" => Some(None),
+            text => text.parse::<Nanos>().ok().map(Some),
+        };
+        if ceiling.is_none() {
+            errors.push("Per-call ceiling: must be an amount such as 0.50, or empty to refuse such calls".to_owned());
+        }
         let default_customer = Some(self.default_customer.trim().to_owned()).filter(|c| !c.is_empty());
         let (
             Some(policy),
@@ -157,7 +168,8 @@ impl SettingsForm {
             Some(default_budget),
             Some(default_period),
             Some(estimate_margin_bps),
-        ) = (policy, min_output, default_max_output, markup, budget, period, margin)
+            Some(unbounded_call_ceiling),
+        ) = (policy, min_output, default_max_output, markup, budget, period, margin, ceiling)
         else {
             return Err(errors);
         };
@@ -173,6 +185,7 @@ impl SettingsForm {
             default_customer,
             estimate_margin_bps,
             bill_interrupted: self.bill_interrupted.is_some(),
+            unbounded_call_ceiling,
         };
         let problems: Vec<String> = settings.problems().iter().map(problem_message).collect();
         if problems.is_empty() { Ok(settings) } else { Err(problems) }
@@ -248,6 +261,8 @@ fn describe_changes(before: &ProjectSettings, after: &ProjectSettings) -> String
         format!("{} %", percent(before.estimate_margin_bps)),
         format!("{} %", percent(after.estimate_margin_bps)),
     );
+    let ceiling = |c: Option<Nanos>| c.map_or_else(|| "refused".to_owned(), |c| c.to_string());
+    note("unbounded call ceiling", ceiling(before.unbounded_call_ceiling), ceiling(after.unbounded_call_ceiling));
     if changes.is_empty() { "no change".to_owned() } else { changes.join("; ") }
 }
 

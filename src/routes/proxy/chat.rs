@@ -2,12 +2,37 @@
 //!
 //! Streams are asked for usage (`stream_options.include_usage`); the usage-only chunk that
 //! adds is hidden from clients that did not ask for it themselves.
+//!
+//! ## Admission: the fields that pass, and why none can add to the cost reserved
+//!
+//! | field | why it is bounded |
+//! | --- | --- |
+//! | `model`, `messages` | counted: text by tiktoken, images by the model's formula ([`tollgate_core::vision`]) |
+//! | `tools` (`function`, `custom`), `functions` | counted: their whole JSON text at least |
+//! | `response_format`, `tool_choice`, `function_call` | counted: their JSON text (a schema is input) |
+//! | `max_tokens`, `max_completion_tokens`, `n` | the output reserved: max × `n` |
+//! | `reasoning_effort`, `verbosity` | reasoning is output, within `max_completion_tokens` |
+//! | `temperature`, `top_p`, `frequency_penalty`, `presence_penalty`, `logit_bias`, `seed`, `stop` | choose among tokens, never more of them |
+//! | `logprobs`, `top_logprobs` | detail on the generated tokens, not billed |
+//! | `parallel_tool_calls` | the calls are output, within the max |
+//! | `stream`, `stream_options` | delivery only |
+//! | `metadata`, `store`, `user`, `safety_identifier`, `prompt_cache_key` | bookkeeping, not billed (a cache hit costs less) |
+//! | `service_tier` `auto`/`default`/`flex` | the price table's rates or less (`priority` bills more: refused) |
+//! | `modalities: ["text"]` | text only |
+//!
+//! Unbounded (refused, or admitted under the project's per-call ceiling): `audio` and
+//! `modalities` with audio (audio tokens bill at audio rates), `prediction` (rejected
+//! prediction tokens bill as output beyond the max), `web_search_options` (a hosted search),
+//! any other tool type (hosted), `file` parts (a file by id, or a PDF whose pages Tollgate
+//! cannot bound) and `input_audio` parts, a message's `audio` (an earlier answer by id), and
+//! any field, message field or part type not named here.
 
 use serde_json::{Value, json};
 use tollgate_core::estimate;
 use tollgate_core::pricing::{TokenUsage, Tokenizer};
 use tollgate_core::projects::{Provider, ProviderKind};
 
+use super::admission::{Unbounded, present, type_of, unknown_field};
 use super::error::{ErrorShape, ProxyError};
 use super::pipeline::{CallShape, Dialect, StreamWatch};
 use super::sse;
@@ -56,8 +81,12 @@ impl Dialect for ChatCompletions {
         request.get("user").and_then(Value::as_str)
     }
 
-    fn input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
-        estimate::chat_input_bound(tokenizer, request)
+    fn unbounded(request: &Value) -> Option<Unbounded> {
+        unbounded(request)
+    }
+
+    fn input_tokens(tokenizer: Tokenizer, model: &str, request: &Value) -> i64 {
+        estimate::chat_input_bound(tokenizer, model, request) + json_fields_tokens(tokenizer, request, CHAT_JSON_FIELDS)
     }
 
     /// Chat has two limit fields, and servers differ in which one they honour when both are
@@ -139,6 +168,132 @@ impl Dialect for ChatCompletions {
         }
         true
     }
+}
+
+/// The top-level fields of a chat request Tollgate knows (see the module documentation).
+const CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "tools",
+    "functions",
+    "response_format",
+    "tool_choice",
+    "function_call",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "reasoning_effort",
+    "verbosity",
+    "temperature",
+    "top_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "seed",
+    "stop",
+    "logprobs",
+    "top_logprobs",
+    "parallel_tool_calls",
+    "stream",
+    "stream_options",
+    "metadata",
+    "store",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "service_tier",
+    "modalities",
+    "audio",
+    "prediction",
+    "web_search_options",
+];
+
+/// Fields counted as their JSON text on top of the cookbook's recipe.
+const CHAT_JSON_FIELDS: &[&str] = &["response_format", "tool_choice", "function_call"];
+
+/// The fields of a message Tollgate counts.
+/// (`annotations` are an answer's citations, sent back with it: text, counted.)
+const MESSAGE_FIELDS: &[&str] =
+    &["role", "content", "name", "tool_calls", "tool_call_id", "function_call", "refusal", "annotations"];
+
+/// Tokens of `fields` of `request` counted as their JSON text (a string counts its text).
+pub fn json_fields_tokens(tokenizer: Tokenizer, request: &Value, fields: &[&str]) -> i64 {
+    fields
+        .iter()
+        .filter_map(|f| request.get(*f).filter(|v| !v.is_null()))
+        .map(|v| match v {
+            Value::String(s) => estimate::count_text(tokenizer, s),
+            other => estimate::count_text(tokenizer, &other.to_string()),
+        })
+        .sum()
+}
+
+/// The service tiers billed at the price table's rates or less.
+pub fn service_tier_unbounded(request: &serde_json::Map<String, Value>) -> Option<Unbounded> {
+    let tier = present(request, "service_tier")?;
+    match tier.as_str() {
+        Some("auto" | "default" | "flex") => None,
+        _ => Some(Unbounded::output("service_tier", format!("the service tier {tier}, billed above the price table"))),
+    }
+}
+
+/// The first part of a chat request whose cost Tollgate cannot bound.
+fn unbounded(request: &Value) -> Option<Unbounded> {
+    let obj = request.as_object()?;
+    if let Some(u) = unknown_field(obj, CHAT_FIELDS) {
+        return Some(u);
+    }
+    if let Some(u) = service_tier_unbounded(obj) {
+        return Some(u);
+    }
+    if present(obj, "audio").is_some() {
+        return Some(Unbounded::output("audio", "audio output"));
+    }
+    if let Some(modalities) = present(obj, "modalities")
+        && modalities.as_array().is_none_or(|m| m.iter().any(|x| x != "text"))
+    {
+        return Some(Unbounded::output("modalities", "an output modality other than text"));
+    }
+    if present(obj, "prediction").is_some() {
+        return Some(Unbounded::output("prediction", "a predicted output (its rejected tokens bill as output)"));
+    }
+    if present(obj, "web_search_options").is_some() {
+        return Some(Unbounded::tool("web_search_options", "a hosted web search"));
+    }
+    for (i, tool) in obj.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        match type_of(tool) {
+            Some("function") | Some("custom") => {}
+            other => {
+                return Some(Unbounded::tool(
+                    format!("tools[{i}]"),
+                    format!("a tool of type `{}`", other.unwrap_or("(none)")),
+                ));
+            }
+        }
+    }
+    for (i, message) in obj.get("messages").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        let Some(fields) = message.as_object() else { continue };
+        let unknown = fields.iter().find(|(k, v)| !v.is_null() && !MESSAGE_FIELDS.contains(&k.as_str()));
+        if let Some((field, _)) = unknown {
+            let what = if field == "audio" {
+                "an earlier audio answer by id".to_owned()
+            } else {
+                "a message field Tollgate does not know".to_owned()
+            };
+            return Some(Unbounded::input(format!("messages[{i}].{field}"), what));
+        }
+        for (j, part) in fields.get("content").and_then(Value::as_array).into_iter().flatten().enumerate() {
+            let what = match type_of(part) {
+                Some("text") | Some("image_url") | Some("refusal") => continue,
+                Some("file") => "a file (by id, or a PDF whose pages Tollgate cannot bound)".to_owned(),
+                Some("input_audio") => "audio input (billed at audio rates)".to_owned(),
+                Some(other) => format!("a content part of type `{other}`"),
+                None => "a content part without a type".to_owned(),
+            };
+            return Some(Unbounded::input(format!("messages[{i}].content[{j}]"), what));
+        }
+    }
+    None
 }
 
 /// OpenAI `usage` (chat and embeddings) → tokens by kind (`input` excludes cached reads).

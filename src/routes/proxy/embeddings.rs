@@ -1,12 +1,17 @@
 //! `POST /v1/embeddings`: OpenAI embeddings. No output tokens, so the worst case is the
 //! input alone (counted exactly for strings, by length for token arrays) and there is
 //! nothing to clamp: a call the budget cannot pay for is refused.
+//!
+//! Admission: `model` and `input` are counted; `encoding_format` and `dimensions` shape the
+//! answer, not what is billed; `user` is bookkeeping. Any other field is refused (or held at
+//! the project's per-call ceiling), as Tollgate cannot tell what it costs.
 
 use serde_json::Value;
 use tollgate_core::estimate;
 use tollgate_core::pricing::{TokenUsage, Tokenizer};
 use tollgate_core::projects::{Provider, ProviderKind};
 
+use super::admission::{Unbounded, unknown_field};
 use super::chat::{model, object, usage_from_openai};
 use super::error::{ErrorShape, ProxyError};
 use super::pipeline::{CallShape, Dialect, StreamWatch};
@@ -56,7 +61,11 @@ impl Dialect for Embeddings {
         request.get("user").and_then(Value::as_str)
     }
 
-    fn input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
+    fn unbounded(request: &Value) -> Option<Unbounded> {
+        unknown_field(request.as_object()?, &["model", "input", "encoding_format", "dimensions", "user"])
+    }
+
+    fn input_tokens(tokenizer: Tokenizer, _model: &str, request: &Value) -> i64 {
         match request.get("input") {
             Some(Value::String(text)) => estimate::count_text(tokenizer, text),
             Some(Value::Array(items)) => items

@@ -11,7 +11,7 @@ use tollgate_core::money::Nanos;
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("{message}")]
-    InvalidRequest { message: String, code: &'static str, param: Option<&'static str> },
+    InvalidRequest { message: String, code: &'static str, param: Option<String> },
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -31,7 +31,12 @@ pub enum ProxyError {
 
 impl ProxyError {
     pub fn invalid(message: impl Into<String>, code: &'static str, param: Option<&'static str>) -> Self {
-        ProxyError::InvalidRequest { message: message.into(), code, param }
+        ProxyError::InvalidRequest { message: message.into(), code, param: param.map(str::to_owned) }
+    }
+
+    /// A request refused at a field named by its path (`messages[0].content[1]`).
+    pub fn invalid_at(message: impl Into<String>, code: &'static str, param: String) -> Self {
+        ProxyError::InvalidRequest { message: message.into(), code, param: Some(param) }
     }
 
     pub fn status_code(&self) -> StatusCode {

@@ -2,9 +2,33 @@
 //! answered in Anthropic's error shape.
 //!
 //! Claude has no public tokenizer, so input is bounded from above: every text counts its
-//! UTF-8 bytes (a byte-pair token covers at least one byte), images their documented
-//! ceiling, other blocks their JSON text; the project's `estimate_margin_bps` goes on top.
-//! `max_tokens` is required, as Anthropic requires it.
+//! UTF-8 bytes (a byte-pair token covers at least one byte), images the model's documented
+//! ceiling ([`tollgate_core::vision`]), text documents their text, tool definitions and
+//! tool calls their JSON text; the project's `estimate_margin_bps` goes on top. A prompt-cache
+//! write with a one-hour TTL bills twice the input rate, so a request that asks for one
+//! counts its input twice. `max_tokens` is required, as Anthropic requires it.
+//!
+//! ## Admission: the fields that pass, and why none can add to the cost reserved
+//!
+//! | field | why it is bounded |
+//! | --- | --- |
+//! | `model`, `messages`, `system` | counted (above) |
+//! | `tools` without a `type` or `type: "custom"` | counted: their JSON text |
+//! | `tool_choice` | counted: its JSON text |
+//! | `max_tokens` | the output reserved |
+//! | `thinking` | thinking is output, within `max_tokens` |
+//! | `temperature`, `top_k`, `top_p`, `stop_sequences` | choose among tokens, never more of them |
+//! | `stream` | delivery only |
+//! | `metadata` | bookkeeping, not billed |
+//! | `service_tier` `auto`/`standard_only` | the standard rates (priority capacity is the tenant's own commitment) |
+//!
+//! Unbounded (refused, or admitted under the project's per-call ceiling): server and
+//! Anthropic-defined tools (`web_search_*`, `web_fetch_*`, `code_execution_*`, `computer_*`,
+//! `bash_*`, `text_editor_*`, `memory_*`, MCP toolsets… any `type` but `custom`: the server
+//! tools bill their own use and results, the client-run ones add a system prompt Tollgate
+//! does not track), `mcp_servers`, `container`, documents by URL or file id and PDF documents
+//! (no documented per-page ceiling bounds a PDF's text), `redacted_thinking` (encrypted),
+//! server-tool results sent back, and any field or block type not named here.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -12,10 +36,11 @@ use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
-use tollgate_core::estimate;
 use tollgate_core::pricing::{TokenUsage, Tokenizer};
 use tollgate_core::projects::{Provider, ProviderKind};
+use tollgate_core::{estimate, vision};
 
+use super::admission::{Unbounded, present, type_of, unknown_field};
 use super::chat::{model, object, positive_int, stream_flag};
 use super::error::{ErrorShape, ProxyError};
 use super::pipeline::{self, CallShape, Dialect, StreamWatch};
@@ -23,9 +48,6 @@ use super::{auth, sse};
 use crate::middleware::request_id::RequestId;
 use crate::state::AppState;
 
-/// Anthropic resizes images beyond ~1.15 megapixels, so one image costs at most ~1,600
-/// input tokens (width × height / 750).
-pub const IMAGE_MAX_TOKENS: i64 = 1_600;
 /// Framing tokens per message (role markers), bounded generously.
 const TOKENS_PER_MESSAGE: i64 = 5;
 /// Anthropic's least extended-thinking budget: `thinking.budget_tokens` "must be ≥1024 and
@@ -69,8 +91,12 @@ impl Dialect for Messages {
         request.pointer("/metadata/user_id").and_then(Value::as_str)
     }
 
-    fn input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
-        input_tokens(tokenizer, request)
+    fn unbounded(request: &Value) -> Option<Unbounded> {
+        unbounded(request)
+    }
+
+    fn input_tokens(tokenizer: Tokenizer, model: &str, request: &Value) -> i64 {
+        input_tokens(tokenizer, model, request)
     }
 
     /// Extended thinking needs a max output above the least thinking budget.
@@ -184,45 +210,175 @@ fn block_text(block: &Value) -> String {
     }
 }
 
-/// Input tokens of a Messages request, bounded from above (see the module documentation).
-pub fn input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
+/// The top-level fields of a Messages request Tollgate knows (see the module documentation).
+const MESSAGES_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "system",
+    "tools",
+    "tool_choice",
+    "max_tokens",
+    "thinking",
+    "temperature",
+    "top_k",
+    "top_p",
+    "stop_sequences",
+    "stream",
+    "metadata",
+    "service_tier",
+    "mcp_servers",
+    "container",
+];
+
+/// The first part of a Messages request whose cost Tollgate cannot bound.
+fn unbounded(request: &Value) -> Option<Unbounded> {
+    let obj = request.as_object()?;
+    if let Some(u) = unknown_field(obj, MESSAGES_FIELDS) {
+        return Some(u);
+    }
+    if let Some(tier) = present(obj, "service_tier")
+        && !matches!(tier.as_str(), Some("auto" | "standard_only"))
+    {
+        return Some(Unbounded::output("service_tier", format!("the service tier {tier}")));
+    }
+    if present(obj, "mcp_servers").is_some() {
+        return Some(Unbounded::tool("mcp_servers", "an MCP server the provider calls"));
+    }
+    if present(obj, "container").is_some() {
+        return Some(Unbounded::tool("container", "a code-execution container"));
+    }
+    for (i, tool) in obj.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        match type_of(tool) {
+            None | Some("custom") => {}
+            Some(kind) => {
+                return Some(Unbounded::tool(format!("tools[{i}]"), format!("the Anthropic-defined tool `{kind}`")));
+            }
+        }
+    }
+    if let Some(u) = obj.get("system").and_then(|c| content_unbounded("system", c)) {
+        return Some(u);
+    }
+    for (i, message) in obj.get("messages").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        if let Some(u) = message.get("content").and_then(|c| content_unbounded(&format!("messages[{i}].content"), c)) {
+            return Some(u);
+        }
+    }
+    None
+}
+
+/// The first block of `content` (at `path`) whose cost Tollgate cannot bound.
+fn content_unbounded(path: &str, content: &Value) -> Option<Unbounded> {
+    let blocks = content.as_array()?;
+    for (i, block) in blocks.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        let what = match type_of(block) {
+            Some("text" | "image" | "search_result" | "thinking" | "tool_use") => continue,
+            Some("tool_result") => {
+                match block.get("content").and_then(|c| content_unbounded(&format!("{at}.content"), c)) {
+                    Some(u) => return Some(u),
+                    None => continue,
+                }
+            }
+            Some("document") => match block.pointer("/source/type").and_then(Value::as_str) {
+                Some("text") => continue,
+                Some("content") => {
+                    match block
+                        .pointer("/source/content")
+                        .and_then(|c| content_unbounded(&format!("{at}.source.content"), c))
+                    {
+                        Some(u) => return Some(u),
+                        None => continue,
+                    }
+                }
+                Some("url") => "a document by URL".to_owned(),
+                Some("file") => "a document by file id".to_owned(),
+                Some("base64") => "a PDF document (no documented per-page ceiling bounds its text)".to_owned(),
+                _ => "a document of a source type Tollgate does not know".to_owned(),
+            },
+            Some("redacted_thinking") => "encrypted thinking".to_owned(),
+            Some(kind) if kind == "server_tool_use" || kind.ends_with("_tool_result") || kind.starts_with("mcp_") => {
+                format!("a server tool's block `{kind}`")
+            }
+            Some(kind) => format!("a content block of type `{kind}`"),
+            None => "a content block without a type".to_owned(),
+        };
+        return Some(Unbounded::input(at, what));
+    }
+    None
+}
+
+/// Input tokens of a Messages request to `model`, bounded from above (see the module
+/// documentation).
+pub fn input_tokens(tokenizer: Tokenizer, model: &str, request: &Value) -> i64 {
     let mut total = 0;
     if let Some(system) = request.get("system") {
-        total += content_tokens(tokenizer, system);
+        total += content_tokens(tokenizer, model, system);
     }
     if let Some(messages) = request.get("messages").and_then(Value::as_array) {
         for message in messages {
             total += TOKENS_PER_MESSAGE;
-            total += message.get("content").map_or(0, |c| content_tokens(tokenizer, c));
+            total += message.get("content").map_or(0, |c| content_tokens(tokenizer, model, c));
         }
     }
-    if let Some(tools) = request.get("tools").and_then(Value::as_array) {
-        total += tools.iter().map(|t| estimate::count_text(tokenizer, &t.to_string())).sum::<i64>();
+    for field in ["tools", "tool_choice"] {
+        if let Some(value) = request.get(field).filter(|v| !v.is_null()) {
+            total += estimate::count_text(tokenizer, &value.to_string());
+        }
     }
-    total + TOKENS_PER_MESSAGE
+    total += TOKENS_PER_MESSAGE;
+    if writes_one_hour_cache(request) { total.saturating_mul(2) } else { total }
 }
 
-fn content_tokens(tokenizer: Tokenizer, content: &Value) -> i64 {
+/// Whether any `cache_control` of the request asks for a one-hour TTL (its writes bill at
+/// twice the input rate, more than the five-minute writes the price table names).
+fn writes_one_hour_cache(value: &Value) -> bool {
+    match value {
+        Value::Object(fields) => fields.iter().any(|(k, v)| {
+            (k == "cache_control" && v.get("ttl").and_then(Value::as_str) == Some("1h")) || writes_one_hour_cache(v)
+        }),
+        Value::Array(items) => items.iter().any(writes_one_hour_cache),
+        _ => false,
+    }
+}
+
+fn content_tokens(tokenizer: Tokenizer, model: &str, content: &Value) -> i64 {
     match content {
         Value::String(s) => estimate::count_text(tokenizer, s),
-        Value::Array(blocks) => blocks.iter().map(|b| block_tokens(tokenizer, b)).sum(),
+        Value::Array(blocks) => blocks.iter().map(|b| block_tokens(tokenizer, model, b)).sum(),
         Value::Null => 0,
         other => estimate::count_text(tokenizer, &other.to_string()),
     }
 }
 
-fn block_tokens(tokenizer: Tokenizer, block: &Value) -> i64 {
-    match block.get("type").and_then(Value::as_str) {
-        Some("text") => estimate::count_text(tokenizer, block.get("text").and_then(Value::as_str).unwrap_or("")),
-        Some("image") => IMAGE_MAX_TOKENS,
-        Some("tool_result") => block.get("content").map_or(0, |c| content_tokens(tokenizer, c)),
-        Some("tool_use") => {
-            estimate::count_text(tokenizer, &block.get("input").map(Value::to_string).unwrap_or_default())
+fn text_of<'v>(block: &'v Value, field: &str) -> &'v str {
+    block.get(field).and_then(Value::as_str).unwrap_or("")
+}
+
+fn block_tokens(tokenizer: Tokenizer, model: &str, block: &Value) -> i64 {
+    let count = |text: &str| estimate::count_text(tokenizer, text);
+    match type_of(block) {
+        Some("text") => count(text_of(block, "text")),
+        Some("image") => {
+            let data = block.pointer("/source/data").and_then(Value::as_str);
+            let size = data.and_then(vision::base64_prefix).as_deref().and_then(vision::image_size);
+            vision::anthropic_image_tokens(model, size)
         }
-        Some("thinking") => {
-            estimate::count_text(tokenizer, block.get("thinking").and_then(Value::as_str).unwrap_or(""))
+        Some("tool_result") => block.get("content").map_or(0, |c| content_tokens(tokenizer, model, c)),
+        Some("tool_use") => count(&block.get("input").map(Value::to_string).unwrap_or_default()),
+        Some("thinking") => count(text_of(block, "thinking")),
+        Some("document") => {
+            let framing = count(text_of(block, "title")) + count(text_of(block, "context"));
+            framing
+                + match block.pointer("/source/type").and_then(Value::as_str) {
+                    Some("text") => block.pointer("/source/data").and_then(Value::as_str).map_or(0, count),
+                    Some("content") => {
+                        block.pointer("/source/content").map_or(0, |c| content_tokens(tokenizer, model, c))
+                    }
+                    // Admitted only under the project's ceiling, which is reserved in full.
+                    _ => 0,
+                }
         }
-        _ => estimate::count_text(tokenizer, &block.to_string()),
+        _ => count(&block.to_string()),
     }
 }
 
@@ -272,8 +428,10 @@ mod tests {
                 {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A".repeat(100_000)}}
             ]}]
         });
-        let tokens = input_tokens(Tokenizer::Approximate, &request);
-        assert_eq!(tokens, 9 + TOKENS_PER_MESSAGE + 6 + IMAGE_MAX_TOKENS + TOKENS_PER_MESSAGE);
+        let tokens = input_tokens(Tokenizer::Approximate, "claude-sonnet-4", &request);
+        assert_eq!(tokens, 9 + TOKENS_PER_MESSAGE + 6 + vision::ANTHROPIC_IMAGE_CEILING + TOKENS_PER_MESSAGE);
+        let unknown = input_tokens(Tokenizer::Approximate, "claude-next", &request);
+        assert_eq!(unknown - tokens, vision::ANTHROPIC_HIGH_RES_IMAGE_CEILING - vision::ANTHROPIC_IMAGE_CEILING);
     }
 
     #[test]

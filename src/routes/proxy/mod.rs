@@ -13,6 +13,7 @@
 //! - [`error`]: the one error type of this face, written in the caller's error shape.
 //! - [`sse`]: server-sent event framing.
 
+pub mod admission;
 pub mod auth;
 pub mod cache;
 pub mod chat;

@@ -2,12 +2,15 @@
 //! requests and answers look; this module does the rest, the same way for each:
 //!
 //! 1. Authenticate the key, parse the request, name the customer, price the model, route it.
-//! 2. Reserve the worst case: input (counted) + max output × `n`, with the project's markup.
-//!    The max output is the call's own, else the project's default max output (else the
-//!    model's limit), capped at the model's limit. When it does not fit: `reject` answers 402; `clamp` lowers the
-//!    call's max output to what the remaining budget pays for (if at least the project's
-//!    minimum and what the request needs to stay valid), else 402. The forwarded request
-//!    names exactly the max output reserved for, in one field, whatever the client sent.
+//!    Admit it only if its worst case is bounded by what the request shows ([`super::admission`]):
+//!    else refuse it, or — if the project allows such calls — hold its per-call ceiling.
+//! 2. Reserve the worst case: input (counted) + max output × `n`, with the project's markup
+//!    (at least the ceiling, for a call admitted under it). The max output is the call's own,
+//!    else the project's default max output (else the model's limit), capped at the model's
+//!    limit. When it does not fit: `reject` answers 402; `clamp` lowers the call's max output
+//!    to what the remaining budget pays for (if at least the project's minimum and what the
+//!    request needs to stay valid), else 402. The forwarded request names exactly the max
+//!    output reserved for, in one field, whatever the client sent.
 //! 3. Forward. Upstream errors come back with their status and body; the reservation is
 //!    released. Nothing is retried (a retry could be charged twice).
 //! 4. Settle from the provider's usage (for streams, watched in the events as they pass),
@@ -36,6 +39,7 @@ use tollgate_core::projects::{BudgetPolicy, CallConfig, Project, Provider, Provi
 use tollgate_core::time::UnixMillis;
 use tracing::Instrument;
 
+use super::admission::Unbounded;
 use super::error::{ErrorShape, ProxyError};
 use super::{CUSTOMER_HEADER, auth, sse};
 use crate::middleware::request_id::RequestId;
@@ -91,8 +95,10 @@ pub trait Dialect: Send + Sync + 'static {
     fn parse(request: &Value) -> Result<CallShape, ProxyError>;
     /// The request field that names the end-user, for projects that take the customer from it.
     fn user(request: &Value) -> Option<&str>;
-    /// Input tokens of the request, exact or bounded from above.
-    fn input_tokens(tokenizer: Tokenizer, request: &Value) -> i64;
+    /// The first part of the request whose cost Tollgate cannot bound (see [`super::admission`]).
+    fn unbounded(request: &Value) -> Option<Unbounded>;
+    /// Input tokens of the request to `model`, exact or bounded from above.
+    fn input_tokens(tokenizer: Tokenizer, model: &str, request: &Value) -> i64;
     /// The least max output the request stays valid with at the provider (what clamping may
     /// not go below).
     fn least_output(_request: &Value) -> i64 {
@@ -299,13 +305,28 @@ async fn run<D: Dialect>(
         code: "customer_blocked",
     };
 
+    // The admission rule: what Tollgate cannot bound is refused, or held at the project's ceiling.
+    let ceiling = match D::unbounded(&request) {
+        None => Nanos::ZERO,
+        Some(unbounded) => match project.unbounded_call_ceiling() {
+            Some(ceiling) => ceiling,
+            None => {
+                refusal(&customer.id, &unbounded.reason()).await?;
+                return Err(unbounded.error());
+            }
+        },
+    };
+
     // The worst case, as a function of the max output tokens.
-    let input_estimate =
-        estimate::with_margin(price.tokenizer, D::input_tokens(price.tokenizer, &request), project.estimate_margin_bps);
+    let input_estimate = estimate::with_margin(
+        price.tokenizer,
+        D::input_tokens(price.tokenizer, &shape.model, &request),
+        project.estimate_margin_bps,
+    );
     let input_cost = tokens_cost(input_estimate, price.worst_input_rate());
     let worst_case = |max_output: i64| {
         let output_cost = tokens_cost(max_output.saturating_mul(shape.n), price.output);
-        with_markup(input_cost.checked_add(output_cost).unwrap_or(Nanos(i64::MAX)), project.markup_bps)
+        with_markup(input_cost.checked_add(output_cost).unwrap_or(Nanos(i64::MAX)), project.markup_bps).max(ceiling)
     };
     // Never more than the model can produce: a larger request is capped, and reserved capped.
     let requested_output = if shape.produces_output {

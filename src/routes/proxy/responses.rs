@@ -4,14 +4,41 @@
 //! item framed like a message). A call that continues a conversation stored at the provider
 //! (`previous_response_id`, `conversation`) is refused: its input is not in the request, so
 //! its cost cannot be bounded before the call, and Tollgate does not admit what it cannot
-//! bound. Send the conversation as `input` items instead.
+//! bound. Send the conversation as `input` items instead. So is `background` (its usage
+//! arrives after the call has been settled, so it could not be metered).
+//!
+//! ## Admission: the fields that pass, and why none can add to the cost reserved
+//!
+//! | field | why it is bounded |
+//! | --- | --- |
+//! | `model`, `input`, `instructions` | counted like chat messages; images by the model's formula |
+//! | `tools` (`function`, `custom`) | counted: their whole JSON text at least |
+//! | `text` (format, verbosity), `tool_choice` | counted: their JSON text (a schema is input) |
+//! | `max_output_tokens` | the output reserved |
+//! | `reasoning` | reasoning is output, within `max_output_tokens` |
+//! | `max_tool_calls`, `parallel_tool_calls` | the calls are output, within the max |
+//! | `temperature`, `top_p`, `top_logprobs` | choose among tokens, never more of them |
+//! | `truncation` | can only drop input |
+//! | `include` | more detail in the answer, not billed |
+//! | `stream`, `stream_options` | delivery only |
+//! | `metadata`, `store`, `user`, `safety_identifier`, `prompt_cache_key`, `prompt_cache_retention` | bookkeeping, not billed (a cache hit costs less) |
+//! | `service_tier` `auto`/`default`/`flex` | the price table's rates or less (`priority` bills more: refused) |
+//!
+//! Unbounded (refused, or admitted under the project's per-call ceiling): `prompt` (a prompt
+//! stored at the provider), hosted tools (`web_search`, `file_search`, `code_interpreter`,
+//! `computer_use_preview`, `mcp`, `image_generation`, … any type but `function`/`custom`),
+//! `input_file` parts (by id, by URL, or a PDF whose pages Tollgate cannot bound), items that
+//! refer to what the provider stored (`item_reference`) or that Tollgate does not know
+//! (hosted tool calls), `reasoning` items with `encrypted_content` (whose tokens Tollgate
+//! cannot read), and any field or part type not named here.
 
 use serde_json::{Value, json};
 use tollgate_core::estimate;
 use tollgate_core::pricing::{TokenUsage, Tokenizer};
 use tollgate_core::projects::{Provider, ProviderKind};
 
-use super::chat::{model, object, positive_int, stream_flag};
+use super::admission::{Unbounded, present, type_of, unknown_field};
+use super::chat::{json_fields_tokens, model, object, positive_int, service_tier_unbounded, stream_flag};
 use super::error::{ErrorShape, ProxyError};
 use super::pipeline::{CallShape, Dialect, StreamWatch};
 use super::sse;
@@ -56,6 +83,14 @@ impl Dialect for Responses {
                 ));
             }
         }
+        if obj.get("background").is_some_and(|b| b != &Value::Bool(false) && !b.is_null()) {
+            return Err(ProxyError::invalid(
+                "`background` responses report their usage after the call has been answered, so Tollgate could not \
+                 meter them. Run the call in the foreground (stream it, if it is long).",
+                "unsupported_field",
+                Some("background"),
+            ));
+        }
         let max_output = positive_int(obj, "max_output_tokens")?;
         Ok(CallShape { model, stream: stream_flag(obj)?, n: 1, max_output, produces_output: true })
     }
@@ -64,8 +99,13 @@ impl Dialect for Responses {
         request.get("user").or_else(|| request.get("safety_identifier")).and_then(Value::as_str)
     }
 
-    fn input_tokens(tokenizer: Tokenizer, request: &Value) -> i64 {
-        estimate::chat_input_bound(tokenizer, &as_chat(request))
+    fn unbounded(request: &Value) -> Option<Unbounded> {
+        unbounded(request)
+    }
+
+    fn input_tokens(tokenizer: Tokenizer, model: &str, request: &Value) -> i64 {
+        estimate::chat_input_bound(tokenizer, model, &as_chat(request))
+            + json_fields_tokens(tokenizer, request, &["text", "tool_choice"])
     }
 
     /// Sets `max_output_tokens`, and drops chat's limit fields, which are not Responses fields
@@ -115,6 +155,96 @@ impl Dialect for Responses {
         }
         true
     }
+}
+
+/// The top-level fields of a Responses request Tollgate knows (see the module documentation).
+const RESPONSES_FIELDS: &[&str] = &[
+    "model",
+    "input",
+    "instructions",
+    "tools",
+    "text",
+    "tool_choice",
+    "max_output_tokens",
+    "reasoning",
+    "max_tool_calls",
+    "parallel_tool_calls",
+    "temperature",
+    "top_p",
+    "top_logprobs",
+    "truncation",
+    "include",
+    "stream",
+    "stream_options",
+    "metadata",
+    "store",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "service_tier",
+    "background",
+    "prompt",
+];
+
+/// The input items Tollgate counts (a message may also come without a `type`).
+const KNOWN_ITEMS: &[&str] =
+    &["message", "function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output", "reasoning"];
+
+/// The first part of a Responses request whose cost Tollgate cannot bound.
+fn unbounded(request: &Value) -> Option<Unbounded> {
+    let obj = request.as_object()?;
+    if let Some(u) = unknown_field(obj, RESPONSES_FIELDS) {
+        return Some(u);
+    }
+    if let Some(u) = service_tier_unbounded(obj) {
+        return Some(u);
+    }
+    if present(obj, "prompt").is_some() {
+        return Some(Unbounded::input("prompt", "a prompt stored at the provider"));
+    }
+    for (i, tool) in obj.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        match type_of(tool) {
+            Some("function") | Some("custom") => {}
+            other => {
+                let what = match other {
+                    Some(kind) => format!("the hosted tool `{kind}`"),
+                    None => "a tool without a type".to_owned(),
+                };
+                return Some(Unbounded::tool(format!("tools[{i}]"), what));
+            }
+        }
+    }
+    for (i, item) in obj.get("input").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        let kind = type_of(item).or_else(|| item.get("role").map(|_| "message"));
+        match kind {
+            Some(kind) if KNOWN_ITEMS.contains(&kind) => {}
+            Some("item_reference") => {
+                return Some(Unbounded::input(format!("input[{i}]"), "an item stored at the provider, by id"));
+            }
+            other => {
+                let what = format!("an input item of type `{}`", other.unwrap_or("(none)"));
+                return Some(Unbounded::input(format!("input[{i}]"), what));
+            }
+        }
+        if kind == Some("reasoning") && present(item.as_object()?, "encrypted_content").is_some() {
+            return Some(Unbounded::input(format!("input[{i}].encrypted_content"), "encrypted reasoning"));
+        }
+        for field in ["content", "output"] {
+            for (j, part) in item.get(field).and_then(Value::as_array).into_iter().flatten().enumerate() {
+                let what = match type_of(part) {
+                    Some("input_text") | Some("output_text") | Some("refusal") | Some("input_image") => continue,
+                    Some("input_file") => {
+                        "a file (by id, by URL, or a PDF whose pages Tollgate cannot bound)".to_owned()
+                    }
+                    Some(other) => format!("a content part of type `{other}`"),
+                    None => "a content part without a type".to_owned(),
+                };
+                return Some(Unbounded::input(format!("input[{i}].{field}[{j}]"), what));
+            }
+        }
+    }
+    None
 }
 
 /// Responses `usage` → tokens by kind (`input` excludes cached reads).
@@ -191,7 +321,7 @@ mod tests {
         let t = Tokenizer::O200kBase;
         let responses = json!({"model": "gpt-4o", "instructions": "Be brief.", "input": "Hello there"});
         let chat = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]});
-        assert_eq!(Responses::input_tokens(t, &responses), estimate::chat_input_tokens(t, &chat));
+        assert_eq!(Responses::input_tokens(t, "gpt-4o", &responses), estimate::chat_input_tokens(t, &chat));
     }
 
     #[test]
