@@ -174,8 +174,6 @@ async fn responses_forward_exactly_the_limit_they_reserved_for(db: TestDatabase)
         ("none", json!({}), MODEL_LIMIT),
         ("set", json!({"max_output_tokens": 30}), 30),
         ("above the model", json!({"max_output_tokens": HUGE}), MODEL_LIMIT),
-        // Chat's fields are not Responses fields, but a compatible server may read them.
-        ("stray chat fields", json!({"max_output_tokens": 30, "max_tokens": HUGE, "max_completion_tokens": 5}), 30),
     ];
     for (case, limits, expected) in cases {
         let mut body = json!({"model": "mock-model", "input": "Hello!"});
@@ -184,6 +182,25 @@ async fn responses_forward_exactly_the_limit_they_reserved_for(db: TestDatabase)
         }
         assert_forwarded(&s, "/v1/responses", body, ("max_output_tokens", expected), case).await?;
     }
+    // Chat's fields are not Responses fields, but a compatible server may read them: refused
+    // as fields Tollgate does not know (the admission rule) ...
+    let stray = json!({"model": "mock-model", "input": "Hello!", "max_output_tokens": 30, "max_tokens": HUGE,
+        "max_completion_tokens": 5});
+    let seen = s.mock.requests().len();
+    let r = s.post("/v1/responses", "c", stray.clone()).await?;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let error: Value = r.json().await?;
+    assert_eq!(error["error"]["code"], "unknown_field", "{error}");
+    assert_eq!(s.mock.requests().len(), seen, "nothing forwarded");
+    // ... and under a project's per-call ceiling, admitted with them removed.
+    let project = projects::get_project(&s.app.state.db, &s.project.id).await?.unwrap();
+    let settings = ProjectSettings { unbounded_call_ceiling: Some(Nanos(1_000_000)), ..ProjectSettings::of(&project) };
+    projects::update_project(&s.app.state.db, &project.org_id, &project.id, &settings).await?;
+    s.app.state.forget_project(&s.project.id);
+    let r = s.post("/v1/responses", "c", stray).await?;
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await?);
+    let requests = s.mock.requests();
+    assert_eq!(limits_sent(&requests[seen]), vec![("max_output_tokens", 30)], "stray chat fields removed");
     s.app.stop().await
 }
 
