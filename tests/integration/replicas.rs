@@ -224,18 +224,28 @@ enum Outcome {
     Refused,
 }
 
+/// Posts chat request `body` for [`CUSTOMER`] to `base`, under `request_id` if given.
+async fn post_chat(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    body: &Value,
+    request_id: Option<String>,
+) -> reqwest::Result<reqwest::Response> {
+    let mut request =
+        client.post(format!("{base}/v1/chat/completions")).bearer_auth(key).header("x-tollgate-customer", CUSTOMER);
+    if let Some(id) = request_id {
+        request = request.header("x-request-id", id);
+    }
+    request.json(body).send().await
+}
+
 /// Sends one call to `base` and checks its answer: a complete completion of
 /// `TOKENS_PER_CALL` tokens, or a 402 in OpenAI's error shape.
 async fn call(client: &reqwest::Client, base: &str, key: &str, stream: bool) -> anyhow::Result<Outcome> {
     let body = json!({"model": "mock-model", "max_tokens": TOKENS_PER_CALL, "stream": stream,
         "messages": [{"role": "user", "content": "Hello!"}]});
-    let response = client
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key)
-        .header("x-tollgate-customer", CUSTOMER)
-        .json(&body)
-        .send()
-        .await?;
+    let response = post_chat(client, base, key, &body, None).await?;
     let status = response.status();
     let text = response.text().await?;
     match status {
@@ -378,13 +388,7 @@ async fn slow_overlapping_calls(db: TestDatabase, processes: usize, calls: usize
         handles.push(tokio::spawn(async move {
             let body = json!({"model": SLOW_MODEL, "max_tokens": TOKENS_PER_CALL,
                 "messages": [{"role": "user", "content": "Hello!"}]});
-            let response = client
-                .post(format!("{base}/v1/chat/completions"))
-                .bearer_auth(key)
-                .header("x-tollgate-customer", CUSTOMER)
-                .json(&body)
-                .send()
-                .await?;
+            let response = post_chat(&client, &base, &key, &body, None).await?;
             anyhow::Ok((response.status(), response.text().await?))
         }));
         tokio::time::sleep(CALL_EVERY).await;
@@ -422,18 +426,11 @@ const IN_FLIGHT: i64 = 6;
 async fn calls_in_flight(tenant: &Tenant, base: &str) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
     for i in 0..IN_FLIGHT {
-        let (client, url, key) = (client.clone(), format!("{base}/v1/chat/completions"), tenant.key.clone());
+        let (client, base, key) = (client.clone(), base.to_owned(), tenant.key.clone());
         tokio::spawn(async move {
             let body = json!({"model": HUNG_MODEL, "max_tokens": TOKENS_PER_CALL,
                 "messages": [{"role": "user", "content": "Hello!"}]});
-            let _ = client
-                .post(url)
-                .bearer_auth(key)
-                .header("x-tollgate-customer", CUSTOMER)
-                .header("x-request-id", format!("killed-{i}"))
-                .json(&body)
-                .send()
-                .await;
+            let _ = post_chat(&client, &base, &key, &body, Some(format!("killed-{i}"))).await;
         });
     }
     eventually(Duration::from_secs(20), || async {
@@ -447,14 +444,7 @@ async fn calls_in_flight(tenant: &Tenant, base: &str) -> anyhow::Result<()> {
 async fn big_call(client: &reqwest::Client, base: &str, key: &str) -> anyhow::Result<StatusCode> {
     let body = json!({"model": "mock-model", "max_tokens": 5 * TOKENS_PER_CALL,
         "messages": [{"role": "user", "content": "Hello!"}]});
-    let response = client
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key)
-        .header("x-tollgate-customer", CUSTOMER)
-        .json(&body)
-        .send()
-        .await?;
-    Ok(response.status())
+    Ok(post_chat(client, base, key, &body, None).await?.status())
 }
 
 /// The killed calls, recorded as interrupted: (request id, reserved, billed), by request id.
