@@ -32,6 +32,7 @@ pub fn cases() -> Vec<DbCase> {
     db_cases![
         openai_sdk_chat_streams_reads_headers_and_surfaces_refusals,
         anthropic_sdk_messages_stream_count_and_surface_refusals,
+        openai_sdk_gets_calls_tollgate_cannot_bound_refused,
     ]
 }
 
@@ -402,6 +403,40 @@ async fn openai_sdk_chat_streams_reads_headers_and_surfaces_refusals(db: TestDat
     assert_eq!(unauthorized["chat"]["status_code"], StatusCode::UNAUTHORIZED.as_u16());
     assert_eq!(unauthorized["chat"]["code"], "invalid_api_key");
     assert_eq!(s.usage_events().await?, 6);
+    s.app.stop().await
+}
+
+/// The admission rule as the official `openai` SDK meets it: a hosted tool, a file by id and
+/// a hosted web search are each the SDK's `BadRequestError` carrying our code and the field,
+/// recorded as refused, and never reach the provider.
+async fn openai_sdk_gets_calls_tollgate_cannot_bound_refused(db: TestDatabase) -> TestResult {
+    let s = sdk_setup(&db, BudgetPolicy::Reject).await?;
+    s.budget("rich", 1_000).await?;
+    let results = PythonScript::new("openai_chat.py")
+        .arg("--base-url")
+        .arg(s.app.url("/v1"))
+        .arg("--customer")
+        .arg("rich")
+        .arg("--only-unbounded")
+        .env("OPENAI_API_KEY", &s.key)
+        .run_json()
+        .await?;
+    let expected = [
+        ("hosted_tool", "unbounded_tool", "tools[0]"),
+        ("file_by_id", "unbounded_input", "input[0].content[0]"),
+        ("web_search_options", "unbounded_tool", "web_search_options"),
+    ];
+    for (kind, code, param) in expected {
+        let refusal = &results[kind];
+        assert_eq!(refusal["exception"], "BadRequestError", "{kind}: {refusal}");
+        assert_eq!(refusal["status_code"], 400, "{kind}: {refusal}");
+        assert_eq!(refusal["code"], code, "{kind}: {refusal}");
+        assert_eq!(refusal["body"]["param"], param, "{kind}: {refusal}");
+        let event = s.usage_event(request_id(refusal)?).await?;
+        assert_eq!(event, Some(("refused".to_owned(), 0, 0)), "{kind}");
+    }
+    assert!(s.mock.requests().is_empty(), "the provider saw a call Tollgate cannot bound");
+    assert_eq!(s.ledger("rich").await?, (0, 0));
     s.app.stop().await
 }
 

@@ -2,7 +2,7 @@
 customer's application would, and prints what the SDK saw as one JSON object, one entry per
 scenario (tests/integration/python.rs asserts on it).
 
-Usage: openai_chat.py --base-url URL --customer ID [--poor-customer ID] [--only-chat]
+Usage: openai_chat.py --base-url URL --customer ID [--poor-customer ID] [--only-chat | --only-unbounded]
 The API key is the SDK's usual OPENAI_API_KEY. Model `mock-model` answers with exactly
 `max_tokens` tokens ("tok ") behind Tollgate.
 
@@ -111,15 +111,47 @@ def refusal(client: openai.OpenAI, customer: str, streamed: bool) -> dict[str, A
     raise AssertionError(f"expected a refusal for {customer}, got {result!r}")
 
 
+def unbounded(client: openai.OpenAI, kind: str) -> dict[str, Any]:
+    """A request whose cost Tollgate cannot bound, as an application would send it."""
+    if kind == "hosted_tool":
+        result: Any = client.responses.create(
+            model=MODEL, max_output_tokens=5, input="What happened today?", tools=[{"type": "web_search"}]
+        )
+    elif kind == "file_by_id":
+        result = client.responses.create(
+            model=MODEL,
+            max_output_tokens=5,
+            input=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_file", "file_id": "file-abc123"},
+                        {"type": "input_text", "text": "Summarize this file."},
+                    ],
+                }
+            ],
+        )
+    else:
+        result = client.chat.completions.create(
+            model=MODEL, max_tokens=5, messages=ask("Any news?"), web_search_options={}
+        )
+    raise AssertionError(f"expected {kind} to be refused, got {result!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--customer", required=True)
     parser.add_argument("--poor-customer")
     parser.add_argument("--only-chat", action="store_true")
+    parser.add_argument("--only-unbounded", action="store_true")
     args = parser.parse_args()
 
     client = openai.OpenAI(base_url=args.base_url, default_headers={"X-Tollgate-Customer": args.customer})
+    if args.only_unbounded:
+        kinds = ["hosted_tool", "file_by_id", "web_search_options"]
+        json.dump({kind: scenario(lambda: unbounded(client, kind)) for kind in kinds}, sys.stdout, indent=1)
+        return
     results = {"chat": scenario(lambda: chat(client))}
     if not args.only_chat:
         results["stream"] = scenario(lambda: stream(client, 4))
