@@ -92,6 +92,18 @@ pub fn unknown_field(request: &Map<String, Value>, known: &[&str]) -> Option<Unb
     })
 }
 
+/// The first of an OpenAI request's `tools` (chat and Responses) that the provider runs and
+/// bills itself: anything but a client tool (`function`, `custom`), whose cost is only the
+/// tokens of its definition and calls.
+pub fn openai_hosted_tool(request: &Map<String, Value>) -> Option<Unbounded> {
+    let tools = request.get("tools").and_then(Value::as_array).into_iter().flatten();
+    tools.enumerate().find_map(|(i, tool)| match type_of(tool) {
+        Some("function") | Some("custom") => None,
+        Some(kind) => Some(Unbounded::tool(format!("tools[{i}]"), format!("the hosted tool `{kind}`"))),
+        None => Some(Unbounded::tool(format!("tools[{i}]"), "a tool without a type")),
+    })
+}
+
 /// A field that is present and not null.
 pub fn present<'a>(request: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
     request.get(field).filter(|v| !v.is_null())

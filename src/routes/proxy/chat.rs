@@ -32,7 +32,7 @@ use tollgate_core::estimate;
 use tollgate_core::pricing::{TokenUsage, Tokenizer};
 use tollgate_core::projects::{Provider, ProviderKind};
 
-use super::admission::{Unbounded, present, type_of, unknown_field};
+use super::admission::{Unbounded, openai_hosted_tool, present, type_of, unknown_field};
 use super::error::{ErrorShape, ProxyError};
 use super::pipeline::{CallShape, Dialect, StreamWatch};
 use super::sse;
@@ -260,16 +260,8 @@ fn unbounded(request: &Value) -> Option<Unbounded> {
     if present(obj, "web_search_options").is_some() {
         return Some(Unbounded::tool("web_search_options", "a hosted web search"));
     }
-    for (i, tool) in obj.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
-        match type_of(tool) {
-            Some("function") | Some("custom") => {}
-            other => {
-                return Some(Unbounded::tool(
-                    format!("tools[{i}]"),
-                    format!("a tool of type `{}`", other.unwrap_or("(none)")),
-                ));
-            }
-        }
+    if let Some(u) = openai_hosted_tool(obj) {
+        return Some(u);
     }
     for (i, message) in obj.get("messages").and_then(Value::as_array).into_iter().flatten().enumerate() {
         let Some(fields) = message.as_object() else { continue };

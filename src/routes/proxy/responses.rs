@@ -37,7 +37,7 @@ use tollgate_core::estimate;
 use tollgate_core::pricing::{TokenUsage, Tokenizer};
 use tollgate_core::projects::{Provider, ProviderKind};
 
-use super::admission::{Unbounded, present, type_of, unknown_field};
+use super::admission::{Unbounded, openai_hosted_tool, present, type_of, unknown_field};
 use super::chat::{json_fields_tokens, model, object, positive_int, service_tier_unbounded, stream_flag};
 use super::error::{ErrorShape, ProxyError};
 use super::pipeline::{CallShape, Dialect, StreamWatch};
@@ -203,17 +203,8 @@ fn unbounded(request: &Value) -> Option<Unbounded> {
     if present(obj, "prompt").is_some() {
         return Some(Unbounded::input("prompt", "a prompt stored at the provider"));
     }
-    for (i, tool) in obj.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
-        match type_of(tool) {
-            Some("function") | Some("custom") => {}
-            other => {
-                let what = match other {
-                    Some(kind) => format!("the hosted tool `{kind}`"),
-                    None => "a tool without a type".to_owned(),
-                };
-                return Some(Unbounded::tool(format!("tools[{i}]"), what));
-            }
-        }
+    if let Some(u) = openai_hosted_tool(obj) {
+        return Some(u);
     }
     for (i, item) in obj.get("input").and_then(Value::as_array).into_iter().flatten().enumerate() {
         let kind = type_of(item).or_else(|| item.get("role").map(|_| "message"));
