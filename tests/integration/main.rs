@@ -21,6 +21,7 @@ mod fake_smtp;
 mod fake_stripe;
 mod fake_stripe_rules;
 mod helpers;
+mod hostile_tenant;
 mod jobs;
 mod ledger;
 mod limits;
@@ -69,6 +70,7 @@ fn main() -> ExitCode {
         billing::cases(),
         schemathesis::cases(),
         browser::cases(),
+        hostile_tenant::cases(),
     ]
     .into_iter()
     .flatten()
@@ -78,5 +80,6 @@ fn main() -> ExitCode {
     trials.extend(helpers::plain_trials(python::plain_cases()));
     trials.extend(helpers::plain_trials(stripe_sdk::cases()));
     trials.extend(helpers::plain_trials(fake_stripe_rules::cases()));
+    trials.extend(helpers::plain_trials(hostile_tenant::plain_cases()));
     libtest_mimic::run(&args, trials).exit_code()
 }
