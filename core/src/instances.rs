@@ -18,10 +18,15 @@
 //! one transaction, only by whoever deleted it.
 //!
 //! A lease's row (see [`crate::ledger::lease`]) holds the budget of several calls of one
-//! customer; it is recorded as one interrupted event under its first call's request id.
+//! customer. Each of its calls still in flight a moment after it started is in the
+//! `calls_in_flight` table ([`journal`]), and is recorded as an interrupted call of its own,
+//! with its share of the lease; what the lease held beyond them is freed. A lease whose calls
+//! had all started within that moment of the death is recorded as one call, under the request
+//! id of the call that took it.
 
 use crate::db::{Db, DbError};
 use crate::ids::{InstanceId, UsageEventId};
+use crate::ledger::lease::InFlight;
 use crate::time::UnixMillis;
 use crate::with_db;
 
@@ -110,6 +115,7 @@ async fn recover(db: &Db, instance: &InstanceId) -> Result<u64, DbError> {
         FROM reservations r JOIN customers c ON c.id = r.customer_id JOIN projects p ON p.id = c.project_id \
         WHERE r.instance_id = $1 ORDER BY r.id LIMIT 500";
     const FORGET: &str = "DELETE FROM instances WHERE id = $1";
+    const FORGET_CALLS: &str = "DELETE FROM calls_in_flight WHERE instance_id = $1";
     let mut released = 0;
     loop {
         let orphans: Vec<Orphan> = with_db!(db, pool => sqlx::query_as(ORPHANS).bind(instance).fetch_all(pool).await)?;
@@ -122,14 +128,31 @@ async fn recover(db: &Db, instance: &InstanceId) -> Result<u64, DbError> {
             }
         }
     }
+    with_db!(db, pool => sqlx::query(FORGET_CALLS).bind(instance).execute(pool).await.map(drop))?;
     with_db!(db, pool => sqlx::query(FORGET).bind(instance).execute(pool).await.map(drop))?;
     Ok(released)
 }
 
+/// A call a lease held, as `calls_in_flight` has it.
+#[derive(sqlx::FromRow)]
+struct LeasedCall {
+    event_id: UsageEventId,
+    request_id: String,
+    endpoint: String,
+    model: String,
+    amount_nanos: i64,
+}
+
 /// In one transaction: the reservation deleted (by whoever gets there first), its customer
-/// unheld (and charged, if the project bills interrupted calls), the interrupted event written.
+/// unheld (and charged, if the project bills interrupted calls), an interrupted event written
+/// for each call it held (see the module docs).
 async fn release_orphan(db: &Db, orphan: &Orphan) -> Result<bool, DbError> {
     const FREE: &str = "DELETE FROM reservations WHERE id = $1 RETURNING amount_nanos";
+    // A call whose event exists settled (its row is removed a moment later, off the hot path).
+    const CALLS: &str = "SELECT c.event_id, c.request_id, c.endpoint, c.model, c.amount_nanos FROM calls_in_flight c \
+        WHERE c.reservation_id = $1 AND NOT EXISTS (SELECT 1 FROM usage_events e WHERE e.id = c.event_id) \
+        ORDER BY c.started_at, c.event_id";
+    const FORGET_CALLS: &str = "DELETE FROM calls_in_flight WHERE reservation_id = $1";
     const UNHOLD: &str =
         "UPDATE customers SET reserved_nanos = reserved_nanos - $1, spent_nanos = spent_nanos + $2 WHERE id = $3";
     const EVENT: &str = "INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, \
@@ -140,7 +163,6 @@ async fn release_orphan(db: &Db, orphan: &Orphan) -> Result<bool, DbError> {
     } else {
         "the process serving the call stopped mid-call; not billed"
     };
-    let event_id = UsageEventId::generate();
     let now = UnixMillis::now().0;
     Ok(with_db!(db, pool => async {
         let mut tx = pool.begin().await?;
@@ -150,23 +172,86 @@ async fn release_orphan(db: &Db, orphan: &Orphan) -> Result<bool, DbError> {
             tx.rollback().await?;
             return Ok::<_, sqlx::Error>(false);
         };
-        let billed = if orphan.bill_interrupted { amount } else { 0 };
-        sqlx::query(UNHOLD).bind(amount).bind(billed).bind(&orphan.customer_id).execute(&mut *tx).await?;
-        sqlx::query(EVENT)
-            .bind(&event_id)
-            .bind(&orphan.project_id)
-            .bind(&orphan.customer_id)
-            .bind(&orphan.request_id)
-            .bind(orphan.endpoint.as_deref().unwrap_or("unknown"))
-            .bind(orphan.model.as_deref().unwrap_or("unknown"))
-            .bind(reason)
-            .bind(amount)
-            .bind(billed)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        let mut calls: Vec<LeasedCall> = sqlx::query_as(CALLS).bind(&orphan.id).fetch_all(&mut *tx).await?;
+        if calls.is_empty() {
+            // A call's own row, or a lease none of whose calls was written yet.
+            calls.push(LeasedCall {
+                event_id: UsageEventId::generate(),
+                request_id: orphan.request_id.clone(),
+                endpoint: orphan.endpoint.clone().unwrap_or_else(|| "unknown".to_owned()),
+                model: orphan.model.clone().unwrap_or_else(|| "unknown".to_owned()),
+                amount_nanos: amount,
+            });
+        }
+        // Each call's share, out of what the row held (never more, whatever the table says).
+        let (mut left, mut billed_in_all) = (amount, 0);
+        for call in &calls {
+            let share = call.amount_nanos.clamp(0, left);
+            left -= share;
+            let billed = if orphan.bill_interrupted { share } else { 0 };
+            billed_in_all += billed;
+            sqlx::query(EVENT)
+                .bind(&call.event_id)
+                .bind(&orphan.project_id)
+                .bind(&orphan.customer_id)
+                .bind(&call.request_id)
+                .bind(&call.endpoint)
+                .bind(&call.model)
+                .bind(reason)
+                .bind(share)
+                .bind(billed)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(UNHOLD).bind(amount).bind(billed_in_all).bind(&orphan.customer_id).execute(&mut *tx).await?;
+        sqlx::query(FORGET_CALLS).bind(&orphan.id).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(true)
+    }
+    .await)?)
+}
+
+/// Writes what [`crate::ledger::lease::Leases::journal`] gave: calls of instance `instance`
+/// held by leases and still in flight, added to `calls_in_flight`; those of them that ended
+/// since, removed. One transaction.
+pub async fn journal(db: &Db, instance: &InstanceId, due: &[InFlight], ended: &[UsageEventId]) -> Result<(), DbError> {
+    // Rows per statement: 9 parameters each, well inside both databases' limits.
+    const CHUNK: usize = 500;
+    if due.is_empty() && ended.is_empty() {
+        return Ok(());
+    }
+    Ok(with_db!(db, pool => async {
+        let mut tx = pool.begin().await?;
+        for chunk in ended.chunks(CHUNK) {
+            let mut delete = sqlx::QueryBuilder::new("DELETE FROM calls_in_flight WHERE event_id IN (");
+            let mut ids = delete.separated(", ");
+            for id in chunk {
+                ids.push_bind(id);
+            }
+            delete.push(")");
+            delete.build().execute(&mut *tx).await?;
+        }
+        for chunk in due.chunks(CHUNK) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO calls_in_flight (event_id, instance_id, reservation_id, customer_id, request_id, \
+                 endpoint, model, amount_nanos, started_at) ",
+            );
+            insert.push_values(chunk, |mut row, call| {
+                row.push_bind(&call.call)
+                    .push_bind(instance)
+                    .push_bind(&call.lease)
+                    .push_bind(&call.customer)
+                    .push_bind(&call.request_id)
+                    .push_bind(&call.endpoint)
+                    .push_bind(&call.model)
+                    .push_bind(call.amount.0)
+                    .push_bind(call.started_at.0);
+            });
+            insert.push(" ON CONFLICT (event_id) DO NOTHING");
+            insert.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await
     }
     .await)?)
 }

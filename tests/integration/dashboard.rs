@@ -647,9 +647,16 @@ async fn customers_are_managed_and_their_spend_shown(db: TestDatabase) -> TestRe
     assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
     assert_eq!(call().await?.status(), StatusCode::OK);
     assert_eq!(call().await?.status(), StatusCode::OK);
-    assert_eq!(call().await?.status(), StatusCode::PAYMENT_REQUIRED);
+    let refusal = call().await?;
+    assert_eq!(refusal.status(), StatusCode::PAYMENT_REQUIRED);
+    let request_id = refusal.headers()["x-request-id"].to_str()?.to_owned();
 
     let page = ada.get(&customer_path).await?;
+    assert!(
+        page.body.contains(&format!("<code class=\"request-id\">{request_id}</code>")),
+        "support matches a call by the request id its client saw: {}",
+        page.body
+    );
     assert!(page.body.contains("id=\"spent\">0.04 usd"), "{}", page.body);
     assert!(page.body.contains("id=\"remaining\">0.01 usd"), "{}", page.body);
     assert!(

@@ -33,6 +33,7 @@ pub fn cases() -> Vec<DbCase> {
         openai_sdk_chat_streams_reads_headers_and_surfaces_refusals,
         anthropic_sdk_messages_stream_count_and_surface_refusals,
         openai_sdk_gets_calls_tollgate_cannot_bound_refused,
+        anthropic_sdk_gets_calls_tollgate_cannot_bound_refused,
     ]
 }
 
@@ -434,6 +435,45 @@ async fn openai_sdk_gets_calls_tollgate_cannot_bound_refused(db: TestDatabase) -
         assert_eq!(refusal["body"]["param"], param, "{kind}: {refusal}");
         let event = s.usage_event(request_id(refusal)?).await?;
         assert_eq!(event, Some(("refused".to_owned(), 0, 0)), "{kind}");
+    }
+    assert!(s.mock.requests().is_empty(), "the provider saw a call Tollgate cannot bound");
+    assert_eq!(s.ledger("rich").await?, (0, 0));
+    s.app.stop().await
+}
+
+/// The admission rule as the official `anthropic` SDK meets it: a document by URL and the
+/// server tools web search and code execution are each the SDK's `BadRequestError` carrying
+/// our code and naming the field, recorded as refused, and never reach the provider.
+async fn anthropic_sdk_gets_calls_tollgate_cannot_bound_refused(db: TestDatabase) -> TestResult {
+    let s = crate::proxy::setup(&db, BudgetPolicy::Reject).await?;
+    s.budget("rich", 1_000).await?;
+    let results = PythonScript::new("anthropic_messages.py")
+        .arg("--base-url")
+        .arg(s.app.url(""))
+        .arg("--customer")
+        .arg("rich")
+        .arg("--only-unbounded")
+        .env("ANTHROPIC_API_KEY", &s.key)
+        .run_json()
+        .await?;
+    let expected = [
+        ("document_by_url", "unbounded_input", "messages[0].content[0]"),
+        ("web_search", "unbounded_tool", "tools[0]"),
+        ("code_execution", "unbounded_tool", "tools[0]"),
+    ];
+    for (kind, code, field) in expected {
+        let refusal = &results[kind];
+        assert_eq!(refusal["exception"], "BadRequestError", "{kind}: {refusal}");
+        assert_eq!(refusal["status_code"], 400, "{kind}: {refusal}");
+        assert_eq!(refusal["body"]["type"], "error", "{kind}: {refusal}");
+        assert_eq!(refusal["body"]["error"]["type"], "invalid_request_error", "{kind}: {refusal}");
+        assert_eq!(refusal["body"]["error"]["code"], code, "{kind}: {refusal}");
+        let message = refusal["body"]["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("`{field}`")), "{kind}: the message must name the field: {message}");
+        let event: Option<(String, i64)> = with_db!(&s.app.state.db, pool => sqlx::query_as(
+            "SELECT status, billed_nanos FROM usage_events WHERE request_id = $1")
+            .bind(request_id(refusal)?).fetch_optional(pool).await)?;
+        assert_eq!(event, Some(("refused".to_owned(), 0)), "{kind}");
     }
     assert!(s.mock.requests().is_empty(), "the provider saw a call Tollgate cannot bound");
     assert_eq!(s.ledger("rich").await?, (0, 0));

@@ -35,6 +35,7 @@ pub fn cases() -> Vec<DbCase> {
         slow_overlapping_calls_with_budget_to_spare_are_all_admitted,
         a_killed_process_s_holds_are_released_by_the_other_within_a_minute,
         a_process_restarted_after_a_kill_releases_its_holds_at_once,
+        each_call_a_killed_process_s_leases_held_is_recorded_as_interrupted,
     ]
 }
 
@@ -424,19 +425,27 @@ const IN_FLIGHT: i64 = 6;
 /// Starts `IN_FLIGHT` calls of [`HUNG_MODEL`] on `base`, with request ids `killed-<i>`, and
 /// waits until all of them hold their budget. Their answers never come (the process dies).
 async fn calls_in_flight(tenant: &Tenant, base: &str) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
-    for i in 0..IN_FLIGHT {
-        let (client, base, key) = (client.clone(), base.to_owned(), tenant.key.clone());
-        tokio::spawn(async move {
-            let body = json!({"model": HUNG_MODEL, "max_tokens": TOKENS_PER_CALL,
-                "messages": [{"role": "user", "content": "Hello!"}]});
-            let _ = post_chat(&client, &base, &key, &body, Some(format!("killed-{i}"))).await;
-        });
-    }
+    hung_calls(tenant, base, IN_FLIGHT).await?;
     eventually(Duration::from_secs(20), || async {
         Ok(tenant.customer().await?.reserved_nanos == IN_FLIGHT * CALL_COST)
     })
     .await
+}
+
+/// Starts `calls` calls of [`HUNG_MODEL`] on `base`, 20 ms apart (as calls come in use: the
+/// later ones find the earlier in flight), with request ids `killed-<i>`.
+async fn hung_calls(tenant: &Tenant, base: &str, calls: i64) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+    for i in 0..calls {
+        let (client, base, key) = (client.clone(), base.to_owned(), tenant.key.clone());
+        tokio::spawn(async move {
+            let body = json!({"model": HUNG_MODEL, "max_tokens": TOKENS_PER_CALL,
+                "messages": [{"role": "user", "content": "Hello!"}]});
+            let _ = post_chat(&client, &base, &key, &body, Some(format!("killed-{i:02}"))).await;
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// A call worth all that is left of the budget once the killed calls' holds are back: only
@@ -481,11 +490,19 @@ async fn a_killed_process_s_holds_are_released_by_the_other_within_a_minute(db: 
     .await?;
     let waited = killed_at.elapsed();
     assert!(waited < Duration::from_secs(60), "the dead process's holds came back after {waited:?}");
+    // The big call fits once most holds are back; the recovery finishes a moment later (it
+    // releases them one by one), and forgets the dead instance last.
+    eventually(Duration::from_secs(10), || async {
+        let instances: i64 = with_db!(&tenant.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM instances")
+            .fetch_one(pool).await)?;
+        Ok(instances == 1 && tenant.customer().await?.reserved_nanos == 0)
+    })
+    .await?;
 
     let customer = tenant.customer().await?;
     assert_eq!(customer.reserved_nanos, 0);
     assert_eq!(customer.spent_nanos, 6 * CALL_COST, "the killed calls are not billed by default");
-    let expected: Vec<_> = (0..IN_FLIGHT).map(|i| (format!("killed-{i}"), CALL_COST, 0)).collect();
+    let expected: Vec<_> = (0..IN_FLIGHT).map(|i| (format!("killed-{i:02}"), CALL_COST, 0)).collect();
     assert_eq!(interrupted(&tenant).await?, expected);
     let (code, log) = survivor.terminate().await?;
     assert_eq!(code, 0, "{log}");
@@ -520,8 +537,57 @@ async fn a_process_restarted_after_a_kill_releases_its_holds_at_once(db: TestDat
     assert_eq!(customer.spent_nanos, IN_FLIGHT * CALL_COST, "billed at what they had reserved");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
     assert_eq!(big_call(&client, &base, &tenant.key).await?, StatusCode::OK);
-    let expected: Vec<_> = (0..IN_FLIGHT).map(|i| (format!("killed-{i}"), CALL_COST, CALL_COST)).collect();
+    let expected: Vec<_> = (0..IN_FLIGHT).map(|i| (format!("killed-{i:02}"), CALL_COST, CALL_COST)).collect();
     assert_eq!(interrupted(&tenant).await?, expected);
+    let (code, log) = again.terminate().await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}
+
+/// kill -9 of a process whose busy customer's calls share leases (a lease's row names only
+/// the call that took it): after the restart, each call in flight is recorded as interrupted
+/// under its own request id with its own share, and nothing stays held.
+async fn each_call_a_killed_process_s_leases_held_is_recorded_as_interrupted(db: TestDatabase) -> TestResult {
+    const CALLS: i64 = 20;
+    let mut env = db.env();
+    env.insert("TOLLGATE_INSTANCE_NAME".into(), "replica-a".into());
+    let mut first = Replica::start(db.dir.path(), &env)?;
+    let base = first.base_url().await?;
+    let mock = MockProvider::start().await?;
+    let tenant = set_up_tenant(&db, &mock).await?;
+    projects::set_price(&tenant.db, &tenant.project.id, HUNG_MODEL, &tenant_price()).await?;
+    // Budget for 1,000 calls: plenty to spare, so the calls take leases.
+    let budget = Nanos(1_000 * CALL_COST);
+    projects::upsert_customer_budget(&tenant.db, &tenant.project.id, CUSTOMER, budget, BudgetPeriod::Month).await?;
+
+    hung_calls(&tenant, &base, CALLS).await?;
+    // Every call is in flight, written down a moment after it started (what the process
+    // would leave behind should it die now).
+    eventually(Duration::from_secs(20), || async {
+        // Each leased call written; each call held alone (the first: no other in flight yet) its own row.
+        let known: i64 = with_db!(&tenant.db, pool => sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM calls_in_flight) + (SELECT COUNT(*) FROM reservations r \
+             WHERE NOT EXISTS (SELECT 1 FROM calls_in_flight c WHERE c.reservation_id = r.id))")
+            .fetch_one(pool).await)?;
+        Ok(known == CALLS)
+    })
+    .await?;
+    let customer = tenant.customer().await?;
+    let rows = tenant.reservations(&customer).await?;
+    assert!(rows < CALLS, "the calls share leases: {rows} reservation rows for {CALLS} calls");
+
+    first.kill().await?;
+    let mut again = Replica::start(db.dir.path(), &env)?;
+    again.base_url().await?;
+    let customer = tenant.customer().await?;
+    assert_eq!(customer.reserved_nanos, 0, "the leases' spare and the calls' shares are all back");
+    assert_eq!(customer.spent_nanos, 0, "interrupted calls are not billed by default");
+    assert_eq!(tenant.reservations(&customer).await?, 0);
+    let expected: Vec<_> = (0..CALLS).map(|i| (format!("killed-{i:02}"), CALL_COST, 0)).collect();
+    assert_eq!(interrupted(&tenant).await?, expected, "one interrupted event per call, with its share");
+    let left: i64 =
+        with_db!(&tenant.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM calls_in_flight").fetch_one(pool).await)?;
+    assert_eq!(left, 0, "the recovered calls are forgotten");
     let (code, log) = again.terminate().await?;
     assert_eq!(code, 0, "{log}");
     Ok(())

@@ -2,7 +2,7 @@
 API with the `openai` SDK), as a customer's application would, and prints what the SDKs saw
 as one JSON object, one entry per scenario (tests/integration/python.rs asserts on it).
 
-Usage: anthropic_messages.py --base-url URL --customer ID --poor-customer ID
+Usage: anthropic_messages.py --base-url URL --customer ID (--poor-customer ID | --only-unbounded)
 The key is the SDKs' usual ANTHROPIC_API_KEY (sent as `x-api-key`). Model `claude-mock`
 answers with exactly `max_tokens` tokens ("tok ") behind Tollgate; `mock-model` does the same
 for the Responses API.
@@ -33,6 +33,7 @@ def status_error(e: anthropic.APIStatusError | openai.APIStatusError) -> dict[st
         "status_code": e.status_code,
         "body": e.body,
         "message": e.message,
+        "request_id": e.response.headers.get("x-request-id"),
     }
 
 
@@ -95,11 +96,37 @@ def responses(base_url: str, key: str, customer: str) -> dict[str, Any]:
     }
 
 
+def unbounded(client: anthropic.Anthropic, kind: str) -> dict[str, Any]:
+    """A request whose cost Tollgate cannot bound, as an application would send it."""
+    if kind == "document_by_url":
+        content: Any = [
+            {"type": "document", "source": {"type": "url", "url": "https://example.com/annual-report.pdf"}},
+            {"type": "text", "text": "Summarize this report."},
+        ]
+        result: Any = client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": content}])
+    elif kind == "web_search":
+        result = client.messages.create(
+            model=MODEL,
+            max_tokens=5,
+            messages=ask("What happened today?"),
+            tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+        )
+    else:
+        result = client.messages.create(
+            model=MODEL,
+            max_tokens=5,
+            messages=ask("Plot this."),
+            tools=[{"type": "code_execution_20250522", "name": "code_execution"}],
+        )
+    raise AssertionError(f"expected {kind} to be refused, got {result!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--customer", required=True)
-    parser.add_argument("--poor-customer", required=True)
+    parser.add_argument("--poor-customer")
+    parser.add_argument("--only-unbounded", action="store_true")
     args = parser.parse_args()
     key = os.environ["ANTHROPIC_API_KEY"]
 
@@ -108,6 +135,10 @@ def main() -> None:
         return anthropic.Anthropic(base_url=args.base_url, max_retries=0,
                                    default_headers={"X-Tollgate-Customer": customer})
 
+    if args.only_unbounded:
+        kinds = ["document_by_url", "web_search", "code_execution"]
+        print(json.dumps({kind: scenario(lambda: unbounded(client(args.customer), kind)) for kind in kinds}))
+        return
     rich, poor = client(args.customer), client(args.poor_customer)
     results = {
         "message": scenario(lambda: message(rich)),

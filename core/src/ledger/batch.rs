@@ -57,6 +57,7 @@ fn decide(hold: &Hold, held: bool, remaining: Option<i64>, blocked: Option<bool>
                 customer_id: hold.customer_id.clone(),
                 amount: hold.amount,
                 held: super::Held::Alone,
+                call: None,
             },
             remaining: Nanos(remaining.unwrap_or(0)),
         });

@@ -29,6 +29,12 @@
 //!   their spare at once, and waits for other processes' leases of the customer to give back
 //!   theirs (their rows say until when they hold any: `spare_until`, at most [`SPARE_FOR`]
 //!   ahead), then tries once more.
+//!
+//! A lease's row names only the call that took it, so each call it holds is also kept here
+//! with its request id, endpoint, model and share ([`InFlight`]); calls still in flight after
+//! [`JOURNAL_AFTER`] are written to the `calls_in_flight` table off the hot path
+//! ([`Leases::journal`]), and removed from it once they end. Should the process die, each of
+//! them is recorded as an interrupted call of its own (see [`crate::instances`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -37,7 +43,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::{Held, Hold, Reservation, ReserveOutcome, Settlement};
-use crate::ids::{CustomerId, ReservationId};
+use crate::ids::{CustomerId, ReservationId, UsageEventId};
 use crate::money::Nanos;
 use crate::period::BudgetPeriod;
 
@@ -75,7 +81,32 @@ pub(super) struct Leases {
 struct Inner {
     customers: HashMap<CustomerId, Local>,
     leases: HashMap<ReservationId, Lease>,
+    /// Calls written to `calls_in_flight` that have ended since: to be removed from it.
+    ended: Vec<UsageEventId>,
 }
+
+/// A call in flight held by a lease: what its process's death would leave to record.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    /// The id its usage event will have ([`Reservation`]'s `call`): settled, it is in
+    /// `usage_events`, so a call that ended is never taken for one in flight.
+    pub call: UsageEventId,
+    pub lease: ReservationId,
+    pub customer: CustomerId,
+    pub request_id: String,
+    pub endpoint: String,
+    pub model: String,
+    /// Its share of the lease.
+    pub amount: Nanos,
+    pub started_at: crate::time::UnixMillis,
+    started: Instant,
+    /// Written to `calls_in_flight`.
+    written: bool,
+}
+
+/// A call held by a lease for this long is written to `calls_in_flight` (see the module docs):
+/// shorter calls, the many, never are.
+pub const JOURNAL_AFTER: Duration = Duration::from_millis(250);
 
 /// A customer with calls in flight in this process.
 #[derive(Default)]
@@ -101,12 +132,31 @@ struct Lease {
     period: BudgetPeriod,
     /// What is left to carve.
     available: Nanos,
-    /// Its calls in flight.
-    calls: i64,
+    /// Its calls in flight, by their usage event's id.
+    calls: HashMap<UsageEventId, InFlight>,
     taken: Instant,
     /// Its spare was given back ([`Leases::trim`]): carved no more, and each of its calls
     /// frees its whole share when it settles.
     trimmed: bool,
+}
+
+impl InFlight {
+    /// `hold`'s call, held by lease `lease` for `hold.amount`.
+    fn new(lease: &ReservationId, hold: &Hold) -> Self {
+        let (endpoint, model) = hold.call.clone().unwrap_or_else(|| ("unknown".to_owned(), "unknown".to_owned()));
+        Self {
+            call: UsageEventId::generate(),
+            lease: lease.clone(),
+            customer: hold.customer_id.clone(),
+            request_id: hold.request_id.clone(),
+            endpoint,
+            model,
+            amount: hold.amount,
+            started_at: crate::time::UnixMillis::now(),
+            started: Instant::now(),
+            written: false,
+        }
+    }
 }
 
 impl Leases {
@@ -119,7 +169,7 @@ impl Leases {
     /// being taken only if `may_wait`).
     pub(super) fn plan(&self, hold: &Hold, may_wait: bool) -> Plan {
         let mut inner = self.lock();
-        let Inner { customers, leases } = &mut *inner;
+        let Inner { customers, leases, .. } = &mut *inner;
         let local = customers.entry(hold.customer_id.clone()).or_default();
         if let Some(id) = local.current.clone() {
             let usable =
@@ -131,7 +181,9 @@ impl Leases {
                 && lease.available >= hold.amount
             {
                 lease.available = Nanos(lease.available.0 - hold.amount.0);
-                lease.calls += 1;
+                let call = InFlight::new(&id, hold);
+                let number = call.call.clone();
+                lease.calls.insert(call.call.clone(), call);
                 local.in_flight += 1;
                 let remaining = Nanos(local.remaining.unwrap_or(Nanos::ZERO).0.saturating_add(lease.available.0));
                 return Plan::Carved(ReserveOutcome::Reserved {
@@ -140,6 +192,7 @@ impl Leases {
                         customer_id: hold.customer_id.clone(),
                         amount: hold.amount,
                         held: Held::Leased,
+                        call: Some(number),
                     },
                     remaining,
                 });
@@ -171,7 +224,7 @@ impl Leases {
     /// answer for the call, its hold counted among the customer's calls in flight.
     pub(super) fn held(&self, hold: &Hold, lease: Option<Nanos>, outcome: ReserveOutcome) -> ReserveOutcome {
         let mut inner = self.lock();
-        let Inner { customers, leases } = &mut *inner;
+        let Inner { customers, leases, .. } = &mut *inner;
         let local = customers.entry(hold.customer_id.clone()).or_default();
         if lease.is_some() {
             local.taking = None;
@@ -183,13 +236,15 @@ impl Leases {
                 reservation.held = Held::Counted;
                 if let Some(extra) = lease {
                     reservation.held = Held::Leased;
+                    let call = InFlight::new(&reservation.id, hold);
+                    reservation.call = Some(call.call.clone());
                     leases.insert(
                         reservation.id.clone(),
                         Lease {
                             customer: hold.customer_id.clone(),
                             period: hold.period,
                             available: extra,
-                            calls: 1,
+                            calls: HashMap::from([(call.call.clone(), call)]),
                             taken: Instant::now(),
                             trimmed: false,
                         },
@@ -248,12 +303,16 @@ impl Leases {
             return;
         }
         let mut inner = self.lock();
-        let Inner { customers, leases } = &mut *inner;
+        let Inner { customers, leases, ended, .. } = &mut *inner;
         if reservation.held == Held::Leased {
             settlement.part = match leases.get_mut(&reservation.id) {
                 Some(lease) => {
-                    lease.calls -= 1;
-                    if lease.calls <= 0 {
+                    if let Some(call) = reservation.call.as_ref().and_then(|c| lease.calls.remove(c))
+                        && call.written
+                    {
+                        ended.push(call.call);
+                    }
+                    if lease.calls.is_empty() {
                         leases.remove(&reservation.id);
                         None
                     } else if lease.trimmed {
@@ -294,7 +353,7 @@ impl Leases {
     /// when the lease is gone or gave its spare back already.
     pub(super) fn trim(&self, id: &ReservationId) -> Option<Nanos> {
         let mut inner = self.lock();
-        let Inner { customers, leases } = &mut *inner;
+        let Inner { customers, leases, .. } = &mut *inner;
         let lease = leases.get_mut(id).filter(|l| !l.trimmed)?;
         lease.trimmed = true;
         let spare = std::mem::replace(&mut lease.available, Nanos::ZERO);
@@ -310,6 +369,36 @@ impl Leases {
     pub(super) fn untrimmed(&self, customer: &CustomerId) -> Vec<ReservationId> {
         let inner = self.lock();
         inner.leases.iter().filter(|(_, l)| &l.customer == customer && !l.trimmed).map(|(id, _)| id.clone()).collect()
+    }
+
+    /// What is due to be written to `calls_in_flight` (calls held by leases for
+    /// [`JOURNAL_AFTER`] and not written yet: marked written now) and removed from it (the
+    /// numbers of written calls that have ended). Should writing it fail, hand it back with
+    /// [`Leases::unjournal`].
+    pub fn journal(&self) -> (Vec<InFlight>, Vec<UsageEventId>) {
+        let mut inner = self.lock();
+        let mut due = Vec::new();
+        for call in inner.leases.values_mut().flat_map(|l| l.calls.values_mut()) {
+            if !call.written && call.started.elapsed() >= JOURNAL_AFTER {
+                call.written = true;
+                due.push(call.clone());
+            }
+        }
+        (due, std::mem::take(&mut inner.ended))
+    }
+
+    /// What [`Leases::journal`] gave that could not be written: tried again next time.
+    pub fn unjournal(&self, due: Vec<InFlight>, ended: Vec<UsageEventId>) {
+        let mut inner = self.lock();
+        let Inner { leases, ended: still_ended, .. } = &mut *inner;
+        for call in due {
+            match leases.get_mut(&call.lease).and_then(|l| l.calls.get_mut(&call.call)) {
+                Some(in_flight) => in_flight.written = false,
+                // Ended meanwhile: it may have been written after all; remove it to be sure.
+                None => still_ended.push(call.call),
+            }
+        }
+        still_ended.extend(ended);
     }
 
     /// Carves no more from `customer`'s lease (it changed: blocked, budget, period); its

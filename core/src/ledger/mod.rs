@@ -58,6 +58,8 @@ pub struct Reservation {
     pub customer_id: CustomerId,
     pub amount: Nanos,
     held: Held,
+    /// For a call held by a lease: the id its usage event will have (see [`lease::InFlight`]).
+    call: Option<UsageEventId>,
 }
 
 impl Reservation {
@@ -212,6 +214,7 @@ fn reserve_outcome(hold: &Hold, row: ReserveRow) -> ReserveOutcome {
                 customer_id: hold.customer_id.clone(),
                 amount: hold.amount,
                 held: Held::Alone,
+                call: None,
             },
             remaining: Nanos(remaining),
         },
@@ -365,7 +368,8 @@ pub struct Settlement {
 
 impl Settlement {
     pub fn new(reservation: Option<Reservation>, record: UsageRecord) -> Self {
-        Self { reservation, record, event_id: UsageEventId::generate(), part: None }
+        let event_id = reservation.as_ref().and_then(|r| r.call.clone()).unwrap_or_else(UsageEventId::generate);
+        Self { reservation, record, event_id, part: None }
     }
 }
 
@@ -895,7 +899,9 @@ impl Ledger {
                 jobs
             })
             .collect();
-        Self { writers, db, leases: Default::default(), instance: InstanceId::generate() }
+        let ledger = Self { writers, db, leases: Default::default(), instance: InstanceId::generate() };
+        tokio::spawn(journal(Arc::downgrade(&ledger.leases), ledger.db.clone(), ledger.instance.clone()));
+        ledger
     }
 
     /// The process instance this ledger's holds belong to.
@@ -1241,6 +1247,23 @@ async fn write(db: Db, mut queue: mpsc::Receiver<Job>, commit: Commit) {
                     let _ = job.reply.send(outcome);
                 }
             }
+        }
+    }
+}
+
+/// Writes the calls held by leases that are still in flight to `calls_in_flight` (and
+/// removes those that ended), every [`lease::JOURNAL_AFTER`], for as long as the ledger lives
+/// (see [`crate::instances`]).
+async fn journal(leases: std::sync::Weak<lease::Leases>, db: Db, instance: InstanceId) {
+    let mut every = tokio::time::interval(lease::JOURNAL_AFTER);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(leases) = leases.upgrade() else { return };
+        let (due, ended) = leases.journal();
+        if let Err(e) = crate::instances::journal(&db, &instance, &due, &ended).await {
+            tracing::warn!(error = %e, "could not write the calls in flight; trying again");
+            leases.unjournal(due, ended);
         }
     }
 }

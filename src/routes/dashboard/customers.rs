@@ -205,6 +205,8 @@ pub async fn save(
 
 pub struct CallView {
     pub when: String,
+    /// The call's `x-request-id`, as its client saw it.
+    pub request_id: String,
     pub customer: String,
     pub model: String,
     pub status: String,
@@ -220,6 +222,7 @@ pub fn call_views(calls: Vec<CallRow>, currency: &str) -> Vec<CallView> {
         .into_iter()
         .map(|c| CallView {
             when: format::datetime(c.created_at),
+            request_id: c.request_id,
             customer: c.customer_external_id.unwrap_or_default(),
             model: c.model,
             status: c.status,
