@@ -56,6 +56,8 @@ pub enum AccountError {
     ResetLink,
     #[error("This confirmation link has expired, was used already, or is for another account.")]
     VerificationLink,
+    #[error("Too many sign-ups from here, or for this email. Try again in a few minutes.")]
+    TooManySignUps,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -193,11 +195,21 @@ pub enum SignUp {
     EmailTaken { email: String },
 }
 
-/// Signs a stranger up: a new organization with its owner, unverified (but see
-/// [`SignUp::Created`]). The password is hashed whether or not the address is taken, so both
-/// answers take as long. Callers throttle first ([`allow_sign_up`]).
-pub async fn sign_up(db: &Db, new: NewOrganization<'_>, first_account_verified: bool) -> Result<SignUp, AccountError> {
+/// Signs a stranger from `client` (an address) up: a new organization with its owner,
+/// unverified (but see [`SignUp::Created`]). A well-formed sign-up is counted per address and
+/// per email before its password is hashed (a flood costs little, and cannot mail one address
+/// over and over); the password is hashed whether or not the address is taken, so both answers
+/// take as long.
+pub async fn sign_up(
+    db: &Db,
+    new: NewOrganization<'_>,
+    client: &str,
+    first_account_verified: bool,
+) -> Result<SignUp, AccountError> {
     let (name, email) = validate_new_organization(&new)?;
+    if !allow_sign_up(db, client, &email).await? {
+        return Err(AccountError::TooManySignUps);
+    }
     let hash = hash_password(new.owner_password).await?;
     let verified = if first_account_verified { Verified::IfFirstAccount } else { Verified::No };
     match insert_organization(db, &name, &email, &hash, verified).await {
@@ -594,10 +606,8 @@ pub async fn allow_reset_request(db: &Db, client: &str, email: &str) -> Result<b
     .await
 }
 
-/// Counts a sign-up from `client` for `email`; false if over a limit (before any password is
-/// hashed, so a flood of sign-ups costs little).
-pub async fn allow_sign_up(db: &Db, client: &str, email: &str) -> Result<bool, DbError> {
-    let email = email.trim().to_lowercase();
+/// Counts a sign-up from `client` for `email` (normalized); false if over a limit.
+async fn allow_sign_up(db: &Db, client: &str, email: &str) -> Result<bool, DbError> {
     take_all(
         db,
         &[

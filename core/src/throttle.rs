@@ -59,6 +59,8 @@ pub struct Backoff {
 pub async fn claim(db: &Db, key: &str, backoff: Backoff, now: UnixMillis) -> Result<Result<(), Duration>, DbError> {
     // The delay this attempt sets for the next one (old values on the right of SET, on both
     // databases): none within the free attempts or after the window has passed, then doubling.
+    // Without a delay the next attempt may come at any time (next_at 0, not this attempt's
+    // clock: concurrent attempts each read the clock a little apart).
     macro_rules! delay {
         () => {
             "CASE WHEN login_failures.window_start <= $3 OR login_failures.failures + 1 <= $4 THEN 0 \
@@ -69,15 +71,17 @@ pub async fn claim(db: &Db, key: &str, backoff: Backoff, now: UnixMillis) -> Res
     }
     const SQL: &str = concat!(
         "INSERT INTO login_failures (throttle_key, failures, window_start, next_at, delay_ms) \
-         VALUES ($1, 1, $2, $2, 0) \
+         VALUES ($1, 1, $2, 0, 0) \
          ON CONFLICT (throttle_key) DO UPDATE SET \
            failures = CASE WHEN login_failures.window_start <= $3 THEN 1 ELSE login_failures.failures + 1 END, \
            window_start = CASE WHEN login_failures.window_start <= $3 THEN $2 ELSE login_failures.window_start END, \
            delay_ms = ",
         delay!(),
-        ", next_at = $2 + ",
+        ", next_at = CASE WHEN ",
         delay!(),
-        " WHERE login_failures.next_at <= $2 RETURNING failures"
+        " = 0 THEN 0 ELSE $2 + ",
+        delay!(),
+        " END WHERE login_failures.next_at <= $2 RETURNING failures"
     );
     let since = now.plus_secs(-WINDOW_SECS).0;
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);

@@ -79,16 +79,11 @@ pub async fn signup(
     if !state.config.accounts.signup_open {
         return Ok((StatusCode::FORBIDDEN, page(vec![SIGNUP_CLOSED.to_owned()], None)).into_response());
     }
-    // Counted before any password is hashed.
-    if !accounts::allow_sign_up(&state.db, &client.to_string(), &form.email).await? {
-        let message = "Too many sign-ups from here. Try again in a few minutes.".to_owned();
-        return Ok((StatusCode::TOO_MANY_REQUESTS, page(vec![message], None)).into_response());
-    }
     let new = NewOrganization { name: &form.org_name, owner_email: &form.email, owner_password: &form.password };
     // Without mail, the first account of an install is its operator's: verified at once.
     let first_account_verified = !state.mailer.is_configured();
     let public_url = state.config.public_url.trim_end_matches('/');
-    match accounts::sign_up(&state.db, new, first_account_verified).await {
+    match accounts::sign_up(&state.db, new, &client.to_string(), first_account_verified).await {
         Ok(SignUp::Created { organization, verification }) => {
             let email = form.email.trim().to_lowercase();
             let actor = audit::Actor { user_id: Some(organization.owner_id.clone()), label: email.clone() };
@@ -121,6 +116,9 @@ pub async fn signup(
         }
         Err(AccountError::Db(e)) => Err(e.into()),
         Err(AccountError::Hash(_)) => Err(WebError::Internal),
+        Err(e @ AccountError::TooManySignUps) => {
+            Ok((StatusCode::TOO_MANY_REQUESTS, page(vec![e.to_string()], None)).into_response())
+        }
         Err(e) => Ok((StatusCode::BAD_REQUEST, page(vec![account_error_message(&e)], None)).into_response()),
     }
 }
