@@ -174,10 +174,9 @@ async fn insert_organization(
     }
     .await);
     match result {
-        Ok(verified_at) => Ok(Inserted {
-            organization: CreatedOrganization { org_id, owner_id },
-            verified: verified_at.is_some(),
-        }),
+        Ok(verified_at) => {
+            Ok(Inserted { organization: CreatedOrganization { org_id, owner_id }, verified: verified_at.is_some() })
+        }
         Err(e) if is_unique_violation(&e) => Err(AccountError::EmailTaken),
         Err(e) => Err(e.into()),
     }
@@ -399,7 +398,9 @@ pub async fn login(
         // Waiting for the account's backoff is not a guess: it costs this address nothing.
         throttle::give_back(db, &pair).await?;
         throttle::give_back(db, &address).await?;
-        return Err(LoginError::Backoff { seconds: u64::try_from(wait.as_millis().div_ceil(1000)).unwrap_or(u64::MAX) });
+        return Err(LoginError::Backoff {
+            seconds: u64::try_from(wait.as_millis().div_ceil(1000)).unwrap_or(u64::MAX),
+        });
     }
     const SQL: &str = "SELECT id, email, verified_at, password_hash FROM users WHERE email = $1";
     let row: Option<(UserId, String, Option<i64>, String)> =
@@ -562,8 +563,7 @@ pub async fn delete_expired_unverified(db: &Db, now: UnixMillis) -> Result<u64, 
     const USER: &str = "DELETE FROM users WHERE id = $1 AND verified_at IS NULL";
     const LINKS: &str = "DELETE FROM email_verifications WHERE expires_at <= $1 OR used_at IS NOT NULL";
     let cutoff = now.plus_secs(-VERIFICATION_TTL_SECS).0;
-    let expired: Vec<UserId> =
-        with_db!(db, pool => sqlx::query_scalar(EXPIRED).bind(cutoff).fetch_all(pool).await)?;
+    let expired: Vec<UserId> = with_db!(db, pool => sqlx::query_scalar(EXPIRED).bind(cutoff).fetch_all(pool).await)?;
     let mut removed = 0;
     for user in expired {
         let result: Result<u64, sqlx::Error> = with_db!(db, pool => async {

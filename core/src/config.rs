@@ -543,8 +543,7 @@ impl Sourced {
     fn account_settings(&self) -> Result<AccountSettings, ConfigError> {
         let r = &self.raw;
         let defaults = AccountSettings::default();
-        let session_lifetime =
-            r.session_lifetime_seconds.map(Duration::from_secs).unwrap_or(defaults.session_lifetime);
+        let session_lifetime = r.session_lifetime_seconds.map(Duration::from_secs).unwrap_or(defaults.session_lifetime);
         if session_lifetime.is_zero() {
             return Err(self.invalid("session_lifetime_seconds", "must be at least 1"));
         }
@@ -559,7 +558,10 @@ impl Sourced {
                 .parse::<ipnet::IpNet>()
                 .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
                 .map_err(|_| {
-                    self.invalid("trusted_proxies", format!("expected addresses or CIDRs separated by commas, got {item:?}"))
+                    self.invalid(
+                        "trusted_proxies",
+                        format!("expected addresses or CIDRs separated by commas, got {item:?}"),
+                    )
                 })?;
             trusted_proxies.push(net.trunc());
         }

@@ -92,8 +92,7 @@ pub async fn claim(db: &Db, key: &str, backoff: Backoff, now: UnixMillis) -> Res
         return Ok(Ok(()));
     }
     const NEXT: &str = "SELECT next_at FROM login_failures WHERE throttle_key = $1";
-    let next_at: Option<i64> =
-        with_db!(db, pool => sqlx::query_scalar(NEXT).bind(key).fetch_optional(pool).await)?;
+    let next_at: Option<i64> = with_db!(db, pool => sqlx::query_scalar(NEXT).bind(key).fetch_optional(pool).await)?;
     let wait = next_at.map_or(0, |at| at - now.0).clamp(1, ms(backoff.max_delay));
     Ok(Err(Duration::from_millis(u64::try_from(wait).unwrap_or(1))))
 }

@@ -56,10 +56,7 @@ pub fn client_addr(peer: IpAddr, headers: &HeaderMap, settings: &AccountSettings
 
 /// One hop of `X-Forwarded-For`: an address, possibly with a port (`1.2.3.4:5`, `[::1]:5`).
 fn parse_hop(hop: &str) -> Option<IpAddr> {
-    let ip = hop
-        .parse::<IpAddr>()
-        .ok()
-        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))?;
+    let ip = hop.parse::<IpAddr>().ok().or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))?;
     Some(ip.to_canonical())
 }
 
@@ -99,7 +96,10 @@ mod tests {
         // proxy (10.0.0.7) appended the outer one's.
         let headers = forwarded(&["1.1.1.1, 203.0.113.9", "10.0.0.7"]);
         assert_eq!(client_addr(ip("127.0.0.1"), &headers, &trusted), ip("203.0.113.9"));
-        assert_eq!(client_addr(ip("::ffff:127.0.0.1"), &forwarded(&["[2001:db8::1]:443"]), &trusted), ip("2001:db8::1"));
+        assert_eq!(
+            client_addr(ip("::ffff:127.0.0.1"), &forwarded(&["[2001:db8::1]:443"]), &trusted),
+            ip("2001:db8::1")
+        );
         // Garbage where our proxy writes, or no header: the proxy's own address.
         assert_eq!(client_addr(ip("127.0.0.1"), &forwarded(&["1.1.1.1, nonsense"]), &trusted), ip("127.0.0.1"));
         assert_eq!(client_addr(ip("127.0.0.1"), &HeaderMap::new(), &trusted), ip("127.0.0.1"));

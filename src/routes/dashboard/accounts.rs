@@ -262,8 +262,9 @@ pub async fn forgot(
     csrf.verify(&form.csrf)?;
     if !accounts::allow_reset_request(&state.db, &client.to_string(), &form.email).await? {
         let errors = vec!["Too many reset requests. Try again in a few minutes.".to_owned()];
-        return Ok((StatusCode::TOO_MANY_REQUESTS, ForgotPage { csrf: csrf.token(), sent: false, errors })
-            .into_response());
+        return Ok(
+            (StatusCode::TOO_MANY_REQUESTS, ForgotPage { csrf: csrf.token(), sent: false, errors }).into_response()
+        );
     }
     if let Some(token) = accounts::start_password_reset(&state.db, &form.email).await? {
         let link =

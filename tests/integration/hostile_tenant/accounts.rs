@@ -91,7 +91,8 @@ async fn an_address_signed_up_by_someone_else_cannot_be_used_to_join(db: TestDat
     assert!(account.body.contains("Confirm your email address"), "{}", account.body);
     let stale_csrf = account.csrf();
     // Nor may it have mail sent anywhere.
-    let invited = attacker.submit("/members", "/members/invite", &[("email", "x@example.com"), ("role", "admin")]).await?;
+    let invited =
+        attacker.submit("/members", "/members/invite", &[("email", "x@example.com"), ("role", "admin")]).await?;
     assert_eq!(invited.status, StatusCode::BAD_REQUEST, "{}", invited.body);
     assert!(invited.body.contains("Confirm your email address first"), "{}", invited.body);
 
@@ -164,9 +165,8 @@ async fn a_password_change_or_reset_ends_the_other_sessions(db: TestDatabase) ->
     let logged_out = |page: crate::dashboard::Page| page.location.as_deref() == Some("/login?next=/projects");
 
     // A change keeps the session that made it and ends the others.
-    let changed = laptop
-        .submit("/account", "/account/password", &[("current", PASSWORD), ("new", "a second password")])
-        .await?;
+    let changed =
+        laptop.submit("/account", "/account/password", &[("current", PASSWORD), ("new", "a second password")]).await?;
     assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
     assert_eq!(laptop.get("/projects").await?.status, StatusCode::OK);
     assert!(logged_out(phone.get("/projects").await?));
@@ -232,7 +232,8 @@ async fn closed_sign_up_creates_nothing_and_invitations_still_work(db: TestDatab
     operator_made(&app, "Acme", EMAIL).await?;
     let ada = Browser::new(&app)?;
     ada.log_in(EMAIL, PASSWORD).await?;
-    let invited = ada.submit("/members", "/members/invite", &[("email", "bob@example.com"), ("role", "viewer")]).await?;
+    let invited =
+        ada.submit("/members", "/members/invite", &[("email", "bob@example.com"), ("role", "viewer")]).await?;
     let start = invited.body.find("/invite?token=").unwrap_or_default();
     let end = invited.body[start..].find('<').map_or(invited.body.len(), |e| start + e);
     let link = invited.body[start..end].trim().replace("&amp;", "&");
@@ -359,8 +360,9 @@ async fn reset_requests_and_sign_ups_are_throttled(db: TestDatabase) -> TestResu
             .await?;
         assert_eq!(page.status, StatusCode::OK, "{}", page.body);
     }
-    let page =
-        Browser::forwarded_for(&app, "198.51.100.50")?.submit("/password/forgot", "/password/forgot", &[("email", EMAIL)]).await?;
+    let page = Browser::forwarded_for(&app, "198.51.100.50")?
+        .submit("/password/forgot", "/password/forgot", &[("email", EMAIL)])
+        .await?;
     assert_eq!(page.status, StatusCode::TOO_MANY_REQUESTS, "{}", page.body);
     assert!(page.body.contains("Too many reset requests"), "{}", page.body);
     assert_eq!(scalar(&app, "SELECT COUNT(*) FROM password_resets").await?, accounts::MAX_RESET_REQUESTS_PER_EMAIL);
@@ -368,7 +370,10 @@ async fn reset_requests_and_sign_ups_are_throttled(db: TestDatabase) -> TestResu
     let one = Browser::forwarded_for(&app, "203.0.113.1")?;
     for i in 0..accounts::MAX_RESET_REQUESTS_PER_ADDRESS {
         let email = format!("someone{i}@example.com");
-        assert_eq!(one.submit("/password/forgot", "/password/forgot", &[("email", &email)]).await?.status, StatusCode::OK);
+        assert_eq!(
+            one.submit("/password/forgot", "/password/forgot", &[("email", &email)]).await?.status,
+            StatusCode::OK
+        );
     }
     let refused = one.submit("/password/forgot", "/password/forgot", &[("email", "another@example.com")]).await?;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
@@ -404,7 +409,8 @@ async fn sign_up_answers_alike_whether_or_not_the_address_has_an_account(db: Tes
     let smtp = FakeSmtp::start().await?;
     let app = with_smtp(&db, &smtp, &[]).await?;
     operator_made(&app, "Acme", EMAIL).await?;
-    let taken = Browser::new(&app)?.submit("/signup", "/signup", &sign_up_form("Other", EMAIL, "some password!")).await?;
+    let taken =
+        Browser::new(&app)?.submit("/signup", "/signup", &sign_up_form("Other", EMAIL, "some password!")).await?;
     let free = Browser::new(&app)?
         .submit("/signup", "/signup", &sign_up_form("Other", "bob@example.com", "some password!"))
         .await?;
