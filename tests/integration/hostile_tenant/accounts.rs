@@ -438,6 +438,13 @@ async fn unverified_accounts_expire_with_their_organizations(db: TestDatabase) -
     assert_eq!(mallory.log_in("mallory@example.com", PASSWORD).await?.status, StatusCode::SEE_OTHER);
     let project = mallory.submit("/projects", "/projects", &[("name", "Spam")]).await?;
     assert_eq!(project.status, StatusCode::SEE_OTHER, "an unverified owner uses its own organization");
+    // The link can be mailed again, a few times.
+    for _ in 0..accounts::MAX_VERIFICATION_MAILS_PER_ACCOUNT {
+        let again = mallory.submit("/account", "/account/verify", &[]).await?;
+        assert!(again.body.contains("We sent a new confirmation link"), "{}", again.body);
+    }
+    let again = mallory.submit("/account", "/account/verify", &[]).await?;
+    assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS, "{}", again.body);
 
     let housekeeping = || tollgate_jobs::housekeeping::run(&app.state.db, UnixMillis::now());
     housekeeping().await?;
