@@ -1,9 +1,19 @@
 //! Organizations (tenants), users and memberships: the accounts side of the domain, used by
 //! `tollgate admin` and by the dashboard (sign-up, login, password changes and resets).
+//!
+//! An account's email address is *verified* once its holder showed they read that mailbox (a
+//! confirmation link, a reset link, an invitation link) while knowing the password; until then
+//! the account can use the organizations it created, but cannot join another or invite anyone,
+//! and it is deleted after [`VERIFICATION_TTL_SECS`]. Setting a password (change or reset) ends
+//! every other session of the account, so someone who once had it loses it.
+
+use std::time::Duration;
 
 use crate::crypto;
 use crate::db::{Db, DbError, is_unique_violation};
 use crate::ids::{OrgId, UserId};
+use crate::sessions;
+use crate::throttle::{self, Backoff};
 use crate::time::UnixMillis;
 use crate::with_db;
 
@@ -44,6 +54,10 @@ pub enum AccountError {
     EmailTaken,
     #[error("This reset link has expired or was used already. Ask for a new one.")]
     ResetLink,
+    #[error("This confirmation link has expired, was used already, or is for another account.")]
+    VerificationLink,
+    #[error("Too many sign-ups from here, or for this email. Try again in a few minutes.")]
+    TooManySignUps,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -70,34 +84,83 @@ pub struct CreatedOrganization {
 }
 
 /// Creates an organization and its owner in one transaction: either both exist afterwards
-/// or neither does.
+/// or neither does. The owner counts as verified: this is the operator's command
+/// (`tollgate admin create-org`), who vouches for the address.
 pub async fn create_organization_with_owner(
     db: &Db,
     new: NewOrganization<'_>,
 ) -> Result<CreatedOrganization, AccountError> {
+    let (name, email) = validate_new_organization(&new)?;
+    let hash = hash_password(new.owner_password).await?;
+    let created = insert_organization(db, &name, &email, &hash, Verified::Yes).await?;
+    Ok(created.organization)
+}
+
+fn validate_new_organization(new: &NewOrganization<'_>) -> Result<(String, String), AccountError> {
     let name = validate_org_name(new.name)?;
     let email = normalize_email(new.owner_email)?;
     validate_password(new.owner_password)?;
-    let hash = crypto::hash_password(new.owner_password)?;
+    Ok((name, email))
+}
 
+/// Hashes a password off the async threads (argon2 takes tens of milliseconds of CPU).
+async fn hash_password(password: &str) -> Result<String, AccountError> {
+    let password = password.to_owned();
+    Ok(tokio::task::spawn_blocking(move || crypto::hash_password(&password))
+        .await
+        .map_err(|_| crypto::PasswordHashError)??)
+}
+
+/// Whether a new owner's address counts as verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verified {
+    Yes,
+    No,
+    /// Only if no account exists yet (the first owner of a fresh install), decided in the
+    /// statement that inserts the account.
+    IfFirstAccount,
+}
+
+struct Inserted {
+    organization: CreatedOrganization,
+    verified: bool,
+}
+
+async fn insert_organization(
+    db: &Db,
+    name: &str,
+    email: &str,
+    hash: &str,
+    verified: Verified,
+) -> Result<Inserted, AccountError> {
+    const USER: &str = "INSERT INTO users (id, email, password_hash, created_at, verified_at) \
+        VALUES ($1, $2, $3, $4, CASE WHEN $5 = 'yes' OR ($5 = 'first' AND NOT EXISTS (SELECT 1 FROM users)) \
+                                     THEN $4 END) \
+        RETURNING verified_at";
     let org_id = OrgId::generate();
     let owner_id = UserId::generate();
     let now = UnixMillis::now().0;
+    let verified = match verified {
+        Verified::Yes => "yes",
+        Verified::No => "no",
+        Verified::IfFirstAccount => "first",
+    };
     // The transaction runs in its own async block so that `?` ends the block, not the function.
-    let result: Result<(), sqlx::Error> = with_db!(db, pool => async {
+    let result: Result<Option<i64>, sqlx::Error> = with_db!(db, pool => async {
         let mut tx = pool.begin().await?;
         sqlx::query("INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3)")
             .bind(&org_id)
-            .bind(&name)
+            .bind(name)
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO users (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)")
+        let verified_at: Option<i64> = sqlx::query_scalar(USER)
             .bind(&owner_id)
-            .bind(&email)
-            .bind(&hash)
+            .bind(email)
+            .bind(hash)
             .bind(now)
-            .execute(&mut *tx)
+            .bind(verified)
+            .fetch_one(&mut *tx)
             .await?;
         sqlx::query("INSERT INTO memberships (org_id, user_id, role, created_at) VALUES ($1, $2, $3, $4)")
             .bind(&org_id)
@@ -106,13 +169,56 @@ pub async fn create_organization_with_owner(
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(verified_at)
     }
     .await);
     match result {
-        Ok(()) => Ok(CreatedOrganization { org_id, owner_id }),
+        Ok(verified_at) => {
+            Ok(Inserted { organization: CreatedOrganization { org_id, owner_id }, verified: verified_at.is_some() })
+        }
         Err(e) if is_unique_violation(&e) => Err(AccountError::EmailTaken),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// What a sign-up did. The person signing up is told the same either way ("check your mail"),
+/// so that sign-up does not tell whether an address has an account.
+#[derive(Debug)]
+pub enum SignUp {
+    /// A new organization and its owner. `verification` is the token of the confirmation link
+    /// to mail; None when the owner counts as verified already (the first account of an
+    /// install without mail).
+    Created { organization: CreatedOrganization, verification: Option<String> },
+    /// The address has an account already: nothing was created (mail its owner instead).
+    EmailTaken { email: String },
+}
+
+/// Signs a stranger from `client` (an address) up: a new organization with its owner,
+/// unverified (but see [`SignUp::Created`]). A well-formed sign-up is counted per address and
+/// per email before its password is hashed (a flood costs little, and cannot mail one address
+/// over and over); the password is hashed whether or not the address is taken, so both answers
+/// take as long.
+pub async fn sign_up(
+    db: &Db,
+    new: NewOrganization<'_>,
+    client: &str,
+    first_account_verified: bool,
+) -> Result<SignUp, AccountError> {
+    let (name, email) = validate_new_organization(&new)?;
+    if !allow_sign_up(db, client, &email).await? {
+        return Err(AccountError::TooManySignUps);
+    }
+    let hash = hash_password(new.owner_password).await?;
+    let verified = if first_account_verified { Verified::IfFirstAccount } else { Verified::No };
+    match insert_organization(db, &name, &email, &hash, verified).await {
+        Ok(Inserted { organization, verified: true }) => Ok(SignUp::Created { organization, verification: None }),
+        Ok(Inserted { organization, verified: false }) => {
+            let verification = new_verification_token(db, &organization.owner_id).await?;
+            Ok(SignUp::Created { organization, verification: Some(verification) })
+        }
+        Err(AccountError::EmailTaken) => Ok(SignUp::EmailTaken { email }),
+        Err(e) => Err(e),
     }
 }
 
@@ -192,6 +298,14 @@ pub fn validate_password(password: &str) -> Result<(), AccountError> {
 pub struct User {
     pub id: UserId,
     pub email: String,
+    /// When the address was verified (see the module's documentation); None: not yet.
+    pub verified_at: Option<i64>,
+}
+
+impl User {
+    pub fn is_verified(&self) -> bool {
+        self.verified_at.is_some()
+    }
 }
 
 /// An organization a user belongs to, with their role in it.
@@ -229,10 +343,18 @@ impl Role {
     }
 }
 
-/// Failed logins allowed per email, and per client address, within [`THROTTLE_WINDOW_SECS`].
-pub const MAX_FAILURES_PER_EMAIL: i64 = 5;
-pub const MAX_FAILURES_PER_CLIENT: i64 = 20;
-pub const THROTTLE_WINDOW_SECS: i64 = 15 * 60;
+/// Login attempts allowed per pair of client address and email within a window
+/// ([`throttle::WINDOW_SECS`]): someone guessing from one address stops here, and nobody else
+/// (the account's owner from another address) is held back by it.
+pub const MAX_LOGINS_PER_ADDRESS_AND_EMAIL: i64 = 5;
+/// Failed login attempts allowed per client address, whatever the email, within a window:
+/// one address trying many accounts.
+pub const MAX_LOGINS_PER_ADDRESS: i64 = 50;
+/// Failed login attempts of one email, from any address, before its backoff starts; then
+/// each attempt waits a delay after the one before, doubling from one second up to the
+/// operator's maximum (30 s by default): guessing from many addresses is slowed, and the
+/// owner from a fresh address waits at most that maximum.
+pub const FREE_LOGINS_PER_EMAIL: i64 = 10;
 
 /// Why a login did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -241,67 +363,66 @@ pub enum LoginError {
     Invalid,
     #[error("Too many failed attempts. Try again in a few minutes.")]
     Throttled,
+    #[error("Too many failed attempts for this account. Try again in {seconds} s.")]
+    Backoff { seconds: u64 },
     #[error(transparent)]
     Db(#[from] DbError),
 }
 
-/// Checks an email and password, with throttling per email and per client address. The
-/// password is verified against a stand-in hash when the email is unknown, so the answer
-/// takes as long either way.
-pub async fn login(db: &Db, email: &str, password: &str, client: &str) -> Result<User, LoginError> {
-    let email = email.trim().to_lowercase();
-    let keys = [format!("email:{email}"), format!("client:{client}")];
+/// Checks an email and password from `client` (an address), throttled per pair of address and
+/// email, per address, and with a per-email backoff whose longest wait is `backoff_max`. Each
+/// attempt is counted before its password is checked, in the statement that decides whether
+/// it may go on, so concurrent guesses cannot slip past the limits. The password is verified
+/// against a stand-in hash when the email is unknown, so the answer takes as long either way.
+pub async fn login(
+    db: &Db,
+    email: &str,
+    password: &str,
+    client: &str,
+    backoff_max: Duration,
+) -> Result<User, LoginError> {
+    let Ok(email) = normalize_email(email) else { return Err(LoginError::Invalid) };
+    let pair = format!("login:{client}:{email}");
+    let address = format!("login-address:{client}");
+    let account = format!("login-email:{email}");
     let now = UnixMillis::now();
-    for (key, max) in keys.iter().zip([MAX_FAILURES_PER_EMAIL, MAX_FAILURES_PER_CLIENT]) {
-        if recent_failures(db, key, now).await? >= max {
-            return Err(LoginError::Throttled);
-        }
+    if !throttle::take(db, &pair, MAX_LOGINS_PER_ADDRESS_AND_EMAIL, now).await? {
+        return Err(LoginError::Throttled);
     }
-    const SQL: &str = "SELECT id, email, password_hash FROM users WHERE email = $1";
-    let row: Option<(UserId, String, String)> =
+    if !throttle::take(db, &address, MAX_LOGINS_PER_ADDRESS, now).await? {
+        throttle::give_back(db, &pair).await?;
+        return Err(LoginError::Throttled);
+    }
+    let backoff = Backoff { free: FREE_LOGINS_PER_EMAIL, first_delay: Duration::from_secs(1), max_delay: backoff_max };
+    if let Err(wait) = throttle::claim(db, &account, backoff, now).await? {
+        // Waiting for the account's backoff is not a guess: it costs this address nothing.
+        throttle::give_back(db, &pair).await?;
+        throttle::give_back(db, &address).await?;
+        return Err(LoginError::Backoff {
+            seconds: u64::try_from(wait.as_millis().div_ceil(1000)).unwrap_or(u64::MAX),
+        });
+    }
+    const SQL: &str = "SELECT id, email, verified_at, password_hash FROM users WHERE email = $1";
+    let row: Option<(UserId, String, Option<i64>, String)> =
         with_db!(db, pool => sqlx::query_as(SQL).bind(&email).fetch_optional(pool).await).map_err(DbError::from)?;
-    let hash = row.as_ref().map_or_else(|| crypto::dummy_password_hash().to_owned(), |r| r.2.clone());
+    let hash = row.as_ref().map_or_else(|| crypto::dummy_password_hash().to_owned(), |r| r.3.clone());
     let password = password.to_owned();
     let verified =
         tokio::task::spawn_blocking(move || crypto::verify_password(&password, &hash)).await.unwrap_or(false);
     match row {
-        Some((id, email, _)) if verified => {
-            clear_failures(db, &keys[0]).await?;
-            Ok(User { id, email })
+        Some((id, email, verified_at, _)) if verified => {
+            throttle::clear(db, &pair).await?;
+            throttle::give_back(db, &address).await?;
+            throttle::give_back(db, &account).await?;
+            Ok(User { id, email, verified_at })
         }
-        _ => {
-            for key in &keys {
-                record_failure(db, key, now).await?;
-            }
-            Err(LoginError::Invalid)
-        }
+        _ => Err(LoginError::Invalid),
     }
 }
 
-async fn recent_failures(db: &Db, key: &str, now: UnixMillis) -> Result<i64, DbError> {
-    const SQL: &str = "SELECT failures FROM login_failures WHERE throttle_key = $1 AND window_start > $2";
-    let since = now.plus_secs(-THROTTLE_WINDOW_SECS).0;
-    Ok(with_db!(db, pool => sqlx::query_scalar::<_, i64>(SQL).bind(key).bind(since).fetch_optional(pool).await)?
-        .unwrap_or(0))
-}
-
-async fn record_failure(db: &Db, key: &str, now: UnixMillis) -> Result<(), DbError> {
-    // A window that has passed starts over; otherwise the count goes up, in one statement.
-    const SQL: &str = "INSERT INTO login_failures (throttle_key, failures, window_start) VALUES ($1, 1, $2)         ON CONFLICT (throttle_key) DO UPDATE SET           failures = CASE WHEN login_failures.window_start <= $3 THEN 1 ELSE login_failures.failures + 1 END,           window_start = CASE WHEN login_failures.window_start <= $3 THEN $2 ELSE login_failures.window_start END";
-    let since = now.plus_secs(-THROTTLE_WINDOW_SECS).0;
-    with_db!(db, pool => sqlx::query(SQL).bind(key).bind(now.0).bind(since).execute(pool).await.map(|_| ()))?;
-    Ok(())
-}
-
-async fn clear_failures(db: &Db, key: &str) -> Result<(), DbError> {
-    with_db!(db, pool => sqlx::query("DELETE FROM login_failures WHERE throttle_key = $1").bind(key).execute(pool)
-        .await.map(|_| ()))?;
-    Ok(())
-}
-
 pub async fn get_user(db: &Db, id: &UserId) -> Result<Option<User>, DbError> {
-    Ok(with_db!(db, pool => sqlx::query_as::<_, User>("SELECT id, email FROM users WHERE id = $1").bind(id)
-        .fetch_optional(pool).await)?)
+    const SQL: &str = "SELECT id, email, verified_at FROM users WHERE id = $1";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, User>(SQL).bind(id).fetch_optional(pool).await)?)
 }
 
 /// The organizations a user belongs to, oldest membership first.
@@ -310,8 +431,15 @@ pub async fn memberships(db: &Db, user: &UserId) -> Result<Vec<Membership>, DbEr
     Ok(with_db!(db, pool => sqlx::query_as::<_, Membership>(SQL).bind(user).fetch_all(pool).await)?)
 }
 
-/// Changes a password after checking the current one.
-pub async fn change_password(db: &Db, user: &UserId, current: &str, new: &str) -> Result<(), AccountError> {
+/// Changes a password after checking the current one, and ends every other session of the
+/// account (`keep_session`: the id of the session making the change, which stays).
+pub async fn change_password(
+    db: &Db,
+    user: &UserId,
+    current: &str,
+    new: &str,
+    keep_session: Option<&str>,
+) -> Result<(), AccountError> {
     const SQL: &str = "SELECT password_hash FROM users WHERE id = $1";
     let hash: Option<String> = with_db!(db, pool => sqlx::query_scalar(SQL).bind(user).fetch_optional(pool).await)?;
     let current = current.to_owned();
@@ -320,15 +448,14 @@ pub async fn change_password(db: &Db, user: &UserId, current: &str, new: &str) -
     if !ok {
         return Err(AccountError::Password("the current password is not correct".to_owned()));
     }
-    set_password(db, user, new).await
+    set_password(db, user, new).await?;
+    sessions::end_all_for_user(db, user.as_str(), keep_session).await?;
+    Ok(())
 }
 
 async fn set_password(db: &Db, user: &UserId, new: &str) -> Result<(), AccountError> {
     validate_password(new)?;
-    let new = new.to_owned();
-    let hash = tokio::task::spawn_blocking(move || crypto::hash_password(&new))
-        .await
-        .map_err(|_| crypto::PasswordHashError)??;
+    let hash = hash_password(new).await?;
     with_db!(db, pool => sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2").bind(&hash).bind(user)
         .execute(pool).await.map(|_| ()))?;
     Ok(())
@@ -338,6 +465,7 @@ async fn set_password(db: &Db, user: &UserId, new: &str) -> Result<(), AccountEr
 pub const RESET_TTL_SECS: i64 = 60 * 60;
 
 /// Starts a password reset: a one-time token for the account of `email`, if there is one.
+/// Callers throttle first ([`allow_reset_request`]).
 pub async fn start_password_reset(db: &Db, email: &str) -> Result<Option<String>, DbError> {
     let Ok(email) = normalize_email(email) else { return Ok(None) };
     let user: Option<UserId> = with_db!(db, pool => sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
@@ -360,10 +488,12 @@ pub async fn reset_token_is_live(db: &Db, token: &str) -> Result<bool, DbError> 
 }
 
 /// Uses a reset token (once) to set a new password; every other reset link of the account
-/// stops working too.
+/// stops working too, and every session of the account ends (whoever held one must now know
+/// the new password). The link came by mail, so the address counts as verified from now on.
 pub async fn finish_password_reset(db: &Db, token: &str, new: &str) -> Result<UserId, AccountError> {
     validate_password(new)?;
-    const CLAIM: &str = "UPDATE password_resets SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL                          AND expires_at > $1 RETURNING user_id";
+    const CLAIM: &str = "UPDATE password_resets SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL \
+                         AND expires_at > $1 RETURNING user_id";
     let now = UnixMillis::now().0;
     let user: Option<UserId> = with_db!(db, pool => sqlx::query_scalar(CLAIM).bind(now)
         .bind(crypto::token_hash(token)).fetch_optional(pool).await)?;
@@ -371,7 +501,137 @@ pub async fn finish_password_reset(db: &Db, token: &str, new: &str) -> Result<Us
     set_password(db, &user, new).await?;
     with_db!(db, pool => sqlx::query("UPDATE password_resets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
         .bind(now).bind(&user).execute(pool).await.map(|_| ()))?;
+    mark_verified(db, &user, now).await?;
+    sessions::end_all_for_user(db, user.as_str(), None).await?;
     Ok(user)
+}
+
+// ---------------------------------------------------------------------------------------
+// Verifying an address
+
+/// How long a confirmation link works, and how long an unverified account lives.
+pub const VERIFICATION_TTL_SECS: i64 = 7 * 24 * 3600;
+
+/// A new confirmation link's token for an unverified account; None if the account is verified
+/// already (or gone). Callers that mail it on request throttle first ([`allow_verification_mail`]).
+pub async fn start_email_verification(db: &Db, user: &UserId) -> Result<Option<String>, DbError> {
+    match get_user(db, user).await? {
+        Some(u) if !u.is_verified() => Ok(Some(new_verification_token(db, user).await?)),
+        _ => Ok(None),
+    }
+}
+
+async fn new_verification_token(db: &Db, user: &UserId) -> Result<String, DbError> {
+    let token = crypto::random_token();
+    const SQL: &str = "INSERT INTO email_verifications (token_hash, user_id, expires_at) VALUES ($1, $2, $3)";
+    with_db!(db, pool => sqlx::query(SQL).bind(crypto::token_hash(&token)).bind(user)
+        .bind(UnixMillis::now().plus_secs(VERIFICATION_TTL_SECS).0).execute(pool).await.map(|_| ()))?;
+    Ok(token)
+}
+
+/// Verifies `user`'s address with a confirmation link's token. The caller must be logged in as
+/// that account: the link proves the mailbox, the login proves the password, and only both
+/// together make the account its holder's (someone who clicks a link sent by another's sign-up
+/// verifies nothing).
+pub async fn verify_email(db: &Db, token: &str, user: &UserId) -> Result<(), AccountError> {
+    const CLAIM: &str = "UPDATE email_verifications SET used_at = $1 WHERE token_hash = $2 AND user_id = $3 \
+                         AND used_at IS NULL AND expires_at > $1";
+    let now = UnixMillis::now().0;
+    let claimed = with_db!(db, pool => sqlx::query(CLAIM).bind(now).bind(crypto::token_hash(token)).bind(user)
+        .execute(pool).await.map(|r| r.rows_affected()))?;
+    if claimed == 0 {
+        return Err(AccountError::VerificationLink);
+    }
+    mark_verified(db, user, now).await?;
+    Ok(())
+}
+
+async fn mark_verified(db: &Db, user: &UserId, now: i64) -> Result<(), DbError> {
+    const SQL: &str = "UPDATE users SET verified_at = $1 WHERE id = $2 AND verified_at IS NULL";
+    with_db!(db, pool => sqlx::query(SQL).bind(now).bind(user).execute(pool).await.map(|_| ()))?;
+    Ok(())
+}
+
+/// Deletes the accounts left unverified for [`VERIFICATION_TTL_SECS`], with the organizations
+/// they alone belong to (an unverified account can neither join another nor invite anyone),
+/// and spent or expired confirmation links (housekeeping); returns how many rows went.
+pub async fn delete_expired_unverified(db: &Db, now: UnixMillis) -> Result<u64, DbError> {
+    const EXPIRED: &str = "SELECT id FROM users WHERE verified_at IS NULL AND created_at <= $1";
+    const ORGS: &str = "DELETE FROM organizations WHERE id IN \
+        (SELECT m.org_id FROM memberships m WHERE m.user_id = $1) \
+        AND NOT EXISTS (SELECT 1 FROM memberships o WHERE o.org_id = organizations.id AND o.user_id <> $1)";
+    const USER: &str = "DELETE FROM users WHERE id = $1 AND verified_at IS NULL";
+    const LINKS: &str = "DELETE FROM email_verifications WHERE expires_at <= $1 OR used_at IS NOT NULL";
+    let cutoff = now.plus_secs(-VERIFICATION_TTL_SECS).0;
+    let expired: Vec<UserId> = with_db!(db, pool => sqlx::query_scalar(EXPIRED).bind(cutoff).fetch_all(pool).await)?;
+    let mut removed = 0;
+    for user in expired {
+        let result: Result<u64, sqlx::Error> = with_db!(db, pool => async {
+            let mut tx = pool.begin().await?;
+            let orgs = sqlx::query(ORGS).bind(&user).execute(&mut *tx).await?.rows_affected();
+            let users = sqlx::query(USER).bind(&user).execute(&mut *tx).await?.rows_affected();
+            tx.commit().await?;
+            Ok(orgs + users)
+        }
+        .await);
+        removed += result?;
+        sessions::end_all_for_user(db, user.as_str(), None).await?;
+    }
+    removed += with_db!(db, pool => sqlx::query(LINKS).bind(now.0).execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(removed)
+}
+
+// ---------------------------------------------------------------------------------------
+// Throttling what strangers can ask for
+
+/// Reset requests allowed per client address, and per email, within a window.
+pub const MAX_RESET_REQUESTS_PER_ADDRESS: i64 = 10;
+pub const MAX_RESET_REQUESTS_PER_EMAIL: i64 = 3;
+/// Sign-ups allowed per client address, and per email, within a window.
+pub const MAX_SIGN_UPS_PER_ADDRESS: i64 = 5;
+pub const MAX_SIGN_UPS_PER_EMAIL: i64 = 3;
+/// Confirmation links one account may ask to be mailed again within a window.
+pub const MAX_VERIFICATION_MAILS_PER_ACCOUNT: i64 = 3;
+
+/// Counts a reset request from `client` for `email`; false if over a limit (nothing is sent).
+pub async fn allow_reset_request(db: &Db, client: &str, email: &str) -> Result<bool, DbError> {
+    let email = email.trim().to_lowercase();
+    take_all(
+        db,
+        &[
+            (format!("reset-address:{client}"), MAX_RESET_REQUESTS_PER_ADDRESS),
+            (format!("reset-email:{email}"), MAX_RESET_REQUESTS_PER_EMAIL),
+        ],
+    )
+    .await
+}
+
+/// Counts a sign-up from `client` for `email` (normalized); false if over a limit.
+async fn allow_sign_up(db: &Db, client: &str, email: &str) -> Result<bool, DbError> {
+    take_all(
+        db,
+        &[
+            (format!("signup-address:{client}"), MAX_SIGN_UPS_PER_ADDRESS),
+            (format!("signup-email:{email}"), MAX_SIGN_UPS_PER_EMAIL),
+        ],
+    )
+    .await
+}
+
+/// Counts a request to mail `user` a confirmation link again; false if over the limit.
+pub async fn allow_verification_mail(db: &Db, user: &UserId) -> Result<bool, DbError> {
+    take_all(db, &[(format!("verify-mail:{user}"), MAX_VERIFICATION_MAILS_PER_ACCOUNT)]).await
+}
+
+/// Counts one attempt against each key in turn; false at the first over its limit.
+async fn take_all(db: &Db, limits: &[(String, i64)]) -> Result<bool, DbError> {
+    let now = UnixMillis::now();
+    for (key, limit) in limits {
+        if !throttle::take(db, key, *limit, now).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -407,6 +667,8 @@ pub enum MemberError {
     InvitationGone,
     #[error("This invitation is for {0}: log in with that email to accept it.")]
     WrongAccount(String),
+    #[error("Confirm your email address first: open the link we mailed you (the Account page sends it again).")]
+    Unverified,
     #[error(transparent)]
     Account(#[from] AccountError),
     #[error(transparent)]
@@ -463,14 +725,19 @@ pub struct Invitation {
     pub expires_at: i64,
 }
 
-/// Invites `email` to `org` as `role` (admin or viewer); returns the one-time link token.
+/// Invites `email` to `org` as `role` (admin or viewer); returns the one-time link token. The
+/// inviter must be verified (an unverified account could otherwise have mail sent anywhere).
 pub async fn invite(
     db: &Db,
     org: &OrgId,
     email: &str,
     role: Role,
-    by: &UserId,
+    by: &User,
 ) -> Result<(Invitation, String), MemberError> {
+    if !by.is_verified() {
+        return Err(MemberError::Unverified);
+    }
+    let by = &by.id;
     let email = normalize_email(email).map_err(|e| match e {
         AccountError::Email(why) => MemberError::Email(why),
         other => MemberError::Account(other),
@@ -530,27 +797,30 @@ pub async fn revoke_invitation(db: &Db, org: &OrgId, id: &crate::ids::Invitation
     Ok(n == 1)
 }
 
-/// Accepts an invitation for an existing account (whose email must be the invited one).
-/// The invitation is claimed and the membership made in one transaction, once.
+/// Accepts an invitation for an existing, verified account (whose email must be the invited
+/// one). The invitation is claimed and the membership made in one transaction, once.
 pub async fn accept_invitation(db: &Db, token: &str, user: &User) -> Result<Invitation, MemberError> {
     let invitation = invitation(db, token).await?.ok_or(MemberError::InvitationGone)?;
     if invitation.email != user.email {
         return Err(MemberError::WrongAccount(invitation.email));
     }
+    // Read again: the caller's copy may predate a verification, never the other way round.
+    let verified = get_user(db, &user.id).await?.is_some_and(|u| u.is_verified());
+    if !verified {
+        return Err(MemberError::Unverified);
+    }
     join(db, &invitation, &user.id, None).await?;
     Ok(invitation)
 }
 
-/// Creates the invited person's account and membership in one transaction.
+/// Creates the invited person's account and membership in one transaction. The link came by
+/// mail to the invited address, so the account is verified.
 pub async fn sign_up_with_invitation(db: &Db, token: &str, password: &str) -> Result<(User, Invitation), MemberError> {
     let invitation = invitation(db, token).await?.ok_or(MemberError::InvitationGone)?;
     validate_password(password)?;
-    let password = password.to_owned();
-    let hash = tokio::task::spawn_blocking(move || crypto::hash_password(&password))
-        .await
-        .map_err(|_| AccountError::Hash(crypto::PasswordHashError))?
-        .map_err(AccountError::from)?;
-    let user = User { id: UserId::generate(), email: invitation.email.clone() };
+    let hash = hash_password(password).await?;
+    let now = UnixMillis::now().0;
+    let user = User { id: UserId::generate(), email: invitation.email.clone(), verified_at: Some(now) };
     join(db, &invitation, &user.id, Some((&user.email, &hash))).await?;
     Ok((user, invitation))
 }
@@ -563,7 +833,8 @@ async fn join(
 ) -> Result<(), MemberError> {
     const CLAIM: &str =
         "UPDATE invitations SET accepted_at = $1 WHERE id = $2 AND accepted_at IS NULL AND expires_at > $1";
-    const USER: &str = "INSERT INTO users (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)";
+    const USER: &str =
+        "INSERT INTO users (id, email, password_hash, created_at, verified_at) VALUES ($1, $2, $3, $4, $4)";
     const MEMBER: &str = "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES ($1, $2, $3, $4) \
                           ON CONFLICT (org_id, user_id) DO NOTHING";
     let now = UnixMillis::now().0;

@@ -89,6 +89,44 @@ pub struct Config {
     pub stripe_connect_webhook_secret: Option<SecretString>,
     /// How often each worker process compares delivered usage with Stripe's meter summaries.
     pub stripe_reconcile_interval: Duration,
+    /// Accounts and sessions (see `accounts`).
+    pub accounts: AccountSettings,
+}
+
+/// Who may sign up, how long a dashboard session lives, and where a client's address is read.
+#[derive(Debug, Clone)]
+pub struct AccountSettings {
+    /// Whether anyone may create an organization at `/signup`; false: invitations only (and
+    /// `tollgate admin create-org`).
+    pub signup_open: bool,
+    /// A dashboard session ends this long after its login, however active (beside the idle
+    /// expiry).
+    pub session_lifetime: Duration,
+    /// Reverse proxies whose `X-Forwarded-For` is believed: a request from one of these is from
+    /// the right-most address of that header that is not itself one of these.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The longest an email's logins wait between attempts once many have failed (the
+    /// per-email backoff never locks an account for longer).
+    pub login_backoff_max: Duration,
+}
+
+impl Default for AccountSettings {
+    fn default() -> Self {
+        Self {
+            signup_open: true,
+            session_lifetime: Duration::from_secs(30 * 24 * 3600),
+            trusted_proxies: Vec::new(),
+            login_backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AccountSettings {
+    /// Whether `ip` is one of the trusted reverse proxies.
+    pub fn is_trusted_proxy(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
 }
 
 impl Config {
@@ -184,6 +222,10 @@ struct RawConfig {
     stripe_platform_key: Option<String>,
     stripe_connect_webhook_secret: Option<String>,
     stripe_reconcile_seconds: Option<u64>,
+    signup_open: Option<bool>,
+    session_lifetime_seconds: Option<u64>,
+    trusted_proxies: Option<String>,
+    login_backoff_max_seconds: Option<u64>,
 }
 
 /// Raw settings plus where each came from, so errors can point at the right place.
@@ -217,6 +259,10 @@ const SETTINGS: &[(&str, &str)] = &[
     ("stripe_platform_key", "TOLLGATE_STRIPE_PLATFORM_KEY"),
     ("stripe_connect_webhook_secret", "TOLLGATE_STRIPE_CONNECT_WEBHOOK_SECRET"),
     ("stripe_reconcile_seconds", "TOLLGATE_STRIPE_RECONCILE_SECONDS"),
+    ("signup_open", "TOLLGATE_SIGNUP_OPEN"),
+    ("session_lifetime_seconds", "TOLLGATE_SESSION_LIFETIME_SECONDS"),
+    ("trusted_proxies", "TOLLGATE_TRUSTED_PROXIES"),
+    ("login_backoff_max_seconds", "TOLLGATE_LOGIN_BACKOFF_MAX_SECONDS"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -305,6 +351,25 @@ impl Sourced {
                     r.workers = Some(
                         parse_bool(value).ok_or_else(|| invalid(format!("expected true or false, got {value:?}")))?,
                     )
+                }
+                "signup_open" => {
+                    r.signup_open = Some(
+                        parse_bool(value).ok_or_else(|| invalid(format!("expected true or false, got {value:?}")))?,
+                    )
+                }
+                "trusted_proxies" => r.trusted_proxies = text,
+                "session_lifetime_seconds" | "login_backoff_max_seconds" => {
+                    let seconds = Some(
+                        value
+                            .trim()
+                            .parse()
+                            .map_err(|_| invalid(format!("expected a number of seconds, got {value:?}")))?,
+                    );
+                    if *key == "session_lifetime_seconds" {
+                        r.session_lifetime_seconds = seconds;
+                    } else {
+                        r.login_backoff_max_seconds = seconds;
+                    }
                 }
                 _ => {}
             }
@@ -447,6 +512,7 @@ impl Sourced {
         if stripe_reconcile_interval.is_zero() {
             return Err(self.invalid("stripe_reconcile_seconds", "must be at least 1"));
         }
+        let accounts = self.account_settings()?;
         Ok(Config {
             mode,
             listen,
@@ -470,6 +536,40 @@ impl Sourced {
             stripe_platform_key: stripe_platform_key.map(SecretString::from),
             stripe_connect_webhook_secret: stripe_connect_webhook_secret.map(SecretString::from),
             stripe_reconcile_interval,
+            accounts,
+        })
+    }
+
+    fn account_settings(&self) -> Result<AccountSettings, ConfigError> {
+        let r = &self.raw;
+        let defaults = AccountSettings::default();
+        let session_lifetime = r.session_lifetime_seconds.map(Duration::from_secs).unwrap_or(defaults.session_lifetime);
+        if session_lifetime.is_zero() {
+            return Err(self.invalid("session_lifetime_seconds", "must be at least 1"));
+        }
+        let login_backoff_max =
+            r.login_backoff_max_seconds.map(Duration::from_secs).unwrap_or(defaults.login_backoff_max);
+        if login_backoff_max.is_zero() {
+            return Err(self.invalid("login_backoff_max_seconds", "must be at least 1"));
+        }
+        let mut trusted_proxies = Vec::new();
+        for item in r.trusted_proxies.as_deref().unwrap_or("").split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let net = item
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    self.invalid(
+                        "trusted_proxies",
+                        format!("expected addresses or CIDRs separated by commas, got {item:?}"),
+                    )
+                })?;
+            trusted_proxies.push(net.trunc());
+        }
+        Ok(AccountSettings {
+            signup_open: r.signup_open.unwrap_or(defaults.signup_open),
+            session_lifetime,
+            trusted_proxies,
+            login_backoff_max,
         })
     }
 }
@@ -541,6 +641,31 @@ mod tests {
         std::fs::write(&path, "database_max_connections = 0\n").unwrap();
         let e = Config::load(Some(&path), &env(&[])).unwrap_err();
         assert!(e.to_string().contains("`database_max_connections` in"), "{e}");
+    }
+
+    #[test]
+    fn account_settings_are_read_and_checked() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert!(c.accounts.signup_open);
+        assert_eq!(c.accounts.session_lifetime, Duration::from_secs(30 * 24 * 3600));
+        assert!(c.accounts.trusted_proxies.is_empty());
+        let c = Config::load(
+            None,
+            &env(&[
+                ("TOLLGATE_SIGNUP_OPEN", "false"),
+                ("TOLLGATE_SESSION_LIFETIME_SECONDS", "60"),
+                ("TOLLGATE_TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1 ,::1"),
+            ]),
+        )
+        .unwrap();
+        assert!(!c.accounts.signup_open);
+        assert_eq!(c.accounts.session_lifetime, Duration::from_secs(60));
+        assert!(c.accounts.is_trusted_proxy("10.1.2.3".parse().unwrap()));
+        assert!(c.accounts.is_trusted_proxy("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(c.accounts.is_trusted_proxy("::1".parse().unwrap()));
+        assert!(!c.accounts.is_trusted_proxy("11.0.0.1".parse().unwrap()));
+        let e = Config::load(None, &env(&[("TOLLGATE_TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal")])).unwrap_err();
+        assert!(e.to_string().contains("TOLLGATE_TRUSTED_PROXIES") && e.to_string().contains("proxy.internal"), "{e}");
     }
 
     #[test]

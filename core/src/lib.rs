@@ -7,6 +7,7 @@
 //! - [`db`]: the database handle for SQLite or PostgreSQL, and migrations.
 //! - [`accounts`]: organizations, users, memberships, logins and password resets.
 //! - [`sessions`] and [`audit`]: dashboard sessions, and who changed what.
+//! - [`throttle`]: attempt counters (logins, reset requests, sign-ups), each decided in one statement.
 //! - [`projects`]: projects, keys, providers, prices and end-customers.
 //! - [`pricing`] and [`period`]: what a call costs, and the window a budget counts in.
 //! - [`ledger`]: reserve before a call, settle after it, and the usage events.
@@ -36,6 +37,7 @@ pub mod projects;
 pub mod sessions;
 pub mod signature;
 pub mod stripe;
+pub mod throttle;
 pub mod time;
 pub mod tokens;
 pub mod usage;

@@ -3,7 +3,7 @@
 //! deployment (deduplicated by minute across replicas), which releases expired reservations
 //! (calls of a crashed process: no customer stays blocked by them) and prunes stale rows
 //! (heartbeats, expired sessions, spent reset links and invitations, old login failures,
-//! idempotency keys older than a day).
+//! idempotency keys older than a day, accounts left unverified past their week).
 
 use serde::{Deserialize, Serialize};
 use tollgate_core::db::DbError;
@@ -33,8 +33,9 @@ pub async fn beat(db: &Db, worker: &str) -> Result<(), sqlx::Error> {
 pub struct HousekeepingReport {
     pub stale_heartbeats_removed: u64,
     pub expired_reservations_released: u64,
-    /// Expired dashboard sessions, used or expired reset links and invitations, and login
-    /// failure counters whose window has passed.
+    /// Expired dashboard sessions, used or expired reset links and invitations, login
+    /// failure counters whose window has passed, and accounts left unverified (with their
+    /// organizations and confirmation links).
     #[serde(default)]
     pub expired_dashboard_rows_removed: u64,
 }
@@ -47,7 +48,8 @@ pub async fn run(db: &Db, now: UnixMillis) -> Result<HousekeepingReport, DbError
     let released = tollgate_core::ledger::release_expired(db, now).await?;
     let mut dashboard = tollgate_core::sessions::delete_expired(db, now).await?;
     dashboard += tollgate_core::idempotency::prune(db, now).await?;
-    let window_start = now.plus_secs(-tollgate_core::accounts::THROTTLE_WINDOW_SECS).0;
+    dashboard += tollgate_core::accounts::delete_expired_unverified(db, now).await?;
+    let window_start = now.plus_secs(-tollgate_core::throttle::WINDOW_SECS).0;
     for (sql, bound) in [
         ("DELETE FROM password_resets WHERE expires_at <= $1 OR used_at IS NOT NULL", now.0),
         ("DELETE FROM invitations WHERE expires_at <= $1 AND accepted_at IS NULL", now.0),

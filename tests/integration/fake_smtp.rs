@@ -53,13 +53,31 @@ impl FakeSmtp {
 
     /// Waits up to 10 s for a mail to `recipient`.
     pub async fn mail_to(&self, recipient: &str) -> anyhow::Result<Mail> {
+        self.mail_to_with(recipient, "").await
+    }
+
+    /// Waits up to 10 s for a mail to `recipient` whose text contains `marker`.
+    pub async fn mail_to_with(&self, recipient: &str, marker: &str) -> anyhow::Result<Mail> {
         for _ in 0..100 {
-            if let Some(mail) = self.mails().into_iter().find(|m| m.recipients.iter().any(|r| r.contains(recipient))) {
+            let found = self
+                .mails()
+                .into_iter()
+                .find(|m| m.recipients.iter().any(|r| r.contains(recipient)) && m.text().contains(marker));
+            if let Some(mail) = found {
                 return Ok(mail);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        anyhow::bail!("no mail to {recipient} arrived; got {:?}", self.mails())
+        anyhow::bail!("no mail to {recipient} with {marker:?} arrived; got {:?}", self.mails())
+    }
+
+    /// The path and query of the first link in a mail to `recipient` that starts with `prefix`
+    /// (`/verify?token=`, …), waiting for that mail up to 10 s.
+    pub async fn link_to(&self, recipient: &str, prefix: &str) -> anyhow::Result<String> {
+        let text = self.mail_to_with(recipient, prefix).await?.text();
+        let start = text.find(prefix).unwrap_or_default();
+        let end = text[start..].find(char::is_whitespace).map_or(text.len(), |e| start + e);
+        Ok(text[start..end].to_owned())
     }
 }
 

@@ -86,8 +86,9 @@ async fn housekeeping_prunes_expired_dashboard_rows(db: TestDatabase) -> TestRes
     let pool = db.connect().await?;
     pool.migrate().await?;
     let now = UnixMillis::now();
-    tollgate_core::sessions::save(&pool, "old-session", "{}", now.plus_secs(-1)).await?;
-    tollgate_core::sessions::save(&pool, "live-session", "{}", now.plus_secs(3_600)).await?;
+    let stored = |expires_at| tollgate_core::sessions::Stored { data: "{}", expires_at, user_id: None };
+    tollgate_core::sessions::create(&pool, "old-session", stored(now.plus_secs(-1))).await?;
+    tollgate_core::sessions::create(&pool, "live-session", stored(now.plus_secs(3_600))).await?;
     with_db!(&pool, p => async {
         sqlx::query("INSERT INTO login_failures (throttle_key, failures, window_start) VALUES ('email:old', 3, $1), ('email:new', 1, $2)")
             .bind(now.plus_secs(-3_600).0).bind(now.0).execute(p).await?;

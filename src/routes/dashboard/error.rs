@@ -36,7 +36,7 @@ impl IntoResponse for WebError {
             WebError::Forbidden(why) => (StatusCode::FORBIDDEN, "Not allowed", (*why).to_owned()),
             WebError::BadRequest(why) => (StatusCode::BAD_REQUEST, "Bad request", why.clone()),
             WebError::LoginRequired { next } => {
-                let target = if next.starts_with('/') && !next.starts_with("//") { next.as_str() } else { "/" };
+                let target = super::accounts::safe_next(next).unwrap_or("/");
                 return Redirect::to(&format!("/login?next={}", urlencode(target))).into_response();
             }
             WebError::Internal => (

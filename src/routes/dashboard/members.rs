@@ -1,8 +1,7 @@
-//! Members and invitations. Owners invite by link (shown once to the owner, and mailed, or
-//! written to the server log without SMTP), change roles and remove members; the last owner
-//! stays. An
-//! invitation is accepted by an existing account with the invited email, or by creating that
-//! account.
+//! Members and invitations. Owners invite by link (mailed; without SMTP written to the server
+//! log and shown once to the owner, who relays it), change roles and remove members; the last
+//! owner stays. An invitation is accepted by an existing, verified account with the invited
+//! email, or by creating that account (verified: the link came to its mailbox).
 
 use askama::Template;
 use askama_web::WebTemplate;
@@ -18,7 +17,7 @@ use tower_sessions::Session;
 
 use super::error::{WebError, urlencode};
 use super::format;
-use super::session::{self, CsrfForm, Member, csrf_token, verify_csrf};
+use super::session::{self, CsrfForm, FormCookie, Member, csrf_token};
 use crate::state::AppState;
 
 pub struct MemberView {
@@ -101,7 +100,7 @@ pub async fn invite(
             return Ok((StatusCode::BAD_REQUEST, page(&state, me, None, errors).await?).into_response());
         }
     };
-    match accounts::invite(&state.db, me.org_id(), &form.email, role, &me.user.id).await {
+    match accounts::invite(&state.db, me.org_id(), &form.email, role, &me.user).await {
         Ok((invitation, token)) => {
             let link = format!("{}/invite?token={}", state.config.public_url.trim_end_matches('/'), urlencode(&token));
             let body = format!(
@@ -112,7 +111,10 @@ pub async fn invite(
             state.mailer.send(&invitation.email, &subject, body, &link);
             let detail = format!("invited as {}", invitation.role);
             audit::record(&state.db, me.org_id(), &me.actor(), "member.invited", &invitation.email, &detail).await?;
-            Ok(page(&state, me, Some(link), vec![]).await?.into_response())
+            // With mail, only the invited mailbox gets the link, so following it proves the
+            // address; without, the owner relays it.
+            let shown = (!state.mailer.is_configured()).then_some(link);
+            Ok(page(&state, me, shown, vec![]).await?.into_response())
         }
         Err(e) => {
             let errors = vec![member_error(e)?];
@@ -218,9 +220,12 @@ pub struct InviteQuery {
     token: String,
 }
 
+/// The invitation's page: a logged-in visitor's form carries the session's token, anyone
+/// else's the form cookie's.
 async fn invite_page(
     state: &AppState,
     session: &Session,
+    form_cookie: &FormCookie,
     token: String,
     errors: Vec<String>,
 ) -> Result<Response, WebError> {
@@ -229,8 +234,9 @@ async fn invite_page(
     };
     let logged_in = session.get::<UserId>("user_id").await?.is_some();
     let status = if errors.is_empty() { StatusCode::OK } else { StatusCode::BAD_REQUEST };
+    let csrf = if logged_in { csrf_token(session).await? } else { form_cookie.token() };
     let page = InvitePage {
-        csrf: csrf_token(session).await?,
+        csrf,
         next_encoded: urlencode(&format!("/invite?token={token}")),
         token,
         invitation,
@@ -243,9 +249,10 @@ async fn invite_page(
 pub async fn show_invitation(
     State(state): State<AppState>,
     session: Session,
+    form_cookie: FormCookie,
     Query(query): Query<InviteQuery>,
 ) -> Result<Response, WebError> {
-    invite_page(&state, &session, query.token, vec![]).await
+    invite_page(&state, &session, &form_cookie, query.token, vec![]).await
 }
 
 #[derive(Deserialize, Default)]
@@ -259,6 +266,7 @@ pub struct AcceptForm {
 pub async fn accept(
     State(state): State<AppState>,
     me: Member,
+    form_cookie: FormCookie,
     Form(form): Form<AcceptForm>,
 ) -> Result<Response, WebError> {
     me.verify_csrf(&form.csrf).await?;
@@ -272,7 +280,7 @@ pub async fn accept(
         }
         Err(e) => {
             let message = member_error(e)?;
-            invite_page(&state, &me.session, form.token, vec![message]).await
+            invite_page(&state, &me.session, &form_cookie, form.token, vec![message]).await
         }
     }
 }
@@ -280,12 +288,14 @@ pub async fn accept(
 pub async fn sign_up(
     State(state): State<AppState>,
     session: Session,
+    form_cookie: FormCookie,
     Form(form): Form<AcceptForm>,
 ) -> Result<Response, WebError> {
-    verify_csrf(&session, &form.csrf).await?;
+    form_cookie.verify(&form.csrf)?;
     match accounts::sign_up_with_invitation(&state.db, &form.token, &form.password).await {
         Ok((user, invitation)) => {
-            session::log_in(&session, &user.id, Some(&invitation.org_id)).await?;
+            let lifetime = state.config.accounts.session_lifetime;
+            session::log_in(&session, &user.id, Some(&invitation.org_id), lifetime).await?;
             let actor = audit::Actor { user_id: Some(user.id.clone()), label: user.email.clone() };
             audit::record(&state.db, &invitation.org_id, &actor, "member.joined", &user.email, &invitation.role)
                 .await?;
@@ -293,13 +303,13 @@ pub async fn sign_up(
         }
         Err(e) => {
             let message = match e {
-                MemberError::Account(AccountError::EmailTaken) => {
-                    "An account with this email exists already: log in, then open the invitation link again.".to_owned()
-                }
+                MemberError::Account(AccountError::EmailTaken) => "An account with this email exists already: log in \
+                     (or choose a new password with \"Forgot your password?\"), then open the invitation link again."
+                    .to_owned(),
                 MemberError::Account(AccountError::Password(why)) => format!("Password: {why}"),
                 other => member_error(other)?,
             };
-            invite_page(&state, &session, form.token, vec![message]).await
+            invite_page(&state, &session, &form_cookie, form.token, vec![message]).await
         }
     }
 }

@@ -2,9 +2,10 @@
 //! proxy and the management API use. Works without JavaScript; everything it serves comes
 //! from this binary (no CDN).
 //!
-//! - [`session`]: who is looking (the `Member` extractor), CSRF tokens, logging in and out.
+//! - [`session`]: who is looking (the `Member` extractor), CSRF tokens (the session's, or a
+//!   form cookie before login), logging in and out.
 //! - [`session_store`]: tower-sessions on our own database, ids stored hashed.
-//! - [`accounts`]: sign-up, login, logout, password change and reset.
+//! - [`accounts`]: sign-up, email confirmation, login, logout, password change and reset.
 //! - [`projects`], [`customers`], [`keys`], [`providers`], [`settings`], [`members`], [`audit_log`]:
 //!   the pages of an organization; [`api_reference`]: the management API's reference.
 //! - [`error`]: the one error type of this face, answered as an HTML page.
@@ -36,7 +37,8 @@ use tower_sessions::{Expiry, Session, SessionManagerLayer};
 
 use crate::state::AppState;
 
-/// A session ends after this long without a request.
+/// A session ends after this long without a change (and at the latest after the operator's
+/// session lifetime, see `session_store`).
 const SESSION_IDLE: time::Duration = time::Duration::hours(12);
 
 pub fn router(state: &AppState) -> Router<AppState> {
@@ -58,6 +60,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/password/reset", get(accounts::reset_page).post(accounts::reset))
         .route("/account", get(accounts::account_page))
         .route("/account/password", post(accounts::change_password))
+        .route("/account/verify", post(accounts::resend_verification))
+        .route("/verify", get(accounts::verify_email))
         .route("/org/switch", post(accounts::switch_org))
         .route("/projects", get(projects::list).post(projects::create))
         .route("/projects/{id}", get(projects::show))
@@ -94,6 +98,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/invite/signup", post(members::sign_up))
         .layer(axum::middleware::from_fn(refuse_nul_in_forms))
         .layer(sessions)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), session::form_cookie))
         .layer(axum::middleware::from_fn(security_headers));
     pages.route("/static/{file}", get(static_file))
 }
