@@ -37,6 +37,8 @@ struct Row {
 pub enum IdempotencyError {
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Query(#[from] sqlx::Error),
     /// The stored answer does not open with this master key for this project and key.
     #[error("the stored answer of this Idempotency-Key cannot be decrypted")]
     Sealed,

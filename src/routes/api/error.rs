@@ -168,6 +168,7 @@ impl From<tollgate_core::idempotency::IdempotencyError> for ApiError {
         use tollgate_core::idempotency::IdempotencyError;
         match e {
             IdempotencyError::Db(e) => e.into(),
+            IdempotencyError::Query(e) => tollgate_core::db::DbError::from(e).into(),
             IdempotencyError::Sealed => {
                 tracing::error!("a stored idempotent answer does not open with this master key");
                 ApiError::Conflict("The stored answer of this Idempotency-Key cannot be read; use a new key.".into())
