@@ -25,7 +25,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::middleware::{http_metrics, request_id};
+use crate::middleware::{hsts, http_metrics, request_id};
 use crate::routes::api::limits::RateLimiter;
 use crate::routes::{api, dashboard, ops, proxy, stripe};
 use crate::state::AppState;
@@ -48,6 +48,7 @@ impl Application {
         let api_limits = RateLimiter::new(config.api_rate_per_second);
         let db = Db::connect(&config).await?;
         db.migrate().await?;
+        tollgate_core::reseal::reseal_unbound_secrets(&db, &master_key).await?;
         let jobs = JobStore::open(config.database_url.expose_secret(), config.sqlite_synchronous).await?;
         let listener = TcpListener::bind(config.listen)
             .await
@@ -191,6 +192,7 @@ async fn beat(state: AppState, name: String, shutdown: CancellationToken) {
 
 /// Every route, and the layers around them, outermost first.
 pub fn router(state: AppState) -> Router {
+    let https = hsts::served_over_https(&state.config.public_url);
     Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
@@ -204,6 +206,7 @@ pub fn router(state: AppState) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(axum::middleware::from_fn(request_id::assign))
+                .layer(axum::middleware::from_fn_with_state(https, hsts::add))
                 .layer(
                     TraceLayer::new_for_http()
                         .make_span_with(request_span)

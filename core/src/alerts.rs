@@ -12,7 +12,7 @@
 //! Webhooks are signed like Stripe's: the header
 //! `Tollgate-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 
-use crate::crypto::{MasterKey, random_token};
+use crate::crypto::{MasterKey, SealedFor, random_token};
 use crate::db::{Db, DbError};
 use crate::ids::{AlertId, CustomerId, DeliveryId, ProjectId};
 use crate::money::Nanos;
@@ -183,13 +183,16 @@ struct SettingsRow {
 }
 
 impl SettingsRow {
-    fn open(self, key: &MasterKey) -> Result<AlertSettings, AlertError> {
+    fn open(self, key: &MasterKey, project: &ProjectId) -> Result<AlertSettings, AlertError> {
         Ok(AlertSettings {
             thresholds: parse_thresholds(&self.thresholds).unwrap_or_default(),
             on_refused: self.on_refused,
             webhook_url: self.webhook_url,
             email_to: parse_recipients(self.email_to.as_deref().unwrap_or_default()).unwrap_or_default(),
-            webhook_secret: Some(key.open(&self.webhook_secret_sealed).map_err(|_| AlertError::Secret)?),
+            webhook_secret: Some(
+                key.open(&self.webhook_secret_sealed, &SealedFor::alert_webhook_secret(project))
+                    .map_err(|_| AlertError::Secret)?,
+            ),
         })
     }
 }
@@ -201,7 +204,7 @@ pub async fn settings(db: &Db, key: &MasterKey, project: &ProjectId) -> Result<A
     let row: Option<SettingsRow> =
         with_db!(db, pool => sqlx::query_as::<_, SettingsRow>(SQL).bind(project).fetch_optional(pool).await)?;
     match row {
-        Some(row) => row.open(key),
+        Some(row) => row.open(key, project),
         None => Ok(AlertSettings::default()),
     }
 }
@@ -223,7 +226,7 @@ pub async fn save_settings(
         VALUES ($1, $2, $3, $4, $5, $6, $7) \
         ON CONFLICT (project_id) DO UPDATE SET thresholds = excluded.thresholds, on_refused = excluded.on_refused, \
             webhook_url = excluded.webhook_url, email_to = excluded.email_to, updated_at = excluded.updated_at";
-    let sealed = key.seal(&new_secret());
+    let sealed = key.seal(&new_secret(), &SealedFor::alert_webhook_secret(project));
     let emails = (!email_to.is_empty()).then(|| email_to.join(","));
     let now = UnixMillis::now().0;
     with_db!(db, pool => sqlx::query(SQL)
@@ -238,7 +241,7 @@ pub async fn save_settings(
 pub async fn roll_secret(db: &Db, key: &MasterKey, project: &ProjectId) -> Result<String, AlertError> {
     let secret = new_secret();
     const SQL: &str = "UPDATE alert_settings SET webhook_secret_sealed = $1, updated_at = $2 WHERE project_id = $3";
-    let sealed = key.seal(&secret);
+    let sealed = key.seal(&secret, &SealedFor::alert_webhook_secret(project));
     let now = UnixMillis::now().0;
     let updated = with_db!(db, pool => sqlx::query(SQL).bind(&sealed).bind(now).bind(project)
         .execute(pool).await.map(|r| r.rows_affected()))?;

@@ -3,6 +3,8 @@
 //! - [`MasterKey`]: 32 random bytes that encrypt every stored provider and Stripe secret
 //!   (XChaCha20-Poly1305, a fresh random nonce per value). In development it is generated
 //!   once into `<data_dir>/master.key`; production must supply it.
+//! - Every sealed value is bound to the row it belongs to ([`SealedFor`], the cipher's
+//!   associated data): copied into another row, it no longer opens.
 //! - Passwords are hashed with argon2id (PHC strings), never stored or logged in clear.
 
 use std::fmt;
@@ -13,12 +15,45 @@ use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
-const SEALED_PREFIX: &str = "v1:";
+/// Sealed without associated data (before values were bound to their row): still opened, and
+/// re-sealed as [`SEALED_PREFIX`] at startup.
+const SEALED_PREFIX_V1: &str = "v1:";
+/// Sealed with the associated data of [`SealedFor`].
+const SEALED_PREFIX: &str = "v2:";
+
+/// The row a sealed value belongs to: its associated data, so a value copied into another
+/// row (another project's, another provider's) fails to open instead of serving there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedFor(String);
+
+impl SealedFor {
+    pub fn provider_api_key(provider: &crate::ids::ProviderId) -> Self {
+        Self(format!("provider_api_key:{provider}"))
+    }
+
+    pub fn stripe_secret_key(project: &crate::ids::ProjectId) -> Self {
+        Self(format!("stripe_secret_key:{project}"))
+    }
+
+    pub fn stripe_webhook_secret(project: &crate::ids::ProjectId) -> Self {
+        Self(format!("stripe_webhook_secret:{project}"))
+    }
+
+    pub fn alert_webhook_secret(project: &crate::ids::ProjectId) -> Self {
+        Self(format!("alert_webhook_secret:{project}"))
+    }
+
+    /// A stored answer of the management API under an `Idempotency-Key` (project ids hold no
+    /// `:`, so the key after them is unambiguous).
+    pub fn idempotent_response(project: &crate::ids::ProjectId, key: &str) -> Self {
+        Self(format!("idempotency:{project}:{key}"))
+    }
+}
 
 /// The key that encrypts secrets at rest. Its `Debug` never shows the bytes.
 #[derive(Clone)]
@@ -42,7 +77,7 @@ pub enum KeyError {
 pub enum SealError {
     #[error("the stored secret is not in a known format")]
     Format,
-    #[error("the stored secret cannot be decrypted with this master key")]
+    #[error("the stored secret cannot be decrypted with this master key for this row")]
     WrongKey,
 }
 
@@ -88,29 +123,69 @@ impl MasterKey {
         hmac_sha256(&self.0, purpose.as_bytes())
     }
 
-    /// Encrypts `plaintext` into a printable string (`v1:<base64 nonce‖ciphertext>`).
-    pub fn seal(&self, plaintext: &str) -> String {
+    /// Encrypts `plaintext` for the row `row` into a printable string
+    /// (`v2:<base64 nonce‖ciphertext>`, the row as associated data).
+    pub fn seal(&self, plaintext: &str, row: &SealedFor) -> String {
         let cipher = XChaCha20Poly1305::new((&self.0).into());
         let mut nonce = [0u8; NONCE_LEN];
         rand::fill(&mut nonce);
+        let payload = Payload { msg: plaintext.as_bytes(), aad: row.0.as_bytes() };
         // Encryption with a valid key and nonce length cannot fail for in-memory buffers.
-        let ciphertext = cipher.encrypt(XNonce::from_slice(&nonce), plaintext.as_bytes()).unwrap_or_default();
+        let ciphertext = cipher.encrypt(XNonce::from_slice(&nonce), payload).unwrap_or_default();
         let mut out = Vec::with_capacity(NONCE_LEN + ciphertext.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ciphertext);
         format!("{SEALED_PREFIX}{}", B64.encode(out))
     }
 
-    pub fn open(&self, sealed: &str) -> Result<String, SealError> {
-        let body = sealed.strip_prefix(SEALED_PREFIX).ok_or(SealError::Format)?;
+    /// Decrypts a value sealed for `row`. A `v2` value sealed for another row fails
+    /// ([`SealError::WrongKey`]); a `v1` value (from before values were bound) still opens,
+    /// with a warning, until the startup pass re-seals it.
+    pub fn open(&self, sealed: &str, row: &SealedFor) -> Result<String, SealError> {
+        if let Some(body) = sealed.strip_prefix(SEALED_PREFIX) {
+            return self.decrypt(body, row.0.as_bytes());
+        }
+        let body = sealed.strip_prefix(SEALED_PREFIX_V1).ok_or(SealError::Format)?;
+        tracing::warn!(row = %row.0, "opened a secret sealed without its row (v1); it is re-sealed at the next start");
+        self.decrypt(body, b"")
+    }
+
+    /// Whether `sealed` is in the old, unbound format that [`MasterKey::reseal`] upgrades.
+    pub fn is_unbound(sealed: &str) -> bool {
+        sealed.starts_with(SEALED_PREFIX_V1)
+    }
+
+    /// A `v1` value sealed again, bound to `row`; `None` when it is not `v1`.
+    pub fn reseal(&self, sealed: &str, row: &SealedFor) -> Result<Option<String>, SealError> {
+        let Some(body) = sealed.strip_prefix(SEALED_PREFIX_V1) else {
+            return Ok(None);
+        };
+        Ok(Some(self.seal(&self.decrypt(body, b"")?, row)))
+    }
+
+    fn decrypt(&self, body: &str, aad: &[u8]) -> Result<String, SealError> {
         let bytes = B64.decode(body).map_err(|_| SealError::Format)?;
         if bytes.len() < NONCE_LEN {
             return Err(SealError::Format);
         }
         let (nonce, ciphertext) = bytes.split_at(NONCE_LEN);
         let cipher = XChaCha20Poly1305::new((&self.0).into());
-        let plain = cipher.decrypt(XNonce::from_slice(nonce), ciphertext).map_err(|_| SealError::WrongKey)?;
+        let plain = cipher
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: ciphertext, aad })
+            .map_err(|_| SealError::WrongKey)?;
         String::from_utf8(plain).map_err(|_| SealError::Format)
+    }
+
+    /// Seals as the old format did (no associated data): for tests of the upgrade path only.
+    #[doc(hidden)]
+    pub fn seal_unbound_for_tests(&self, plaintext: &str) -> String {
+        let cipher = XChaCha20Poly1305::new((&self.0).into());
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::fill(&mut nonce);
+        let ciphertext = cipher.encrypt(XNonce::from_slice(&nonce), plaintext.as_bytes()).unwrap_or_default();
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ciphertext);
+        format!("{SEALED_PREFIX_V1}{}", B64.encode(out))
     }
 }
 
@@ -223,16 +298,49 @@ mod tests {
         assert_eq!(hmac_sha256(&key, b"message"), expected);
     }
 
+    fn row(n: u8) -> SealedFor {
+        SealedFor(format!("provider_api_key:prv_{n}"))
+    }
+
     #[test]
     fn seal_round_trips_and_differs_each_time() {
         let key = MasterKey::generate();
-        let a = key.seal("sk-live-123");
-        let b = key.seal("sk-live-123");
+        let a = key.seal("sk-live-123", &row(1));
+        let b = key.seal("sk-live-123", &row(1));
         assert_ne!(a, b, "nonce must be fresh");
+        assert!(a.starts_with("v2:"));
         assert!(!a.contains("sk-live"));
-        assert_eq!(key.open(&a).unwrap(), "sk-live-123");
-        assert!(matches!(MasterKey::generate().open(&a), Err(SealError::WrongKey)));
-        assert!(matches!(key.open("plain"), Err(SealError::Format)));
+        assert_eq!(key.open(&a, &row(1)).unwrap(), "sk-live-123");
+        assert!(matches!(MasterKey::generate().open(&a, &row(1)), Err(SealError::WrongKey)));
+        assert!(matches!(key.open("plain", &row(1)), Err(SealError::Format)));
+    }
+
+    #[test]
+    fn a_sealed_value_opens_only_for_its_row() {
+        let key = MasterKey::generate();
+        let a = key.seal("sk-live-123", &row(1));
+        assert!(matches!(key.open(&a, &row(2)), Err(SealError::WrongKey)));
+        let project = crate::ids::ProjectId::generate();
+        let s = key.seal("whsec_x", &SealedFor::stripe_webhook_secret(&project));
+        assert!(key.open(&s, &SealedFor::stripe_secret_key(&project)).is_err());
+        assert!(key.open(&s, &SealedFor::stripe_webhook_secret(&crate::ids::ProjectId::generate())).is_err());
+        assert_eq!(key.open(&s, &SealedFor::stripe_webhook_secret(&project)).unwrap(), "whsec_x");
+    }
+
+    #[test]
+    fn v1_values_still_open_and_reseal_bound_to_their_row() {
+        let key = MasterKey::generate();
+        let old = key.seal_unbound_for_tests("sk-old");
+        assert!(MasterKey::is_unbound(&old));
+        // Opened wherever found, so an upgrade never loses a secret.
+        assert_eq!(key.open(&old, &row(1)).unwrap(), "sk-old");
+        let new = key.reseal(&old, &row(1)).unwrap().unwrap();
+        assert!(new.starts_with("v2:") && !MasterKey::is_unbound(&new));
+        assert_eq!(key.open(&new, &row(1)).unwrap(), "sk-old");
+        assert!(key.open(&new, &row(2)).is_err());
+        // Re-sealing is idempotent: a v2 value is left alone.
+        assert_eq!(key.reseal(&new, &row(1)).unwrap(), None);
+        assert!(matches!(MasterKey::generate().reseal(&old, &row(1)), Err(SealError::WrongKey)));
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub enum DbError {
     Connect { url: String, source: sqlx::Error },
     #[error("cannot create the database directory {path}: {source}")]
     Directory { path: String, source: std::io::Error },
+    #[error("cannot create or restrict the database file {path}: {source}")]
+    File { path: String, source: std::io::Error },
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot take the migration lock {path}: {source}")]
@@ -125,6 +127,7 @@ impl Db {
             let in_memory = url.contains(":memory:") || url.contains("mode=memory");
             if !in_memory {
                 ensure_parent_dir(options.get_filename())?;
+                ensure_private_file(options.get_filename())?;
             }
             let sync = match settings.sqlite_synchronous {
                 SqliteSync::Full => SqliteSynchronous::Full,
@@ -243,6 +246,32 @@ fn ensure_parent_dir(path: &std::path::Path) -> Result<(), DbError> {
             .map_err(|source| DbError::Directory { path: dir.display().to_string(), source }),
         _ => Ok(()),
     }
+}
+
+/// Creates the database file readable by its owner only, or takes group and world access
+/// away from an existing one. SQLite gives its `-wal` and `-shm` files the database file's
+/// permissions, so they follow.
+#[cfg(unix)]
+fn ensure_private_file(path: &std::path::Path) -> Result<(), DbError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |source| DbError::File { path: path.display().to_string(), source };
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mode = std::fs::metadata(path).map_err(err)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700)).map_err(err)?;
+                tracing::warn!(path = %path.display(), "the database file was readable by others; it is now owner-only");
+            }
+            Ok(())
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+#[cfg(not(unix))]
+fn ensure_private_file(_path: &std::path::Path) -> Result<(), DbError> {
+    Ok(())
 }
 
 /// Whether an error is a unique-constraint violation (a duplicate).

@@ -1,8 +1,10 @@
 //! Idempotency keys of the management API: the first request with a key claims it, its
 //! answer is stored, and a retry of the same request gets that answer again instead of doing
 //! the work twice. Another request with the same key is refused, as is a retry while the
-//! first is still running. Keys are kept a day.
+//! first is still running. Keys are kept a day. The stored answer may hold a secret (a new
+//! key, a customer token), so it is sealed under the master key, bound to its project and key.
 
+use crate::crypto::{MasterKey, SealedFor};
 use crate::db::{Db, DbError};
 use crate::ids::ProjectId;
 use crate::time::UnixMillis;
@@ -31,7 +33,24 @@ struct Row {
     response_body: Option<String>,
 }
 
-pub async fn claim(db: &Db, project: &ProjectId, key: &str, request_hash: &str) -> Result<Claim, DbError> {
+#[derive(Debug, thiserror::Error)]
+pub enum IdempotencyError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Query(#[from] sqlx::Error),
+    /// The stored answer does not open with this master key for this project and key.
+    #[error("the stored answer of this Idempotency-Key cannot be decrypted")]
+    Sealed,
+}
+
+pub async fn claim(
+    db: &Db,
+    master: &MasterKey,
+    project: &ProjectId,
+    key: &str,
+    request_hash: &str,
+) -> Result<Claim, IdempotencyError> {
     const INSERT: &str = "INSERT INTO idempotency_keys (project_id, idem_key, request_hash, created_at) \
                           VALUES ($1, $2, $3, $4) ON CONFLICT (project_id, idem_key) DO NOTHING";
     let now = UnixMillis::now();
@@ -54,15 +73,21 @@ pub async fn claim(db: &Db, project: &ProjectId, key: &str, request_hash: &str) 
         Some(Row { status_code: Some(status), content_type, response_body, .. }) => Claim::Replay {
             status: u16::try_from(status).unwrap_or(200),
             content_type,
-            body: response_body.unwrap_or_default(),
+            body: match response_body {
+                Some(sealed) => master
+                    .open(&sealed, &SealedFor::idempotent_response(project, key))
+                    .map_err(|_| IdempotencyError::Sealed)?,
+                None => String::new(),
+            },
         },
         Some(_) => Claim::InProgress,
     })
 }
 
-/// Stores the answer of a claimed key.
+/// Stores the answer of a claimed key, sealed.
 pub async fn complete(
     db: &Db,
+    master: &MasterKey,
     project: &ProjectId,
     key: &str,
     status: u16,
@@ -71,7 +96,8 @@ pub async fn complete(
 ) -> Result<(), DbError> {
     const SQL: &str = "UPDATE idempotency_keys SET status_code = $1, content_type = $2, response_body = $3 \
                        WHERE project_id = $4 AND idem_key = $5";
-    with_db!(db, pool => sqlx::query(SQL).bind(i64::from(status)).bind(content_type).bind(body).bind(project).bind(key)
+    let sealed = master.seal(body, &SealedFor::idempotent_response(project, key));
+    with_db!(db, pool => sqlx::query(SQL).bind(i64::from(status)).bind(content_type).bind(&sealed).bind(project).bind(key)
         .execute(pool).await.map(|_| ()))?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 //!
 //! - [`money`] and [`ids`]: types that carry meaning (`Nanos`, `OrgId`, …).
 //! - [`config`]: settings from the environment and an optional TOML file, validated once.
-//! - [`crypto`]: the master key, encryption at rest, password hashing.
+//! - [`crypto`]: the master key, encryption at rest, password hashing; [`reseal`] upgrades old sealed values.
 //! - [`db`]: the database handle for SQLite or PostgreSQL, and migrations.
 //! - [`accounts`]: organizations, users, memberships, logins and password resets.
 //! - [`sessions`] and [`audit`]: dashboard sessions, and who changed what.
@@ -34,6 +34,7 @@ pub mod money;
 pub mod period;
 pub mod pricing;
 pub mod projects;
+pub mod reseal;
 pub mod sessions;
 pub mod signature;
 pub mod stripe;

@@ -4,7 +4,7 @@
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
-use crate::crypto::MasterKey;
+use crate::crypto::{MasterKey, SealedFor};
 use crate::db::{Db, DbError, is_unique_violation};
 use crate::ids::{CustomerId, KeyId, OrgId, ProjectId, ProviderId};
 use crate::money::Nanos;
@@ -462,11 +462,15 @@ impl std::fmt::Debug for Provider {
 impl Provider {
     /// Whether this connection serves `model` (exact name, or a prefix ending in `*`).
     pub fn serves(&self, model: &str) -> bool {
-        self.models.iter().any(|m| match m.strip_suffix('*') {
-            Some(prefix) => model.starts_with(prefix),
-            None => m == model,
-        })
+        serves(&self.models, model)
     }
+}
+
+fn serves(models: &[String], model: &str) -> bool {
+    models.iter().any(|m| match m.strip_suffix('*') {
+        Some(prefix) => model.starts_with(prefix),
+        None => m == model,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -508,7 +512,7 @@ pub async fn add_provider(
     let name = if new.name.trim().is_empty() { new.kind.as_str() } else { new.name.trim() };
     with_db!(db, pool => sqlx::query(SQL)
         .bind(&id).bind(project).bind(new.kind.as_str()).bind(name).bind(&base_url)
-        .bind(key.seal(&new.api_key)).bind(models.join(",")).bind(UnixMillis::now().0)
+        .bind(key.seal(&new.api_key, &SealedFor::provider_api_key(&id))).bind(models.join(",")).bind(UnixMillis::now().0)
         .execute(pool).await.map(|_| ()))?;
     Ok(id)
 }
@@ -549,29 +553,34 @@ pub async fn delete_provider(db: &Db, project: &ProjectId, provider: &ProviderId
 }
 
 pub async fn list_providers(db: &Db, key: &MasterKey, project: &ProjectId) -> Result<Vec<Provider>, DbError> {
+    Ok(load_providers(db, key, project).await?.0)
+}
+
+/// The project's connections whose credential opens, and the models of those whose credential
+/// does not (sealed for another row, or under another master key): left out, never used.
+async fn load_providers(
+    db: &Db,
+    key: &MasterKey,
+    project: &ProjectId,
+) -> Result<(Vec<Provider>, Vec<Vec<String>>), DbError> {
     const SQL: &str = "SELECT id, kind, base_url, api_key_sealed, models FROM provider_connections \
                        WHERE project_id = $1 ORDER BY created_at, id";
     let rows = with_db!(db, pool => sqlx::query_as::<_, ProviderRow>(SQL).bind(project).fetch_all(pool).await)?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|row| {
-            let kind = ProviderKind::parse(&row.kind)?;
-            let api_key = match key.open(&row.api_key_sealed) {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::error!(provider = %row.id, error = %e, "cannot decrypt a provider credential");
-                    return None;
-                }
-            };
-            Some(Provider {
-                id: row.id,
-                kind,
-                base_url: row.base_url,
-                api_key: api_key.into(),
-                models: row.models.split(',').map(str::to_owned).collect(),
-            })
-        })
-        .collect())
+    let (mut providers, mut unreadable) = (Vec::new(), Vec::new());
+    for row in rows {
+        let Some(kind) = ProviderKind::parse(&row.kind) else { continue };
+        let models = row.models.split(',').map(str::to_owned).collect();
+        match key.open(&row.api_key_sealed, &SealedFor::provider_api_key(&row.id)) {
+            Ok(api_key) => {
+                providers.push(Provider { id: row.id, kind, base_url: row.base_url, api_key: api_key.into(), models })
+            }
+            Err(e) => {
+                tracing::error!(provider = %row.id, error = %e, "cannot decrypt a provider credential");
+                unreadable.push(models);
+            }
+        }
+    }
+    Ok((providers, unreadable))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -583,6 +592,8 @@ pub async fn list_providers(db: &Db, key: &MasterKey, project: &ProjectId) -> Re
 #[derive(Debug, Clone)]
 pub struct CallConfig {
     pub providers: Vec<Provider>,
+    /// The models of connections whose credential does not open: their calls fail closed.
+    unreadable: Vec<Vec<String>>,
     overrides: std::collections::HashMap<String, Price>,
 }
 
@@ -591,13 +602,19 @@ impl CallConfig {
     pub fn price(&self, model: &str) -> Option<Price> {
         self.overrides.get(model).copied().or_else(|| crate::pricing::shipped_price(model))
     }
+
+    /// Whether a connection that would serve `model` was left out because its credential does
+    /// not open for it.
+    pub fn credential_unreadable(&self, model: &str) -> bool {
+        self.unreadable.iter().any(|models| serves(models, model))
+    }
 }
 
 /// The project's [`CallConfig`], in one round trip per table.
 pub async fn call_config(db: &Db, key: &MasterKey, project: &ProjectId) -> Result<CallConfig, DbError> {
     const SQL: &str = "SELECT model, input, cached_input, output, cache_write, max_output_tokens FROM price_overrides \
                        WHERE project_id = $1";
-    let providers = list_providers(db, key, project).await?;
+    let (providers, unreadable) = load_providers(db, key, project).await?;
     let rows = with_db!(db, pool => sqlx::query_as::<_, PriceOverride>(SQL).bind(project).fetch_all(pool).await)?;
     let overrides = rows
         .into_iter()
@@ -614,7 +631,7 @@ pub async fn call_config(db: &Db, key: &MasterKey, project: &ProjectId) -> Resul
             (r.model, price)
         })
         .collect();
-    Ok(CallConfig { providers, overrides })
+    Ok(CallConfig { providers, unreadable, overrides })
 }
 
 /// A price override of a project, as listed.

@@ -2,7 +2,7 @@
 //! encrypted at rest), and the intake of Stripe's webhook events, each stored once by its id
 //! before Stripe is told it arrived, for a job to process.
 
-use crate::crypto::MasterKey;
+use crate::crypto::{MasterKey, SealedFor};
 use crate::db::{Db, DbError};
 use crate::ids::ProjectId;
 use crate::time::UnixMillis;
@@ -84,7 +84,10 @@ pub async fn connect_with_key(
             webhook_secret_sealed = excluded.webhook_secret_sealed, livemode = excluded.livemode, \
             last_check_at = NULL, last_check_error = NULL, updated_at = excluded.updated_at";
     let now = UnixMillis::now().0;
-    let (sealed_key, sealed_webhook) = (master.seal(secret_key), master.seal(webhook_secret));
+    let (sealed_key, sealed_webhook) = (
+        master.seal(secret_key, &SealedFor::stripe_secret_key(project)),
+        master.seal(webhook_secret, &SealedFor::stripe_webhook_secret(project)),
+    );
     with_db!(db, pool => sqlx::query(SQL).bind(project).bind(&sealed_key).bind(hint(secret_key))
         .bind(&sealed_webhook).bind(livemode).bind(now).execute(pool).await.map(|_| ()))?;
     connection(db, project).await?.ok_or_else(|| invalid("project", "no such project"))
@@ -118,7 +121,7 @@ pub async fn connect_with_account(
             livemode = excluded.livemode, last_check_at = NULL, last_check_error = NULL, \
             updated_at = excluded.updated_at";
     let now = UnixMillis::now().0;
-    let stored = with_db!(db, pool => sqlx::query(SQL).bind(project).bind(account_id).bind(master.seal(""))
+    let stored = with_db!(db, pool => sqlx::query(SQL).bind(project).bind(account_id).bind(master.seal("", &SealedFor::stripe_webhook_secret(project)))
         .bind(livemode).bind(now).execute(pool).await.map(|_| ()));
     match stored {
         Ok(()) => {}
@@ -155,7 +158,9 @@ pub async fn access(db: &Db, master: &MasterKey, project: &ProjectId) -> Result<
         sqlx::query_as::<_, (String, Option<String>, Option<String>)>(SQL).bind(project).fetch_optional(pool).await)?;
     Ok(match row {
         Some((mode, Some(account), _)) if mode == "connect" => Some(Access::Connect { account }),
-        Some((_, _, Some(sealed))) => Some(Access::Key(master.open(&sealed).map_err(|_| StripeError::Secret)?)),
+        Some((_, _, Some(sealed))) => Some(Access::Key(
+            master.open(&sealed, &SealedFor::stripe_secret_key(project)).map_err(|_| StripeError::Secret)?,
+        )),
         _ => None,
     })
 }
@@ -191,7 +196,10 @@ pub async fn webhook_secret(
     let row: Option<(String, bool)> =
         with_db!(db, pool => sqlx::query_as::<_, (String, bool)>(SQL).bind(project).fetch_optional(pool).await)?;
     match row {
-        Some((sealed, livemode)) => Ok(Some((master.open(&sealed).map_err(|_| StripeError::Secret)?, livemode))),
+        Some((sealed, livemode)) => Ok(Some((
+            master.open(&sealed, &SealedFor::stripe_webhook_secret(project)).map_err(|_| StripeError::Secret)?,
+            livemode,
+        ))),
         None => Ok(None),
     }
 }
@@ -202,7 +210,9 @@ pub async fn secret_key(db: &Db, master: &MasterKey, project: &ProjectId) -> Res
     let sealed: Option<Option<String>> =
         with_db!(db, pool => sqlx::query_scalar::<_, Option<String>>(SQL).bind(project).fetch_optional(pool).await)?;
     match sealed.flatten() {
-        Some(sealed) => Ok(Some(master.open(&sealed).map_err(|_| StripeError::Secret)?)),
+        Some(sealed) => {
+            Ok(Some(master.open(&sealed, &SealedFor::stripe_secret_key(project)).map_err(|_| StripeError::Secret)?))
+        }
         None => Ok(None),
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tollgate_core::alerts::{self, AttemptOutcome, Delivery, NextStep};
-use tollgate_core::crypto::MasterKey;
+use tollgate_core::crypto::{MasterKey, SealedFor};
 use tollgate_core::ids::DeliveryId;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::{Config, Db};
@@ -125,7 +125,7 @@ async fn send_webhook(services: &AlertServices, delivery: &Delivery) -> AttemptO
     let Some(sealed) = &delivery.webhook_secret_sealed else {
         return failed(None, "the project has no alert settings any more".to_owned());
     };
-    let Ok(secret) = services.master_key.open(sealed) else {
+    let Ok(secret) = services.master_key.open(sealed, &SealedFor::alert_webhook_secret(&delivery.project_id)) else {
         return failed(None, "the webhook secret cannot be decrypted with this master key".to_owned());
     };
     let client = match pinned_client(&delivery.target, services.allow_private_addresses).await {

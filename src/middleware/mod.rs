@@ -2,5 +2,6 @@
 //! place so their order is visible.
 
 pub mod client_addr;
+pub mod hsts;
 pub mod http_metrics;
 pub mod request_id;

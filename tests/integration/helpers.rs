@@ -120,7 +120,7 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
-    fn sqlite() -> anyhow::Result<Self> {
+    pub fn sqlite() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
         Ok(Self { backend: Backend::Sqlite, url, dir, pg_name: None, master_key: MasterKey::generate().to_base64() })

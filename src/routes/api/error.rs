@@ -163,6 +163,20 @@ impl From<tollgate_core::db::DbError> for ApiError {
     }
 }
 
+impl From<tollgate_core::idempotency::IdempotencyError> for ApiError {
+    fn from(e: tollgate_core::idempotency::IdempotencyError) -> Self {
+        use tollgate_core::idempotency::IdempotencyError;
+        match e {
+            IdempotencyError::Db(e) => e.into(),
+            IdempotencyError::Query(e) => tollgate_core::db::DbError::from(e).into(),
+            IdempotencyError::Sealed => {
+                tracing::error!("a stored idempotent answer does not open with this master key");
+                ApiError::Conflict("The stored answer of this Idempotency-Key cannot be read; use a new key.".into())
+            }
+        }
+    }
+}
+
 impl From<tollgate_core::projects::ProjectError> for ApiError {
     fn from(e: tollgate_core::projects::ProjectError) -> Self {
         use tollgate_core::projects::ProjectError;

@@ -63,7 +63,7 @@ async fn run(state: AppState, request: Request, next: Next) -> Result<Response, 
     fingerprint.extend_from_slice(&bytes);
     let hash = tollgate_core::crypto::sha256_hex(&fingerprint);
 
-    match idempotency::claim(&state.db, &project.id, &key, &hash).await? {
+    match idempotency::claim(&state.db, &state.master_key, &project.id, &key, &hash).await? {
         Claim::Replay { status, content_type, body } => {
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
@@ -89,7 +89,16 @@ async fn run(state: AppState, request: Request, next: Next) -> Result<Response, 
             } else {
                 let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
                 let text = String::from_utf8_lossy(&body);
-                idempotency::complete(&state.db, &project.id, &key, parts.status.as_u16(), content_type, &text).await?;
+                idempotency::complete(
+                    &state.db,
+                    &state.master_key,
+                    &project.id,
+                    &key,
+                    parts.status.as_u16(),
+                    content_type,
+                    &text,
+                )
+                .await?;
             }
             Ok(Response::from_parts(parts, Body::from(body)))
         }

@@ -383,7 +383,7 @@ fn block_tokens(tokenizer: Tokenizer, model: &str, block: &Value) -> i64 {
 }
 
 /// `POST /v1/messages/count_tokens`: forwarded to the Anthropic connection serving the model
-/// (counting is free, so nothing is reserved or recorded).
+/// (counting is free, so nothing is reserved or recorded), unless the customer is blocked.
 pub async fn count_tokens(
     State(state): State<AppState>,
     Extension(_request_id): Extension<RequestId>,
@@ -392,8 +392,10 @@ pub async fn count_tokens(
 ) -> Response {
     let answer = async {
         let body = pipeline::body_bytes(body)?;
-        let project = auth::authenticate(&state, &headers).await?.project;
+        let caller = auth::authenticate(&state, &headers).await?;
         let request = pipeline::json_body(&body)?;
+        pipeline::refuse_blocked_customer(&state, &caller, &headers, Messages::user(&request)).await?;
+        let project = caller.project;
         let model = model(object(&request)?)?;
         let provider = pipeline::route::<Messages>(&state, &project, &model).await?;
         let url = format!("{}/v1/messages/count_tokens", provider.base_url);

@@ -35,7 +35,7 @@ use tollgate_core::ledger::{
 };
 use tollgate_core::money::Nanos;
 use tollgate_core::pricing::{Price, TokenUsage, Tokenizer, tokens_cost, with_markup};
-use tollgate_core::projects::{BudgetPolicy, CallConfig, Project, Provider, ProviderKind};
+use tollgate_core::projects::{self, BudgetPolicy, CallConfig, Project, Provider, ProviderKind};
 use tollgate_core::time::UnixMillis;
 use tracing::Instrument;
 
@@ -205,6 +205,13 @@ fn route_in<'c, D: Dialect>(config: &'c CallConfig, model: &str) -> Result<&'c P
             "wrong_endpoint",
             Some("model"),
         ),
+        None if config.credential_unreadable(model) => ProxyError::invalid(
+            format!(
+                "The provider connection serving the model `{model}` has a credential Tollgate cannot decrypt for it: enter its API key again."
+            ),
+            "provider_credential_unreadable",
+            Some("model"),
+        ),
         None => ProxyError::invalid(
             format!("No provider connection of this project serves the model `{model}`."),
             "model_not_routed",
@@ -300,10 +307,7 @@ async fn run<D: Dialect>(
         };
         state.ledger.settle(Settlement::new(None, record))
     };
-    let blocked = || ProxyError::Forbidden {
-        message: format!("The customer `{external_id}` is blocked in this project."),
-        code: "customer_blocked",
-    };
+    let blocked = || customer_blocked(&external_id);
 
     // The admission rule: what Tollgate cannot bound is refused, or held at the project's ceiling.
     let ceiling = match D::unbounded(&request) {
@@ -470,6 +474,36 @@ fn token_customer_of_call(headers: &HeaderMap, customer: String) -> Result<Strin
         });
     }
     Ok(customer)
+}
+
+fn customer_blocked(external_id: &str) -> ProxyError {
+    ProxyError::Forbidden {
+        message: format!("The customer `{external_id}` is blocked in this project."),
+        code: "customer_blocked",
+    }
+}
+
+/// Refuses a call that reserves nothing (token counting) for a blocked customer, as a metered
+/// call would be refused. A call that names no customer, or one not yet known, goes on (and
+/// creates nothing).
+pub async fn refuse_blocked_customer(
+    state: &AppState,
+    caller: &auth::Caller,
+    headers: &HeaderMap,
+    user: Option<&str>,
+) -> Result<(), ProxyError> {
+    let external_id = match &caller.token_customer {
+        Some(customer) => token_customer_of_call(headers, customer.clone())?,
+        None => match customer_of_call(&caller.project, headers, user) {
+            Ok(id) => id,
+            Err(_) => return Ok(()),
+        },
+    };
+    let Ok(id) = projects::validate_external_id(&external_id) else { return Ok(()) };
+    match projects::find_customer(&state.db, &caller.project.id, id).await? {
+        Some(customer) if customer.blocked => Err(customer_blocked(&external_id)),
+        _ => Ok(()),
+    }
 }
 
 /// The largest max-output (≤ `upper`) whose worst case fits in `remaining`; 0 if none does.
