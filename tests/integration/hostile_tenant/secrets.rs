@@ -117,7 +117,7 @@ async fn a_sealed_key_copied_to_another_tenant_does_not_open(db: TestDatabase) -
         "SELECT api_key_sealed FROM provider_connections WHERE project_id = $1 AND kind = 'openai_compatible'")
         .bind(&s.project.id).fetch_one(pool).await)?;
     with_db!(&state.db, pool => sqlx::query("UPDATE provider_connections SET api_key_sealed = $1 WHERE id = $2")
-        .bind(&victim).bind(&provider).execute(pool).await)?;
+        .bind(&victim).bind(&provider).execute(pool).await.map(drop))?;
     // A budget, so that only the credential stands between the call and the upstream.
     projects::upsert_customer_budget(
         &state.db,
@@ -156,15 +156,16 @@ async fn a_sealed_key_copied_to_another_tenant_does_not_open(db: TestDatabase) -
 /// are re-sealed for their row at startup, and an answer stored in clear is sealed.
 async fn secrets_sealed_before_binding_are_resealed_at_startup(db: TestDatabase) -> TestResult {
     let s = setup(&db, BudgetPolicy::Reject).await?;
+    s.budget("c1", 1_000).await?;
     let state = s.app.state.clone();
     let master: MasterKey = state.master_key.clone();
     let old = master.seal_unbound_for_tests("sk-mock-upstream");
     with_db!(&state.db, pool => sqlx::query("UPDATE provider_connections SET api_key_sealed = $1 WHERE project_id = $2")
-        .bind(&old).bind(&s.project.id).execute(pool).await)?;
+        .bind(&old).bind(&s.project.id).execute(pool).await.map(drop))?;
     with_db!(&state.db, pool => sqlx::query("INSERT INTO idempotency_keys \
         (project_id, idem_key, request_hash, created_at, status_code, content_type, response_body) \
         VALUES ($1, 'old', 'h', $2, 201, 'application/json', '{\"key\":\"tg_sk_old\"}')")
-        .bind(&s.project.id).bind(tollgate_core::time::UnixMillis::now().0).execute(pool).await)?;
+        .bind(&s.project.id).bind(tollgate_core::time::UnixMillis::now().0).execute(pool).await.map(drop))?;
     s.app.stop().await?;
 
     let app = spawn_app(&db).await?;
