@@ -4,9 +4,11 @@
 
 use crate::helpers::{DbCase, PlainCase};
 
+mod egress;
+
 /// The suite's tests that run on each database.
 pub fn cases() -> Vec<DbCase> {
-    let suites: Vec<Vec<DbCase>> = vec![];
+    let suites: Vec<Vec<DbCase>> = vec![egress::cases()];
     suites.into_iter().flatten().collect()
 }
 
