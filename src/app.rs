@@ -15,6 +15,7 @@ use axum::serve::ListenerExt;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tollgate_core::egress::{Egress, EgressPolicy};
 use tollgate_core::instances;
 use tollgate_core::ledger::Ledger;
 use tollgate_core::{Config, Db};
@@ -61,6 +62,14 @@ impl Application {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()?;
+        // Tenants' providers, only where the egress policy allows (Stripe, above, is the operator's).
+        let egress = Egress::new(EgressPolicy::new(config.egress_allow.clone()), |client| {
+            client
+                .connect_timeout(Duration::from_secs(10))
+                .read_timeout(Duration::from_secs(300))
+                .pool_idle_timeout(Duration::from_secs(90))
+                .tcp_nodelay(true)
+        })?;
         let stripe = tollgate_jobs::stripe_api::StripeApi::new(http.clone(), &config.stripe_api_base);
         let ledger = Ledger::start(db.clone(), config.sqlite_synchronous);
         let instance_name = config.instance_name.clone().unwrap_or_else(|| default_instance_name(local_addr));
@@ -73,6 +82,7 @@ impl Application {
             ledger,
             stripe,
             http,
+            egress,
             config: Arc::new(config),
             db,
             jobs,
@@ -97,11 +107,15 @@ impl Application {
     /// Serves until `shutdown` is cancelled, then drains (see the module docs).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self { listener, state, instance_name, .. } = self;
+        let alerts = if state.config.run_workers {
+            Some(AlertServices::new(&state.config, state.master_key.clone(), state.mailer.clone())?)
+        } else {
+            None
+        };
         let beating = tokio::spawn(beat(state.clone(), instance_name, shutdown.child_token()));
         let grace = state.config.shutdown_grace;
-        let workers = state.config.run_workers.then(|| {
+        let workers = alerts.map(|alerts| {
             let options = WorkerOptions { grace, ..WorkerOptions::default() };
-            let alerts = AlertServices::new(&state.config, state.master_key.clone(), state.mailer.clone());
             let billing = BillingServices::new(&state.config, state.master_key.clone(), state.http.clone());
             tokio::spawn(tollgate_jobs::run_workers(
                 state.db.clone(),

@@ -190,8 +190,8 @@ async fn worker(config: Config) -> anyhow::Result<()> {
     let options = WorkerOptions { grace: config.shutdown_grace, ..WorkerOptions::default() };
     let master_key = config.resolve_master_key()?;
     let mailer = Arc::new(Mailer::from_config(&config)?);
-    let alerts = AlertServices::new(&config, master_key.clone(), mailer);
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let alerts = AlertServices::new(&config, master_key.clone(), mailer)?;
     let http = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10)).build()?;
     let billing = tollgate_jobs::BillingServices::new(&config, master_key, http);
     tracing::info!(process = %options.process_name, "job workers starting");

@@ -21,8 +21,11 @@ pub struct AppState {
     pub jobs: JobStore,
     pub master_key: MasterKey,
     pub metrics: PrometheusHandle,
-    /// Pooled connections to the providers.
+    /// Pooled connections to the operator's own destinations (Stripe).
     pub http: reqwest::Client,
+    /// Pooled connections to the providers: tenant-chosen destinations, so only where the
+    /// egress policy allows.
+    pub egress: tollgate_core::egress::Egress,
     /// Project keys recently looked up by the proxy.
     pub keys: Arc<KeyCache>,
     /// Project configurations and customers recently read by the proxy.

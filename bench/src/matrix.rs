@@ -311,6 +311,8 @@ impl Tollgate {
             // Request logs off: the benchmark measures the proxy, not the terminal.
             ("TOLLGATE_LOG".to_owned(), "warn".to_owned()),
             ("TOLLGATE_OWNER_PASSWORD".to_owned(), "a long benchmark password".to_owned()),
+            // The mock provider listens on loopback, which the egress policy refuses by default.
+            ("TOLLGATE_EGRESS_ALLOW".to_owned(), "127.0.0.0/8,::1".to_owned()),
         ];
         if let Database::Sqlite { synchronous } = db {
             env.push(("TOLLGATE_SQLITE_SYNCHRONOUS".to_owned(), (*synchronous).to_owned()));

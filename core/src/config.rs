@@ -14,6 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::crypto::MasterKey;
+use crate::egress::EgressAllow;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "./data";
@@ -76,9 +77,13 @@ pub struct Config {
     /// The first wait before an alert delivery that failed is tried again; each later wait is
     /// four times longer (capped at six hours).
     pub alert_retry_base: Duration,
-    /// Whether alert webhooks may go to loopback, private and link-local addresses. Off by
-    /// default, so a tenant cannot make this server call into the network it runs in.
+    /// Deprecated (use `egress_allow`): whether alert webhooks may go to any address,
+    /// private ones included. Off by default.
     pub webhooks_allow_private: bool,
+    /// The private destinations (networks, host names) tenants' providers and webhooks may be
+    /// at, beyond public addresses (see [`crate::egress`]). Empty by default, so a tenant
+    /// cannot make this server call into the network it runs in.
+    pub egress_allow: EgressAllow,
     /// Where Stripe's API is (`https://api.stripe.com`); tests point it at a fake.
     pub stripe_api_base: String,
     /// The operator's Stripe platform key (`sk_…`), for projects billed through Stripe Connect
@@ -218,6 +223,7 @@ struct RawConfig {
     api_rate_per_second: Option<u32>,
     alert_retry_base_seconds: Option<u64>,
     webhooks_allow_private: Option<bool>,
+    egress_allow: Option<String>,
     stripe_api_base: Option<String>,
     stripe_platform_key: Option<String>,
     stripe_connect_webhook_secret: Option<String>,
@@ -255,6 +261,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("api_rate_per_second", "TOLLGATE_API_RATE_PER_SECOND"),
     ("alert_retry_base_seconds", "TOLLGATE_ALERT_RETRY_BASE_SECONDS"),
     ("webhooks_allow_private", "TOLLGATE_WEBHOOKS_ALLOW_PRIVATE"),
+    ("egress_allow", "TOLLGATE_EGRESS_ALLOW"),
     ("stripe_api_base", "TOLLGATE_STRIPE_API_BASE"),
     ("stripe_platform_key", "TOLLGATE_STRIPE_PLATFORM_KEY"),
     ("stripe_connect_webhook_secret", "TOLLGATE_STRIPE_CONNECT_WEBHOOK_SECRET"),
@@ -305,6 +312,7 @@ impl Sourced {
                 "smtp_url" => r.smtp_url = text,
                 "smtp_from" => r.smtp_from = text,
                 "instance_name" => r.instance_name = text,
+                "egress_allow" => r.egress_allow = text,
                 "stripe_api_base" => r.stripe_api_base = text,
                 "stripe_platform_key" => r.stripe_platform_key = text,
                 "stripe_connect_webhook_secret" => r.stripe_connect_webhook_secret = text,
@@ -508,6 +516,8 @@ impl Sourced {
         {
             return Err(self.invalid("stripe_connect_webhook_secret", "must be a webhook signing secret (whsec_…)"));
         }
+        let egress_allow = EgressAllow::parse(r.egress_allow.as_deref().unwrap_or_default())
+            .map_err(|e| self.invalid("egress_allow", e))?;
         let stripe_reconcile_interval = Duration::from_secs(r.stripe_reconcile_seconds.unwrap_or(300));
         if stripe_reconcile_interval.is_zero() {
             return Err(self.invalid("stripe_reconcile_seconds", "must be at least 1"));
@@ -532,6 +542,7 @@ impl Sourced {
             api_rate_per_second,
             alert_retry_base,
             webhooks_allow_private: r.webhooks_allow_private.unwrap_or(false),
+            egress_allow,
             stripe_api_base,
             stripe_platform_key: stripe_platform_key.map(SecretString::from),
             stripe_connect_webhook_secret: stripe_connect_webhook_secret.map(SecretString::from),
@@ -666,6 +677,16 @@ mod tests {
         assert!(!c.accounts.is_trusted_proxy("11.0.0.1".parse().unwrap()));
         let e = Config::load(None, &env(&[("TOLLGATE_TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal")])).unwrap_err();
         assert!(e.to_string().contains("TOLLGATE_TRUSTED_PROXIES") && e.to_string().contains("proxy.internal"), "{e}");
+    }
+
+    #[test]
+    fn egress_allowances_are_parsed_and_a_bad_one_named() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert!(c.egress_allow.is_empty(), "nothing private is allowed by default");
+        let c = Config::load(None, &env(&[("TOLLGATE_EGRESS_ALLOW", "10.0.0.0/8, models.internal")])).unwrap();
+        assert_eq!(c.egress_allow.to_string(), "10.0.0.0/8,models.internal");
+        let e = Config::load(None, &env(&[("TOLLGATE_EGRESS_ALLOW", "10.0.0.0/99")])).unwrap_err();
+        assert!(e.to_string().starts_with("egress_allow (TOLLGATE_EGRESS_ALLOW):"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Tollgate's shared domain: the types and functions both the server (`tollgate`) and the
-//! background jobs (`tollgate-jobs`) use. Nothing here knows about HTTP or job queues.
+//! background jobs (`tollgate-jobs`) use. Nothing here serves HTTP or knows job queues.
 //!
 //! - [`money`] and [`ids`]: types that carry meaning (`Nanos`, `OrgId`, …).
 //! - [`config`]: settings from the environment and an optional TOML file, validated once.
@@ -16,6 +16,8 @@
 //! - [`signature`]: Stripe-style timestamped HMAC signatures (our alert webhooks, Stripe's webhooks).
 //! - [`stripe`]: each project's Stripe connection, and Stripe's webhook events as received.
 //! - [`alerts`]: budget alerts, which fire once per customer and period, and their deliveries.
+//! - [`egress`]: where a tenant-chosen destination (provider, webhook) may be, and the one
+//!   client that calls it.
 
 pub mod accounts;
 pub mod alerts;
@@ -25,6 +27,7 @@ pub mod config;
 pub mod crypto;
 pub mod customers;
 pub mod db;
+pub mod egress;
 pub mod estimate;
 pub mod idempotency;
 pub mod ids;

@@ -454,7 +454,7 @@ impl std::fmt::Debug for Provider {
         f.debug_struct("Provider")
             .field("id", &self.id)
             .field("kind", &self.kind)
-            .field("base_url", &self.base_url)
+            .field("base_url", &crate::egress::display_url(&self.base_url))
             .finish()
     }
 }
@@ -489,16 +489,18 @@ pub async fn add_provider(
     new: &NewProvider,
 ) -> Result<ProviderId, ProjectError> {
     let base_url = match new.base_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
-        Some(url) => url.trim_end_matches('/').to_owned(),
+        Some(url) => url,
         None => new
             .kind
             .default_base_url()
-            .ok_or_else(|| invalid("base URL", "is required for an OpenAI-compatible provider"))?
-            .to_owned(),
+            .ok_or_else(|| invalid("base URL", "is required for an OpenAI-compatible provider"))?,
     };
-    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-        return Err(invalid("base URL", "must start with http:// or https://"));
-    }
+    // Kept as parsed, so what is called is what was checked.
+    let base_url = crate::egress::check_base_url(base_url)
+        .map_err(|e| invalid("base URL", e.to_string()))?
+        .as_str()
+        .trim_end_matches('/')
+        .to_owned();
     let models: Vec<String> = new.models.iter().map(|m| m.trim().to_owned()).filter(|m| !m.is_empty()).collect();
     if models.is_empty() {
         return Err(invalid("models", "name at least one model (or a prefix such as gpt-*)"));
@@ -527,7 +529,9 @@ struct ProviderRow {
 }
 
 /// The project's provider connections, oldest first (the first that serves a model wins).
-/// A provider connection as the dashboard lists it: everything but the credential.
+/// A provider connection as the dashboard lists it: everything but the credential (and the
+/// base URL without any user name, password or query a URL saved before they were refused
+/// may hold).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ProviderSummary {
     pub id: ProviderId,
@@ -541,7 +545,8 @@ pub struct ProviderSummary {
 pub async fn list_provider_summaries(db: &Db, project: &ProjectId) -> Result<Vec<ProviderSummary>, DbError> {
     const SQL: &str = "SELECT id, kind, name, base_url, models, created_at FROM provider_connections \
                        WHERE project_id = $1 ORDER BY created_at, id";
-    Ok(with_db!(db, pool => sqlx::query_as::<_, ProviderSummary>(SQL).bind(project).fetch_all(pool).await)?)
+    let rows = with_db!(db, pool => sqlx::query_as::<_, ProviderSummary>(SQL).bind(project).fetch_all(pool).await)?;
+    Ok(rows.into_iter().map(|p| ProviderSummary { base_url: crate::egress::display_url(&p.base_url), ..p }).collect())
 }
 
 /// Removes a provider connection of `project`; false if there was none.

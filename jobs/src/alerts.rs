@@ -6,13 +6,13 @@
 //! survive restarts. A delivery whose job was lost (a worker killed mid-attempt) is found
 //! overdue by the scan and queued again; the claim makes sure only one copy sends.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tollgate_core::alerts::{self, AttemptOutcome, Delivery, NextStep};
 use tollgate_core::crypto::{MasterKey, SealedFor};
+use tollgate_core::egress::{Egress, EgressPolicy, Refused};
 use tollgate_core::ids::DeliveryId;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::{Config, Db};
@@ -34,17 +34,25 @@ pub struct AlertServices {
     pub master_key: MasterKey,
     pub mailer: Arc<Mailer>,
     pub retry_base: Duration,
-    pub allow_private_addresses: bool,
+    /// Webhooks go only where the egress policy allows (see [`tollgate_core::egress`]).
+    pub webhooks: Egress,
 }
 
 impl AlertServices {
-    pub fn new(config: &Config, master_key: MasterKey, mailer: Arc<Mailer>) -> Self {
-        Self {
-            master_key,
-            mailer,
-            retry_base: config.alert_retry_base,
-            allow_private_addresses: config.webhooks_allow_private,
+    /// Needs a rustls crypto provider installed (for the webhooks' client).
+    pub fn new(config: &Config, master_key: MasterKey, mailer: Arc<Mailer>) -> Result<Self, reqwest::Error> {
+        let mut allow = config.egress_allow.clone();
+        if config.webhooks_allow_private {
+            tracing::warn!(
+                "TOLLGATE_WEBHOOKS_ALLOW_PRIVATE is deprecated: alert webhooks may call any address; \
+                 list the private destinations allowed in TOLLGATE_EGRESS_ALLOW instead"
+            );
+            allow = allow.with_every_address();
         }
+        let webhooks = Egress::new(EgressPolicy::new(allow), |client| {
+            client.timeout(WEBHOOK_TIMEOUT).connect_timeout(Duration::from_secs(5))
+        })?;
+        Ok(Self { master_key, mailer, retry_base: config.alert_retry_base, webhooks })
     }
 }
 
@@ -128,15 +136,18 @@ async fn send_webhook(services: &AlertServices, delivery: &Delivery) -> AttemptO
     let Ok(secret) = services.master_key.open(sealed, &SealedFor::alert_webhook_secret(&delivery.project_id)) else {
         return failed(None, "the webhook secret cannot be decrypted with this master key".to_owned());
     };
-    let client = match pinned_client(&delivery.target, services.allow_private_addresses).await {
-        Ok(client) => client,
-        Err(error) => return failed(None, error),
+    let url = match reqwest::Url::parse(&delivery.target) {
+        Ok(url) => url,
+        Err(e) => return failed(None, format!("invalid webhook URL: {e}")),
+    };
+    let request = match services.webhooks.post(url) {
+        Ok(request) => request,
+        Err(refused) => return failed(None, refused.to_string()),
     };
     let body = delivery.payload().to_string();
     let timestamp = UnixMillis::now().0 / 1000;
     let signature = alerts::sign(&secret, timestamp, body.as_bytes());
-    let sent = client
-        .post(&delivery.target)
+    let sent = request
         .header("content-type", "application/json")
         .header("user-agent", concat!("Tollgate-Webhooks/", env!("CARGO_PKG_VERSION")))
         .header(alerts::SIGNATURE_HEADER, signature)
@@ -153,8 +164,11 @@ async fn send_webhook(services: &AlertServices, delivery: &Delivery) -> AttemptO
             let status = response.status().as_u16();
             failed(Some(status), format!("the receiver answered {status}"))
         }
-        Err(e) if e.is_timeout() => failed(None, format!("no answer within {} s", WEBHOOK_TIMEOUT.as_secs())),
-        Err(e) => failed(None, format!("could not reach the receiver: {}", error_chain(&e))),
+        Err(e) => match Refused::find(&e) {
+            Some(refused) => failed(None, refused.to_string()),
+            None if e.is_timeout() => failed(None, format!("no answer within {} s", WEBHOOK_TIMEOUT.as_secs())),
+            None => failed(None, format!("could not reach the receiver: {}", error_chain(&e))),
+        },
     }
 }
 
@@ -167,84 +181,4 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
-}
-
-/// A client that connects only to the address checked here (so a DNS answer cannot change
-/// between the check and the connection) and follows no redirects.
-async fn pinned_client(url: &str, allow_private: bool) -> Result<reqwest::Client, String> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| format!("invalid webhook URL: {e}"))?;
-    let host = parsed.host_str().ok_or("the webhook URL has no host")?.to_owned();
-    let port = parsed.port_or_known_default().ok_or("the webhook URL has no port")?;
-    let lookup_host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((lookup_host.as_str(), port))
-        .await
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .collect();
-    let address =
-        addresses.iter().find(|a| allow_private || is_public(a.ip())).copied().ok_or_else(|| {
-            format!("{host} resolves only to private or local addresses, which webhooks may not call")
-        })?;
-    reqwest::Client::builder()
-        .resolve(&lookup_host, address)
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(WEBHOOK_TIMEOUT)
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))
-}
-
-/// Whether `ip` is a public unicast address (not loopback, private, link-local, shared,
-/// documentation, multicast or unspecified).
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || v4.is_multicast()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b)))
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80)
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn private_addresses_are_not_public() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "192.168.0.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(!is_public(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["8.8.8.8", "2606:4700::1111"] {
-            assert!(is_public(ip.parse().unwrap()), "{ip}");
-        }
-    }
 }

@@ -43,6 +43,10 @@ struct Receiver {
 
 impl Receiver {
     async fn start(fail_first: usize) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1:0", fail_first).await
+    }
+
+    async fn start_on(bind: &str, fail_first: usize) -> anyhow::Result<Self> {
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let log = received.clone();
         let app = axum::Router::new().route(
@@ -62,7 +66,7 @@ impl Receiver {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         tokio::spawn(async move { axum::serve(listener, app).await });
         Ok(Self { addr, received })
@@ -224,9 +228,11 @@ async fn a_failing_receiver_is_retried_until_it_succeeds(db: TestDatabase) -> Te
 }
 
 async fn webhooks_to_private_addresses_are_refused_by_default(db: TestDatabase) -> TestResult {
-    let receiver = Receiver::start(0).await?;
+    // The mock provider on 127.0.0.1 is allowed; the receiver, on [::1], is not.
+    let receiver = Receiver::start_on("[::1]:0", 0).await?;
     let s = setup_with(&db, BudgetPolicy::Reject, |env| {
         env.insert("TOLLGATE_WORKERS".into(), "true".into());
+        env.insert("TOLLGATE_EGRESS_ALLOW".into(), "127.0.0.0/8".into());
     })
     .await?;
     configure(&s, "50", &receiver.url(), "").await?;
@@ -241,8 +247,8 @@ async fn webhooks_to_private_addresses_are_refused_by_default(db: TestDatabase) 
     .await?;
     let log = alerts::delivery_log(&state.db, &project, 10).await?;
     let error = log[0].last_error.clone().unwrap_or_default();
-    assert!(error.contains("private or local addresses"), "{error}");
+    assert!(error.contains("is on a private network") && error.contains("TOLLGATE_EGRESS_ALLOW"), "{error}");
     assert_eq!(log[0].status, "pending", "retried later, in case DNS changes");
-    assert!(receiver.received().is_empty(), "the receiver on 127.0.0.1 was called");
+    assert!(receiver.received().is_empty(), "the receiver on [::1] was called");
     s.app.stop().await
 }

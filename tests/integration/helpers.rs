@@ -154,6 +154,9 @@ impl TestDatabase {
             ("TOLLGATE_STRIPE_API_BASE".to_owned(), "http://127.0.0.1:9".to_owned()),
             // A test machine's disk need not survive power loss.
             ("TOLLGATE_SQLITE_SYNCHRONOUS".to_owned(), "normal".to_owned()),
+            // Mock providers and receivers listen on loopback, which the egress policy refuses
+            // unless allowed; tests of the policy remove this.
+            ("TOLLGATE_EGRESS_ALLOW".to_owned(), "127.0.0.0/8,::1".to_owned()),
         ])
     }
 

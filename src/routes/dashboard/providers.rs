@@ -1,5 +1,6 @@
 //! A project's provider connections: added with a credential that is encrypted at rest and
-//! never shown again, listed without it, removed.
+//! never shown again, listed without it, removed. A base URL the egress policy refuses is
+//! refused when saved (and every call checks it again).
 
 use askama::Template;
 use askama_web::WebTemplate;
@@ -10,6 +11,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use tollgate_core::accounts::Role;
 use tollgate_core::audit;
+use tollgate_core::egress;
 use tollgate_core::ids::ProviderId;
 use tollgate_core::projects::{self, NewProvider, Project, ProjectError, ProviderKind, ProviderSummary};
 
@@ -82,25 +84,42 @@ pub async fn add(
         errors.push("Name: must be at most 100 characters".to_owned());
     }
     if let (Some(kind), true) = (kind, errors.is_empty()) {
-        let new = NewProvider {
-            kind,
-            name: form.name.clone(),
-            base_url: Some(form.base_url.clone()),
-            api_key: form.api_key.trim().to_owned(),
-            models: form.models.split(',').map(str::to_owned).collect(),
-        };
-        match projects::add_provider(&state.db, &state.master_key, &project.id, &new).await {
-            Ok(_) => {
-                let detail = format!("{} connection for {}", kind.as_str(), form.models.trim());
-                audit::record(&state.db, me.org_id(), &me.actor(), "provider.added", &project.name, &detail).await?;
-                state.forget_project(&project.id);
-                return Ok(Redirect::to(&format!("/projects/{}/providers", project.id)).into_response());
+        match vet(&state, &form.base_url).await {
+            Err(refused) => errors.push(format!("Base URL: {refused}")),
+            Ok(()) => {
+                let new = NewProvider {
+                    kind,
+                    name: form.name.clone(),
+                    base_url: Some(form.base_url.clone()),
+                    api_key: form.api_key.trim().to_owned(),
+                    models: form.models.split(',').map(str::to_owned).collect(),
+                };
+                match projects::add_provider(&state.db, &state.master_key, &project.id, &new).await {
+                    Ok(_) => {
+                        let detail = format!("{} connection for {}", kind.as_str(), form.models.trim());
+                        audit::record(&state.db, me.org_id(), &me.actor(), "provider.added", &project.name, &detail)
+                            .await?;
+                        state.forget_project(&project.id);
+                        return Ok(Redirect::to(&format!("/projects/{}/providers", project.id)).into_response());
+                    }
+                    Err(ProjectError::Invalid { field, reason }) => {
+                        errors.push(format!("{}: {reason}", capitalized(field)))
+                    }
+                    Err(e) => return Err(project_error(e)),
+                }
             }
-            Err(ProjectError::Invalid { field, reason }) => errors.push(format!("{}: {reason}", capitalized(field))),
-            Err(e) => return Err(project_error(e)),
         }
     }
     Ok((StatusCode::BAD_REQUEST, page(&state, me, project, form, errors).await?).into_response())
+}
+
+/// Whether the egress policy refuses a base URL (resolving its host now); a URL that breaks
+/// the other rules is left to [`projects::add_provider`] to explain.
+async fn vet(state: &AppState, base_url: &str) -> Result<(), egress::Refused> {
+    match egress::check_base_url(base_url.trim()) {
+        Ok(url) => state.egress.vet(&url).await,
+        Err(_) => Ok(()),
+    }
 }
 
 pub async fn delete(

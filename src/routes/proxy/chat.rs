@@ -30,7 +30,7 @@
 use serde_json::{Value, json};
 use tollgate_core::estimate;
 use tollgate_core::pricing::{TokenUsage, Tokenizer};
-use tollgate_core::projects::{Provider, ProviderKind};
+use tollgate_core::projects::ProviderKind;
 
 use super::admission::{Unbounded, openai_hosted_tool, present, type_of, unknown_field};
 use super::error::{ErrorShape, ProxyError};
@@ -48,9 +48,7 @@ impl Dialect for ChatCompletions {
         matches!(kind, ProviderKind::OpenAi | ProviderKind::OpenAiCompatible)
     }
 
-    fn upstream_url(provider: &Provider) -> String {
-        format!("{}/chat/completions", provider.base_url)
-    }
+    const UPSTREAM_PATH: &'static str = "chat/completions";
 
     fn parse(request: &Value) -> Result<CallShape, ProxyError> {
         let obj = object(request)?;

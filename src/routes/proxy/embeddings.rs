@@ -9,7 +9,7 @@
 use serde_json::Value;
 use tollgate_core::estimate;
 use tollgate_core::pricing::{TokenUsage, Tokenizer};
-use tollgate_core::projects::{Provider, ProviderKind};
+use tollgate_core::projects::ProviderKind;
 
 use super::admission::{Unbounded, unknown_field};
 use super::chat::{model, object, usage_from_openai};
@@ -28,9 +28,7 @@ impl Dialect for Embeddings {
         matches!(kind, ProviderKind::OpenAi | ProviderKind::OpenAiCompatible)
     }
 
-    fn upstream_url(provider: &Provider) -> String {
-        format!("{}/embeddings", provider.base_url)
-    }
+    const UPSTREAM_PATH: &'static str = "embeddings";
 
     fn parse(request: &Value) -> Result<CallShape, ProxyError> {
         let obj = object(request)?;

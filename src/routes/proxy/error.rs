@@ -24,6 +24,14 @@ pub enum ProxyError {
     NotFound(String),
     #[error("{0}")]
     UpstreamUnreachable(String),
+    /// The egress policy refused the provider's address, or its stored base URL breaks the
+    /// rules (see `tollgate_core::egress`).
+    #[error("{message}")]
+    DestinationRefused { message: String, code: &'static str },
+    #[error(
+        "The provider answered with a redirect ({0}), which Tollgate does not follow: check the base URL of the provider connection."
+    )]
+    UpstreamRedirect(u16),
     /// Logged where it happened; the caller sees no internals.
     #[error("internal error")]
     Internal,
@@ -47,7 +55,8 @@ impl ProxyError {
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::InsufficientBudget { .. } => StatusCode::PAYMENT_REQUIRED,
             ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
-            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamRedirect(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::DestinationRefused { .. } => StatusCode::FORBIDDEN,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,6 +71,8 @@ impl ProxyError {
             ProxyError::InsufficientBudget { .. } => ("insufficient_budget", Some("customer_budget_exceeded")),
             ProxyError::NotFound(_) => ("invalid_request_error", Some("not_found")),
             ProxyError::UpstreamUnreachable(_) => ("upstream_error", Some("upstream_unreachable")),
+            ProxyError::UpstreamRedirect(_) => ("upstream_error", Some("upstream_redirect")),
+            ProxyError::DestinationRefused { code, .. } => ("permission_error", Some(code)),
             ProxyError::Internal => ("server_error", None),
         }
     }
@@ -72,10 +83,10 @@ impl ProxyError {
             ProxyError::InvalidRequest { .. } => "invalid_request_error",
             ProxyError::PayloadTooLarge(_) => "request_too_large",
             ProxyError::Unauthorized(_) => "authentication_error",
-            ProxyError::Forbidden { .. } => "permission_error",
+            ProxyError::Forbidden { .. } | ProxyError::DestinationRefused { .. } => "permission_error",
             ProxyError::InsufficientBudget { .. } => "insufficient_budget",
             ProxyError::NotFound(_) => "not_found_error",
-            ProxyError::UpstreamUnreachable(_) | ProxyError::Internal => "api_error",
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamRedirect(_) | ProxyError::Internal => "api_error",
         }
     }
 
@@ -109,6 +120,23 @@ impl ProxyError {
 pub enum ErrorShape {
     OpenAi,
     Anthropic,
+}
+
+impl From<&tollgate_core::egress::Refused> for ProxyError {
+    fn from(refused: &tollgate_core::egress::Refused) -> Self {
+        ProxyError::DestinationRefused { message: refused.to_string(), code: "destination_refused" }
+    }
+}
+
+impl From<tollgate_core::egress::BaseUrlError> for ProxyError {
+    fn from(e: tollgate_core::egress::BaseUrlError) -> Self {
+        ProxyError::DestinationRefused {
+            message: format!(
+                "The base URL of the provider connection serving this model {e}; the project's admin must replace the connection."
+            ),
+            code: "invalid_base_url",
+        }
+    }
 }
 
 impl From<tollgate_core::db::DbError> for ProxyError {

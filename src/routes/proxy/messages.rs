@@ -37,7 +37,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
 use tollgate_core::pricing::{TokenUsage, Tokenizer};
-use tollgate_core::projects::{Provider, ProviderKind};
+use tollgate_core::projects::ProviderKind;
 use tollgate_core::{estimate, vision};
 
 use super::admission::{Unbounded, present, type_of, unknown_field};
@@ -71,9 +71,7 @@ impl Dialect for Messages {
         kind == ProviderKind::Anthropic
     }
 
-    fn upstream_url(provider: &Provider) -> String {
-        format!("{}/v1/messages", provider.base_url)
-    }
+    const UPSTREAM_PATH: &'static str = "v1/messages";
 
     fn parse(request: &Value) -> Result<CallShape, ProxyError> {
         let obj = object(request)?;
@@ -398,13 +396,12 @@ pub async fn count_tokens(
         let project = caller.project;
         let model = model(object(&request)?)?;
         let provider = pipeline::route::<Messages>(&state, &project, &model).await?;
-        let url = format!("{}/v1/messages/count_tokens", provider.base_url);
-        let upstream = pipeline::upstream_request(&state, &provider, url, &headers)
+        let upstream = pipeline::upstream_request(&state, &provider, "v1/messages/count_tokens", &headers)?
             .json(&request)
             .send()
             .await
-            .map_err(|e| ProxyError::UpstreamUnreachable(format!("The provider could not be reached: {e}")))?;
-        Ok::<_, ProxyError>(pipeline::passthrough(upstream).await)
+            .map_err(|e| pipeline::upstream_failed(&e))?;
+        pipeline::passthrough(upstream).await
     };
     answer.await.unwrap_or_else(|e| e.into_response_shaped(ErrorShape::Anthropic))
 }

@@ -11,8 +11,10 @@
 //!    to what the remaining budget pays for (if at least the project's minimum and what the
 //!    request needs to stay valid), else 402. The forwarded request names exactly the max
 //!    output reserved for, in one field, whatever the client sent.
-//! 3. Forward. Upstream errors come back with their status and body; the reservation is
-//!    released. Nothing is retried (a retry could be charged twice).
+//! 3. Forward, only where the egress policy allows (`tollgate_core::egress`: public addresses
+//!    or the operator's allowance, and a path the base URL cannot steer). Upstream errors come
+//!    back with their status and body, a redirect as an error (never followed); the reservation
+//!    is released. Nothing is retried (a retry could be charged twice).
 //! 4. Settle from the provider's usage (for streams, watched in the events as they pass),
 //!    else from what was delivered. Settlement runs on its own task, so it completes even
 //!    when the client has gone. Long streams renew their reservation so it cannot expire
@@ -28,6 +30,7 @@ use axum::response::Response;
 use futures::StreamExt;
 use secrecy::ExposeSecret;
 use serde_json::Value;
+use tollgate_core::egress::{self, Refused};
 use tollgate_core::estimate;
 use tollgate_core::ids::CustomerId;
 use tollgate_core::ledger::{
@@ -90,8 +93,8 @@ pub trait Dialect: Send + Sync + 'static {
 
     /// Whether a connection of this kind speaks this API.
     fn speaks(kind: ProviderKind) -> bool;
-    /// The upstream URL for this API on `provider`.
-    fn upstream_url(provider: &Provider) -> String;
+    /// This API's path under a provider's base URL (`chat/completions`).
+    const UPSTREAM_PATH: &'static str;
     fn parse(request: &Value) -> Result<CallShape, ProxyError>;
     /// The request field that names the end-user, for projects that take the customer from it.
     fn user(request: &Value) -> Option<&str>;
@@ -220,16 +223,19 @@ fn route_in<'c, D: Dialect>(config: &'c CallConfig, model: &str) -> Result<&'c P
     })
 }
 
-/// A request to `url` on `provider`, with the provider's credential (and, for Anthropic,
-/// the API version and betas the client asked for).
+/// A request to `path` under `provider`'s base URL, with the provider's credential (and, for
+/// Anthropic, the API version and betas the client asked for). Refused when the base URL
+/// breaks the rules or names an address the egress policy refuses (a host name is checked
+/// again when it is resolved: see [`upstream_failed`]).
 pub fn upstream_request(
     state: &AppState,
     provider: &Provider,
-    url: String,
+    path: &str,
     client_headers: &HeaderMap,
-) -> reqwest::RequestBuilder {
-    let request = state.http.post(url);
-    match provider.kind {
+) -> Result<reqwest::RequestBuilder, ProxyError> {
+    let url = egress::provider_endpoint(&provider.base_url, path)?;
+    let request = state.egress.post(url).map_err(|refused| ProxyError::from(&refused))?;
+    Ok(match provider.kind {
         ProviderKind::Anthropic => {
             let version = client_headers
                 .get("anthropic-version")
@@ -244,11 +250,24 @@ pub fn upstream_request(
             request
         }
         ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => request.bearer_auth(provider.api_key.expose_secret()),
+    })
+}
+
+/// The error for a request to a provider that failed: refused by the egress policy when its
+/// host resolved only to refused addresses, else unreachable.
+pub fn upstream_failed(e: &reqwest::Error) -> ProxyError {
+    match Refused::find(e) {
+        Some(refused) => refused.into(),
+        None => ProxyError::UpstreamUnreachable(format!("The provider could not be reached: {e}")),
     }
 }
 
-/// An upstream error answer, passed to the client with its status and body.
-pub async fn passthrough(upstream: reqwest::Response) -> Response {
+/// An upstream answer passed to the client with its status and body; a redirect is an
+/// error instead (never followed, and its body never shown).
+pub async fn passthrough(upstream: reqwest::Response) -> Result<Response, ProxyError> {
+    if upstream.status().is_redirection() {
+        return Err(ProxyError::UpstreamRedirect(upstream.status().as_u16()));
+    }
     let status = StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
     let body = upstream.bytes().await.unwrap_or_default();
@@ -257,7 +276,7 @@ pub async fn passthrough(upstream: reqwest::Response) -> Response {
     if let Some(ct) = content_type {
         response.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
-    response
+    Ok(response)
 }
 
 async fn run<D: Dialect>(
@@ -308,6 +327,16 @@ async fn run<D: Dialect>(
         state.ledger.settle(Settlement::new(None, record))
     };
     let blocked = || customer_blocked(&external_id);
+
+    // Where the call goes, checked before anything is held (a host name is checked again when
+    // it is resolved).
+    let upstream = match upstream_request(&state, provider, D::UPSTREAM_PATH, &headers) {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            refusal(&customer.id, "destination refused").await?;
+            return Err(e);
+        }
+    };
 
     // The admission rule: what Tollgate cannot bound is refused, or held at the project's ceiling.
     let ceiling = match D::unbounded(&request) {
@@ -401,7 +430,6 @@ async fn run<D: Dialect>(
     }
     let client_wants_usage = if shape.stream { D::prepare_stream(&mut request) } else { true };
 
-    let url = D::upstream_url(provider);
     let call = Call {
         state: state.clone(),
         project,
@@ -415,20 +443,24 @@ async fn run<D: Dialect>(
         started,
         budget: BudgetHeaders { max_output, clamped },
     };
-    let upstream = upstream_request(&state, provider, url, &headers).json(&request).send().await;
-    let upstream = match upstream {
+    let upstream = match upstream.json(&request).send().await {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(error = %e, provider = %provider.id, "upstream unreachable");
-            call.release("upstream unreachable").await;
-            return Err(ProxyError::UpstreamUnreachable(format!("The provider could not be reached: {e}")));
+            let error = upstream_failed(&e);
+            let reason = match error {
+                ProxyError::DestinationRefused { .. } => "destination refused",
+                _ => "upstream unreachable",
+            };
+            tracing::warn!(error = %e, provider = %provider.id, "{reason}");
+            call.release(reason).await;
+            return Err(error);
         }
     };
     if !upstream.status().is_success() {
         let reason = format!("upstream answered {}", upstream.status().as_u16());
         let response = passthrough(upstream).await;
         call.release(&reason).await;
-        return Ok(response);
+        return response;
     }
     if shape.stream {
         Ok(stream_response::<D>(call, upstream, client_wants_usage))

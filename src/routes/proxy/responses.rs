@@ -35,7 +35,7 @@
 use serde_json::{Value, json};
 use tollgate_core::estimate;
 use tollgate_core::pricing::{TokenUsage, Tokenizer};
-use tollgate_core::projects::{Provider, ProviderKind};
+use tollgate_core::projects::ProviderKind;
 
 use super::admission::{Unbounded, openai_hosted_tool, present, type_of, unknown_field};
 use super::chat::{json_fields_tokens, model, object, positive_int, service_tier_unbounded, stream_flag};
@@ -54,9 +54,7 @@ impl Dialect for Responses {
         matches!(kind, ProviderKind::OpenAi | ProviderKind::OpenAiCompatible)
     }
 
-    fn upstream_url(provider: &Provider) -> String {
-        format!("{}/responses", provider.base_url)
-    }
+    const UPSTREAM_PATH: &'static str = "responses";
 
     fn parse(request: &Value) -> Result<CallShape, ProxyError> {
         let obj = object(request)?;
