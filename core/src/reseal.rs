@@ -69,6 +69,8 @@ fn reseal(master: &MasterKey, old: &str, row: &SealedFor) -> Option<String> {
 }
 
 async fn swap(db: &Db, sql: &str, new: &str, id: &str, old: &str) -> Result<u64, DbError> {
-    Ok(with_db!(db, pool => sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).bind(new).bind(id).bind(old).execute(pool).await
-        .map(|r| r.rows_affected()))?)
+    Ok(
+        with_db!(db, pool => sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).bind(new).bind(id).bind(old).execute(pool).await
+        .map(|r| r.rows_affected()))?,
+    )
 }
