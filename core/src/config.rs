@@ -89,6 +89,34 @@ pub struct Config {
     pub stripe_connect_webhook_secret: Option<SecretString>,
     /// How often each worker process compares delivered usage with Stripe's meter summaries.
     pub stripe_reconcile_interval: Duration,
+    /// Bounds on what one request, or one upstream, may take of the server.
+    pub limits: RequestLimits,
+}
+
+/// Bounds on the work and the time one request, or one tenant's upstream, may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// How long a client has to send a request's headers (and how long a kept-alive
+    /// connection may stay idle before its next request).
+    pub header_read_timeout: Duration,
+    /// How long a client has to send a request's whole body, from its headers on.
+    pub body_read_timeout: Duration,
+    /// The longest one proxied call may take upstream, JSON or streamed, before it is cut
+    /// (and settled for what it delivered).
+    pub upstream_max_duration: Duration,
+    /// How far past its max output (× `n`), in percent, a stream may deliver before it is cut.
+    pub stream_output_margin_percent: u32,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
+            upstream_max_duration: Duration::from_secs(30 * 60),
+            stream_output_margin_percent: 50,
+        }
+    }
 }
 
 impl Config {
@@ -184,6 +212,10 @@ struct RawConfig {
     stripe_platform_key: Option<String>,
     stripe_connect_webhook_secret: Option<String>,
     stripe_reconcile_seconds: Option<u64>,
+    header_read_timeout_seconds: Option<u64>,
+    body_read_timeout_seconds: Option<u64>,
+    upstream_max_seconds: Option<u64>,
+    stream_output_margin_percent: Option<u32>,
 }
 
 /// Raw settings plus where each came from, so errors can point at the right place.
@@ -217,6 +249,10 @@ const SETTINGS: &[(&str, &str)] = &[
     ("stripe_platform_key", "TOLLGATE_STRIPE_PLATFORM_KEY"),
     ("stripe_connect_webhook_secret", "TOLLGATE_STRIPE_CONNECT_WEBHOOK_SECRET"),
     ("stripe_reconcile_seconds", "TOLLGATE_STRIPE_RECONCILE_SECONDS"),
+    ("header_read_timeout_seconds", "TOLLGATE_HEADER_READ_TIMEOUT_SECONDS"),
+    ("body_read_timeout_seconds", "TOLLGATE_BODY_READ_TIMEOUT_SECONDS"),
+    ("upstream_max_seconds", "TOLLGATE_UPSTREAM_MAX_SECONDS"),
+    ("stream_output_margin_percent", "TOLLGATE_STREAM_OUTPUT_MARGIN_PERCENT"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -304,6 +340,24 @@ impl Sourced {
                 "workers" => {
                     r.workers = Some(
                         parse_bool(value).ok_or_else(|| invalid(format!("expected true or false, got {value:?}")))?,
+                    )
+                }
+                "header_read_timeout_seconds" | "body_read_timeout_seconds" | "upstream_max_seconds" => {
+                    let seconds = Some(
+                        value
+                            .trim()
+                            .parse()
+                            .map_err(|_| invalid(format!("expected a number of seconds, got {value:?}")))?,
+                    );
+                    match *key {
+                        "header_read_timeout_seconds" => r.header_read_timeout_seconds = seconds,
+                        "body_read_timeout_seconds" => r.body_read_timeout_seconds = seconds,
+                        _ => r.upstream_max_seconds = seconds,
+                    }
+                }
+                "stream_output_margin_percent" => {
+                    r.stream_output_margin_percent = Some(
+                        value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
                     )
                 }
                 _ => {}
@@ -447,6 +501,7 @@ impl Sourced {
         if stripe_reconcile_interval.is_zero() {
             return Err(self.invalid("stripe_reconcile_seconds", "must be at least 1"));
         }
+        let limits = self.request_limits()?;
         Ok(Config {
             mode,
             listen,
@@ -470,6 +525,27 @@ impl Sourced {
             stripe_platform_key: stripe_platform_key.map(SecretString::from),
             stripe_connect_webhook_secret: stripe_connect_webhook_secret.map(SecretString::from),
             stripe_reconcile_interval,
+            limits,
+        })
+    }
+
+    fn request_limits(&self) -> Result<RequestLimits, ConfigError> {
+        let r = &self.raw;
+        let default = RequestLimits::default();
+        let seconds = |key: &'static str, value: Option<u64>, default: Duration| match value {
+            Some(0) => Err(self.invalid(key, "must be at least 1")),
+            Some(s) => Ok(Duration::from_secs(s)),
+            None => Ok(default),
+        };
+        Ok(RequestLimits {
+            header_read_timeout: seconds(
+                "header_read_timeout_seconds",
+                r.header_read_timeout_seconds,
+                default.header_read_timeout,
+            )?,
+            body_read_timeout: seconds("body_read_timeout_seconds", r.body_read_timeout_seconds, default.body_read_timeout)?,
+            upstream_max_duration: seconds("upstream_max_seconds", r.upstream_max_seconds, default.upstream_max_duration)?,
+            stream_output_margin_percent: r.stream_output_margin_percent.unwrap_or(default.stream_output_margin_percent),
         })
     }
 }

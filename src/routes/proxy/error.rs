@@ -24,6 +24,15 @@ pub enum ProxyError {
     NotFound(String),
     #[error("{0}")]
     UpstreamUnreachable(String),
+    /// The upstream's answer is over the size Tollgate reads.
+    #[error("{0}")]
+    UpstreamTooLarge(String),
+    /// The call reached the operator's maximum duration.
+    #[error("{0}")]
+    UpstreamTimeout(String),
+    /// The server is shutting down and the call's grace period is over.
+    #[error("The server is restarting: the call was cut off. Try it again.")]
+    ShuttingDown,
     /// Logged where it happened; the caller sees no internals.
     #[error("internal error")]
     Internal,
@@ -47,7 +56,9 @@ impl ProxyError {
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::InsufficientBudget { .. } => StatusCode::PAYMENT_REQUIRED,
             ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
-            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTooLarge(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,6 +73,9 @@ impl ProxyError {
             ProxyError::InsufficientBudget { .. } => ("insufficient_budget", Some("customer_budget_exceeded")),
             ProxyError::NotFound(_) => ("invalid_request_error", Some("not_found")),
             ProxyError::UpstreamUnreachable(_) => ("upstream_error", Some("upstream_unreachable")),
+            ProxyError::UpstreamTooLarge(_) => ("upstream_error", Some("upstream_too_large")),
+            ProxyError::UpstreamTimeout(_) => ("upstream_error", Some("upstream_timeout")),
+            ProxyError::ShuttingDown => ("server_error", Some("shutting_down")),
             ProxyError::Internal => ("server_error", None),
         }
     }
@@ -75,7 +89,11 @@ impl ProxyError {
             ProxyError::Forbidden { .. } => "permission_error",
             ProxyError::InsufficientBudget { .. } => "insufficient_budget",
             ProxyError::NotFound(_) => "not_found_error",
-            ProxyError::UpstreamUnreachable(_) | ProxyError::Internal => "api_error",
+            ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamTooLarge(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::Internal => "api_error",
+            ProxyError::ShuttingDown => "overloaded_error",
         }
     }
 

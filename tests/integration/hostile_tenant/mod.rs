@@ -2,11 +2,13 @@
 //! publishable key, or an upstream the tenant controls) tries, and what stops each attempt.
 //! One module per front: each finding of issue 20 is a test here that failed before its fix.
 
+mod bounded;
+
 use crate::helpers::{DbCase, PlainCase};
 
 /// The suite's tests that run on each database.
 pub fn cases() -> Vec<DbCase> {
-    let suites: Vec<Vec<DbCase>> = vec![];
+    let suites: Vec<Vec<DbCase>> = vec![bounded::cases()];
     suites.into_iter().flatten().collect()
 }
 
