@@ -71,6 +71,8 @@ impl Application {
             tracing::warn!(released = recovered.reservations, name = %instance_name,
                 "released what an earlier life of this instance held (its calls are recorded as interrupted)");
         }
+        // The tokenizers load on a blocking thread now, not on the first request's worker.
+        tokio::task::spawn_blocking(tollgate_core::estimate::load_tokenizers);
         let state = AppState {
             ledger,
             stripe,
@@ -136,7 +138,10 @@ impl Application {
             state.in_flight.finished().await;
         };
         if tokio::time::timeout_at(cut_at, finished).await.is_err() {
-            tracing::warn!(grace_seconds = grace.as_secs(), "grace period nearly over: cutting the calls still in flight");
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "grace period nearly over: cutting the calls still in flight"
+            );
             state.in_flight.cut();
             let settled = async {
                 state.in_flight.finished().await;

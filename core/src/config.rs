@@ -543,9 +543,19 @@ impl Sourced {
                 r.header_read_timeout_seconds,
                 default.header_read_timeout,
             )?,
-            body_read_timeout: seconds("body_read_timeout_seconds", r.body_read_timeout_seconds, default.body_read_timeout)?,
-            upstream_max_duration: seconds("upstream_max_seconds", r.upstream_max_seconds, default.upstream_max_duration)?,
-            stream_output_margin_percent: r.stream_output_margin_percent.unwrap_or(default.stream_output_margin_percent),
+            body_read_timeout: seconds(
+                "body_read_timeout_seconds",
+                r.body_read_timeout_seconds,
+                default.body_read_timeout,
+            )?,
+            upstream_max_duration: seconds(
+                "upstream_max_seconds",
+                r.upstream_max_seconds,
+                default.upstream_max_duration,
+            )?,
+            stream_output_margin_percent: r
+                .stream_output_margin_percent
+                .unwrap_or(default.stream_output_margin_percent),
         })
     }
 }

@@ -118,6 +118,15 @@ pub fn longest_token(tokenizer: Tokenizer) -> usize {
     })
 }
 
+/// Loads what counting needs (the vocabularies, their longest tokens), which takes a while
+/// (a second in a debug build): called once at start, off the async threads, so that no
+/// request waits for it.
+pub fn load_tokenizers() {
+    for tokenizer in [Tokenizer::O200kBase, Tokenizer::Cl100kBase] {
+        longest_token(tokenizer);
+    }
+}
+
 /// Above the largest rank of every vocabulary here (o200k_base's specials end below 200,020).
 const VOCABULARY_RANKS: u32 = 201_000;
 
@@ -473,7 +482,10 @@ mod tests {
                 let exact = chat_input_bound(Counter::exact(tokenizer), "gpt-4o", request);
                 let most = chat_input_bound(Counter::at_most(tokenizer), "gpt-4o", request);
                 let least = chat_input_bound(Counter::at_least(tokenizer), "gpt-4o", request);
-                assert!(least <= exact && exact <= most, "{tokenizer:?}: {least} <= {exact} <= {most} fails for {request}");
+                assert!(
+                    least <= exact && exact <= most,
+                    "{tokenizer:?}: {least} <= {exact} <= {most} fails for {request}"
+                );
             }
         }
         // Byte counts are their own bounds.
@@ -491,5 +503,47 @@ mod tests {
             assert!(Counter::at_least(tokenizer).text(&spaces) <= count_text(tokenizer, &spaces));
         }
         assert_eq!(longest_token(Tokenizer::Approximate), 1);
+    }
+
+    /// What the proxy's inline threshold rests on (`src/routes/proxy/offload.rs`): the exact
+    /// count of prose at several sizes, beside a round trip through Tokio's blocking pool.
+    /// `cargo test -p tollgate-core --release --lib counting_costs -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn counting_costs() {
+        let prose = "The committee reviewed the quarterly figures and found them sound. ";
+        let t = Tokenizer::O200kBase;
+        count_text(t, prose); // loads the vocabulary
+        let time = |f: &dyn Fn()| {
+            let runs = 200;
+            let started = std::time::Instant::now();
+            for _ in 0..runs {
+                f();
+            }
+            started.elapsed() / runs
+        };
+        for size in [1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20] {
+            let text = prose.repeat(size / prose.len() + 1);
+            let exact = time(&|| {
+                count_text(t, &text);
+            });
+            let bound = time(&|| {
+                Counter::at_least(t).text(&text);
+            });
+            println!("{:>5} KB: exact {exact:?}, bound {bound:?}", size >> 10);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let hop = runtime.block_on(async {
+            let runs = 2_000;
+            let started = std::time::Instant::now();
+            for _ in 0..runs {
+                tokio::task::spawn_blocking(|| 1).await.unwrap();
+            }
+            started.elapsed() / runs
+        });
+        println!("a round trip through the blocking pool: {hop:?}");
+        let started = std::time::Instant::now();
+        let longest = (longest_token(Tokenizer::O200kBase), longest_token(Tokenizer::Cl100kBase));
+        println!("longest tokens (o200k, cl100k): {longest:?} bytes, read in {:?}", started.elapsed());
     }
 }

@@ -69,6 +69,10 @@ const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// any provider's (a chat answer of 128 choices of 16k tokens is about 8 MB), far below
 /// what would strain the server.
 pub const MAX_UPSTREAM_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Bodies above this size are checked against the customer's budget before their exact
+/// count: the check costs a database read, which pays where the count it may save costs
+/// more (tens of milliseconds of CPU from here on; see [`super::offload::INLINE_BYTES`]).
+const PRECHECK_BYTES: usize = 256 * 1024;
 /// Tokens a stream may deliver past its max output × `n` (and the operator's margin) before
 /// it is cut: what one event or a tokenizer's disagreement on a short answer may add.
 const STREAM_OUTPUT_SLACK: i64 = 256;
@@ -427,7 +431,7 @@ async fn run<D: Dialect>(
 
     // A large input is bounded before it is counted: when even its least possible count
     // cannot fit what the customer could have, it is refused without counting it exactly.
-    if size > INLINE_BYTES {
+    if size > PRECHECK_BYTES {
         let (tokenizer, model) = (price.tokenizer, shape.model.clone());
         let (back, least) = state
             .offload
@@ -704,11 +708,12 @@ impl Call {
     /// input counts if it gave them, else the estimate; the output as delivered.
     async fn counted(&self, input: Option<TokenUsage>, delivered: String) -> TokenUsage {
         let (tokenizer, bytes) = (self.price.tokenizer, delivered.len() as i64);
-        let output = match self.state.offload.run(delivered.len(), move || estimate::count_text(tokenizer, &delivered)).await {
-            Ok(tokens) => tokens,
-            // Its bytes: never fewer than its tokens.
-            Err(_) => bytes,
-        };
+        let output =
+            match self.state.offload.run(delivered.len(), move || estimate::count_text(tokenizer, &delivered)).await {
+                Ok(tokens) => tokens,
+                // Its bytes: never fewer than its tokens.
+                Err(_) => bytes,
+            };
         let input = input.unwrap_or(TokenUsage { input: self.input_estimate, ..TokenUsage::default() });
         TokenUsage { output: output.max(input.output), ..input }
     }
@@ -965,7 +970,12 @@ async fn pump<D: Dialect>(
             let event = sse::Event::parse(&raw[..text_len]);
             let data = if event.data.len() > INLINE_BYTES {
                 let text = event.data.clone();
-                call.state.offload.run(text.len(), move || serde_json::from_str::<Value>(&text).ok()).await.ok().flatten()
+                call.state
+                    .offload
+                    .run(text.len(), move || serde_json::from_str::<Value>(&text).ok())
+                    .await
+                    .ok()
+                    .flatten()
             } else {
                 serde_json::from_str::<Value>(&event.data).ok()
             };
