@@ -522,8 +522,20 @@ mod tests {
             }
             started.elapsed() / runs
         };
+        // Prose, and random lower-case words (no piece in the vocabulary: every one merged).
+        let mut seed = 7u64;
+        let mut random = String::new();
+        while random.len() < 1 << 20 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let letter = (b'a' + (seed >> 33) as u8 % 26) as char;
+            random.push(if (seed >> 20) % 40 == 0 { ' ' } else { letter });
+        }
         for size in [1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20] {
             let text = prose.repeat(size / prose.len() + 1);
+            let words = &random[..size];
+            let started = std::time::Instant::now();
+            count_text(t, words);
+            println!("{:>5} KB of random words: exact {:?}", size >> 10, started.elapsed());
             let exact = time(&|| {
                 count_text(t, &text);
             });

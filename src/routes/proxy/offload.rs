@@ -11,11 +11,11 @@ use tokio::sync::Semaphore;
 use super::error::ProxyError;
 
 /// Work on inputs up to this size runs inline. Measured in the dev profile (dependencies at
-/// `opt-level = 1`; `counting_costs` in `tollgate-core`'s estimate tests): the exact count
-/// of a 1 KB prompt takes ~160 µs, of 16 KB ~2.7 ms, of 64 KB ~10 ms, of 1 MB ~180 ms; a
-/// round trip through the blocking pool ~90 µs. Sending a 1 KB prompt to the pool would
-/// add half again to its count (and queue it behind large ones); at 16 KB the trip is 3 %
-/// of the work, and the longest step left on a worker stays a few milliseconds.
+/// `opt-level = 1`; `counting_costs` in `tollgate-core`'s estimate tests), on a busy machine:
+/// the exact count of prose takes 25-150 µs a kilobyte, of random words (every piece merged)
+/// ~150 µs; a round trip through the blocking pool 50-100 µs. Sending a 1 KB prompt to the
+/// pool would double its cost (and queue it behind large ones); at 16 KB the trip is a few
+/// percent of the work, and the longest step left on a worker stays a few milliseconds.
 pub const INLINE_BYTES: usize = 16 * 1024;
 
 /// The blocking jobs of the proxy, bounded.
