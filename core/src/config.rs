@@ -630,6 +630,21 @@ mod tests {
     }
 
     #[test]
+    fn request_limits_have_defaults_and_refuse_zero() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert_eq!(c.limits, RequestLimits::default());
+        assert_eq!(c.limits.upstream_max_duration, Duration::from_secs(1800));
+        let c = Config::load(
+            None,
+            &env(&[("TOLLGATE_HEADER_READ_TIMEOUT_SECONDS", "5"), ("TOLLGATE_STREAM_OUTPUT_MARGIN_PERCENT", "0")]),
+        )
+        .unwrap();
+        assert_eq!((c.limits.header_read_timeout, c.limits.stream_output_margin_percent), (Duration::from_secs(5), 0));
+        let e = Config::load(None, &env(&[("TOLLGATE_BODY_READ_TIMEOUT_SECONDS", "0")])).unwrap_err();
+        assert!(e.to_string().contains("TOLLGATE_BODY_READ_TIMEOUT_SECONDS"), "{e}");
+    }
+
+    #[test]
     fn redacts_database_passwords() {
         assert_eq!(redact_url("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
