@@ -528,7 +528,7 @@ mod tests {
         while random.len() < 1 << 20 {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             let letter = (b'a' + (seed >> 33) as u8 % 26) as char;
-            random.push(if (seed >> 20) % 40 == 0 { ' ' } else { letter });
+            random.push(if (seed >> 20).is_multiple_of(40) { ' ' } else { letter });
         }
         for size in [1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20] {
             let text = prose.repeat(size / prose.len() + 1);

@@ -186,7 +186,7 @@ fn random_words(bytes: usize) -> String {
     let mut text = String::with_capacity(bytes);
     while text.len() < bytes {
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        text.push(if (seed >> 20) % 40 == 0 { ' ' } else { (b'a' + (seed >> 33) as u8 % 26) as char });
+        text.push(if (seed >> 20).is_multiple_of(40) { ' ' } else { (b'a' + (seed >> 33) as u8 % 26) as char });
     }
     text
 }
