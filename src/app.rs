@@ -1,7 +1,8 @@
 //! Building and running the server: one router with every face and the layers around it,
 //! the job workers beside it (unless disabled), and a shutdown that stops accepting, lets
-//! in-flight requests and streams finish up to the grace period, stops the workers and
-//! closes the database (flushing pending writes).
+//! in-flight requests and streams finish, stops the workers and closes the database
+//! (flushing pending writes) — all within the grace period: proxied calls still in flight
+//! at four fifths of it are cut and settled for what they delivered (see [`Application::run`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +12,6 @@ use axum::Router;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,10 @@ use tracing::Level;
 
 use crate::middleware::{hsts, http_metrics, request_id};
 use crate::routes::api::limits::RateLimiter;
+use crate::routes::proxy::offload::Offload;
 use crate::routes::{api, dashboard, ops, proxy, stripe};
+use crate::serve::{self, Connections};
+use crate::shutdown::InFlight;
 use crate::state::AppState;
 use crate::telemetry;
 
@@ -78,6 +81,8 @@ impl Application {
             tracing::warn!(released = recovered.reservations, name = %instance_name,
                 "released what an earlier life of this instance held (its calls are recorded as interrupted)");
         }
+        // The tokenizers load on a blocking thread now, not on the first request's worker.
+        tokio::task::spawn_blocking(tollgate_core::estimate::load_tokenizers);
         let state = AppState {
             ledger,
             stripe,
@@ -92,6 +97,8 @@ impl Application {
             proxy_cache: Default::default(),
             mailer: Arc::new(mailer),
             api_limits: Arc::new(api_limits),
+            offload: Arc::new(Offload::per_core()),
+            in_flight: InFlight::default(),
         };
         Ok(Self { listener, state, local_addr, instance_name })
     }
@@ -127,30 +134,43 @@ impl Application {
             ))
         });
 
-        let app = router(state.clone());
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        // Streams write many small chunks: without TCP_NODELAY, Nagle's algorithm holds each
-        // one back until the client's delayed ACK (~40 ms per chunk, measured in BENCHMARKS.md).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
-        let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future();
-        let mut server = tokio::spawn(serve);
-        let deadline = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
+        // Shutdown: stop accepting; let connections finish their requests and calls finish with
+        // their upstreams; at four fifths of the grace period cut the calls still in flight
+        // (each settles for what it delivered) and close the connections left; the last fifth
+        // bounds those settlements and the database's close.
+        let connections = Connections::default();
+        let limits = state.config.limits;
+        let accepting =
+            tokio::spawn(serve::accept(listener, router(state.clone()), limits, shutdown.clone(), connections.clone()));
+        shutdown.cancelled().await;
+        let stopping = tokio::time::Instant::now();
+        let (cut_at, deadline) = (stopping + grace * 4 / 5, stopping + grace);
+        if let Err(e) = accepting.await {
+            tracing::error!(error = %e, "the accept loop failed");
+        }
+        let finished = async {
+            connections.closed().await;
+            state.in_flight.finished().await;
         };
-        tokio::select! {
-            result = &mut server => result??,
-            () = deadline => {
-                tracing::warn!(grace_seconds = grace.as_secs(), "grace period over: closing the connections still open");
-                server.abort();
+        if tokio::time::timeout_at(cut_at, finished).await.is_err() {
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "grace period nearly over: cutting the calls still in flight"
+            );
+            state.in_flight.cut();
+            let settled = async {
+                state.in_flight.finished().await;
+                connections.closed().await;
+            };
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                tracing::warn!("closing the connections still open");
             }
+            connections.drop_all();
         }
         if let Some(workers) = workers {
-            match tokio::time::timeout(grace + Duration::from_secs(1), workers).await {
+            match tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)), workers)
+                .await
+            {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => tracing::error!(error = %e, "job workers ended with an error"),
                 Ok(Err(e)) => tracing::error!(error = %e, "job workers panicked"),
@@ -160,11 +180,18 @@ impl Application {
         beating.abort();
         // Every call has settled (or was cut off with the connections): what this instance
         // still holds, it gives back and records as interrupted.
-        if let Err(e) = instances::leave(&state.db, state.ledger.instance()).await {
-            tracing::warn!(error = %e, "could not leave the instances table; another instance recovers this one");
+        let closing = async {
+            if let Err(e) = instances::leave(&state.db, state.ledger.instance()).await {
+                tracing::warn!(error = %e, "could not leave the instances table; another instance recovers this one");
+            }
+            state.jobs.close().await;
+            state.db.close().await;
+        };
+        // The database's close waits for its connections; a stuck one does not hold the exit.
+        let closed_by = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+        if tokio::time::timeout_at(closed_by, closing).await.is_err() {
+            tracing::warn!("the database did not close within the grace period");
         }
-        state.jobs.close().await;
-        state.db.close().await;
         tracing::info!("stopped");
         Ok(())
     }
@@ -207,6 +234,7 @@ async fn beat(state: AppState, name: String, shutdown: CancellationToken) {
 /// Every route, and the layers around them, outermost first.
 pub fn router(state: AppState) -> Router {
     let https = hsts::served_over_https(&state.config.public_url);
+    let body_read_timeout = state.config.limits.body_read_timeout;
     Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
@@ -227,7 +255,8 @@ pub fn router(state: AppState) -> Router {
                         .on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Micros)),
                 )
                 .layer(CatchPanicLayer::custom(internal_error_after_panic))
-                .layer(axum::middleware::from_fn(http_metrics::record)),
+                .layer(axum::middleware::from_fn(http_metrics::record))
+                .layer(axum::middleware::from_fn_with_state(body_read_timeout, serve::deadline_body)),
         )
 }
 

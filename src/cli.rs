@@ -148,6 +148,9 @@ pub fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(run(cli.command.unwrap_or(Command::Serve), config));
+    // A blocking job still running (a token count) does not hold the exit: the runtime is
+    // left to the process's end after a moment instead of waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -4,6 +4,7 @@
 //!
 //! - [`cli`]: `tollgate serve | worker | migrate | admin`.
 //! - [`app`]: builds the router and runs the server with graceful shutdown.
+//! - [`serve`]: the HTTP/1.1 server loop, its read timeouts; [`shutdown`]: signals, calls in flight.
 //! - [`routes`]: one module per face; [`middleware`]: request id, metrics.
 //! - [`mail`]: outgoing mail (SMTP, or the log).
 
@@ -11,6 +12,7 @@ pub mod app;
 pub mod cli;
 pub mod middleware;
 pub mod routes;
+pub mod serve;
 pub mod shutdown;
 pub mod state;
 pub mod telemetry;

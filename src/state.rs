@@ -11,6 +11,8 @@ use tollgate_jobs::JobStore;
 use crate::routes::api::limits::RateLimiter;
 use crate::routes::proxy::auth::KeyCache;
 use crate::routes::proxy::cache::ProxyCache;
+use crate::routes::proxy::offload::Offload;
+use crate::shutdown::InFlight;
 use tollgate_jobs::mail::Mailer;
 
 /// Shared, cheaply cloned application state.
@@ -38,4 +40,8 @@ pub struct AppState {
     pub stripe: tollgate_jobs::stripe_api::StripeApi,
     /// Per-key rate limits of the management API.
     pub api_limits: Arc<RateLimiter>,
+    /// The proxy's CPU work on large inputs, off the async threads and bounded.
+    pub offload: Arc<Offload>,
+    /// The proxied calls in flight, for shutdown to wait for and cut.
+    pub in_flight: InFlight,
 }

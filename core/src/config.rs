@@ -96,6 +96,8 @@ pub struct Config {
     pub stripe_reconcile_interval: Duration,
     /// Accounts and sessions (see `accounts`).
     pub accounts: AccountSettings,
+    /// Bounds on what one request, or one upstream, may take of the server.
+    pub limits: RequestLimits,
 }
 
 /// Who may sign up, how long a dashboard session lives, and where a client's address is read.
@@ -131,6 +133,32 @@ impl AccountSettings {
     pub fn is_trusted_proxy(&self, ip: std::net::IpAddr) -> bool {
         let ip = ip.to_canonical();
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Bounds on the work and the time one request, or one tenant's upstream, may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// How long a client has to send a request's headers (and how long a kept-alive
+    /// connection may stay idle before its next request).
+    pub header_read_timeout: Duration,
+    /// How long a client has to send a request's whole body, from its headers on.
+    pub body_read_timeout: Duration,
+    /// The longest one proxied call may take upstream, JSON or streamed, before it is cut
+    /// (and settled for what it delivered).
+    pub upstream_max_duration: Duration,
+    /// How far past its max output (× `n`), in percent, a stream may deliver before it is cut.
+    pub stream_output_margin_percent: u32,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
+            upstream_max_duration: Duration::from_secs(30 * 60),
+            stream_output_margin_percent: 50,
+        }
     }
 }
 
@@ -232,6 +260,10 @@ struct RawConfig {
     session_lifetime_seconds: Option<u64>,
     trusted_proxies: Option<String>,
     login_backoff_max_seconds: Option<u64>,
+    header_read_timeout_seconds: Option<u64>,
+    body_read_timeout_seconds: Option<u64>,
+    upstream_max_seconds: Option<u64>,
+    stream_output_margin_percent: Option<u32>,
 }
 
 /// Raw settings plus where each came from, so errors can point at the right place.
@@ -270,6 +302,10 @@ const SETTINGS: &[(&str, &str)] = &[
     ("session_lifetime_seconds", "TOLLGATE_SESSION_LIFETIME_SECONDS"),
     ("trusted_proxies", "TOLLGATE_TRUSTED_PROXIES"),
     ("login_backoff_max_seconds", "TOLLGATE_LOGIN_BACKOFF_MAX_SECONDS"),
+    ("header_read_timeout_seconds", "TOLLGATE_HEADER_READ_TIMEOUT_SECONDS"),
+    ("body_read_timeout_seconds", "TOLLGATE_BODY_READ_TIMEOUT_SECONDS"),
+    ("upstream_max_seconds", "TOLLGATE_UPSTREAM_MAX_SECONDS"),
+    ("stream_output_margin_percent", "TOLLGATE_STREAM_OUTPUT_MARGIN_PERCENT"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -366,18 +402,29 @@ impl Sourced {
                     )
                 }
                 "trusted_proxies" => r.trusted_proxies = text,
-                "session_lifetime_seconds" | "login_backoff_max_seconds" => {
+                "session_lifetime_seconds"
+                | "login_backoff_max_seconds"
+                | "header_read_timeout_seconds"
+                | "body_read_timeout_seconds"
+                | "upstream_max_seconds" => {
                     let seconds = Some(
                         value
                             .trim()
                             .parse()
                             .map_err(|_| invalid(format!("expected a number of seconds, got {value:?}")))?,
                     );
-                    if *key == "session_lifetime_seconds" {
-                        r.session_lifetime_seconds = seconds;
-                    } else {
-                        r.login_backoff_max_seconds = seconds;
+                    match *key {
+                        "session_lifetime_seconds" => r.session_lifetime_seconds = seconds,
+                        "login_backoff_max_seconds" => r.login_backoff_max_seconds = seconds,
+                        "header_read_timeout_seconds" => r.header_read_timeout_seconds = seconds,
+                        "body_read_timeout_seconds" => r.body_read_timeout_seconds = seconds,
+                        _ => r.upstream_max_seconds = seconds,
                     }
+                }
+                "stream_output_margin_percent" => {
+                    r.stream_output_margin_percent = Some(
+                        value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
+                    )
                 }
                 _ => {}
             }
@@ -523,6 +570,7 @@ impl Sourced {
             return Err(self.invalid("stripe_reconcile_seconds", "must be at least 1"));
         }
         let accounts = self.account_settings()?;
+        let limits = self.request_limits()?;
         Ok(Config {
             mode,
             listen,
@@ -548,6 +596,7 @@ impl Sourced {
             stripe_connect_webhook_secret: stripe_connect_webhook_secret.map(SecretString::from),
             stripe_reconcile_interval,
             accounts,
+            limits,
         })
     }
 
@@ -581,6 +630,36 @@ impl Sourced {
             session_lifetime,
             trusted_proxies,
             login_backoff_max,
+        })
+    }
+
+    fn request_limits(&self) -> Result<RequestLimits, ConfigError> {
+        let r = &self.raw;
+        let default = RequestLimits::default();
+        let seconds = |key: &'static str, value: Option<u64>, default: Duration| match value {
+            Some(0) => Err(self.invalid(key, "must be at least 1")),
+            Some(s) => Ok(Duration::from_secs(s)),
+            None => Ok(default),
+        };
+        Ok(RequestLimits {
+            header_read_timeout: seconds(
+                "header_read_timeout_seconds",
+                r.header_read_timeout_seconds,
+                default.header_read_timeout,
+            )?,
+            body_read_timeout: seconds(
+                "body_read_timeout_seconds",
+                r.body_read_timeout_seconds,
+                default.body_read_timeout,
+            )?,
+            upstream_max_duration: seconds(
+                "upstream_max_seconds",
+                r.upstream_max_seconds,
+                default.upstream_max_duration,
+            )?,
+            stream_output_margin_percent: r
+                .stream_output_margin_percent
+                .unwrap_or(default.stream_output_margin_percent),
         })
     }
 }
@@ -687,6 +766,21 @@ mod tests {
         assert_eq!(c.egress_allow.to_string(), "10.0.0.0/8,models.internal");
         let e = Config::load(None, &env(&[("TOLLGATE_EGRESS_ALLOW", "10.0.0.0/99")])).unwrap_err();
         assert!(e.to_string().starts_with("egress_allow (TOLLGATE_EGRESS_ALLOW):"), "{e}");
+    }
+
+    #[test]
+    fn request_limits_have_defaults_and_refuse_zero() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert_eq!(c.limits, RequestLimits::default());
+        assert_eq!(c.limits.upstream_max_duration, Duration::from_secs(1800));
+        let c = Config::load(
+            None,
+            &env(&[("TOLLGATE_HEADER_READ_TIMEOUT_SECONDS", "5"), ("TOLLGATE_STREAM_OUTPUT_MARGIN_PERCENT", "0")]),
+        )
+        .unwrap();
+        assert_eq!((c.limits.header_read_timeout, c.limits.stream_output_margin_percent), (Duration::from_secs(5), 0));
+        let e = Config::load(None, &env(&[("TOLLGATE_BODY_READ_TIMEOUT_SECONDS", "0")])).unwrap_err();
+        assert!(e.to_string().contains("TOLLGATE_BODY_READ_TIMEOUT_SECONDS"), "{e}");
     }
 
     #[test]

@@ -297,6 +297,24 @@ pub async fn reserve(
     })
 }
 
+/// The most a reservation of a customer could get now, and whether it is blocked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Available {
+    pub blocked: bool,
+    pub amount: Nanos,
+}
+
+/// The most any reservation of `customer` could get now, read without holding anything:
+/// what its row has left (a period that has ended counting as unspent, as a hold rolls it
+/// over), plus all its leases hold, some of which they may give back (see [`lease`]). A
+/// call whose worst case is above it is refused by any reservation; `None`: no such customer.
+pub async fn most_available(db: &Db, customer: &CustomerId) -> Result<Option<Available>, DbError> {
+    const MOST: &str = "SELECT c.blocked, c.budget_nanos - (CASE WHEN c.period_end <= $1 THEN 0 ELSE c.spent_nanos END)         - c.reserved_nanos + CAST(COALESCE((SELECT SUM(r.amount_nanos) FROM reservations r         WHERE r.customer_id = c.id AND r.spare_until IS NOT NULL), 0) AS BIGINT)         FROM customers c WHERE c.id = $2";
+    let row: Option<(bool, i64)> = with_db!(db, pool => sqlx::query_as(MOST)
+        .bind(UnixMillis::now().0).bind(customer).fetch_optional(pool).await)?;
+    Ok(row.map(|(blocked, amount)| Available { blocked, amount: Nanos(amount) }))
+}
+
 /// How a call ended, for the usage ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallStatus {

@@ -28,8 +28,8 @@
 //! any field, message field or part type not named here.
 
 use serde_json::{Value, json};
-use tollgate_core::estimate;
-use tollgate_core::pricing::{TokenUsage, Tokenizer};
+use tollgate_core::estimate::{self, Counter};
+use tollgate_core::pricing::TokenUsage;
 use tollgate_core::projects::ProviderKind;
 
 use super::admission::{Unbounded, openai_hosted_tool, present, type_of, unknown_field};
@@ -83,8 +83,8 @@ impl Dialect for ChatCompletions {
         unbounded(request)
     }
 
-    fn input_tokens(tokenizer: Tokenizer, model: &str, request: &Value) -> i64 {
-        estimate::chat_input_bound(tokenizer, model, request) + json_fields_tokens(tokenizer, request, CHAT_JSON_FIELDS)
+    fn input_tokens(counter: Counter, model: &str, request: &Value) -> i64 {
+        estimate::chat_input_bound(counter, model, request) + json_fields_tokens(counter, request, CHAT_JSON_FIELDS)
     }
 
     /// Chat has two limit fields, and servers differ in which one they honour when both are
@@ -215,13 +215,13 @@ const MESSAGE_FIELDS: &[&str] =
     &["role", "content", "name", "tool_calls", "tool_call_id", "function_call", "refusal", "annotations"];
 
 /// Tokens of `fields` of `request` counted as their JSON text (a string counts its text).
-pub fn json_fields_tokens(tokenizer: Tokenizer, request: &Value, fields: &[&str]) -> i64 {
+pub fn json_fields_tokens(counter: Counter, request: &Value, fields: &[&str]) -> i64 {
     fields
         .iter()
         .filter_map(|f| request.get(*f).filter(|v| !v.is_null()))
         .map(|v| match v {
-            Value::String(s) => estimate::count_text(tokenizer, s),
-            other => estimate::count_text(tokenizer, &other.to_string()),
+            Value::String(s) => counter.text(s),
+            other => counter.text(&other.to_string()),
         })
         .sum()
 }

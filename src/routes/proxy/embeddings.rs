@@ -7,8 +7,8 @@
 //! the project's per-call ceiling), as Tollgate cannot tell what it costs.
 
 use serde_json::Value;
-use tollgate_core::estimate;
-use tollgate_core::pricing::{TokenUsage, Tokenizer};
+use tollgate_core::estimate::Counter;
+use tollgate_core::pricing::TokenUsage;
 use tollgate_core::projects::ProviderKind;
 
 use super::admission::{Unbounded, unknown_field};
@@ -63,13 +63,13 @@ impl Dialect for Embeddings {
         unknown_field(request.as_object()?, &["model", "input", "encoding_format", "dimensions", "user"])
     }
 
-    fn input_tokens(tokenizer: Tokenizer, _model: &str, request: &Value) -> i64 {
+    fn input_tokens(counter: Counter, _model: &str, request: &Value) -> i64 {
         match request.get("input") {
-            Some(Value::String(text)) => estimate::count_text(tokenizer, text),
+            Some(Value::String(text)) => counter.text(text),
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|item| match item {
-                    Value::String(text) => estimate::count_text(tokenizer, text),
+                    Value::String(text) => counter.text(text),
                     Value::Array(tokens) => tokens.len() as i64,
                     _ => 1,
                 })

@@ -32,6 +32,15 @@ pub enum ProxyError {
         "The provider answered with a redirect ({0}), which Tollgate does not follow: check the base URL of the provider connection."
     )]
     UpstreamRedirect(u16),
+    /// The upstream's answer is over the size Tollgate reads.
+    #[error("{0}")]
+    UpstreamTooLarge(String),
+    /// The call reached the operator's maximum duration.
+    #[error("{0}")]
+    UpstreamTimeout(String),
+    /// The server is shutting down and the call's grace period is over.
+    #[error("The server is restarting: the call was cut off. Try it again.")]
+    ShuttingDown,
     /// Logged where it happened; the caller sees no internals.
     #[error("internal error")]
     Internal,
@@ -55,8 +64,12 @@ impl ProxyError {
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::InsufficientBudget { .. } => StatusCode::PAYMENT_REQUIRED,
             ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
-            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamRedirect(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamRedirect(_) | ProxyError::UpstreamTooLarge(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::DestinationRefused { .. } => StatusCode::FORBIDDEN,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -73,6 +86,9 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => ("upstream_error", Some("upstream_unreachable")),
             ProxyError::UpstreamRedirect(_) => ("upstream_error", Some("upstream_redirect")),
             ProxyError::DestinationRefused { code, .. } => ("permission_error", Some(code)),
+            ProxyError::UpstreamTooLarge(_) => ("upstream_error", Some("upstream_too_large")),
+            ProxyError::UpstreamTimeout(_) => ("upstream_error", Some("upstream_timeout")),
+            ProxyError::ShuttingDown => ("server_error", Some("shutting_down")),
             ProxyError::Internal => ("server_error", None),
         }
     }
@@ -86,7 +102,12 @@ impl ProxyError {
             ProxyError::Forbidden { .. } | ProxyError::DestinationRefused { .. } => "permission_error",
             ProxyError::InsufficientBudget { .. } => "insufficient_budget",
             ProxyError::NotFound(_) => "not_found_error",
-            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamRedirect(_) | ProxyError::Internal => "api_error",
+            ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamRedirect(_)
+            | ProxyError::UpstreamTooLarge(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::Internal => "api_error",
+            ProxyError::ShuttingDown => "overloaded_error",
         }
     }
 

@@ -36,9 +36,10 @@ use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
-use tollgate_core::pricing::{TokenUsage, Tokenizer};
+use tollgate_core::estimate::Counter;
+use tollgate_core::pricing::TokenUsage;
 use tollgate_core::projects::ProviderKind;
-use tollgate_core::{estimate, vision};
+use tollgate_core::vision;
 
 use super::admission::{Unbounded, present, type_of, unknown_field};
 use super::chat::{model, object, positive_int, stream_flag};
@@ -93,8 +94,8 @@ impl Dialect for Messages {
         unbounded(request)
     }
 
-    fn input_tokens(tokenizer: Tokenizer, model: &str, request: &Value) -> i64 {
-        input_tokens(tokenizer, model, request)
+    fn input_tokens(counter: Counter, model: &str, request: &Value) -> i64 {
+        input_tokens(counter, model, request)
     }
 
     /// Extended thinking needs a max output above the least thinking budget.
@@ -307,20 +308,20 @@ fn content_unbounded(path: &str, content: &Value) -> Option<Unbounded> {
 
 /// Input tokens of a Messages request to `model`, bounded from above (see the module
 /// documentation).
-pub fn input_tokens(tokenizer: Tokenizer, model: &str, request: &Value) -> i64 {
+pub fn input_tokens(counter: Counter, model: &str, request: &Value) -> i64 {
     let mut total = 0;
     if let Some(system) = request.get("system") {
-        total += content_tokens(tokenizer, model, system);
+        total += content_tokens(counter, model, system);
     }
     if let Some(messages) = request.get("messages").and_then(Value::as_array) {
         for message in messages {
             total += TOKENS_PER_MESSAGE;
-            total += message.get("content").map_or(0, |c| content_tokens(tokenizer, model, c));
+            total += message.get("content").map_or(0, |c| content_tokens(counter, model, c));
         }
     }
     for field in ["tools", "tool_choice"] {
         if let Some(value) = request.get(field).filter(|v| !v.is_null()) {
-            total += estimate::count_text(tokenizer, &value.to_string());
+            total += counter.text(&value.to_string());
         }
     }
     total += TOKENS_PER_MESSAGE;
@@ -339,12 +340,12 @@ fn writes_one_hour_cache(value: &Value) -> bool {
     }
 }
 
-fn content_tokens(tokenizer: Tokenizer, model: &str, content: &Value) -> i64 {
+fn content_tokens(counter: Counter, model: &str, content: &Value) -> i64 {
     match content {
-        Value::String(s) => estimate::count_text(tokenizer, s),
-        Value::Array(blocks) => blocks.iter().map(|b| block_tokens(tokenizer, model, b)).sum(),
+        Value::String(s) => counter.text(s),
+        Value::Array(blocks) => blocks.iter().map(|b| block_tokens(counter, model, b)).sum(),
         Value::Null => 0,
-        other => estimate::count_text(tokenizer, &other.to_string()),
+        other => counter.text(&other.to_string()),
     }
 }
 
@@ -352,8 +353,8 @@ fn text_of<'v>(block: &'v Value, field: &str) -> &'v str {
     block.get(field).and_then(Value::as_str).unwrap_or("")
 }
 
-fn block_tokens(tokenizer: Tokenizer, model: &str, block: &Value) -> i64 {
-    let count = |text: &str| estimate::count_text(tokenizer, text);
+fn block_tokens(counter: Counter, model: &str, block: &Value) -> i64 {
+    let count = |text: &str| counter.text(text);
     match type_of(block) {
         Some("text") => count(text_of(block, "text")),
         Some("image") => {
@@ -361,7 +362,7 @@ fn block_tokens(tokenizer: Tokenizer, model: &str, block: &Value) -> i64 {
             let size = data.and_then(vision::base64_prefix).as_deref().and_then(vision::image_size);
             vision::anthropic_image_tokens(model, size)
         }
-        Some("tool_result") => block.get("content").map_or(0, |c| content_tokens(tokenizer, model, c)),
+        Some("tool_result") => block.get("content").map_or(0, |c| content_tokens(counter, model, c)),
         Some("tool_use") => count(&block.get("input").map(Value::to_string).unwrap_or_default()),
         Some("thinking") => count(text_of(block, "thinking")),
         Some("document") => {
@@ -370,7 +371,7 @@ fn block_tokens(tokenizer: Tokenizer, model: &str, block: &Value) -> i64 {
                 + match block.pointer("/source/type").and_then(Value::as_str) {
                     Some("text") => block.pointer("/source/data").and_then(Value::as_str).map_or(0, count),
                     Some("content") => {
-                        block.pointer("/source/content").map_or(0, |c| content_tokens(tokenizer, model, c))
+                        block.pointer("/source/content").map_or(0, |c| content_tokens(counter, model, c))
                     }
                     // Admitted only under the project's ceiling, which is reserved in full.
                     _ => 0,
@@ -403,12 +404,19 @@ pub async fn count_tokens(
             .map_err(|e| pipeline::upstream_failed(&e))?;
         pipeline::passthrough(upstream).await
     };
+    let max = state.config.limits.upstream_max_duration;
+    let answer = async {
+        tokio::time::timeout(max, answer).await.unwrap_or_else(|_| {
+            Err(ProxyError::UpstreamTimeout(format!("The provider did not answer within {} seconds.", max.as_secs())))
+        })
+    };
     answer.await.unwrap_or_else(|e| e.into_response_shaped(ErrorShape::Anthropic))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_core::pricing::Tokenizer;
 
     #[test]
     fn usage_separates_cache_reads_and_writes() {
@@ -427,9 +435,9 @@ mod tests {
                 {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A".repeat(100_000)}}
             ]}]
         });
-        let tokens = input_tokens(Tokenizer::Approximate, "claude-sonnet-4", &request);
+        let tokens = input_tokens(Tokenizer::Approximate.into(), "claude-sonnet-4", &request);
         assert_eq!(tokens, 9 + TOKENS_PER_MESSAGE + 6 + vision::ANTHROPIC_IMAGE_CEILING + TOKENS_PER_MESSAGE);
-        let unknown = input_tokens(Tokenizer::Approximate, "claude-next", &request);
+        let unknown = input_tokens(Tokenizer::Approximate.into(), "claude-next", &request);
         assert_eq!(unknown - tokens, vision::ANTHROPIC_HIGH_RES_IMAGE_CEILING - vision::ANTHROPIC_IMAGE_CEILING);
     }
 

@@ -12,6 +12,7 @@
 //! - [`cache`]: providers and prices kept for two seconds.
 //! - [`error`]: the one error type of this face, written in the caller's error shape.
 //! - [`sse`]: server-sent event framing.
+//! - [`offload`]: CPU work on large inputs, off the async threads.
 
 pub mod admission;
 pub mod auth;
@@ -21,6 +22,7 @@ pub mod embeddings;
 pub mod error;
 pub mod messages;
 pub mod models;
+pub mod offload;
 pub mod pipeline;
 pub mod responses;
 pub mod sse;

@@ -19,6 +19,17 @@
 //!    else from what was delivered. Settlement runs on its own task, so it completes even
 //!    when the client has gone. Long streams renew their reservation so it cannot expire
 //!    under them.
+//!
+//! Each call's work is bounded, whatever the client or the (tenant-chosen) upstream sends:
+//! - a large body is parsed and counted off the async threads ([`super::offload`]), and a
+//!   call whose input's *least* possible count already cannot fit the customer's budget is
+//!   refused before anything is counted exactly ([`estimate::Counter`]);
+//! - an upstream's JSON answer is read up to [`MAX_UPSTREAM_BODY_BYTES`], one streamed event
+//!   up to [`sse::MAX_EVENT_BYTES`];
+//! - a stream stops as soon as its client leaves, and is cut once what it delivered counts
+//!   past its max output (× `n`) plus the operator's margin; every call is cut at the
+//!   operator's maximum duration, and when shutdown's grace period runs out. A call cut is
+//!   settled for what it delivered (a JSON answer that never arrived whole: released).
 
 use std::time::{Duration, Instant};
 
@@ -31,7 +42,7 @@ use futures::StreamExt;
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use tollgate_core::egress::{self, Refused};
-use tollgate_core::estimate;
+use tollgate_core::estimate::{self, Counter};
 use tollgate_core::ids::CustomerId;
 use tollgate_core::ledger::{
     self, CallStatus, Hold, Reservation, ReserveOutcome, Settlement, UsageRecord, UsageSource,
@@ -44,6 +55,7 @@ use tracing::Instrument;
 
 use super::admission::Unbounded;
 use super::error::{ErrorShape, ProxyError};
+use super::offload::INLINE_BYTES;
 use super::{CUSTOMER_HEADER, auth, sse};
 use crate::middleware::request_id::RequestId;
 use crate::state::AppState;
@@ -56,6 +68,17 @@ const RENEW_EVERY: Duration = Duration::from_secs(5 * 60);
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The `anthropic-version` sent upstream when the client named none.
 const ANTHROPIC_VERSION: &str = "2023-06-01";
+/// The largest answer read from an upstream (a JSON answer, or an error's body): far above
+/// any provider's (a chat answer of 128 choices of 16k tokens is about 8 MB), far below
+/// what would strain the server.
+pub const MAX_UPSTREAM_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Bodies above this size are checked against the customer's budget before their exact
+/// count: the check costs a database read, which pays where the count it may save costs
+/// more (tens of milliseconds of CPU from here on; see [`super::offload::INLINE_BYTES`]).
+const PRECHECK_BYTES: usize = 256 * 1024;
+/// Tokens a stream may deliver past its max output × `n` (and the operator's margin) before
+/// it is cut: what one event or a tokenizer's disagreement on a short answer may add.
+const STREAM_OUTPUT_SLACK: i64 = 256;
 
 /// The fields of a request the pipeline interprets; everything else passes through.
 #[derive(Debug, Clone)]
@@ -100,8 +123,9 @@ pub trait Dialect: Send + Sync + 'static {
     fn user(request: &Value) -> Option<&str>;
     /// The first part of the request whose cost Tollgate cannot bound (see [`super::admission`]).
     fn unbounded(request: &Value) -> Option<Unbounded>;
-    /// Input tokens of the request to `model`, exact or bounded from above.
-    fn input_tokens(tokenizer: Tokenizer, model: &str, request: &Value) -> i64;
+    /// Input tokens of the request to `model` (exact or bounded from above), or a bound on
+    /// them in the direction `counter` says (see [`estimate::Counter`]).
+    fn input_tokens(counter: Counter, model: &str, request: &Value) -> i64;
     /// The least max output the request stays valid with at the provider (what clamping may
     /// not go below).
     fn least_output(_request: &Value) -> i64 {
@@ -135,8 +159,10 @@ pub async fn handle<D: Dialect>(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    // In the request's span, so what the call logs still names its request.
-    match tokio::spawn(run::<D>(state, request_id, headers, body).in_current_span()).await {
+    // In the request's span, so what the call logs still names its request; tracked, so
+    // shutdown can cut it and wait for its settlement.
+    let in_flight = state.in_flight.clone();
+    match in_flight.spawn(run::<D>(state, request_id, headers, body).in_current_span()).await {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => e.into_response_shaped(D::ERRORS),
         Err(e) => {
@@ -264,19 +290,86 @@ pub fn upstream_failed(e: &reqwest::Error) -> ProxyError {
 
 /// An upstream answer passed to the client with its status and body; a redirect is an
 /// error instead (never followed, and its body never shown).
+/// (cut to [`MAX_UPSTREAM_BODY_BYTES`]: an error's body is never that long).
 pub async fn passthrough(upstream: reqwest::Response) -> Result<Response, ProxyError> {
     if upstream.status().is_redirection() {
         return Err(ProxyError::UpstreamRedirect(upstream.status().as_u16()));
     }
     let status = StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
-    let body = upstream.bytes().await.unwrap_or_default();
+    let body = match read_capped(upstream, MAX_UPSTREAM_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(UpstreamBody::TooLarge) => return Err(upstream_too_large()),
+        Err(UpstreamBody::Broken(_)) => Bytes::new(),
+    };
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     if let Some(ct) = content_type {
         response.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     Ok(response)
+}
+
+/// Why an upstream's answer could not be read.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Longer than the cap (declared so, or found so while reading).
+    TooLarge,
+    /// The connection broke off.
+    Broken(reqwest::Error),
+}
+
+/// The whole body of `upstream`, up to `cap` bytes: one over it stops the reading (and drops
+/// the connection), so an upstream cannot make the server hold more than `cap`.
+pub async fn read_capped(upstream: reqwest::Response, cap: usize) -> Result<Bytes, UpstreamBody> {
+    if upstream.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(UpstreamBody::TooLarge);
+    }
+    let mut body = Vec::new();
+    let mut chunks = upstream.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(UpstreamBody::Broken)?;
+        if body.len() + chunk.len() > cap {
+            return Err(UpstreamBody::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
+pub fn upstream_too_large() -> ProxyError {
+    ProxyError::UpstreamTooLarge(format!(
+        "The provider's answer is larger than {} MB: Tollgate does not read it.",
+        MAX_UPSTREAM_BODY_BYTES / (1024 * 1024)
+    ))
+}
+
+/// What stops a call before its upstream is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// The call reached the operator's maximum duration.
+    Deadline,
+    /// The server is shutting down and the grace period is over.
+    Shutdown,
+}
+
+impl Cut {
+    fn reason(self) -> &'static str {
+        match self {
+            Cut::Deadline => "the call reached its maximum duration",
+            Cut::Shutdown => "the server shut down",
+        }
+    }
+
+    fn error(self, max: Duration) -> ProxyError {
+        match self {
+            Cut::Deadline => ProxyError::UpstreamTimeout(format!(
+                "The provider did not finish within {} seconds, the longest a call may take here.",
+                max.as_secs()
+            )),
+            Cut::Shutdown => ProxyError::ShuttingDown,
+        }
+    }
 }
 
 async fn run<D: Dialect>(
@@ -289,7 +382,9 @@ async fn run<D: Dialect>(
     let body = body_bytes(body)?;
     let caller = auth::authenticate(&state, &headers).await?;
     let project = caller.project;
-    let mut request = json_body(&body)?;
+    // Work on the body grows with it: a large one is parsed and counted on the offload pool.
+    let size = body.len();
+    let mut request = state.offload.run(size, move || json_body(&body)).await??;
     let shape = D::parse(&request)?;
     let external_id = match caller.token_customer {
         Some(customer) => token_customer_of_call(&headers, customer)?,
@@ -350,14 +445,10 @@ async fn run<D: Dialect>(
         },
     };
 
-    // The worst case, as a function of the max output tokens.
-    let input_estimate = estimate::with_margin(
-        price.tokenizer,
-        D::input_tokens(price.tokenizer, &shape.model, &request),
-        project.estimate_margin_bps,
-    );
-    let input_cost = tokens_cost(input_estimate, price.worst_input_rate());
-    let worst_case = |max_output: i64| {
+    // The worst case, as a function of the input tokens and the max output tokens.
+    let worst_case_of = |input_tokens: i64, max_output: i64| {
+        let input = estimate::with_margin(price.tokenizer, input_tokens, project.estimate_margin_bps);
+        let input_cost = tokens_cost(input, price.worst_input_rate());
         let output_cost = tokens_cost(max_output.saturating_mul(shape.n), price.output);
         with_markup(input_cost.checked_add(output_cost).unwrap_or(Nanos(i64::MAX)), project.markup_bps).max(ceiling)
     };
@@ -370,6 +461,52 @@ async fn run<D: Dialect>(
     };
     let minimum_output =
         if shape.produces_output { project.min_output_tokens.max(D::least_output(&request)).max(1) } else { 0 };
+
+    // A large input is bounded before it is counted: when even its least possible count
+    // cannot fit what the customer could have, it is refused without counting it exactly.
+    if size > PRECHECK_BYTES {
+        let (tokenizer, model) = (price.tokenizer, shape.model.clone());
+        let (back, least) = state
+            .offload
+            .run(size, move || {
+                let least = D::input_tokens(Counter::at_least(tokenizer), &model, &request);
+                (request, least)
+            })
+            .await?;
+        request = back;
+        // The output the call needs at least: all it asks for under `reject`, its minimum under `clamp`.
+        let least_output = match project.policy() {
+            BudgetPolicy::Reject => requested_output,
+            BudgetPolicy::Clamp => requested_output.min(minimum_output),
+        };
+        let needed = worst_case_of(least, least_output);
+        match ledger::most_available(&state.db, &customer.id).await? {
+            Some(available) if available.blocked => {
+                refusal(&customer.id, "customer blocked").await?;
+                return Err(blocked());
+            }
+            Some(available) if needed > available.amount => {
+                refusal(&customer.id, "insufficient budget").await?;
+                return Err(ProxyError::InsufficientBudget {
+                    remaining: available.amount.max(Nanos::ZERO),
+                    needed,
+                    currency: project.currency.clone(),
+                });
+            }
+            _ => {}
+        }
+    }
+    let (tokenizer, model) = (price.tokenizer, shape.model.clone());
+    let (back, input_tokens) = state
+        .offload
+        .run(size, move || {
+            let tokens = D::input_tokens(Counter::exact(tokenizer), &model, &request);
+            (request, tokens)
+        })
+        .await?;
+    request = back;
+    let input_estimate = estimate::with_margin(price.tokenizer, input_tokens, project.estimate_margin_bps);
+    let worst_case = |max_output: i64| worst_case_of(input_tokens, max_output);
     let mut max_output = requested_output;
     let expires = UnixMillis::now().plus_secs(RESERVATION_TTL_SECS);
     let mut reservation = None;
@@ -430,6 +567,7 @@ async fn run<D: Dialect>(
     }
     let client_wants_usage = if shape.stream { D::prepare_stream(&mut request) } else { true };
 
+    let max_duration = state.config.limits.upstream_max_duration;
     let call = Call {
         state: state.clone(),
         project,
@@ -441,9 +579,31 @@ async fn run<D: Dialect>(
         reservation,
         input_estimate,
         started,
+        deadline: tokio::time::Instant::from_std(started) + max_duration,
+        max_output: max_output.saturating_mul(shape.n),
         budget: BudgetHeaders { max_output, clamped },
     };
-    let upstream = match upstream.json(&request).send().await {
+    let payload = match state.offload.run(size, move || serde_json::to_vec(&request)).await {
+        Ok(Ok(payload)) => payload,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "could not serialize a request for its upstream");
+            call.release("internal error").await;
+            return Err(ProxyError::Internal);
+        }
+        Err(e) => {
+            call.release("internal error").await;
+            return Err(e);
+        }
+    };
+    let sending = upstream.header(header::CONTENT_TYPE, "application/json").body(payload).send();
+    let upstream = tokio::select! {
+        sent = sending => sent,
+        cut = call.cut() => {
+            call.release(cut.reason()).await;
+            return Err(cut.error(max_duration));
+        }
+    };
+    let upstream = match upstream {
         Ok(r) => r,
         Err(e) => {
             let error = upstream_failed(&e);
@@ -458,7 +618,13 @@ async fn run<D: Dialect>(
     };
     if !upstream.status().is_success() {
         let reason = format!("upstream answered {}", upstream.status().as_u16());
-        let response = passthrough(upstream).await;
+        let response = tokio::select! {
+            response = passthrough(upstream) => response,
+            cut = call.cut() => {
+                call.release(cut.reason()).await;
+                return Err(cut.error(max_duration));
+            }
+        };
         call.release(&reason).await;
         return response;
     }
@@ -569,6 +735,10 @@ struct Call {
     reservation: Reservation,
     input_estimate: i64,
     started: Instant,
+    /// When the call is cut, however far it got (the operator's maximum duration).
+    deadline: tokio::time::Instant,
+    /// The output reserved for: the max output × `n`.
+    max_output: i64,
     budget: BudgetHeaders,
 }
 
@@ -600,10 +770,25 @@ impl Call {
 
     /// Tokens counted by Tollgate when the provider reported no final usage: the provider's
     /// input counts if it gave them, else the estimate; the output as delivered.
-    fn counted(&self, input: Option<TokenUsage>, delivered: &str) -> TokenUsage {
-        let output = estimate::count_text(self.price.tokenizer, delivered);
+    async fn counted(&self, input: Option<TokenUsage>, delivered: String) -> TokenUsage {
+        let (tokenizer, bytes) = (self.price.tokenizer, delivered.len() as i64);
+        let output =
+            match self.state.offload.run(delivered.len(), move || estimate::count_text(tokenizer, &delivered)).await {
+                Ok(tokens) => tokens,
+                // Its bytes: never fewer than its tokens.
+                Err(_) => bytes,
+            };
         let input = input.unwrap_or(TokenUsage { input: self.input_estimate, ..TokenUsage::default() });
         TokenUsage { output: output.max(input.output), ..input }
+    }
+
+    /// Resolves when the call must stop waiting for its upstream: at its deadline, or when
+    /// shutdown cuts the calls still in flight.
+    async fn cut(&self) -> Cut {
+        tokio::select! {
+            () = tokio::time::sleep_until(self.deadline) => Cut::Deadline,
+            () = self.state.in_flight.cut_signal() => Cut::Shutdown,
+        }
     }
 
     /// Settles on a task of its own (it must finish even if the client is gone) and waits for
@@ -658,20 +843,41 @@ fn insert_budget_headers(
 
 async fn json_response<D: Dialect>(call: Call, upstream: reqwest::Response) -> Result<Response, ProxyError> {
     let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
-    let body = match upstream.bytes().await {
+    let read = tokio::select! {
+        read = read_capped(upstream, MAX_UPSTREAM_BODY_BYTES) => read,
+        cut = call.cut() => {
+            let error = cut.error(call.state.config.limits.upstream_max_duration);
+            call.release(cut.reason()).await;
+            return Err(error);
+        }
+    };
+    let body = match read {
         Ok(b) => b,
-        Err(e) => {
+        Err(UpstreamBody::TooLarge) => {
+            tracing::warn!(request_id = %call.request_id, "upstream answer over the size limit: released");
+            call.release("upstream answer too large").await;
+            return Err(upstream_too_large());
+        }
+        Err(UpstreamBody::Broken(e)) => {
             tracing::warn!(error = %e, "upstream body failed");
             call.release("upstream body failed").await;
             return Err(ProxyError::UpstreamUnreachable(format!("The provider's answer broke off: {e}")));
         }
     };
-    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let answer = body.clone();
+    let parsed = call.state.offload.run(body.len(), move || serde_json::from_slice::<Value>(&answer).ok()).await;
+    let parsed = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            call.release("internal error").await;
+            return Err(e);
+        }
+    };
     let (tokens, source) = match parsed.as_ref().and_then(D::usage) {
         Some(t) => (t, UsageSource::Provider),
         None => {
             let delivered = parsed.as_ref().map(D::delivered).unwrap_or_default();
-            (call.counted(None, &delivered), UsageSource::Counted)
+            (call.counted(None, delivered).await, UsageSource::Counted)
         }
     };
     let budget = call.budget;
@@ -688,62 +894,14 @@ async fn json_response<D: Dialect>(call: Call, upstream: reqwest::Response) -> R
 }
 
 /// Streams the upstream's SSE to the client while watching it for usage; settles when the
-/// upstream ends, fails, or the client goes away (then the upstream is dropped, which stops
-/// generation, and the call is settled for what was generated).
+/// upstream ends, fails or is cut, or the client goes away (then the upstream is dropped,
+/// which stops generation, and the call is settled for what was generated).
 fn stream_response<D: Dialect>(call: Call, upstream: reqwest::Response, client_wants_usage: bool) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(32);
     let reserved = call.reservation.amount;
     let budget = call.budget;
-    tokio::spawn(async move {
-        let mut upstream = upstream.bytes_stream();
-        let mut buffer: Vec<u8> = Vec::new();
-        let mut watch = StreamWatch::default();
-        let mut failure: Option<String> = None;
-        let mut renewed = Instant::now();
-        'pump: loop {
-            let chunk = match tokio::time::timeout(STREAM_IDLE_TIMEOUT, upstream.next()).await {
-                Ok(Some(Ok(chunk))) => chunk,
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    failure = Some(format!("upstream stream broke: {e}"));
-                    break;
-                }
-                Err(_) => {
-                    failure = Some("upstream stream stalled".to_owned());
-                    break;
-                }
-            };
-            buffer.extend_from_slice(&chunk);
-            while let Some((text_end, end)) = sse::event_end(&buffer) {
-                let raw: Vec<u8> = buffer.drain(..end).collect();
-                let event = sse::Event::parse(&raw[..text_end]);
-                let data = serde_json::from_str::<Value>(&event.data).ok();
-                let forward = D::watch(&event, data.as_ref(), &mut watch, client_wants_usage);
-                if forward && tx.send(Ok(Bytes::from(raw))).await.is_err() {
-                    failure = Some("client disconnected".to_owned());
-                    break 'pump;
-                }
-            }
-            if renewed.elapsed() >= RENEW_EVERY {
-                renewed = Instant::now();
-                let expires = UnixMillis::now().plus_secs(RESERVATION_TTL_SECS);
-                if let Err(e) = ledger::renew(&call.state.db, &call.reservation, expires).await {
-                    tracing::warn!(error = %e, request_id = %call.request_id, "could not renew a stream's reservation");
-                }
-            }
-        }
-        if !buffer.is_empty() && failure.is_none() {
-            let _ = tx.send(Ok(Bytes::from(std::mem::take(&mut buffer)))).await;
-        }
-        drop(upstream);
-        let (tokens, source) = match watch.usage.take() {
-            Some(t) => (t, UsageSource::Provider),
-            None => (call.counted(watch.input.take(), &watch.delivered), UsageSource::Counted),
-        };
-        let record = call.record(CallStatus::Settled, failure, tokens, source);
-        // The stream is delivered already; a failure is logged (and the reservation expires).
-        let _ = call.finish(record).await;
-    });
+    let in_flight = call.state.in_flight.clone();
+    in_flight.spawn(pump::<D>(call, upstream, tx, client_wants_usage).in_current_span());
     let body =
         Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }));
     let mut response = Response::new(body);
@@ -755,4 +913,192 @@ fn stream_response<D: Dialect>(call: Call, upstream: reqwest::Response, client_w
     }
     insert_budget_headers(headers, None, None, budget);
     response
+}
+
+/// How a stream ended, when it did not simply end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamEnd {
+    ClientGone,
+    Broken,
+    Stalled,
+    EventTooLarge,
+    /// What it delivered counts past its max output and the margin.
+    PastMaxOutput,
+    Cut(Cut),
+}
+
+impl StreamEnd {
+    fn reason(self) -> &'static str {
+        match self {
+            StreamEnd::ClientGone => "client disconnected",
+            StreamEnd::Broken => "upstream stream broke",
+            StreamEnd::Stalled => "upstream stream stalled",
+            StreamEnd::EventTooLarge => "upstream event too large",
+            StreamEnd::PastMaxOutput => "the stream passed its max output",
+            StreamEnd::Cut(cut) => cut.reason(),
+        }
+    }
+}
+
+/// The most a stream may deliver, counted as [`output_meter`] counts, before it is cut.
+fn output_limit(max_output: i64, margin_percent: u32) -> i64 {
+    let margin = max_output.saturating_mul(i64::from(margin_percent)) / 100;
+    max_output.saturating_add(margin).saturating_add(STREAM_OUTPUT_SLACK)
+}
+
+/// The tokenizer a stream's delivered text is metered with for the cut: the model's, or for
+/// a model without one, o200k_base (as efficient as any current vocabulary on common text,
+/// so it does not count more tokens than the model produced, beyond what the margin covers).
+fn output_meter(tokenizer: Tokenizer) -> Tokenizer {
+    match tokenizer {
+        Tokenizer::Approximate => Tokenizer::O200kBase,
+        exact => exact,
+    }
+}
+
+/// Delivered text is metered in pieces of at least this many bytes.
+const METER_PIECE: usize = 256;
+
+/// Where the next piece of `delivered` to meter ends (it starts at `from`), once there is
+/// enough of it: before its last space, where a byte-pair tokenizer's pieces start (`" word"`),
+/// so that pieces count about what the whole text counts, and each byte is counted once.
+/// Text without spaces is cut anywhere once it is four pieces long (one token more, at most).
+fn metered_up_to(delivered: &str, from: usize) -> Option<usize> {
+    let pending = delivered.get(from..)?;
+    if pending.len() < METER_PIECE {
+        return None;
+    }
+    match pending.rfind(' ') {
+        Some(space) if space > 0 => Some(from + space),
+        _ if pending.len() >= 4 * METER_PIECE => Some(delivered.len()),
+        _ => None,
+    }
+}
+
+/// The pump of one stream: reads the upstream's events (each byte framed once, one event at
+/// most [`sse::MAX_EVENT_BYTES`]), watches them, forwards them, and stops at the first of:
+/// the upstream's end or failure, the client gone (noticed at once, not at the next event),
+/// the stream past its max output, or a cut (its maximum duration, or shutdown). Then
+/// settles the call for what it delivered.
+async fn pump<D: Dialect>(
+    call: Call,
+    upstream: reqwest::Response,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    client_wants_usage: bool,
+) {
+    let mut upstream = upstream.bytes_stream();
+    let mut framer = sse::Framer::new(sse::MAX_EVENT_BYTES);
+    let mut watch = StreamWatch::default();
+    let meter = output_meter(call.price.tokenizer);
+    let limit = output_limit(call.max_output, call.state.config.limits.stream_output_margin_percent);
+    // Tokens of the first `metered` bytes of the delivered text.
+    let (mut delivered_tokens, mut metered) = (0i64, 0usize);
+    let mut end: Option<StreamEnd> = None;
+    let mut renewed = Instant::now();
+    'pump: loop {
+        let next = tokio::select! {
+            biased;
+            () = tx.closed() => {
+                end = Some(StreamEnd::ClientGone);
+                break;
+            }
+            cut = call.cut() => {
+                end = Some(StreamEnd::Cut(cut));
+                break;
+            }
+            next = tokio::time::timeout(STREAM_IDLE_TIMEOUT, upstream.next()) => next,
+        };
+        let chunk = match next {
+            Ok(Some(Ok(chunk))) => chunk,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, request_id = %call.request_id, "upstream stream broke");
+                end = Some(StreamEnd::Broken);
+                break;
+            }
+            Err(_) => {
+                end = Some(StreamEnd::Stalled);
+                break;
+            }
+        };
+        framer.push(&chunk);
+        loop {
+            let (raw, text_len) = match framer.next_event() {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                Err(sse::EventTooLarge) => {
+                    end = Some(StreamEnd::EventTooLarge);
+                    break 'pump;
+                }
+            };
+            let event = sse::Event::parse(&raw[..text_len]);
+            let data = if event.data.len() > INLINE_BYTES {
+                let text = event.data.clone();
+                call.state
+                    .offload
+                    .run(text.len(), move || serde_json::from_str::<Value>(&text).ok())
+                    .await
+                    .ok()
+                    .flatten()
+            } else {
+                serde_json::from_str::<Value>(&event.data).ok()
+            };
+            let forward = D::watch(&event, data.as_ref(), &mut watch, client_wants_usage);
+            if let Some(upto) = metered_up_to(&watch.delivered, metered) {
+                let text = watch.delivered[metered..upto].to_owned();
+                metered = upto;
+                let bytes = text.len() as i64;
+                let counted = call.state.offload.run(text.len(), move || estimate::count_text(meter, &text)).await;
+                delivered_tokens = delivered_tokens.saturating_add(counted.unwrap_or(bytes));
+                if delivered_tokens > limit {
+                    end = Some(StreamEnd::PastMaxOutput);
+                    break 'pump;
+                }
+            }
+            if forward {
+                tokio::select! {
+                    sent = tx.send(Ok(raw)) => if sent.is_err() {
+                        end = Some(StreamEnd::ClientGone);
+                        break 'pump;
+                    },
+                    cut = call.cut() => {
+                        end = Some(StreamEnd::Cut(cut));
+                        break 'pump;
+                    }
+                }
+            }
+        }
+        if renewed.elapsed() >= RENEW_EVERY {
+            renewed = Instant::now();
+            let expires = UnixMillis::now().plus_secs(RESERVATION_TTL_SECS);
+            if let Err(e) = ledger::renew(&call.state.db, &call.reservation, expires).await {
+                tracing::warn!(error = %e, request_id = %call.request_id, "could not renew a stream's reservation");
+            }
+        }
+    }
+    if end.is_none() {
+        let rest = framer.rest();
+        if !rest.is_empty() {
+            let _ = tx.send(Ok(rest)).await;
+        }
+    }
+    // The client's stream ends now, and the upstream's connection is closed (which stops
+    // generation), before the call is settled.
+    drop(tx);
+    drop(upstream);
+    let (mut tokens, source) = match watch.usage.take() {
+        Some(t) => (t, UsageSource::Provider),
+        None => (call.counted(watch.input.take(), std::mem::take(&mut watch.delivered)).await, UsageSource::Counted),
+    };
+    if end == Some(StreamEnd::PastMaxOutput) {
+        // The upstream ignored the limit it was sent: the customer pays what was reserved, not more.
+        tokens.output = tokens.output.min(call.max_output);
+        tokens.reasoning = tokens.reasoning.min(tokens.output);
+    }
+    if let Some(end) = end {
+        tracing::info!(request_id = %call.request_id, reason = end.reason(), "stream ended early");
+    }
+    let record = call.record(CallStatus::Settled, end.map(|e| e.reason().to_owned()), tokens, source);
+    // The stream is delivered already; a failure is logged (and the reservation expires).
+    let _ = call.finish(record).await;
 }

@@ -33,8 +33,8 @@
 //! cannot read), and any field or part type not named here.
 
 use serde_json::{Value, json};
-use tollgate_core::estimate;
-use tollgate_core::pricing::{TokenUsage, Tokenizer};
+use tollgate_core::estimate::{self, Counter};
+use tollgate_core::pricing::TokenUsage;
 use tollgate_core::projects::ProviderKind;
 
 use super::admission::{Unbounded, openai_hosted_tool, present, type_of, unknown_field};
@@ -101,9 +101,9 @@ impl Dialect for Responses {
         unbounded(request)
     }
 
-    fn input_tokens(tokenizer: Tokenizer, model: &str, request: &Value) -> i64 {
-        estimate::chat_input_bound(tokenizer, model, &as_chat(request))
-            + json_fields_tokens(tokenizer, request, &["text", "tool_choice"])
+    fn input_tokens(counter: Counter, model: &str, request: &Value) -> i64 {
+        estimate::chat_input_bound(counter, model, &as_chat(request))
+            + json_fields_tokens(counter, request, &["text", "tool_choice"])
     }
 
     /// Sets `max_output_tokens`, and drops chat's limit fields, which are not Responses fields
@@ -304,13 +304,14 @@ fn as_chat(request: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_core::pricing::Tokenizer;
 
     #[test]
     fn a_string_input_counts_like_one_user_message() {
         let t = Tokenizer::O200kBase;
         let responses = json!({"model": "gpt-4o", "instructions": "Be brief.", "input": "Hello there"});
         let chat = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]});
-        assert_eq!(Responses::input_tokens(t, "gpt-4o", &responses), estimate::chat_input_tokens(t, &chat));
+        assert_eq!(Responses::input_tokens(t.into(), "gpt-4o", &responses), estimate::chat_input_tokens(t, &chat));
     }
 
     #[test]

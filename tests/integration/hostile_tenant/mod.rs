@@ -3,6 +3,7 @@
 //! One module per front: each finding of issue 20 is a test here that failed before its fix.
 
 mod accounts;
+mod bounded;
 mod egress;
 mod secrets;
 
@@ -10,7 +11,7 @@ use crate::helpers::{DbCase, PlainCase};
 
 /// The suite's tests that run on each database.
 pub fn cases() -> Vec<DbCase> {
-    let suites: Vec<Vec<DbCase>> = vec![accounts::cases(), egress::cases(), secrets::cases()];
+    let suites: Vec<Vec<DbCase>> = vec![accounts::cases(), bounded::cases(), egress::cases(), secrets::cases()];
     suites.into_iter().flatten().collect()
 }
 
