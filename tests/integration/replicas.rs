@@ -510,19 +510,31 @@ async fn a_killed_process_s_holds_are_released_by_the_other_within_a_minute(db: 
     Ok(())
 }
 
+/// A replica serving under the instance name `replica-a` (so a restart under `env` recovers
+/// its earlier life at once), and a tenant whose customer has a budget for `budget_calls`
+/// calls of [`HUNG_MODEL`]. Returns the environment to restart with, the replica, its base
+/// URL, the mock (kept alive) and the tenant.
+async fn named_replica(
+    db: &TestDatabase,
+    budget_calls: i64,
+) -> anyhow::Result<(HashMap<String, String>, Replica, String, MockProvider, Tenant)> {
+    let mut env = db.env();
+    env.insert("TOLLGATE_INSTANCE_NAME".into(), "replica-a".into());
+    let mut replica = Replica::start(db.dir.path(), &env)?;
+    let base = replica.base_url().await?;
+    let mock = MockProvider::start().await?;
+    let tenant = set_up_tenant(db, &mock).await?;
+    projects::set_price(&tenant.db, &tenant.project.id, HUNG_MODEL, &tenant_price()).await?;
+    let budget = Nanos(budget_calls * CALL_COST);
+    projects::upsert_customer_budget(&tenant.db, &tenant.project.id, CUSTOMER, budget, BudgetPeriod::Month).await?;
+    Ok((env, replica, base, mock, tenant))
+}
+
 /// kill -9 of the only process, then a restart under the same instance name: the restarted
 /// process gives back what its earlier life held as it starts; with a project that bills
 /// interrupted calls, each is billed at what it had reserved.
 async fn a_process_restarted_after_a_kill_releases_its_holds_at_once(db: TestDatabase) -> TestResult {
-    let mut env = db.env();
-    env.insert("TOLLGATE_INSTANCE_NAME".into(), "replica-a".into());
-    let mut first = Replica::start(db.dir.path(), &env)?;
-    let base = first.base_url().await?;
-    let mock = MockProvider::start().await?;
-    let tenant = set_up_tenant(&db, &mock).await?;
-    projects::set_price(&tenant.db, &tenant.project.id, HUNG_MODEL, &tenant_price()).await?;
-    let budget = Nanos(12 * CALL_COST);
-    projects::upsert_customer_budget(&tenant.db, &tenant.project.id, CUSTOMER, budget, BudgetPeriod::Month).await?;
+    let (env, first, base, _mock, tenant) = named_replica(&db, 12).await?;
     let mut settings = projects::ProjectSettings::of(&tenant.project);
     settings.bill_interrupted = true;
     projects::update_project(&tenant.db, &tenant.project.org_id, &tenant.project.id, &settings).await?;
@@ -549,16 +561,8 @@ async fn a_process_restarted_after_a_kill_releases_its_holds_at_once(db: TestDat
 /// under its own request id with its own share, and nothing stays held.
 async fn each_call_a_killed_process_s_leases_held_is_recorded_as_interrupted(db: TestDatabase) -> TestResult {
     const CALLS: i64 = 20;
-    let mut env = db.env();
-    env.insert("TOLLGATE_INSTANCE_NAME".into(), "replica-a".into());
-    let mut first = Replica::start(db.dir.path(), &env)?;
-    let base = first.base_url().await?;
-    let mock = MockProvider::start().await?;
-    let tenant = set_up_tenant(&db, &mock).await?;
-    projects::set_price(&tenant.db, &tenant.project.id, HUNG_MODEL, &tenant_price()).await?;
     // Budget for 1,000 calls: plenty to spare, so the calls take leases.
-    let budget = Nanos(1_000 * CALL_COST);
-    projects::upsert_customer_budget(&tenant.db, &tenant.project.id, CUSTOMER, budget, BudgetPeriod::Month).await?;
+    let (env, first, base, _mock, tenant) = named_replica(&db, 1_000).await?;
 
     hung_calls(&tenant, &base, CALLS).await?;
     // Every call is in flight, written down a moment after it started (what the process
