@@ -199,17 +199,20 @@ pub async fn record_stripe_customer(db: &Db, customer: &CustomerId, stripe_custo
     Ok(())
 }
 
-/// Records the customer's subscription and its status as Stripe answered.
+/// Records the customer's subscription, its status and when it started (Stripe's
+/// `start_date`, Unix seconds) as Stripe answered.
 pub async fn record_subscription(
     db: &Db,
     customer: &CustomerId,
     subscription_id: &str,
     status: &str,
+    started_at: Option<i64>,
 ) -> Result<(), DbError> {
     const SQL: &str = "UPDATE customers SET stripe_subscription_id = $1, stripe_subscription_status = $2, \
+        stripe_subscription_started_at = $3, \
         stripe_provision_error = NULL, stripe_provision_attempts = 0, stripe_provision_next_at = 0 \
-        WHERE id = $3 AND stripe_subscription_id IS NULL";
-    with_db!(db, pool => sqlx::query(SQL).bind(subscription_id).bind(status).bind(customer)
+        WHERE id = $4 AND stripe_subscription_id IS NULL";
+    with_db!(db, pool => sqlx::query(SQL).bind(subscription_id).bind(status).bind(started_at).bind(customer)
         .execute(pool).await.map(|_| ()))?;
     Ok(())
 }
@@ -244,21 +247,31 @@ pub async fn retry_now(db: &Db, project: &ProjectId) -> Result<u64, DbError> {
 // ---------------------------------------------------------------------------------------
 // The outbox.
 
+/// A customer whose usage can be invoiced: it has a Stripe customer and a subscription that
+/// has not ended. Usage of anyone else waits in the outbox (Stripe would accept the meter
+/// events and invoice them nowhere).
+const INVOICEABLE: &str = "c.stripe_customer_id IS NOT NULL AND c.stripe_subscription_id IS NOT NULL \
+    AND COALESCE(c.stripe_subscription_status, 'active') NOT IN ('canceled', 'incomplete_expired')";
+
 /// Gathers the project's settled, billable usage not yet batched into batches: per customer
-/// that has a Stripe customer, per UTC hour, at most `max_events` events each. Returns how
+/// whose usage can be invoiced, per UTC hour, at most `max_events` events each. Returns how
 /// many batches were made.
 pub async fn form_batches(db: &Db, project: &ProjectBilling, max_batches: usize) -> Result<usize, DbError> {
-    const WAITING: &str = "SELECT u.customer_id, MIN(u.created_at) FROM usage_events u \
-            JOIN customers c ON c.id = u.customer_id \
-        WHERE u.project_id = $1 AND u.meter_batch_id IS NULL AND u.status IN ('settled', 'interrupted') AND u.billed_nanos > 0 \
-          AND u.created_at >= $2 AND c.stripe_customer_id IS NOT NULL \
-        GROUP BY u.customer_id LIMIT $3";
+    static WAITING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT u.customer_id, MIN(u.created_at) FROM usage_events u JOIN customers c ON c.id = u.customer_id \
+            WHERE u.project_id = $1 AND u.meter_batch_id IS NULL AND u.status IN ('settled', 'interrupted') \
+              AND u.billed_nanos > 0 AND u.created_at >= $2 AND {INVOICEABLE} \
+            GROUP BY u.customer_id LIMIT $3"
+        )
+    });
     let Some(event_name) = project.meter_event_name.clone() else { return Ok(0) };
     if !project.is_provisioned() {
         return Ok(0);
     }
     let limit = max_batches as i64;
-    let waiting: Vec<(CustomerId, i64)> = with_db!(db, pool => sqlx::query_as::<_, (CustomerId, i64)>(WAITING)
+    let waiting: Vec<(CustomerId, i64)> = with_db!(db, pool => sqlx::query_as::<_, (CustomerId, i64)>(
+            sqlx::AssertSqlSafe(WAITING.as_str()))
         .bind(&project.project_id).bind(project.billing_from).bind(limit).fetch_all(pool).await)?;
     let mut made = 0;
     for (customer, first) in waiting {
@@ -290,10 +303,14 @@ async fn form_batch(
     const TOTAL: &str = "SELECT CAST(COALESCE(SUM(billed_nanos), 0) AS BIGINT), CAST(COUNT(*) AS BIGINT), \
             CAST(COALESCE(MIN(created_at), 0) AS BIGINT), CAST(COALESCE(MAX(created_at), 0) AS BIGINT) \
         FROM usage_events WHERE meter_batch_id = $1";
-    const INSERT: &str = "INSERT INTO meter_batches (id, project_id, customer_id, stripe_customer_id, event_name, \
-            value_nanos, events, first_at, last_at, status, next_attempt_at, created_at) \
-        SELECT $1, $2, id, stripe_customer_id, $3, $4, $5, $6, $7, 'pending', $8, $8 \
-        FROM customers WHERE id = $9 AND stripe_customer_id IS NOT NULL";
+    static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "INSERT INTO meter_batches (id, project_id, customer_id, stripe_customer_id, event_name, \
+                value_nanos, events, first_at, last_at, status, next_attempt_at, created_at) \
+            SELECT $1, $2, c.id, c.stripe_customer_id, $3, $4, $5, $6, $7, 'pending', $8, $8 \
+            FROM customers c WHERE c.id = $9 AND {INVOICEABLE}"
+        )
+    });
     let batch = crate::ids::MeterBatchId::generate();
     let now = UnixMillis::now().0;
     let made = with_db!(db, pool => async {
@@ -306,11 +323,11 @@ async fn form_batch(
         }
         let (value, events, first, last): (i64, i64, i64, i64) =
             sqlx::query_as(TOTAL).bind(&batch).fetch_one(&mut *tx).await?;
-        let inserted = sqlx::query(INSERT).bind(&batch).bind(&project.project_id).bind(event_name).bind(value)
+        let inserted = sqlx::query(sqlx::AssertSqlSafe(INSERT.as_str())).bind(&batch).bind(&project.project_id).bind(event_name).bind(value)
             .bind(events).bind(first).bind(last).bind(now).bind(customer)
             .execute(&mut *tx).await?.rows_affected();
         if inserted == 0 {
-            // The customer lost its Stripe customer meanwhile: leave the events waiting.
+            // The customer's usage can no longer be invoiced: leave the events waiting.
             return Ok(false);
         }
         tx.commit().await?;
@@ -329,35 +346,71 @@ pub struct DueBatch {
     pub value_nanos: i64,
     pub last_at: i64,
     pub attempts: i64,
+    /// Set when claimed (see [`meter_timestamp`]), kept while it is inside the late-usage
+    /// window.
+    pub meter_timestamp: Option<i64>,
 }
 
 impl DueBatch {
     /// The meter event's timestamp (Unix seconds).
     pub fn timestamp(&self) -> i64 {
-        self.last_at.div_euclid(1000)
+        self.meter_timestamp.unwrap_or_else(|| self.last_at.div_euclid(1000))
     }
 }
 
+/// The timestamp (Unix seconds) of a meter event for usage that ended at `last_at` (Unix ms),
+/// sent at `now`, for a subscription that began at `subscription_start` (Unix seconds):
+/// Stripe invoices usage only inside a subscription's periods, and an ended period only
+/// while its invoice is a draft (the finalization grace period, an hour by default:
+/// https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period). So the
+/// usage time, but never before the subscription began (calls made while it was being
+/// provisioned go on the first invoice), nor older than `late_window_secs` (usage delivered
+/// late, after an outage, goes on the invoice still open rather than on one finalized).
+pub fn meter_timestamp(last_at: i64, subscription_start: Option<i64>, now: UnixMillis, late_window_secs: i64) -> i64 {
+    let used = last_at.div_euclid(1000);
+    let now = now.0.div_euclid(1000);
+    used.max(subscription_start.unwrap_or(i64::MIN)).max(now - late_window_secs).min(now)
+}
+
 /// Claims up to `limit` of the project's batches due for delivery, oldest first, for
-/// [`CLAIM_MS`]; each claim counts as an attempt.
+/// [`CLAIM_MS`]; each claim counts as an attempt. A batch gets its meter event's timestamp
+/// ([`meter_timestamp`], with `late_window_secs`) when first claimed, and again only once that
+/// stamp has left the window (Stripe down meanwhile). Restamping is safe: a retry carries the
+/// same identifier, so if an earlier attempt was in fact accepted (its answer lost), Stripe
+/// keeps that one — which was inside the window when sent, so on an open invoice.
 pub async fn claim_due_batches(
     db: &Db,
     project: &ProjectId,
     now: UnixMillis,
     limit: i64,
+    late_window_secs: i64,
 ) -> Result<Vec<DueBatch>, DbError> {
     const DUE: &str = "SELECT id FROM meter_batches WHERE project_id = $1 AND status = 'pending' \
         AND next_attempt_at <= $2 AND claimed_until <= $2 ORDER BY created_at, id LIMIT $3";
     const CLAIM: &str = "UPDATE meter_batches SET claimed_until = $1, attempts = attempts + 1 \
         WHERE id = $2 AND status = 'pending' AND claimed_until <= $3 \
-        RETURNING id, project_id, stripe_customer_id, event_name, value_nanos, last_at, attempts";
+        RETURNING id, project_id, stripe_customer_id, event_name, value_nanos, last_at, attempts, meter_timestamp";
+    const STARTED: &str = "SELECT c.stripe_subscription_started_at FROM meter_batches b \
+        JOIN customers c ON c.id = b.customer_id WHERE b.id = $1";
+    const STAMP: &str = "UPDATE meter_batches SET meter_timestamp = $1 WHERE id = $2";
     let due: Vec<crate::ids::MeterBatchId> = with_db!(db, pool =>
         sqlx::query_scalar::<_, crate::ids::MeterBatchId>(DUE).bind(project).bind(now.0).bind(limit).fetch_all(pool).await)?;
     let mut claimed = Vec::with_capacity(due.len());
     for id in due {
         let batch = with_db!(db, pool => sqlx::query_as::<_, DueBatch>(CLAIM).bind(now.0 + CLAIM_MS).bind(&id)
             .bind(now.0).fetch_optional(pool).await)?;
-        claimed.extend(batch);
+        let Some(mut batch) = batch else { continue };
+        let oldest_invoiceable = now.0.div_euclid(1000) - late_window_secs;
+        if batch.meter_timestamp.is_none_or(|stamp| stamp < oldest_invoiceable) {
+            let started: Option<i64> = with_db!(db, pool => sqlx::query_scalar::<_, Option<i64>>(STARTED).bind(&id)
+                .fetch_optional(pool).await)?
+            .flatten();
+            let stamp = meter_timestamp(batch.last_at, started, now, late_window_secs);
+            // Claimed by this worker alone: nobody else stamps it meanwhile.
+            with_db!(db, pool => sqlx::query(STAMP).bind(stamp).bind(&id).execute(pool).await.map(drop))?;
+            batch.meter_timestamp = Some(stamp);
+        }
+        claimed.push(batch);
     }
     Ok(claimed)
 }
@@ -634,6 +687,20 @@ mod tests {
         assert_eq!(delivery_backoff_ms(60), 600_000);
         assert_eq!(provision_backoff_ms(1), 20_000);
         assert_eq!(provision_backoff_ms(40), 3_600_000);
+    }
+
+    #[test]
+    fn a_meter_timestamp_is_inside_the_subscription_and_the_late_window() {
+        let now = UnixMillis(1_800_000_000_000);
+        let t = 1_800_000_000;
+        // Fresh usage keeps its own time.
+        assert_eq!(meter_timestamp((t - 5) * 1000 + 999, Some(t - 100), now, 3_000), t - 5);
+        // Usage from before the subscription began is stamped at its start.
+        assert_eq!(meter_timestamp((t - 50) * 1000, Some(t - 20), now, 3_000), t - 20);
+        // Usage older than the window (Stripe was down) is stamped at the window's edge.
+        assert_eq!(meter_timestamp((t - 7_200) * 1000, None, now, 3_000), t - 3_000);
+        // Never in the future.
+        assert_eq!(meter_timestamp((t + 60) * 1000, Some(t + 30), now, 3_000), t);
     }
 
     #[test]

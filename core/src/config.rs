@@ -94,6 +94,11 @@ pub struct Config {
     pub stripe_connect_webhook_secret: Option<SecretString>,
     /// How often each worker process compares delivered usage with Stripe's meter summaries.
     pub stripe_reconcile_interval: Duration,
+    /// Usage older than this when it is first sent to Stripe is stamped this long ago instead,
+    /// so that it still lands on an invoice: Stripe keeps an ended period's invoice a draft,
+    /// open to late usage, for its finalization grace period (an hour by default). Less than
+    /// the grace period of every account billed (50 minutes by default).
+    pub stripe_late_usage_window: Duration,
     /// Accounts and sessions (see `accounts`).
     pub accounts: AccountSettings,
     /// Bounds on what one request, or one upstream, may take of the server.
@@ -256,6 +261,7 @@ struct RawConfig {
     stripe_platform_key: Option<String>,
     stripe_connect_webhook_secret: Option<String>,
     stripe_reconcile_seconds: Option<u64>,
+    stripe_late_usage_seconds: Option<u64>,
     signup_open: Option<bool>,
     session_lifetime_seconds: Option<u64>,
     trusted_proxies: Option<String>,
@@ -298,6 +304,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("stripe_platform_key", "TOLLGATE_STRIPE_PLATFORM_KEY"),
     ("stripe_connect_webhook_secret", "TOLLGATE_STRIPE_CONNECT_WEBHOOK_SECRET"),
     ("stripe_reconcile_seconds", "TOLLGATE_STRIPE_RECONCILE_SECONDS"),
+    ("stripe_late_usage_seconds", "TOLLGATE_STRIPE_LATE_USAGE_SECONDS"),
     ("signup_open", "TOLLGATE_SIGNUP_OPEN"),
     ("session_lifetime_seconds", "TOLLGATE_SESSION_LIFETIME_SECONDS"),
     ("trusted_proxies", "TOLLGATE_TRUSTED_PROXIES"),
@@ -352,6 +359,14 @@ impl Sourced {
                 "stripe_api_base" => r.stripe_api_base = text,
                 "stripe_platform_key" => r.stripe_platform_key = text,
                 "stripe_connect_webhook_secret" => r.stripe_connect_webhook_secret = text,
+                "stripe_late_usage_seconds" => {
+                    r.stripe_late_usage_seconds = Some(
+                        value
+                            .trim()
+                            .parse()
+                            .map_err(|_| invalid(format!("expected a number of seconds, got {value:?}")))?,
+                    )
+                }
                 "stripe_reconcile_seconds" => {
                     r.stripe_reconcile_seconds = Some(
                         value
@@ -569,6 +584,11 @@ impl Sourced {
         if stripe_reconcile_interval.is_zero() {
             return Err(self.invalid("stripe_reconcile_seconds", "must be at least 1"));
         }
+        // Stripe's grace period is at most 72 hours; the window must stay inside it.
+        let stripe_late_usage_window = Duration::from_secs(r.stripe_late_usage_seconds.unwrap_or(50 * 60));
+        if stripe_late_usage_window.is_zero() || stripe_late_usage_window > Duration::from_secs(72 * 3600) {
+            return Err(self.invalid("stripe_late_usage_seconds", "must be between 1 and 259200 (72 hours)"));
+        }
         let accounts = self.account_settings()?;
         let limits = self.request_limits()?;
         Ok(Config {
@@ -595,6 +615,7 @@ impl Sourced {
             stripe_platform_key: stripe_platform_key.map(SecretString::from),
             stripe_connect_webhook_secret: stripe_connect_webhook_secret.map(SecretString::from),
             stripe_reconcile_interval,
+            stripe_late_usage_window,
             accounts,
             limits,
         })

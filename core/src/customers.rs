@@ -150,13 +150,29 @@ pub enum DeleteError {
     Db(#[from] DbError),
 }
 
+/// How long a deletion is remembered: as long as the longest-lived customer token, so no
+/// token issued before the deletion can create the customer again.
+pub const DELETION_REMEMBERED_MS: i64 = crate::tokens::MAX_TTL_SECS * 1000;
+
 /// Deletes a customer of `project` that has no call in flight. Its usage events stay in the
-/// ledger (without the customer), so billed totals do not change.
+/// ledger (without the customer), so billed totals do not change. The deletion is remembered
+/// for a day, in the same transaction: a customer token issued before it (a browser or app
+/// of that customer's) cannot bring the customer back with the project's default budget.
 pub async fn delete(db: &Db, project: &ProjectId, external_id: &str) -> Result<(), DeleteError> {
     const SQL: &str = "DELETE FROM customers WHERE project_id = $1 AND external_id = $2 \
         AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.customer_id = customers.id)";
-    let n = with_db!(db, pool => sqlx::query(SQL).bind(project).bind(external_id).execute(pool).await
-        .map(|r| r.rows_affected()))
+    const REMEMBER: &str = "INSERT INTO deleted_customers (project_id, external_id, deleted_at) VALUES ($1, $2, $3) \
+        ON CONFLICT (project_id, external_id) DO UPDATE SET deleted_at = excluded.deleted_at";
+    let now = UnixMillis::now();
+    let n = with_db!(db, pool => async {
+        let mut tx = pool.begin().await?;
+        let n = sqlx::query(SQL).bind(project).bind(external_id).execute(&mut *tx).await?.rows_affected();
+        if n == 1 {
+            sqlx::query(REMEMBER).bind(project).bind(external_id).bind(now.0).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(n)
+    }.await)
     .map_err(DbError::from)?;
     if n == 1 {
         return Ok(());

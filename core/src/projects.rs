@@ -733,6 +733,9 @@ pub struct NewCustomer {
     pub external_id: String,
     pub budget: Nanos,
     pub period: BudgetPeriod,
+    /// Not created if a customer of that id was deleted at or after this time: a customer
+    /// token issued before a deletion does not bring the customer back.
+    pub unless_deleted_since: Option<UnixMillis>,
 }
 
 impl NewCustomer {
@@ -743,18 +746,29 @@ impl NewCustomer {
             external_id: external_id.to_owned(),
             budget: Nanos(project.default_budget_nanos),
             period: project.default_period(),
+            unless_deleted_since: None,
         }
+    }
+
+    /// Not created if it was deleted at or after `time`.
+    pub fn unless_deleted_since(mut self, time: Option<UnixMillis>) -> Self {
+        self.unless_deleted_since = time;
+        self
     }
 }
 
-/// Creates `new` unless it exists (insert-or-ignore), then reads it: concurrent first calls
-/// all end up with the one row, so none can slip past the default budget. One function per
-/// backend, on a connection of the caller's (the ledger's writer, within its transaction).
+/// Creates `new` unless it exists (insert-or-ignore) or was deleted since
+/// `new.unless_deleted_since`, then reads it: concurrent first calls all end up with the one
+/// row, so none can slip past the default budget, and the deletion check is in the same
+/// statement, so no deletion can slip between check and insert. One function per backend,
+/// on a connection of the caller's (the ledger's writer, within its transaction).
 macro_rules! create_customer_fn {
     ($name:ident, $conn:ty) => {
         pub(crate) async fn $name(conn: &mut $conn, new: &NewCustomer) -> Result<Option<Customer>, sqlx::Error> {
             const SQL: &str = "INSERT INTO customers (id, project_id, external_id, budget_nanos, budget_period, \
-                period_start, period_end, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                period_start, period_end, created_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+                WHERE NOT EXISTS (SELECT 1 FROM deleted_customers d WHERE d.project_id = $2 \
+                    AND d.external_id = $3 AND d.deleted_at >= $9) \
                 ON CONFLICT (project_id, external_id) DO NOTHING";
             let now = UnixMillis::now();
             let (start, end) = new.period.window(now);
@@ -767,6 +781,7 @@ macro_rules! create_customer_fn {
                 .bind(start)
                 .bind(end)
                 .bind(now.0)
+                .bind(new.unless_deleted_since.map(|t| t.0))
                 .execute(&mut *conn)
                 .await?;
             let sql = format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE project_id = $1 AND external_id = $2");

@@ -263,7 +263,9 @@ pub enum Intake {
     AlreadyStored,
 }
 
-/// Stores `event` (its raw `payload`) once by id, for the processing job.
+/// Stores `event` (its raw `payload`) once by id within `project`, for the processing job.
+/// Ids are unique per project, not globally: another tenant's endpoint storing the same id
+/// first must not make this project's event a repeat.
 pub async fn store_event(
     db: &Db,
     project: &ProjectId,
@@ -271,7 +273,7 @@ pub async fn store_event(
     payload: &str,
 ) -> Result<Intake, StripeError> {
     const SQL: &str = "INSERT INTO stripe_events (id, project_id, type, livemode, created, payload, received_at) \
-        VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING";
+        VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (project_id, id) DO NOTHING";
     let now = UnixMillis::now().0;
     let inserted = with_db!(db, pool => sqlx::query(SQL).bind(&event.id).bind(project).bind(&event.kind)
         .bind(event.livemode).bind(event.created).bind(payload).bind(now).execute(pool).await
@@ -297,7 +299,10 @@ mod tests {
 // ---------------------------------------------------------------------------------------
 // Processing stored events.
 
-/// The fields of an invoice Tollgate mirrors (Stripe's `Invoice` object).
+/// The fields of an invoice Tollgate mirrors (Stripe's `Invoice` object: `attempted`,
+/// `attempt_count`, `next_payment_attempt`, `amount_remaining` as in stripe-node's
+/// `Invoice` type and https://docs.stripe.com/api/invoices/object; `paid` exists only in API
+/// versions before 2025-03-31.basil, so it is read when present and never required).
 #[derive(Debug, Clone, serde::Deserialize)]
 struct InvoiceObject {
     id: String,
@@ -309,7 +314,30 @@ struct InvoiceObject {
     amount_due: i64,
     #[serde(default)]
     amount_paid: i64,
+    amount_remaining: Option<i64>,
     hosted_invoice_url: Option<String>,
+    /// Whether an attempt has been made to pay the invoice.
+    #[serde(default)]
+    attempted: bool,
+    /// Payment attempts made, from the retry schedule's point of view.
+    #[serde(default)]
+    attempt_count: i64,
+    /// When Stripe tries again (Unix seconds), if it will.
+    next_payment_attempt: Option<i64>,
+    paid: Option<bool>,
+}
+
+impl InvoiceObject {
+    /// Whether a payment was attempted and the invoice is still open with money owed: read
+    /// from the invoice alone, so no event (an `invoice.updated` after
+    /// `invoice.payment_failed`, say) can clear it without a payment.
+    fn payment_failed(&self, status: &str) -> bool {
+        status == "open"
+            && self.attempted
+            && self.attempt_count > 0
+            && self.paid != Some(true)
+            && self.amount_remaining.unwrap_or(self.amount_due - self.amount_paid) > 0
+    }
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -380,16 +408,17 @@ pub async fn process_pending(db: &Db, limit: i64) -> Result<Vec<(String, Process
         match outcome {
             Ok(processed) => {
                 const DONE: &str = "UPDATE stripe_events SET processed_at = $1, attempts = attempts + 1, \
-                    last_error = NULL WHERE id = $2";
-                with_db!(db, pool => sqlx::query(DONE).bind(now).bind(&id).execute(pool).await.map(|_| ()))?;
+                    last_error = NULL WHERE project_id = $2 AND id = $3";
+                with_db!(db, pool => sqlx::query(DONE).bind(now).bind(&project).bind(&id).execute(pool).await.map(|_| ()))?;
                 done.push((id, processed));
             }
             Err(StripeError::Invalid { reason, .. }) => {
                 // A payload Tollgate cannot read will not get better: recorded, and set aside.
                 tracing::warn!(event = %id, %reason, "stripe event cannot be processed");
                 const BAD: &str = "UPDATE stripe_events SET processed_at = $1, attempts = attempts + 1, \
-                    last_error = $2 WHERE id = $3";
-                with_db!(db, pool => sqlx::query(BAD).bind(now).bind(&reason).bind(&id).execute(pool).await.map(|_| ()))?;
+                    last_error = $2 WHERE project_id = $3 AND id = $4";
+                with_db!(db, pool => sqlx::query(BAD).bind(now).bind(&reason).bind(&project).bind(&id)
+                    .execute(pool).await.map(|_| ()))?;
             }
             Err(e) => return Err(e),
         }
@@ -403,26 +432,32 @@ async fn apply_invoice(db: &Db, project: &ProjectId, payload: &str) -> Result<Pr
     let invoice = event.data.object;
     let status = invoice.status.clone().unwrap_or_else(|| "draft".to_owned());
     let rank = status_rank(&status);
-    let payment_failed = event.kind == "invoice.payment_failed" && status == "open";
+    let payment_failed = invoice.payment_failed(&status);
     let stripe_customer = invoice.customer.clone().unwrap_or_default();
-    // Insert, or replace only with a snapshot further along, or as far along and newer.
+    // Insert, or replace only with a snapshot further along: a later status, or the same
+    // status after more payment attempts, or as far along and as new or newer.
     const UPSERT: &str = "INSERT INTO stripe_invoices (id, project_id, stripe_customer_id, customer_id, number, \
             status, status_rank, payment_failed, currency, amount_due, amount_paid, hosted_invoice_url, state_at, \
-            updated_at) \
+            updated_at, attempt_count, next_payment_attempt) \
         VALUES ($1, $2, $3, (SELECT id FROM customers WHERE project_id = $2 AND stripe_customer_id = $3), \
-            $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-        ON CONFLICT (id) DO UPDATE SET customer_id = excluded.customer_id, number = excluded.number, \
+            $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+        ON CONFLICT (project_id, id) DO UPDATE SET customer_id = excluded.customer_id, number = excluded.number, \
             status = excluded.status, status_rank = excluded.status_rank, payment_failed = excluded.payment_failed, \
             currency = excluded.currency, amount_due = excluded.amount_due, amount_paid = excluded.amount_paid, \
             hosted_invoice_url = excluded.hosted_invoice_url, state_at = excluded.state_at, \
-            updated_at = excluded.updated_at \
-        WHERE stripe_invoices.project_id = excluded.project_id AND (excluded.status_rank > stripe_invoices.status_rank \
-            OR (excluded.status_rank = stripe_invoices.status_rank AND excluded.state_at >= stripe_invoices.state_at))";
+            updated_at = excluded.updated_at, attempt_count = excluded.attempt_count, \
+            next_payment_attempt = excluded.next_payment_attempt \
+        WHERE excluded.status_rank > stripe_invoices.status_rank \
+            OR (excluded.status_rank = stripe_invoices.status_rank \
+                AND (excluded.attempt_count > stripe_invoices.attempt_count \
+                    OR (excluded.attempt_count = stripe_invoices.attempt_count \
+                        AND excluded.state_at >= stripe_invoices.state_at)))";
     let now = UnixMillis::now().0;
     let applied = with_db!(db, pool => sqlx::query(UPSERT)
         .bind(&invoice.id).bind(project).bind(&stripe_customer).bind(&invoice.number).bind(&status).bind(rank)
         .bind(payment_failed).bind(&invoice.currency).bind(invoice.amount_due).bind(invoice.amount_paid)
-        .bind(&invoice.hosted_invoice_url).bind(event.created).bind(now)
+        .bind(&invoice.hosted_invoice_url).bind(event.created).bind(now).bind(invoice.attempt_count)
+        .bind(invoice.next_payment_attempt)
         .execute(pool).await.map(|r| r.rows_affected()))?;
     if applied > 0 {
         reconcile_hold(db, project, &stripe_customer).await?;

@@ -28,6 +28,8 @@ pub struct BillingServices {
     /// The operator's platform key, for projects connected through Stripe Connect.
     pub platform_key: Option<SecretString>,
     pub reconcile_interval: Duration,
+    /// See `Config::stripe_late_usage_window`.
+    pub late_usage_window: Duration,
 }
 
 impl BillingServices {
@@ -37,6 +39,7 @@ impl BillingServices {
             master_key,
             platform_key: config.stripe_platform_key.clone(),
             reconcile_interval: config.stripe_reconcile_interval,
+            late_usage_window: config.stripe_late_usage_window,
         }
     }
 }
@@ -263,7 +266,14 @@ async fn provision_customer(
         let key = format!("tollgate-subscription-{}-{price}", customer.id);
         match api.post::<Subscription>(credentials, "/subscriptions", &body, &key).await {
             Ok(subscription) => {
-                billing::record_subscription(db, &customer.id, &subscription.id, &subscription.status).await?
+                billing::record_subscription(
+                    db,
+                    &customer.id,
+                    &subscription.id,
+                    &subscription.status,
+                    subscription.start_date,
+                )
+                .await?
             }
             Err(e) => return Ok(Err(step_failure("creating the subscription", &e, attempts))),
         }
@@ -293,7 +303,8 @@ pub async fn deliver(db: &Db, services: &BillingServices) -> Result<DeliveryRepo
         let Ok(credentials) = credentials(db, services, &project.project_id).await? else { continue };
         let mut sent = 0;
         'project: while sent < DELIVERIES_PER_RUN {
-            let batches = billing::claim_due_batches(db, &project.project_id, UnixMillis::now(), 100).await?;
+            let window = i64::try_from(services.late_usage_window.as_secs()).unwrap_or(i64::MAX);
+            let batches = billing::claim_due_batches(db, &project.project_id, UnixMillis::now(), 100, window).await?;
             if batches.is_empty() {
                 break;
             }

@@ -3,7 +3,8 @@
 //! deployment (deduplicated by minute across replicas), which releases expired reservations
 //! (calls of a crashed process: no customer stays blocked by them) and prunes stale rows
 //! (heartbeats, expired sessions, spent reset links and invitations, old login failures,
-//! idempotency keys older than a day, accounts left unverified past their week).
+//! idempotency keys older than a day, accounts left unverified past their week, deletions of
+//! customers older than any customer token).
 
 use serde::{Deserialize, Serialize};
 use tollgate_core::db::DbError;
@@ -54,6 +55,10 @@ pub async fn run(db: &Db, now: UnixMillis) -> Result<HousekeepingReport, DbError
         ("DELETE FROM password_resets WHERE expires_at <= $1 OR used_at IS NOT NULL", now.0),
         ("DELETE FROM invitations WHERE expires_at <= $1 AND accepted_at IS NULL", now.0),
         ("DELETE FROM login_failures WHERE window_start <= $1", window_start),
+        (
+            "DELETE FROM deleted_customers WHERE deleted_at <= $1",
+            now.0 - tollgate_core::customers::DELETION_REMEMBERED_MS,
+        ),
     ] {
         dashboard += with_db!(db, pool => sqlx::query(sql).bind(bound).execute(pool).await.map(|r| r.rows_affected()))?;
     }

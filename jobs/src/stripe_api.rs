@@ -114,6 +114,9 @@ pub struct Meter {
 pub struct Subscription {
     pub id: String,
     pub status: String,
+    /// When the subscription began (Unix seconds): its first period starts here.
+    #[serde(default)]
+    pub start_date: Option<i64>,
 }
 
 /// One of a meter's event summaries. Stripe sends the value as a JSON number; Tollgate's

@@ -34,24 +34,24 @@ pub fn cases() -> Vec<DbCase> {
     ]
 }
 
-const KEY: &str = "rk_test_51Htenantkey0001";
-const ACCOUNT: &str = "acct_tenant1";
+pub(crate) const KEY: &str = "rk_test_51Htenantkey0001";
+pub(crate) const ACCOUNT: &str = "acct_tenant1";
 const WHSEC: &str = "whsec_test_0123456789abcdef0123";
 const PLATFORM_KEY: &str = "sk_test_51Hplatformkey001";
 const PLATFORM: &str = "acct_platform";
 const CONNECT_WHSEC: &str = "whsec_test_connect0123456789abcd";
 
-struct Billing {
-    s: Setup,
-    fake: FakeStripe,
-    services: BillingServices,
+pub(crate) struct Billing {
+    pub(crate) s: Setup,
+    pub(crate) fake: FakeStripe,
+    pub(crate) services: BillingServices,
 }
 
 async fn billing_setup(db: &TestDatabase) -> anyhow::Result<Billing> {
     billing_setup_with(db, |_| {}).await
 }
 
-async fn billing_setup_with(
+pub(crate) async fn billing_setup_with(
     db: &TestDatabase,
     customize: impl FnOnce(&mut HashMap<String, String>),
 ) -> anyhow::Result<Billing> {
@@ -71,14 +71,14 @@ async fn billing_setup_with(
 }
 
 impl Billing {
-    async fn connect_with_key(&self) -> anyhow::Result<()> {
+    pub(crate) async fn connect_with_key(&self) -> anyhow::Result<()> {
         let state = &self.s.app.state;
         stripe::connect_with_key(&state.db, &state.master_key, &self.s.project.id, KEY, WHSEC).await?;
         Ok(())
     }
 
     /// Calls for `customer`, each of `tokens` output tokens; returns their billed total.
-    async fn calls(&self, customer: &str, count: usize, tokens: i64) -> anyhow::Result<()> {
+    pub(crate) async fn calls(&self, customer: &str, count: usize, tokens: i64) -> anyhow::Result<()> {
         self.s.budget(customer, 1_000_000).await?;
         for _ in 0..count {
             let body = json!({"model": "mock-model", "max_tokens": tokens,
@@ -89,16 +89,16 @@ impl Billing {
         Ok(())
     }
 
-    async fn provision(&self) -> anyhow::Result<jobs::ProvisionReport> {
+    pub(crate) async fn provision(&self) -> anyhow::Result<jobs::ProvisionReport> {
         Ok(jobs::provision(&self.s.app.state.db, &self.services).await?)
     }
 
-    async fn deliver(&self) -> anyhow::Result<jobs::DeliveryReport> {
+    pub(crate) async fn deliver(&self) -> anyhow::Result<jobs::DeliveryReport> {
         Ok(jobs::deliver(&self.s.app.state.db, &self.services).await?)
     }
 
     /// The ledger's billed total per customer (external id).
-    async fn ledger(&self) -> anyhow::Result<HashMap<String, i64>> {
+    pub(crate) async fn ledger(&self) -> anyhow::Result<HashMap<String, i64>> {
         let rows: Vec<(String, i64)> = with_db!(&self.s.app.state.db, pool => sqlx::query_as::<_, (String, i64)>(
             "SELECT c.external_id, CAST(SUM(u.billed_nanos) AS BIGINT) FROM usage_events u \
              JOIN customers c ON c.id = u.customer_id WHERE u.status = 'settled' GROUP BY c.external_id")
@@ -143,7 +143,7 @@ impl Billing {
         Ok(page.body)
     }
 
-    async fn process_events(&self) -> anyhow::Result<Vec<(String, stripe::Processed)>> {
+    pub(crate) async fn process_events(&self) -> anyhow::Result<Vec<(String, stripe::Processed)>> {
         Ok(stripe::process_pending(&self.s.app.state.db, 100).await?)
     }
 }
@@ -330,7 +330,7 @@ async fn a_worker_killed_mid_batch_sends_no_duplicate_and_loses_nothing(db: Test
     // A worker claims the three batches, Stripe accepts the first, and the worker dies before
     // recording it (and before sending the others).
     let now = tollgate_core::time::UnixMillis::now();
-    let claimed = billing::claim_due_batches(&state.db, &b.s.project.id, now, 100).await?;
+    let claimed = billing::claim_due_batches(&state.db, &b.s.project.id, now, 100, 3_000).await?;
     assert_eq!(claimed.len(), 3);
     let credentials = tollgate_jobs::stripe_api::Credentials { key: KEY.to_owned().into(), account: None };
     assert_eq!(jobs::send(&b.services.api, &credentials, &claimed[0]).await, billing::Attempt::Delivered);

@@ -38,6 +38,8 @@ use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
+pub mod invoices;
+
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
 pub struct SeenRequest {
@@ -70,6 +72,8 @@ struct Account {
     meter_events: Vec<MeterEvent>,
     /// Every meter event POST, accepted or not.
     meter_event_attempts: Vec<MeterEvent>,
+    /// Invoices made at the end of subscription periods (see `invoices`).
+    invoices: Vec<Value>,
 }
 
 struct Saved {
@@ -292,6 +296,7 @@ impl FakeStripe {
             "id": id, "object": "invoice", "account_name": account, "customer": customer, "status": status,
             "number": format!("FAKE-{}", &id[id.len() - 4..]), "currency": "usd", "amount_due": amount_due,
             "amount_paid": paid, "amount_remaining": amount_due - paid, "livemode": false, "created": now(),
+            "attempted": status == "paid", "attempt_count": i64::from(status == "paid"), "next_payment_attempt": null,
             "hosted_invoice_url": format!("https://invoice.stripe.com/i/{id}"),
         })
     }
@@ -307,6 +312,7 @@ impl FakeStripe {
         account: Option<&str>,
     ) -> anyhow::Result<(StatusCode, String)> {
         let id = self.inner.lock().unwrap().id("evt");
+        let object = invoice_as_of(kind, object);
         let mut event = json!({
             "id": id, "object": "event", "type": kind, "created": now(), "livemode": false,
             "api_version": "2026-09-30.endive", "pending_webhooks": 1,
@@ -331,6 +337,33 @@ impl FakeStripe {
             .await?;
         Ok((response.status(), response.text().await?))
     }
+}
+
+/// An invoice as Stripe has it when it sends `kind`: `invoice.payment_failed` follows one
+/// more payment attempt (`attempted`, `attempt_count`, and a `next_payment_attempt` under
+/// Smart Retries); `invoice.paid` leaves nothing remaining. (Fields as in stripe-node's
+/// `Invoice` type; https://docs.stripe.com/billing/revenue-recovery/smart-retries.)
+fn invoice_as_of(kind: &str, mut object: Value) -> Value {
+    if object["object"] != "invoice" {
+        return object;
+    }
+    match kind {
+        "invoice.payment_failed" => {
+            let attempts = object["attempt_count"].as_i64().unwrap_or(0) + 1;
+            object["attempted"] = json!(true);
+            object["attempt_count"] = json!(attempts);
+            object["next_payment_attempt"] = json!(now() + 3 * 24 * 3600);
+        }
+        "invoice.paid" => {
+            object["attempted"] = json!(true);
+            object["attempt_count"] = json!(object["attempt_count"].as_i64().unwrap_or(0).max(1));
+            object["amount_paid"] = object["amount_due"].clone();
+            object["amount_remaining"] = json!(0);
+            object["next_payment_attempt"] = Value::Null;
+        }
+        _ => {}
+    }
+    object
 }
 
 /// Stripe's bracket notation (`a[b][0][c]=v`) as JSON; numeric keys make arrays.

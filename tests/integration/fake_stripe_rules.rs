@@ -17,6 +17,7 @@ pub fn cases() -> Vec<PlainCase> {
         fake_stripe_rate_limits_and_fails_on_demand,
         fake_stripe_goes_down_and_comes_back_with_its_state,
         fake_stripe_sends_signed_events,
+        fake_stripe_invoices_only_usage_inside_a_subscription_period_before_finalizing,
     ]
 }
 
@@ -453,7 +454,77 @@ async fn fake_stripe_sends_signed_events() -> anyhow::Result<()> {
     assert_eq!((event["object"].as_str(), event["type"].as_str()), (Some("event"), Some("invoice.paid")));
     assert_eq!((event["account"].as_str(), event["livemode"].as_bool()), (Some(CONNECTED), Some(false)));
     assert_eq!(event["api_version"], "2026-09-30.endive");
-    assert_eq!(event["data"]["object"], invoice);
+    assert_eq!(event["data"]["object"], invoice, "a paid invoice is sent as it is");
+    // A failed payment is sent as Stripe has the invoice after it: one more attempt made.
+    let open = fake.make_invoice(ACCOUNT, "cus_1", "open", 1234);
+    assert_eq!((open["attempted"].as_bool(), open["attempt_count"].as_i64()), (Some(false), Some(0)));
+    fake.send_event(&url, "whsec_test", "invoice.payment_failed", open, None).await?;
+    let (_, body) = received.lock().unwrap()[1].clone();
+    let failed: Value = serde_json::from_str(&body)?;
+    let object = &failed["data"]["object"];
+    assert_eq!((object["attempted"].as_bool(), object["attempt_count"].as_i64()), (Some(true), Some(1)), "{object}");
+    assert!(object["next_payment_attempt"].as_i64().is_some());
     server.abort();
+    Ok(())
+}
+
+/// The fake's invoices (see `fake_stripe::invoices`): a period's invoice counts the meter
+/// events whose timestamp is inside the subscription's period and that arrived before the
+/// invoice was finalized; its line is rounded half up once.
+async fn fake_stripe_invoices_only_usage_inside_a_subscription_period_before_finalizing() -> anyhow::Result<()> {
+    use crate::fake_stripe::invoices::line_amount;
+    assert_eq!(line_amount(94_999_999, "0.0000001"), 9, "9.4999999 cents");
+    assert_eq!(line_amount(95_000_000, "0.0000001"), 10, "9.5 cents, half up");
+    assert_eq!(line_amount(1_500_000_000, "0.000000001"), 2, "a zero-decimal currency: 1.5 yen");
+    assert_eq!(line_amount(0, "0.0000001"), 0);
+
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let stripe = Caller::new(&fake, KEY, None);
+    let (meter, customer) = stripe.provision().await?;
+    let product = stripe.post("/products", None, &[("name", "LLM usage".to_owned())]).await?;
+    let price = stripe
+        .post(
+            "/prices",
+            None,
+            &[
+                ("currency", "usd".to_owned()),
+                ("product", product.id()),
+                ("unit_amount_decimal", "0.0000001".to_owned()),
+                ("recurring[interval]", "month".to_owned()),
+                ("recurring[usage_type]", "metered".to_owned()),
+                ("recurring[meter]", meter),
+            ],
+        )
+        .await?;
+    assert_eq!(price.status, StatusCode::OK, "{}", price.body);
+    let t = now();
+    // Usage before the subscription exists is on no invoice.
+    assert_eq!(stripe.meter_event(None, &customer, "before", 40_000_000, t - 60).await?.status, StatusCode::OK);
+    let subscription =
+        stripe.post("/subscriptions", None, &[("customer", customer.clone()), ("items[0][price]", price.id())]).await?;
+    assert_eq!(subscription.status, StatusCode::OK, "{}", subscription.body);
+    let started = subscription.body["start_date"].as_i64().unwrap_or_default();
+    assert!(started >= t, "the subscription starts when it is made");
+    assert_eq!(stripe.meter_event(None, &customer, "inside", 95_000_000, started).await?.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let drafts = fake.end_periods(ACCOUNT);
+    assert_eq!(drafts.len(), 1);
+    // Late usage for the ended period, during the grace period: counted.
+    assert_eq!(stripe.meter_event(None, &customer, "late", 5_000_000, started).await?.status, StatusCode::OK);
+    let finalized = fake.finalize_invoices(ACCOUNT);
+    assert_eq!(finalized.len(), 1);
+    let invoice = &finalized[0];
+    assert_eq!((invoice["status"].as_str(), invoice["total"].as_i64()), (Some("open"), Some(10)), "{invoice}");
+    assert_eq!(invoice["lines"]["data"][0]["quantity"], 100_000_000);
+    assert_eq!(invoice["parent"]["subscription_details"]["subscription"], subscription.body["id"]);
+    // Usage for the finalized period arriving now is accepted, and on no invoice.
+    assert_eq!(stripe.meter_event(None, &customer, "too-late", 7_000_000, started).await?.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    fake.end_periods(ACCOUNT);
+    let second = fake.finalize_invoices(ACCOUNT);
+    assert_eq!(second.len(), 1);
+    assert_eq!((second[0]["total"].as_i64(), second[0]["status"].as_str()), (Some(0), Some("paid")));
+    assert_eq!(fake.invoiced(ACCOUNT, &customer), 10);
+    assert_eq!(fake.invoiced_quantity(ACCOUNT, &customer), 100_000_000);
     Ok(())
 }

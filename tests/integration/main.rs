@@ -22,6 +22,7 @@ mod fake_stripe;
 mod fake_stripe_rules;
 mod helpers;
 mod hostile_tenant;
+mod invoicing;
 mod jobs;
 mod ledger;
 mod limits;
@@ -68,6 +69,7 @@ fn main() -> ExitCode {
         alerts::cases(),
         stripe_webhooks::cases(),
         billing::cases(),
+        invoicing::cases(),
         schemathesis::cases(),
         browser::cases(),
         hostile_tenant::cases(),

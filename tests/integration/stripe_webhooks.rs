@@ -21,6 +21,7 @@ pub fn cases() -> Vec<DbCase> {
         secrets_are_checked_and_stored_encrypted,
         invoices_take_the_furthest_state_whatever_the_order_of_events,
         a_failed_payment_blocks_the_customer_until_paid,
+        only_a_payment_lifts_a_block_whatever_events_follow,
     ]
 }
 
@@ -43,7 +44,7 @@ fn event(id: &str, kind: &str) -> String {
     .to_string()
 }
 
-async fn deliver(
+pub(crate) async fn deliver(
     s: &Setup,
     path_project: &str,
     body: &str,
@@ -57,7 +58,7 @@ async fn deliver(
     Ok((response.status(), response.json().await.unwrap_or(Value::Null)))
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     UnixMillis::now().0 / 1000
 }
 
@@ -190,12 +191,31 @@ async fn secrets_are_checked_and_stored_encrypted(db: TestDatabase) -> TestResul
     s.app.stop().await
 }
 
-fn invoice_event(id: &str, kind: &str, created: i64, invoice: &str, customer: &str, status: &str) -> String {
+/// A `kind` event of `invoice`, as Stripe has the invoice then: attempted once by a failed
+/// payment or a payment, not yet before.
+pub(crate) fn invoice_event(id: &str, kind: &str, created: i64, invoice: &str, customer: &str, status: &str) -> String {
+    let attempts = i64::from(kind == "invoice.payment_failed" || status == "paid");
+    invoice_event_after(id, kind, created, invoice, customer, status, attempts)
+}
+
+/// [`invoice_event`] after `attempts` payment attempts.
+fn invoice_event_after(
+    id: &str,
+    kind: &str,
+    created: i64,
+    invoice: &str,
+    customer: &str,
+    status: &str,
+    attempts: i64,
+) -> String {
+    let paid = if status == "paid" { 1234 } else { 0 };
     json!({
         "id": id, "object": "event", "type": kind, "livemode": false, "created": created,
         "data": {"object": {
             "id": invoice, "object": "invoice", "customer": customer, "number": format!("INV-{invoice}"),
-            "status": status, "currency": "usd", "amount_due": 1234, "amount_paid": if status == "paid" { 1234 } else { 0 },
+            "status": status, "currency": "usd", "amount_due": 1234, "amount_paid": paid,
+            "amount_remaining": 1234 - paid, "attempted": attempts > 0, "attempt_count": attempts,
+            "next_payment_attempt": if status == "open" && attempts > 0 { json!(created + 3 * 86_400) } else { json!(null) },
             "hosted_invoice_url": format!("https://invoice.stripe.com/i/{invoice}"), "livemode": false
         }}
     })
@@ -319,5 +339,49 @@ async fn a_failed_payment_blocks_the_customer_until_paid(db: TestDatabase) -> Te
     // Turned back on, the open failed invoice blocks at once.
     stripe::set_block_on_payment_failure(&state.db, &s.project.id, true).await?;
     assert!(blocked("payer").await?);
+    s.app.stop().await
+}
+
+/// Issue 21: the failed flag came from the event type, so an `invoice.updated` sent after
+/// `invoice.payment_failed` (Stripe sends one for any change to the open invoice: a memo,
+/// the next retry date) cleared it and unblocked a customer who had not paid. The payment
+/// state is read from the invoice itself.
+async fn only_a_payment_lifts_a_block_whatever_events_follow(db: TestDatabase) -> TestResult {
+    let s = connected(&db).await?;
+    let state = s.app.state.clone();
+    s.budget("payer", 1_000).await?;
+    let payer = tollgate_core::projects::find_customer(&state.db, &s.project.id, "payer").await?.unwrap();
+    stripe::link_customer(&state.db, &s.project.id, &payer.id, "cus_P1").await?;
+    let project = s.project.id.to_string();
+    let t = now();
+    let blocked_after = |body: String| {
+        let s = &s;
+        let project = project.clone();
+        let state = state.clone();
+        async move {
+            let signed = signature::header(WEBHOOK_SECRET, now(), body.as_bytes());
+            let (status, answer) = deliver(s, &project, &body, Some(signed)).await?;
+            anyhow::ensure!(status == StatusCode::OK, "{answer}");
+            stripe::process_pending(&state.db, 100).await?;
+            let c = tollgate_core::projects::find_customer(&state.db, &s.project.id, "payer").await?.unwrap();
+            anyhow::Ok(c.blocked)
+        }
+    };
+    let event = |id: &str, kind: &str, at: i64, status: &str, attempts: i64| {
+        invoice_event_after(id, kind, at, "in_9", "cus_P1", status, attempts)
+    };
+    assert!(!blocked_after(event("evt_0", "invoice.finalized", t, "open", 0)).await?);
+    assert!(blocked_after(event("evt_1", "invoice.payment_failed", t + 1, "open", 1)).await?);
+    // Stripe updates the open invoice (still unpaid, still one attempt): the block holds.
+    assert!(blocked_after(event("evt_2", "invoice.updated", t + 2, "open", 1)).await?, "an update lifted the block");
+    // A late copy of the invoice from before the attempt, sent later: it cannot undo it.
+    assert!(blocked_after(event("evt_3", "invoice.updated", t + 3, "open", 0)).await?, "a stale snapshot lifted it");
+    // The retry fails too; then the customer pays.
+    assert!(blocked_after(event("evt_4", "invoice.payment_failed", t + 4, "open", 2)).await?);
+    assert!(!blocked_after(event("evt_5", "invoice.paid", t + 5, "paid", 2)).await?, "paying did not lift the block");
+    // A failure delivered late, after the payment, does not block again.
+    assert!(!blocked_after(event("evt_6", "invoice.payment_failed", t + 1, "open", 1)).await?);
+    let invoice = &stripe::invoices(&state.db, &s.project.id, None, 10).await?[0];
+    assert_eq!((invoice.status.as_str(), invoice.payment_failed), ("paid", false));
     s.app.stop().await
 }

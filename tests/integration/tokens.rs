@@ -74,12 +74,19 @@ async fn a_publishable_key_spends_only_its_token_customer_budget(db: TestDatabas
     assert_eq!(status, StatusCode::UNAUTHORIZED, "no token: {body}");
     assert!(body["error"]["message"].as_str().unwrap_or("").contains("customer token"));
     // Expired.
-    let expired = tokens::mint(&s.app.state.master_key, &s.project.id, "bob", UnixMillis::now().0 / 1000 - 1);
+    let expired =
+        tokens::mint(&s.app.state.master_key, &s.project.id, "bob", UnixMillis::now(), UnixMillis::now().0 / 1000 - 1);
     let (status, body) = s.client_call(&pk, Some(&expired), None).await?;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body["error"]["message"].as_str().unwrap_or("").contains("expired"), "{body}");
     // Forged: Bob's claims with Alice's signature, and a token signed with another key.
-    let bob_claims = tokens::mint(&s.app.state.master_key, &s.project.id, "bob", UnixMillis::now().0 / 1000 + 600);
+    let bob_claims = tokens::mint(
+        &s.app.state.master_key,
+        &s.project.id,
+        "bob",
+        UnixMillis::now(),
+        UnixMillis::now().0 / 1000 + 600,
+    );
     let forged =
         format!("{}.{}", bob_claims.split_once('.').map_or("", |p| p.0), alice.split_once('.').map_or("", |p| p.1));
     assert_eq!(s.client_call(&pk, Some(&forged), None).await?.0, StatusCode::UNAUTHORIZED);
@@ -87,6 +94,7 @@ async fn a_publishable_key_spends_only_its_token_customer_budget(db: TestDatabas
         &tollgate_core::crypto::MasterKey::generate(),
         &s.project.id,
         "bob",
+        UnixMillis::now(),
         UnixMillis::now().0 / 1000 + 600,
     );
     assert_eq!(s.client_call(&pk, Some(&stranger), None).await?.0, StatusCode::UNAUTHORIZED);
@@ -98,7 +106,8 @@ async fn a_publishable_key_spends_only_its_token_customer_budget(db: TestDatabas
         &NewProject { name: "Other".into(), ..Default::default() },
     )
     .await?;
-    let other_token = tokens::mint(&s.app.state.master_key, &other.id, "bob", UnixMillis::now().0 / 1000 + 600);
+    let other_token =
+        tokens::mint(&s.app.state.master_key, &other.id, "bob", UnixMillis::now(), UnixMillis::now().0 / 1000 + 600);
     let (status, body) = s.client_call(&pk, Some(&other_token), None).await?;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body["error"]["message"].as_str().unwrap_or("").contains("another project"), "{body}");

@@ -81,7 +81,8 @@ pub async fn mint(
     if !(1..=MAX_TTL_SECS).contains(&ttl) {
         return Err(ApiError::field("ttl_seconds", format!("must be between 1 and {MAX_TTL_SECS}")));
     }
-    let expires_at = UnixMillis::now().0 / 1000 + ttl;
-    let token = tokens::mint(&state.master_key, &project.id, customer, expires_at);
+    let issued_at = UnixMillis::now();
+    let expires_at = issued_at.0 / 1000 + ttl;
+    let token = tokens::mint(&state.master_key, &project.id, customer, issued_at, expires_at);
     Ok((StatusCode::CREATED, Json(CustomerToken { token, customer: customer.to_owned(), expires_at })))
 }

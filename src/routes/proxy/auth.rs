@@ -141,6 +141,9 @@ pub struct Caller {
     pub project: Project,
     /// With a publishable key, the only customer the call may be charged to.
     pub token_customer: Option<String>,
+    /// With a publishable key, when its token was issued: a customer deleted since then is
+    /// not created again by this call.
+    pub token_issued_at: Option<UnixMillis>,
 }
 
 /// The project a request's key belongs to. A secret key is enough; a publishable key also
@@ -148,7 +151,7 @@ pub struct Caller {
 pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, ProxyError> {
     let grant = grant(state, headers).await?;
     if grant.kind == "secret" {
-        return Ok(Caller { project: grant.project, token_customer: None });
+        return Ok(Caller { project: grant.project, token_customer: None, token_issued_at: None });
     }
     let token = headers.get(CUSTOMER_TOKEN_HEADER).and_then(|v| v.to_str().ok()).ok_or_else(|| {
         ProxyError::Unauthorized(
@@ -162,7 +165,8 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Calle
     if claims.project != grant.project.id {
         return Err(ProxyError::Unauthorized("The customer token belongs to another project.".to_owned()));
     }
-    Ok(Caller { project: grant.project, token_customer: Some(claims.customer) })
+    let issued_at = claims.issued_at();
+    Ok(Caller { project: grant.project, token_customer: Some(claims.customer), token_issued_at: Some(issued_at) })
 }
 
 fn capitalize(text: &str) -> String {

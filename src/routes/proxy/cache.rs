@@ -22,6 +22,7 @@ use tollgate_core::ids::{CustomerId, ProjectId};
 use tollgate_core::ledger::Ledger;
 use tollgate_core::period::BudgetPeriod;
 use tollgate_core::projects::{self, CallConfig, NewCustomer, Project, ProjectError};
+use tollgate_core::time::UnixMillis;
 
 use crate::state::AppState;
 
@@ -86,13 +87,15 @@ impl ProxyCache {
     }
 
     /// The customer `external_id` of `project`, created with the project's default budget
-    /// when first seen.
+    /// when first seen — unless it was deleted at or after `unless_deleted_since` (the issue
+    /// time of the customer token the call carries): then `NotFound("customer")`.
     pub async fn customer(
         &self,
         db: &Db,
         ledger: &Ledger,
         project: &Project,
         external_id: &str,
+        unless_deleted_since: Option<UnixMillis>,
     ) -> Result<CustomerRef, ProjectError> {
         if let Ok(customers) = self.customers.lock()
             && let Some(customer) = customers.get(&project.id).and_then(|c| c.get(external_id)).and_then(Timed::fresh)
@@ -102,7 +105,10 @@ impl ProxyCache {
         let id = projects::validate_external_id(external_id)?;
         let row = match projects::find_customer(db, &project.id, id).await? {
             Some(row) => row,
-            None => ledger.customer(NewCustomer::of(project, id)).await?.ok_or(ProjectError::NotFound("customer"))?,
+            None => ledger
+                .customer(NewCustomer::of(project, id).unless_deleted_since(unless_deleted_since))
+                .await?
+                .ok_or(ProjectError::NotFound("customer"))?,
         };
         let customer = CustomerRef { period: row.period(), id: row.id };
         if let Ok(mut customers) = self.customers.lock() {

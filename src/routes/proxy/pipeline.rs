@@ -49,7 +49,7 @@ use tollgate_core::ledger::{
 };
 use tollgate_core::money::Nanos;
 use tollgate_core::pricing::{Price, TokenUsage, Tokenizer, tokens_cost, with_markup};
-use tollgate_core::projects::{self, BudgetPolicy, CallConfig, Project, Provider, ProviderKind};
+use tollgate_core::projects::{self, BudgetPolicy, CallConfig, Project, ProjectError, Provider, ProviderKind};
 use tollgate_core::time::UnixMillis;
 use tracing::Instrument;
 
@@ -386,6 +386,7 @@ async fn run<D: Dialect>(
     let size = body.len();
     let mut request = state.offload.run(size, move || json_body(&body)).await??;
     let shape = D::parse(&request)?;
+    let token_issued_at = caller.token_issued_at;
     let external_id = match caller.token_customer {
         Some(customer) => token_customer_of_call(&headers, customer)?,
         None => customer_of_call(&project, &headers, D::user(&request))?,
@@ -402,7 +403,11 @@ async fn run<D: Dialect>(
         )
     })?;
     let provider = route_in::<D>(&config, &shape.model)?;
-    let mut customer = state.proxy_cache.customer(&state.db, &state.ledger, &project, &external_id).await?;
+    let mut customer = state
+        .proxy_cache
+        .customer(&state.db, &state.ledger, &project, &external_id, token_issued_at)
+        .await
+        .map_err(|e| deleted_since_token(e, &external_id))?;
     let refusal = |customer: &CustomerId, reason: &str| {
         let record = UsageRecord {
             project_id: project.id.clone(),
@@ -526,7 +531,11 @@ async fn run<D: Dialect>(
             ReserveOutcome::Unknown => {
                 // Deleted (the next lookup creates it afresh) or its period changed: look again.
                 state.proxy_cache.forget_customer(&project.id, &external_id);
-                customer = state.proxy_cache.customer(&state.db, &state.ledger, &project, &external_id).await?;
+                customer = state
+                    .proxy_cache
+                    .customer(&state.db, &state.ledger, &project, &external_id, token_issued_at)
+                    .await
+                    .map_err(|e| deleted_since_token(e, &external_id))?;
             }
             ReserveOutcome::Insufficient { remaining } => {
                 let affordable = largest_affordable(requested_output, remaining, &worst_case);
@@ -672,6 +681,20 @@ fn token_customer_of_call(headers: &HeaderMap, customer: String) -> Result<Strin
         });
     }
     Ok(customer)
+}
+
+/// A customer that could not be found or created: with a customer token, it was deleted
+/// after the token was issued, and the token does not bring it back.
+fn deleted_since_token(error: ProjectError, external_id: &str) -> ProxyError {
+    match error {
+        ProjectError::NotFound("customer") => ProxyError::Forbidden {
+            message: format!(
+                "The customer `{external_id}` was deleted after this customer token was issued; a token minted once the customer exists again will work."
+            ),
+            code: "customer_deleted",
+        },
+        other => other.into(),
+    }
 }
 
 fn customer_blocked(external_id: &str) -> ProxyError {

@@ -5,13 +5,15 @@
 mod accounts;
 mod bounded;
 mod egress;
+mod identity;
 mod secrets;
 
 use crate::helpers::{DbCase, PlainCase};
 
 /// The suite's tests that run on each database.
 pub fn cases() -> Vec<DbCase> {
-    let suites: Vec<Vec<DbCase>> = vec![accounts::cases(), bounded::cases(), egress::cases(), secrets::cases()];
+    let suites: Vec<Vec<DbCase>> =
+        vec![accounts::cases(), bounded::cases(), egress::cases(), identity::cases(), secrets::cases()];
     suites.into_iter().flatten().collect()
 }
 
