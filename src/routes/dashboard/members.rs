@@ -13,6 +13,8 @@ use serde::Deserialize;
 use tollgate_core::accounts::{self, AccountError, Invitation, MemberError, Role};
 use tollgate_core::audit;
 use tollgate_core::ids::{InvitationId, UserId};
+use tollgate_core::throttle;
+use tollgate_core::time::UnixMillis;
 use tower_sessions::Session;
 
 use super::error::{WebError, urlencode};
@@ -85,6 +87,9 @@ pub struct InviteForm {
     role: String,
 }
 
+/// How many invitations an organization may send per throttle window.
+pub const MAX_INVITATIONS_PER_WINDOW: i64 = 20;
+
 pub async fn invite(
     State(state): State<AppState>,
     me: Member,
@@ -100,6 +105,16 @@ pub async fn invite(
             return Ok((StatusCode::BAD_REQUEST, page(&state, me, None, errors).await?).into_response());
         }
     };
+    // Each invitation mails a link from this server to an address the tenant chose, under a
+    // name the tenant chose: an organization may send a handful per window, not a mailing.
+    let key = format!("invite:org:{}", me.org_id());
+    if !throttle::take(&state.db, &key, MAX_INVITATIONS_PER_WINDOW, UnixMillis::now()).await? {
+        let errors = vec![format!(
+            "Too many invitations sent: at most {MAX_INVITATIONS_PER_WINDOW} every {} minutes. Try again later.",
+            throttle::WINDOW_SECS / 60
+        )];
+        return Ok((StatusCode::TOO_MANY_REQUESTS, page(&state, me, None, errors).await?).into_response());
+    }
     match accounts::invite(&state.db, me.org_id(), &form.email, role, &me.user).await {
         Ok((invitation, token)) => {
             let link = format!("{}/invite?token={}", state.config.public_url.trim_end_matches('/'), urlencode(&token));

@@ -30,6 +30,7 @@ pub fn cases() -> Vec<DbCase> {
         unverified_accounts_expire_with_their_organizations,
         an_anonymous_visit_writes_no_session_row,
         next_never_leaves_the_site,
+        invitations_are_throttled_per_organization,
     ]
 }
 
@@ -511,5 +512,28 @@ async fn next_never_leaves_the_site(db: TestDatabase) -> TestResult {
         .post("/login", &[("csrf", &form.csrf()), ("email", EMAIL), ("password", PASSWORD), ("next", &next)])
         .await?;
     assert_eq!(page.location.as_deref(), Some("/projects?page=2"));
+    app.stop().await
+}
+
+/// Beyond the list: every invitation mails a link from this server's address to an
+/// address the tenant chose, under an organization name the tenant chose — unthrottled, a
+/// stranger's free organization was a mail relay. An organization may send a few per window.
+async fn invitations_are_throttled_per_organization(db: TestDatabase) -> TestResult {
+    let smtp = FakeSmtp::start().await?;
+    let app = with_smtp(&db, &smtp, &[]).await?;
+    operator_made(&app, "Acme", EMAIL).await?;
+    let ada = Browser::new(&app)?;
+    ada.log_in(EMAIL, PASSWORD).await?;
+    let max = tollgate::routes::dashboard::members::MAX_INVITATIONS_PER_WINDOW;
+    for i in 0..max {
+        let email = format!("person{i}@example.net");
+        let page = ada.submit("/members", "/members/invite", &[("email", &email), ("role", "viewer")]).await?;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    }
+    let refused =
+        ada.submit("/members", "/members/invite", &[("email", "one.more@example.net"), ("role", "viewer")]).await?;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{}", refused.body);
+    assert!(refused.body.contains("Too many invitations"), "{}", refused.body);
+    assert_eq!(scalar(&app, "SELECT COUNT(*) FROM invitations").await?, max);
     app.stop().await
 }
