@@ -325,6 +325,77 @@ struct InvoiceObject {
     /// When Stripe tries again (Unix seconds), if it will.
     next_payment_attempt: Option<i64>,
     paid: Option<bool>,
+    /// The period whose usage the invoice bills (Unix seconds).
+    period_start: Option<i64>,
+    period_end: Option<i64>,
+    /// Its first page of lines (Stripe puts up to ten in an event; Tollgate's subscription
+    /// has one).
+    lines: Option<InvoiceLines>,
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+struct InvoiceLines {
+    #[serde(default)]
+    data: Vec<InvoiceLine>,
+}
+
+/// A line of an invoice: its amount in minor units, its quantity (for a metered price, the
+/// meter's usage in the period) and its price — under `pricing.price_details` since API
+/// 2025-03-31.basil, under `price` before (stripe-node's `InvoiceLineItem`).
+#[derive(Debug, Clone, serde::Deserialize)]
+struct InvoiceLine {
+    #[serde(default)]
+    amount: i64,
+    quantity: Option<i64>,
+    pricing: Option<LinePricing>,
+    price: Option<LinePrice>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+struct LinePricing {
+    price_details: Option<PriceDetails>,
+    unit_amount_decimal: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+struct PriceDetails {
+    price: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+struct LinePrice {
+    id: String,
+    unit_amount_decimal: Option<String>,
+}
+
+impl InvoiceLine {
+    fn price(&self) -> Option<&str> {
+        self.pricing
+            .as_ref()
+            .and_then(|p| p.price_details.as_ref())
+            .and_then(|d| d.price.as_deref())
+            .or(self.price.as_ref().map(|p| p.id.as_str()))
+    }
+
+    fn unit_amount_decimal(&self) -> Option<&str> {
+        self.pricing
+            .as_ref()
+            .and_then(|p| p.unit_amount_decimal.as_deref())
+            .or(self.price.as_ref().and_then(|p| p.unit_amount_decimal.as_deref()))
+    }
+}
+
+/// `quantity × unit_amount_decimal` rounded half up to a whole minor unit, as Stripe prices a
+/// line (once per line); `None` for a unit Tollgate cannot read.
+pub fn line_amount(quantity: i64, unit_amount_decimal: &str) -> Option<i64> {
+    let (whole, fraction) = unit_amount_decimal.split_once('.').unwrap_or((unit_amount_decimal, ""));
+    if whole.is_empty() && fraction.is_empty() || !whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let scale = 10_i128.checked_pow(u32::try_from(fraction.len()).ok()?)?;
+    let numerator: i128 = format!("{whole}{fraction}").parse().ok()?;
+    let exact = i128::from(quantity).checked_mul(numerator)?;
+    i64::try_from((2 * exact + scale).div_euclid(2 * scale)).ok()
 }
 
 impl InvoiceObject {
@@ -461,8 +532,54 @@ async fn apply_invoice(db: &Db, project: &ProjectId, payload: &str) -> Result<Pr
         .execute(pool).await.map(|r| r.rows_affected()))?;
     if applied > 0 {
         reconcile_hold(db, project, &stripe_customer).await?;
+        if rank > 0 && status != "void" {
+            reconcile_invoice(db, project, &stripe_customer, &invoice).await?;
+        }
     }
     Ok(Processed::Invoice { id: invoice.id, applied: applied > 0 })
+}
+
+/// Compares a finalized invoice's metered line (Tollgate's price) with what Tollgate delivered
+/// for the customer with a timestamp inside the invoice's period, and records both. An
+/// invoice without Tollgate's price (a one-off, another product) is left alone.
+async fn reconcile_invoice(
+    db: &Db,
+    project: &ProjectId,
+    stripe_customer: &str,
+    invoice: &InvoiceObject,
+) -> Result<(), StripeError> {
+    let (Some(start), Some(end)) = (invoice.period_start, invoice.period_end) else { return Ok(()) };
+    const PRICE: &str = "SELECT price_id FROM stripe_connections WHERE project_id = $1";
+    let price: Option<String> =
+        with_db!(db, pool => sqlx::query_scalar::<_, Option<String>>(PRICE).bind(project).fetch_optional(pool).await)?
+            .flatten();
+    let Some(price) = price else { return Ok(()) };
+    let lines: Vec<&InvoiceLine> = invoice
+        .lines
+        .as_ref()
+        .map(|l| l.data.iter().filter(|line| line.price() == Some(price.as_str())).collect())
+        .unwrap_or_default();
+    let Some(unit) = lines.first().and_then(|l| l.unit_amount_decimal()) else { return Ok(()) };
+    let metered_quantity: i64 = lines.iter().map(|l| l.quantity.unwrap_or(0)).sum();
+    let metered_amount: i64 = lines.iter().map(|l| l.amount).sum();
+    const DELIVERED: &str = "SELECT CAST(COALESCE(SUM(value_nanos), 0) AS BIGINT) FROM meter_batches \
+        WHERE project_id = $1 AND stripe_customer_id = $2 AND status = 'delivered' \
+          AND COALESCE(meter_timestamp, last_at / 1000) >= $3 AND COALESCE(meter_timestamp, last_at / 1000) < $4";
+    let expected_quantity: i64 = with_db!(db, pool => sqlx::query_scalar::<_, i64>(DELIVERED).bind(project)
+        .bind(stripe_customer).bind(start).bind(end).fetch_one(pool).await)?;
+    let expected_amount = line_amount(expected_quantity, unit);
+    const SQL: &str = "UPDATE stripe_invoices SET period_start = $1, period_end = $2, metered_quantity = $3, \
+        metered_amount = $4, expected_quantity = $5, expected_amount = $6 WHERE project_id = $7 AND id = $8";
+    with_db!(db, pool => sqlx::query(SQL).bind(start).bind(end).bind(metered_quantity).bind(metered_amount)
+        .bind(expected_quantity).bind(expected_amount).bind(project).bind(&invoice.id).execute(pool).await.map(drop))?;
+    let matches = metered_quantity == expected_quantity && Some(metered_amount) == expected_amount;
+    metrics::counter!("tollgate_stripe_invoices_reconciled_total", "result" => if matches { "match" } else { "drift" })
+        .increment(1);
+    if !matches {
+        tracing::warn!(%project, invoice = %invoice.id, metered_quantity, expected_quantity,
+            "a finalized invoice does not match what Tollgate delivered for its period");
+    }
+    Ok(())
 }
 
 /// The fields of a subscription Tollgate mirrors.
@@ -583,6 +700,36 @@ pub struct InvoiceRow {
     pub amount_paid: i64,
     pub hosted_invoice_url: Option<String>,
     pub state_at: i64,
+    /// The invoice's metered usage and its amount (Tollgate's price), once finalized.
+    pub metered_quantity: Option<i64>,
+    pub metered_amount: Option<i64>,
+    /// What Tollgate delivered for the invoice's period, and its amount at the line's price.
+    pub expected_quantity: Option<i64>,
+    pub expected_amount: Option<i64>,
+}
+
+/// How a finalized invoice compares with the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvoiceCheck {
+    /// Not finalized yet, or without Tollgate's price.
+    Unchecked,
+    /// The metered line is exactly what Tollgate delivered for the period.
+    Matches,
+    /// Stripe's line counts less (`missing` > 0: usage delivered for the period is not on the
+    /// invoice) or more (`missing` < 0) than Tollgate delivered, in nano-units.
+    Drift { missing: i64 },
+}
+
+impl InvoiceRow {
+    pub fn check(&self) -> InvoiceCheck {
+        match (self.metered_quantity, self.expected_quantity) {
+            (Some(metered), Some(expected)) if metered == expected && self.metered_amount == self.expected_amount => {
+                InvoiceCheck::Matches
+            }
+            (Some(metered), Some(expected)) => InvoiceCheck::Drift { missing: expected - metered },
+            _ => InvoiceCheck::Unchecked,
+        }
+    }
 }
 
 /// The project's invoices, newest first; only one customer's if `customer` is given.
@@ -594,7 +741,8 @@ pub async fn invoices(
 ) -> Result<Vec<InvoiceRow>, StripeError> {
     const SQL: &str = "SELECT i.id, i.number, i.stripe_customer_id, i.customer_id, \
             c.external_id AS customer_external_id, i.status, i.payment_failed, i.currency, i.amount_due, \
-            i.amount_paid, i.hosted_invoice_url, i.state_at \
+            i.amount_paid, i.hosted_invoice_url, i.state_at, i.metered_quantity, i.metered_amount, \
+            i.expected_quantity, i.expected_amount \
         FROM stripe_invoices i LEFT JOIN customers c ON c.id = i.customer_id \
         WHERE i.project_id = $1 AND ($2 IS NULL OR i.customer_id = $2) \
         ORDER BY i.state_at DESC, i.id DESC LIMIT $3";

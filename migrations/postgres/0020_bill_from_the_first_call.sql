@@ -7,3 +7,13 @@ ALTER TABLE customers ADD COLUMN stripe_subscription_started_at BIGINT;
 -- and kept while it is inside the late-usage window (TOLLGATE_STRIPE_LATE_USAGE_SECONDS): its
 -- usage time, but never before the subscription began, nor older than that window.
 ALTER TABLE meter_batches ADD COLUMN meter_timestamp BIGINT;
+
+-- Invoice reconciliation: a finalized invoice's metered line (Tollgate's price) against what
+-- Tollgate delivered for that customer with a timestamp inside the invoice's period. Stripe
+-- rounds each line half up once; the quantity must match exactly.
+ALTER TABLE stripe_invoices ADD COLUMN period_start BIGINT;
+ALTER TABLE stripe_invoices ADD COLUMN period_end BIGINT;
+ALTER TABLE stripe_invoices ADD COLUMN metered_quantity BIGINT;
+ALTER TABLE stripe_invoices ADD COLUMN metered_amount BIGINT;
+ALTER TABLE stripe_invoices ADD COLUMN expected_quantity BIGINT;
+ALTER TABLE stripe_invoices ADD COLUMN expected_amount BIGINT;

@@ -36,7 +36,7 @@ pub fn cases() -> Vec<DbCase> {
 
 pub(crate) const KEY: &str = "rk_test_51Htenantkey0001";
 pub(crate) const ACCOUNT: &str = "acct_tenant1";
-const WHSEC: &str = "whsec_test_0123456789abcdef0123";
+pub(crate) const WHSEC: &str = "whsec_test_0123456789abcdef0123";
 const PLATFORM_KEY: &str = "sk_test_51Hplatformkey001";
 const PLATFORM: &str = "acct_platform";
 const CONNECT_WHSEC: &str = "whsec_test_connect0123456789abcd";
@@ -135,7 +135,7 @@ impl Billing {
             "SELECT COUNT(*) FROM meter_batches WHERE status = $1").bind(status).fetch_one(pool).await)?)
     }
 
-    async fn billing_page(&self) -> anyhow::Result<String> {
+    pub(crate) async fn billing_page(&self) -> anyhow::Result<String> {
         let browser = Browser::new(&self.s.app)?;
         browser.log_in("ada@example.com", crate::dashboard::PASSWORD).await?;
         let page = browser.get(&format!("/projects/{}/billing", self.s.project.id)).await?;

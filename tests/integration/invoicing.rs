@@ -7,9 +7,10 @@
 
 use std::time::Duration;
 
+use tollgate_core::stripe::{self, InvoiceCheck};
 use tollgate_core::with_db;
 
-use crate::billing::{ACCOUNT, Billing, billing_setup_with};
+use crate::billing::{ACCOUNT, Billing, KEY, WHSEC, billing_setup_with};
 use crate::db_cases;
 use crate::fake_stripe::invoices::line_amount;
 use crate::helpers::{DbCase, TestDatabase, TestResult};
@@ -18,6 +19,7 @@ pub fn cases() -> Vec<DbCase> {
     db_cases![
         calls_made_before_the_subscription_existed_are_on_its_first_invoice,
         usage_delivered_after_an_outage_across_a_period_end_is_on_an_invoice,
+        a_finalized_invoice_is_reconciled_with_the_ledger,
     ]
 }
 
@@ -47,6 +49,19 @@ impl Billing {
         tokio::time::sleep(Duration::from_millis(1_100)).await;
         self.fake.end_periods(ACCOUNT);
         self.fake.finalize_invoices(ACCOUNT);
+    }
+
+    /// Sends every finalized invoice to Tollgate as Stripe does (`invoice.finalized`) and
+    /// processes the events; returns how Tollgate found each against its ledger.
+    async fn invoices_reported(&self) -> anyhow::Result<Vec<InvoiceCheck>> {
+        let webhook = self.s.app.url(&format!("/stripe/webhooks/{}", self.s.project.id));
+        for invoice in self.fake.invoices(ACCOUNT).into_iter().filter(|i| i["status"] != "draft") {
+            let (status, body) = self.fake.send_event(&webhook, WHSEC, "invoice.finalized", invoice, None).await?;
+            anyhow::ensure!(status.is_success(), "{body}");
+        }
+        self.process_events().await?;
+        let rows = stripe::invoices(&self.s.app.state.db, &self.s.project.id, None, 100).await?;
+        Ok(rows.iter().map(tollgate_core::stripe::InvoiceRow::check).collect())
     }
 
     /// Checks that `customer`'s finalized invoices charge exactly its billed total.
@@ -131,5 +146,47 @@ async fn usage_delivered_after_an_outage_across_a_period_end_is_on_an_invoice(db
     assert_eq!(pending, 0, "every batch delivered");
     b.close_periods().await;
     b.invoiced_as_billed("steady").await?;
+    b.s.app.stop().await
+}
+
+/// Issue 21's invoice reconciliation: for each finalized invoice, the metered line against what
+/// Tollgate delivered for the customer inside the invoice's period. Zero drift when every
+/// call is on it; when Stripe's line counts usage Tollgate did not send (another sender on the
+/// meter), the invoice shows the drift and by how much.
+async fn a_finalized_invoice_is_reconciled_with_the_ledger(db: TestDatabase) -> TestResult {
+    let b = setup(&db).await?;
+    b.calls("alice", 3, 10).await?;
+    b.calls("bob", 2, 7).await?;
+    b.provision().await?;
+    b.deliver().await?;
+    b.close_periods().await;
+    let checks = b.invoices_reported().await?;
+    assert_eq!(checks, [InvoiceCheck::Matches, InvoiceCheck::Matches], "both invoices match the ledger");
+    let page = b.billing_page().await?;
+    assert_eq!(page.matches("matches the ledger").count(), 2, "{page}");
+
+    // Someone else sends usage for Bob on Tollgate's meter: his next invoice counts more.
+    let bob = b.stripe_customer("bob").await?;
+    let event_name = b.fake.meters(ACCOUNT)[0]["event_name"].as_str().unwrap_or_default().to_owned();
+    let sent = reqwest::Client::new()
+        .post(format!("{}/v1/billing/meter_events", b.fake.base_url()))
+        .bearer_auth(KEY)
+        .form(&[
+            ("event_name", event_name),
+            ("payload[stripe_customer_id]", bob.clone()),
+            ("payload[value]", "30000000".to_owned()),
+            ("identifier", "someone-else-1".to_owned()),
+        ])
+        .send()
+        .await?;
+    assert!(sent.status().is_success(), "{}", sent.text().await?);
+    b.calls("bob", 1, 7).await?;
+    b.deliver().await?;
+    b.close_periods().await;
+    let checks = b.invoices_reported().await?;
+    assert!(checks.contains(&InvoiceCheck::Drift { missing: -30_000_000 }), "{checks:?}");
+    assert_eq!(checks.iter().filter(|c| **c == InvoiceCheck::Matches).count(), 3, "{checks:?}");
+    let page = b.billing_page().await?;
+    assert!(page.contains("more than Tollgate delivered"), "{page}");
     b.s.app.stop().await
 }

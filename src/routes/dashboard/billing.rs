@@ -54,6 +54,9 @@ pub struct InvoiceView {
     pub status: String,
     pub url: Option<String>,
     pub updated: String,
+    /// How the finalized invoice compares with the ledger: empty until it is finalized.
+    pub ledger: String,
+    pub drift: bool,
 }
 
 pub struct DeliveryView {
@@ -276,7 +279,30 @@ pub(super) async fn invoice_views(
         .await
         .map_err(stripe_error)?
         .into_iter()
-        .map(|i| InvoiceView {
+        .map(|i| {
+            let (ledger, drift) = match i.check() {
+                stripe::InvoiceCheck::Unchecked => (String::new(), false),
+                stripe::InvoiceCheck::Matches => ("matches the ledger".to_owned(), false),
+                stripe::InvoiceCheck::Drift { missing } if missing > 0 => (
+                    format!(
+                        "{} delivered for this period is not on it (delivered after it was finalized?)",
+                        format::money(missing, &i.currency)
+                    ),
+                    true,
+                ),
+                stripe::InvoiceCheck::Drift { missing } => (
+                    format!(
+                        "it counts {} more than Tollgate delivered (another sender on the meter?)",
+                        format::money(-missing, &i.currency)
+                    ),
+                    true,
+                ),
+            };
+            (i, ledger, drift)
+        })
+        .map(|(i, ledger, drift)| InvoiceView {
+            ledger,
+            drift,
             number: i.number.unwrap_or_else(|| "(draft)".to_owned()),
             customer_id: i.customer_id.map(|c| c.to_string()),
             customer: i.customer_external_id.unwrap_or(i.stripe_customer_id),
