@@ -94,6 +94,9 @@ pub struct Config {
     pub stripe_connect_webhook_secret: Option<SecretString>,
     /// How often each worker process compares delivered usage with Stripe's meter summaries.
     pub stripe_reconcile_interval: Duration,
+    /// Meter events each worker sends a second per project; `None`: four fifths of Stripe's
+    /// limit for the project's mode (800 live, 20 in test mode).
+    pub stripe_meter_events_per_second: Option<u32>,
     /// Accounts and sessions (see `accounts`).
     pub accounts: AccountSettings,
     /// Bounds on what one request, or one upstream, may take of the server.
@@ -256,6 +259,7 @@ struct RawConfig {
     stripe_platform_key: Option<String>,
     stripe_connect_webhook_secret: Option<String>,
     stripe_reconcile_seconds: Option<u64>,
+    stripe_meter_events_per_second: Option<u32>,
     signup_open: Option<bool>,
     session_lifetime_seconds: Option<u64>,
     trusted_proxies: Option<String>,
@@ -298,6 +302,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("stripe_platform_key", "TOLLGATE_STRIPE_PLATFORM_KEY"),
     ("stripe_connect_webhook_secret", "TOLLGATE_STRIPE_CONNECT_WEBHOOK_SECRET"),
     ("stripe_reconcile_seconds", "TOLLGATE_STRIPE_RECONCILE_SECONDS"),
+    ("stripe_meter_events_per_second", "TOLLGATE_STRIPE_METER_EVENTS_PER_SECOND"),
     ("signup_open", "TOLLGATE_SIGNUP_OPEN"),
     ("session_lifetime_seconds", "TOLLGATE_SESSION_LIFETIME_SECONDS"),
     ("trusted_proxies", "TOLLGATE_TRUSTED_PROXIES"),
@@ -371,6 +376,11 @@ impl Sourced {
                             .trim()
                             .parse()
                             .map_err(|_| invalid(format!("expected a number of seconds, got {value:?}")))?,
+                    )
+                }
+                "stripe_meter_events_per_second" => {
+                    r.stripe_meter_events_per_second = Some(
+                        value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
                     )
                 }
                 "api_rate_per_second" => {
@@ -569,6 +579,9 @@ impl Sourced {
         if stripe_reconcile_interval.is_zero() {
             return Err(self.invalid("stripe_reconcile_seconds", "must be at least 1"));
         }
+        if r.stripe_meter_events_per_second == Some(0) {
+            return Err(self.invalid("stripe_meter_events_per_second", "must be at least 1"));
+        }
         let accounts = self.account_settings()?;
         let limits = self.request_limits()?;
         Ok(Config {
@@ -595,6 +608,7 @@ impl Sourced {
             stripe_platform_key: stripe_platform_key.map(SecretString::from),
             stripe_connect_webhook_secret: stripe_connect_webhook_secret.map(SecretString::from),
             stripe_reconcile_interval,
+            stripe_meter_events_per_second: r.stripe_meter_events_per_second,
             accounts,
             limits,
         })
