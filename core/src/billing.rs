@@ -630,7 +630,8 @@ pub async fn record_reconciliation(
             pending_nanos = excluded.pending_nanos, error = excluded.error, checked_at = excluded.checked_at";
     let (stripe_nanos, drift, error) = match stripe {
         Ok(value) => {
-            let drift = summary_drift(value, customer.delivered_nanos, customer.unsettled_nanos, customer.delivered_events);
+            let drift =
+                summary_drift(value, customer.delivered_nanos, customer.unsettled_nanos, customer.delivered_events);
             (Some(value.round() as i64), Some(drift.unwrap_or(0)), None)
         }
         Err(e) => (None, None, Some(truncate(&e))),

@@ -562,9 +562,7 @@ pub async fn reconcile(db: &Db, services: &BillingServices) -> Result<usize, Bil
     for project in billing::provisioned_projects(db).await? {
         let Some(meter) = &project.meter_id else { continue };
         let Ok(credentials) = credentials(db, services, &project.project_id).await? else { continue };
-        for customer in
-            billing::billed_customers(db, &project.project_id, window.0, window.1, settled_before).await?
-        {
+        for customer in billing::billed_customers(db, &project.project_id, window.0, window.1, settled_before).await? {
             let query = [
                 ("customer", customer.stripe_customer_id.clone()),
                 ("start_time", (window.0 / 1000).to_string()),
@@ -638,7 +636,10 @@ mod tests {
         let shape: Vec<Vec<&str>> =
             lanes.iter().map(|l| l.iter().map(|b| b.stripe_customer_id.as_str()).collect()).collect();
         assert_eq!(shape, [vec!["cus_a"; 3], vec!["cus_b"], vec!["cus_c"]]);
-        assert_eq!(lanes[0].iter().map(|b| b.id.clone()).collect::<Vec<_>>(), [order[0].clone(), order[2].clone(), order[4].clone()]);
+        assert_eq!(
+            lanes[0].iter().map(|b| b.id.clone()).collect::<Vec<_>>(),
+            [order[0].clone(), order[2].clone(), order[4].clone()]
+        );
     }
 
     #[test]

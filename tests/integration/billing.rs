@@ -163,7 +163,7 @@ impl Billing {
     /// Delivers until nothing is pending (retries wait out their backoff), within `limit`.
     async fn deliver_all(&self, limit: std::time::Duration) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + limit;
-        while b_pending(self).await? > 0 {
+        while self.batches("pending").await? > 0 {
             anyhow::ensure!(std::time::Instant::now() < deadline, "not delivered in time");
             self.deliver().await?;
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -585,10 +585,6 @@ async fn a_worker_process_killed_mid_batch_and_restarted_delivers_once(db: TestD
     Ok(())
 }
 
-async fn b_pending(b: &Billing) -> anyhow::Result<i64> {
-    b.batches("pending").await
-}
-
 /// What the outbox holds for a customer: (id, value, status), by id.
 async fn batch_rows(b: &Billing, customer: &str) -> anyhow::Result<Vec<(String, i64, String)>> {
     Ok(with_db!(&b.s.app.state.db, pool => sqlx::query_as::<_, (String, i64, String)>(
@@ -643,9 +639,7 @@ async fn a_value_over_15_digits_goes_as_meter_events_that_sum_to_it(db: TestData
     Ok(())
 }
 
-async fn meter_events_go_one_at_a_time_per_customer_and_side_by_side_across_customers(
-    db: TestDatabase,
-) -> TestResult {
+async fn meter_events_go_one_at_a_time_per_customer_and_side_by_side_across_customers(db: TestDatabase) -> TestResult {
     let b = billing_setup(&db).await?;
     b.connect_with_key().await?;
     let customers = ["cust-a", "cust-b", "cust-c"];

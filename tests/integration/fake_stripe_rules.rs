@@ -566,7 +566,11 @@ async fn fake_stripe_rate_limits_test_mode_keys_lower_than_live_ones() -> anyhow
     // (Sent one at a time: concurrent ones for one customer would be locked out instead.)
     let limited: Vec<_> = statuses.iter().filter(|a| a.status == StatusCode::TOO_MANY_REQUESTS).collect();
     assert!(limited.len() >= 5, "test mode allows 25 a second, {} refused", limited.len());
-    assert!(limited.iter().all(|a| a.code() == "rate_limit"), "{:?}", limited.iter().map(|a| &a.body).collect::<Vec<_>>());
+    assert!(
+        limited.iter().all(|a| a.code() == "rate_limit"),
+        "{:?}",
+        limited.iter().map(|a| &a.body).collect::<Vec<_>>()
+    );
     assert_eq!(fake.rate_limit_refusals(), limited.len());
     let mut live_ok = 0;
     for n in 0..60 {
@@ -574,10 +578,14 @@ async fn fake_stripe_rate_limits_test_mode_keys_lower_than_live_ones() -> anyhow
         live_ok += usize::from(answer.status == StatusCode::OK);
     }
     assert_eq!(live_ok, 60, "live meter events have their own limit of 1,000 a second");
-    // A second later the test-mode limit has room again.
+    // A second later the test-mode limit has room again; every request counts toward it.
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    fake.set_test_mode_limit(2);
     let later = test.meter_event(None, &test_customer, "mtb_later", 1, now).await?;
     assert_eq!(later.status, StatusCode::OK, "{}", later.body);
+    assert_eq!(test.get(&format!("/customers/{test_customer}")).await?.status, StatusCode::OK);
+    let over = test.get(&format!("/customers/{test_customer}")).await?;
+    assert_eq!((over.status, over.code()), (StatusCode::TOO_MANY_REQUESTS, "rate_limit"));
     Ok(())
 }
 
