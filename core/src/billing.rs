@@ -456,6 +456,12 @@ pub async fn provisioned_projects(db: &Db) -> Result<Vec<ProjectBilling>, DbErro
     )
 }
 
+/// Undelivered usage older than this is flagged on the billing page: half of the hour Stripe
+/// waits by default before finalizing an invoice ("The default is set to 1 hour for all
+/// invoices", <https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period>),
+/// after which usage of the past period can no longer be invoiced.
+pub const LAG_WARNING_MS: i64 = 30 * MINUTE_MS;
+
 /// What the billing page shows of delivery.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryStatus {

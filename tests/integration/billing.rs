@@ -774,9 +774,18 @@ async fn delivered_batches_are_never_sent_again_after_the_dedup_window(db: TestD
     assert_eq!(b.batches("delivered").await?, 2);
     assert_eq!(b.metered(ACCOUNT).await?, b.ledger().await?);
 
-    // New usage still goes, and only it.
+    // New usage still goes, and only it. While it waits more than half of Stripe's default
+    // invoice grace period (an hour), the page warns that it may miss its invoice.
     b.calls("cust-a", 1, 5).await?;
+    assert_eq!(b.form_batches().await?, 1);
+    assert!(!section(&b.billing_page().await?, "delivery-lag").contains("may miss its invoice"));
+    with_db!(&b.s.app.state.db, pool => sqlx::query(
+        "UPDATE meter_batches SET first_at = first_at - 2400000 WHERE status = 'pending'")
+        .execute(pool).await.map(|_| ()))?;
+    let page = b.billing_page().await?;
+    assert!(section(&page, "delivery-lag").contains("may miss its invoice"), "{page}");
     assert_eq!(b.deliver().await?.delivered, 1);
+    assert!(!section(&b.billing_page().await?, "delivery-lag").contains("may miss its invoice"));
     assert_eq!(b.fake.meter_event_attempts(ACCOUNT).len(), sent + 1);
     assert_eq!(b.metered(ACCOUNT).await?, b.ledger().await?);
     Ok(())

@@ -1020,7 +1020,8 @@ async fn create_meter_event(
         // `lock_timeout` ("This object cannot be accessed right now because another API request
         // or Stripe process is currently accessing it … make your requests serially or at a lower
         // rate", https://docs.stripe.com/error-codes#lock-timeout), which its SDKs retry
-        // (stripe-ruby #841, stripe-php #718: "Retry requests on a 429 that's a lock timeout");
+        // (stripe-ruby #841, stripe-php #718: "Retry requests on a 429 that's a lock timeout";
+        // the code is in Stripe's API definition, async-stripe `ApiErrorsCode::LockTimeout`);
         // sent with `Stripe-Should-Retry: true` (https://docs.stripe.com/error-low-level).
         let lock = (account.to_owned(), event.event_name.clone(), event.stripe_customer_id.clone());
         if inner.meter_locks.contains(&lock) {
