@@ -783,6 +783,15 @@ mod tests {
     }
 
     #[test]
+    fn the_meter_event_pace_is_per_mode_unless_set_and_never_zero() {
+        assert_eq!(Config::load(None, &env(&[])).unwrap().stripe_meter_events_per_second, None);
+        let c = Config::load(None, &env(&[("TOLLGATE_STRIPE_METER_EVENTS_PER_SECOND", "10")])).unwrap();
+        assert_eq!(c.stripe_meter_events_per_second, Some(10));
+        let e = Config::load(None, &env(&[("TOLLGATE_STRIPE_METER_EVENTS_PER_SECOND", "0")])).unwrap_err();
+        assert!(e.to_string().contains("TOLLGATE_STRIPE_METER_EVENTS_PER_SECOND"), "{e}");
+    }
+
+    #[test]
     fn request_limits_have_defaults_and_refuse_zero() {
         let c = Config::load(None, &env(&[])).unwrap();
         assert_eq!(c.limits, RequestLimits::default());
