@@ -511,7 +511,7 @@ async fn fake_stripe_allows_one_meter_event_at_a_time_per_customer_and_meter() -
     let (_, first) = stripe.provision().await?;
     let second = stripe.customer("customer-2").await?.id();
     let now = now();
-    fake.set_meter_event_latency(Duration::from_millis(800));
+    fake.set_meter_event_latency(Duration::from_millis(1_500));
     let started = |n: usize| {
         let fake = &fake;
         async move {
