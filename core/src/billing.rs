@@ -386,8 +386,13 @@ pub async fn claim_due_batches(
                 AND o.stripe_customer_id = b.stripe_customer_id AND o.event_name = b.event_name \
                 AND o.status = 'pending' AND o.claimed_until > $2)) due \
         WHERE turn <= $4 ORDER BY turn, created_at, id LIMIT $3";
+    // Claimed only if no other worker holds a batch of the customer and meter since the
+    // selection (this claim's own batches carry its `claimed_until`, $1).
     const CLAIM: &str = "UPDATE meter_batches SET claimed_until = $1, attempts = attempts + 1 \
         WHERE id = $2 AND status = 'pending' AND claimed_until <= $3 \
+          AND NOT EXISTS (SELECT 1 FROM meter_batches o WHERE o.project_id = meter_batches.project_id \
+            AND o.stripe_customer_id = meter_batches.stripe_customer_id AND o.event_name = meter_batches.event_name \
+            AND o.status = 'pending' AND o.claimed_until > $3 AND o.claimed_until <> $1) \
         RETURNING id, project_id, stripe_customer_id, event_name, value_nanos, last_at, attempts";
     let due: Vec<crate::ids::MeterBatchId> = with_db!(db, pool =>
         sqlx::query_scalar::<_, crate::ids::MeterBatchId>(DUE).bind(project).bind(now.0).bind(limit)

@@ -36,6 +36,7 @@ pub fn cases() -> Vec<DbCase> {
         delivery_keeps_to_the_test_mode_rate_limit_and_waits_out_429s,
         delivered_batches_are_never_sent_again_after_the_dedup_window,
         reconciliation_does_not_count_stripes_lag_as_drift,
+        a_customer_with_a_batch_in_flight_is_left_to_its_worker,
     ]
 }
 
@@ -838,5 +839,33 @@ async fn reconciliation_does_not_count_stripes_lag_as_drift(db: TestDatabase) ->
     let rows = reconciliations(&b).await?;
     assert_eq!(rows["cust-a"], (ledger["cust-a"] + 1234, Some(ledger["cust-a"]), Some(-1234)));
     assert_eq!(rows["cust-b"].2, Some(0));
+    Ok(())
+}
+
+async fn a_customer_with_a_batch_in_flight_is_left_to_its_worker(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    b.calls("cust-a", 1, 10).await?;
+    b.calls("cust-b", 1, 10).await?;
+    b.provision().await?;
+    assert_eq!(b.form_batches().await?, 2);
+    b.calls("cust-a", 1, 10).await?;
+    b.calls("cust-b", 1, 10).await?;
+    assert_eq!(b.form_batches().await?, 2);
+    let (db, project) = (&b.s.app.state.db, &b.s.project.id);
+    let now = tollgate_core::time::UnixMillis::now();
+
+    // One worker claims one batch; another, a moment later, takes only the other customer's.
+    let first = billing::claim_due_batches(db, project, now, 1).await?;
+    assert_eq!(first.len(), 1);
+    let busy = first[0].stripe_customer_id.clone();
+    let later = tollgate_core::time::UnixMillis(now.0 + 1);
+    let second = billing::claim_due_batches(db, project, later, 100).await?;
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(second.iter().all(|batch| batch.stripe_customer_id != busy), "{second:?}");
+    // Once the first worker is done with its batch, the customer's next one can be claimed.
+    billing::record_attempt(db, &first[0].id, &billing::Attempt::Delivered).await?;
+    let third = billing::claim_due_batches(db, project, tollgate_core::time::UnixMillis(now.0 + 2), 100).await?;
+    assert_eq!(third.iter().map(|batch| batch.stripe_customer_id.clone()).collect::<Vec<_>>(), [busy]);
     Ok(())
 }
