@@ -286,6 +286,26 @@ pub async fn form_batches(db: &Db, project: &ProjectBilling, max_batches: usize)
 /// The most usage events one meter event carries.
 const MAX_EVENTS_PER_BATCH: i64 = 5_000;
 
+/// The largest value one meter event may carry: Stripe refuses values of more than 15
+/// significant digits ("Adds validation for billing meter event values with more than 15
+/// digits", <https://docs.stripe.com/changelog/dahlia/2026-04-22/billing-meter-event-values-validation>).
+/// Nano-units make that a million units of the currency, which a large batch in a weak
+/// currency reaches.
+pub const MAX_METER_EVENT_VALUE: i64 = 999_999_999_999_999;
+
+/// `total` as the values of the meter events that carry it: whole [`MAX_METER_EVENT_VALUE`]s,
+/// then the rest; they sum to `total` exactly. A value Stripe takes whole is one part.
+pub fn split_value(total: i64) -> Vec<i64> {
+    if total <= MAX_METER_EVENT_VALUE {
+        return vec![total];
+    }
+    let mut parts = vec![MAX_METER_EVENT_VALUE; usize::try_from(total / MAX_METER_EVENT_VALUE).unwrap_or(0)];
+    if total % MAX_METER_EVENT_VALUE > 0 {
+        parts.push(total % MAX_METER_EVENT_VALUE);
+    }
+    parts
+}
+
 async fn form_batch(
     db: &Db,
     project: &ProjectBilling,
@@ -323,12 +343,18 @@ async fn form_batch(
         }
         let (value, events, first, last): (i64, i64, i64, i64) =
             sqlx::query_as(TOTAL).bind(&batch).fetch_one(&mut *tx).await?;
-        let inserted = sqlx::query(sqlx::AssertSqlSafe(INSERT.as_str())).bind(&batch).bind(&project.project_id).bind(event_name).bind(value)
-            .bind(events).bind(first).bind(last).bind(now).bind(customer)
-            .execute(&mut *tx).await?.rows_affected();
-        if inserted == 0 {
-            // The customer's usage can no longer be invoiced: leave the events waiting.
-            return Ok(false);
+        // A value Stripe would refuse for its digits goes as several meter events, each a row
+        // of its own (so each is delivered, retried and marked once): the batch's id carries the
+        // usage events and the first part, `{id}-1`, `{id}-2`, … the others.
+        for (index, part) in split_value(value).into_iter().enumerate() {
+            let (id, events) = if index == 0 { (batch.clone(), events) } else { (batch.part(index), 0) };
+            let inserted = sqlx::query(sqlx::AssertSqlSafe(INSERT.as_str())).bind(&id).bind(&project.project_id).bind(event_name).bind(part)
+                .bind(events).bind(first).bind(last).bind(now).bind(customer)
+                .execute(&mut *tx).await?.rows_affected();
+            if inserted == 0 {
+                // The customer's usage can no longer be invoiced: leave the events waiting.
+                return Ok(false);
+            }
         }
         tx.commit().await?;
         Ok(true)
@@ -372,12 +398,19 @@ pub fn meter_timestamp(last_at: i64, subscription_start: Option<i64>, now: UnixM
     used.max(subscription_start.unwrap_or(i64::MIN)).max(now - late_window_secs).min(now)
 }
 
-/// Claims up to `limit` of the project's batches due for delivery, oldest first, for
-/// [`CLAIM_MS`]; each claim counts as an attempt. A batch gets its meter event's timestamp
-/// ([`meter_timestamp`], with `late_window_secs`) when first claimed, and again only once that
-/// stamp has left the window (Stripe down meanwhile). Restamping is safe: a retry carries the
-/// same identifier, so if an earlier attempt was in fact accepted (its answer lost), Stripe
-/// keeps that one — which was inside the window when sent, so on an open invoice.
+/// How many batches of one customer a claim takes at most, so that one customer's backlog
+/// does not hold the others up.
+const CLAIM_PER_CUSTOMER: i64 = 10;
+
+/// Claims up to `limit` of the project's batches due for delivery for [`CLAIM_MS`], each
+/// counting as an attempt: the oldest of each customer first, taking turns between customers.
+/// A customer with a batch claimed by another worker is left to that worker, since Stripe takes
+/// one meter event at a time per customer and meter.
+/// A batch gets its meter event's timestamp ([`meter_timestamp`], with `late_window_secs`)
+/// when first claimed, and again only once that stamp has left the window (Stripe down
+/// meanwhile). Restamping is safe: a retry carries the same identifier, so if an earlier
+/// attempt was in fact accepted (its answer lost), Stripe keeps that one — which was inside
+/// the window when sent, so on an open invoice.
 pub async fn claim_due_batches(
     db: &Db,
     project: &ProjectId,
@@ -385,16 +418,28 @@ pub async fn claim_due_batches(
     limit: i64,
     late_window_secs: i64,
 ) -> Result<Vec<DueBatch>, DbError> {
-    const DUE: &str = "SELECT id FROM meter_batches WHERE project_id = $1 AND status = 'pending' \
-        AND next_attempt_at <= $2 AND claimed_until <= $2 ORDER BY created_at, id LIMIT $3";
+    const DUE: &str = "SELECT id FROM (SELECT b.id, b.created_at, ROW_NUMBER() OVER ( \
+                PARTITION BY b.stripe_customer_id, b.event_name ORDER BY b.created_at, b.id) AS turn \
+            FROM meter_batches b WHERE b.project_id = $1 AND b.status = 'pending' \
+              AND b.next_attempt_at <= $2 AND b.claimed_until <= $2 \
+              AND NOT EXISTS (SELECT 1 FROM meter_batches o WHERE o.project_id = b.project_id \
+                AND o.stripe_customer_id = b.stripe_customer_id AND o.event_name = b.event_name \
+                AND o.status = 'pending' AND o.claimed_until > $2)) due \
+        WHERE turn <= $4 ORDER BY turn, created_at, id LIMIT $3";
+    // Claimed only if no other worker holds a batch of the customer and meter since the
+    // selection (this claim's own batches carry its `claimed_until`, $1).
     const CLAIM: &str = "UPDATE meter_batches SET claimed_until = $1, attempts = attempts + 1 \
         WHERE id = $2 AND status = 'pending' AND claimed_until <= $3 \
+          AND NOT EXISTS (SELECT 1 FROM meter_batches o WHERE o.project_id = meter_batches.project_id \
+            AND o.stripe_customer_id = meter_batches.stripe_customer_id AND o.event_name = meter_batches.event_name \
+            AND o.status = 'pending' AND o.claimed_until > $3 AND o.claimed_until <> $1) \
         RETURNING id, project_id, stripe_customer_id, event_name, value_nanos, last_at, attempts, meter_timestamp";
     const STARTED: &str = "SELECT c.stripe_subscription_started_at FROM meter_batches b \
         JOIN customers c ON c.id = b.customer_id WHERE b.id = $1";
     const STAMP: &str = "UPDATE meter_batches SET meter_timestamp = $1 WHERE id = $2";
     let due: Vec<crate::ids::MeterBatchId> = with_db!(db, pool =>
-        sqlx::query_scalar::<_, crate::ids::MeterBatchId>(DUE).bind(project).bind(now.0).bind(limit).fetch_all(pool).await)?;
+        sqlx::query_scalar::<_, crate::ids::MeterBatchId>(DUE).bind(project).bind(now.0).bind(limit)
+            .bind(CLAIM_PER_CUSTOMER).fetch_all(pool).await)?;
     let mut claimed = Vec::with_capacity(due.len());
     for id in due {
         let batch = with_db!(db, pool => sqlx::query_as::<_, DueBatch>(CLAIM).bind(now.0 + CLAIM_MS).bind(&id)
@@ -413,6 +458,14 @@ pub async fn claim_due_batches(
         claimed.push(batch);
     }
     Ok(claimed)
+}
+
+/// Gives back a claimed batch that was not sent (its attempt is not counted).
+pub async fn release_claim(db: &Db, batch: &crate::ids::MeterBatchId) -> Result<(), DbError> {
+    const SQL: &str = "UPDATE meter_batches SET claimed_until = 0, attempts = attempts - 1 \
+        WHERE id = $1 AND status = 'pending' AND attempts > 0";
+    with_db!(db, pool => sqlx::query(SQL).bind(batch).execute(pool).await.map(|_| ()))?;
+    Ok(())
 }
 
 /// How one delivery attempt ended.
@@ -461,6 +514,12 @@ pub async fn provisioned_projects(db: &Db) -> Result<Vec<ProjectBilling>, DbErro
         with_db!(db, pool => sqlx::query_as::<_, ProjectBilling>(sqlx::AssertSqlSafe(sql.clone())).fetch_all(pool).await)?,
     )
 }
+
+/// Undelivered usage older than this is flagged on the billing page: half of the hour Stripe
+/// waits by default before finalizing an invoice ("The default is set to 1 hour for all
+/// invoices", <https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period>),
+/// after which usage of the past period can no longer be invoiced.
+pub const LAG_WARNING_MS: i64 = 30 * MINUTE_MS;
 
 /// What the billing page shows of delivery.
 #[derive(Debug, Clone, Default)]
@@ -544,6 +603,10 @@ pub struct BilledCustomer {
     pub stripe_customer_id: String,
     /// Delivered batches whose timestamp is in the window.
     pub delivered_nanos: i64,
+    /// How many meter events those are (each a term of Stripe's floating-point sum).
+    pub delivered_events: i64,
+    /// Of those, what was delivered too recently to be sure to count in Stripe's summaries.
+    pub unsettled_nanos: i64,
     /// Batched but not yet accepted, plus settled usage not yet batched, in the window.
     pub pending_nanos: i64,
 }
@@ -556,16 +619,22 @@ pub fn reconcile_window(now: UnixMillis) -> (i64, i64) {
 }
 
 /// The project's customers with a Stripe customer and what Tollgate delivered for each with a
-/// timestamp in `[start, end)` (Unix ms).
+/// timestamp in `[start, end)` (Unix ms), what of it was delivered after `settled_before`.
 pub async fn billed_customers(
     db: &Db,
     project: &ProjectId,
     start: i64,
     end: i64,
+    settled_before: i64,
 ) -> Result<Vec<BilledCustomer>, DbError> {
     const SQL: &str = "SELECT c.id, c.stripe_customer_id, \
             CAST(COALESCE((SELECT SUM(b.value_nanos) FROM meter_batches b WHERE b.customer_id = c.id \
                 AND b.status = 'delivered' AND b.last_at >= $2 AND b.last_at < $3), 0) AS BIGINT) AS delivered_nanos, \
+            CAST((SELECT COUNT(*) FROM meter_batches b WHERE b.customer_id = c.id \
+                AND b.status = 'delivered' AND b.last_at >= $2 AND b.last_at < $3) AS BIGINT) AS delivered_events, \
+            CAST(COALESCE((SELECT SUM(b.value_nanos) FROM meter_batches b WHERE b.customer_id = c.id \
+                AND b.status = 'delivered' AND b.last_at >= $2 AND b.last_at < $3 AND b.delivered_at >= $4), 0) \
+              AS BIGINT) AS unsettled_nanos, \
             CAST(COALESCE((SELECT SUM(b.value_nanos) FROM meter_batches b WHERE b.customer_id = c.id \
                 AND b.status <> 'delivered' AND b.last_at >= $2 AND b.last_at < $3), 0) \
               + COALESCE((SELECT SUM(u.billed_nanos) FROM usage_events u WHERE u.project_id = $1 AND u.customer_id = c.id \
@@ -573,7 +642,39 @@ pub async fn billed_customers(
               AS BIGINT) AS pending_nanos \
         FROM customers c WHERE c.project_id = $1 AND c.stripe_customer_id IS NOT NULL ORDER BY c.id";
     Ok(with_db!(db, pool => sqlx::query_as::<_, BilledCustomer>(SQL).bind(project).bind(start).bind(end)
-        .fetch_all(pool).await)?)
+        .bind(settled_before).fetch_all(pool).await)?)
+}
+
+/// How far Stripe's summary (`stripe`, a floating-point sum) is from what Tollgate delivered,
+/// `None` when the difference is explained by what Stripe may not have counted yet and by the
+/// summary's rounding alone.
+///
+/// Stripe counts a meter event in its summaries some time after accepting it ("Stripe processes
+/// meter events asynchronously, so aggregated usage in meter event summaries … might not
+/// immediately reflect recently received meter events",
+/// <https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api>), so the
+/// `unsettled` part of `delivered` may or may not be in the summary. `aggregated_value` is a
+/// double: below 2^53 every partial sum of whole values is exact, so no difference is allowed;
+/// above, each of the `events - 1` additions rounds by at most half a unit in the last place of
+/// the (non-negative) total.
+pub fn summary_drift(stripe: f64, delivered: i64, unsettled: i64, events: i64) -> Option<i64> {
+    let (low, high) = (delivered - unsettled, delivered);
+    let magnitude = stripe.abs().max(high as f64);
+    let tolerance = if magnitude < 9_007_199_254_740_992.0 {
+        0.0
+    } else {
+        // The unit in the last place of `magnitude` (a normal double, at least 2).
+        let exponent = ((magnitude.to_bits() >> 52) & 0x7ff) as i32 - 1023;
+        2f64.powi(exponent - 52) * (events.max(1) - 1) as f64 / 2.0
+    };
+    let stripe_nanos = stripe.round() as i64;
+    if stripe < low as f64 - tolerance {
+        Some(stripe_nanos - low)
+    } else if stripe > high as f64 + tolerance {
+        Some(stripe_nanos - high)
+    } else {
+        None
+    }
 }
 
 /// What Stripe's summary said for a customer (or why it could not be read).
@@ -582,7 +683,7 @@ pub async fn record_reconciliation(
     project: &ProjectId,
     customer: &BilledCustomer,
     window: (i64, i64),
-    stripe: Result<i64, String>,
+    stripe: Result<f64, String>,
 ) -> Result<(), DbError> {
     const SQL: &str = "INSERT INTO billing_reconciliations (customer_id, period_start, project_id, checked_through, \
             delivered_nanos, stripe_nanos, pending_nanos, drift_nanos, error, checked_at) \
@@ -592,11 +693,14 @@ pub async fn record_reconciliation(
             stripe_nanos = CASE WHEN excluded.error IS NULL THEN excluded.stripe_nanos ELSE billing_reconciliations.stripe_nanos END, \
             drift_nanos = CASE WHEN excluded.error IS NULL THEN excluded.drift_nanos ELSE billing_reconciliations.drift_nanos END, \
             pending_nanos = excluded.pending_nanos, error = excluded.error, checked_at = excluded.checked_at";
-    let (stripe_nanos, error) = match stripe {
-        Ok(value) => (Some(value), None),
-        Err(e) => (None, Some(truncate(&e))),
+    let (stripe_nanos, drift, error) = match stripe {
+        Ok(value) => {
+            let drift =
+                summary_drift(value, customer.delivered_nanos, customer.unsettled_nanos, customer.delivered_events);
+            (Some(value.round() as i64), Some(drift.unwrap_or(0)), None)
+        }
+        Err(e) => (None, None, Some(truncate(&e))),
     };
-    let drift = stripe_nanos.map(|s| s - customer.delivered_nanos);
     let now = UnixMillis::now().0;
     with_db!(db, pool => sqlx::query(SQL).bind(&customer.id).bind(window.0).bind(project).bind(window.1)
         .bind(customer.delivered_nanos).bind(stripe_nanos).bind(customer.pending_nanos).bind(drift).bind(&error)
@@ -701,6 +805,42 @@ mod tests {
         assert_eq!(meter_timestamp((t - 7_200) * 1000, None, now, 3_000), t - 3_000);
         // Never in the future.
         assert_eq!(meter_timestamp((t + 60) * 1000, Some(t + 30), now, 3_000), t);
+    }
+
+    #[test]
+    fn values_over_15_digits_are_split_into_parts_that_sum_to_them() {
+        assert_eq!(split_value(0), [0]);
+        assert_eq!(split_value(MAX_METER_EVENT_VALUE), [MAX_METER_EVENT_VALUE]);
+        assert_eq!(split_value(MAX_METER_EVENT_VALUE + 1), [MAX_METER_EVENT_VALUE, 1]);
+        assert_eq!(split_value(2 * MAX_METER_EVENT_VALUE), [MAX_METER_EVENT_VALUE; 2]);
+        for total in [2_500_000_000_000_123, i64::MAX] {
+            let parts = split_value(total);
+            assert!(parts.iter().all(|p| (1..=MAX_METER_EVENT_VALUE).contains(p)), "{parts:?}");
+            assert!(parts.iter().all(|p| p.to_string().len() <= 15));
+            assert_eq!(parts.iter().map(|p| i128::from(*p)).sum::<i128>(), i128::from(total));
+        }
+    }
+
+    #[test]
+    fn summary_drift_allows_lag_and_float_rounding_and_nothing_more() {
+        // Exact below 2^53: one nano-unit off is drift.
+        assert_eq!(summary_drift(700.0, 700, 0, 3), None);
+        assert_eq!(summary_drift(699.0, 700, 0, 3), Some(-1));
+        assert_eq!(summary_drift(701.0, 700, 0, 3), Some(1));
+        // Delivered recently (300 of the 700): anything from 400 to 700 may be Stripe's count.
+        assert_eq!(summary_drift(400.0, 700, 300, 3), None);
+        assert_eq!(summary_drift(550.0, 700, 300, 3), None);
+        assert_eq!(summary_drift(399.0, 700, 300, 3), Some(-1));
+        // Past 2^53, Stripe's double sum of 11 events: the rounding of 10 additions, at most
+        // 10 × 2 / 2 nano-units here (a unit in the last place is 2 under 2^54), is allowed.
+        let exact: i64 = 7 + 10 * MAX_METER_EVENT_VALUE + 1;
+        let double = (0..10).fold(7.0, |sum, _| sum + MAX_METER_EVENT_VALUE as f64) + 1.0;
+        assert_ne!(double as i64, exact);
+        assert_eq!(summary_drift(double, exact, 0, 12), None);
+        assert_eq!(summary_drift(exact as f64 - 10.0, exact, 0, 11), None);
+        assert_eq!(summary_drift(exact as f64 - 12.0, exact, 0, 11), Some(-12));
+        // A single event is exact at any size.
+        assert_eq!(summary_drift(exact as f64 - 2.0, exact, 0, 1), Some(-2));
     }
 
     #[test]

@@ -99,6 +99,9 @@ pub struct Config {
     /// open to late usage, for its finalization grace period (an hour by default). Less than
     /// the grace period of every account billed (50 minutes by default).
     pub stripe_late_usage_window: Duration,
+    /// Meter events each worker sends a second per project; `None`: four fifths of Stripe's
+    /// limit for the project's mode (800 live, 20 in test mode).
+    pub stripe_meter_events_per_second: Option<u32>,
     /// Accounts and sessions (see `accounts`).
     pub accounts: AccountSettings,
     /// Bounds on what one request, or one upstream, may take of the server.
@@ -262,6 +265,7 @@ struct RawConfig {
     stripe_connect_webhook_secret: Option<String>,
     stripe_reconcile_seconds: Option<u64>,
     stripe_late_usage_seconds: Option<u64>,
+    stripe_meter_events_per_second: Option<u32>,
     signup_open: Option<bool>,
     session_lifetime_seconds: Option<u64>,
     trusted_proxies: Option<String>,
@@ -305,6 +309,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("stripe_connect_webhook_secret", "TOLLGATE_STRIPE_CONNECT_WEBHOOK_SECRET"),
     ("stripe_reconcile_seconds", "TOLLGATE_STRIPE_RECONCILE_SECONDS"),
     ("stripe_late_usage_seconds", "TOLLGATE_STRIPE_LATE_USAGE_SECONDS"),
+    ("stripe_meter_events_per_second", "TOLLGATE_STRIPE_METER_EVENTS_PER_SECOND"),
     ("signup_open", "TOLLGATE_SIGNUP_OPEN"),
     ("session_lifetime_seconds", "TOLLGATE_SESSION_LIFETIME_SECONDS"),
     ("trusted_proxies", "TOLLGATE_TRUSTED_PROXIES"),
@@ -386,6 +391,11 @@ impl Sourced {
                             .trim()
                             .parse()
                             .map_err(|_| invalid(format!("expected a number of seconds, got {value:?}")))?,
+                    )
+                }
+                "stripe_meter_events_per_second" => {
+                    r.stripe_meter_events_per_second = Some(
+                        value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
                     )
                 }
                 "api_rate_per_second" => {
@@ -589,6 +599,9 @@ impl Sourced {
         if stripe_late_usage_window.is_zero() || stripe_late_usage_window > Duration::from_secs(72 * 3600) {
             return Err(self.invalid("stripe_late_usage_seconds", "must be between 1 and 259200 (72 hours)"));
         }
+        if r.stripe_meter_events_per_second == Some(0) {
+            return Err(self.invalid("stripe_meter_events_per_second", "must be at least 1"));
+        }
         let accounts = self.account_settings()?;
         let limits = self.request_limits()?;
         Ok(Config {
@@ -616,6 +629,7 @@ impl Sourced {
             stripe_connect_webhook_secret: stripe_connect_webhook_secret.map(SecretString::from),
             stripe_reconcile_interval,
             stripe_late_usage_window,
+            stripe_meter_events_per_second: r.stripe_meter_events_per_second,
             accounts,
             limits,
         })
@@ -787,6 +801,15 @@ mod tests {
         assert_eq!(c.egress_allow.to_string(), "10.0.0.0/8,models.internal");
         let e = Config::load(None, &env(&[("TOLLGATE_EGRESS_ALLOW", "10.0.0.0/99")])).unwrap_err();
         assert!(e.to_string().starts_with("egress_allow (TOLLGATE_EGRESS_ALLOW):"), "{e}");
+    }
+
+    #[test]
+    fn the_meter_event_pace_is_per_mode_unless_set_and_never_zero() {
+        assert_eq!(Config::load(None, &env(&[])).unwrap().stripe_meter_events_per_second, None);
+        let c = Config::load(None, &env(&[("TOLLGATE_STRIPE_METER_EVENTS_PER_SECOND", "10")])).unwrap();
+        assert_eq!(c.stripe_meter_events_per_second, Some(10));
+        let e = Config::load(None, &env(&[("TOLLGATE_STRIPE_METER_EVENTS_PER_SECOND", "0")])).unwrap_err();
+        assert!(e.to_string().contains("TOLLGATE_STRIPE_METER_EVENTS_PER_SECOND"), "{e}");
     }
 
     #[test]

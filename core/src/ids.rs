@@ -148,6 +148,14 @@ define_id!(
     "mtb"
 );
 
+impl MeterBatchId {
+    /// The `index`th further part of a batch too large for one meter event (`mtb_…-2`): fixed
+    /// by the batch, so a resent part is known to Stripe by its identifier.
+    pub fn part(&self, index: usize) -> Self {
+        Self(format!("{}-{index}", self.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

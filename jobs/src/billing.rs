@@ -5,13 +5,16 @@
 //! `tollgate_core::billing`) keep replicas from doing the same work at once, and Stripe's
 //! `Idempotency-Key` makes a repeated call create nothing twice.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use secrecy::SecretString;
 use tollgate_core::billing::{self, Attempt, DueBatch, Made, ProjectBilling, StepFailure};
 use tollgate_core::crypto::MasterKey;
 use tollgate_core::db::DbError;
+use tollgate_core::ids::ProjectId;
 use tollgate_core::stripe::{self, Access};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::{Config, Db};
@@ -30,6 +33,13 @@ pub struct BillingServices {
     pub reconcile_interval: Duration,
     /// See `Config::stripe_late_usage_window`.
     pub late_usage_window: Duration,
+    /// Meter events a second per project, when the operator sets it; otherwise per mode
+    /// ([`default_meter_events_per_second`]).
+    pub meter_events_per_second: Option<u32>,
+    /// How long after delivery a meter event is taken to be in Stripe's summaries.
+    pub summary_settle: Duration,
+    /// The pace of meter event requests per project, shared by the runs of this process.
+    pub pacer: Arc<Pacer>,
 }
 
 impl BillingServices {
@@ -40,7 +50,84 @@ impl BillingServices {
             platform_key: config.stripe_platform_key.clone(),
             reconcile_interval: config.stripe_reconcile_interval,
             late_usage_window: config.stripe_late_usage_window,
+            meter_events_per_second: config.stripe_meter_events_per_second,
+            summary_settle: SUMMARY_SETTLE,
+            pacer: Arc::default(),
         }
+    }
+
+    fn pace(&self, livemode: bool) -> u32 {
+        self.meter_events_per_second.unwrap_or_else(|| default_meter_events_per_second(livemode))
+    }
+}
+
+/// Stripe's limit on meter events in live mode: "1000 calls per second per Stripe account",
+/// a limiter of their own (<https://docs.stripe.com/rate-limits>).
+const LIVE_METER_EVENTS_LIMIT: u32 = 1_000;
+/// In test mode and sandboxes meter events "count toward the basic limit"
+/// (<https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api>), which is
+/// 25 requests a second (<https://docs.stripe.com/rate-limits>, "Sandbox: 25 operations").
+const TEST_BASIC_LIMIT: u32 = 25;
+
+/// The pace delivery keeps by default: four fifths of Stripe's limit for the mode (800 a second
+/// live, 20 in test mode), leaving the rest to provisioning, reconciliation and the tenant's
+/// own calls on the account.
+pub fn default_meter_events_per_second(livemode: bool) -> u32 {
+    let limit = if livemode { LIVE_METER_EVENTS_LIMIT } else { TEST_BASIC_LIMIT };
+    limit * 4 / 5
+}
+
+/// Stripe documents no bound on how late a meter event shows in its summaries; delivered
+/// usage younger than this is allowed to be missing from them.
+const SUMMARY_SETTLE: Duration = Duration::from_secs(15 * 60);
+
+/// Spaces each project's meter event requests at its pace, and holds them back after Stripe
+/// asked to wait (a 429, an outage).
+#[derive(Debug, Default)]
+pub struct Pacer {
+    projects: Mutex<HashMap<ProjectId, Pace>>,
+}
+
+#[derive(Debug)]
+struct Pace {
+    next_turn: Instant,
+    paused_until: Instant,
+}
+
+impl Pacer {
+    fn with<T>(&self, project: &ProjectId, f: impl FnOnce(&mut Pace, Instant) -> T) -> T {
+        let now = Instant::now();
+        let mut projects = self.projects.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pace = projects.entry(project.clone()).or_insert(Pace { next_turn: now, paused_until: now });
+        f(pace, now)
+    }
+
+    /// Waits for the project's next turn at `per_second`; `false` (at once) while it is paused.
+    pub async fn turn(&self, project: &ProjectId, per_second: u32) -> bool {
+        let spacing = Duration::from_secs(1) / per_second.max(1);
+        let turn = self.with(project, |pace, now| {
+            (pace.paused_until <= now).then(|| {
+                let turn = pace.next_turn.max(now);
+                pace.next_turn = turn + spacing;
+                turn
+            })
+        });
+        match turn {
+            Some(turn) => {
+                tokio::time::sleep_until(turn.into()).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Holds the project's requests back until `until`.
+    pub fn pause_until(&self, project: &ProjectId, until: Instant) {
+        self.with(project, |pace, _| pace.paused_until = pace.paused_until.max(until));
+    }
+
+    pub fn is_paused(&self, project: &ProjectId) -> bool {
+        self.with(project, |pace, now| pace.paused_until > now)
     }
 }
 
@@ -290,38 +377,45 @@ pub struct DeliveryReport {
     pub failed: usize,
 }
 
-/// Meter events sent side by side per project (Stripe allows about 1,000 calls a second).
+/// Meter event requests in flight at once per project, each for a different customer (Stripe
+/// takes one at a time per customer and meter).
 const DELIVERY_CONCURRENCY: usize = 8;
 /// The most batches one run sends per project, so one project cannot hold the others up.
 const DELIVERIES_PER_RUN: usize = 2_000;
 
-/// Forms batches from the outbox and sends those due, per provisioned project.
+/// Forms batches from the outbox and sends those due, per provisioned project: one request at
+/// a time per customer and meter ("The meter event endpoint allows … one concurrent call per
+/// customer per meter", <https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api>),
+/// customers side by side, all at the project's pace. After Stripe's rate limiter refused one,
+/// the project waits (Stripe's `Retry-After`, or the batch's backoff) before sending more.
 pub async fn deliver(db: &Db, services: &BillingServices) -> Result<DeliveryReport, BillingError> {
     let mut report = DeliveryReport::default();
     for project in billing::provisioned_projects(db).await? {
         report.batches_formed += billing::form_batches(db, &project, 1_000).await?;
+        if services.pacer.is_paused(&project.project_id) {
+            continue;
+        }
         let Ok(credentials) = credentials(db, services, &project.project_id).await? else { continue };
+        let per_second = services.pace(project.livemode);
         let mut sent = 0;
-        'project: while sent < DELIVERIES_PER_RUN {
-            let window = i64::try_from(services.late_usage_window.as_secs()).unwrap_or(i64::MAX);
+        let window = i64::try_from(services.late_usage_window.as_secs()).unwrap_or(i64::MAX);
+        while sent < DELIVERIES_PER_RUN {
             let batches = billing::claim_due_batches(db, &project.project_id, UnixMillis::now(), 100, window).await?;
             if batches.is_empty() {
                 break;
             }
             sent += batches.len();
-            let attempts: Vec<(DueBatch, Attempt)> = futures::stream::iter(batches)
-                .map(|batch| {
-                    let credentials = &credentials;
-                    async move {
-                        let attempt = send(&services.api, credentials, &batch).await;
-                        (batch, attempt)
-                    }
-                })
+            let lanes: Vec<Vec<(DueBatch, Option<Attempt>)>> = futures::stream::iter(lanes(batches))
+                .map(|lane| deliver_lane(services, &credentials, &project.project_id, per_second, lane))
                 .buffer_unordered(DELIVERY_CONCURRENCY)
                 .collect()
                 .await;
             let mut slow_down = false;
-            for (batch, attempt) in attempts {
+            for (batch, attempt) in lanes.into_iter().flatten() {
+                let Some(attempt) = attempt else {
+                    billing::release_claim(db, &batch.id).await?;
+                    continue;
+                };
                 billing::record_attempt(db, &batch.id, &attempt).await?;
                 match &attempt {
                     Attempt::Delivered => report.delivered += 1,
@@ -338,11 +432,57 @@ pub async fn deliver(db: &Db, services: &BillingServices) -> Result<DeliveryRepo
             }
             if slow_down {
                 // Rate limited or Stripe unavailable: the rest waits for the next run.
-                break 'project;
+                break;
             }
         }
     }
     Ok(report)
+}
+
+/// The claimed batches per (Stripe customer, meter), each lane in the order claimed.
+fn lanes(batches: Vec<DueBatch>) -> Vec<Vec<DueBatch>> {
+    let mut lanes: Vec<Vec<DueBatch>> = Vec::new();
+    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    for batch in batches {
+        let key = (batch.stripe_customer_id.clone(), batch.event_name.clone());
+        match index.get(&key) {
+            Some(&lane) => lanes[lane].push(batch),
+            None => {
+                index.insert(key, lanes.len());
+                lanes.push(vec![batch]);
+            }
+        }
+    }
+    lanes
+}
+
+/// Sends one customer's batches one after the other, each on its turn at the project's pace.
+/// Once one is to be retried (or the project is paused), the rest are not sent (`None`); a
+/// rate limit pauses the project for the batch's wait (Stripe's `Retry-After` at least).
+async fn deliver_lane(
+    services: &BillingServices,
+    credentials: &Credentials,
+    project: &ProjectId,
+    per_second: u32,
+    lane: Vec<DueBatch>,
+) -> Vec<(DueBatch, Option<Attempt>)> {
+    let mut outcomes = Vec::with_capacity(lane.len());
+    let mut stopped = false;
+    for batch in lane {
+        if stopped || !services.pacer.turn(project, per_second).await {
+            stopped = true;
+            outcomes.push((batch, None));
+            continue;
+        }
+        let (attempt, hold) = send_meter_event(&services.api, credentials, &batch).await;
+        stopped = matches!(attempt, Attempt::Retry { .. });
+        if let Some(hold) = hold {
+            let hold = Duration::from_millis(u64::try_from(hold).unwrap_or(0));
+            services.pacer.pause_until(project, Instant::now() + hold);
+        }
+        outcomes.push((batch, Some(attempt)));
+    }
+    outcomes
 }
 
 /// Whether Stripe refused a meter event because it already has one with that identifier
@@ -360,11 +500,34 @@ fn is_duplicate_identifier(error: &StripeApiError) -> bool {
 
 /// One attempt at sending a batch as a meter event.
 pub async fn send(api: &StripeApi, credentials: &Credentials, batch: &DueBatch) -> Attempt {
+    send_meter_event(api, credentials, batch).await.0
+}
+
+/// [`send`], and how long the account's meter events should hold back when Stripe's rate
+/// limiter refused it (429 `rate_limit`: the limit is the account's, not the batch's).
+async fn send_meter_event(api: &StripeApi, credentials: &Credentials, batch: &DueBatch) -> (Attempt, Option<i64>) {
+    let attempt = attempt_meter_event(api, credentials, batch).await;
+    match attempt {
+        (Attempt::Retry { error, next_at }, true) => {
+            let hold = next_at - UnixMillis::now().0;
+            (Attempt::Retry { error, next_at }, Some(hold))
+        }
+        (attempt, _) => (attempt, None),
+    }
+}
+
+/// One attempt, and whether the rate limiter refused it.
+async fn attempt_meter_event(api: &StripeApi, credentials: &Credentials, batch: &DueBatch) -> (Attempt, bool) {
     let now = UnixMillis::now().0;
     if now - batch.last_at > billing::MAX_EVENT_AGE_MS {
-        return Attempt::Failed {
-            error: "older than the 35 days Stripe accepts meter events for; bill it by hand".to_owned(),
-        };
+        let error = "older than the 35 days Stripe accepts meter events for; bill it by hand".to_owned();
+        return (Attempt::Failed { error }, false);
+    }
+    if batch.value_nanos > billing::MAX_METER_EVENT_VALUE {
+        // Batches are split when formed; one formed before that would be refused for its digits.
+        let error =
+            "more than 15 significant digits, which Stripe refuses in one meter event; bill it by hand".to_owned();
+        return (Attempt::Failed { error }, false);
     }
     let body = form([
         ("event_name", batch.event_name.clone()),
@@ -378,29 +541,39 @@ pub async fn send(api: &StripeApi, credentials: &Credentials, batch: &DueBatch) 
     // the same on every attempt, is what keeps a retry from being counted twice.
     let idempotency_key = format!("{}-{}", batch.id, batch.attempts);
     match api.post::<serde_json::Value>(credentials, "/billing/meter_events", &body, &idempotency_key).await {
-        Ok(_) => Attempt::Delivered,
-        Err(e) if is_duplicate_identifier(&e) => Attempt::Delivered,
-        Err(e) if e.is_retryable() => {
+        Ok(_) => (Attempt::Delivered, false),
+        Err(e) if is_duplicate_identifier(&e) => (Attempt::Delivered, false),
+        // A 429 (the rate limiter, or `lock_timeout` while another request for the customer and
+        // meter runs) is always worth waiting for, whatever `Stripe-Should-Retry` says; other
+        // answers are retried when Stripe says so (`Stripe-Should-Retry`) or their status does.
+        Err(e) if e.is_retryable() || matches!(e, StripeApiError::Api { status: 429, .. }) => {
             let retry_after = match &e {
                 StripeApiError::Api { retry_after: Some(seconds), .. } => (*seconds as i64).saturating_mul(1000),
                 _ => 0,
             };
+            let rate_limited =
+                matches!(&e, StripeApiError::Api { status: 429, code, .. } if code.as_deref() != Some("lock_timeout"));
             let wait = billing::delivery_backoff_ms(batch.attempts - 1).max(retry_after);
-            Attempt::Retry { error: e.to_string(), next_at: now + wait }
+            (Attempt::Retry { error: e.to_string(), next_at: now + wait }, rate_limited)
         }
-        Err(e) => Attempt::Failed { error: e.to_string() },
+        Err(e) => (Attempt::Failed { error: e.to_string() }, false),
     }
 }
 
 /// Compares, per billed customer, what Tollgate delivered this month with Stripe's meter
-/// event summary for the same window, and records the drift. Returns how many were checked.
+/// event summary for the same window, and records the drift: what neither the summary's lag
+/// (usage delivered within [`BillingServices::summary_settle`]) nor its floating-point sum
+/// explains (see [`billing::summary_drift`]). Returns how many were checked.
 pub async fn reconcile(db: &Db, services: &BillingServices) -> Result<usize, BillingError> {
-    let window = billing::reconcile_window(UnixMillis::now());
+    let now = UnixMillis::now();
+    let window = billing::reconcile_window(now);
+    let settle = i64::try_from(services.summary_settle.as_millis()).unwrap_or(i64::MAX);
+    let settled_before = now.0.saturating_sub(settle);
     let mut checked = 0;
     for project in billing::provisioned_projects(db).await? {
         let Some(meter) = &project.meter_id else { continue };
         let Ok(credentials) = credentials(db, services, &project.project_id).await? else { continue };
-        for customer in billing::billed_customers(db, &project.project_id, window.0, window.1).await? {
+        for customer in billing::billed_customers(db, &project.project_id, window.0, window.1, settled_before).await? {
             let query = [
                 ("customer", customer.stripe_customer_id.clone()),
                 ("start_time", (window.0 / 1000).to_string()),
@@ -413,8 +586,8 @@ pub async fn reconcile(db: &Db, services: &BillingServices) -> Result<usize, Bil
                 Ok(list) => list
                     .data
                     .iter()
-                    .try_fold(0_i64, |sum, s| s.value().and_then(|v| sum.checked_add(v)))
-                    .ok_or_else(|| "Stripe's summary is not a whole number of nano-units".to_owned()),
+                    .try_fold(0.0, |sum, s| s.value().map(|v| sum + v))
+                    .ok_or_else(|| "Stripe's summary is not a number".to_owned()),
                 Err(e) => Err(e.to_string()),
             };
             billing::record_reconciliation(db, &project.project_id, &customer, window, stripe_total).await?;
@@ -433,6 +606,52 @@ mod tests {
         assert_eq!(unit_amount_decimal("usd"), "0.0000001");
         assert_eq!(unit_amount_decimal("JPY"), "0.000000001");
         assert_eq!(unit_amount_decimal("kwd"), "0.000001");
+    }
+
+    #[test]
+    fn delivery_paces_itself_below_stripes_limit_for_the_mode() {
+        assert_eq!(default_meter_events_per_second(false), 20);
+        assert_eq!(default_meter_events_per_second(true), 800);
+    }
+
+    #[tokio::test]
+    async fn the_pacer_spaces_turns_and_holds_them_while_paused() {
+        let pacer = Pacer::default();
+        let project = ProjectId::generate();
+        let start = Instant::now();
+        for _ in 0..5 {
+            assert!(pacer.turn(&project, 50).await);
+        }
+        // Five turns at 50 a second: the fifth 80 ms after the first.
+        assert!(start.elapsed() >= Duration::from_millis(80), "{:?}", start.elapsed());
+        pacer.pause_until(&project, Instant::now() + Duration::from_secs(60));
+        assert!(pacer.is_paused(&project));
+        assert!(!pacer.turn(&project, 50).await);
+        assert!(!pacer.is_paused(&ProjectId::generate()));
+    }
+
+    #[test]
+    fn claimed_batches_go_in_one_lane_per_customer_and_meter() {
+        let batch = |customer: &str| DueBatch {
+            id: tollgate_core::ids::MeterBatchId::generate(),
+            project_id: ProjectId::generate(),
+            stripe_customer_id: customer.to_owned(),
+            event_name: "tollgate_usage".to_owned(),
+            value_nanos: 1,
+            last_at: 0,
+            attempts: 1,
+            meter_timestamp: None,
+        };
+        let claimed = vec![batch("cus_a"), batch("cus_b"), batch("cus_a"), batch("cus_c"), batch("cus_a")];
+        let order: Vec<_> = claimed.iter().map(|b| b.id.clone()).collect();
+        let lanes = lanes(claimed);
+        let shape: Vec<Vec<&str>> =
+            lanes.iter().map(|l| l.iter().map(|b| b.stripe_customer_id.as_str()).collect()).collect();
+        assert_eq!(shape, [vec!["cus_a"; 3], vec!["cus_b"], vec!["cus_c"]]);
+        assert_eq!(
+            lanes[0].iter().map(|b| b.id.clone()).collect::<Vec<_>>(),
+            [order[0].clone(), order[2].clone(), order[4].clone()]
+        );
     }
 
     #[test]

@@ -119,8 +119,9 @@ pub struct Subscription {
     pub start_date: Option<i64>,
 }
 
-/// One of a meter's event summaries. Stripe sends the value as a JSON number; Tollgate's
-/// meter counts whole nano-units, so it is read as an integer (fractions cannot occur).
+/// One of a meter's event summaries. `aggregated_value` is a floating-point number (stripe-node
+/// `Billing.MeterEventSummary.aggregated_value: number`, async-stripe `f64`): Stripe sums in
+/// doubles, so past 2^53 nano-units it is a rounded total.
 #[derive(Debug, Clone, Deserialize)]
 pub struct EventSummary {
     pub aggregated_value: serde_json::Number,
@@ -129,11 +130,8 @@ pub struct EventSummary {
 }
 
 impl EventSummary {
-    pub fn value(&self) -> Option<i64> {
-        self.aggregated_value.as_i64().or_else(|| {
-            let v = self.aggregated_value.as_f64()?;
-            (v.fract() == 0.0 && v.abs() < 9.0e15).then_some(v as i64)
-        })
+    pub fn value(&self) -> Option<f64> {
+        self.aggregated_value.as_f64().filter(|v| v.is_finite())
     }
 }
 

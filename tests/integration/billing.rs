@@ -31,6 +31,12 @@ pub fn cases() -> Vec<DbCase> {
         connect_mode_acts_on_the_connected_account,
         the_workers_provision_deliver_and_reconcile_on_their_own,
         a_worker_process_killed_mid_batch_and_restarted_delivers_once,
+        a_value_over_15_digits_goes_as_meter_events_that_sum_to_it,
+        meter_events_go_one_at_a_time_per_customer_and_side_by_side_across_customers,
+        delivery_keeps_to_the_test_mode_rate_limit_and_waits_out_429s,
+        delivered_batches_are_never_sent_again_after_the_dedup_window,
+        reconciliation_does_not_count_stripes_lag_as_drift,
+        a_customer_with_a_batch_in_flight_is_left_to_its_worker,
     ]
 }
 
@@ -128,6 +134,42 @@ impl Billing {
         }
         let twice = seen.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id.clone()).collect();
         (seen.len(), twice)
+    }
+
+    /// Batches the unbatched settled usage now (as a delivery run would first).
+    async fn form_batches(&self) -> anyhow::Result<usize> {
+        let state = &self.s.app.state;
+        let project = billing::project_billing(&state.db, &self.s.project.id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no billing"))?;
+        Ok(billing::form_batches(&state.db, &project, 100).await?)
+    }
+
+    /// Sets the billed amount of one settled call of `customer` (as a call in a weak currency).
+    async fn bill_one_call(&self, customer: &str, nanos: i64) -> anyhow::Result<()> {
+        let n = with_db!(&self.s.app.state.db, pool => sqlx::query(
+            "UPDATE usage_events SET billed_nanos = $1 WHERE id = (SELECT MIN(u.id) FROM usage_events u \
+             JOIN customers c ON c.id = u.customer_id WHERE c.external_id = $2 AND u.status = 'settled' \
+             AND u.meter_batch_id IS NULL)")
+            .bind(nanos).bind(customer).execute(pool).await.map(|r| r.rows_affected()))?;
+        anyhow::ensure!(n == 1, "no unbatched call of {customer}");
+        Ok(())
+    }
+
+    pub(crate) async fn stripe_customer(&self, customer: &str) -> anyhow::Result<String> {
+        Ok(with_db!(&self.s.app.state.db, pool => sqlx::query_scalar::<_, String>(
+            "SELECT stripe_customer_id FROM customers WHERE external_id = $1").bind(customer).fetch_one(pool).await)?)
+    }
+
+    /// Delivers until nothing is pending (retries wait out their backoff), within `limit`.
+    async fn deliver_all(&self, limit: std::time::Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + limit;
+        while self.batches("pending").await? > 0 {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "not delivered in time");
+            self.deliver().await?;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        Ok(())
     }
 
     async fn batches(&self, status: &str) -> anyhow::Result<i64> {
@@ -541,5 +583,289 @@ async fn a_worker_process_killed_mid_batch_and_restarted_delivers_once(db: TestD
     // The killed worker's events were sent again and refused as duplicates of what Stripe has.
     let sent = b.fake.seen().iter().filter(|r| r.path == "/v1/billing/meter_events").count();
     assert!(sent > accepted, "{sent} sent for {accepted} accepted");
+    Ok(())
+}
+
+/// What the outbox holds for a customer: (id, value, status), by id.
+async fn batch_rows(b: &Billing, customer: &str) -> anyhow::Result<Vec<(String, i64, String)>> {
+    Ok(with_db!(&b.s.app.state.db, pool => sqlx::query_as::<_, (String, i64, String)>(
+        "SELECT b.id, b.value_nanos, b.status FROM meter_batches b JOIN customers c ON c.id = b.customer_id \
+         WHERE c.external_id = $1 ORDER BY b.id").bind(customer).fetch_all(pool).await)?)
+}
+
+async fn a_value_over_15_digits_goes_as_meter_events_that_sum_to_it(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    b.calls("cust-a", 2, 10).await?;
+    b.calls("cust-b", 1, 10).await?;
+    // 2.5 million units of a weak currency (and a little), in nano-units: 16 digits, more than the
+    // 15 Stripe takes in one meter event.
+    const HUGE: i64 = 2_500_000_000_000_123;
+    b.bill_one_call("cust-a", HUGE).await?;
+    b.provision().await?;
+    let report = b.deliver().await?;
+    assert_eq!((report.delivered, report.failed, report.retrying), (4, 0, 0), "{report:?}");
+
+    // cust-a's batch went as three meter events of at most 15 digits, summing to it exactly,
+    // with identifiers fixed by the batch: its id, then the id with the part's number.
+    let rows = batch_rows(&b, "cust-a").await?;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let base = rows[0].0.clone();
+    assert_eq!(
+        rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(),
+        [base.clone(), format!("{base}-1"), format!("{base}-2")]
+    );
+    assert!(rows.iter().all(|r| r.2 == "delivered"), "{rows:?}");
+    let cus_a = b.stripe_customer("cust-a").await?;
+    let events: Vec<_> = b.fake.meter_events(ACCOUNT).into_iter().filter(|e| e.stripe_customer_id == cus_a).collect();
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|e| e.value.to_string().len() <= 15 && e.value > 0), "{events:?}");
+    let mut identifiers: Vec<_> = events.iter().map(|e| e.identifier.clone()).collect();
+    identifiers.sort();
+    assert_eq!(identifiers, rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>());
+    let ledger = b.ledger().await?;
+    assert!(ledger["cust-a"] > HUGE);
+    assert_eq!(b.metered(ACCOUNT).await?, ledger, "the parts sum to the ledger exactly");
+    assert_eq!(b.fake.meter_event_attempts(ACCOUNT).len(), 4, "nothing refused");
+
+    // Every answer lost and every part sent again: Stripe knows each part by its identifier.
+    b.fake.forget_idempotency_keys();
+    with_db!(&b.s.app.state.db, pool => sqlx::query("UPDATE meter_batches SET status = 'pending', \
+        delivered_at = NULL, claimed_until = 0, next_attempt_at = 0").execute(pool).await.map(|_| ()))?;
+    let report = b.deliver().await?;
+    assert_eq!((report.delivered, report.failed), (4, 0), "{report:?}");
+    assert_eq!(b.fake.meter_event_attempts(ACCOUNT).len(), 8);
+    assert_eq!(b.fake.meter_events(ACCOUNT).len(), 4, "no part counted twice");
+    assert_eq!(b.metered(ACCOUNT).await?, ledger);
+    Ok(())
+}
+
+async fn meter_events_go_one_at_a_time_per_customer_and_side_by_side_across_customers(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    let customers = ["cust-a", "cust-b", "cust-c"];
+    for customer in customers {
+        b.calls(customer, 1, 10).await?;
+    }
+    b.provision().await?;
+    // Three batches per customer, each round of calls batched on its own.
+    for _ in 0..3 {
+        for customer in customers {
+            b.calls(customer, 1, 10).await?;
+        }
+        assert_eq!(b.form_batches().await?, 3);
+    }
+    // Stripe takes 300 ms to answer each: a second request for a customer while one is being
+    // answered would be refused with 429 lock_timeout.
+    b.fake.set_meter_event_latency(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let report = b.deliver().await?;
+    let elapsed = started.elapsed();
+    b.fake.set_meter_event_latency(std::time::Duration::ZERO);
+    assert_eq!((report.delivered, report.retrying, report.failed), (9, 0, 0), "{report:?}");
+    assert_eq!(b.fake.lock_timeouts(), 0, "one request at a time per customer and meter");
+    assert!(b.fake.meter_events_in_flight_max() >= 2, "customers go side by side");
+    assert!(b.fake.meter_events_in_flight_max() <= 3);
+    // Each customer's three one after the other.
+    assert!(elapsed >= std::time::Duration::from_millis(900), "{elapsed:?}");
+    assert_eq!(b.metered(ACCOUNT).await?, b.ledger().await?);
+    Ok(())
+}
+
+async fn delivery_keeps_to_the_test_mode_rate_limit_and_waits_out_429s(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    let customers = ["cust-a", "cust-b", "cust-c"];
+    for customer in customers {
+        b.calls(customer, 1, 10).await?;
+        // Twelve meter events' worth each: 36 in all, more than test mode's 25 a second.
+        b.bill_one_call(customer, 12 * billing::MAX_METER_EVENT_VALUE).await?;
+    }
+    b.provision().await?;
+    // Provisioning's own calls leave the limiter's second.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let started = std::time::Instant::now();
+    let report = b.deliver().await?;
+    let elapsed = started.elapsed();
+    assert_eq!((report.delivered, report.retrying, report.failed), (36, 0, 0), "{report:?}");
+    assert_eq!(b.fake.rate_limit_refusals(), 0, "paced under the test-mode limit");
+    // 20 a second by default in test mode: the 36th about 1.75 s after the first.
+    assert!(elapsed >= std::time::Duration::from_millis(1_700), "{elapsed:?}");
+    assert_eq!(b.metered(ACCOUNT).await?, b.ledger().await?);
+
+    // A 429 anyway (the tenant's own calls took the account's limit): the batch waits, it does
+    // not fail, and the project holds its meter events back until the wait is over.
+    b.calls("cust-a", 1, 10).await?;
+    b.calls("cust-b", 1, 10).await?;
+    b.fake.set_rate_limit(1);
+    let report = b.deliver().await?;
+    assert_eq!((report.retrying, report.failed), (1, 0), "{report:?}");
+    let sent = b.fake.meter_event_attempts(ACCOUNT).len();
+    let report = b.deliver().await?;
+    assert_eq!(report.delivered + report.retrying + report.failed, 0, "paused: {report:?}");
+    assert_eq!(b.fake.meter_event_attempts(ACCOUNT).len(), sent);
+    let page = b.billing_page().await?;
+    assert!(page.contains("rate limit"), "{page}");
+    b.deliver_all(std::time::Duration::from_secs(20)).await?;
+    assert_eq!(b.batches("failed").await?, 0);
+
+    // Another request for cust-a is being answered when Tollgate sends one: Stripe's 429
+    // lock_timeout (Stripe-Should-Retry: true) is waited out the same way.
+    b.calls("cust-a", 1, 10).await?;
+    b.fake.set_meter_event_latency(std::time::Duration::from_secs(3));
+    let cus_a = b.stripe_customer("cust-a").await?;
+    let event_name = format!("tollgate_usage_{}", b.s.project.id);
+    let url = format!("{}/v1/billing/meter_events", b.fake.base_url());
+    let other = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .bearer_auth(KEY)
+            .form(&[
+                ("event_name", event_name),
+                ("payload[stripe_customer_id]", cus_a),
+                ("payload[value]", "1".to_owned()),
+                ("identifier", "elsewhere-1".to_owned()),
+            ])
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    crate::helpers::eventually(std::time::Duration::from_secs(10), || async {
+        Ok(b.fake.meter_events(ACCOUNT).iter().any(|e| e.identifier == "elsewhere-1"))
+    })
+    .await?;
+    let report = b.deliver().await?;
+    assert_eq!((report.retrying, report.failed), (1, 0), "{report:?}");
+    assert_eq!(b.fake.lock_timeouts(), 1);
+    assert_eq!(other.await??, StatusCode::OK);
+    b.fake.set_meter_event_latency(std::time::Duration::ZERO);
+    b.deliver_all(std::time::Duration::from_secs(20)).await?;
+    assert_eq!(b.batches("failed").await?, 0);
+    let (_, twice) = b.accepted_identifiers(ACCOUNT);
+    assert!(twice.is_empty(), "{twice:?}");
+    let mut ledger = b.ledger().await?;
+    *ledger.entry("cust-a".to_owned()).or_default() += 1;
+    assert_eq!(b.metered(ACCOUNT).await?, ledger);
+    Ok(())
+}
+
+async fn delivered_batches_are_never_sent_again_after_the_dedup_window(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    b.calls("cust-a", 2, 10).await?;
+    b.calls("cust-b", 1, 10).await?;
+    b.provision().await?;
+    assert_eq!(b.deliver().await?.delivered, 2);
+    let sent = b.fake.meter_event_attempts(ACCOUNT).len();
+
+    // A day later Stripe has forgotten the identifiers and the idempotency keys: a batch sent
+    // again would be counted again.
+    b.fake.set_identifier_window(std::time::Duration::ZERO);
+    b.fake.forget_idempotency_keys();
+    // Every way a batch could come back: claims expired, "retry what failed", more runs.
+    with_db!(&b.s.app.state.db, pool => sqlx::query("UPDATE meter_batches SET claimed_until = 0, next_attempt_at = 0")
+        .execute(pool).await.map(|_| ()))?;
+    billing::retry_now(&b.s.app.state.db, &b.s.project.id).await?;
+    for _ in 0..3 {
+        let report = b.deliver().await?;
+        assert_eq!(report.delivered + report.retrying + report.failed, 0, "{report:?}");
+    }
+    assert_eq!(b.fake.meter_event_attempts(ACCOUNT).len(), sent, "nothing delivered is sent again");
+    assert_eq!(b.batches("delivered").await?, 2);
+    assert_eq!(b.metered(ACCOUNT).await?, b.ledger().await?);
+
+    // New usage still goes, and only it. While it waits more than half of Stripe's default
+    // invoice grace period (an hour), the page warns that it may miss its invoice.
+    b.calls("cust-a", 1, 5).await?;
+    assert_eq!(b.form_batches().await?, 1);
+    assert!(!section(&b.billing_page().await?, "delivery-lag").contains("may miss its invoice"));
+    with_db!(&b.s.app.state.db, pool => sqlx::query(
+        "UPDATE meter_batches SET first_at = first_at - 2400000 WHERE status = 'pending'")
+        .execute(pool).await.map(|_| ()))?;
+    let page = b.billing_page().await?;
+    assert!(section(&page, "delivery-lag").contains("may miss its invoice"), "{page}");
+    assert_eq!(b.deliver().await?.delivered, 1);
+    assert!(!section(&b.billing_page().await?, "delivery-lag").contains("may miss its invoice"));
+    assert_eq!(b.fake.meter_event_attempts(ACCOUNT).len(), sent + 1);
+    assert_eq!(b.metered(ACCOUNT).await?, b.ledger().await?);
+    Ok(())
+}
+
+/// Reconciliation rows: external id → (delivered, Stripe's count, drift).
+async fn reconciliations(b: &Billing) -> anyhow::Result<HashMap<String, (i64, Option<i64>, Option<i64>)>> {
+    let rows: Vec<(String, i64, Option<i64>, Option<i64>)> = with_db!(&b.s.app.state.db, pool =>
+        sqlx::query_as::<_, (String, i64, Option<i64>, Option<i64>)>(
+            "SELECT c.external_id, r.delivered_nanos, r.stripe_nanos, r.drift_nanos FROM billing_reconciliations r \
+             JOIN customers c ON c.id = r.customer_id").fetch_all(pool).await)?;
+    Ok(rows.into_iter().map(|(c, d, s, drift)| (c, (d, s, drift))).collect())
+}
+
+async fn reconciliation_does_not_count_stripes_lag_as_drift(db: TestDatabase) -> TestResult {
+    let mut b = billing_setup(&db).await?;
+    b.services.summary_settle = std::time::Duration::from_secs(6);
+    b.fake.set_summary_lag(std::time::Duration::from_secs(3));
+    b.connect_with_key().await?;
+    b.calls("cust-a", 2, 10).await?;
+    b.calls("cust-b", 1, 10).await?;
+    b.provision().await?;
+    assert_eq!(b.deliver().await?.delivered, 2);
+    let ledger = b.ledger().await?;
+
+    // Stripe has not counted them yet: no drift.
+    assert_eq!(jobs::reconcile(&b.s.app.state.db, &b.services).await?, 2);
+    for (customer, (delivered, stripe, drift)) in reconciliations(&b).await? {
+        assert_eq!((delivered, stripe, drift), (ledger[&customer], Some(0), Some(0)), "{customer}");
+    }
+    // Counted: the same, with Stripe's count.
+    tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
+    jobs::reconcile(&b.s.app.state.db, &b.services).await?;
+    for (customer, (delivered, stripe, drift)) in reconciliations(&b).await? {
+        assert_eq!((delivered, stripe, drift), (ledger[&customer], Some(ledger[&customer]), Some(0)), "{customer}");
+    }
+
+    // A meter event Stripe never counted, delivered long enough ago to be in its summary: drift,
+    // once what was just delivered has settled too (6 s here).
+    tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
+    with_db!(&b.s.app.state.db, pool => sqlx::query(
+        "INSERT INTO meter_batches (id, project_id, customer_id, stripe_customer_id, event_name, value_nanos, events, \
+            first_at, last_at, status, attempts, next_attempt_at, created_at, delivered_at) \
+         SELECT 'mtb_lost', project_id, id, stripe_customer_id, $1, 1234, 1, $2, $2, 'delivered', 1, 0, $3, $3 \
+         FROM customers WHERE external_id = 'cust-a'")
+        .bind(format!("tollgate_usage_{}", b.s.project.id))
+        .bind(tollgate_core::time::UnixMillis::now().0)
+        .bind(tollgate_core::time::UnixMillis::now().0 - 60_000)
+        .execute(pool).await.map(|_| ()))?;
+    jobs::reconcile(&b.s.app.state.db, &b.services).await?;
+    let rows = reconciliations(&b).await?;
+    assert_eq!(rows["cust-a"], (ledger["cust-a"] + 1234, Some(ledger["cust-a"]), Some(-1234)));
+    assert_eq!(rows["cust-b"].2, Some(0));
+    Ok(())
+}
+
+async fn a_customer_with_a_batch_in_flight_is_left_to_its_worker(db: TestDatabase) -> TestResult {
+    let b = billing_setup(&db).await?;
+    b.connect_with_key().await?;
+    b.calls("cust-a", 1, 10).await?;
+    b.calls("cust-b", 1, 10).await?;
+    b.provision().await?;
+    assert_eq!(b.form_batches().await?, 2);
+    b.calls("cust-a", 1, 10).await?;
+    b.calls("cust-b", 1, 10).await?;
+    assert_eq!(b.form_batches().await?, 2);
+    let (db, project) = (&b.s.app.state.db, &b.s.project.id);
+    let now = tollgate_core::time::UnixMillis::now();
+
+    // One worker claims one batch; another, a moment later, takes only the other customer's.
+    let first = billing::claim_due_batches(db, project, now, 1, 3_000).await?;
+    assert_eq!(first.len(), 1);
+    let busy = first[0].stripe_customer_id.clone();
+    let later = tollgate_core::time::UnixMillis(now.0 + 1);
+    let second = billing::claim_due_batches(db, project, later, 100, 3_000).await?;
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(second.iter().all(|batch| batch.stripe_customer_id != busy), "{second:?}");
+    // Once the first worker is done with its batch, the customer's next one can be claimed.
+    billing::record_attempt(db, &first[0].id, &billing::Attempt::Delivered).await?;
+    let third = billing::claim_due_batches(db, project, tollgate_core::time::UnixMillis(now.0 + 2), 100, 3_000).await?;
+    assert_eq!(third.iter().map(|batch| batch.stripe_customer_id.clone()).collect::<Vec<_>>(), [busy]);
     Ok(())
 }

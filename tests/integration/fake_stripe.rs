@@ -18,17 +18,31 @@
 //!   (connections refused) and coming back on the same port with the same state;
 //! - signed webhook events sent to a URL, as Stripe sends them.
 //!
+//! Within Stripe's limits, each rule from Stripe's documentation (cited where it is enforced):
+//!
+//! - a meter event value of more than 15 significant digits is refused (400, `payload[value]`);
+//! - one meter event request at a time per customer and meter: another one for the same pair
+//!   while the first is being answered gets 429 `lock_timeout` with `Stripe-Should-Retry: true`;
+//! - rate limits per account and mode, over a sliding second: test-mode keys (`sk_test_`,
+//!   `rk_test_`) get the basic limit (25 requests a second), meter events included; live keys
+//!   100 a second, and meter events 1,000 a second on their own limiter (429 `rate_limit`);
+//! - an identifier is deduplicated for a rolling 24 hours (`set_identifier_window`), not for ever;
+//! - meter event summaries are eventually consistent (`set_summary_lag`: what was accepted more
+//!   recently is not counted yet) and `aggregated_value` is a floating-point number, summed in
+//!   doubles as Stripe's aggregation does.
+//!
 //! Every request is recorded for the test to inspect.
 //!
 //! Not modelled: pagination (`limit`, `starting_after`; every list is one page), `expand`,
 //! updates and deletions, API v2 meter event streams,
 //! meter errors that Stripe reports later (`v1.billing.meter.error_report_triggered`; here an
-//! unknown meter or customer is refused at once), Stripe's real rate limits (only the 429s
-//! asked for), key expiry after 24 hours (`forget_idempotency_keys` stands for it).
+//! unknown meter or customer is refused at once), the concurrency limiter across endpoints,
+//! key expiry after 24 hours (`forget_idempotency_keys` stands for it).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -59,6 +73,9 @@ pub struct MeterEvent {
     pub stripe_customer_id: String,
     pub value: i64,
     pub timestamp: i64,
+    /// When the fake received it (the identifier's deduplication and the summaries' lag
+    /// count from here).
+    pub received: Instant,
 }
 
 #[derive(Default)]
@@ -97,9 +114,41 @@ struct Inner {
     rate_limited: usize,
     failing: Option<(usize, u16)>,
     /// How long a meter event's answer takes, after the event is accepted.
-    meter_event_latency: std::time::Duration,
+    meter_event_latency: Duration,
+    /// (account, event name, customer) of the meter event requests being answered.
+    meter_locks: HashSet<(String, String, String)>,
+    /// Meter event requests being answered, and the most there ever were at once.
+    meter_in_flight: usize,
+    meter_in_flight_max: usize,
+    /// Meter events refused because another one for the customer and meter was in flight.
+    lock_timeouts: usize,
+    /// Requests refused by the rate limiter (not the ones asked for with `set_rate_limit`).
+    rate_limit_refusals: usize,
+    /// When each recent request of an (account, limiter) arrived, over the last second.
+    recent: HashMap<(String, Limiter), VecDeque<Instant>>,
+    /// The basic limit for test-mode keys (25 a second).
+    test_mode_limit: usize,
+    /// How long an identifier is remembered (a rolling 24 hours).
+    identifier_window: Duration,
+    /// How long an accepted meter event takes to count in the summaries.
+    summary_lag: Duration,
     next_id: u64,
 }
+
+/// Stripe's rate limiters, per account: the basic one, and live mode's own for meter events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Limiter {
+    TestBasic,
+    LiveBasic,
+    LiveMeterEvents,
+}
+
+/// How long Stripe keeps a meter event identifier for deduplication.
+pub const IDENTIFIER_WINDOW: Duration = Duration::from_secs(24 * 3_600);
+/// Test mode's basic rate limit (requests a second).
+pub const TEST_MODE_LIMIT: usize = 25;
+/// The most significant digits a meter event value may have.
+pub const MAX_VALUE_DIGITS: usize = 15;
 
 impl Inner {
     fn id(&mut self, prefix: &str) -> String {
@@ -151,6 +200,8 @@ impl FakeStripe {
     pub async fn start(keys: &[(&str, &str)]) -> anyhow::Result<Self> {
         let inner = Arc::new(Mutex::new(Inner {
             keys: keys.iter().map(|(k, a)| ((*k).to_owned(), (*a).to_owned())).collect(),
+            test_mode_limit: TEST_MODE_LIMIT,
+            identifier_window: IDENTIFIER_WINDOW,
             ..Inner::default()
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -253,7 +304,7 @@ impl FakeStripe {
     }
 
     /// Answers meter events only `latency` after accepting them (a worker can die in between).
-    pub fn set_meter_event_latency(&self, latency: std::time::Duration) {
+    pub fn set_meter_event_latency(&self, latency: Duration) {
         self.inner.lock().unwrap().meter_event_latency = latency;
     }
 
@@ -261,6 +312,37 @@ impl FakeStripe {
     /// event identifiers' deduplication stands between a resend and a double count.
     pub fn forget_idempotency_keys(&self) {
         self.inner.lock().unwrap().idempotency.clear();
+    }
+
+    /// How long identifiers are deduplicated (24 hours unless set): a shorter window stands for
+    /// time passing.
+    pub fn set_identifier_window(&self, window: Duration) {
+        self.inner.lock().unwrap().identifier_window = window;
+    }
+
+    /// How long an accepted meter event takes to count in the summaries (none unless set).
+    pub fn set_summary_lag(&self, lag: Duration) {
+        self.inner.lock().unwrap().summary_lag = lag;
+    }
+
+    /// Test mode's basic rate limit, per second (25 unless set).
+    pub fn set_test_mode_limit(&self, per_second: usize) {
+        self.inner.lock().unwrap().test_mode_limit = per_second;
+    }
+
+    /// Meter events refused with 429 `lock_timeout` (another in flight for the customer and meter).
+    pub fn lock_timeouts(&self) -> usize {
+        self.inner.lock().unwrap().lock_timeouts
+    }
+
+    /// Requests refused by the rate limiter.
+    pub fn rate_limit_refusals(&self) -> usize {
+        self.inner.lock().unwrap().rate_limit_refusals
+    }
+
+    /// The most meter event requests the fake was answering at once.
+    pub fn meter_events_in_flight_max(&self) -> usize {
+        self.inner.lock().unwrap().meter_in_flight_max
     }
 
     /// Stops answering: open connections are closed and new ones refused.
@@ -467,7 +549,11 @@ impl Drop for InFlight {
 }
 
 fn respond(inner: &mut Inner, status: StatusCode, body: Value) -> Response {
+    let lock_timeout = body["error"]["code"] == "lock_timeout";
     let mut response = (status, Json(body)).into_response();
+    if lock_timeout {
+        response.headers_mut().insert("stripe-should-retry", HeaderValue::from_static("true"));
+    }
     let request_id = inner.id("req");
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("request-id", value);
@@ -504,6 +590,10 @@ fn answer(
         Ok(account) => account,
         Err((status, body)) => return (respond(&mut inner, status, body), flight),
     };
+    // The rate limiters run before the idempotency layer: a request they refuse did not run.
+    if let Err((status, body)) = rate_limit(&mut inner, headers, &account, &path) {
+        return (respond(&mut inner, status, body), flight);
+    }
     let slot = idempotency_key.filter(|_| method == Method::POST).map(|k| (account.clone(), k));
     if let Some(slot) = &slot {
         if slot.1.len() > 255 {
@@ -559,6 +649,50 @@ fn answer(
         flight.slot = Some(slot);
     }
     (respond(&mut inner, status, body), flight)
+}
+
+/// Stripe's rate limiters, over a sliding second per account acted on. Sources:
+/// <https://docs.stripe.com/rate-limits> ("Live mode: 100 operations", "Sandbox: 25
+/// operations"; "Calls to the Meter events endpoint in live mode are subject to a separate rate
+/// limit … 1000 calls per second per Stripe account") and
+/// <https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api> ("In test mode
+/// and sandbox mode, calls to the meter event and meter event stream endpoint count toward the
+/// basic limit"). The mode is the key's (`sk_live_`/`rk_live_` live, anything else test). The
+/// refusal is Stripe's 429 `rate_limit` body, as `set_rate_limit` answers.
+fn rate_limit(inner: &mut Inner, headers: &HeaderMap, account: &str, path: &str) -> Result<(), (StatusCode, Value)> {
+    let key = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let live = key.contains("sk_live_") || key.contains("rk_live_");
+    let (limiter, limit) = match (live, path == "/v1/billing/meter_events") {
+        (true, true) => (Limiter::LiveMeterEvents, 1_000),
+        (true, false) => (Limiter::LiveBasic, 100),
+        (false, _) => (Limiter::TestBasic, inner.test_mode_limit),
+    };
+    let now = Instant::now();
+    let recent = inner.recent.entry((account.to_owned(), limiter)).or_default();
+    while recent.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1)) {
+        recent.pop_front();
+    }
+    if recent.len() >= limit {
+        inner.rate_limit_refusals += 1;
+        return Err(rate_limited());
+    }
+    recent.push_back(now);
+    Ok(())
+}
+
+fn rate_limited() -> (StatusCode, Value) {
+    stripe_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "invalid_request_error",
+        Some("rate_limit"),
+        "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits.",
+    )
+}
+
+/// Significant digits of a whole number written in decimal (sign and leading zeros aside).
+fn significant_digits(value: &str) -> usize {
+    let digits = value.trim_start_matches(['-', '+']).trim_start_matches('0');
+    digits.chars().filter(char::is_ascii_digit).count()
 }
 
 fn text<'a>(params: &'a Value, name: &str) -> Option<&'a str> {
@@ -862,6 +996,24 @@ async fn get_subscription(
     get_object(&inner, method, &uri, &headers, &id, "subscription", |a| &a.subscriptions)
 }
 
+/// A meter event request holding its (account, event name, customer) lock; released when
+/// dropped (the answer sent, or the connection gone).
+struct MeterLock {
+    inner: Shared,
+    lock: Option<(String, String, String)>,
+}
+
+impl Drop for MeterLock {
+    fn drop(&mut self) {
+        if let Some(lock) = self.lock.take()
+            && let Ok(mut inner) = self.inner.lock()
+        {
+            inner.meter_locks.remove(&lock);
+            inner.meter_in_flight = inner.meter_in_flight.saturating_sub(1);
+        }
+    }
+}
+
 async fn create_meter_event(
     State(inner): State<Shared>,
     method: Method,
@@ -870,6 +1022,7 @@ async fn create_meter_event(
     form: Form,
 ) -> Response {
     let latency = inner.lock().unwrap().meter_event_latency;
+    let mut held = MeterLock { inner: inner.clone(), lock: None };
     let (response, flight) = answer(&inner, method, &uri, &headers, form.0, |inner, account, params| {
         let timestamp = match text(params, "timestamp") {
             Some(t) => match t.parse::<i64>() {
@@ -879,24 +1032,47 @@ async fn create_meter_event(
             None => now(),
         };
         let identifier = text(params, "identifier").map(str::to_owned).unwrap_or_else(|| inner.id("ident"));
+        let raw_value = params["payload"]["value"].as_str().unwrap_or_default().to_owned();
         let event = MeterEvent {
             identifier: identifier.clone(),
             event_name: text(params, "event_name").unwrap_or_default().to_owned(),
             stripe_customer_id: params["payload"]["stripe_customer_id"].as_str().unwrap_or_default().to_owned(),
-            value: params["payload"]["value"].as_str().and_then(|v| v.parse().ok()).unwrap_or(i64::MIN),
+            value: raw_value.parse().unwrap_or(i64::MIN),
             timestamp,
+            received: Instant::now(),
         };
         let data = inner.accounts.entry(account.to_owned()).or_default();
         data.meter_event_attempts.push(event.clone());
         if inner.rate_limited > 0 {
             inner.rate_limited -= 1;
+            return rate_limited();
+        }
+        // "The meter event endpoint allows … one concurrent call per customer per meter"
+        // (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api, Rate
+        // limits). Stripe's answer to a request that finds the object locked by another is 429
+        // `lock_timeout` ("This object cannot be accessed right now because another API request
+        // or Stripe process is currently accessing it … make your requests serially or at a lower
+        // rate", https://docs.stripe.com/error-codes#lock-timeout), which its SDKs retry
+        // (stripe-ruby #841, stripe-php #718: "Retry requests on a 429 that's a lock timeout";
+        // the code is in Stripe's API definition, async-stripe `ApiErrorsCode::LockTimeout`);
+        // sent with `Stripe-Should-Retry: true` (https://docs.stripe.com/error-low-level).
+        let lock = (account.to_owned(), event.event_name.clone(), event.stripe_customer_id.clone());
+        if inner.meter_locks.contains(&lock) {
+            inner.lock_timeouts += 1;
             return stripe_error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "invalid_request_error",
-                Some("rate_limit"),
-                "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits.",
+                Some("lock_timeout"),
+                "This object cannot be accessed right now because another API request or Stripe process is \
+                 currently accessing it. If you see this error intermittently, retry the request. If you see this \
+                 error frequently and are making multiple concurrent requests to a single object, make your \
+                 requests serially or at a lower rate.",
             );
         }
+        inner.meter_locks.insert(lock.clone());
+        inner.meter_in_flight += 1;
+        inner.meter_in_flight_max = inner.meter_in_flight_max.max(inner.meter_in_flight);
+        held.lock = Some(lock);
         if let Some((n, status)) = inner.failing {
             inner.failing = (n > 1).then_some((n - 1, status));
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -927,6 +1103,21 @@ async fn create_meter_event(
         if find(&data.customers, &event.stripe_customer_id).is_none() {
             return with_param(no_such("customer", &event.stripe_customer_id), "payload[stripe_customer_id]");
         }
+        // "Introduces validation that rejects billing meter event values with more than 15
+        // significant digits. For the synchronous API, requests with such values now return a
+        // 400 error … “The value in the event payload can have at most `max_digits` digits.
+        // Received `value`.”" (https://docs.stripe.com/changelog/dahlia/2026-04-22/billing-meter-event-values-validation).
+        // Checked before the whole-number rule, so a value too long for any integer type is
+        // refused for its digits.
+        if significant_digits(&raw_value) > MAX_VALUE_DIGITS {
+            return invalid(
+                "payload[value]",
+                None,
+                &format!(
+                    "The value in the event payload can have at most {MAX_VALUE_DIGITS} digits. Received {raw_value}."
+                ),
+            );
+        }
         if event.value == i64::MIN {
             return invalid("payload[value]", None, "payload[value] must be a whole number.");
         }
@@ -938,7 +1129,14 @@ async fn create_meter_event(
                 "The timestamp must be within the past 35 days and no more than 5 minutes in the future.",
             );
         }
-        if data.meter_events.iter().any(|e| e.identifier == identifier) {
+        // "We will enforce uniqueness within a rolling period of at least 24 hours. The
+        // enforcement of uniqueness primarily addresses issues arising from accidental retries or
+        // other problems occurring within extremely brief time intervals" (the `identifier`
+        // parameter, https://docs.stripe.com/api/billing/meter-event/create; stripe-node
+        // `BillingMeterEventCreateParams.identifier`). An older identifier is a new event.
+        let window = inner.identifier_window;
+        let data = inner.accounts.entry(account.to_owned()).or_default();
+        if data.meter_events.iter().any(|e| e.identifier == identifier && e.received.elapsed() < window) {
             return stripe_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -956,9 +1154,10 @@ async fn create_meter_event(
             }),
         )
     });
-    // The key stays in flight while the answer is held back.
+    // The key, and the customer and meter, stay in flight while the answer is held back.
     tokio::time::sleep(latency).await;
     drop(flight);
+    drop(held);
     response
 }
 
@@ -998,18 +1197,26 @@ async fn event_summaries(
         let Some(data) = inner.accounts.get(account) else { return no_such("billing.meter", &id) };
         let Some(meter) = find(&data.meters, &id) else { return no_such("billing.meter", &id) };
         // One summary for the range, or one per window (in time order) when grouped.
+        // "Stripe processes meter events asynchronously, so aggregated usage in meter event
+        // summaries and on upcoming invoices might not immediately reflect recently received meter
+        // events" (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api):
+        // events received less than the lag ago are not counted yet. `aggregated_value` is a
+        // float (stripe-node `Billing.MeterEventSummary.aggregated_value: number`, async-stripe
+        // `f64`), summed in doubles: past 2^53 the sum rounds ("double precision loss in the
+        // usage aggregation pipeline", the 2026-04-22 changelog above).
+        let lag = inner.summary_lag;
         let step = if query.contains_key("value_grouping_window") { window } else { end - start };
         let summaries = (start..end)
             .step_by(usize::try_from(step).unwrap_or(usize::MAX))
             .map(|from| {
                 let to = from + step;
-                let total: i64 = data
+                let total: f64 = data
                     .meter_events
                     .iter()
                     .filter(|e| e.event_name == meter["event_name"].as_str().unwrap_or_default())
                     .filter(|e| &e.stripe_customer_id == customer && e.timestamp >= from && e.timestamp < to)
-                    .map(|e| e.value)
-                    .sum();
+                    .filter(|e| e.received.elapsed() >= lag)
+                    .fold(0.0, |sum, e| sum + e.value as f64);
                 json!({
                     "id": format!("mtrusg_{customer}_{from}"), "object": "billing.meter_event_summary",
                     "aggregated_value": total, "start_time": from, "end_time": to, "livemode": false, "meter": id,

@@ -18,6 +18,11 @@ pub fn cases() -> Vec<PlainCase> {
         fake_stripe_goes_down_and_comes_back_with_its_state,
         fake_stripe_sends_signed_events,
         fake_stripe_invoices_only_usage_inside_a_subscription_period_before_finalizing,
+        fake_stripe_refuses_values_over_15_significant_digits,
+        fake_stripe_allows_one_meter_event_at_a_time_per_customer_and_meter,
+        fake_stripe_rate_limits_test_mode_keys_lower_than_live_ones,
+        fake_stripe_forgets_identifiers_after_its_window,
+        fake_stripe_summaries_lag_and_sum_in_floating_point,
     ]
 }
 
@@ -213,7 +218,8 @@ async fn fake_stripe_dedupes_identifiers_and_keeps_the_timestamp_window() -> any
     assert_eq!(summary.status, StatusCode::OK, "{}", summary.body);
     assert_eq!(summary.body["object"], "list");
     assert_eq!(summary.body["data"][0]["object"], "billing.meter_event_summary");
-    assert_eq!(summary.body["data"][0]["aggregated_value"], 7);
+    assert_eq!(summary.body["data"][0]["aggregated_value"].as_f64(), Some(7.0));
+    assert!(summary.body["data"][0]["aggregated_value"].is_f64(), "a float, as Stripe's");
     let unaligned = stripe
         .get(&format!(
             "/billing/meters/{meter}/event_summaries?customer={customer}&start_time={}&end_time={}",
@@ -236,11 +242,11 @@ async fn fake_stripe_dedupes_identifiers_and_keeps_the_timestamp_window() -> any
         .as_array()
         .into_iter()
         .flatten()
-        .map(|s| (s["start_time"].as_i64().unwrap_or_default(), s["aggregated_value"].as_i64().unwrap_or_default()))
+        .map(|s| (s["start_time"].as_i64().unwrap_or_default(), s["aggregated_value"].as_f64().unwrap_or(-1.0)))
         .collect();
     // mtb_1 (7) is in this hour; mtb_newest (1, four minutes ahead) may be in the next.
-    let this_hour = 7 + i64::from(now + 240 < hour + 3_600);
-    assert_eq!(values, [(hour - 3_600, 0), (hour, this_hour)], "{}", grouped.body);
+    let this_hour = 7.0 + f64::from(u8::from(now + 240 < hour + 3_600));
+    assert_eq!(values, [(hour - 3_600, 0.0), (hour, this_hour)], "{}", grouped.body);
     Ok(())
 }
 
@@ -526,5 +532,193 @@ async fn fake_stripe_invoices_only_usage_inside_a_subscription_period_before_fin
     assert_eq!((second[0]["total"].as_i64(), second[0]["status"].as_str()), (Some(0), Some("paid")));
     assert_eq!(fake.invoiced(ACCOUNT, &customer), 10);
     assert_eq!(fake.invoiced_quantity(ACCOUNT, &customer), 100_000_000);
+    Ok(())
+}
+
+/// A meter event with its value as written (not necessarily a number that fits an `i64`).
+async fn meter_event_raw(stripe: &Caller<'_>, customer: &str, identifier: &str, value: &str) -> anyhow::Result<Answer> {
+    stripe
+        .post(
+            "/billing/meter_events",
+            None,
+            &[
+                ("event_name", EVENT.to_owned()),
+                ("payload[stripe_customer_id]", customer.to_owned()),
+                ("payload[value]", value.to_owned()),
+                ("identifier", identifier.to_owned()),
+                ("timestamp", now().to_string()),
+            ],
+        )
+        .await
+}
+
+async fn fake_stripe_refuses_values_over_15_significant_digits() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let stripe = Caller::new(&fake, KEY, None);
+    let (_, customer) = stripe.provision().await?;
+    let largest = meter_event_raw(&stripe, &customer, "mtb_15", "999999999999999").await?;
+    assert_eq!(largest.status, StatusCode::OK, "{}", largest.body);
+    // Leading zeros are not significant.
+    let padded = meter_event_raw(&stripe, &customer, "mtb_padded", "000123456789012345").await?;
+    assert_eq!(padded.status, StatusCode::OK, "{}", padded.body);
+    for (identifier, value) in
+        [("mtb_16", "1000000000000000"), ("mtb_19", "9223372036854775807"), ("mtb_25", "1234567890123456789012345")]
+    {
+        let refused = meter_event_raw(&stripe, &customer, identifier, value).await?;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+        assert_eq!(refused.body["error"]["type"], "invalid_request_error");
+        assert_eq!(refused.body["error"]["param"], "payload[value]");
+        let message = refused.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("at most 15 digits") && message.contains(value), "{message}");
+    }
+    let accepted: Vec<_> = fake.meter_events(ACCOUNT).into_iter().map(|e| e.value).collect();
+    assert_eq!(accepted, [999_999_999_999_999, 123_456_789_012_345]);
+    Ok(())
+}
+
+async fn fake_stripe_allows_one_meter_event_at_a_time_per_customer_and_meter() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let stripe = Caller::new(&fake, KEY, None);
+    let (_, first) = stripe.provision().await?;
+    let second = stripe.customer("customer-2").await?.id();
+    let now = now();
+    fake.set_meter_event_latency(Duration::from_millis(1_500));
+    let started = |n: usize| {
+        let fake = &fake;
+        async move {
+            while fake.meter_event_attempts(ACCOUNT).len() < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // The first customer's event is being answered; a second one for it is refused, while one
+    // for another customer goes through at the same time.
+    let (slow, same, other) = tokio::join!(
+        stripe.meter_event(Some("k-1"), &first, "mtb_1", 1, now),
+        async {
+            started(1).await;
+            stripe.meter_event(Some("k-2"), &first, "mtb_2", 2, now).await
+        },
+        async {
+            started(1).await;
+            stripe.meter_event(Some("k-3"), &second, "mtb_3", 3, now).await
+        },
+    );
+    fake.set_meter_event_latency(Duration::ZERO);
+    let (same, other) = (same?, other?);
+    assert_eq!(slow?.status, StatusCode::OK);
+    assert_eq!((same.status, same.code()), (StatusCode::TOO_MANY_REQUESTS, "lock_timeout"), "{}", same.body);
+    assert_eq!(same.body["error"]["type"], "invalid_request_error");
+    assert!(same.headers.get("stripe-should-retry").is_some_and(|v| v == "true"));
+    assert_eq!(other.status, StatusCode::OK, "{}", other.body);
+    assert_eq!((fake.lock_timeouts(), fake.meter_events_in_flight_max()), (1, 2));
+    // Refused before it ran: once the first is answered, the same key goes through.
+    let again = stripe.meter_event(Some("k-2"), &first, "mtb_2", 2, now).await?;
+    assert_eq!((again.status, again.replayed()), (StatusCode::OK, false), "{}", again.body);
+    assert_eq!(fake.meter_events(ACCOUNT).len(), 3);
+    Ok(())
+}
+
+async fn fake_stripe_rate_limits_test_mode_keys_lower_than_live_ones() -> anyhow::Result<()> {
+    const LIVE_KEY: &str = "sk_live_tenant_c";
+    const LIVE_ACCOUNT: &str = "acct_tenant_c";
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT), (LIVE_KEY, LIVE_ACCOUNT)]).await?;
+    let test = Caller::new(&fake, KEY, None);
+    let live = Caller::new(&fake, LIVE_KEY, None);
+    let (_, test_customer) = test.provision().await?;
+    let (_, live_customer) = live.provision().await?;
+    // Let the provisioning calls leave the second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let now = now();
+    let mut statuses = Vec::new();
+    for n in 0..30 {
+        statuses.push(test.meter_event(None, &test_customer, &format!("mtb_t{n}"), 1, now).await?);
+    }
+    // (Sent one at a time: concurrent ones for one customer would be locked out instead.)
+    let limited: Vec<_> = statuses.iter().filter(|a| a.status == StatusCode::TOO_MANY_REQUESTS).collect();
+    assert!(limited.len() >= 5, "test mode allows 25 a second, {} refused", limited.len());
+    assert!(
+        limited.iter().all(|a| a.code() == "rate_limit"),
+        "{:?}",
+        limited.iter().map(|a| &a.body).collect::<Vec<_>>()
+    );
+    assert_eq!(fake.rate_limit_refusals(), limited.len());
+    let mut live_ok = 0;
+    for n in 0..60 {
+        let answer = live.meter_event(None, &live_customer, &format!("mtb_m{n}"), 1, now).await?;
+        live_ok += usize::from(answer.status == StatusCode::OK);
+    }
+    assert_eq!(live_ok, 60, "live meter events have their own limit of 1,000 a second");
+    // A second later the test-mode limit has room again; every request counts toward it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    fake.set_test_mode_limit(2);
+    let later = test.meter_event(None, &test_customer, "mtb_later", 1, now).await?;
+    assert_eq!(later.status, StatusCode::OK, "{}", later.body);
+    assert_eq!(test.get(&format!("/customers/{test_customer}")).await?.status, StatusCode::OK);
+    let over = test.get(&format!("/customers/{test_customer}")).await?;
+    assert_eq!((over.status, over.code()), (StatusCode::TOO_MANY_REQUESTS, "rate_limit"));
+    Ok(())
+}
+
+async fn fake_stripe_forgets_identifiers_after_its_window() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let stripe = Caller::new(&fake, KEY, None);
+    let (_, customer) = stripe.provision().await?;
+    let now = now();
+    fake.set_identifier_window(Duration::from_millis(500));
+    assert_eq!(stripe.meter_event(None, &customer, "mtb_1", 5, now).await?.status, StatusCode::OK);
+    let again = stripe.meter_event(None, &customer, "mtb_1", 5, now).await?;
+    assert_eq!(again.code(), "resource_already_exists");
+    // Past the window the identifier is new again: the same event counts twice.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let late = stripe.meter_event(None, &customer, "mtb_1", 5, now).await?;
+    assert_eq!(late.status, StatusCode::OK, "{}", late.body);
+    let values: Vec<_> = fake.meter_events(ACCOUNT).into_iter().map(|e| (e.identifier, e.value)).collect();
+    assert_eq!(values, [("mtb_1".to_owned(), 5), ("mtb_1".to_owned(), 5)]);
+    Ok(())
+}
+
+async fn fake_stripe_summaries_lag_and_sum_in_floating_point() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let stripe = Caller::new(&fake, KEY, None);
+    let (meter, customer) = stripe.provision().await?;
+    let now = now();
+    let start = now - now.rem_euclid(60);
+    let summary = || async {
+        let answer = stripe
+            .get(&format!(
+                "/billing/meters/{meter}/event_summaries?customer={customer}&start_time={start}&end_time={}",
+                start + 60
+            ))
+            .await?;
+        anyhow::ensure!(answer.status == StatusCode::OK, "{}", answer.body);
+        let value = &answer.body["data"][0]["aggregated_value"];
+        anyhow::ensure!(value.is_f64(), "a float: {value}");
+        Ok(value.as_f64().unwrap_or(-1.0))
+    };
+    fake.set_summary_lag(Duration::from_millis(700));
+    assert_eq!(stripe.meter_event(None, &customer, "mtb_1", 7, now).await?.status, StatusCode::OK);
+    assert_eq!(summary().await?, 0.0, "accepted, not counted yet");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(summary().await?, 7.0);
+
+    // Past 2^53 the double sum rounds at each step: with the 7 above, ten values of 15 nines and
+    // one of 1 sum to 10^16 - 2; in doubles, to 10^16 - 4.
+    fake.set_summary_lag(Duration::ZERO);
+    let mut exact: i64 = 7;
+    let mut double: f64 = 7.0;
+    for n in 0..10 {
+        let answer = stripe.meter_event(None, &customer, &format!("mtb_big{n}"), 999_999_999_999_999, now).await?;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        exact += 999_999_999_999_999;
+        double += 999_999_999_999_999.0;
+    }
+    assert_eq!(stripe.meter_event(None, &customer, "mtb_one", 1, now).await?.status, StatusCode::OK);
+    exact += 1;
+    double += 1.0;
+    let summed = summary().await?;
+    assert_eq!(summed, double);
+    assert_ne!(summed as i64, exact, "{summed} is a rounded {exact}");
+    assert!((summed as i64 - exact).abs() <= 2);
     Ok(())
 }

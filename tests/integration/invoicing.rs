@@ -38,11 +38,6 @@ async fn setup(db: &TestDatabase) -> anyhow::Result<Billing> {
 }
 
 impl Billing {
-    async fn stripe_customer(&self, external_id: &str) -> anyhow::Result<String> {
-        Ok(with_db!(&self.s.app.state.db, pool => sqlx::query_scalar::<_, String>(
-            "SELECT stripe_customer_id FROM customers WHERE external_id = $1").bind(external_id).fetch_one(pool).await)?)
-    }
-
     /// Ends the current periods (a second from now, after the usage just sent: periods are
     /// counted in whole seconds) and finalizes their invoices (their grace period over).
     async fn close_periods(&self) {

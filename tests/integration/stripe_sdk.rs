@@ -211,5 +211,32 @@ async fn fake_stripe_answers_the_official_sdk() -> anyhow::Result<()> {
     assert!(message.contains("does not have access to account 'acct_stranger'"), "{message}");
     assert!(fake.seen().iter().all(|r| r.key.as_deref() == Some(PLATFORM_KEY)));
     assert_eq!(fake.seen().iter().filter(|r| r.account.as_deref() == Some(CONNECTED)).count(), 20);
+
+    // Stripe's limits as the SDK reads them: a value of 16 digits is refused (400), and so is a
+    // second meter event for the customer while the first is being answered (429 lock_timeout).
+    let payload = |value: &str| {
+        HashMap::from([
+            ("stripe_customer_id".to_owned(), customer.id.to_string()),
+            ("value".to_owned(), value.to_owned()),
+        ])
+    };
+    let big = CreateBillingMeterEvent::new("tollgate_usage_sdk", payload("1000000000000000")).identifier("mtb_sdk_16");
+    let (status, kind, _, message) = stripe_error(&refused(big.send(&stripe).await, "16 digits")?);
+    assert_eq!((status, kind), (400, Some(ApiErrorsType::InvalidRequestError)));
+    assert!(message.contains("at most 15 digits"), "{message}");
+    fake.set_meter_event_latency(std::time::Duration::from_millis(800));
+    let sent = fake.meter_event_attempts(CONNECTED).len();
+    let first = CreateBillingMeterEvent::new("tollgate_usage_sdk", payload("1")).identifier("mtb_sdk_5");
+    let second = CreateBillingMeterEvent::new("tollgate_usage_sdk", payload("1")).identifier("mtb_sdk_6");
+    let (first, second) = tokio::join!(first.send(&stripe), async {
+        while fake.meter_event_attempts(CONNECTED).len() == sent {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        second.send(&stripe).await
+    });
+    fake.set_meter_event_latency(std::time::Duration::ZERO);
+    assert_eq!(first?.identifier, "mtb_sdk_5");
+    let (status, kind, code, _) = stripe_error(&refused(second, "a concurrent meter event")?);
+    assert_eq!((status, kind, code), (429, Some(ApiErrorsType::InvalidRequestError), Some(ApiErrorsCode::LockTimeout)));
     Ok(())
 }

@@ -63,6 +63,8 @@ pub struct DeliveryView {
     waiting_events: i64,
     waiting: String,
     lag: String,
+    /// The lag is past [`billing::LAG_WARNING_MS`].
+    lag_warning: bool,
     delivered_batches: i64,
     delivered: String,
     last_delivered: String,
@@ -182,6 +184,7 @@ async fn page(
                 waiting_events: d.waiting_events,
                 waiting: money(d.waiting_nanos),
                 lag: d.oldest_waiting_at.map(|t| duration((now.0 - t).max(0))).unwrap_or_else(|| "none".to_owned()),
+                lag_warning: d.oldest_waiting_at.is_some_and(|t| now.0 - t > billing::LAG_WARNING_MS),
                 delivered_batches: d.delivered_batches,
                 delivered: money(d.delivered_nanos),
                 last_delivered: d.last_delivered_at.map(format::datetime).unwrap_or_else(|| "never".to_owned()),
