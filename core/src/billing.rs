@@ -406,6 +406,7 @@ const CLAIM_PER_CUSTOMER: i64 = 10;
 /// counting as an attempt: the oldest of each customer first, taking turns between customers.
 /// A customer with a batch claimed by another worker is left to that worker, since Stripe takes
 /// one meter event at a time per customer and meter.
+///
 /// A batch gets its meter event's timestamp ([`meter_timestamp`], with `late_window_secs`)
 /// when first claimed, and again only once that stamp has left the window (Stripe down
 /// meanwhile). Restamping is safe: a retry carries the same identifier, so if an earlier
@@ -535,6 +536,22 @@ pub struct DeliveryStatus {
     pub failed_batches: i64,
     /// The latest batches that failed or are being retried, with Stripe's answer.
     pub problems: Vec<BatchProblem>,
+    /// Customers whose usage cannot be invoiced (their subscription ended), and how much.
+    pub uninvoiceable: Vec<Uninvoiceable>,
+}
+
+/// A customer with settled usage Stripe would invoice nowhere: its subscription was canceled
+/// (in Stripe, or by Tollgate's tenant) or expired before its first payment. The usage waits in
+/// the outbox, never sent, so a new subscription can still bill it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Uninvoiceable {
+    pub customer_id: CustomerId,
+    pub external_id: String,
+    pub subscription_status: String,
+    pub events: i64,
+    pub nanos: i64,
+    /// When the oldest of it settled (Unix ms).
+    pub since: i64,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -550,9 +567,19 @@ pub struct BatchProblem {
 }
 
 pub async fn delivery_status(db: &Db, project: &ProjectId, billing_from: i64) -> Result<DeliveryStatus, DbError> {
-    const UNBATCHED: &str = "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(billed_nanos), 0) AS BIGINT), \
-            MIN(created_at) FROM usage_events \
-        WHERE project_id = $1 AND meter_batch_id IS NULL AND status IN ('settled', 'interrupted') AND billed_nanos > 0 AND created_at >= $2";
+    const UNBATCHED: &str = "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(u.billed_nanos), 0) AS BIGINT), \
+            MIN(u.created_at) FROM usage_events u LEFT JOIN customers c ON c.id = u.customer_id \
+        WHERE u.project_id = $1 AND u.meter_batch_id IS NULL AND u.status IN ('settled', 'interrupted') \
+          AND u.billed_nanos > 0 AND u.created_at >= $2 \
+          AND COALESCE(c.stripe_subscription_status, '') NOT IN ('canceled', 'incomplete_expired')";
+    const UNINVOICEABLE: &str = "SELECT c.id AS customer_id, c.external_id, \
+            c.stripe_subscription_status AS subscription_status, CAST(COUNT(*) AS BIGINT) AS events, \
+            CAST(SUM(u.billed_nanos) AS BIGINT) AS nanos, MIN(u.created_at) AS since \
+        FROM usage_events u JOIN customers c ON c.id = u.customer_id \
+        WHERE u.project_id = $1 AND u.meter_batch_id IS NULL AND u.status IN ('settled', 'interrupted') \
+          AND u.billed_nanos > 0 AND u.created_at >= $2 \
+          AND c.stripe_subscription_status IN ('canceled', 'incomplete_expired') \
+        GROUP BY c.id, c.external_id, c.stripe_subscription_status ORDER BY nanos DESC LIMIT 100";
     const BATCHES: &str = "SELECT status, CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(value_nanos), 0) AS BIGINT), \
             CAST(COALESCE(SUM(events), 0) AS BIGINT), MIN(first_at), MAX(delivered_at) \
         FROM meter_batches WHERE project_id = $1 GROUP BY status";
@@ -590,6 +617,8 @@ pub async fn delivery_status(db: &Db, project: &ProjectId, billing_from: i64) ->
     }
     status.problems =
         with_db!(db, pool => sqlx::query_as::<_, BatchProblem>(PROBLEMS).bind(project).fetch_all(pool).await)?;
+    status.uninvoiceable = with_db!(db, pool => sqlx::query_as::<_, Uninvoiceable>(UNINVOICEABLE).bind(project)
+        .bind(billing_from).fetch_all(pool).await)?;
     Ok(status)
 }
 

@@ -20,6 +20,7 @@ pub fn cases() -> Vec<DbCase> {
         calls_made_before_the_subscription_existed_are_on_its_first_invoice,
         usage_delivered_after_an_outage_across_a_period_end_is_on_an_invoice,
         a_finalized_invoice_is_reconciled_with_the_ledger,
+        a_canceled_subscription_s_usage_is_shown_and_never_sent,
     ]
 }
 
@@ -183,5 +184,46 @@ async fn a_finalized_invoice_is_reconciled_with_the_ledger(db: TestDatabase) -> 
     assert_eq!(checks.iter().filter(|c| **c == InvoiceCheck::Matches).count(), 3, "{checks:?}");
     let page = b.billing_page().await?;
     assert!(page.contains("more than Tollgate delivered"), "{page}");
+    b.s.app.stop().await
+}
+
+/// Issue 21: a customer canceled in Stripe keeps calling. Its usage would be accepted by Stripe
+/// and invoiced nowhere; it stays in the outbox and the billing page shows who, why and how
+/// much.
+async fn a_canceled_subscription_s_usage_is_shown_and_never_sent(db: TestDatabase) -> TestResult {
+    let b = setup(&db).await?;
+    b.calls("leaver", 2, 10).await?;
+    b.calls("stayer", 1, 10).await?;
+    b.provision().await?;
+    b.deliver().await?;
+    let sent_before = b.fake.meter_events(ACCOUNT).len();
+    let leaver = b.stripe_customer("leaver").await?;
+    let mut subscription = b
+        .fake
+        .subscriptions(ACCOUNT)
+        .into_iter()
+        .find(|s| s["customer"] == leaver.as_str())
+        .ok_or_else(|| anyhow::anyhow!("no subscription"))?;
+    subscription["status"] = serde_json::json!("canceled");
+    let webhook = b.s.app.url(&format!("/stripe/webhooks/{}", b.s.project.id));
+    let (status, body) =
+        b.fake.send_event(&webhook, WHSEC, "customer.subscription.deleted", subscription, None).await?;
+    assert!(status.is_success(), "{body}");
+    b.process_events().await?;
+
+    b.calls("leaver", 3, 10).await?;
+    b.calls("stayer", 1, 10).await?;
+    b.deliver().await?;
+    let sent: Vec<String> =
+        b.fake.meter_events(ACCOUNT).iter().skip(sent_before).map(|e| e.stripe_customer_id.clone()).collect();
+    assert!(!sent.is_empty() && !sent.contains(&leaver), "the canceled customer's usage was sent: {sent:?}");
+    let page = b.billing_page().await?;
+    let section = page.split("id=\"uninvoiceable\"").nth(1).unwrap_or_default();
+    assert!(section.contains("leaver") && section.contains("subscription canceled"), "{page}");
+    assert!(
+        section.contains("<td>3</td>") && section.to_lowercase().contains("0.03 usd"),
+        "three calls, their amount: {section}"
+    );
+    assert!(!section.split("</table>").next().unwrap_or_default().contains("stayer"));
     b.s.app.stop().await
 }

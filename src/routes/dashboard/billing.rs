@@ -59,6 +59,16 @@ pub struct InvoiceView {
     pub drift: bool,
 }
 
+/// A customer whose usage Stripe would invoice nowhere.
+pub struct UninvoiceableView {
+    customer_id: String,
+    customer: String,
+    reason: String,
+    calls: i64,
+    amount: String,
+    since: String,
+}
+
 pub struct DeliveryView {
     waiting_events: i64,
     waiting: String,
@@ -70,6 +80,7 @@ pub struct DeliveryView {
     last_delivered: String,
     failed_batches: i64,
     problems: Vec<ProblemView>,
+    uninvoiceable: Vec<UninvoiceableView>,
 }
 
 pub struct ProblemView {
@@ -203,6 +214,18 @@ async fn page(
                         } else {
                             format::datetime(b.next_attempt_at)
                         },
+                    })
+                    .collect(),
+                uninvoiceable: d
+                    .uninvoiceable
+                    .into_iter()
+                    .map(|u| UninvoiceableView {
+                        customer_id: u.customer_id.to_string(),
+                        customer: u.external_id,
+                        reason: format!("subscription {}", u.subscription_status.replace('_', " ")),
+                        calls: u.events,
+                        amount: money(u.nanos),
+                        since: format::datetime(u.since),
                     })
                     .collect(),
             })
