@@ -140,6 +140,11 @@ enum Method<'a> {
     Post { form: &'a [(String, String)], idempotency_key: Option<&'a str> },
 }
 
+/// The API version every call names (`Stripe-Version`), so the shapes Tollgate reads do not
+/// change with each tenant account's default version: the one the async-stripe types in
+/// the tests were generated for (`stripe_shared::version::VERSION` in 1.0.0-rc.10).
+pub const STRIPE_VERSION: &str = "2026-09-30.endive";
+
 impl StripeApi {
     pub fn new(http: reqwest::Client, base: &str) -> Self {
         Self { http, base: base.trim_end_matches('/').to_owned() }
@@ -163,7 +168,10 @@ impl StripeApi {
                 request
             }
         };
-        request = request.bearer_auth(credentials.key.expose_secret()).timeout(TIMEOUT);
+        request = request
+            .bearer_auth(credentials.key.expose_secret())
+            .header("stripe-version", STRIPE_VERSION)
+            .timeout(TIMEOUT);
         if let Some(account) = &credentials.account {
             request = request.header("stripe-account", account);
         }

@@ -236,6 +236,10 @@ async fn provisioning_makes_each_stripe_object_once(db: TestDatabase) -> TestRes
     assert_eq!(replayed, 3, "two customers, one replayed");
     let posts: Vec<_> = seen.iter().filter(|r| r.method == "POST").collect();
     assert!(posts.iter().all(|r| r.idempotency_key.is_some()), "every POST carries an Idempotency-Key");
+    // Every call names the API version the SDK's types were generated for (checked against
+    // the SDK in `stripe_sdk`), so no tenant account's default version changes the shapes
+    // Tollgate reads.
+    assert!(seen.iter().all(|r| r.version.as_deref() == Some(tollgate_jobs::stripe_api::STRIPE_VERSION)), "{seen:?}");
     let meter_form =
         &posts.iter().find(|r| r.path == "/v1/billing/meters").ok_or_else(|| anyhow::anyhow!("no meter"))?.form;
     assert!(

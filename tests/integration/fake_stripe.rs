@@ -62,6 +62,9 @@ pub struct SeenRequest {
     pub key: Option<String>,
     pub account: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The `Stripe-Version` header (without it, Stripe answers in the account's default
+    /// version: https://docs.stripe.com/api/versioning).
+    pub version: Option<String>,
     pub form: Vec<(String, String)>,
 }
 
@@ -584,6 +587,7 @@ fn answer(
             .map(str::to_owned),
         account: headers.get("stripe-account").and_then(|v| v.to_str().ok()).map(str::to_owned),
         idempotency_key: idempotency_key.clone(),
+        version: headers.get("stripe-version").and_then(|v| v.to_str().ok()).map(str::to_owned),
         form: form.clone(),
     });
     let account = match authenticate(&mut inner, headers) {

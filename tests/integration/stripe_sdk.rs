@@ -238,5 +238,8 @@ async fn fake_stripe_answers_the_official_sdk() -> anyhow::Result<()> {
     assert_eq!(first?.identifier, "mtb_sdk_5");
     let (status, kind, code, _) = stripe_error(&refused(second, "a concurrent meter event")?);
     assert_eq!((status, kind, code), (429, Some(ApiErrorsType::InvalidRequestError), Some(ApiErrorsCode::LockTimeout)));
+    // The SDK names the API version its types were generated for; Tollgate pins the same one.
+    let versions: std::collections::HashSet<Option<String>> = fake.seen().into_iter().map(|r| r.version).collect();
+    assert_eq!(versions, [Some(tollgate_jobs::stripe_api::STRIPE_VERSION.to_owned())].into(), "{versions:?}");
     Ok(())
 }
