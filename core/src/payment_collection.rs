@@ -149,7 +149,10 @@ mod tests {
         assert!(Collection::parse("paypal", None).is_err());
         assert_eq!(
             Collection::SendInvoice { days_until_due: 14 }.subscription_params(),
-            vec![("collection_method".to_owned(), "send_invoice".to_owned()), ("days_until_due".to_owned(), "14".to_owned())]
+            vec![
+                ("collection_method".to_owned(), "send_invoice".to_owned()),
+                ("days_until_due".to_owned(), "14".to_owned())
+            ]
         );
         assert_eq!(Collection::ChargeAutomatically.subscription_params().len(), 1);
     }

@@ -94,10 +94,8 @@ pub async fn create(
     urls: &ReturnUrls,
 ) -> Result<String, LinkError> {
     let credentials = credentials(db, master, platform_key, project).await?;
-    let stripe_customer = billing::customer_stripe(db, project, customer)
-        .await?
-        .stripe_customer_id
-        .ok_or(LinkError::NoStripeCustomer)?;
+    let stripe_customer =
+        billing::customer_stripe(db, project, customer).await?.stripe_customer_id.ok_or(LinkError::NoStripeCustomer)?;
     let (path, body) = match kind {
         LinkKind::PaymentSetup => (
             "/checkout/sessions",

@@ -113,10 +113,14 @@ async fn fake_stripe_subscriptions_take_a_collection_method_with_days_until_due_
     // The default: charge automatically, without days until due.
     let (status, default) = stripe.post("/subscriptions", &with(&[])).await?;
     assert_eq!(status, StatusCode::OK, "{default}");
-    assert_eq!((default["collection_method"].as_str(), &default["days_until_due"]), (Some("charge_automatically"), &Value::Null));
+    assert_eq!(
+        (default["collection_method"].as_str(), &default["days_until_due"]),
+        (Some("charge_automatically"), &Value::Null)
+    );
     // Sent invoices carry their days until due.
-    let (status, sent) =
-        stripe.post("/subscriptions", &with(&[("collection_method", "send_invoice"), ("days_until_due", "14")])).await?;
+    let (status, sent) = stripe
+        .post("/subscriptions", &with(&[("collection_method", "send_invoice"), ("days_until_due", "14")]))
+        .await?;
     assert_eq!(status, StatusCode::OK, "{sent}");
     assert_eq!((sent["collection_method"].as_str(), sent["days_until_due"].as_i64()), (Some("send_invoice"), Some(14)));
     // Refused: sent invoices without days until due, days until due when charging
@@ -168,7 +172,10 @@ async fn fake_stripe_checkout_setup_sessions_need_a_currency_urls_and_an_existin
     let mut unknown = without("customer");
     unknown.push(("customer", "cus_nobody"));
     let (status, body) = stripe.post("/checkout/sessions", &unknown).await?;
-    assert_eq!((status, param(&body), body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, "customer", Some("resource_missing")));
+    assert_eq!(
+        (status, param(&body), body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, "customer", Some("resource_missing"))
+    );
     let mut bad_url = without("success_url");
     bad_url.push(("success_url", "not a url"));
     assert_eq!(param(&stripe.post("/checkout/sessions", &bad_url).await?.1), "success_url");
@@ -206,7 +213,12 @@ async fn fake_stripe_invoices_are_paid_on_their_page_or_charged_to_a_saved_payme
     let stripe = Stripe::new(&fake);
     let (price, sent_to) = stripe.price_and_customer().await?;
     let charged = stripe.id("/customers", &[("name", "customer-2")]).await?;
-    let sent = [("customer", sent_to.as_str()), ("items[0][price]", price.as_str()), ("collection_method", "send_invoice"), ("days_until_due", "7")];
+    let sent = [
+        ("customer", sent_to.as_str()),
+        ("items[0][price]", price.as_str()),
+        ("collection_method", "send_invoice"),
+        ("days_until_due", "7"),
+    ];
     stripe.id("/subscriptions", &sent).await?;
     stripe.id("/subscriptions", &[("customer", charged.as_str()), ("items[0][price]", price.as_str())]).await?;
     stripe.usage(&sent_to, "a", "100000000").await?;
@@ -218,13 +230,19 @@ async fn fake_stripe_invoices_are_paid_on_their_page_or_charged_to_a_saved_payme
     assert_eq!(finalized.len(), 2);
     let of = |customer: &str| finalized.iter().find(|i| i["customer"] == customer).cloned().unwrap_or_default();
     let (invoice, unpaid) = (of(&sent_to), of(&charged));
-    assert_eq!((invoice["status"].as_str(), invoice["collection_method"].as_str()), (Some("open"), Some("send_invoice")));
+    assert_eq!(
+        (invoice["status"].as_str(), invoice["collection_method"].as_str()),
+        (Some("open"), Some("send_invoice"))
+    );
     let finalized_at = invoice["status_transitions"]["finalized_at"].as_i64().unwrap_or_default();
     assert_eq!(invoice["due_date"].as_i64(), Some(finalized_at + 7 * 86_400), "{invoice}");
     assert_eq!((unpaid["status"].as_str(), &unpaid["due_date"]), (Some("open"), &Value::Null));
     // The customer pays the sent invoice on its hosted page.
     let paid = fake.pay_invoice(ACCOUNT, invoice["id"].as_str().unwrap_or_default()).unwrap_or_default();
-    assert_eq!((paid["status"].as_str(), paid["amount_paid"].as_i64(), paid["amount_remaining"].as_i64()), (Some("paid"), Some(10), Some(0)));
+    assert_eq!(
+        (paid["status"].as_str(), paid["amount_paid"].as_i64(), paid["amount_remaining"].as_i64()),
+        (Some("paid"), Some(10), Some(0))
+    );
     assert!(fake.pay_invoice(ACCOUNT, invoice["id"].as_str().unwrap_or_default()).is_none(), "paid once");
     // With a saved default payment method, the next invoice is charged when finalized.
     fake.save_default_payment_method(ACCOUNT, &charged);
@@ -233,7 +251,11 @@ async fn fake_stripe_invoices_are_paid_on_their_page_or_charged_to_a_saved_payme
     fake.end_periods(ACCOUNT);
     let next = fake.finalize_invoices(ACCOUNT);
     let charged_invoice = next.iter().find(|i| i["customer"] == charged.as_str()).cloned().unwrap_or_default();
-    assert_eq!((charged_invoice["status"].as_str(), charged_invoice["amount_paid"].as_i64()), (Some("paid"), Some(30)), "{charged_invoice}");
+    assert_eq!(
+        (charged_invoice["status"].as_str(), charged_invoice["amount_paid"].as_i64()),
+        (Some("paid"), Some(30)),
+        "{charged_invoice}"
+    );
     assert_eq!(charged_invoice["attempted"], true);
     Ok(())
 }

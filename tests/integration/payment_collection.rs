@@ -75,30 +75,48 @@ async fn the_collection_setting_reaches_the_subscriptions_stripe_makes(db: TestD
     let page = browser.get(&billing).await?;
     assert!(page.body.contains("applies to subscriptions made after it"), "{}", page.body);
     let refused = browser
-        .submit(&billing, &format!("{billing}/collection"), &[("collection_method", "send_invoice"), ("days_until_due", "400")])
+        .submit(
+            &billing,
+            &format!("{billing}/collection"),
+            &[("collection_method", "send_invoice"), ("days_until_due", "400")],
+        )
         .await?;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
     assert!(refused.body.contains("Days until due"), "{}", refused.body);
     let saved = browser
-        .submit(&billing, &format!("{billing}/collection"), &[("collection_method", "charge_automatically"), ("days_until_due", "30")])
+        .submit(
+            &billing,
+            &format!("{billing}/collection"),
+            &[("collection_method", "charge_automatically"), ("days_until_due", "30")],
+        )
         .await?;
     assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
     let page = browser.get(&billing).await?;
     assert!(page.body.contains("Now: <strong>charge automatically</strong>"), "{}", page.body);
     let (status, settings) = b.s.api(Method::GET, "/api/v1/project", None).await?;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!((settings["collection_method"].as_str(), &settings["days_until_due"]), (Some("charge_automatically"), &Value::Null));
+    assert_eq!(
+        (settings["collection_method"].as_str(), &settings["days_until_due"]),
+        (Some("charge_automatically"), &Value::Null)
+    );
 
     b.calls("charged", 1, 10).await?;
     b.provision().await?;
     let charged = b.subscription("charged").await?;
-    assert_eq!((charged["collection_method"].as_str(), &charged["days_until_due"]), (Some("charge_automatically"), &Value::Null));
+    assert_eq!(
+        (charged["collection_method"].as_str(), &charged["days_until_due"]),
+        (Some("charge_automatically"), &Value::Null)
+    );
     // The earlier subscription keeps its method.
     assert_eq!(b.subscription("sent").await?["collection_method"], "send_invoice");
 
     // Back to sent invoices, due in 7 days.
-    payment_collection::set_collection(&b.s.app.state.db, &b.s.project.id, Collection::SendInvoice { days_until_due: 7 })
-        .await?;
+    payment_collection::set_collection(
+        &b.s.app.state.db,
+        &b.s.project.id,
+        Collection::SendInvoice { days_until_due: 7 },
+    )
+    .await?;
     b.calls("weekly", 1, 10).await?;
     b.provision().await?;
     assert_eq!(b.subscription("weekly").await?["days_until_due"], 7);
@@ -112,7 +130,7 @@ async fn setup_and_portal_links_come_from_the_api_and_the_dashboard(db: TestData
     b.provision().await?;
     let stripe_customer = b.stripe_customer("cust-1").await?;
     let page_path = b.customer_page("cust-1").await?;
-    let page_url = b.s.app.url(&page_path);
+    let page_url = format!("{}{page_path}", b.s.app.state.config.public_url.trim_end_matches('/'));
 
     // From the API: the customer's dashboard page unless the tenant gives its own https URLs.
     let (status, link) = b.s.api(Method::POST, "/api/v1/customers/cust-1/payment-setup", Some(json!({}))).await?;
@@ -121,17 +139,35 @@ async fn setup_and_portal_links_come_from_the_api_and_the_dashboard(db: TestData
     assert!(url.starts_with("https://checkout.stripe.com/"), "{link}");
     let sessions = b.fake.checkout_sessions(ACCOUNT);
     assert_eq!(sessions.len(), 1);
-    assert_eq!((sessions[0]["customer"].as_str(), sessions[0]["mode"].as_str()), (Some(stripe_customer.as_str()), Some("setup")));
-    assert_eq!((sessions[0]["success_url"].as_str(), sessions[0]["currency"].as_str()), (Some(page_url.as_str()), Some("usd")));
+    assert_eq!(
+        (sessions[0]["customer"].as_str(), sessions[0]["mode"].as_str()),
+        (Some(stripe_customer.as_str()), Some("setup"))
+    );
+    assert_eq!(
+        (sessions[0]["success_url"].as_str(), sessions[0]["currency"].as_str()),
+        (Some(page_url.as_str()), Some("usd"))
+    );
     assert_eq!(sessions[0]["url"], url);
     let body = json!({"success_url": "https://app.example.com/saved", "cancel_url": "https://app.example.com/billing"});
     let (status, _) = b.s.api(Method::POST, "/api/v1/customers/cust-1/payment-setup", Some(body)).await?;
     assert_eq!(status, StatusCode::CREATED);
     let last = b.fake.checkout_sessions(ACCOUNT).pop().unwrap_or_default();
-    assert_eq!((last["success_url"].as_str(), last["cancel_url"].as_str()), (Some("https://app.example.com/saved"), Some("https://app.example.com/billing")));
+    assert_eq!(
+        (last["success_url"].as_str(), last["cancel_url"].as_str()),
+        (Some("https://app.example.com/saved"), Some("https://app.example.com/billing"))
+    );
     let (status, problem) =
-        b.s.api(Method::POST, "/api/v1/customers/cust-1/payment-setup", Some(json!({"success_url": "http://app.example.com/"}))).await?;
-    assert_eq!((status, problem["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("success_url")), "{problem}");
+        b.s.api(
+            Method::POST,
+            "/api/v1/customers/cust-1/payment-setup",
+            Some(json!({"success_url": "http://app.example.com/"})),
+        )
+        .await?;
+    assert_eq!(
+        (status, problem["errors"][0]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("success_url")),
+        "{problem}"
+    );
 
     // The portal: refused with Stripe's reason until its settings are saved in Stripe.
     let (status, problem) = b.s.api(Method::POST, "/api/v1/customers/cust-1/billing-portal", Some(json!({}))).await?;
@@ -143,7 +179,10 @@ async fn setup_and_portal_links_come_from_the_api_and_the_dashboard(db: TestData
     assert_eq!(status, StatusCode::CREATED, "{link}");
     assert!(link["url"].as_str().is_some_and(|u| u.starts_with("https://billing.stripe.com/")), "{link}");
     let portal = b.fake.portal_sessions(ACCOUNT);
-    assert_eq!((portal[0]["customer"].as_str(), portal[0]["return_url"].as_str()), (Some(stripe_customer.as_str()), Some("https://app.example.com/account")));
+    assert_eq!(
+        (portal[0]["customer"].as_str(), portal[0]["return_url"].as_str()),
+        (Some(stripe_customer.as_str()), Some("https://app.example.com/account"))
+    );
 
     // From the dashboard: each button makes a link and shows it on the customer's page.
     let browser = b.dashboard().await?;
@@ -166,11 +205,14 @@ async fn links_are_refused_for_an_unprovisioned_customer_or_an_unconnected_proje
     assert!(status.is_success());
     let page_path = b.customer_page("new").await?;
     let browser = b.dashboard().await?;
-    for (kind, connected) in [("payment-setup", false), ("billing-portal", false), ("payment-setup", true), ("billing-portal", true)] {
+    for (kind, connected) in
+        [("payment-setup", false), ("billing-portal", false), ("payment-setup", true), ("billing-portal", true)]
+    {
         if connected {
             b.connect_with_key().await?;
         }
-        let (status, problem) = b.s.api(Method::POST, &format!("/api/v1/customers/new/{kind}"), Some(json!({}))).await?;
+        let (status, problem) =
+            b.s.api(Method::POST, &format!("/api/v1/customers/new/{kind}"), Some(json!({}))).await?;
         assert_eq!(status, StatusCode::CONFLICT, "{problem}");
         let detail = problem["detail"].as_str().unwrap_or_default();
         let reason = if connected { "no Stripe customer yet" } else { "Stripe is not connected" };
@@ -210,9 +252,15 @@ async fn send_invoice_and_charge_automatically_each_reach_a_paid_invoice(db: Tes
     let finalized = b.fake.finalize_invoices(ACCOUNT);
     let of = |customer: &str| finalized.iter().find(|i| i["customer"] == customer).cloned().unwrap_or_default();
     let (sent_invoice, charged_invoice) = (of(&sent), of(&charged));
-    assert_eq!((sent_invoice["collection_method"].as_str(), sent_invoice["status"].as_str()), (Some("send_invoice"), Some("open")));
+    assert_eq!(
+        (sent_invoice["collection_method"].as_str(), sent_invoice["status"].as_str()),
+        (Some("send_invoice"), Some("open"))
+    );
     assert!(sent_invoice["due_date"].as_i64().is_some() && sent_invoice["total"].as_i64() > Some(0), "{sent_invoice}");
-    assert_eq!((charged_invoice["collection_method"].as_str(), charged_invoice["status"].as_str()), (Some("charge_automatically"), Some("paid")));
+    assert_eq!(
+        (charged_invoice["collection_method"].as_str(), charged_invoice["status"].as_str()),
+        (Some("charge_automatically"), Some("paid"))
+    );
     // The sent invoice's customer pays on its hosted page.
     let paid = b.fake.pay_invoice(ACCOUNT, sent_invoice["id"].as_str().unwrap_or_default());
     let paid = paid.ok_or_else(|| anyhow::anyhow!("the sent invoice was not open"))?;

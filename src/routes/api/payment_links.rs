@@ -17,8 +17,7 @@ use tollgate_jobs::stripe_api::StripeApiError;
 use utoipa::ToSchema;
 
 use super::error::{
-    ApiError, CustomerNotFound, Problem, RateLimited, Unauthorized, UnsupportedMediaType,
-    json_body, path_param,
+    ApiError, CustomerNotFound, Problem, RateLimited, Unauthorized, UnsupportedMediaType, json_body, path_param,
 };
 use super::idempotency::IdempotencyKey;
 use crate::state::AppState;

@@ -46,7 +46,9 @@ pub(super) fn collection(params: &Value) -> Result<(&'static str, Option<i64>), 
             return Err(invalid(
                 "collection_method",
                 None,
-                &format!("Invalid collection_method: must be one of charge_automatically or send_invoice (got {other})"),
+                &format!(
+                    "Invalid collection_method: must be one of charge_automatically or send_invoice (got {other})"
+                ),
             ));
         }
     };
@@ -54,7 +56,13 @@ pub(super) fn collection(params: &Value) -> Result<(&'static str, Option<i64>), 
         None => None,
         Some(days) => match days.parse::<i64>() {
             Ok(days) if days >= 0 => Some(days),
-            _ => return Err(invalid("days_until_due", Some("parameter_invalid_integer"), "Invalid integer: days_until_due")),
+            _ => {
+                return Err(invalid(
+                    "days_until_due",
+                    Some("parameter_invalid_integer"),
+                    "Invalid integer: days_until_due",
+                ));
+            }
         },
     };
     match (method, days) {
