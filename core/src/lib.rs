@@ -15,6 +15,8 @@
 //! - [`customers`] and [`usage`]: customers as tenants manage them, and the ledger read for people.
 //! - [`signature`]: Stripe-style timestamped HMAC signatures (our alert webhooks, Stripe's webhooks).
 //! - [`stripe`]: each project's Stripe connection, and Stripe's webhook events as received.
+//! - [`payment_collection`]: how a project's subscriptions collect payment, and the return URLs
+//!   of payment-method setup and customer portal links.
 //! - [`alerts`]: budget alerts, which fire once per customer and period, and their deliveries.
 //! - [`egress`]: where a tenant-chosen destination (provider, webhook) may be, and the one
 //!   client that calls it.
@@ -34,6 +36,7 @@ pub mod ids;
 pub mod instances;
 pub mod ledger;
 pub mod money;
+pub mod payment_collection;
 pub mod period;
 pub mod pricing;
 pub mod projects;

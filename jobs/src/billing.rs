@@ -15,6 +15,7 @@ use tollgate_core::billing::{self, Attempt, DueBatch, Made, ProjectBilling, Step
 use tollgate_core::crypto::MasterKey;
 use tollgate_core::db::DbError;
 use tollgate_core::ids::ProjectId;
+use tollgate_core::payment_collection;
 use tollgate_core::stripe::{self, Access};
 use tollgate_core::time::UnixMillis;
 use tollgate_core::{Config, Db};
@@ -344,12 +345,15 @@ async fn provision_customer(
         }
     };
     if customer.stripe_subscription_id.is_none() {
-        let body = form([
+        let mut body = form([
             ("customer", stripe_customer),
             ("items[0][price]", price.clone()),
             ("metadata[tollgate_customer]", customer.id.to_string()),
             ("metadata[tollgate_project]", project.project_id.to_string()),
         ]);
+        // The project's payment collection, as it is when the subscription is made.
+        let collection = payment_collection::collection(db, &project.project_id).await?;
+        body.extend(collection.subscription_params());
         let key = format!("tollgate-subscription-{}-{price}", customer.id);
         match api.post::<Subscription>(credentials, "/subscriptions", &body, &key).await {
             Ok(subscription) => {

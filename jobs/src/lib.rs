@@ -8,12 +8,14 @@
 //! - [`alerts`]: budget alerts found by a scan and delivered (webhook, mail) with retries.
 //! - [`billing`]: Stripe provisioning, the meter event outbox's delivery, reconciliation.
 //! - [`mail`]: outgoing mail.
+//! - [`payment_links`]: payment-method setup and customer portal links for end-customers.
 //! - [`stripe_api`]: calls to Stripe's API, with errors classified for retries.
 
 pub mod alerts;
 pub mod billing;
 pub mod housekeeping;
 pub mod mail;
+pub mod payment_links;
 mod store;
 pub mod stripe_api;
 mod workers;

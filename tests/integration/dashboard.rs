@@ -1230,7 +1230,7 @@ async fn the_api_reference_is_rendered_from_the_openapi_document(db: TestDatabas
             }
         }
     }
-    assert_eq!(operations, 13);
+    assert_eq!(operations, 15);
     for schema in document["components"]["schemas"].as_object().into_iter().flatten().map(|(name, _)| name) {
         assert!(page.body.contains(&format!("id=\"schema-{schema}\"")), "schema {schema}");
     }

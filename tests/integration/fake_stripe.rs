@@ -53,6 +53,7 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub mod invoices;
+pub mod payments;
 
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
@@ -83,6 +84,11 @@ pub struct MeterEvent {
 
 #[derive(Default)]
 struct Account {
+    /// Checkout and customer portal sessions (see `payments`).
+    checkout_sessions: Vec<Value>,
+    portal_sessions: Vec<Value>,
+    /// Whether the account's customer portal settings were saved (its default configuration).
+    portal_configured: bool,
     meters: Vec<Value>,
     products: Vec<Value>,
     prices: Vec<Value>,
@@ -227,6 +233,8 @@ impl FakeStripe {
             .route("/v1/customers/{id}", get(get_customer))
             .route("/v1/subscriptions", post(create_subscription))
             .route("/v1/subscriptions/{id}", get(get_subscription))
+            .route("/v1/checkout/sessions", post(payments::create_checkout_session))
+            .route("/v1/billing_portal/sessions", post(payments::create_portal_session))
             .with_state(self.inner.clone());
         let stop = CancellationToken::new();
         let signal = stop.clone().cancelled_owned();
@@ -938,6 +946,10 @@ async fn create_subscription(
         let Some(price_object) = find(&data.prices, price) else {
             return with_param(no_such("price", price), "items[0][price]");
         };
+        let (collection_method, days_until_due) = match payments::collection(params) {
+            Ok(collection) => collection,
+            Err(refusal) => return refusal,
+        };
         let (id, item) = (inner.id("sub"), inner.id("si"));
         let (start, end) = (now(), now() + 30 * 86_400);
         let recurring = &price_object["recurring"];
@@ -957,7 +969,7 @@ async fn create_subscription(
         });
         let mut subscription = json!({
             "id": id, "object": "subscription", "created": start, "livemode": false, "customer": customer,
-            "status": "active", "metadata": metadata(params), "collection_method": "charge_automatically",
+            "status": "active", "metadata": metadata(params), "collection_method": collection_method,
             "currency": price_object["currency"], "start_date": start, "billing_cycle_anchor": start,
             "billing_mode": {"type": "classic"}, "billing_schedules": [], "discounts": [],
             "automatic_tax": {"enabled": false, "liability": null, "disabled_reason": null},
@@ -970,7 +982,6 @@ async fn create_subscription(
             "billing_cycle_anchor_config",
             "cancel_at",
             "canceled_at",
-            "days_until_due",
             "default_payment_method",
             "description",
             "ended_at",
@@ -985,6 +996,7 @@ async fn create_subscription(
         ] {
             subscription[empty] = Value::Null;
         }
+        subscription["days_until_due"] = json!(days_until_due);
         inner.accounts.entry(account.to_owned()).or_default().subscriptions.push(subscription.clone());
         (StatusCode::OK, subscription)
     })

@@ -19,6 +19,7 @@ mod customers;
 mod dashboard;
 mod fake_smtp;
 mod fake_stripe;
+mod fake_stripe_payment_rules;
 mod fake_stripe_rules;
 mod helpers;
 mod hostile_tenant;
@@ -28,6 +29,7 @@ mod ledger;
 mod limits;
 mod mock_provider;
 mod ops;
+mod payment_collection;
 mod proxy;
 mod python;
 mod replicas;
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         stripe_webhooks::cases(),
         billing::cases(),
         invoicing::cases(),
+        payment_collection::cases(),
         schemathesis::cases(),
         browser::cases(),
         hostile_tenant::cases(),
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
     trials.extend(helpers::plain_trials(python::plain_cases()));
     trials.extend(helpers::plain_trials(stripe_sdk::cases()));
     trials.extend(helpers::plain_trials(fake_stripe_rules::cases()));
+    trials.extend(helpers::plain_trials(fake_stripe_payment_rules::cases()));
     trials.extend(helpers::plain_trials(hostile_tenant::plain_cases()));
     libtest_mimic::run(&args, trials).exit_code()
 }

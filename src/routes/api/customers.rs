@@ -298,7 +298,7 @@ pub async fn upsert(
 }
 
 /// The customer `external_id` of `project`. An id no customer can have is not looked up.
-async fn found(state: &AppState, project: &Project, external_id: &str) -> Result<CustomerRow, ApiError> {
+pub(super) async fn found(state: &AppState, project: &Project, external_id: &str) -> Result<CustomerRow, ApiError> {
     let missing = || ApiError::NotFound(format!("No customer `{external_id}` in this project."));
     if validate_external_id(external_id).is_err() {
         return Err(missing());

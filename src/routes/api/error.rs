@@ -24,6 +24,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A service Tollgate called for the request (Stripe) failed or could not be reached.
+    #[error("{0}")]
+    Upstream(String),
     /// Over the key's rate limit; retry after this many seconds.
     #[error("This key is over its rate limit; retry in {0} s.")]
     RateLimited(u64),
@@ -53,7 +56,7 @@ pub struct FieldError {
 }))]
 pub struct Problem {
     /// `urn:tollgate:problem:` and the kind: `invalid-request`, `unauthorized`, `not-found`,
-    /// `conflict`, `unsupported-media-type`, `rate-limited` or `internal`.
+    /// `conflict`, `unsupported-media-type`, `rate-limited`, `upstream` or `internal`.
     #[serde(rename = "type")]
     #[schema(example = "urn:tollgate:problem:not-found")]
     pub kind: String,
@@ -126,6 +129,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "The body must be JSON")
             }
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests"),
+            ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream", "A service Tollgate called failed"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }
     }

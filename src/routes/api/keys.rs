@@ -256,6 +256,24 @@ pub struct ProjectSettings {
     unbounded_call_ceiling: Option<String>,
     #[schema(required = true)]
     unbounded_call_ceiling_nanos: Option<i64>,
+    /// How Stripe collects the invoices of subscriptions made from now on (set on the
+    /// dashboard's billing page).
+    #[schema(value_type = CollectionMethod)]
+    collection_method: String,
+    /// Days until a sent invoice is due; null when charging automatically.
+    #[schema(required = true, example = 30)]
+    days_until_due: Option<i64>,
+}
+
+/// `send_invoice`: Stripe emails each invoice with its hosted payment page, due after
+/// `days_until_due` days. `charge_automatically`: Stripe charges the customer's saved payment
+/// method (see the payment-method setup and customer portal links).
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code, reason = "describes the `collection_method` strings; never built")]
+pub enum CollectionMethod {
+    SendInvoice,
+    ChargeAutomatically,
 }
 
 /// Read the project's settings
@@ -272,7 +290,10 @@ pub struct ProjectSettings {
 )]
 pub async fn project(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<ProjectSettings>, ApiError> {
     let p = super::project(&state, &headers).await?;
+    let collection = tollgate_core::payment_collection::collection(&state.db, &p.id).await?;
     Ok(Json(ProjectSettings {
+        collection_method: collection.method().to_owned(),
+        days_until_due: collection.days_until_due(),
         default_budget: Nanos(p.default_budget_nanos).to_string(),
         id: p.id,
         name: p.name,

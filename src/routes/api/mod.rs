@@ -8,6 +8,7 @@
 //! - [`keys`]: the project's keys (create, list, revoke) and its settings (read).
 //! - [`usage`]: the ledger by day, customer and model, JSON or CSV.
 //! - [`tokens`]: customer tokens for calls made with a publishable key.
+//! - [`payment_links`]: a customer's payment-method setup and customer portal links (Stripe).
 //! - [`limits`]: requests per second per key; [`idempotency`]: `Idempotency-Key` on POSTs.
 //! - [`error`]: the one error type of this face.
 //! - [`openapi`]: the OpenAPI document, generated from the handlers' annotations and types and
@@ -19,6 +20,7 @@ pub mod idempotency;
 pub mod keys;
 pub mod limits;
 pub mod openapi;
+pub mod payment_links;
 pub mod tokens;
 pub mod usage;
 
@@ -42,6 +44,8 @@ fn endpoints() -> OpenApiRouter<AppState> {
         .routes(routes!(customers::get, customers::update, customers::delete))
         .routes(routes!(customers::block))
         .routes(routes!(customers::unblock))
+        .routes(routes!(payment_links::payment_setup))
+        .routes(routes!(payment_links::billing_portal))
         .routes(routes!(tokens::mint))
         .routes(routes!(usage::export))
         .routes(routes!(keys::create, keys::list))

@@ -142,6 +142,7 @@ pub struct BillingPage {
     connect_mode: bool,
     saved: bool,
     errors: Vec<String>,
+    collection: tollgate_core::payment_collection::Collection,
 }
 
 #[derive(Deserialize, Default)]
@@ -161,7 +162,7 @@ pub(super) fn stripe_error(e: StripeError) -> WebError {
     }
 }
 
-async fn page(
+pub(super) async fn page(
     state: &AppState,
     me: Member,
     project: Project,
@@ -274,7 +275,9 @@ async fn page(
         })
         .collect();
     let base = state.config.public_url.trim_end_matches('/');
+    let collection = tollgate_core::payment_collection::collection(&state.db, &project.id).await?;
     Ok(BillingPage {
+        collection,
         provision,
         delivery,
         customers,

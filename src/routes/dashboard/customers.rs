@@ -259,7 +259,9 @@ pub struct CustomerPage {
     models: Vec<ModelView>,
     calls: Vec<CallView>,
     form: CustomerForm,
-    errors: Vec<String>,
+    pub(super) errors: Vec<String>,
+    /// A payment link just made for the customer: what it is, and its URL.
+    pub(super) payment_link: Option<(&'static str, String)>,
     stripe: tollgate_core::billing::CustomerStripe,
     stripe_connected: bool,
     invoices: Vec<super::billing::InvoiceView>,
@@ -314,6 +316,7 @@ pub async fn show(
         calls,
         form: CustomerForm::of(&customer),
         errors: vec![],
+        payment_link: None,
         customer,
         project,
         me,

@@ -20,6 +20,7 @@ pub mod error;
 pub mod format;
 pub mod keys;
 pub mod members;
+pub mod payment_collection;
 pub mod projects;
 pub mod providers;
 pub mod session;
@@ -74,6 +75,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/customers/{customer_id}/block", post(customers::block))
         .route("/projects/{id}/customers/{customer_id}/unblock", post(customers::unblock))
         .route("/projects/{id}/customers/{customer_id}/stripe", post(customers::link_stripe))
+        .route("/projects/{id}/customers/{customer_id}/payment-setup", post(payment_collection::payment_setup))
+        .route("/projects/{id}/customers/{customer_id}/billing-portal", post(payment_collection::billing_portal))
         .route("/projects/{id}/settings", get(settings::show).post(settings::save))
         .route("/projects/{id}/delete", post(settings::delete))
         .route("/projects/{id}/alerts", get(alerts::show).post(alerts::save))
@@ -84,6 +87,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/billing/check", post(billing::check))
         .route("/projects/{id}/billing/connect-account", post(billing::connect_account))
         .route("/projects/{id}/billing/retry", post(billing::retry))
+        .route("/projects/{id}/billing/collection", post(payment_collection::set_collection))
         .route("/projects/{id}/prices", get(settings::prices).post(settings::set_price))
         .route("/projects/{id}/prices/delete", post(settings::delete_price))
         .route("/projects/{id}/api", get(api_reference::page))

@@ -56,7 +56,7 @@ impl FakeStripe {
                            "subscription_details": {"subscription": subscription["id"], "metadata": subscription["metadata"]}},
                 "amount_due": 0, "amount_paid": 0, "amount_remaining": 0, "subtotal": 0, "total": 0,
                 "attempted": false, "attempt_count": 0, "next_payment_attempt": null,
-                "hosted_invoice_url": null, "number": null,
+                "hosted_invoice_url": null, "number": null, "due_date": null,
                 "status_transitions": {"finalized_at": null, "paid_at": null, "voided_at": null,
                                        "marked_uncollectible_at": null},
                 "lines": {"object": "list", "has_more": false, "data": [],
@@ -91,6 +91,8 @@ impl FakeStripe {
             let subscription_id = invoice["parent"]["subscription_details"]["subscription"].clone();
             let Some(subscription) = data.subscriptions.iter().find(|s| s["id"] == subscription_id) else { continue };
             let price = subscription["items"]["data"][0]["price"].clone();
+            // A sent invoice is due `days_until_due` days after it is finalized.
+            let due_date = subscription["days_until_due"].as_i64().map(|days| finalized_at + days * 86_400);
             let meter = price["recurring"]["meter"].as_str().unwrap_or_default();
             let event_name = data.meters.iter().find(|m| m["id"] == meter).map(|m| m["event_name"].clone());
             let customer = invoice["customer"].as_str().unwrap_or_default();
@@ -113,15 +115,23 @@ impl FakeStripe {
                             "price_details": {"price": price["id"], "product": price["product"]}},
                 "description": "Metered usage", "livemode": false,
             });
+            // Charging automatically: Stripe attempts payment with the customer's default
+            // payment method when the invoice is finalized (see `payments`).
+            let charge = invoice["collection_method"] == "charge_automatically"
+                && FakeStripe::can_be_charged(&data.customers, customer);
             let invoice = &mut data.invoices[index];
             invoice["lines"]["data"] = json!([line]);
             for field in ["amount_due", "amount_remaining", "subtotal", "total"] {
                 invoice[field] = json!(amount);
             }
             invoice["status"] = json!(if amount == 0 { "paid" } else { "open" });
+            if charge && amount > 0 {
+                super::payments::mark_paid(invoice);
+            }
             invoice["number"] = json!(format!("FAKE-{}", &id[id.len() - 4..]));
             invoice["hosted_invoice_url"] = json!(format!("https://invoice.stripe.com/i/{id}"));
             invoice["status_transitions"]["finalized_at"] = json!(finalized_at);
+            invoice["due_date"] = json!(due_date);
             finalized.push(invoice.clone());
         }
         finalized
