@@ -145,7 +145,7 @@ impl Scrape {
             .lines()
             .filter(|l| !l.starts_with('#'))
             .filter_map(|l| l.rsplit_once(' '))
-            .filter(|(name, _)| name.contains("_sum") || name.contains("_count"))
+            .filter(|(name, _)| name.contains("_sum") || name.contains("_count") || name.contains("_total"))
             .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
             .collect();
         Ok(Self(values))
@@ -159,6 +159,12 @@ impl Scrape {
         };
         let count = delta("_count");
         if count > 0.0 { delta("_sum") / count } else { 0.0 }
+    }
+
+    /// How much `metric` (with `labels`, as rendered) grew between `self` and `later`.
+    pub(crate) fn growth_since(&self, later: &Scrape, metric: &str, labels: &str) -> f64 {
+        let key = format!("{metric}{labels}");
+        later.0.get(&key).copied().unwrap_or(0.0) - self.0.get(&key).copied().unwrap_or(0.0)
     }
 
     pub(crate) fn ledger_since(&self, later: &Scrape) -> LedgerWaits {

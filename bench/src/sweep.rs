@@ -42,6 +42,30 @@ struct Step {
     cpu_percent: f64,
     peak_rss_mb: f64,
     ledger: LedgerWaits,
+    /// Holds by how they were made (see [`Holds`]).
+    holds: Holds,
+}
+
+/// How the step's calls were held, from Tollgate's `tollgate_ledger_holds_total`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Holds {
+    carved: f64,
+    lease: f64,
+    alone: f64,
+    waited: f64,
+}
+
+impl Holds {
+    fn since(before: &Scrape, after: &Scrape) -> Self {
+        let how = |how: &str| before.growth_since(after, "tollgate_ledger_holds_total", &format!("{{how=\"{how}\"}}"));
+        Self { carved: how("carved"), lease: how("lease"), alone: how("alone"), waited: how("waited") }
+    }
+
+    /// `part` as a percentage of the holds made.
+    fn percent(&self, part: f64) -> String {
+        let made = self.carved + self.lease + self.alone;
+        if made > 0.0 { format!("{:.0}%", 100.0 * part / made) } else { "-".to_owned() }
+    }
 }
 
 /// Runs the sweep and prints its tables; fails if a correctness check fails.
@@ -151,7 +175,8 @@ async fn sweep(config: &SweepConfig, db: &Database, tollgate: &Tollgate) -> anyh
             let started = std::time::Instant::now();
             let report = closed_loop(config, &url, tollgate.headers(customer), customers, connections).await?;
             let cpu = matrix::cpu_seconds(tollgate.pid)? - cpu_before;
-            let ledger = before.ledger_since(&Scrape::take(&scraper, &tollgate.base).await?);
+            let after = Scrape::take(&scraper, &tollgate.base).await?;
+            let (ledger, holds) = (before.ledger_since(&after), Holds::since(&before, &after));
             ok_calls += report.ok;
             abandoned += report.errors;
             eprintln!("{} x{customers} closed x{connections}: {}", db.label(), report.summary());
@@ -163,6 +188,7 @@ async fn sweep(config: &SweepConfig, db: &Database, tollgate: &Tollgate) -> anyh
                 cpu_percent: 100.0 * cpu / started.elapsed().as_secs_f64(),
                 peak_rss_mb: matrix::peak_rss_kb(tollgate.pid)? as f64 / 1024.0,
                 ledger,
+                holds,
             });
         }
     }
@@ -205,8 +231,8 @@ fn render(
     matrix::table_head(
         &mut out,
         "\nThrough Tollgate (closed loop), latency in ms; \"of lowest\": throughput against the same case's lowest concurrency:\n",
-        "| database | customers | connections | calls/s | of lowest | ok | errors | p50 | p90 | p99 | max | CPU % | peak RSS MB | reserve wait | settle wait | batch transaction | operations per batch |",
-        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
+        "| database | customers | connections | calls/s | of lowest | ok | errors | p50 | p90 | p99 | max | CPU % | peak RSS MB | reserve wait | settle wait | batch transaction | operations per batch | holds carved / lease / alone | waited for a lease |",
+        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
     );
     for step in steps {
         let r = &step.report;
@@ -219,7 +245,7 @@ fn render(
         let l = step.ledger;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {of_lowest} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            "| {} | {} | {} | {:.0} | {of_lowest} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} |",
             step.db,
             step.customers,
             step.connections,
@@ -235,7 +261,14 @@ fn render(
             l.reserve_ms,
             l.settle_ms,
             l.commit_ms,
-            l.operations_per_batch
+            l.operations_per_batch,
+            format!(
+                "{} / {} / {}",
+                step.holds.percent(step.holds.carved),
+                step.holds.percent(step.holds.lease),
+                step.holds.percent(step.holds.alone)
+            ),
+            step.holds.percent(step.holds.waited)
         );
     }
     matrix::render_checks(&mut out, checks);
