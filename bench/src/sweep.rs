@@ -245,7 +245,7 @@ fn render(
         let l = step.ledger;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {of_lowest} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {of_lowest} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {} / {} / {} | {} |",
             step.db,
             step.customers,
             step.connections,
@@ -262,12 +262,9 @@ fn render(
             l.settle_ms,
             l.commit_ms,
             l.operations_per_batch,
-            format!(
-                "{} / {} / {}",
-                step.holds.percent(step.holds.carved),
-                step.holds.percent(step.holds.lease),
-                step.holds.percent(step.holds.alone)
-            ),
+            step.holds.percent(step.holds.carved),
+            step.holds.percent(step.holds.lease),
+            step.holds.percent(step.holds.alone),
             step.holds.percent(step.holds.waited)
         );
     }

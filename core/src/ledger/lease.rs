@@ -14,11 +14,11 @@
 //! The settlement of a lease's last call in flight deletes the row, freeing what is left, so
 //! a lease lives only while its customer has calls in flight here: at rest a customer holds
 //! nothing. Only the current lease of a busy customer (it has had [`MIN_CALLS`] calls in
-//! flight at once), when still fresh, stays [`LINGER`] after its last call for the calls
-//! that follow, then its row is freed: calls that settle together
-//! (many clients answered by one commit) would otherwise end it just before the next ones
-//! come, which then all waited for a new one, or held alone, every time. Settlements stay
-//! durable before their calls are answered, as alone.
+//! flight at once), when still fresh, stays [`LINGER`] after its last call for the calls that
+//! follow, then its row is freed: calls that settle together (many clients answered by one
+//! commit) would otherwise end it just before the next ones come, which then all waited for a
+//! new one, or held alone, every time. Settlements stay durable before their calls are
+//! answered, as alone.
 //!
 //! The promise holds as without leases: whatever is carved was held in the database first,
 //! by one conditional update against the budget. What a lease costs is budget held for calls
@@ -555,19 +555,19 @@ mod tests {
     }
 
     fn settlement(reservation: Reservation) -> Settlement {
-        let record = super::super::UsageRecord {
+        let record = crate::ledger::UsageRecord {
             project_id: crate::ids::ProjectId::generate(),
             customer_id: Some(reservation.customer_id.clone()),
             request_id: "r".into(),
             endpoint: "chat".into(),
             model: "m".into(),
-            status: super::super::CallStatus::Settled,
+            status: crate::ledger::CallStatus::Settled,
             reason: None,
             tokens: crate::pricing::TokenUsage::default(),
             reserved: reservation.amount,
             cost: Nanos(5),
             billed: Nanos(5),
-            source: super::super::UsageSource::Provider,
+            source: crate::ledger::UsageSource::Provider,
             latency_ms: 1,
         };
         Settlement::new(Some(reservation), record)
