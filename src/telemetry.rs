@@ -57,10 +57,6 @@ pub fn metrics_handle() -> PrometheusHandle {
                 "One ledger batch's transaction, first statement to commit"
             );
             metrics::describe_histogram!(ledger::BATCH_OPERATIONS, "Ledger operations per batch (one commit)");
-            metrics::describe_counter!(
-                ledger::HOLDS_TOTAL,
-                "Proxied calls' holds, by how: carved from a lease, taking a lease, alone, or waited for a lease"
-            );
             metrics::describe_gauge!(
                 "tollgate_worker_heartbeat_age_seconds",
                 "Seconds since any job worker last reported alive"

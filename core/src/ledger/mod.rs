@@ -865,11 +865,8 @@ struct Job {
     reply: oneshot::Sender<Result<Done, DbError>>,
 }
 
-/// How many operations one transaction takes at most: enough for every call of hundreds of
-/// concurrent clients of one busy customer to settle in one commit (on PostgreSQL a batch of one
-/// customer waits for the previous one's commit, its row locked until then, so fewer
-/// operations per commit is fewer calls a second).
-const MAX_BATCH: usize = 512;
+/// How many operations one transaction takes at most.
+const MAX_BATCH: usize = 128;
 /// Operations waiting beyond this make their callers wait to enqueue (backpressure).
 const QUEUE: usize = 8_192;
 
@@ -1019,15 +1016,7 @@ impl Ledger {
         // as it would wait to hold alone) rather than hold alone beside it; once.
         let mut may_wait = true;
         let extra = loop {
-            let plan = self.leases.plan(&hold, may_wait);
-            let how = match &plan {
-                lease::Plan::Carved(_) => "carved",
-                lease::Plan::Alone => "alone",
-                lease::Plan::Lease(_) => "lease",
-                lease::Plan::Wait(_) => "waited",
-            };
-            metrics::counter!(HOLDS_TOTAL, "how" => how).increment(1);
-            match plan {
+            match self.leases.plan(&hold, may_wait) {
                 lease::Plan::Carved(outcome) => return Ok(outcome),
                 lease::Plan::Alone => break None,
                 lease::Plan::Lease(extra) => break Some(extra),
@@ -1083,14 +1072,7 @@ impl Ledger {
     /// it can never count twice. A call carved from a lease gives back to it what it did not
     /// bill (see [`lease`]).
     pub async fn settle(&self, mut settlement: Settlement) -> Result<Option<Nanos>, DbError> {
-        if let Some(lingering) = self.leases.settling(&mut settlement) {
-            // Its last call for now: unless calls carve from it meanwhile, it ends.
-            let (leases, db) = (self.leases.clone(), self.db.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(lease::LINGER).await;
-                end_lease_if_idle(&leases, &db, &lingering).await;
-            });
-        }
+        self.leases.settling(&mut settlement);
         let mut wait = std::time::Duration::from_millis(100);
         loop {
             match self.submit(Op::Settle(Box::new(settlement.clone())), true).await {
@@ -1173,9 +1155,6 @@ pub const LEDGER_SECONDS: &str = "tollgate_ledger_seconds";
 pub const COMMIT_SECONDS: &str = "tollgate_ledger_commit_seconds";
 /// Operations per batch (one transaction, one commit).
 pub const BATCH_OPERATIONS: &str = "tollgate_ledger_batch_operations";
-/// A proxied call's hold, by `how`: `carved` from a lease in memory, `lease` taken with it,
-/// `alone` (a row of its own), and `waited` for a lease being taken (then one of the others).
-pub const HOLDS_TOTAL: &str = "tollgate_ledger_holds_total";
 
 /// How long a writer keeps its connection while nothing comes.
 const KEEP_IDLE: std::time::Duration = std::time::Duration::from_millis(200);
@@ -1310,28 +1289,12 @@ async fn journal(leases: std::sync::Weak<lease::Leases>, db: Db, instance: Insta
 /// Gives back what lease `id` holds for calls not made yet (see [`lease::Leases::trim`]).
 /// Returns whether it held any.
 async fn trim_lease(leases: &lease::Leases, db: &Db, id: &ReservationId) -> bool {
-    if end_lease_if_idle(leases, db, id).await {
-        return true;
-    }
     let Some(spare) = leases.trim(id) else { return false };
     if let Err(e) = give_back(db, id, spare).await {
         // Held until its last call settles (which deletes its row) instead.
         tracing::warn!(error = %e, reservation = %id, "could not give back a lease's spare");
     }
     spare.0 > 0
-}
-
-/// Ends lease `id` if no call is in flight on it (see [`lease::Leases::end_idle`]), freeing
-/// its row whole. Returns whether it did.
-async fn end_lease_if_idle(leases: &lease::Leases, db: &Db, id: &ReservationId) -> bool {
-    if !leases.end_idle(id) {
-        return false;
-    }
-    if let Err(e) = release(db, id).await {
-        // Released by its expiry instead.
-        tracing::warn!(error = %e, reservation = %id, "could not free a lease that ended");
-    }
-    true
 }
 
 /// Shrinks lease `id`'s row by `spare` and unholds it from its customer; marks the row as
