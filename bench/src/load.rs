@@ -1,4 +1,5 @@
-//! An open-loop, constant-rate load generator.
+//! Load generators: an open loop at a constant rate ([`run`]), and a closed loop at a fixed
+//! concurrency ([`closed`]).
 //!
 //! Request `i` is due at `t0 + i / rate` and is sent then whatever happened to the earlier
 //! ones (each request is its own task), and its latency is measured from that *due* time, not
@@ -29,6 +30,21 @@ pub struct LoadSpec {
     pub stream: bool,
     /// A request slower than this counts as an error.
     pub timeout: Duration,
+}
+
+impl LoadSpec {
+    /// Request `i`: the body, and the headers with `{i}` replaced by `i` modulo `customers`.
+    fn request(&self, client: &reqwest::Client, i: u64) -> reqwest::RequestBuilder {
+        let mut request = client.post(&self.url).header("content-type", "application/json");
+        for (name, value) in &self.headers {
+            request = if value.contains("{i}") {
+                request.header(name, value.replace("{i}", &(i % self.customers.max(1)).to_string()))
+            } else {
+                request.header(name, value)
+            };
+        }
+        request.body(self.body.clone())
+    }
 }
 
 /// What one run measured.
@@ -106,7 +122,11 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
 /// An HTTP client whose pool keeps enough idle keep-alive connections for `rate` with up to
 /// about 100 ms of latency.
 pub fn client_for(rate: f64, timeout: Duration) -> anyhow::Result<reqwest::Client> {
-    let idle = (rate / 10.0).ceil().max(16.0) as usize;
+    client_keeping((rate / 10.0).ceil().max(16.0) as usize, timeout)
+}
+
+/// An HTTP client whose pool keeps up to `idle` keep-alive connections.
+pub fn client_keeping(idle: usize, timeout: Duration) -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .pool_max_idle_per_host(idle)
         .pool_idle_timeout(Duration::from_secs(30))
@@ -129,8 +149,6 @@ pub async fn run(client: &reqwest::Client, spec: &LoadSpec) -> anyhow::Result<Lo
     anyhow::ensure!(spec.rate > 0.0, "the rate must be positive");
     let count = (spec.rate * spec.duration.as_secs_f64()).round() as u64;
     let period = Duration::from_secs_f64(1.0 / spec.rate);
-    let templated: Vec<bool> = spec.headers.iter().map(|(_, v)| v.contains("{i}")).collect();
-    let body = spec.body.clone();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
     let mut max_send_lag = Duration::ZERO;
     let t0 = Instant::now() + Duration::from_millis(20);
@@ -138,15 +156,7 @@ pub async fn run(client: &reqwest::Client, spec: &LoadSpec) -> anyhow::Result<Lo
         let due = t0 + period.mul_f64(i as f64);
         tokio::time::sleep_until(due).await;
         max_send_lag = max_send_lag.max(Instant::now().saturating_duration_since(due));
-        let mut request = client.post(&spec.url).header("content-type", "application/json");
-        for ((name, value), templated) in spec.headers.iter().zip(&templated) {
-            request = if *templated {
-                request.header(name, value.replace("{i}", &(i % spec.customers.max(1)).to_string()))
-            } else {
-                request.header(name, value)
-            };
-        }
-        let request = request.body(body.clone());
+        let request = spec.request(client, i);
         let tx = tx.clone();
         let stream = spec.stream;
         tokio::spawn(async move {
@@ -177,6 +187,62 @@ pub async fn run(client: &reqwest::Client, spec: &LoadSpec) -> anyhow::Result<Lo
         report.total.saturating_record(micros(outcome.total));
         if let Some(first) = outcome.first_byte {
             report.first_byte.saturating_record(micros(first));
+        }
+    }
+    let elapsed = last.saturating_duration_since(t0).as_secs_f64();
+    report.achieved_rate = if elapsed > 0.0 { report.ok as f64 / elapsed } else { 0.0 };
+    Ok(report)
+}
+
+/// Runs `spec` as a closed loop: `connections` clients, each sending its next request as soon
+/// as its last one is answered, until `spec.duration` has passed (`spec.rate` is not used).
+/// Latency is measured from each request's sending: what a client at that concurrency sees.
+/// The throughput is the successful requests over the time to the last answer.
+pub async fn closed(client: &reqwest::Client, spec: &LoadSpec, connections: usize) -> anyhow::Result<LoadReport> {
+    anyhow::ensure!(connections > 0, "at least one connection");
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let t0 = Instant::now();
+    let end = t0 + spec.duration;
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let (client, spec, next) = (client.clone(), spec.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while Instant::now() < end {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let started = Instant::now();
+                    let outcome = send(spec.request(&client, i), started, spec.stream).await;
+                    outcomes.push((outcome, Instant::now()));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut report = LoadReport {
+        sent: 0,
+        ok: 0,
+        errors: 0,
+        statuses: BTreeMap::new(),
+        achieved_rate: 0.0,
+        max_send_lag: Duration::ZERO,
+        total: histogram()?,
+        first_byte: histogram()?,
+    };
+    let mut last = t0;
+    for worker in workers {
+        for (outcome, at) in worker.await.context("a closed-loop client panicked")? {
+            report.sent += 1;
+            *report.statuses.entry(outcome.status).or_default() += 1;
+            if !outcome.ok {
+                report.errors += 1;
+                continue;
+            }
+            report.ok += 1;
+            last = last.max(at);
+            report.total.saturating_record(micros(outcome.total));
+            if let Some(first) = outcome.first_byte {
+                report.first_byte.saturating_record(micros(first));
+            }
         }
     }
     let elapsed = last.saturating_duration_since(t0).as_secs_f64();

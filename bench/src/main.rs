@@ -4,10 +4,13 @@
 //! - `load`: an open-loop constant-rate load generator reporting HDR percentiles.
 //! - `matrix`: baseline against Tollgate across databases, call kinds and customer spreads,
 //!   with the correctness checks; prints markdown tables.
+//! - `sweep`: closed loops at rising concurrency, one busy customer and many, on each
+//!   database, with the same checks; prints markdown tables.
 
 mod load;
 mod matrix;
 mod mock;
+mod sweep;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -86,6 +89,33 @@ enum Cmd {
         /// (`false`: subtract the baselines measured once at the start).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         paired_baseline: bool,
+        /// A PostgreSQL server whose user may create databases; unset skips PostgreSQL.
+        #[arg(long, env = "TOLLGATE_BENCH_POSTGRES_URL")]
+        postgres_url: Option<String>,
+        #[command(flatten)]
+        pacing: Pacing,
+    },
+    /// Closed loops at rising concurrency against a release build of tollgate, one busy
+    /// customer and many, on each database; prints the tables.
+    Sweep {
+        /// The tollgate binary (build it with `cargo build --release -p tollgate`).
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/tollgate"))]
+        tollgate: PathBuf,
+        /// Comma-separated concurrencies (clients each waiting for its answer before it sends again).
+        #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
+        connections: Vec<usize>,
+        /// Seconds per step.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Distinct customers in the many-customers case.
+        #[arg(long, default_value_t = 1000)]
+        customers: u64,
+        /// Run SQLite (synchronous = FULL).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        sqlite: bool,
+        /// Comma-separated cases to run: `busy` (one customer), `many` (default: both).
+        #[arg(long, value_delimiter = ',')]
+        cases: Vec<String>,
         /// A PostgreSQL server whose user may create databases; unset skips PostgreSQL.
         #[arg(long, env = "TOLLGATE_BENCH_POSTGRES_URL")]
         postgres_url: Option<String>,
@@ -171,6 +201,21 @@ async fn main() -> anyhow::Result<()> {
                 sqlite_normal,
                 stream,
                 paired_baseline,
+            })
+            .await
+        }
+        Cmd::Sweep { tollgate, connections, duration, customers, sqlite, cases, postgres_url, pacing } => {
+            sweep::run(sweep::SweepConfig {
+                tollgate,
+                connections,
+                duration: Duration::from_secs_f64(duration),
+                customers,
+                latency_ms: pacing.latency_ms,
+                chunks: pacing.chunks,
+                chunk_interval_ms: pacing.chunk_interval_ms,
+                sqlite,
+                postgres_url,
+                cases,
             })
             .await
         }

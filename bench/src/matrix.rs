@@ -21,7 +21,7 @@ use crate::load::{self, LoadReport, LoadSpec};
 /// The model: in Tollgate's shipped price table, so no price override is needed.
 const MODEL: &str = "gpt-4o-mini";
 /// Output tokens asked for (and so produced, one per chunk, by the mock).
-const MAX_TOKENS: u32 = 20;
+pub(crate) const MAX_TOKENS: u32 = 20;
 /// A budget no run exhausts (in currency units), so every call of the timed runs succeeds.
 const LARGE_BUDGET: &str = "1000000";
 /// The tight budget of the overspend check: about 70 calls' worth.
@@ -57,7 +57,7 @@ impl MatrixConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Call {
+pub(crate) enum Call {
     Json,
     Stream,
 }
@@ -70,7 +70,7 @@ impl Call {
         }
     }
 
-    fn body(self) -> String {
+    pub(crate) fn body(self) -> String {
         let mut body = serde_json::json!({
             "model": MODEL,
             "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
@@ -85,13 +85,13 @@ impl Call {
 }
 
 #[derive(Debug, Clone)]
-enum Database {
+pub(crate) enum Database {
     Sqlite { synchronous: &'static str },
     Postgres { admin_url: String },
 }
 
 impl Database {
-    fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             Database::Sqlite { synchronous } => format!("sqlite ({synchronous})"),
             Database::Postgres { .. } => "postgres".to_owned(),
@@ -127,25 +127,25 @@ impl Row {
 
 /// What Tollgate's `/metrics` say of its ledger over one run: mean waits and batch size.
 #[derive(Debug, Clone, Copy, Default)]
-struct LedgerWaits {
-    reserve_ms: f64,
-    settle_ms: f64,
-    commit_ms: f64,
-    operations_per_batch: f64,
+pub(crate) struct LedgerWaits {
+    pub(crate) reserve_ms: f64,
+    pub(crate) settle_ms: f64,
+    pub(crate) commit_ms: f64,
+    pub(crate) operations_per_batch: f64,
 }
 
 /// The `_sum` and `_count` of every histogram and summary in a Prometheus text page.
 #[derive(Debug, Default)]
-struct Scrape(HashMap<String, f64>);
+pub(crate) struct Scrape(HashMap<String, f64>);
 
 impl Scrape {
-    async fn take(client: &reqwest::Client, base: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn take(client: &reqwest::Client, base: &str) -> anyhow::Result<Self> {
         let text = client.get(format!("{base}/metrics")).send().await?.error_for_status()?.text().await?;
         let values = text
             .lines()
             .filter(|l| !l.starts_with('#'))
             .filter_map(|l| l.rsplit_once(' '))
-            .filter(|(name, _)| name.contains("_sum") || name.contains("_count"))
+            .filter(|(name, _)| name.contains("_sum") || name.contains("_count") || name.contains("_total"))
             .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
             .collect();
         Ok(Self(values))
@@ -161,7 +161,13 @@ impl Scrape {
         if count > 0.0 { delta("_sum") / count } else { 0.0 }
     }
 
-    fn ledger_since(&self, later: &Scrape) -> LedgerWaits {
+    /// How much `metric` (with `labels`, as rendered) grew between `self` and `later`.
+    pub(crate) fn growth_since(&self, later: &Scrape, metric: &str, labels: &str) -> f64 {
+        let key = format!("{metric}{labels}");
+        later.0.get(&key).copied().unwrap_or(0.0) - self.0.get(&key).copied().unwrap_or(0.0)
+    }
+
+    pub(crate) fn ledger_since(&self, later: &Scrape) -> LedgerWaits {
         LedgerWaits {
             reserve_ms: 1000.0 * self.mean_since(later, "tollgate_ledger_seconds", "{op=\"reserve\"}"),
             settle_ms: 1000.0 * self.mean_since(later, "tollgate_ledger_seconds", "{op=\"settle\"}"),
@@ -172,8 +178,8 @@ impl Scrape {
 }
 
 /// The correctness findings for one database.
-struct Checks {
-    db: String,
+pub(crate) struct Checks {
+    pub(crate) db: String,
     ok_calls: u64,
     /// Calls the load generator counted as errors (a timeout, a dropped connection): Tollgate
     /// may have settled them all the same (the call ran; the client stopped listening).
@@ -188,7 +194,7 @@ struct Checks {
 }
 
 impl Checks {
-    fn passed(&self) -> bool {
+    pub(crate) fn passed(&self) -> bool {
         let (ok, abandoned) =
             (i64::try_from(self.ok_calls).unwrap_or(-1), i64::try_from(self.abandoned_calls).unwrap_or(0));
         (ok..=ok + abandoned).contains(&self.settled_events)
@@ -207,7 +213,7 @@ pub async fn run(config: MatrixConfig) -> anyhow::Result<()> {
         config.tollgate.display()
     );
     let started = std::time::Instant::now();
-    let (mut mock, mock_addr) = start_mock(&config).await?;
+    let (mut mock, mock_addr) = start_mock(config.latency_ms, config.chunks, config.chunk_interval_ms).await?;
     let mock_url = format!("http://{mock_addr}/v1/chat/completions");
     eprintln!("mock on {mock_addr}");
 
@@ -251,7 +257,7 @@ pub async fn run(config: MatrixConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spec(
+pub(crate) fn spec(
     url: &str,
     rate: f64,
     duration: Duration,
@@ -271,13 +277,19 @@ fn spec(
     }
 }
 
-async fn start_mock(config: &MatrixConfig) -> anyhow::Result<(Child, String)> {
+/// The mock as a child process: `latency_ms` before each answer, `chunks` output tokens
+/// `chunk_interval_ms` apart. Returns it and the address it listens on.
+pub(crate) async fn start_mock(
+    latency_ms: u64,
+    chunks: u32,
+    chunk_interval_ms: u64,
+) -> anyhow::Result<(Child, String)> {
     let exe = std::env::current_exe().context("locating tollgate-bench")?;
     let mut child = Command::new(exe)
         .args(["mock", "--listen", "127.0.0.1:0"])
-        .arg(format!("--latency-ms={}", config.latency_ms))
-        .arg(format!("--chunks={}", config.chunks))
-        .arg(format!("--chunk-interval-ms={}", config.chunk_interval_ms))
+        .arg(format!("--latency-ms={latency_ms}"))
+        .arg(format!("--chunks={chunks}"))
+        .arg(format!("--chunk-interval-ms={chunk_interval_ms}"))
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -290,17 +302,22 @@ async fn start_mock(config: &MatrixConfig) -> anyhow::Result<(Child, String)> {
 }
 
 /// A running `tollgate serve` with its project set up.
-struct Tollgate {
+pub(crate) struct Tollgate {
     child: Child,
-    pid: u32,
-    base: String,
+    pub(crate) pid: u32,
+    pub(crate) base: String,
     key: String,
     data_dir: PathBuf,
-    database_url: String,
+    pub(crate) database_url: String,
 }
 
 impl Tollgate {
-    async fn start(config: &MatrixConfig, db: &Database, database_url: &str, mock_addr: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn start(
+        binary: &Path,
+        db: &Database,
+        database_url: &str,
+        mock_addr: &str,
+    ) -> anyhow::Result<Self> {
         let data_dir = std::env::temp_dir().join(format!("tollgate-bench-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&data_dir)?;
         let port = free_port()?;
@@ -317,7 +334,7 @@ impl Tollgate {
         if let Database::Sqlite { synchronous } = db {
             env.push(("TOLLGATE_SQLITE_SYNCHRONOUS".to_owned(), (*synchronous).to_owned()));
         }
-        let binary = config.tollgate.clone();
+        let binary = binary.to_path_buf();
         admin(&binary, &env, &["migrate"], None).await?;
         let out = admin(
             &binary,
@@ -421,7 +438,7 @@ impl Tollgate {
         bail!("tollgate did not become ready on {}", self.base)
     }
 
-    fn headers(&self, customer: &str) -> Vec<(String, String)> {
+    pub(crate) fn headers(&self, customer: &str) -> Vec<(String, String)> {
         vec![
             ("authorization".to_owned(), format!("Bearer {}", self.key)),
             ("x-tollgate-customer".to_owned(), customer.to_owned()),
@@ -429,7 +446,7 @@ impl Tollgate {
     }
 
     /// Stops the server with SIGTERM (in-flight requests finish), killing it after 15 s.
-    async fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status().await;
         if tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await.is_err() {
             let _ = self.child.kill().await;
@@ -464,7 +481,7 @@ fn word(text: &str, n: usize) -> anyhow::Result<String> {
     text.split_whitespace().nth(n).map(str::to_owned).with_context(|| format!("unexpected output: {text}"))
 }
 
-fn unique() -> u128 {
+pub(crate) fn unique() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
@@ -473,7 +490,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// The database URL Tollgate gets, creating a PostgreSQL database of our own when asked.
-async fn create_database(db: &Database, name: &str) -> anyhow::Result<String> {
+pub(crate) async fn create_database(db: &Database, name: &str) -> anyhow::Result<String> {
     match db {
         Database::Sqlite { .. } => {
             let dir = std::env::temp_dir().join(format!("{name}.d"));
@@ -483,13 +500,24 @@ async fn create_database(db: &Database, name: &str) -> anyhow::Result<String> {
         Database::Postgres { admin_url } => {
             let pool = sqlx::PgPool::connect(admin_url).await.context("connecting to TOLLGATE_BENCH_POSTGRES_URL")?;
             sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&pool).await?;
+            // Settings for every session of the benchmark's database only, to look inside a run
+            // (e.g. `session_preload_libraries=auto_explain;auto_explain.log_min_duration=20`).
+            if let Ok(settings) = std::env::var("TOLLGATE_BENCH_POSTGRES_SETTINGS") {
+                for setting in settings.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                    let (key, value) =
+                        setting.split_once('=').context("TOLLGATE_BENCH_POSTGRES_SETTINGS: name=value")?;
+                    let sql =
+                        format!("ALTER DATABASE {name} SET {} = '{}'", key.trim(), value.trim().replace('\'', "''"));
+                    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await?;
+                }
+            }
             pool.close().await;
             Ok(replace_database(admin_url, name))
         }
     }
 }
 
-async fn drop_database(db: &Database, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn drop_database(db: &Database, name: &str) -> anyhow::Result<()> {
     match db {
         Database::Sqlite { .. } => {
             let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("{name}.d")));
@@ -523,7 +551,7 @@ async fn run_database(config: &MatrixConfig, db: &Database, mock_addr: &str) -> 
     let name = format!("tollgate_bench_{}_{}", std::process::id(), unique() % 1_000_000);
     let database_url = create_database(db, &name).await?;
     let result = async {
-        let tollgate = Tollgate::start(config, db, &database_url, mock_addr).await?;
+        let tollgate = Tollgate::start(&config.tollgate, db, &database_url, mock_addr).await?;
         let measured = measure(config, db, &tollgate, mock_addr).await;
         let checks = match &measured {
             Ok((_, calls, tight)) => Some(check(db, &tollgate.database_url, *calls, *tight).await),
@@ -601,17 +629,24 @@ async fn measure(
         }
     }
 
-    // Overspend: a customer whose budget covers about 70 calls gets 1,000 at 500/s.
+    let (tight_ok, refused) = overspend(db, tollgate).await?;
+    ok_calls += tight_ok;
+    Ok((rows, (ok_calls, abandoned), (tight_ok, refused)))
+}
+
+/// Overspend: a customer whose budget covers about 70 calls gets 1,000 at 500/s. Returns its
+/// successful and refused calls ([`check`] then finds what it spent).
+pub(crate) async fn overspend(db: &Database, tollgate: &Tollgate) -> anyhow::Result<(u64, u64)> {
+    let url = format!("{}/v1/chat/completions", tollgate.base);
     let tight = spec(&url, 500.0, Duration::from_secs(2), tollgate.headers("tight"), 1, Call::Json);
     let report = load::run(&load::client_for(500.0, tight.timeout)?, &tight).await?;
     eprintln!("{} tight budget: {}", db.label(), report.summary());
-    ok_calls += report.ok;
     let refused = report.statuses.iter().filter(|(s, _)| (400..500).contains(*s)).map(|(_, n)| n).sum();
-    Ok((rows, (ok_calls, abandoned), (report.ok, refused)))
+    Ok((report.ok, refused))
 }
 
 /// Seconds of CPU (user + system) `pid` has used, from /proc/<pid>/stat.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after = stat.rsplit_once(')').map(|(_, s)| s).context("/proc/<pid>/stat")?;
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -623,7 +658,7 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// The peak resident set (VmHWM) of `pid` in kB.
-fn peak_rss_kb(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn peak_rss_kb(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -634,7 +669,7 @@ fn peak_rss_kb(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// The ledger's invariants, polled until the usage events of the last calls are written.
-async fn check(
+pub(crate) async fn check(
     db: &Database,
     url: &str,
     (ok_calls, abandoned_calls): (u64, u64),
@@ -700,7 +735,7 @@ impl Pool {
 }
 
 /// A table's title, header row and alignment row.
-fn table_head(out: &mut String, title: &str, header: &str, align: &str) {
+pub(crate) fn table_head(out: &mut String, title: &str, header: &str, align: &str) {
     let _ = writeln!(out, "{title}");
     let _ = writeln!(out, "{header}");
     let _ = writeln!(out, "{align}");
@@ -834,8 +869,14 @@ fn render(
         let _ = writeln!(out, "| {} | {} | {} | {best} |", case.0, case.1.label(), case.2);
         seen.push(case);
     }
+    render_checks(&mut out, checks);
+    out
+}
+
+/// The correctness table: one row per database.
+pub(crate) fn render_checks(out: &mut String, checks: &[Checks]) {
     table_head(
-        &mut out,
+        out,
         "\nCorrectness (after all runs):\n",
         "| database | successful calls | settled usage events | open reservations | customers over budget | spent != sum of events | tight customer: ok / refused, spent of 1,000,000 nanos | verdict |",
         "| --- | --: | --: | --: | --: | --: | --- | --- |",
@@ -859,7 +900,6 @@ fn render(
             if c.passed() { "pass" } else { "FAIL" }
         );
     }
-    out
 }
 
 #[cfg(test)]
