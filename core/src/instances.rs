@@ -105,13 +105,14 @@ struct Orphan {
     customer_id: String,
     project_id: String,
     bill_interrupted: bool,
+    created_at: i64,
 }
 
 /// Releases every reservation of `instance` (recording its call as interrupted) and forgets
 /// the instance. Returns how many reservations this call released.
 async fn recover(db: &Db, instance: &InstanceId) -> Result<u64, DbError> {
     const ORPHANS: &str = "SELECT r.id, r.request_id, r.endpoint, r.model, r.customer_id, \
-        c.project_id, p.bill_interrupted \
+        c.project_id, p.bill_interrupted, r.created_at \
         FROM reservations r JOIN customers c ON c.id = r.customer_id JOIN projects p ON p.id = c.project_id \
         WHERE r.instance_id = $1 ORDER BY r.id LIMIT 500";
     const FORGET: &str = "DELETE FROM instances WHERE id = $1";
@@ -153,6 +154,8 @@ async fn release_orphan(db: &Db, orphan: &Orphan) -> Result<bool, DbError> {
         WHERE c.reservation_id = $1 AND NOT EXISTS (SELECT 1 FROM usage_events e WHERE e.id = c.event_id) \
         ORDER BY c.started_at, c.event_id";
     const FORGET_CALLS: &str = "DELETE FROM calls_in_flight WHERE reservation_id = $1";
+    const SETTLED: &str = "SELECT CAST(1 AS BIGINT) FROM usage_events WHERE customer_id = $1 AND created_at >= $2 AND request_id = $3 \
+        AND status <> 'interrupted' LIMIT 1";
     const UNHOLD: &str =
         "UPDATE customers SET reserved_nanos = reserved_nanos - $1, spent_nanos = spent_nanos + $2 WHERE id = $3";
     const EVENT: &str = "INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, \
@@ -173,7 +176,19 @@ async fn release_orphan(db: &Db, orphan: &Orphan) -> Result<bool, DbError> {
             return Ok::<_, sqlx::Error>(false);
         };
         let mut calls: Vec<LeasedCall> = sqlx::query_as(CALLS).bind(&orphan.id).fetch_all(&mut *tx).await?;
-        if calls.is_empty() {
+        // A lease whose taking call has settled holds only spare (a busy customer's lease
+        // lingers a moment after its last call): freed, with no event and no charge. (A call
+        // carved from it in the last quarter second, not journaled yet, then goes unrecorded:
+        // the customer is never charged for spare, at worst not charged for that call.)
+        let spare_only = calls.is_empty()
+            && sqlx::query_scalar::<_, i64>(SETTLED)
+                .bind(&orphan.customer_id)
+                .bind(orphan.created_at)
+                .bind(&orphan.request_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+        if calls.is_empty() && !spare_only {
             // A call's own row, or a lease none of whose calls was written yet.
             calls.push(LeasedCall {
                 event_id: UsageEventId::generate(),
