@@ -16,6 +16,8 @@ pub mod housekeeping;
 pub mod mail;
 mod store;
 pub mod stripe_api;
+pub mod stripe_check;
+pub mod stripe_oauth;
 mod workers;
 
 pub use alerts::AlertServices;
