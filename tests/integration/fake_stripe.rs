@@ -52,6 +52,7 @@ use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
+pub mod connect;
 pub mod invoices;
 
 /// One request as the fake saw it.
@@ -133,6 +134,10 @@ struct Inner {
     /// How long an accepted meter event takes to count in the summaries.
     summary_lag: Duration,
     next_id: u64,
+    /// Restricted key → its permissions (see `connect`).
+    permissions: HashMap<String, HashSet<String>>,
+    /// Connect OAuth (see `connect`).
+    oauth: connect::OAuth,
 }
 
 /// Stripe's rate limiters, per account: the basic one, and live mode's own for meter events.
@@ -224,6 +229,7 @@ impl FakeStripe {
             .route("/v1/customers/{id}", get(get_customer))
             .route("/v1/subscriptions", post(create_subscription))
             .route("/v1/subscriptions/{id}", get(get_subscription))
+            .merge(connect::routes())
             .with_state(self.inner.clone());
         let stop = CancellationToken::new();
         let signal = stop.clone().cancelled_owned();
@@ -590,6 +596,9 @@ fn answer(
         Ok(account) => account,
         Err((status, body)) => return (respond(&mut inner, status, body), flight),
     };
+    if let Err((status, body)) = connect::permitted(&inner, headers, &method, &path, &account) {
+        return (respond(&mut inner, status, body), flight);
+    }
     // The rate limiters run before the idempotency layer: a request they refuse did not run.
     if let Err((status, body)) = rate_limit(&mut inner, headers, &account, &path) {
         return (respond(&mut inner, status, body), flight);

@@ -15,6 +15,7 @@ mod apis;
 mod billing;
 mod browser;
 mod cli;
+mod connect_onboarding;
 mod customers;
 mod dashboard;
 mod fake_smtp;
@@ -69,6 +70,7 @@ fn main() -> ExitCode {
         alerts::cases(),
         stripe_webhooks::cases(),
         billing::cases(),
+        connect_onboarding::cases(),
         invoicing::cases(),
         schemathesis::cases(),
         browser::cases(),
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
     trials.extend(helpers::plain_trials(python::plain_cases()));
     trials.extend(helpers::plain_trials(stripe_sdk::cases()));
     trials.extend(helpers::plain_trials(fake_stripe_rules::cases()));
+    trials.extend(helpers::plain_trials(connect_onboarding::plain_cases()));
     trials.extend(helpers::plain_trials(hostile_tenant::plain_cases()));
     libtest_mimic::run(&args, trials).exit_code()
 }
