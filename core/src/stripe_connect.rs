@@ -93,10 +93,7 @@ pub fn read_state(master: &MasterKey, state: &str, now: UnixMillis) -> Result<Co
     let (payload, signature) = state.trim().split_once('.').ok_or(StateError::Forged)?;
     let presented = URL_SAFE_NO_PAD.decode(signature).map_err(|_| StateError::Forged)?;
     let expected = hmac_sha256(&signing_key(master), payload.as_bytes());
-    // Constant time: no early exit on the first differing byte.
-    let same = presented.len() == expected.len()
-        && presented.iter().zip(expected.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if !same {
+    if !crate::signature::constant_time_eq(&presented, &expected) {
         return Err(StateError::Forged);
     }
     let claims: ConnectState = URL_SAFE_NO_PAD
@@ -204,5 +201,31 @@ mod tests {
             "https://connect.stripe.com/oauth/authorize?response_type=code&client_id=ca_123&scope=read_write\
              &state=a.b&redirect_uri=https%3A%2F%2Ft.example%2Fstripe%2Fconnect%2Fcallback"
         );
+    }
+
+    #[test]
+    fn the_operator_settings_are_checked() {
+        use crate::config::Config;
+        let env = |pairs: &[(&str, &str)]| {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<std::collections::HashMap<_, _>>()
+        };
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert_eq!((c.stripe_connect_client_id, c.stripe_oauth_base.as_str()), (None, DEFAULT_OAUTH_BASE));
+        let c = Config::load(
+            None,
+            &env(&[
+                ("TOLLGATE_STRIPE_CONNECT_CLIENT_ID", "ca_Abc123"),
+                ("TOLLGATE_STRIPE_OAUTH_BASE", "http://127.0.0.1:9/"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.stripe_connect_client_id.as_deref(), c.stripe_oauth_base.as_str()),
+            (Some("ca_Abc123"), "http://127.0.0.1:9")
+        );
+        let e = Config::load(None, &env(&[("TOLLGATE_STRIPE_CONNECT_CLIENT_ID", "acct_123")])).unwrap_err();
+        assert!(e.to_string().contains("TOLLGATE_STRIPE_CONNECT_CLIENT_ID"), "{e}");
+        let e = Config::load(None, &env(&[("TOLLGATE_STRIPE_OAUTH_BASE", "connect.stripe.com")])).unwrap_err();
+        assert!(e.to_string().contains("TOLLGATE_STRIPE_OAUTH_BASE"), "{e}");
     }
 }

@@ -967,6 +967,7 @@ async fn every_page_and_action_of_another_organization_is_not_found(db: TestData
             vec![("secret_key", "rk_test_51Hmallory000"), ("webhook_secret", "whsec_mallory_000000000000")],
         ),
         (format!("{project}/billing/disconnect"), vec![]),
+        (format!("{project}/billing/connect-stripe"), vec![]),
         (format!("{customer}/block"), vec![]),
         (format!("{customer}/unblock"), vec![]),
         (format!("/members/{ada_id}/role"), vec![("role", "viewer")]),
