@@ -59,7 +59,7 @@ fn hint(key: &str) -> String {
     format!("{prefix}…{tail}")
 }
 
-fn check_webhook_secret(secret: &str) -> Result<(), StripeError> {
+pub fn check_webhook_secret(secret: &str) -> Result<(), StripeError> {
     let valid = secret.strip_prefix("whsec_").is_some_and(|r| r.len() >= 16 && r.bytes().all(|b| b.is_ascii_graphic()));
     if valid { Ok(()) } else { Err(invalid("webhook_secret", "must be the endpoint's signing secret (whsec_…)")) }
 }

@@ -214,6 +214,12 @@ async fn connect_onboarding_disconnect_clears_what_belonged_to_the_account(db: T
         "SELECT stripe_customer_id FROM customers WHERE external_id = 'cust-a'").fetch_one(pool).await)?;
     assert_ne!(cus, cus2);
     assert!(!b.fake.meter_events("acct_second1").is_empty());
+
+    // Replacing the Connect account with a key clears what the Connect account held, too.
+    let saved = browser.submit(&billing, &billing, &[("secret_key", KEY), ("webhook_secret", WHSEC)]).await?;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    assert_eq!(count("SELECT COUNT(*) FROM customers WHERE stripe_customer_id IS NOT NULL").await?, 0);
+    assert_eq!(count("SELECT COUNT(*) FROM stripe_connections WHERE meter_id IS NOT NULL").await?, 0);
     Ok(())
 }
 
@@ -245,7 +251,6 @@ async fn connect_onboarding_test_connection_checks_the_readme_restricted_key(db:
     for permission in readme_permissions() {
         assert!(readme.contains(permission), "README misses {permission}");
     }
-    let _ = WHSEC;
     Ok(())
 }
 

@@ -364,6 +364,15 @@ pub async fn connect(
     me.verify_csrf(&form.csrf).await?;
     me.require(Role::Admin)?;
     let project = load_project(&state, &me, &id).await?;
+    // From a Connect account to a valid key: what the Connect account held goes first. (A
+    // project already on a key keeps its objects: the new key's account is not known here.)
+    let current = stripe::connection(&state.db, &project.id).await.map_err(stripe_error)?;
+    if current.is_some_and(|c| c.mode == "connect")
+        && stripe::key_livemode(form.secret_key.trim()).is_some()
+        && stripe::check_webhook_secret(form.webhook_secret.trim()).is_ok()
+    {
+        stripe::disconnect(&state.db, &project.id).await.map_err(stripe_error)?;
+    }
     match stripe::connect_with_key(&state.db, &state.master_key, &project.id, &form.secret_key, &form.webhook_secret)
         .await
     {
