@@ -92,6 +92,12 @@ pub struct Config {
     /// The signing secret of the platform's Connect webhook endpoint (`whsec_…`), which
     /// receives the events of every connected account.
     pub stripe_connect_webhook_secret: Option<SecretString>,
+    /// The platform's Connect client id (`ca_…`): with the platform key, tenants connect their
+    /// Stripe account through Stripe's OAuth.
+    pub stripe_connect_client_id: Option<String>,
+    /// Where Stripe's OAuth pages and token endpoint are (`https://connect.stripe.com`); tests
+    /// point it at a fake.
+    pub stripe_oauth_base: String,
     /// How often each worker process compares delivered usage with Stripe's meter summaries.
     pub stripe_reconcile_interval: Duration,
     /// Usage older than this when it is first sent to Stripe is stamped this long ago instead,
@@ -263,6 +269,8 @@ struct RawConfig {
     stripe_api_base: Option<String>,
     stripe_platform_key: Option<String>,
     stripe_connect_webhook_secret: Option<String>,
+    stripe_connect_client_id: Option<String>,
+    stripe_oauth_base: Option<String>,
     stripe_reconcile_seconds: Option<u64>,
     stripe_late_usage_seconds: Option<u64>,
     stripe_meter_events_per_second: Option<u32>,
@@ -307,6 +315,8 @@ const SETTINGS: &[(&str, &str)] = &[
     ("stripe_api_base", "TOLLGATE_STRIPE_API_BASE"),
     ("stripe_platform_key", "TOLLGATE_STRIPE_PLATFORM_KEY"),
     ("stripe_connect_webhook_secret", "TOLLGATE_STRIPE_CONNECT_WEBHOOK_SECRET"),
+    ("stripe_connect_client_id", "TOLLGATE_STRIPE_CONNECT_CLIENT_ID"),
+    ("stripe_oauth_base", "TOLLGATE_STRIPE_OAUTH_BASE"),
     ("stripe_reconcile_seconds", "TOLLGATE_STRIPE_RECONCILE_SECONDS"),
     ("stripe_late_usage_seconds", "TOLLGATE_STRIPE_LATE_USAGE_SECONDS"),
     ("stripe_meter_events_per_second", "TOLLGATE_STRIPE_METER_EVENTS_PER_SECOND"),
@@ -364,6 +374,8 @@ impl Sourced {
                 "stripe_api_base" => r.stripe_api_base = text,
                 "stripe_platform_key" => r.stripe_platform_key = text,
                 "stripe_connect_webhook_secret" => r.stripe_connect_webhook_secret = text,
+                "stripe_connect_client_id" => r.stripe_connect_client_id = text,
+                "stripe_oauth_base" => r.stripe_oauth_base = text,
                 "stripe_late_usage_seconds" => {
                     r.stripe_late_usage_seconds = Some(
                         value
@@ -590,6 +602,19 @@ impl Sourced {
         }
         let egress_allow = EgressAllow::parse(r.egress_allow.as_deref().unwrap_or_default())
             .map_err(|e| self.invalid("egress_allow", e))?;
+        let stripe_connect_client_id = secret(&r.stripe_connect_client_id);
+        if let Some(id) = &stripe_connect_client_id
+            && !(id.starts_with("ca_") && id.len() > 3 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        {
+            return Err(self.invalid("stripe_connect_client_id", "must be the platform's Connect client id (ca_…)"));
+        }
+        let stripe_oauth_base = match r.stripe_oauth_base.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            None => crate::stripe_connect::DEFAULT_OAUTH_BASE.to_owned(),
+            Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
+                url.trim_end_matches('/').to_owned()
+            }
+            Some(url) => return Err(self.invalid("stripe_oauth_base", format!("expected an http(s) URL, got {url:?}"))),
+        };
         let stripe_reconcile_interval = Duration::from_secs(r.stripe_reconcile_seconds.unwrap_or(300));
         if stripe_reconcile_interval.is_zero() {
             return Err(self.invalid("stripe_reconcile_seconds", "must be at least 1"));
@@ -627,6 +652,8 @@ impl Sourced {
             stripe_api_base,
             stripe_platform_key: stripe_platform_key.map(SecretString::from),
             stripe_connect_webhook_secret: stripe_connect_webhook_secret.map(SecretString::from),
+            stripe_connect_client_id,
+            stripe_oauth_base,
             stripe_reconcile_interval,
             stripe_late_usage_window,
             stripe_meter_events_per_second: r.stripe_meter_events_per_second,

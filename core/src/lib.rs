@@ -44,6 +44,7 @@ pub mod reseal;
 pub mod sessions;
 pub mod signature;
 pub mod stripe;
+pub mod stripe_connect;
 pub mod throttle;
 pub mod time;
 pub mod tokens;

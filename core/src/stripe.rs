@@ -39,6 +39,8 @@ pub struct Connection {
     pub livemode: bool,
     pub last_check_at: Option<i64>,
     pub last_check_error: Option<String>,
+    /// What the last check that passed found (account, mode, the calls allowed).
+    pub last_check_detail: Option<String>,
     pub updated_at: i64,
 }
 
@@ -57,7 +59,7 @@ fn hint(key: &str) -> String {
     format!("{prefix}…{tail}")
 }
 
-fn check_webhook_secret(secret: &str) -> Result<(), StripeError> {
+pub fn check_webhook_secret(secret: &str) -> Result<(), StripeError> {
     let valid = secret.strip_prefix("whsec_").is_some_and(|r| r.len() >= 16 && r.bytes().all(|b| b.is_ascii_graphic()));
     if valid { Ok(()) } else { Err(invalid("webhook_secret", "must be the endpoint's signing secret (whsec_…)")) }
 }
@@ -82,7 +84,8 @@ pub async fn connect_with_key(
         ON CONFLICT (project_id) DO UPDATE SET mode = 'key', account_id = NULL, \
             secret_key_sealed = excluded.secret_key_sealed, key_hint = excluded.key_hint, \
             webhook_secret_sealed = excluded.webhook_secret_sealed, livemode = excluded.livemode, \
-            last_check_at = NULL, last_check_error = NULL, updated_at = excluded.updated_at";
+            last_check_at = NULL, last_check_error = NULL, last_check_detail = NULL, \
+            updated_at = excluded.updated_at";
     let now = UnixMillis::now().0;
     let (sealed_key, sealed_webhook) = (
         master.seal(secret_key, &SealedFor::stripe_secret_key(project)),
@@ -118,7 +121,7 @@ pub async fn connect_with_account(
         VALUES ($1, 'connect', $2, NULL, NULL, $3, $4, $5, $5) \
         ON CONFLICT (project_id) DO UPDATE SET mode = 'connect', account_id = excluded.account_id, \
             secret_key_sealed = NULL, key_hint = NULL, webhook_secret_sealed = excluded.webhook_secret_sealed, \
-            livemode = excluded.livemode, last_check_at = NULL, last_check_error = NULL, \
+            livemode = excluded.livemode, last_check_at = NULL, last_check_error = NULL, last_check_detail = NULL, \
             updated_at = excluded.updated_at";
     let now = UnixMillis::now().0;
     let stored = with_db!(db, pool => sqlx::query(SQL).bind(project).bind(account_id).bind(master.seal("", &SealedFor::stripe_webhook_secret(project)))
@@ -173,16 +176,15 @@ pub async fn project_for_account(db: &Db, account_id: &str) -> Result<Option<(Pr
 
 /// The project's connection, if it has one.
 pub async fn connection(db: &Db, project: &ProjectId) -> Result<Option<Connection>, StripeError> {
-    const SQL: &str = "SELECT mode, block_on_payment_failure, account_id, key_hint, livemode, last_check_at, last_check_error, updated_at \
-        FROM stripe_connections WHERE project_id = $1";
+    const SQL: &str = "SELECT mode, block_on_payment_failure, account_id, key_hint, livemode, last_check_at, last_check_error, \
+        last_check_detail, updated_at FROM stripe_connections WHERE project_id = $1";
     Ok(with_db!(db, pool => sqlx::query_as::<_, Connection>(SQL).bind(project).fetch_optional(pool).await)?)
 }
 
-/// Removes the project's connection (its stored events stay, for the record).
+/// Removes the project's connection and what belonged to its Stripe account (see
+/// [`crate::stripe_connect::clear_account`]); its stored events stay, for the record.
 pub async fn disconnect(db: &Db, project: &ProjectId) -> Result<bool, StripeError> {
-    const SQL: &str = "DELETE FROM stripe_connections WHERE project_id = $1";
-    let removed = with_db!(db, pool => sqlx::query(SQL).bind(project).execute(pool).await.map(|r| r.rows_affected()))?;
-    Ok(removed > 0)
+    Ok(crate::stripe_connect::clear_account(db, project).await?)
 }
 
 /// The webhook signing secret and live mode of the project's connection.
@@ -217,12 +219,17 @@ pub async fn secret_key(db: &Db, master: &MasterKey, project: &ProjectId) -> Res
     }
 }
 
-/// Records the outcome of a connection check: `None` when Stripe answered, else the error.
-pub async fn record_check(db: &Db, project: &ProjectId, error: Option<&str>) -> Result<(), StripeError> {
-    const SQL: &str = "UPDATE stripe_connections SET last_check_at = $1, last_check_error = $2 WHERE project_id = $3";
+/// Records the outcome of a connection check: what it found when Stripe answered, else the error.
+pub async fn record_check(db: &Db, project: &ProjectId, outcome: Result<&str, &str>) -> Result<(), StripeError> {
+    const SQL: &str = "UPDATE stripe_connections SET last_check_at = $1, last_check_error = $2, \
+        last_check_detail = $3 WHERE project_id = $4";
     let now = UnixMillis::now().0;
-    let error = error.map(|e| e.chars().take(500).collect::<String>());
-    with_db!(db, pool => sqlx::query(SQL).bind(now).bind(&error).bind(project).execute(pool).await.map(|_| ()))?;
+    let cut = |e: &str| e.chars().take(500).collect::<String>();
+    let (detail, error) = match outcome {
+        Ok(detail) => (Some(cut(detail)), None),
+        Err(error) => (None, Some(cut(error))),
+    };
+    with_db!(db, pool => sqlx::query(SQL).bind(now).bind(&error).bind(&detail).bind(project).execute(pool).await.map(|_| ()))?;
     Ok(())
 }
 

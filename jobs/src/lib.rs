@@ -18,6 +18,8 @@ pub mod mail;
 pub mod payment_links;
 mod store;
 pub mod stripe_api;
+pub mod stripe_check;
+pub mod stripe_oauth;
 mod workers;
 
 pub use alerts::AlertServices;

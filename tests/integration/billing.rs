@@ -43,8 +43,9 @@ pub fn cases() -> Vec<DbCase> {
 pub(crate) const KEY: &str = "rk_test_51Htenantkey0001";
 pub(crate) const ACCOUNT: &str = "acct_tenant1";
 pub(crate) const WHSEC: &str = "whsec_test_0123456789abcdef0123";
-const PLATFORM_KEY: &str = "sk_test_51Hplatformkey001";
-const PLATFORM: &str = "acct_platform";
+pub(crate) const PLATFORM_KEY: &str = "sk_test_51Hplatformkey001";
+pub(crate) const PLATFORM: &str = "acct_platform";
+pub(crate) const CONNECT_CLIENT_ID: &str = "ca_fakeplatform0001";
 const CONNECT_WHSEC: &str = "whsec_test_connect0123456789abcd";
 
 pub(crate) struct Billing {
@@ -63,9 +64,12 @@ pub(crate) async fn billing_setup_with(
 ) -> anyhow::Result<Billing> {
     let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
     fake.add_platform_key(PLATFORM_KEY, PLATFORM);
+    fake.add_connect_client(CONNECT_CLIENT_ID, PLATFORM_KEY);
     let base = fake.base_url();
     let s = setup_with(db, BudgetPolicy::Reject, |env| {
-        env.insert("TOLLGATE_STRIPE_API_BASE".into(), base);
+        env.insert("TOLLGATE_STRIPE_API_BASE".into(), base.clone());
+        env.insert("TOLLGATE_STRIPE_OAUTH_BASE".into(), base);
+        env.insert("TOLLGATE_STRIPE_CONNECT_CLIENT_ID".into(), CONNECT_CLIENT_ID.into());
         env.insert("TOLLGATE_STRIPE_PLATFORM_KEY".into(), PLATFORM_KEY.into());
         env.insert("TOLLGATE_STRIPE_CONNECT_WEBHOOK_SECRET".into(), CONNECT_WHSEC.into());
         customize(env);
@@ -464,16 +468,12 @@ async fn subscription_and_meter_error_events_are_mirrored(db: TestDatabase) -> T
 
 async fn connect_mode_acts_on_the_connected_account(db: TestDatabase) -> TestResult {
     let b = billing_setup(&db).await?;
-    b.fake.add_connected_account(PLATFORM_KEY, "acct_connected1");
-    // Through the dashboard: an account not connected to the platform is refused.
+    // Through the dashboard and Stripe's OAuth (the fake's), as the account's owner approves.
     let browser = Browser::new(&b.s.app)?;
     browser.log_in("ada@example.com", crate::dashboard::PASSWORD).await?;
     let billing = format!("/projects/{}/billing", b.s.project.id);
-    let action = format!("{billing}/connect-account");
-    let refused = browser.submit(&billing, &action, &[("account_id", "acct_stranger")]).await?;
-    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
-    assert!(refused.body.contains("the platform cannot act on acct_stranger"), "{}", refused.body);
-    let connected = browser.submit(&billing, &action, &[("account_id", "acct_connected1")]).await?;
+    let connected =
+        crate::connect_onboarding::connect_through_oauth(&b, &browser, &billing, Some("acct_connected1")).await?;
     assert_eq!(connected.status, StatusCode::SEE_OTHER, "{}", connected.body);
 
     b.calls("cust-a", 2, 10).await?;

@@ -52,6 +52,7 @@ use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
+pub mod connect;
 pub mod invoices;
 pub mod payments;
 
@@ -142,6 +143,10 @@ struct Inner {
     /// How long an accepted meter event takes to count in the summaries.
     summary_lag: Duration,
     next_id: u64,
+    /// Restricted key → its permissions (see `connect`).
+    permissions: HashMap<String, HashSet<String>>,
+    /// Connect OAuth (see `connect`).
+    oauth: connect::OAuth,
 }
 
 /// Stripe's rate limiters, per account: the basic one, and live mode's own for meter events.
@@ -235,6 +240,7 @@ impl FakeStripe {
             .route("/v1/subscriptions/{id}", get(get_subscription))
             .route("/v1/checkout/sessions", post(payments::create_checkout_session))
             .route("/v1/billing_portal/sessions", post(payments::create_portal_session))
+            .merge(connect::routes())
             .with_state(self.inner.clone());
         let stop = CancellationToken::new();
         let signal = stop.clone().cancelled_owned();
@@ -602,6 +608,9 @@ fn answer(
         Ok(account) => account,
         Err((status, body)) => return (respond(&mut inner, status, body), flight),
     };
+    if let Err((status, body)) = connect::permitted(&inner, headers, &method, &path, &account) {
+        return (respond(&mut inner, status, body), flight);
+    }
     // The rate limiters run before the idempotency layer: a request they refuse did not run.
     if let Err((status, body)) = rate_limit(&mut inner, headers, &account, &path) {
         return (respond(&mut inner, status, body), flight);

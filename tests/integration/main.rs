@@ -15,6 +15,7 @@ mod apis;
 mod billing;
 mod browser;
 mod cli;
+mod connect_onboarding;
 mod customers;
 mod dashboard;
 mod fake_smtp;
@@ -71,6 +72,7 @@ fn main() -> ExitCode {
         alerts::cases(),
         stripe_webhooks::cases(),
         billing::cases(),
+        connect_onboarding::cases(),
         invoicing::cases(),
         payment_collection::cases(),
         schemathesis::cases(),
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
     trials.extend(helpers::plain_trials(stripe_sdk::cases()));
     trials.extend(helpers::plain_trials(fake_stripe_rules::cases()));
     trials.extend(helpers::plain_trials(fake_stripe_payment_rules::cases()));
+    trials.extend(helpers::plain_trials(connect_onboarding::plain_cases()));
     trials.extend(helpers::plain_trials(hostile_tenant::plain_cases()));
     libtest_mimic::run(&args, trials).exit_code()
 }

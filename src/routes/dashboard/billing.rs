@@ -15,6 +15,7 @@ use tollgate_core::audit;
 use tollgate_core::billing;
 use tollgate_core::projects::Project;
 use tollgate_core::stripe::{self, Connection, StripeError};
+use tollgate_core::stripe_connect;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::with_db;
 
@@ -282,7 +283,8 @@ pub(super) async fn page(
         delivery,
         customers,
         period: format::date(period_start),
-        connect_available: state.config.stripe_platform_key.is_some(),
+        connect_available: state.config.stripe_platform_key.is_some()
+            && state.config.stripe_connect_client_id.is_some(),
         connect_mode: connection.as_ref().is_some_and(|c| c.mode == "connect"),
         connected_at: connection.as_ref().map(|c| format::datetime(c.updated_at)).unwrap_or_default(),
         checked_at: connection.as_ref().and_then(|c| c.last_check_at).map(format::datetime).unwrap_or_default(),
@@ -388,6 +390,15 @@ pub async fn connect(
     me.verify_csrf(&form.csrf).await?;
     me.require(Role::Admin)?;
     let project = load_project(&state, &me, &id).await?;
+    // From a Connect account to a valid key: what the Connect account held goes first. (A
+    // project already on a key keeps its objects: the new key's account is not known here.)
+    let current = stripe::connection(&state.db, &project.id).await.map_err(stripe_error)?;
+    if current.is_some_and(|c| c.mode == "connect")
+        && stripe::key_livemode(form.secret_key.trim()).is_some()
+        && stripe::check_webhook_secret(form.webhook_secret.trim()).is_ok()
+    {
+        stripe::disconnect(&state.db, &project.id).await.map_err(stripe_error)?;
+    }
     match stripe::connect_with_key(&state.db, &state.master_key, &project.id, &form.secret_key, &form.webhook_secret)
         .await
     {
@@ -438,7 +449,8 @@ pub async fn set_policy(
     Ok(Redirect::to(&format!("/projects/{}/billing?saved=1", project.id)).into_response())
 }
 
-/// "Test connection": asks Stripe which account the key reaches, and records the answer.
+/// "Test connection": checks through calls the credentials' permissions allow what they reach
+/// (see [`tollgate_jobs::stripe_check`]), and records the answer.
 pub async fn check(
     State(state): State<AppState>,
     me: Member,
@@ -449,6 +461,7 @@ pub async fn check(
     me.require(Role::Admin)?;
     let project = load_project(&state, &me, &id).await?;
     let access = stripe::access(&state.db, &state.master_key, &project.id).await.map_err(stripe_error)?;
+    let livemode = stripe::connection(&state.db, &project.id).await.map_err(stripe_error)?.is_some_and(|c| c.livemode);
     let credentials = match access {
         Some(stripe::Access::Key(key)) => Ok(Credentials { key: key.into(), account: None }),
         Some(stripe::Access::Connect { account }) => match &state.config.stripe_platform_key {
@@ -458,17 +471,15 @@ pub async fn check(
         None => return Err(WebError::BadRequest("Connect Stripe first".to_owned())),
     };
     let outcome = match &credentials {
-        Ok(credentials) => state.stripe.account(credentials).await.map_err(|e| e.to_string()),
+        Ok(credentials) => tollgate_jobs::stripe_check::check(&state.stripe, credentials, livemode).await,
         Err(e) => Err(e.clone()),
     };
-    let error = match &outcome {
-        Ok(account) => {
-            tracing::info!(project = %project.id, account = %account.id, "stripe connection checked");
-            None
-        }
-        Err(e) => Some(e.clone()),
-    };
-    stripe::record_check(&state.db, &project.id, error.as_deref()).await.map_err(stripe_error)?;
+    if let Ok(found) = &outcome {
+        tracing::info!(project = %project.id, found = %found, "stripe connection checked");
+    }
+    stripe::record_check(&state.db, &project.id, outcome.as_deref().map_err(String::as_str))
+        .await
+        .map_err(stripe_error)?;
     Ok(Redirect::to(&format!("/projects/{}/billing", project.id)).into_response())
 }
 
@@ -487,50 +498,109 @@ pub async fn disconnect(
     Ok(Redirect::to(&format!("/projects/{}/billing", project.id)).into_response())
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct ConnectAccountForm {
-    csrf: String,
-    account_id: String,
-}
-
-/// Connects through Stripe Connect: the operator's platform key acts on the tenant's account.
-/// The account must answer the platform (it is connected to it) before it is saved.
-pub async fn connect_account(
+/// "Connect with Stripe": sends the member to Stripe's OAuth page for Standard accounts with a
+/// signed, single-use state naming the project and the member (see
+/// [`tollgate_core::stripe_connect`]). Typing an account id is not offered: it proves nothing.
+pub async fn connect_stripe(
     State(state): State<AppState>,
     me: Member,
     Path(id): Path<String>,
-    Form(form): Form<ConnectAccountForm>,
+    Form(form): Form<CsrfForm>,
 ) -> Result<Response, WebError> {
     me.verify_csrf(&form.csrf).await?;
     me.require(Role::Admin)?;
     let project = load_project(&state, &me, &id).await?;
-    let Some(platform_key) = state.config.stripe_platform_key.clone() else {
+    let (Some(_), Some(client_id)) = (&state.config.stripe_platform_key, &state.config.stripe_connect_client_id) else {
         return Err(WebError::BadRequest("Stripe Connect is not set up on this server".to_owned()));
     };
-    let account = form.account_id.trim().to_owned();
+    let oauth_state =
+        stripe_connect::issue_state(&state.db, &state.master_key, &project.id, &me.user.id, UnixMillis::now()).await?;
+    let url =
+        stripe_connect::authorize_url(&state.config.stripe_oauth_base, client_id, &oauth_state, &redirect_uri(&state));
+    Ok(Redirect::to(&url).into_response())
+}
+
+/// The redirect URI registered in the platform's Connect settings.
+pub fn redirect_uri(state: &AppState) -> String {
+    format!("{}{}", state.config.public_url.trim_end_matches('/'), stripe_connect::CALLBACK_PATH)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct CallbackQuery {
+    code: Option<String>,
+    state: String,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// Where Stripe sends the member back: the state must be this server's, unexpired, unused, and
+/// the logged-in member's own for a project they administer; then the code is exchanged for the
+/// account id, which is attached unless another project already bills it.
+pub async fn connect_callback(
+    State(state): State<AppState>,
+    me: Member,
+    Query(query): Query<CallbackQuery>,
+) -> Result<Response, WebError> {
+    let now = UnixMillis::now();
+    let claims = stripe_connect::read_state(&state.master_key, &query.state, now)
+        .map_err(|e| WebError::BadRequest(format!("Stripe Connect: {e}")))?;
+    if claims.user != me.user.id {
+        return Err(WebError::BadRequest(format!("Stripe Connect: {}", stripe_connect::StateError::Elsewhere)));
+    }
+    let project = load_project(&state, &me, claims.project.as_str()).await?;
+    me.require(Role::Admin)?;
+    if !stripe_connect::consume_state(&state.db, &claims, now).await? {
+        return Err(WebError::BadRequest(format!("Stripe Connect: {}", stripe_connect::StateError::Used)));
+    }
     let refuse = async |message: String| -> Result<Response, WebError> {
         let page = page(&state, me.clone(), project.clone(), vec![message], false).await?;
         Ok((StatusCode::BAD_REQUEST, page).into_response())
     };
-    if !stripe::is_account_id(&account) {
-        return refuse("Stripe account: must be a Stripe account id (acct_…)".to_owned()).await;
+    if let Some(error) = &query.error {
+        // Stripe: "error=access_denied … The user denied your request" (Connect OAuth reference).
+        let message = if error == "access_denied" {
+            "Stripe Connect: the connection was declined on Stripe; nothing was connected".to_owned()
+        } else {
+            format!("Stripe Connect: Stripe answered {error}: {}", query.error_description.as_deref().unwrap_or(""))
+        };
+        return refuse(message).await;
     }
-    let livemode = {
-        use secrecy::ExposeSecret;
-        stripe::key_livemode(platform_key.expose_secret()).unwrap_or(false)
+    let Some(code) = query.code.filter(|c| !c.is_empty()) else {
+        return refuse("Stripe Connect: Stripe sent no authorization code".to_owned()).await;
     };
-    let credentials = Credentials { key: platform_key, account: Some(account.clone()) };
-    if let Err(e) = state.stripe.account(&credentials).await {
-        return refuse(format!("Stripe account: the platform cannot act on {account}: {e}")).await;
+    let Some(platform_key) = state.config.stripe_platform_key.clone() else {
+        return Err(WebError::BadRequest("Stripe Connect is not set up on this server".to_owned()));
+    };
+    let grant = match tollgate_jobs::stripe_oauth::exchange_code(
+        &state.http,
+        &state.config.stripe_oauth_base,
+        &platform_key,
+        &code,
+    )
+    .await
+    {
+        Ok(grant) => grant,
+        Err(e) => return refuse(format!("Stripe Connect: {e}")).await,
+    };
+    let account = grant.stripe_user_id;
+    if let Some((other, _)) = stripe::project_for_account(&state.db, &account).await.map_err(stripe_error)?
+        && other != project.id
+    {
+        return refuse(format!("Stripe Connect: the Stripe account {account} already bills another project")).await;
     }
-    match stripe::connect_with_account(&state.db, &state.master_key, &project.id, &account, livemode).await {
+    // Another account than the one attached: what the old one held goes first.
+    let current = stripe::connection(&state.db, &project.id).await.map_err(stripe_error)?;
+    if current.is_some_and(|c| c.account_id.as_deref() != Some(account.as_str())) {
+        stripe::disconnect(&state.db, &project.id).await.map_err(stripe_error)?;
+    }
+    match stripe::connect_with_account(&state.db, &state.master_key, &project.id, &account, grant.livemode).await {
         Ok(_) => {
-            let detail = format!("Connect account {account}");
+            let detail = format!("Connect account {account} (OAuth)");
             audit::record(&state.db, me.org_id(), &me.actor(), "stripe.connected", &project.name, &detail).await?;
             Ok(Redirect::to(&format!("/projects/{}/billing?saved=1", project.id)).into_response())
         }
-        Err(StripeError::Invalid { reason, .. }) => refuse(format!("Stripe account: {reason}")).await,
+        Err(StripeError::Invalid { reason, .. }) => refuse(format!("Stripe Connect: {account}: {reason}")).await,
         Err(e) => Err(stripe_error(e)),
     }
 }
