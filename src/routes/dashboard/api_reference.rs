@@ -484,7 +484,7 @@ mod tests {
         let reference = Reference::new(&document, "https://gate.example.com");
         let sections = reference.sections();
         let endpoints: Vec<&Endpoint> = sections.iter().flat_map(|s| s.endpoints.iter()).collect();
-        assert_eq!(endpoints.len(), 13);
+        assert_eq!(endpoints.len(), 15);
         let upsert = endpoints.iter().find(|e| e.anchor == "upsert_customer").map(|e| e.curl.as_str());
         assert_eq!(
             upsert,
