@@ -33,10 +33,10 @@ pub const WEBHOOK_EVENTS: &[&str] = &[
     "invoice.paid",
     "invoice.payment_failed",
     "invoice.voided",
+    "invoice.marked_uncollectible",
     "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
-    "billing.meter.error_report_triggered",
 ];
 
 #[derive(Deserialize, Default)]
