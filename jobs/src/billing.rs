@@ -16,7 +16,7 @@ use tollgate_core::crypto::MasterKey;
 use tollgate_core::db::DbError;
 use tollgate_core::ids::ProjectId;
 use tollgate_core::payment_collection;
-use tollgate_core::stripe::{self, Access};
+use tollgate_core::stripe;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::{Config, Db};
 
@@ -146,14 +146,9 @@ async fn credentials(
     services: &BillingServices,
     project: &tollgate_core::ids::ProjectId,
 ) -> Result<Result<Credentials, String>, BillingError> {
-    Ok(match stripe::access(db, &services.master_key, project).await? {
-        Some(Access::Key(key)) => Ok(Credentials { key: SecretString::from(key), account: None }),
-        Some(Access::Connect { account }) => match &services.platform_key {
-            Some(key) => Ok(Credentials { key: key.clone(), account: Some(account) }),
-            None => Err("this server has no Stripe platform key (TOLLGATE_STRIPE_PLATFORM_KEY) for Connect".to_owned()),
-        },
-        None => Err("Stripe is not connected".to_owned()),
-    })
+    let found =
+        crate::stripe_api::credentials(db, &services.master_key, services.platform_key.as_ref(), project).await?;
+    Ok(found.map_err(|e| e.to_string()))
 }
 
 fn step_failure(what: &str, error: &StripeApiError, attempts: i64) -> StepFailure {

@@ -9,7 +9,7 @@ use tollgate_core::billing;
 use tollgate_core::crypto::MasterKey;
 use tollgate_core::db::DbError;
 use tollgate_core::ids::{CustomerId, ProjectId};
-use tollgate_core::stripe::{self, Access};
+use tollgate_core::stripe;
 
 use crate::stripe_api::{Credentials, StripeApi, StripeApiError, form};
 
@@ -61,16 +61,9 @@ pub async fn credentials(
     platform_key: Option<&SecretString>,
     project: &ProjectId,
 ) -> Result<Credentials, LinkError> {
-    match stripe::access(db, master, project).await? {
-        Some(Access::Key(key)) => Ok(Credentials { key: SecretString::from(key), account: None }),
-        Some(Access::Connect { account }) => match platform_key {
-            Some(key) => Ok(Credentials { key: key.clone(), account: Some(account) }),
-            None => Err(LinkError::NotConnected(
-                "this server has no Stripe platform key (TOLLGATE_STRIPE_PLATFORM_KEY) for Connect".to_owned(),
-            )),
-        },
-        None => Err(LinkError::NotConnected("Stripe is not connected for this project".to_owned())),
-    }
+    crate::stripe_api::credentials(db, master, platform_key, project)
+        .await?
+        .map_err(|e| LinkError::NotConnected(e.to_string()))
 }
 
 #[derive(serde::Deserialize)]

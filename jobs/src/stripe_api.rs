@@ -140,6 +140,34 @@ enum Method<'a> {
     Post { form: &'a [(String, String)], idempotency_key: Option<&'a str> },
 }
 
+/// Why Tollgate cannot act on a project's Stripe account (shown to the tenant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoCredentials {
+    #[error("Stripe is not connected")]
+    NotConnected,
+    #[error("this server has no Stripe platform key (TOLLGATE_STRIPE_PLATFORM_KEY) for Connect")]
+    NoPlatformKey,
+}
+
+/// How Tollgate acts on `project`'s Stripe account: the tenant's own key, or the operator's
+/// platform key (`platform_key`) on the tenant's connected account.
+pub async fn credentials(
+    db: &tollgate_core::Db,
+    master: &tollgate_core::crypto::MasterKey,
+    platform_key: Option<&secrecy::SecretString>,
+    project: &tollgate_core::ids::ProjectId,
+) -> Result<Result<Credentials, NoCredentials>, tollgate_core::stripe::StripeError> {
+    use tollgate_core::stripe::Access;
+    Ok(match tollgate_core::stripe::access(db, master, project).await? {
+        Some(Access::Key(key)) => Ok(Credentials { key: secrecy::SecretString::from(key), account: None }),
+        Some(Access::Connect { account }) => match platform_key {
+            Some(key) => Ok(Credentials { key: key.clone(), account: Some(account) }),
+            None => Err(NoCredentials::NoPlatformKey),
+        },
+        None => Err(NoCredentials::NotConnected),
+    })
+}
+
 /// The API version every call names (`Stripe-Version`), so the shapes Tollgate reads do not
 /// change with each tenant account's default version: the one the async-stripe types in
 /// the tests were generated for (`stripe_shared::version::VERSION` in 1.0.0-rc.10).

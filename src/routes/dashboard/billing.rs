@@ -24,7 +24,7 @@ use super::format;
 use super::projects::load_project;
 use super::session::{CsrfForm, Member};
 use crate::state::AppState;
-use tollgate_jobs::stripe_api::Credentials;
+use tollgate_jobs::stripe_api::{self, NoCredentials};
 
 /// The webhook events Tollgate acts on; the tenant subscribes its endpoint to these.
 pub const WEBHOOK_EVENTS: &[&str] = &[
@@ -329,19 +329,18 @@ pub(super) async fn invoice_views(
                     true,
                 ),
             };
-            (i, ledger, drift)
-        })
-        .map(|(i, ledger, drift)| InvoiceView {
-            ledger,
-            drift,
-            number: i.number.unwrap_or_else(|| "(draft)".to_owned()),
-            customer_id: i.customer_id.map(|c| c.to_string()),
-            customer: i.customer_external_id.unwrap_or(i.stripe_customer_id),
-            amount: minor_units(i.amount_due, &i.currency),
-            status: if i.payment_failed { "payment failed".to_owned() } else { i.status },
-            // Only Stripe's own https links become links.
-            url: i.hosted_invoice_url.filter(|u| u.starts_with("https://")),
-            updated: format::datetime(i.state_at.saturating_mul(1000)),
+            InvoiceView {
+                ledger,
+                drift,
+                number: i.number.unwrap_or_else(|| "(draft)".to_owned()),
+                customer_id: i.customer_id.map(|c| c.to_string()),
+                customer: i.customer_external_id.unwrap_or(i.stripe_customer_id),
+                amount: minor_units(i.amount_due, &i.currency),
+                status: if i.payment_failed { "payment failed".to_owned() } else { i.status },
+                // Only Stripe's own https links become links.
+                url: i.hosted_invoice_url.filter(|u| u.starts_with("https://")),
+                updated: format::datetime(i.state_at.saturating_mul(1000)),
+            }
         })
         .collect())
 }
@@ -460,15 +459,18 @@ pub async fn check(
     me.verify_csrf(&form.csrf).await?;
     me.require(Role::Admin)?;
     let project = load_project(&state, &me, &id).await?;
-    let access = stripe::access(&state.db, &state.master_key, &project.id).await.map_err(stripe_error)?;
     let livemode = stripe::connection(&state.db, &project.id).await.map_err(stripe_error)?.is_some_and(|c| c.livemode);
-    let credentials = match access {
-        Some(stripe::Access::Key(key)) => Ok(Credentials { key: key.into(), account: None }),
-        Some(stripe::Access::Connect { account }) => match &state.config.stripe_platform_key {
-            Some(key) => Ok(Credentials { key: key.clone(), account: Some(account) }),
-            None => Err("this server has no Stripe platform key (TOLLGATE_STRIPE_PLATFORM_KEY)".to_owned()),
-        },
-        None => return Err(WebError::BadRequest("Connect Stripe first".to_owned())),
+    let credentials = match stripe_api::credentials(
+        &state.db,
+        &state.master_key,
+        state.config.stripe_platform_key.as_ref(),
+        &project.id,
+    )
+    .await
+    .map_err(stripe_error)?
+    {
+        Err(NoCredentials::NotConnected) => return Err(WebError::BadRequest("Connect Stripe first".to_owned())),
+        found => found.map_err(|e| e.to_string()),
     };
     let outcome = match &credentials {
         Ok(credentials) => tollgate_jobs::stripe_check::check(&state.stripe, credentials, livemode).await,
