@@ -83,6 +83,13 @@ enum AdminCommand {
         /// month, day, rolling or lifetime.
         #[arg(long, default_value = "month")]
         period: String,
+        /// ISO 4217 code (usd, eur, jpy, kwd, …); fixed once the project exists.
+        #[arg(long, default_value = "usd")]
+        currency: String,
+        /// Outside USD: units of the currency one USD is worth, so the shipped (USD) prices
+        /// apply; without it only the project's own prices do.
+        #[arg(long)]
+        usd_rate: Option<String>,
     },
     /// Connect a provider to a project (its API key from stdin or TOLLGATE_PROVIDER_API_KEY).
     AddProvider {
@@ -239,7 +246,7 @@ async fn run_admin(command: AdminCommand, config: Config) -> anyhow::Result<()> 
             }
             Ok(())
         }
-        AdminCommand::CreateProject { org, name, policy, markup_bps, default_budget, period } => {
+        AdminCommand::CreateProject { org, name, policy, markup_bps, default_budget, period, currency, usd_rate } => {
             let org = OrgId::parse(&org).ok_or_else(|| anyhow::anyhow!("--org: not an organization id (org_…)"))?;
             let policy = match policy.as_str() {
                 "clamp" => BudgetPolicy::Clamp,
@@ -252,6 +259,9 @@ async fn run_admin(command: AdminCommand, config: Config) -> anyhow::Result<()> 
                 markup_bps,
                 default_budget: parse_amount("--default-budget", &default_budget)?,
                 default_period: parse_period(&period)?,
+                currency: tollgate_core::currency::Currency::parse(&currency)
+                    .map_err(|e| anyhow::anyhow!("--currency: {e}"))?,
+                usd_rate: usd_rate.map(|rate| parse_amount("--usd-rate", &rate)).transpose()?,
                 ..NewProject::default()
             };
             let project = projects::create_project(&db, &org, &new).await?;

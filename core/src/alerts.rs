@@ -545,18 +545,16 @@ impl Delivery {
         let who = self.customer_name.as_deref().unwrap_or(&self.customer_external_id);
         match self.kind {
             AlertKind::Threshold(pct) => format!(
-                "{who} has used {pct}% of their budget in {} ({} of {} {})",
+                "{who} has used {pct}% of their budget in {} ({} of {})",
                 self.project_name,
-                self.spent,
-                self.budget,
-                self.currency.to_uppercase()
+                crate::currency::display(self.spent, &self.currency),
+                crate::currency::display(self.budget, &self.currency),
             ),
             AlertKind::Refused => format!(
-                "A call by {who} in {} was refused: budget exhausted ({} of {} {} spent)",
+                "A call by {who} in {} was refused: budget exhausted ({} of {} spent)",
                 self.project_name,
-                self.spent,
-                self.budget,
-                self.currency.to_uppercase()
+                crate::currency::display(self.spent, &self.currency),
+                crate::currency::display(self.budget, &self.currency),
             ),
         }
     }

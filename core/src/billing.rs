@@ -23,7 +23,7 @@ pub const MAX_EVENT_AGE_MS: i64 = 35 * 24 * HOUR_MS - HOUR_MS;
 /// How long a worker holds a claimed batch or provisioning run before another may take it.
 pub const CLAIM_MS: i64 = 60_000;
 /// After a failure Stripe says not to retry, provisioning waits for the tenant ("retry now").
-const NO_RETRY: i64 = i64::MAX / 2;
+pub(crate) const NO_RETRY: i64 = i64::MAX / 2;
 
 /// What provisioning has made for a project, and what it needs to go on.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -159,6 +159,20 @@ pub struct CustomerToProvision {
     pub stripe_customer_id: Option<String>,
     pub stripe_subscription_id: Option<String>,
     pub stripe_provision_attempts: i64,
+    /// Bumped each time a new Stripe customer replaces a deleted one.
+    pub stripe_customer_generation: i64,
+}
+
+impl CustomerToProvision {
+    /// What tells this customer's Stripe objects apart in idempotency keys: its id, and after a
+    /// deleted Stripe customer was replaced, which replacement (so Stripe does not answer
+    /// the new creation with the deleted customer's).
+    pub fn idempotency_tag(&self) -> String {
+        match self.stripe_customer_generation {
+            0 => self.id.to_string(),
+            n => format!("{}-g{n}", self.id),
+        }
+    }
 }
 
 /// The project's customers that need a Stripe customer (they have billable usage to deliver)
@@ -170,12 +184,13 @@ pub async fn claim_customers_to_provision(
     limit: i64,
 ) -> Result<Vec<CustomerToProvision>, DbError> {
     const DUE: &str = "SELECT c.id, c.external_id, c.email, c.stripe_customer_id, c.stripe_subscription_id, \
-            c.stripe_provision_attempts \
+            c.stripe_provision_attempts, c.stripe_customer_generation \
         FROM customers c WHERE c.project_id = $1 AND c.stripe_provision_next_at <= $2 AND ( \
             (c.stripe_customer_id IS NULL AND EXISTS (SELECT 1 FROM usage_events u \
                 WHERE u.project_id = $1 AND u.customer_id = c.id AND u.meter_batch_id IS NULL \
                   AND u.status IN ('settled', 'interrupted') AND u.billed_nanos > 0 AND u.created_at >= $3)) \
-            OR (c.stripe_customer_id IS NOT NULL AND c.stripe_subscription_id IS NULL)) \
+            OR (c.stripe_customer_id IS NOT NULL AND c.stripe_subscription_id IS NULL \
+                AND c.stripe_customer_deleted_at IS NULL)) \
         ORDER BY c.id LIMIT $4";
     const CLAIM: &str =
         "UPDATE customers SET stripe_provision_next_at = $1 WHERE id = $2 AND stripe_provision_next_at <= $3";
@@ -251,6 +266,7 @@ pub async fn retry_now(db: &Db, project: &ProjectId) -> Result<u64, DbError> {
 /// has not ended. Usage of anyone else waits in the outbox (Stripe would accept the meter
 /// events and invoice them nowhere).
 const INVOICEABLE: &str = "c.stripe_customer_id IS NOT NULL AND c.stripe_subscription_id IS NOT NULL \
+    AND c.stripe_customer_deleted_at IS NULL \
     AND COALESCE(c.stripe_subscription_status, 'active') NOT IN ('canceled', 'incomplete_expired')";
 
 /// Gathers the project's settled, billable usage not yet batched into batches: per customer
@@ -541,13 +557,16 @@ pub struct DeliveryStatus {
 }
 
 /// A customer with settled usage Stripe would invoice nowhere: its subscription was canceled
-/// (in Stripe, or by Tollgate's tenant) or expired before its first payment. The usage waits in
-/// the outbox, never sent, so a new subscription can still bill it.
+/// (in Stripe, or by Tollgate's tenant) or expired before its first payment, or the customer was
+/// deleted in Stripe. The usage waits in the outbox, never sent, until the tenant puts it on a
+/// one-off invoice ([`crate::one_off`]) or has a new Stripe customer made.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Uninvoiceable {
     pub customer_id: CustomerId,
     pub external_id: String,
-    pub subscription_status: String,
+    pub subscription_status: Option<String>,
+    /// The customer was deleted in Stripe: nothing more can be invoiced to it.
+    pub customer_deleted: bool,
     pub events: i64,
     pub nanos: i64,
     /// When the oldest of it settled (Unix ms).
@@ -571,15 +590,19 @@ pub async fn delivery_status(db: &Db, project: &ProjectId, billing_from: i64) ->
             MIN(u.created_at) FROM usage_events u LEFT JOIN customers c ON c.id = u.customer_id \
         WHERE u.project_id = $1 AND u.meter_batch_id IS NULL AND u.status IN ('settled', 'interrupted') \
           AND u.billed_nanos > 0 AND u.created_at >= $2 \
-          AND COALESCE(c.stripe_subscription_status, '') NOT IN ('canceled', 'incomplete_expired')";
+          AND COALESCE(c.stripe_subscription_status, '') NOT IN ('canceled', 'incomplete_expired') \
+          AND c.stripe_customer_deleted_at IS NULL";
     const UNINVOICEABLE: &str = "SELECT c.id AS customer_id, c.external_id, \
-            c.stripe_subscription_status AS subscription_status, CAST(COUNT(*) AS BIGINT) AS events, \
+            c.stripe_subscription_status AS subscription_status, \
+            (c.stripe_customer_deleted_at IS NOT NULL) AS customer_deleted, CAST(COUNT(*) AS BIGINT) AS events, \
             CAST(SUM(u.billed_nanos) AS BIGINT) AS nanos, MIN(u.created_at) AS since \
         FROM usage_events u JOIN customers c ON c.id = u.customer_id \
         WHERE u.project_id = $1 AND u.meter_batch_id IS NULL AND u.status IN ('settled', 'interrupted') \
           AND u.billed_nanos > 0 AND u.created_at >= $2 \
-          AND c.stripe_subscription_status IN ('canceled', 'incomplete_expired') \
-        GROUP BY c.id, c.external_id, c.stripe_subscription_status ORDER BY nanos DESC LIMIT 100";
+          AND (c.stripe_subscription_status IN ('canceled', 'incomplete_expired') \
+               OR c.stripe_customer_deleted_at IS NOT NULL) \
+        GROUP BY c.id, c.external_id, c.stripe_subscription_status, c.stripe_customer_deleted_at \
+        ORDER BY nanos DESC LIMIT 100";
     const BATCHES: &str = "SELECT status, CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(value_nanos), 0) AS BIGINT), \
             CAST(COALESCE(SUM(events), 0) AS BIGINT), MIN(first_at), MAX(delivered_at) \
         FROM meter_batches WHERE project_id = $1 GROUP BY status";

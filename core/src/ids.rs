@@ -143,6 +143,12 @@ define_id!(
     "dlv"
 );
 define_id!(
+    /// Settled usage Stripe would invoice nowhere (its subscription ended), put on a one-off
+    /// invoice at the tenant's request: the usage events name it in `meter_batch_id`.
+    OneOffInvoiceId,
+    "ooi"
+);
+define_id!(
     /// A batch of settled usage sent to Stripe as one meter event (its identifier).
     MeterBatchId,
     "mtb"

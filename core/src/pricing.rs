@@ -58,6 +58,22 @@ impl Price {
         self.input.max(self.cached_input).max(self.cache_write)
     }
 
+    /// This price in another currency, `rate` nano-units of it per unit of this one (each
+    /// rate rounded up to the next nano, like every cost).
+    pub fn converted(&self, rate: Nanos) -> Price {
+        let convert = |per_million: i64| {
+            let product = i128::from(per_million.max(0)) * i128::from(rate.0.max(0));
+            i64::try_from((product + 999_999_999) / 1_000_000_000).unwrap_or(i64::MAX)
+        };
+        Price {
+            input: convert(self.input),
+            cached_input: convert(self.cached_input),
+            output: convert(self.output),
+            cache_write: convert(self.cache_write),
+            ..*self
+        }
+    }
+
     pub fn cost(&self, usage: &TokenUsage) -> Nanos {
         let parts = [
             tokens_cost(usage.input, self.input),

@@ -5,6 +5,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use crate::crypto::{MasterKey, SealedFor};
+use crate::currency::Currency;
 use crate::db::{Db, DbError, is_unique_violation};
 use crate::ids::{CustomerId, KeyId, OrgId, ProjectId, ProviderId};
 use crate::money::Nanos;
@@ -45,6 +46,9 @@ pub struct Project {
     /// What a call whose cost Tollgate cannot bound from the request reserves (billed nanos);
     /// None: such calls are refused. See the proxy's admission rule.
     pub unbounded_call_ceiling_nanos: Option<i64>,
+    /// Nano-units of the project's currency one US dollar is worth, for the shipped prices
+    /// (which are in USD). None outside USD: only the project's own prices apply.
+    pub usd_rate_nanos: Option<i64>,
 }
 
 impl Project {
@@ -60,11 +64,25 @@ impl Project {
     pub fn unbounded_call_ceiling(&self) -> Option<Nanos> {
         self.unbounded_call_ceiling_nanos.map(Nanos)
     }
+
+    /// What one USD of a shipped price is in the project's currency, if shipped prices apply.
+    pub fn shipped_price_rate(&self) -> Option<Nanos> {
+        shipped_price_rate(&self.currency, self.usd_rate_nanos)
+    }
+}
+
+/// One USD in `currency`: itself in a USD project, else the project's rate if it set one.
+fn shipped_price_rate(currency: &str, usd_rate_nanos: Option<i64>) -> Option<Nanos> {
+    if currency.eq_ignore_ascii_case("usd") {
+        Some(Nanos(crate::money::NANOS_PER_UNIT))
+    } else {
+        usd_rate_nanos.filter(|r| *r > 0).map(Nanos)
+    }
 }
 
 const PROJECT_COLUMNS: &str = "id, org_id, name, currency, budget_policy, min_output_tokens, \
     default_max_output_tokens, markup_bps, default_budget_nanos, default_budget_period, customer_from_user, \
-    default_customer, estimate_margin_bps, bill_interrupted, unbounded_call_ceiling_nanos";
+    default_customer, estimate_margin_bps, bill_interrupted, unbounded_call_ceiling_nanos, usd_rate_nanos";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
@@ -98,6 +116,16 @@ pub const DEFAULT_MAX_OUTPUT_TOKENS: i64 = 4_096;
 /// The largest default max output a project may set (more than any model produces).
 const MAX_DEFAULT_MAX_OUTPUT_TOKENS: i64 = 1_000_000;
 
+/// The largest USD rate a project may set: a million units of its currency to the dollar
+/// (far above any currency Stripe charges in).
+const MAX_USD_RATE: Nanos = Nanos(1_000_000 * crate::money::NANOS_PER_UNIT);
+
+fn check_usd_rate(rate: Option<Nanos>) -> Option<ProjectError> {
+    let rate = rate?;
+    (rate <= Nanos::ZERO || rate > MAX_USD_RATE)
+        .then(|| invalid("USD exchange rate", "must be more than zero and at most 1000000 (empty: no shipped prices)"))
+}
+
 /// Checks a default max output (None: the model's limit) against the minimum clamped output.
 fn check_default_max_output(default: Option<i64>, min_output_tokens: i64) -> Option<ProjectError> {
     let default = default?;
@@ -111,6 +139,10 @@ fn check_default_max_output(default: Option<i64>, min_output_tokens: i64) -> Opt
 #[derive(Debug, Clone)]
 pub struct NewProject {
     pub name: String,
+    /// Fixed once the project exists: every amount in it is in this currency.
+    pub currency: Currency,
+    /// See [`Project::usd_rate_nanos`]; ignored for USD.
+    pub usd_rate: Option<Nanos>,
     pub policy: BudgetPolicy,
     pub markup_bps: i64,
     pub default_budget: Nanos,
@@ -123,6 +155,8 @@ impl Default for NewProject {
     fn default() -> Self {
         Self {
             name: String::new(),
+            currency: Currency::usd(),
+            usd_rate: None,
             policy: BudgetPolicy::Clamp,
             markup_bps: 0,
             default_budget: Nanos::ZERO,
@@ -147,13 +181,17 @@ pub async fn create_project(db: &Db, org: &OrgId, new: &NewProject) -> Result<Pr
     if new.min_output_tokens < 1 {
         return Err(invalid("minimum output tokens", "must be at least 1"));
     }
+    if let Some(problem) = check_usd_rate(new.usd_rate) {
+        return Err(problem);
+    }
     if let Some(problem) = check_default_max_output(new.default_max_output_tokens, new.min_output_tokens) {
         return Err(problem);
     }
     let id = ProjectId::generate();
     const SQL: &str = "INSERT INTO projects (id, org_id, name, budget_policy, min_output_tokens, \
-        default_max_output_tokens, markup_bps, default_budget_nanos, default_budget_period, created_at) \
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+        default_max_output_tokens, markup_bps, default_budget_nanos, default_budget_period, created_at, currency, \
+        usd_rate_nanos) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+    let usd_rate = new.usd_rate.filter(|_| new.currency.as_str() != "usd").map(|r| r.0);
     let policy = match new.policy {
         BudgetPolicy::Clamp => "clamp",
         BudgetPolicy::Reject => "reject",
@@ -162,6 +200,7 @@ pub async fn create_project(db: &Db, org: &OrgId, new: &NewProject) -> Result<Pr
         .bind(&id).bind(org).bind(name).bind(policy).bind(new.min_output_tokens)
         .bind(new.default_max_output_tokens).bind(new.markup_bps)
         .bind(new.default_budget.0).bind(new.default_period.as_str()).bind(UnixMillis::now().0)
+        .bind(new.currency.as_str()).bind(usd_rate)
         .execute(pool).await.map(|_| ()))?;
     get_project(db, &id).await?.ok_or(ProjectError::NotFound("project"))
 }
@@ -189,6 +228,8 @@ pub struct ProjectSettings {
     pub bill_interrupted: bool,
     /// None: calls whose cost Tollgate cannot bound are refused.
     pub unbounded_call_ceiling: Option<Nanos>,
+    /// See [`Project::usd_rate_nanos`]; ignored in a USD project.
+    pub usd_rate: Option<Nanos>,
 }
 
 impl ProjectSettings {
@@ -206,6 +247,7 @@ impl ProjectSettings {
             estimate_margin_bps: project.estimate_margin_bps,
             bill_interrupted: project.bill_interrupted,
             unbounded_call_ceiling: project.unbounded_call_ceiling(),
+            usd_rate: project.usd_rate_nanos.map(Nanos),
         }
     }
 
@@ -229,6 +271,7 @@ impl ProjectSettings {
         if !(0..=100_000).contains(&self.estimate_margin_bps) {
             problems.push(invalid("estimate margin", "must be between 0 % and 1000 %"));
         }
+        problems.extend(check_usd_rate(self.usd_rate));
         if self.unbounded_call_ceiling.is_some_and(|c| c <= Nanos::ZERO) {
             problems.push(invalid("per-call ceiling", "must be more than zero (empty: refuse such calls)"));
         }
@@ -257,7 +300,8 @@ pub async fn update_project(
     const SQL: &str = "UPDATE projects SET name = $1, budget_policy = $2, min_output_tokens = $3, markup_bps = $4, \
         default_budget_nanos = $5, default_budget_period = $6, customer_from_user = $7, default_customer = $8, \
         estimate_margin_bps = $9, default_max_output_tokens = $10, bill_interrupted = $13, \
-        unbounded_call_ceiling_nanos = $14 WHERE id = $11 AND org_id = $12";
+        unbounded_call_ceiling_nanos = $14, \
+        usd_rate_nanos = CASE WHEN currency = 'usd' THEN NULL ELSE $15 END WHERE id = $11 AND org_id = $12";
     let policy = match settings.policy {
         BudgetPolicy::Clamp => "clamp",
         BudgetPolicy::Reject => "reject",
@@ -268,6 +312,7 @@ pub async fn update_project(
         .bind(settings.default_budget.0).bind(settings.default_period.as_str()).bind(settings.customer_from_user)
         .bind(default_customer).bind(settings.estimate_margin_bps).bind(settings.default_max_output_tokens)
         .bind(id).bind(org).bind(settings.bill_interrupted).bind(settings.unbounded_call_ceiling.map(|c| c.0))
+        .bind(settings.usd_rate.map(|r| r.0))
         .execute(pool).await.map(|r| r.rows_affected()))?;
     if n == 0 {
         return Err(ProjectError::NotFound("project"));
@@ -600,12 +645,22 @@ pub struct CallConfig {
     /// The models of connections whose credential does not open: their calls fail closed.
     unreadable: Vec<Vec<String>>,
     overrides: std::collections::HashMap<String, Price>,
+    /// What one USD of a shipped price is in the project's currency; None: shipped prices do
+    /// not apply (a project outside USD that set no rate), so only its own prices do.
+    shipped_rate: Option<Nanos>,
 }
 
 impl CallConfig {
-    /// The price of `model`: the project's override, else the shipped price.
+    /// The price of `model`: the project's override, else the shipped price in the project's
+    /// currency.
     pub fn price(&self, model: &str) -> Option<Price> {
-        self.overrides.get(model).copied().or_else(|| crate::pricing::shipped_price(model))
+        self.overrides.get(model).copied().or_else(|| self.shipped_price(model))
+    }
+
+    /// The shipped price of `model` in the project's currency, if it applies.
+    pub fn shipped_price(&self, model: &str) -> Option<Price> {
+        let price = crate::pricing::shipped_price(model)?;
+        Some(price.converted(self.shipped_rate?))
     }
 
     /// Whether a connection that would serve `model` was left out because its credential does
@@ -619,8 +674,12 @@ impl CallConfig {
 pub async fn call_config(db: &Db, key: &MasterKey, project: &ProjectId) -> Result<CallConfig, DbError> {
     const SQL: &str = "SELECT model, input, cached_input, output, cache_write, max_output_tokens FROM price_overrides \
                        WHERE project_id = $1";
+    const RATE: &str = "SELECT currency, usd_rate_nanos FROM projects WHERE id = $1";
     let (providers, unreadable) = load_providers(db, key, project).await?;
     let rows = with_db!(db, pool => sqlx::query_as::<_, PriceOverride>(SQL).bind(project).fetch_all(pool).await)?;
+    let rate: Option<(String, Option<i64>)> =
+        with_db!(db, pool => sqlx::query_as(RATE).bind(project).fetch_optional(pool).await)?;
+    let shipped_rate = rate.and_then(|(currency, rate)| shipped_price_rate(&currency, rate));
     let overrides = rows
         .into_iter()
         .map(|r| {
@@ -636,7 +695,7 @@ pub async fn call_config(db: &Db, key: &MasterKey, project: &ProjectId) -> Resul
             (r.model, price)
         })
         .collect();
-    Ok(CallConfig { providers, unreadable, overrides })
+    Ok(CallConfig { providers, unreadable, overrides, shipped_rate })
 }
 
 /// A price override of a project, as listed.

@@ -451,6 +451,8 @@ pub enum Processed {
     Subscription { id: String, applied: bool },
     /// Stripe reported meter events it accepted but could not count.
     MeterError,
+    /// A customer was deleted in Stripe (`applied`: it was one of the project's).
+    CustomerDeleted { id: String, applied: bool },
     /// A type Tollgate does not act on.
     Ignored,
 }
@@ -477,6 +479,7 @@ pub async fn process_pending(db: &Db, limit: i64) -> Result<Vec<(String, Process
             | "customer.subscription.deleted"
             | "customer.subscription.paused"
             | "customer.subscription.resumed" => apply_subscription(db, &project, &payload).await,
+            "customer.deleted" => apply_customer_deleted(db, &project, &payload).await,
             "billing.meter.error_report_triggered" | "v1.billing.meter.error_report_triggered" => {
                 apply_meter_error(db, &project, &payload).await
             }
@@ -587,6 +590,20 @@ async fn reconcile_invoice(
             "a finalized invoice does not match what Tollgate delivered for its period");
     }
     Ok(())
+}
+
+/// `customer.deleted`: the Stripe customer is gone, with its subscriptions; what it had not
+/// been invoiced for is shown as usage Stripe cannot invoice (see [`crate::one_off`]).
+async fn apply_customer_deleted(db: &Db, project: &ProjectId, payload: &str) -> Result<Processed, StripeError> {
+    #[derive(serde::Deserialize)]
+    struct Deleted {
+        id: String,
+    }
+    let event: Event<Deleted> =
+        serde_json::from_str(payload).map_err(|e| invalid("payload", format!("not a customer event: {e}")))?;
+    let id = event.data.object.id;
+    let applied = crate::one_off::record_customer_deleted(db, project, &id).await?;
+    Ok(Processed::CustomerDeleted { id, applied: applied > 0 })
 }
 
 /// The fields of a subscription Tollgate mirrors.

@@ -112,14 +112,12 @@ pub async fn deliver(db: &Db, store: &JobStore, services: &AlertServices, job: &
 async fn send_mail(services: &AlertServices, delivery: &Delivery) -> AttemptOutcome {
     let subject = format!("Tollgate budget alert: {}", delivery.summary());
     let body = format!(
-        "{}.\n\nCustomer: {}\nProject: {}\nSpent: {} {}\nBudget: {} {}\nAlert id: {}\n",
+        "{}.\n\nCustomer: {}\nProject: {}\nSpent: {}\nBudget: {}\nAlert id: {}\n",
         delivery.summary(),
         delivery.customer_external_id,
         delivery.project_name,
-        delivery.spent,
-        delivery.currency.to_uppercase(),
-        delivery.budget,
-        delivery.currency.to_uppercase(),
+        tollgate_core::currency::exact(delivery.spent, &delivery.currency),
+        tollgate_core::currency::exact(delivery.budget, &delivery.currency),
         delivery.alert,
     );
     match services.mailer.deliver(&delivery.target, &subject, body).await {

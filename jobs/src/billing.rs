@@ -329,7 +329,7 @@ async fn provision_customer(
             if let Some(email) = &customer.email {
                 body.push(("email".to_owned(), email.clone()));
             }
-            let key = format!("tollgate-customer-{}", customer.id);
+            let key = format!("tollgate-customer-{}", customer.idempotency_tag());
             match api.post::<Created>(credentials, "/customers", &body, &key).await {
                 Ok(made) => {
                     billing::record_stripe_customer(db, &customer.id, &made.id).await?;
@@ -349,7 +349,7 @@ async fn provision_customer(
         // The project's payment collection, as it is when the subscription is made.
         let collection = payment_collection::collection(db, &project.project_id).await?;
         body.extend(collection.subscription_params());
-        let key = format!("tollgate-subscription-{}-{price}", customer.id);
+        let key = format!("tollgate-subscription-{}-{price}", customer.idempotency_tag());
         match api.post::<Subscription>(credentials, "/subscriptions", &body, &key).await {
             Ok(subscription) => {
                 billing::record_subscription(

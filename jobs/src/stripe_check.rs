@@ -17,7 +17,8 @@ pub const RESTRICTED_KEY_PERMISSIONS: &[(&str, &str, &str)] = &[
     ("Products: Write", "rak_product_write", "/products"),
     ("Prices: Write", "rak_plan_write", "/prices"),
     ("Subscriptions: Write", "rak_subscription_write", "/subscriptions"),
-    ("Invoices: Read", "rak_invoice_read", "/invoices"),
+    ("Invoices: Write", "rak_invoice_write", "/invoices"),
+    ("Invoice items: Write", "rak_invoiceitem_write", "/invoiceitems"),
 ];
 
 /// What a passing check found, or why it failed (Stripe's message names a missing permission:

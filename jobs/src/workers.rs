@@ -252,10 +252,14 @@ async fn process_stripe_events(_tick: Tick, ctx: Data<JobContext>) -> Result<(),
     Ok(())
 }
 
-/// Provisioning, then the meter event outbox (see [`crate::billing`]).
+/// Provisioning, then the meter event outbox (see [`crate::billing`]), then the one-off
+/// invoices tenants asked for ([`crate::one_off`]).
 async fn run_billing(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
     let provisioned = billing::provision(&ctx.db, &ctx.billing).await.map_err(|e| e.to_string())?;
     let delivered = billing::deliver(&ctx.db, &ctx.billing).await.map_err(|e| e.to_string())?;
+    let one_offs = crate::one_off::send(&ctx.db, &ctx.billing).await.map_err(|e| e.to_string())?;
+    metrics::counter!("tollgate_one_off_invoices_total", "outcome" => "sent").increment(one_offs.sent as u64);
+    metrics::counter!("tollgate_one_off_invoices_total", "outcome" => "failed").increment(one_offs.failed as u64);
     metrics::counter!("tollgate_meter_events_total", "outcome" => "delivered").increment(delivered.delivered as u64);
     metrics::counter!("tollgate_meter_events_total", "outcome" => "retrying").increment(delivered.retrying as u64);
     metrics::counter!("tollgate_meter_events_total", "outcome" => "failed").increment(delivered.failed as u64);

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use reqwest::StatusCode;
 use serde_json::json;
 use tollgate_core::billing;
-use tollgate_core::projects::BudgetPolicy;
+use tollgate_core::projects::{BudgetPolicy, NewProject};
 use tollgate_core::stripe;
 use tollgate_core::with_db;
 use tollgate_jobs::billing::{self as jobs, BillingServices};
@@ -18,7 +18,7 @@ use crate::dashboard::Browser;
 use crate::db_cases;
 use crate::fake_stripe::FakeStripe;
 use crate::helpers::{DbCase, TestDatabase, TestResult};
-use crate::proxy::{Setup, setup_with};
+use crate::proxy::{Setup, setup_project};
 
 pub fn cases() -> Vec<DbCase> {
     db_cases![
@@ -62,11 +62,22 @@ pub(crate) async fn billing_setup_with(
     db: &TestDatabase,
     customize: impl FnOnce(&mut HashMap<String, String>),
 ) -> anyhow::Result<Billing> {
+    let new =
+        NewProject { name: "Chat".into(), policy: BudgetPolicy::Reject, min_output_tokens: 1, ..NewProject::default() };
+    billing_setup_for(db, new, customize).await
+}
+
+/// [`billing_setup_with`] for a project made as `new` says (its currency, say).
+pub(crate) async fn billing_setup_for(
+    db: &TestDatabase,
+    new: NewProject,
+    customize: impl FnOnce(&mut HashMap<String, String>),
+) -> anyhow::Result<Billing> {
     let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
     fake.add_platform_key(PLATFORM_KEY, PLATFORM);
     fake.add_connect_client(CONNECT_CLIENT_ID, PLATFORM_KEY);
     let base = fake.base_url();
-    let s = setup_with(db, BudgetPolicy::Reject, |env| {
+    let s = setup_project(db, new, |env| {
         env.insert("TOLLGATE_STRIPE_API_BASE".into(), base.clone());
         env.insert("TOLLGATE_STRIPE_OAUTH_BASE".into(), base);
         env.insert("TOLLGATE_STRIPE_CONNECT_CLIENT_ID".into(), CONNECT_CLIENT_ID.into());

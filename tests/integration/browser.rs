@@ -87,7 +87,7 @@ async fn steps(browser: &Browser, app: &TestApp, mock: &MockProvider) -> TestRes
     browser.wait_for_text("main", "No project yet").await?;
 
     // A project: its overview.
-    browser.fill_and_submit("form[action='/projects']", &[("name", "Chatbot")]).await?;
+    browser.fill_and_submit("form[action='/projects']", &[("name", "Chatbot"), ("default_budget", "0")]).await?;
     let project_url = browser.wait_for_url("a project's page", |url| url.contains("/projects/prj_")).await?;
     browser.wait_for_text("main h1", "Chatbot").await?;
     let project = project_url.rsplit('/').next().unwrap_or_default().to_owned();
@@ -147,8 +147,8 @@ async fn steps(browser: &Browser, app: &TestApp, mock: &MockProvider) -> TestRes
         .await?;
     let customer_url = browser.wait_for_url("the customer's page", |url| url.contains("/customers/cus_")).await?;
     browser.wait_for_text("main h1", CUSTOMER).await?;
-    browser.wait_for_text("#spent", "0.00 usd").await?;
-    browser.wait_for_text("#remaining", "0.25 usd").await?;
+    browser.wait_for_text("#spent", "0.00 USD").await?;
+    browser.wait_for_text("#remaining", "0.25 USD").await?;
     browser.wait_for_text("main", "No call yet.").await?;
 
     // The app calls the proxy for this customer until a call is refused: two calls of 0.10
@@ -176,8 +176,8 @@ async fn steps(browser: &Browser, app: &TestApp, mock: &MockProvider) -> TestRes
     // The customer's page: spent, what remains, and the refused call among the settled ones.
     browser.refresh().await?;
     ensure!(browser.current_url().await? == customer_url, "the refresh left the customer's page");
-    browser.wait_for_text("#spent", "0.20 usd").await?;
-    browser.wait_for_text("#remaining", "0.05 usd").await?;
+    browser.wait_for_text("#spent", "0.20 USD").await?;
+    browser.wait_for_text("#remaining", "0.05 USD").await?;
     let refused = browser.wait_for_text("tr.call.refused", "insufficient budget").await?;
     let refused_text = refused.text().await?;
     ensure!(refused_text.contains("refused") && refused_text.contains("mock-model"), "{refused_text:?}");
@@ -191,7 +191,7 @@ async fn steps(browser: &Browser, app: &TestApp, mock: &MockProvider) -> TestRes
     );
     for row in &settled_rows {
         let text = row.text().await?;
-        ensure!(text.contains("0.10 usd") && text.contains("/ 100"), "a settled call shows {text:?}");
+        ensure!(text.contains("0.10 USD") && text.contains("/ 100"), "a settled call shows {text:?}");
     }
 
     // The page as a failure would save it: a PNG and the HTML, for the last check.

@@ -155,7 +155,11 @@ async fn connect_onboarding_refuses_an_account_attached_to_another_project(db: T
     let (browser, billing) = ada(&b).await?;
     let done = connect_through_oauth(&b, &browser, &billing, Some("acct_shared1")).await?;
     assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
-    let other = browser.submit("/projects", "/projects", &[("name", "Second")]).await?.location.unwrap_or_default();
+    let other = browser
+        .submit("/projects", "/projects", &[("name", "Second"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     let other_billing = format!("{other}/billing");
     let refused = connect_through_oauth(&b, &browser, &other_billing, Some("acct_shared1")).await?;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST);
@@ -237,13 +241,13 @@ async fn connect_onboarding_test_connection_checks_the_readme_restricted_key(db:
     assert!(shown.contains("passed") && shown.contains("test mode") && shown.contains("invoices"), "{shown}");
     assert!(b.fake.seen().iter().all(|r| r.path != "/v1/account"), "GET /v1/account is refused to restricted keys");
 
-    // The same key without Invoices: Read.
-    let fewer: Vec<&str> = readme_permissions().into_iter().filter(|p| *p != "rak_invoice_read").collect();
+    // The same key without Invoice items: Write (one-off invoices need it).
+    let fewer: Vec<&str> = readme_permissions().into_iter().filter(|p| *p != "rak_invoiceitem_write").collect();
     b.fake.add_restricted_key(KEY, ACCOUNT, &fewer);
     browser.submit(&billing, &check, &[]).await?;
     let shown = last_check(&browser.get(&billing).await?.body);
     assert!(
-        shown.contains("failed") && shown.contains("Invoices: Read") && shown.contains("rak_invoice_read"),
+        shown.contains("failed") && shown.contains("Invoice items: Write") && shown.contains("rak_invoiceitem_read"),
         "{shown}"
     );
     // The README lists every one of them.

@@ -164,7 +164,7 @@ async fn sign_up_create_a_project_log_out_and_back_in(db: TestDatabase) -> TestR
     assert!(projects.body.contains("ada@example.com (owner)"), "{}", projects.body);
     assert!(projects.body.contains("No project yet"));
 
-    let created = browser.submit("/projects", "/projects", &[("name", "Chatbot")]).await?;
+    let created = browser.submit("/projects", "/projects", &[("name", "Chatbot"), ("default_budget", "0")]).await?;
     assert_eq!(created.status, StatusCode::SEE_OTHER, "{}", created.body);
     let project_path = created.location.clone().unwrap_or_default();
     assert!(project_path.starts_with("/projects/prj_"), "{project_path}");
@@ -226,7 +226,7 @@ async fn bad_sign_ups_get_a_form_message_and_save_nothing(db: TestDatabase) -> T
 
     // A project name that is too long: a message, no project.
     let long = "p".repeat(101);
-    let page = browser.submit("/projects", "/projects", &[("name", &long)]).await?;
+    let page = browser.submit("/projects", "/projects", &[("name", &long), ("default_budget", "0")]).await?;
     assert_eq!(page.status, StatusCode::BAD_REQUEST);
     assert!(page.body.contains("Name: must be 1 to 100 characters"), "{}", page.body);
     assert_eq!(count(&app, "projects").await?, 0);
@@ -241,13 +241,13 @@ async fn forms_without_the_session_csrf_token_are_refused(db: TestDatabase) -> T
     let app = spawn_app(&db).await?;
     let browser = Browser::new(&app)?;
     browser.sign_up("Acme", "ada@example.com", PASSWORD).await?;
-    let missing = browser.post("/projects", &[("name", "Sneaky")]).await?;
+    let missing = browser.post("/projects", &[("name", "Sneaky"), ("default_budget", "0")]).await?;
     assert_eq!(missing.status, StatusCode::FORBIDDEN);
     // A token from another session (an attacker's own) does not work either.
     let attacker = Browser::new(&app)?;
     let foreign = attacker.get("/login").await?.csrf();
     assert!(!foreign.is_empty());
-    let forged = browser.post("/projects", &[("csrf", &foreign), ("name", "Sneaky")]).await?;
+    let forged = browser.post("/projects", &[("csrf", &foreign), ("name", "Sneaky"), ("default_budget", "0")]).await?;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
     assert!(forged.body.contains("This form has expired"), "{}", forged.body);
     assert_eq!(count(&app, "projects").await?, 0);
@@ -386,7 +386,7 @@ async fn another_organizations_project_is_not_found(db: TestDatabase) -> TestRes
     let app = spawn_app(&db).await?;
     let ada = Browser::new(&app)?;
     ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
-    let created = ada.submit("/projects", "/projects", &[("name", "Secret plans")]).await?;
+    let created = ada.submit("/projects", "/projects", &[("name", "Secret plans"), ("default_budget", "0")]).await?;
     let path = created.location.unwrap_or_default();
     let bob = Browser::new(&app)?;
     bob.sign_up("Globex", "bob@example.com", PASSWORD).await?;
@@ -423,7 +423,11 @@ async fn a_key_made_in_the_dashboard_works_on_the_proxy_until_revoked(db: TestDa
     let mock = MockProvider::start().await?;
     let ada = Browser::new(&app)?;
     ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
-    let project_path = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let project_path = ada
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     let providers = format!("{project_path}/providers");
     let keys = format!("{project_path}/keys");
 
@@ -512,7 +516,11 @@ async fn settings_and_prices_are_checked_saved_and_audited(db: TestDatabase) -> 
     let app = spawn_app(&db).await?;
     let ada = Browser::new(&app)?;
     ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
-    let project_path = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let project_path = ada
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     let settings = format!("{project_path}/settings");
     let shown = ada.get(&settings).await?;
     assert_eq!(field_value(&shown.body, "markup").as_deref(), Some("0.00"), "{}", shown.body);
@@ -618,8 +626,11 @@ async fn settings_and_prices_are_checked_saved_and_audited(db: TestDatabase) -> 
 /// A project (made through the dashboard) with a mock connection, a price that makes a
 /// call's cost its output tokens × 0.001, and a key; returns (project path, key).
 async fn project_with_traffic(browser: &Browser<'_>, mock: &MockProvider) -> anyhow::Result<(String, String)> {
-    let project_path =
-        browser.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let project_path = browser
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     let providers = format!("{project_path}/providers");
     let base = mock.base_url();
     let fields = [
@@ -665,7 +676,7 @@ async fn customers_are_managed_and_their_spend_shown(db: TestDatabase) -> TestRe
     assert_eq!(created.status, StatusCode::SEE_OTHER, "{}", created.body);
     let customer_path = created.location.unwrap_or_default();
     let page = ada.get(&customer_path).await?;
-    assert!(page.body.contains("Grace") && page.body.contains("0.05 usd"), "{}", page.body);
+    assert!(page.body.contains("Grace") && page.body.contains("0.05 USD"), "{}", page.body);
 
     // Calls until one is refused: 0.05 pays for 2 calls of 20 tokens (0.02 each), not a third.
     let call = || {
@@ -711,8 +722,8 @@ async fn customers_are_managed_and_their_spend_shown(db: TestDatabase) -> TestRe
         "support matches a call by the request id its client saw: {}",
         page.body
     );
-    assert!(page.body.contains("id=\"spent\">0.04 usd"), "{}", page.body);
-    assert!(page.body.contains("id=\"remaining\">0.01 usd"), "{}", page.body);
+    assert!(page.body.contains("id=\"spent\">0.04 USD"), "{}", page.body);
+    assert!(page.body.contains("id=\"remaining\">0.01 USD"), "{}", page.body);
     assert!(
         page.body.contains("refused</span> insufficient budget"),
         "the refused call is marked with why: {}",
@@ -721,7 +732,7 @@ async fn customers_are_managed_and_their_spend_shown(db: TestDatabase) -> TestRe
     assert!(page.body.contains("<svg class=\"chart\""));
     assert!(page.body.contains("<code>mock-model</code>"), "spend by model: {}", page.body);
     let overview = ada.get(&project_path).await?;
-    assert!(overview.body.contains("cust-42") && overview.body.contains("0.04 usd"), "{}", overview.body);
+    assert!(overview.body.contains("cust-42") && overview.body.contains("0.04 USD"), "{}", overview.body);
 
     // Blocking takes effect on the proxy at once; unblocking lifts it.
     let csrf = page.csrf();
@@ -746,7 +757,11 @@ async fn the_customer_list_searches_sorts_and_pages(db: TestDatabase) -> TestRes
     let app = spawn_app(&db).await?;
     let ada = Browser::new(&app)?;
     ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
-    let project_path = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let project_path = ada
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     let project = tollgate_core::ids::ProjectId::parse(project_path.trim_start_matches("/projects/"))
         .ok_or_else(|| anyhow::anyhow!("project id"))?;
     for i in 0..60 {
@@ -820,11 +835,16 @@ async fn members_are_invited_and_roles_are_enforced(db: TestDatabase) -> TestRes
     assert_eq!(again.status, StatusCode::BAD_REQUEST);
 
     // A viewer sees but cannot change anything.
-    let project_path = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let project_path = ada
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     assert!(bob.get(&project_path).await?.body.contains("<h1>Chat</h1>"));
     let listing = bob.get("/projects").await?;
     assert!(!listing.body.contains("New project"), "a viewer is not offered the form");
-    let refused = bob.post("/projects", &[("csrf", &listing.csrf()), ("name", "Mine")]).await?;
+    let refused =
+        bob.post("/projects", &[("csrf", &listing.csrf()), ("name", "Mine"), ("default_budget", "0")]).await?;
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
     for (path, fields) in [
         (format!("{project_path}/keys"), vec![("name", "k"), ("kind", "secret")]),
@@ -846,7 +866,10 @@ async fn members_are_invited_and_roles_are_enforced(db: TestDatabase) -> TestRes
         "SELECT id FROM users WHERE email = 'bob@example.com'").fetch_one(pool).await)?;
     let promoted = ada.submit("/members", &format!("/members/{bob_id}/role"), &[("role", "admin")]).await?;
     assert_eq!(promoted.status, StatusCode::SEE_OTHER, "{}", promoted.body);
-    assert_eq!(bob.submit("/projects", "/projects", &[("name", "Bob's")]).await?.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        bob.submit("/projects", "/projects", &[("name", "Bob's"), ("default_budget", "0")]).await?.status,
+        StatusCode::SEE_OTHER
+    );
     // Admins do not manage members.
     assert_eq!(bob.submit("/members", &format!("/members/{ada_id}/remove"), &[]).await?.status, StatusCode::FORBIDDEN);
 
@@ -1150,7 +1173,11 @@ async fn stripe_is_connected_on_the_billing_page_and_events_listed(db: TestDatab
     let app = spawn_app(&db).await?;
     let ada = Browser::new(&app)?;
     ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
-    let project = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let project = ada
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     let billing = format!("{project}/billing");
     let shown = ada.get(&billing).await?;
     assert_eq!(shown.status, StatusCode::OK);
@@ -1207,7 +1234,11 @@ async fn the_api_reference_is_rendered_from_the_openapi_document(db: TestDatabas
     .await?;
     let ada = Browser::new(&app)?;
     ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
-    let project = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let project = ada
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     let overview = ada.get(&project).await?;
     assert!(overview.body.contains(&format!("href=\"{project}/api\"")), "the project nav links the reference");
     let page = ada.get(&format!("{project}/api")).await?;
@@ -1247,7 +1278,11 @@ async fn nul_characters_in_forms_get_a_message_not_an_error(db: TestDatabase) ->
     let app = spawn_app(&db).await?;
     let ada = Browser::new(&app)?;
     ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
-    let project = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let project = ada
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     let keys = format!("{project}/keys");
     let customers = format!("{project}/customers");
     let providers = format!("{project}/providers");
@@ -1258,7 +1293,7 @@ async fn nul_characters_in_forms_get_a_message_not_an_error(db: TestDatabase) ->
             vec![("external_id", "c1"), ("email", "a\0@b.example"), ("budget", "1"), ("period", "month")],
         ),
         (providers.as_str(), vec![("kind", "openai"), ("name", "x\0"), ("api_key", "sk"), ("models", "gpt-*")]),
-        ("/projects", vec![("name", "Chat\0 2")]),
+        ("/projects", vec![("name", "Chat\0 2"), ("default_budget", "0")]),
     ] {
         let answer = ada.submit(page, page, &fields).await?;
         assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{page}: {}", answer.body);
@@ -1280,7 +1315,11 @@ async fn test_connection_asks_stripe_and_shows_the_answer(db: TestDatabase) -> T
     .await?;
     let ada = Browser::new(&app)?;
     ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
-    let project = ada.submit("/projects", "/projects", &[("name", "Chat")]).await?.location.unwrap_or_default();
+    let project = ada
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     let billing = format!("{project}/billing");
     let check = format!("{billing}/check");
     let connect = |key: &'static str| {

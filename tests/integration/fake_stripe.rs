@@ -53,6 +53,7 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub mod connect;
+pub mod invoice_items;
 pub mod invoices;
 pub mod payments;
 
@@ -99,8 +100,11 @@ struct Account {
     meter_events: Vec<MeterEvent>,
     /// Every meter event POST, accepted or not.
     meter_event_attempts: Vec<MeterEvent>,
-    /// Invoices made at the end of subscription periods (see `invoices`).
+    /// Invoices made at the end of subscription periods (see `invoices`), and through the
+    /// API (see `invoice_items`).
     invoices: Vec<Value>,
+    /// Invoice items, pending until an invoice takes them.
+    invoice_items: Vec<Value>,
 }
 
 struct Saved {
@@ -235,7 +239,10 @@ impl FakeStripe {
             .route("/v1/products", post(create_product))
             .route("/v1/prices", post(create_price))
             .route("/v1/customers", post(create_customer))
-            .route("/v1/customers/{id}", get(get_customer))
+            .route("/v1/customers/{id}", get(get_customer).delete(invoice_items::delete_customer))
+            .route("/v1/invoiceitems", post(invoice_items::create_invoice_item))
+            .route("/v1/invoices", post(invoice_items::create_invoice))
+            .route("/v1/invoices/{id}/finalize", post(invoice_items::finalize_invoice))
             .route("/v1/subscriptions", post(create_subscription))
             .route("/v1/subscriptions/{id}", get(get_subscription))
             .route("/v1/checkout/sessions", post(payments::create_checkout_session))
@@ -878,6 +885,24 @@ async fn create_price(
 ) -> Response {
     request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
         let Some(currency) = text(params, "currency") else { return missing("currency") };
+        // "Three-letter ISO currency code, in lowercase. Must be a supported currency."
+        // (stripe-node `PriceCreateParams.currency`).
+        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_lowercase()) {
+            return invalid("currency", None, &format!("Invalid currency: {currency}."));
+        }
+        // "…accepts a decimal value in cents (or local equivalent) with at most 12 decimal
+        // places" (stripe-node `PriceCreateParams.unit_amount_decimal`).
+        if let Some(unit) = text(params, "unit_amount_decimal") {
+            let (whole, fraction) = unit.split_once('.').unwrap_or((unit, ""));
+            let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+            if whole.is_empty() || !digits(whole) || !digits(fraction) || fraction.len() > 12 {
+                return invalid(
+                    "unit_amount_decimal",
+                    None,
+                    &format!("Invalid decimal: {unit}; must contain at most 12 decimal places."),
+                );
+            }
+        }
         let Some(product) = text(params, "product") else { return missing("product") };
         let data = inner.accounts.entry(account.to_owned()).or_default();
         if find(&data.products, product).is_none() {

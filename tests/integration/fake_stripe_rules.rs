@@ -23,6 +23,7 @@ pub fn cases() -> Vec<PlainCase> {
         fake_stripe_rate_limits_test_mode_keys_lower_than_live_ones,
         fake_stripe_forgets_identifiers_after_its_window,
         fake_stripe_summaries_lag_and_sum_in_floating_point,
+        fake_stripe_prices_need_a_lowercase_currency_and_at_most_12_decimals,
     ]
 }
 
@@ -720,5 +721,42 @@ async fn fake_stripe_summaries_lag_and_sum_in_floating_point() -> anyhow::Result
     assert_eq!(summed, double);
     assert_ne!(summed as i64, exact, "{summed} is a rounded {exact}");
     assert!((summed as i64 - exact).abs() <= 2);
+    Ok(())
+}
+
+/// A price's `currency` is a lowercase ISO code and its `unit_amount_decimal` has at most 12
+/// decimals (stripe-node `PriceCreateParams`): JPY's one-nano-yen unit (9 decimals) is
+/// accepted, a 13-decimal unit and an upper-case code are refused.
+async fn fake_stripe_prices_need_a_lowercase_currency_and_at_most_12_decimals() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let stripe = Caller::new(&fake, KEY, None);
+    let (meter, _) = stripe.provision().await?;
+    let product = stripe.post("/products", None, &[("name", "LLM usage".to_owned())]).await?;
+    assert_eq!(product.status, StatusCode::OK, "{}", product.body);
+    let (stripe, product, meter) = (&stripe, &product, &meter);
+    let price = move |currency: &'static str, unit: &'static str| {
+        let form = vec![
+            ("currency", currency.to_owned()),
+            ("product", product.id()),
+            ("unit_amount_decimal", unit.to_owned()),
+            ("recurring[interval]", "month".to_owned()),
+            ("recurring[usage_type]", "metered".to_owned()),
+            ("recurring[meter]", meter.clone()),
+        ];
+        async move { stripe.post("/prices", None, &form).await }
+    };
+    let yen = price("jpy", "0.000000001").await?;
+    assert_eq!(yen.status, StatusCode::OK, "{}", yen.body);
+    assert_eq!(yen.body["currency"], "jpy");
+    for (currency, unit, param) in [
+        ("jpy", "0.0000000000001", "unit_amount_decimal"),
+        ("usd", "1e-7", "unit_amount_decimal"),
+        ("USD", "0.0000001", "currency"),
+    ] {
+        let refused = price(currency, unit).await?;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{currency} {unit}: {}", refused.body);
+        assert_eq!(refused.body["error"]["param"], param, "{}", refused.body);
+    }
+    assert_eq!(fake.prices(ACCOUNT).len(), 1);
     Ok(())
 }

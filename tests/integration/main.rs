@@ -16,6 +16,7 @@ mod billing;
 mod browser;
 mod cli;
 mod connect_onboarding;
+mod currencies;
 mod customers;
 mod dashboard;
 mod fake_smtp;
@@ -74,6 +75,7 @@ fn main() -> ExitCode {
         billing::cases(),
         connect_onboarding::cases(),
         invoicing::cases(),
+        currencies::cases(),
         payment_collection::cases(),
         schemathesis::cases(),
         browser::cases(),

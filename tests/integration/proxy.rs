@@ -59,6 +59,16 @@ pub async fn setup_with(
     policy: BudgetPolicy,
     customize: impl FnOnce(&mut std::collections::HashMap<String, String>),
 ) -> anyhow::Result<Setup> {
+    let new = NewProject { name: "Chat".into(), policy, min_output_tokens: 1, ..NewProject::default() };
+    setup_project(db, new, customize).await
+}
+
+/// [`setup_with`] for a project made as `new` says (its currency, say).
+pub async fn setup_project(
+    db: &TestDatabase,
+    new: NewProject,
+    customize: impl FnOnce(&mut std::collections::HashMap<String, String>),
+) -> anyhow::Result<Setup> {
     let app = spawn_app_with(db, customize).await?;
     let mock = MockProvider::start().await?;
     let state = &app.state;
@@ -67,12 +77,7 @@ pub async fn setup_with(
         NewOrganization { name: "Acme", owner_email: "ada@example.com", owner_password: "correct horse battery" },
     )
     .await?;
-    let project = projects::create_project(
-        &state.db,
-        &org.org_id,
-        &NewProject { name: "Chat".into(), policy, min_output_tokens: 1, ..NewProject::default() },
-    )
-    .await?;
+    let project = projects::create_project(&state.db, &org.org_id, &new).await?;
     projects::add_provider(
         &state.db,
         &state.master_key,

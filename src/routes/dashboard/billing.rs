@@ -37,6 +37,7 @@ pub const WEBHOOK_EVENTS: &[&str] = &[
     "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
+    "customer.deleted",
 ];
 
 #[derive(Deserialize, Default)]
@@ -65,6 +66,8 @@ pub struct UninvoiceableView {
     customer_id: String,
     customer: String,
     reason: String,
+    /// Deleted in Stripe: a new Stripe customer is offered instead of a one-off invoice.
+    customer_deleted: bool,
     calls: i64,
     amount: String,
     since: String,
@@ -144,6 +147,7 @@ pub struct BillingPage {
     saved: bool,
     errors: Vec<String>,
     collection: tollgate_core::payment_collection::Collection,
+    one_offs: Vec<super::one_off::OneOffView>,
 }
 
 #[derive(Deserialize, Default)]
@@ -224,7 +228,12 @@ pub(super) async fn page(
                     .map(|u| UninvoiceableView {
                         customer_id: u.customer_id.to_string(),
                         customer: u.external_id,
-                        reason: format!("subscription {}", u.subscription_status.replace('_', " ")),
+                        reason: if u.customer_deleted {
+                            "customer deleted in Stripe".to_owned()
+                        } else {
+                            format!("subscription {}", u.subscription_status.unwrap_or_default().replace('_', " "))
+                        },
+                        customer_deleted: u.customer_deleted,
                         calls: u.events,
                         amount: money(u.nanos),
                         since: format::datetime(u.since),
@@ -277,7 +286,9 @@ pub(super) async fn page(
         .collect();
     let base = state.config.public_url.trim_end_matches('/');
     let collection = tollgate_core::payment_collection::collection(&state.db, &project.id).await?;
+    let one_offs = super::one_off::views(state, &project, None).await?;
     Ok(BillingPage {
+        one_offs,
         collection,
         provision,
         delivery,
@@ -335,7 +346,7 @@ pub(super) async fn invoice_views(
                 number: i.number.unwrap_or_else(|| "(draft)".to_owned()),
                 customer_id: i.customer_id.map(|c| c.to_string()),
                 customer: i.customer_external_id.unwrap_or(i.stripe_customer_id),
-                amount: minor_units(i.amount_due, &i.currency),
+                amount: tollgate_core::currency::display_minor(i.amount_due, &i.currency),
                 status: if i.payment_failed { "payment failed".to_owned() } else { i.status },
                 // Only Stripe's own https links become links.
                 url: i.hosted_invoice_url.filter(|u| u.starts_with("https://")),
@@ -353,21 +364,6 @@ fn duration(ms: i64) -> String {
         60..3600 => format!("{} min", s / 60),
         _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
     }
-}
-
-/// An amount in a currency's smallest unit (Stripe's way) as text: `1234` usd → `12.34 USD`.
-/// Zero-decimal currencies (JPY, KRW, …) have no cents.
-fn minor_units(amount: i64, currency: &str) -> String {
-    const ZERO_DECIMAL: &[&str] = &[
-        "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf",
-    ];
-    let code = currency.to_uppercase();
-    if ZERO_DECIMAL.contains(&currency.to_lowercase().as_str()) {
-        return format!("{amount} {code}");
-    }
-    let sign = if amount < 0 { "-" } else { "" };
-    let abs = amount.unsigned_abs();
-    format!("{sign}{}.{:02} {code}", abs / 100, abs % 100)
 }
 
 pub async fn show(

@@ -265,6 +265,9 @@ pub struct CustomerPage {
     stripe: tollgate_core::billing::CustomerStripe,
     stripe_connected: bool,
     invoices: Vec<super::billing::InvoiceView>,
+    /// Usage Stripe would invoice nowhere: calls, amount, why.
+    uninvoiceable: Option<(i64, String, String, bool)>,
+    one_offs: Vec<super::one_off::OneOffView>,
 }
 
 async fn load_customer(state: &AppState, project: &Project, id: &str) -> Result<CustomerRow, WebError> {
@@ -301,7 +304,16 @@ pub async fn show(
         .map_err(super::billing::stripe_error)?
         .is_some();
     let invoices = super::billing::invoice_views(&state, &project, Some(&customer.id)).await?;
+    let uninvoiceable = match tollgate_core::billing::project_billing(&state.db, &project.id).await? {
+        Some(billing) => tollgate_core::one_off::waiting(&state.db, &project.id, &customer.id, billing.billing_from)
+            .await?
+            .map(|w| (w.events, format::money(w.nanos, &currency), w.reason(), w.customer_deleted)),
+        None => None,
+    };
+    let one_offs = super::one_off::views(&state, &project, Some(&customer.id)).await?;
     Ok(CustomerPage {
+        uninvoiceable,
+        one_offs,
         stripe,
         stripe_connected,
         invoices,

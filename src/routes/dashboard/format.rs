@@ -19,9 +19,15 @@ pub fn date(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// An amount with its currency: `12.50 usd`.
+/// An amount as people read it, in the currency's own minor unit: `1,234.50 USD`,
+/// `1,235 JPY`, `0.000006 USD` for dust (see [`tollgate_core::currency::display`]).
 pub fn money(nanos: i64, currency: &str) -> String {
-    format!("{} {currency}", tollgate_core::money::Nanos(nanos))
+    tollgate_core::currency::display(tollgate_core::money::Nanos(nanos), currency)
+}
+
+/// Every digit of an amount (`0.6304312 USD`), for tooltips and exports.
+pub fn exact_money(nanos: i64, currency: &str) -> String {
+    tollgate_core::currency::exact(tollgate_core::money::Nanos(nanos), currency)
 }
 
 /// Escapes text for HTML or SVG.

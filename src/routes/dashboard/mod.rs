@@ -20,6 +20,7 @@ pub mod error;
 pub mod format;
 pub mod keys;
 pub mod members;
+pub mod one_off;
 pub mod payment_collection;
 pub mod projects;
 pub mod providers;
@@ -88,6 +89,10 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/billing/connect-stripe", post(billing::connect_stripe))
         .route("/stripe/connect/callback", get(billing::connect_callback))
         .route("/projects/{id}/billing/retry", post(billing::retry))
+        .route("/projects/{id}/billing/one-off", post(one_off::request))
+        .route("/projects/{id}/billing/one-off/{one}/retry", post(one_off::retry))
+        .route("/projects/{id}/billing/one-off/{one}/give-back", post(one_off::give_back))
+        .route("/projects/{id}/billing/new-stripe-customer", post(one_off::new_stripe_customer))
         .route("/projects/{id}/billing/collection", post(payment_collection::set_collection))
         .route("/projects/{id}/prices", get(settings::prices).post(settings::set_price))
         .route("/projects/{id}/prices/delete", post(settings::delete_price))

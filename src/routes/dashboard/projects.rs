@@ -9,6 +9,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use tollgate_core::accounts::Role;
 use tollgate_core::audit;
+use tollgate_core::currency::{Currency, SUPPORTED};
+use tollgate_core::money::Nanos;
 use tollgate_core::projects::{self, NewProject, Project, ProjectError};
 
 use super::error::WebError;
@@ -20,20 +22,69 @@ use crate::state::AppState;
 pub struct ProjectsPage {
     me: Member,
     projects: Vec<Project>,
-    name: String,
+    form: NewProjectForm,
+    currencies: &'static [&'static str],
     errors: Vec<String>,
 }
 
-#[derive(Deserialize, Default)]
+/// The new-project form, as typed (re-shown as typed when something is wrong).
+#[derive(Deserialize, Clone)]
 #[serde(default)]
 pub struct NewProjectForm {
     csrf: String,
     name: String,
+    currency: String,
+    default_budget: String,
+    usd_rate: String,
+}
+
+impl Default for NewProjectForm {
+    fn default() -> Self {
+        Self {
+            csrf: String::new(),
+            name: String::new(),
+            currency: "usd".to_owned(),
+            default_budget: String::new(),
+            usd_rate: String::new(),
+        }
+    }
+}
+
+impl NewProjectForm {
+    /// The project this form asks for, or every problem with it.
+    fn project(&self) -> Result<NewProject, Vec<String>> {
+        let mut errors = Vec::new();
+        let currency = Currency::parse(&self.currency).map_err(|e| errors.push(format!("Currency: {e}"))).ok();
+        let default_budget = match self.default_budget.trim().parse::<Nanos>() {
+            Ok(budget) if !budget.is_negative() => Some(budget),
+            _ => {
+                errors.push(
+                    "Default budget: must be an amount such as 10 or 2.50 (what a customer seen for the first \
+                     time may spend each month)"
+                        .to_owned(),
+                );
+                None
+            }
+        };
+        let usd_rate = match self.usd_rate.trim() {
+            "" => Some(None),
+            text => text.parse::<Nanos>().ok().map(Some),
+        };
+        if usd_rate.is_none() {
+            errors.push("USD exchange rate: must be a number such as 151.20, or empty".to_owned());
+        }
+        match (currency, default_budget, usd_rate) {
+            (Some(currency), Some(default_budget), Some(usd_rate)) if errors.is_empty() => {
+                Ok(NewProject { name: self.name.clone(), currency, usd_rate, default_budget, ..NewProject::default() })
+            }
+            _ => Err(errors),
+        }
+    }
 }
 
 pub async fn list(State(state): State<AppState>, me: Member) -> Result<ProjectsPage, WebError> {
     let projects = projects::list_projects(&state.db, me.org_id()).await.map_err(project_error)?;
-    Ok(ProjectsPage { me, projects, name: String::new(), errors: vec![] })
+    Ok(ProjectsPage { me, projects, form: NewProjectForm::default(), currencies: SUPPORTED, errors: vec![] })
 }
 
 pub async fn create(
@@ -43,7 +94,10 @@ pub async fn create(
 ) -> Result<Response, WebError> {
     me.verify_csrf(&form.csrf).await?;
     me.require(Role::Admin)?;
-    let new = NewProject { name: form.name.clone(), ..NewProject::default() };
+    let new = match form.project() {
+        Ok(new) => new,
+        Err(errors) => return refused(&state, me, form, errors).await,
+    };
     match projects::create_project(&state.db, me.org_id(), &new).await {
         Ok(project) => {
             audit::record(&state.db, me.org_id(), &me.actor(), "project.created", &project.name, "project created")
@@ -51,12 +105,22 @@ pub async fn create(
             Ok(Redirect::to(&format!("/projects/{}", project.id)).into_response())
         }
         Err(ProjectError::Invalid { field, reason }) => {
-            let projects = projects::list_projects(&state.db, me.org_id()).await.map_err(project_error)?;
-            let errors = vec![format!("{}: {reason}", capitalized(field))];
-            Ok((StatusCode::BAD_REQUEST, ProjectsPage { me, projects, name: form.name, errors }).into_response())
+            refused(&state, me, form, vec![format!("{}: {reason}", capitalized(field))]).await
         }
         Err(e) => Err(project_error(e)),
     }
+}
+
+/// The projects page again, with what was typed and what is wrong with it.
+async fn refused(
+    state: &AppState,
+    me: Member,
+    form: NewProjectForm,
+    errors: Vec<String>,
+) -> Result<Response, WebError> {
+    let projects = projects::list_projects(&state.db, me.org_id()).await.map_err(project_error)?;
+    let page = ProjectsPage { me, projects, form, currencies: SUPPORTED, errors };
+    Ok((StatusCode::BAD_REQUEST, page).into_response())
 }
 
 pub fn capitalized(text: &str) -> String {

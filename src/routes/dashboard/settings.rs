@@ -38,6 +38,7 @@ pub struct SettingsForm {
     estimate_margin: String,
     bill_interrupted: Option<String>,
     unbounded_call_ceiling: String,
+    usd_rate: String,
 }
 
 #[derive(Template, WebTemplate)]
@@ -63,6 +64,7 @@ pub struct SettingsView {
     estimate_margin: String,
     bill_interrupted: bool,
     unbounded_call_ceiling: String,
+    usd_rate: String,
 }
 
 /// Basis points shown as a percentage (`2500` → `25.00`).
@@ -91,6 +93,7 @@ impl SettingsView {
             estimate_margin: percent(project.estimate_margin_bps),
             bill_interrupted: project.bill_interrupted,
             unbounded_call_ceiling: project.unbounded_call_ceiling().map(|c| c.to_string()).unwrap_or_default(),
+            usd_rate: project.usd_rate_nanos.map(|r| Nanos(r).to_string()).unwrap_or_default(),
         }
     }
 
@@ -108,6 +111,7 @@ impl SettingsView {
             estimate_margin: form.estimate_margin,
             bill_interrupted: form.bill_interrupted.is_some(),
             unbounded_call_ceiling: form.unbounded_call_ceiling,
+            usd_rate: form.usd_rate,
         }
     }
 }
@@ -159,6 +163,13 @@ impl SettingsForm {
         if ceiling.is_none() {
             errors.push("Per-call ceiling: must be an amount such as 0.50, or empty to refuse such calls".to_owned());
         }
+        let usd_rate = match self.usd_rate.trim() {
+            "" => Some(None),
+            text => text.parse::<Nanos>().ok().map(Some),
+        };
+        if usd_rate.is_none() {
+            errors.push("USD exchange rate: must be a number such as 151.20, or empty".to_owned());
+        }
         let default_customer = Some(self.default_customer.trim().to_owned()).filter(|c| !c.is_empty());
         let (
             Some(policy),
@@ -169,7 +180,8 @@ impl SettingsForm {
             Some(default_period),
             Some(estimate_margin_bps),
             Some(unbounded_call_ceiling),
-        ) = (policy, min_output, default_max_output, markup, budget, period, margin, ceiling)
+            Some(usd_rate),
+        ) = (policy, min_output, default_max_output, markup, budget, period, margin, ceiling, usd_rate)
         else {
             return Err(errors);
         };
@@ -186,6 +198,7 @@ impl SettingsForm {
             estimate_margin_bps,
             bill_interrupted: self.bill_interrupted.is_some(),
             unbounded_call_ceiling,
+            usd_rate,
         };
         let problems: Vec<String> = settings.problems().iter().map(problem_message).collect();
         if problems.is_empty() { Ok(settings) } else { Err(problems) }
@@ -335,6 +348,8 @@ impl From<PriceOverride> for OverrideRow {
 pub struct PricesPage {
     me: Member,
     project: Project,
+    /// The project's USD rate, as typed in the settings.
+    usd_rate: String,
     overrides: Vec<OverrideRow>,
     form: PriceForm,
     errors: Vec<String>,
@@ -349,7 +364,8 @@ async fn prices_page(
 ) -> Result<PricesPage, WebError> {
     let overrides =
         projects::list_price_overrides(&state.db, &project.id).await?.into_iter().map(OverrideRow::from).collect();
-    Ok(PricesPage { me, project, overrides, form: PriceForm { csrf: String::new(), ..form }, errors })
+    let usd_rate = project.usd_rate_nanos.map(|r| Nanos(r).to_string()).unwrap_or_default();
+    Ok(PricesPage { me, project, usd_rate, overrides, form: PriceForm { csrf: String::new(), ..form }, errors })
 }
 
 pub async fn prices(State(state): State<AppState>, me: Member, Path(id): Path<String>) -> Result<PricesPage, WebError> {

@@ -67,6 +67,8 @@ async fn callable_models(state: &AppState, headers: &HeaderMap) -> Result<BTreeM
     let project = auth::authenticate(state, headers).await?.project;
     let providers = projects::list_providers(&state.db, &state.master_key, &project.id).await?;
     let overridden = projects::overridden_models(&state.db, &project.id).await?;
+    // Shipped prices are in USD: they apply in another currency only at the project's rate.
+    let shipped_apply = project.shipped_price_rate().is_some();
     let mut candidates: Vec<String> = pricing::shipped_models().into_iter().map(str::to_owned).collect();
     candidates.extend(overridden.iter().cloned());
     for provider in &providers {
@@ -75,7 +77,7 @@ async fn callable_models(state: &AppState, headers: &HeaderMap) -> Result<BTreeM
     }
     let mut models = BTreeMap::new();
     for model in candidates {
-        let priced = overridden.contains(&model) || pricing::shipped_price(&model).is_some();
+        let priced = overridden.contains(&model) || (shipped_apply && pricing::shipped_price(&model).is_some());
         if !priced || models.contains_key(&model) {
             continue;
         }

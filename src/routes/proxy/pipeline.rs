@@ -393,11 +393,17 @@ async fn run<D: Dialect>(
     };
     let config = state.proxy_cache.config(&state.db, &state.master_key, &project.id).await?;
     let price = config.price(&shape.model).ok_or_else(|| {
-        ProxyError::invalid(
+        let how = if tollgate_core::pricing::shipped_price(&shape.model).is_some() {
             format!(
-                "The model `{}` has no price in this project, so Tollgate cannot meter it. Add a price override for it.",
-                shape.model
-            ),
+                "Tollgate's shipped price for it is in USD and this project bills in {}: set the project's USD \
+                 exchange rate, or add a price override for it.",
+                project.currency.to_ascii_uppercase()
+            )
+        } else {
+            "Add a price override for it.".to_owned()
+        };
+        ProxyError::invalid(
+            format!("The model `{}` has no price in this project, so Tollgate cannot meter it. {how}", shape.model),
             "model_not_priced",
             Some("model"),
         )

@@ -51,6 +51,7 @@ fn resource(path: &str) -> Option<&'static str> {
         "prices" => "plan",
         "subscriptions" => "subscription",
         "invoices" => "invoice",
+        "invoiceitems" => "invoiceitem",
         "checkout" => "checkout_session",
         "billing_portal" => "billing_portal_session",
         _ => "other",
@@ -121,6 +122,7 @@ pub(super) fn routes() -> axum::Router<Shared> {
         .route("/v1/prices", get(list_prices))
         .route("/v1/subscriptions", get(list_subscriptions))
         .route("/v1/invoices", get(list_invoices))
+        .route("/v1/invoiceitems", get(list_invoice_items))
 }
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
@@ -240,4 +242,8 @@ async fn list_subscriptions(State(inner): State<Shared>, method: Method, uri: Ur
 
 async fn list_invoices(State(inner): State<Shared>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
     list_of(inner, method, uri, headers, |a| &a.invoices)
+}
+
+async fn list_invoice_items(State(inner): State<Shared>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    list_of(inner, method, uri, headers, |a| &a.invoice_items)
 }

@@ -75,7 +75,11 @@ async fn an_address_signed_up_by_someone_else_cannot_be_used_to_join(db: TestDat
     operator_made(&app, "Victim Corp", "boss@victim.example").await?;
     let boss = Browser::new(&app)?;
     assert_eq!(boss.log_in("boss@victim.example", PASSWORD).await?.status, StatusCode::SEE_OTHER);
-    let project = boss.submit("/projects", "/projects", &[("name", "Prod")]).await?.location.unwrap_or_default();
+    let project = boss
+        .submit("/projects", "/projects", &[("name", "Prod"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     assert!(project.starts_with("/projects/prj_"), "{project}");
 
     // The attacker signs up with the victim's address: "check your mail", which goes to the
@@ -437,7 +441,7 @@ async fn unverified_accounts_expire_with_their_organizations(db: TestDatabase) -
     let page = mallory.submit("/signup", "/signup", &sign_up_form("Evil", "mallory@example.com", PASSWORD)).await?;
     assert!(page.body.contains("Check your mail"), "{}", page.body);
     assert_eq!(mallory.log_in("mallory@example.com", PASSWORD).await?.status, StatusCode::SEE_OTHER);
-    let project = mallory.submit("/projects", "/projects", &[("name", "Spam")]).await?;
+    let project = mallory.submit("/projects", "/projects", &[("name", "Spam"), ("default_budget", "0")]).await?;
     assert_eq!(project.status, StatusCode::SEE_OTHER, "an unverified owner uses its own organization");
     // The link can be mailed again, a few times.
     for _ in 0..accounts::MAX_VERIFICATION_MAILS_PER_ACCOUNT {

@@ -317,7 +317,11 @@ async fn base_urls_that_could_steer_the_path_are_refused_when_saved(db: TestData
     let app = app_without_allowance(&db).await?;
     let mallory = Browser::new(&app)?;
     mallory.sign_up("Mallory", "mallory@example.com", PASSWORD).await?;
-    let project = mallory.submit("/projects", "/projects", &[("name", "Probe")]).await?.location.unwrap_or_default();
+    let project = mallory
+        .submit("/projects", "/projects", &[("name", "Probe"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
     let providers = format!("{project}/providers");
     let cases = [
         ("https://api.example.com/v1/embeddings?x=", "Base URL: must not contain a query string"),
