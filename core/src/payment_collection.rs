@@ -166,3 +166,80 @@ mod tests {
         assert!(check_return_url("return_url", "/relative").is_err());
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Cards saved through a setup link.
+
+/// A completed setup session whose payment method is to become its customer's default for
+/// invoices.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SavedPaymentMethod {
+    pub project_id: ProjectId,
+    pub checkout_session: String,
+    pub stripe_customer_id: String,
+    pub setup_intent: String,
+    pub attempts: i64,
+}
+
+/// Records a completed setup session (`checkout.session.completed`, `mode=setup`); a
+/// session reported again is recorded once.
+pub async fn record_setup_completed(
+    db: &Db,
+    project: &ProjectId,
+    session: &str,
+    stripe_customer: &str,
+    setup_intent: &str,
+) -> Result<bool, DbError> {
+    const SQL: &str = "INSERT INTO saved_payment_methods (project_id, checkout_session, stripe_customer_id, \
+            setup_intent, status, next_attempt_at, created_at) VALUES ($1, $2, $3, $4, 'pending', 0, $5) \
+        ON CONFLICT (project_id, checkout_session) DO NOTHING";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(project).bind(session).bind(stripe_customer)
+        .bind(setup_intent).bind(UnixMillis::now().0).execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(n == 1)
+}
+
+/// Saved payment methods to make defaults now, each claimed for a minute.
+pub async fn claim_saved_payment_methods(db: &Db, limit: i64) -> Result<Vec<SavedPaymentMethod>, DbError> {
+    const DUE: &str = "SELECT project_id, checkout_session, stripe_customer_id, setup_intent, attempts \
+        FROM saved_payment_methods WHERE status = 'pending' AND next_attempt_at <= $1 ORDER BY created_at LIMIT $2";
+    const CLAIM: &str = "UPDATE saved_payment_methods SET next_attempt_at = $1, attempts = attempts + 1 \
+        WHERE project_id = $2 AND checkout_session = $3 AND status = 'pending' AND next_attempt_at <= $4";
+    let now = UnixMillis::now().0;
+    let due: Vec<SavedPaymentMethod> =
+        with_db!(db, pool => sqlx::query_as::<_, SavedPaymentMethod>(DUE).bind(now).bind(limit).fetch_all(pool).await)?;
+    let mut claimed = Vec::with_capacity(due.len());
+    for mut saved in due {
+        let n = with_db!(db, pool => sqlx::query(CLAIM).bind(now + 60_000).bind(&saved.project_id)
+            .bind(&saved.checkout_session).bind(now).execute(pool).await.map(|r| r.rows_affected()))?;
+        if n == 1 {
+            saved.attempts += 1;
+            claimed.push(saved);
+        }
+    }
+    Ok(claimed)
+}
+
+/// The payment method is the customer's default now (`Ok`), or the attempt failed: retried
+/// after `retry_in_ms`, or (None) given up with the error kept.
+pub async fn record_saved_payment_method(
+    db: &Db,
+    saved: &SavedPaymentMethod,
+    outcome: Result<&str, (&str, Option<i64>)>,
+) -> Result<(), DbError> {
+    const DONE: &str = "UPDATE saved_payment_methods SET status = 'done', payment_method = $1, last_error = NULL \
+        WHERE project_id = $2 AND checkout_session = $3";
+    const FAILED: &str = "UPDATE saved_payment_methods SET status = $1, last_error = $2, next_attempt_at = $3 \
+        WHERE project_id = $4 AND checkout_session = $5";
+    match outcome {
+        Ok(method) => with_db!(db, pool => sqlx::query(DONE).bind(method).bind(&saved.project_id)
+            .bind(&saved.checkout_session).execute(pool).await.map(drop))?,
+        Err((error, retry_in_ms)) => {
+            let status = if retry_in_ms.is_some() { "pending" } else { "failed" };
+            let next = retry_in_ms.map_or(i64::MAX / 2, |ms| UnixMillis::now().0 + ms);
+            let error: String = error.chars().take(500).collect();
+            with_db!(db, pool => sqlx::query(FAILED).bind(status).bind(&error).bind(next).bind(&saved.project_id)
+                .bind(&saved.checkout_session).execute(pool).await.map(drop))?
+        }
+    }
+    Ok(())
+}

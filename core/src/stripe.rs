@@ -451,6 +451,9 @@ pub enum Processed {
     Subscription { id: String, applied: bool },
     /// Stripe reported meter events it accepted but could not count.
     MeterError,
+    /// A payment-method setup session was completed: its card is to become the customer's
+    /// default for invoices (`recorded`: the first time it was reported).
+    SetupCompleted { id: String, recorded: bool },
     /// A customer was deleted in Stripe (`applied`: it was one of the project's).
     CustomerDeleted { id: String, applied: bool },
     /// A type Tollgate does not act on.
@@ -480,6 +483,7 @@ pub async fn process_pending(db: &Db, limit: i64) -> Result<Vec<(String, Process
             | "customer.subscription.paused"
             | "customer.subscription.resumed" => apply_subscription(db, &project, &payload).await,
             "customer.deleted" => apply_customer_deleted(db, &project, &payload).await,
+            "checkout.session.completed" => apply_checkout_completed(db, &project, &payload).await,
             "billing.meter.error_report_triggered" | "v1.billing.meter.error_report_triggered" => {
                 apply_meter_error(db, &project, &payload).await
             }
@@ -604,6 +608,30 @@ async fn apply_customer_deleted(db: &Db, project: &ProjectId, payload: &str) -> 
     let id = event.data.object.id;
     let applied = crate::one_off::record_customer_deleted(db, project, &id).await?;
     Ok(Processed::CustomerDeleted { id, applied: applied > 0 })
+}
+
+/// `checkout.session.completed`: for a setup session (a payment-method setup link), the card
+/// it saved is to become the customer's default for invoices, which Checkout does not do
+/// (see [`crate::payment_collection::record_setup_completed`]). Other sessions are not Tollgate's.
+async fn apply_checkout_completed(db: &Db, project: &ProjectId, payload: &str) -> Result<Processed, StripeError> {
+    #[derive(serde::Deserialize)]
+    struct Session {
+        id: String,
+        mode: Option<String>,
+        customer: Option<String>,
+        setup_intent: Option<String>,
+    }
+    let event: Event<Session> =
+        serde_json::from_str(payload).map_err(|e| invalid("payload", format!("not a Checkout session event: {e}")))?;
+    let session = event.data.object;
+    let (Some("setup"), Some(customer), Some(setup_intent)) =
+        (session.mode.as_deref(), session.customer.as_deref(), session.setup_intent.as_deref())
+    else {
+        return Ok(Processed::Ignored);
+    };
+    let recorded =
+        crate::payment_collection::record_setup_completed(db, project, &session.id, customer, setup_intent).await?;
+    Ok(Processed::SetupCompleted { id: session.id, recorded })
 }
 
 /// The fields of a subscription Tollgate mirrors.

@@ -18,6 +18,7 @@ pub mod housekeeping;
 pub mod mail;
 pub mod one_off;
 pub mod payment_links;
+pub mod saved_payment_methods;
 mod store;
 pub mod stripe_api;
 pub mod stripe_check;

@@ -19,6 +19,7 @@ pub const RESTRICTED_KEY_PERMISSIONS: &[(&str, &str, &str)] = &[
     ("Subscriptions: Write", "rak_subscription_write", "/subscriptions"),
     ("Invoices: Write", "rak_invoice_write", "/invoices"),
     ("Invoice items: Write", "rak_invoiceitem_write", "/invoiceitems"),
+    ("SetupIntents: Read", "rak_setup_intent_read", "/setup_intents"),
 ];
 
 /// What a passing check found, or why it failed (Stripe's message names a missing permission:

@@ -260,6 +260,7 @@ async fn run_billing(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynErr
     let one_offs = crate::one_off::send(&ctx.db, &ctx.billing).await.map_err(|e| e.to_string())?;
     metrics::counter!("tollgate_one_off_invoices_total", "outcome" => "sent").increment(one_offs.sent as u64);
     metrics::counter!("tollgate_one_off_invoices_total", "outcome" => "failed").increment(one_offs.failed as u64);
+    crate::saved_payment_methods::make_defaults(&ctx.db, &ctx.billing).await.map_err(|e| e.to_string())?;
     metrics::counter!("tollgate_meter_events_total", "outcome" => "delivered").increment(delivered.delivered as u64);
     metrics::counter!("tollgate_meter_events_total", "outcome" => "retrying").increment(delivered.retrying as u64);
     metrics::counter!("tollgate_meter_events_total", "outcome" => "failed").increment(delivered.failed as u64);

@@ -105,6 +105,9 @@ struct Account {
     invoices: Vec<Value>,
     /// Invoice items, pending until an invoice takes them.
     invoice_items: Vec<Value>,
+    /// SetupIntents of completed setup sessions, and the payment methods they attached.
+    setup_intents: Vec<Value>,
+    payment_methods: Vec<Value>,
 }
 
 struct Saved {
@@ -239,7 +242,11 @@ impl FakeStripe {
             .route("/v1/products", post(create_product))
             .route("/v1/prices", post(create_price))
             .route("/v1/customers", post(create_customer))
-            .route("/v1/customers/{id}", get(get_customer).delete(invoice_items::delete_customer))
+            .route(
+                "/v1/customers/{id}",
+                get(get_customer).post(payments::update_customer).delete(invoice_items::delete_customer),
+            )
+            .route("/v1/setup_intents/{id}", get(payments::get_setup_intent))
             .route("/v1/invoiceitems", post(invoice_items::create_invoice_item))
             .route("/v1/invoices", post(invoice_items::create_invoice))
             .route("/v1/invoices/{id}/finalize", post(invoice_items::finalize_invoice))

@@ -21,6 +21,7 @@ pub fn cases() -> Vec<DbCase> {
         setup_and_portal_links_come_from_the_api_and_the_dashboard,
         links_are_refused_for_an_unprovisioned_customer_or_an_unconnected_project,
         send_invoice_and_charge_automatically_each_reach_a_paid_invoice,
+        a_card_saved_through_the_setup_link_pays_the_next_invoice,
     ]
 }
 
@@ -278,5 +279,51 @@ async fn send_invoice_and_charge_automatically_each_reach_a_paid_invoice(db: Tes
         assert_eq!(invoice.amount_paid, invoice.amount_due, "{invoice:?}");
         assert!(invoice.amount_paid > 0);
     }
+    b.s.app.stop().await
+}
+
+/// Charging automatically through the setup link: the customer saves a card on Checkout's
+/// page; Stripe attaches it but does not make it the default for invoices, so Tollgate does
+/// when Stripe reports the session completed (once, however often it is reported), and the
+/// invoice finalized next is charged to it.
+async fn a_card_saved_through_the_setup_link_pays_the_next_invoice(db: TestDatabase) -> TestResult {
+    let b = setup(&db).await?;
+    b.connect_with_key().await?;
+    payment_collection::set_collection(&b.s.app.state.db, &b.s.project.id, Collection::ChargeAutomatically).await?;
+    b.calls("carded", 2, 10).await?;
+    b.provision().await?;
+    b.deliver().await?;
+    let customer = b.stripe_customer("carded").await?;
+    let (status, link) = b.s.api(Method::POST, "/api/v1/customers/carded/payment-setup", Some(json!({}))).await?;
+    assert_eq!(status, StatusCode::CREATED, "{link}");
+    let session = b.fake.checkout_sessions(ACCOUNT).pop().ok_or_else(|| anyhow::anyhow!("no session"))?;
+    let id = session["id"].as_str().unwrap_or_default().to_owned();
+    let completed = b.fake.complete_checkout_session(ACCOUNT, &id).ok_or_else(|| anyhow::anyhow!("not open"))?;
+    assert_eq!(b.fake.default_payment_method(ACCOUNT, &customer), None, "Checkout alone makes no default");
+
+    let webhook = b.s.app.url(&format!("/stripe/webhooks/{}", b.s.project.id));
+    for _ in 0..2 {
+        let (status, body) =
+            b.fake.send_event(&webhook, WHSEC, "checkout.session.completed", completed.clone(), None).await?;
+        assert!(status.is_success(), "{body}");
+    }
+    b.process_events().await?;
+    let made = tollgate_jobs::saved_payment_methods::make_defaults(&b.s.app.state.db, &b.services).await?;
+    assert_eq!(made.made_default, 1, "{made:?}");
+    let default = b.fake.default_payment_method(ACCOUNT, &customer);
+    assert!(default.as_deref().is_some_and(|pm| pm.starts_with("pm_")), "{default:?}");
+    let again = tollgate_jobs::saved_payment_methods::make_defaults(&b.s.app.state.db, &b.services).await?;
+    assert_eq!(again.made_default, 0, "made default once");
+
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    b.fake.end_periods(ACCOUNT);
+    let finalized = b.fake.finalize_invoices(ACCOUNT);
+    let invoice = finalized.iter().find(|i| i["customer"] == customer.as_str()).cloned().unwrap_or_default();
+    assert_eq!(
+        (invoice["collection_method"].as_str(), invoice["status"].as_str()),
+        (Some("charge_automatically"), Some("paid")),
+        "{invoice}"
+    );
+    assert!(invoice["total"].as_i64() > Some(0), "{invoice}");
     b.s.app.stop().await
 }

@@ -38,6 +38,7 @@ pub const WEBHOOK_EVENTS: &[&str] = &[
     "customer.subscription.updated",
     "customer.subscription.deleted",
     "customer.deleted",
+    "checkout.session.completed",
 ];
 
 #[derive(Deserialize, Default)]

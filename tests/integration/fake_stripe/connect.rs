@@ -52,6 +52,7 @@ fn resource(path: &str) -> Option<&'static str> {
         "subscriptions" => "subscription",
         "invoices" => "invoice",
         "invoiceitems" => "invoiceitem",
+        "setup_intents" => "setup_intent",
         "checkout" => "checkout_session",
         "billing_portal" => "billing_portal_session",
         _ => "other",
@@ -123,6 +124,7 @@ pub(super) fn routes() -> axum::Router<Shared> {
         .route("/v1/subscriptions", get(list_subscriptions))
         .route("/v1/invoices", get(list_invoices))
         .route("/v1/invoiceitems", get(list_invoice_items))
+        .route("/v1/setup_intents", get(list_setup_intents))
 }
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
@@ -246,4 +248,8 @@ async fn list_invoices(State(inner): State<Shared>, method: Method, uri: Uri, he
 
 async fn list_invoice_items(State(inner): State<Shared>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
     list_of(inner, method, uri, headers, |a| &a.invoice_items)
+}
+
+async fn list_setup_intents(State(inner): State<Shared>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    list_of(inner, method, uri, headers, |a| &a.setup_intents)
 }

@@ -27,7 +27,14 @@
 //! - an invoice is paid on its hosted page (`send_invoice`), or charged at finalization when
 //!   the customer has a default payment method for invoices (`charge_automatically`,
 //!   `invoice_settings.default_payment_method`, which the portal sets when the customer adds a
-//!   card there).
+//!   card there);
+//! - completing a setup session makes a SetupIntent (`seti_…`, `status: "succeeded"`, its
+//!   `payment_method`) and attaches the payment method to the session's customer, without
+//!   making it the default: "If present, the SetupIntent's payment method will be attached to
+//!   the Customer on successful setup" (the SetupIntent object, `customer`);
+//! - `POST /v1/customers/{id}` updates a customer; `invoice_settings[default_payment_method]`
+//!   must name a payment method attached to that customer, else Stripe answers 400 "No such
+//!   PaymentMethod" (`resource_missing`, param `invoice_settings[default_payment_method]`).
 
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -229,4 +236,79 @@ pub(super) fn mark_paid(invoice: &mut Value) {
     invoice["attempt_count"] = json!(invoice["attempt_count"].as_i64().unwrap_or(0).max(1));
     invoice["next_payment_attempt"] = Value::Null;
     invoice["status_transitions"]["paid_at"] = json!(now());
+}
+
+pub(super) async fn get_setup_intent(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    super::get_object(&inner, method, &uri, &headers, &id, "setup_intent", |a| &a.setup_intents)
+}
+
+pub(super) async fn update_customer(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    form: Form,
+) -> Response {
+    request(&inner, method, &uri, &headers, form.0, |inner, account, params| {
+        let data = inner.accounts.entry(account.to_owned()).or_default();
+        let default = params["invoice_settings"]["default_payment_method"].as_str().map(str::to_owned);
+        if let Some(pm) = &default
+            && !data.payment_methods.iter().any(|m| m["id"] == pm.as_str() && m["customer"] == id.as_str())
+        {
+            return with_param(no_such("PaymentMethod", pm), "invoice_settings[default_payment_method]");
+        }
+        let Some(customer) = data.customers.iter_mut().find(|c| c["id"] == id.as_str()) else {
+            return no_such("customer", &id);
+        };
+        if let Some(pm) = default {
+            customer["invoice_settings"] = json!({"default_payment_method": pm, "custom_fields": null, "footer": null});
+        }
+        if let Some(email) = text(params, "email") {
+            customer["email"] = json!(email);
+        }
+        (StatusCode::OK, customer.clone())
+    })
+}
+
+impl FakeStripe {
+    /// The customer completes setup session `id` (saves a card on Checkout's page); returns the
+    /// completed session, as `checkout.session.completed` carries it.
+    pub fn complete_checkout_session(&self, account: &str, id: &str) -> Option<Value> {
+        let mut inner = self.inner.lock().unwrap();
+        let pm = inner.id("pm");
+        let data = inner.accounts.get_mut(account)?;
+        let session = data.checkout_sessions.iter_mut().find(|s| s["id"] == id && s["status"] == "open")?;
+        session["status"] = json!("complete");
+        session["url"] = Value::Null;
+        let session = session.clone();
+        let customer = session["customer"].clone();
+        data.payment_methods.push(json!({
+            "id": pm, "object": "payment_method", "type": "card", "customer": customer, "created": now(),
+            "livemode": false, "card": {"brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2030},
+        }));
+        data.setup_intents.push(json!({
+            "id": session["setup_intent"], "object": "setup_intent", "status": "succeeded", "customer": customer,
+            "payment_method": pm, "usage": "off_session", "created": now(), "livemode": false,
+            "payment_method_types": ["card"], "metadata": {}, "last_setup_error": null, "next_action": null,
+            "client_secret": null, "description": null, "cancellation_reason": null, "application": null,
+            "attach_to_self": null, "automatic_payment_methods": null, "flow_directions": null,
+            "latest_attempt": null, "mandate": null, "on_behalf_of": null, "payment_method_configuration_details": null,
+            "payment_method_options": null, "single_use_mandate": null,
+        }));
+        Some(session)
+    }
+
+    /// `customer`'s default payment method for invoices, if it has one.
+    pub fn default_payment_method(&self, account: &str, customer: &str) -> Option<String> {
+        let inner = self.inner.lock().unwrap();
+        let found = inner.accounts.get(account)?.customers.iter().find(|c| c["id"] == customer)?;
+        found["invoice_settings"]["default_payment_method"].as_str().map(str::to_owned)
+    }
 }

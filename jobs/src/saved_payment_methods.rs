@@ -1,0 +1,88 @@
+//! A card saved through a payment-method setup link becomes the customer's default for
+//! invoices. A SetupIntent "automatically attaches the resulting payment method to that
+//! Customer" (Stripe's API reference, the SetupIntent object), but does not make it the one
+//! invoices are charged to: Stripe's guide to updating payment details with Checkout
+//! (<https://docs.stripe.com/payments/checkout/subscriptions/updating>) collects it in setup
+//! mode, then retrieves the SetupIntent and sets the payment method through the API. Without
+//! that, an invoice charged automatically would still fail. For each completed setup session Stripe reported
+//! (`tollgate_core::payment_collection::record_setup_completed`), this reads the session's
+//! SetupIntent (`GET /v1/setup_intents/{id}`: its `payment_method`, once `succeeded`) and sets
+//! it as the customer's `invoice_settings[default_payment_method]`.
+
+use serde::Deserialize;
+use tollgate_core::Db;
+use tollgate_core::billing;
+use tollgate_core::payment_collection::{self, SavedPaymentMethod};
+
+use crate::billing::{BillingError, BillingServices};
+use crate::stripe_api::{Created, form};
+
+#[derive(Deserialize)]
+struct SetupIntent {
+    status: String,
+    payment_method: Option<String>,
+}
+
+/// What one run did: payment methods made defaults, and attempts that failed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SavedReport {
+    pub made_default: usize,
+    pub failed: usize,
+}
+
+pub async fn make_defaults(db: &Db, services: &BillingServices) -> Result<SavedReport, BillingError> {
+    let mut report = SavedReport::default();
+    for saved in payment_collection::claim_saved_payment_methods(db, 50).await? {
+        let outcome = make_default(db, services, &saved).await?;
+        match &outcome {
+            Ok(_) => report.made_default += 1,
+            Err((error, _)) => {
+                report.failed += 1;
+                tracing::warn!(session = %saved.checkout_session, %error, "saved payment method not made default");
+            }
+        }
+        let outcome = outcome.as_ref().map(String::as_str).map_err(|(e, retry)| (e.as_str(), *retry));
+        payment_collection::record_saved_payment_method(db, &saved, outcome).await?;
+    }
+    Ok(report)
+}
+
+type Outcome = Result<String, (String, Option<i64>)>;
+
+async fn make_default(
+    db: &Db,
+    services: &BillingServices,
+    saved: &SavedPaymentMethod,
+) -> Result<Outcome, BillingError> {
+    let credentials = match crate::stripe_api::credentials(
+        db,
+        &services.master_key,
+        services.platform_key.as_ref(),
+        &saved.project_id,
+    )
+    .await?
+    {
+        Ok(credentials) => credentials,
+        Err(e) => return Ok(Err((e.to_string(), None))),
+    };
+    let retry =
+        |e: &crate::stripe_api::StripeApiError| e.is_retryable().then(|| billing::provision_backoff_ms(saved.attempts));
+    let path = format!("/setup_intents/{}", saved.setup_intent);
+    let intent: SetupIntent = match services.api.get(&credentials, &path, &[]).await {
+        Ok(intent) => intent,
+        Err(e) => return Ok(Err((format!("reading the SetupIntent: {e}"), retry(&e)))),
+    };
+    let Some(method) = intent.payment_method.filter(|_| intent.status == "succeeded") else {
+        return Ok(Err((format!("the SetupIntent is {}, with no payment method saved", intent.status), None)));
+    };
+    let body = form([("invoice_settings[default_payment_method]", method.clone())]);
+    let key = format!("tollgate-default-payment-method-{}", saved.checkout_session);
+    match services
+        .api
+        .post::<Created>(&credentials, &format!("/customers/{}", saved.stripe_customer_id), &body, &key)
+        .await
+    {
+        Ok(_) => Ok(Ok(method)),
+        Err(e) => Ok(Err((format!("making it the default: {e}"), retry(&e)))),
+    }
+}
