@@ -118,6 +118,26 @@ pub async fn set_collection(db: &Db, project: &ProjectId, collection: Collection
     Ok(())
 }
 
+/// Whether the project bills with Stripe Tax (`automatic_tax[enabled]=true` on the
+/// subscriptions and one-off invoices it makes, the billing address asked for on the setup
+/// link). Off unless the tenant turned it on: Stripe Tax must be activated in Stripe first.
+pub async fn automatic_tax(db: &Db, project: &ProjectId) -> Result<bool, DbError> {
+    const SQL: &str = "SELECT automatic_tax FROM payment_collection WHERE project_id = $1";
+    let on: Option<bool> =
+        with_db!(db, pool => sqlx::query_scalar::<_, bool>(SQL).bind(project).fetch_optional(pool).await)?;
+    Ok(on.unwrap_or(false))
+}
+
+/// Turns Stripe Tax on or off for what is made from now on.
+pub async fn set_automatic_tax(db: &Db, project: &ProjectId, on: bool) -> Result<(), DbError> {
+    const SQL: &str = "INSERT INTO payment_collection (project_id, collection_method, days_until_due, updated_at, \
+            automatic_tax) VALUES ($1, 'send_invoice', $2, $3, $4) \
+        ON CONFLICT (project_id) DO UPDATE SET automatic_tax = excluded.automatic_tax, updated_at = excluded.updated_at";
+    with_db!(db, pool => sqlx::query(SQL).bind(project).bind(DEFAULT_DAYS_UNTIL_DUE).bind(UnixMillis::now().0)
+        .bind(on).execute(pool).await.map(|_| ()))?;
+    Ok(())
+}
+
 /// A return URL a tenant gives for a link (where Stripe sends the customer back): an absolute
 /// `https` URL with a host and no credentials, at most 2,000 characters.
 pub fn check_return_url(field: &'static str, url: &str) -> Result<String, CollectionError> {

@@ -598,6 +598,14 @@ async fn a_worker_process_killed_mid_batch_and_restarted_delivers_once(db: TestD
     // The killed worker's events were sent again and refused as duplicates of what Stripe has.
     let sent = b.fake.seen().iter().filter(|r| r.path == "/v1/billing/meter_events").count();
     assert!(sent > accepted, "{sent} sent for {accepted} accepted");
+    // And on the invoices (issue 21): each customer is charged exactly its billed total, and
+    // Tollgate's invoice reconciliation finds no drift.
+    b.close_periods().await;
+    for customer in ["cust-a", "cust-b", "cust-c", "cust-d"] {
+        b.invoiced_as_billed(customer).await?;
+    }
+    let checks = b.invoices_reported().await?;
+    assert_eq!(checks.iter().filter(|c| **c == tollgate_core::stripe::InvoiceCheck::Matches).count(), 4, "{checks:?}");
     Ok(())
 }
 

@@ -954,6 +954,7 @@ async fn create_customer(
             "id": id, "object": "customer", "created": now(), "livemode": false, "name": text(params, "name"),
             "email": text(params, "email"), "metadata": metadata(params), "balance": 0, "delinquent": false,
             "description": null, "invoice_prefix": "FAKE", "preferred_locales": [],
+            "address": params.get("address").cloned().unwrap_or(Value::Null),
         });
         inner.accounts.entry(account.to_owned()).or_default().customers.push(customer.clone());
         (StatusCode::OK, customer)
@@ -991,6 +992,10 @@ async fn create_subscription(
             Ok(collection) => collection,
             Err(refusal) => return refusal,
         };
+        let automatic_tax = params["automatic_tax"]["enabled"] == "true";
+        if automatic_tax && let Some(refusal) = payments::tax_location_refusal(data, customer) {
+            return refusal;
+        }
         let (id, item) = (inner.id("sub"), inner.id("si"));
         let (start, end) = (now(), now() + 30 * 86_400);
         let recurring = &price_object["recurring"];
@@ -1013,7 +1018,7 @@ async fn create_subscription(
             "status": "active", "metadata": metadata(params), "collection_method": collection_method,
             "currency": price_object["currency"], "start_date": start, "billing_cycle_anchor": start,
             "billing_mode": {"type": "classic"}, "billing_schedules": [], "discounts": [],
-            "automatic_tax": {"enabled": false, "liability": null, "disabled_reason": null},
+            "automatic_tax": {"enabled": automatic_tax, "liability": null, "disabled_reason": null},
             "cancel_at_period_end": false, "cancellation_details": {"comment": null, "feedback": null, "reason": null},
             "invoice_settings": {"account_tax_ids": null, "issuer": {"type": "self"}},
             "items": {"object": "list", "has_more": false, "data": [item],

@@ -148,6 +148,7 @@ pub struct BillingPage {
     saved: bool,
     errors: Vec<String>,
     collection: tollgate_core::payment_collection::Collection,
+    automatic_tax: bool,
     one_offs: Vec<super::one_off::OneOffView>,
 }
 
@@ -288,7 +289,9 @@ pub(super) async fn page(
     let base = state.config.public_url.trim_end_matches('/');
     let collection = tollgate_core::payment_collection::collection(&state.db, &project.id).await?;
     let one_offs = super::one_off::views(state, &project, None).await?;
+    let automatic_tax = tollgate_core::payment_collection::automatic_tax(&state.db, &project.id).await?;
     Ok(BillingPage {
+        automatic_tax,
         one_offs,
         collection,
         provision,

@@ -25,6 +25,7 @@ pub struct CollectionForm {
     csrf: String,
     collection_method: String,
     days_until_due: String,
+    automatic_tax: Option<String>,
 }
 
 /// Saves the project's payment collection; subscriptions made from now on get it.
@@ -47,10 +48,13 @@ pub async fn set_collection(
     match Collection::parse(&form.collection_method, days) {
         Ok(collection) => {
             payment_collection::set_collection(&state.db, &project.id, collection).await?;
-            let detail = match collection.days_until_due() {
-                Some(days) => format!("payment collection: send invoices due in {days} days"),
-                None => "payment collection: charge automatically".to_owned(),
+            let tax = form.automatic_tax.is_some();
+            payment_collection::set_automatic_tax(&state.db, &project.id, tax).await?;
+            let method = match collection.days_until_due() {
+                Some(days) => format!("send invoices due in {days} days"),
+                None => "charge automatically".to_owned(),
             };
+            let detail = format!("payment collection: {method}; Stripe Tax {}", if tax { "on" } else { "off" });
             audit::record(&state.db, me.org_id(), &me.actor(), "billing.collection_changed", &project.name, &detail)
                 .await?;
             Ok(Redirect::to(&format!("/projects/{}/billing#payment-collection", project.id)).into_response())

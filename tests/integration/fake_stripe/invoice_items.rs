@@ -98,6 +98,7 @@ pub(super) async fn create_invoice(
             return with_param(no_such("customer", customer), "customer");
         }
         let currency = text(params, "currency").unwrap_or("usd").to_owned();
+        let automatic_tax = params["automatic_tax"]["enabled"] == "true";
         let id = inner.id("in");
         let data = inner.accounts.entry(account.to_owned()).or_default();
         let mut lines = Vec::new();
@@ -125,6 +126,7 @@ pub(super) async fn create_invoice(
             "collection_method": collection_method, "days_until_due": days_until_due,
             "period_start": created, "period_end": created, "created": created, "livemode": false,
             "billing_reason": "manual", "auto_advance": text(params, "auto_advance") == Some("true"), "parent": null,
+            "automatic_tax": {"enabled": automatic_tax, "status": null, "liability": null, "disabled_reason": null},
             "amount_due": total, "amount_paid": 0, "amount_remaining": total, "subtotal": total, "total": total,
             "attempted": false, "attempt_count": 0, "next_payment_attempt": null,
             "hosted_invoice_url": null, "number": null, "due_date": null,
@@ -152,6 +154,14 @@ pub(super) async fn finalize_invoice(
             i["collection_method"] == "charge_automatically"
                 && FakeStripe::can_be_charged(&data.customers, i["customer"].as_str().unwrap_or_default())
         });
+        let taxed = data.invoices.iter().find(|i| i["id"] == id.as_str()).map(|i| {
+            (i["automatic_tax"]["enabled"] == true, i["customer"].as_str().unwrap_or_default().to_owned())
+        });
+        if let Some((true, customer)) = &taxed
+            && let Some(refusal) = super::payments::tax_location_refusal(data, customer)
+        {
+            return refusal;
+        }
         let Some(invoice) = data.invoices.iter_mut().find(|i| i["id"] == id.as_str()) else {
             return no_such("invoice", &id);
         };

@@ -32,6 +32,15 @@
 //!   `payment_method`) and attaches the payment method to the session's customer, without
 //!   making it the default: "If present, the SetupIntent's payment method will be attached to
 //!   the Customer on successful setup" (the SetupIntent object, `customer`);
+//! - Stripe Tax (`automatic_tax[enabled]=true` on a subscription or invoice) needs the
+//!   customer's location: "Stripe Tax requires your customer's location to automatically
+//!   calculate tax … set tax[validate_location]=“immediately” to prevent
+//!   customer_tax_location_invalid errors later" (https://docs.stripe.com/tax/customer-locations);
+//!   the fake refuses such a subscription (and finalizing such an invoice) with that code while
+//!   the customer has no address with a country. A setup session with
+//!   `billing_address_collection=required` and `customer_update[address]=auto` saves the address
+//!   the customer types to the customer ("Checkout handles the collection of customer
+//!   addresses for you");
 //! - `POST /v1/customers/{id}` updates a customer; `invoice_settings[default_payment_method]`
 //!   must name a payment method attached to that customer, else Stripe answers 400 "No such
 //!   PaymentMethod" (`resource_missing`, param `invoice_settings[default_payment_method]`).
@@ -120,6 +129,18 @@ pub(super) async fn create_checkout_session(
         if find(&data.customers, customer).is_none() {
             return with_param(no_such("customer", customer), "customer");
         }
+        let address_collection = text(params, "billing_address_collection").unwrap_or("auto");
+        if !matches!(address_collection, "auto" | "required") {
+            return invalid(
+                "billing_address_collection",
+                None,
+                "Invalid billing_address_collection: must be one of auto or required",
+            );
+        }
+        let update_address = params["customer_update"]["address"].as_str().unwrap_or("never");
+        if !matches!(update_address, "auto" | "never") {
+            return invalid("customer_update[address]", None, "Invalid customer_update[address]: must be auto or never");
+        }
         let (id, setup_intent) = (format!("cs_test_{}", inner.id("a1")), inner.id("seti"));
         let created = now();
         let session = json!({
@@ -132,6 +153,8 @@ pub(super) async fn create_checkout_session(
             "created": created, "expires_at": created + 24 * 3_600, "livemode": false,
             "metadata": super::metadata(params), "client_reference_id": null, "customer_email": null,
             "amount_total": null, "amount_subtotal": null, "locale": null,
+            "billing_address_collection": address_collection,
+            "customer_update": {"address": update_address},
         });
         inner.accounts.entry(account.to_owned()).or_default().checkout_sessions.push(session.clone());
         (StatusCode::OK, session)
@@ -289,6 +312,14 @@ impl FakeStripe {
         session["url"] = Value::Null;
         let session = session.clone();
         let customer = session["customer"].clone();
+        // The customer typed a billing address on Checkout's page; saved to it when asked.
+        if session["billing_address_collection"] == "required" && session["customer_update"]["address"] == "auto" {
+            let address = json!({"country": "DE", "postal_code": "10115", "city": "Berlin", "line1": "Invalidenstraße 1",
+                                 "line2": null, "state": null});
+            if let Some(c) = data.customers.iter_mut().find(|c| c["id"] == customer) {
+                c["address"] = address;
+            }
+        }
         data.payment_methods.push(json!({
             "id": pm, "object": "payment_method", "type": "card", "customer": customer, "created": now(),
             "livemode": false, "card": {"brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2030},
@@ -311,4 +342,18 @@ impl FakeStripe {
         let found = inner.accounts.get(account)?.customers.iter().find(|c| c["id"] == customer)?;
         found["invoice_settings"]["default_payment_method"].as_str().map(str::to_owned)
     }
+}
+
+/// Stripe's refusal of automatic tax for `customer` while its location is unknown (no address
+/// with a country), or `None`.
+pub(super) fn tax_location_refusal(data: &super::Account, customer: &str) -> Option<(StatusCode, Value)> {
+    let known = data.customers.iter().any(|c| c["id"] == customer && c["address"]["country"].is_string());
+    (!known).then(|| {
+        invalid(
+            "automatic_tax[enabled]",
+            Some("customer_tax_location_invalid"),
+            "The customer's location isn't recognized. Set a valid customer address in order to automatically \
+             calculate tax.",
+        )
+    })
 }
