@@ -17,7 +17,10 @@
 //!   for a hosted session ("not allowed if ui_mode is `embedded` or `custom`", so required for
 //!   the default `hosted`); `cancel_url` is optional; `customer` must exist. The answer is a
 //!   `Checkout.Session` (`cs_test_…`, `object: "checkout.session"`, `status: "open"`, `url`,
-//!   `setup_intent`, `expires_at` 24 hours on);
+//!   `setup_intent`, `expires_at` 24 hours on), with the fields that are not nullable in
+//!   stripe-node's `Checkout.Session` (https://docs.stripe.com/api/checkout/sessions/object), which
+//!   async-stripe 1.0.0-rc.10's `stripe_shared::CheckoutSession` needs: `automatic_tax.enabled`,
+//!   `custom_fields`, `custom_text`, `shipping_options`;
 //! - a portal session: `customer` must exist; `return_url` is optional; without a
 //!   `configuration` the account's default one is used, which exists only once the portal
 //!   settings were saved in the Dashboard — otherwise Stripe answers 400 "No configuration
@@ -125,6 +128,10 @@ pub(super) async fn create_checkout_session(
             "created": created, "expires_at": created + 24 * 3_600, "livemode": false,
             "metadata": super::metadata(params), "client_reference_id": null, "customer_email": null,
             "amount_total": null, "amount_subtotal": null, "locale": null,
+            "automatic_tax": {"enabled": false, "liability": null, "provider": null, "status": null},
+            "custom_fields": [], "shipping_options": [],
+            "custom_text": {"after_submit": null, "shipping_address": null, "submit": null,
+                            "terms_of_service_acceptance": null},
         });
         inner.accounts.entry(account.to_owned()).or_default().checkout_sessions.push(session.clone());
         (StatusCode::OK, session)
