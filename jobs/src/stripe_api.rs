@@ -150,7 +150,11 @@ impl StripeApi {
     /// `Stripe-Version`, `Stripe-Account` (the request's own, else the credentials'), and
     /// `Idempotency-Key` when the request's strategy has one. Whatever the strategy, one
     /// attempt: retrying is the caller's decision.
-    async fn execute(&self, credentials: &Credentials, request: CustomizedStripeRequest) -> Result<Bytes, StripeApiError> {
+    async fn execute(
+        &self,
+        credentials: &Credentials,
+        request: CustomizedStripeRequest,
+    ) -> Result<Bytes, StripeApiError> {
         use secrecy::ExposeSecret;
         let (request, config) = request.into_pieces();
         let method = match request.method {

@@ -35,7 +35,10 @@ use crate::helpers::PlainCase;
 use crate::plain_cases;
 
 pub fn cases() -> Vec<PlainCase> {
-    plain_cases![fake_stripe_answers_the_official_sdk, tollgates_stripe_client_sends_stripes_headers_and_reads_its_errors]
+    plain_cases![
+        fake_stripe_answers_the_official_sdk,
+        tollgates_stripe_client_sends_stripes_headers_and_reads_its_errors
+    ]
 }
 
 const PLATFORM_KEY: &str = "sk_test_51Hplatformkey001";
@@ -264,7 +267,10 @@ async fn fake_stripe_answers_the_official_sdk() -> anyhow::Result<()> {
         .return_url("https://app.example.com/back")
         .send(&stripe)
         .await?;
-    assert_eq!((portal.customer.as_str(), portal.return_url.as_deref()), (customer.id.as_str(), Some("https://app.example.com/back")));
+    assert_eq!(
+        (portal.customer.as_str(), portal.return_url.as_deref()),
+        (customer.id.as_str(), Some("https://app.example.com/back"))
+    );
     let drafts = fake.end_periods(CONNECTED);
     assert_eq!(drafts.len(), 1);
     let draft = RetrieveInvoice::new(drafts[0].as_str()).send(&stripe).await?;
@@ -335,7 +341,10 @@ async fn tollgates_stripe_client_sends_stripes_headers_and_reads_its_errors() ->
     // A refusal: Stripe's status, type, code and message, and the request id to quote.
     match RetrieveCustomer::new("cus_missing").send(&stripe).await {
         Err(StripeApiError::Api { status, kind, code, message, request_id, .. }) => {
-            assert_eq!((status, kind.as_deref(), code.as_deref()), (404, Some("invalid_request_error"), Some("resource_missing")));
+            assert_eq!(
+                (status, kind.as_deref(), code.as_deref()),
+                (404, Some("invalid_request_error"), Some("resource_missing"))
+            );
             assert!(message.contains("cus_missing"), "{message}");
             assert!(request_id.as_deref().is_some_and(|id| id.starts_with("req")), "{request_id:?}");
         }
@@ -343,16 +352,17 @@ async fn tollgates_stripe_client_sends_stripes_headers_and_reads_its_errors() ->
     }
     // 429 from the rate limiter: retryable without `Stripe-Should-Retry`.
     fake.set_rate_limit(1);
-    let payload = HashMap::from([
-        ("stripe_customer_id".to_owned(), first.id.to_string()),
-        ("value".to_owned(), "1".to_owned()),
-    ]);
+    let payload =
+        HashMap::from([("stripe_customer_id".to_owned(), first.id.to_string()), ("value".to_owned(), "1".to_owned())]);
     let event = CreateBillingMeterEvent::new("tollgate_usage_none", payload).identifier("mtb_client_1");
     let error = match stripe.send_idempotent(&event, "mtb_client_1-1").await {
         Err(error) => error,
         Ok(answer) => anyhow::bail!("a meter event over the rate limit was accepted: {answer:?}"),
     };
-    assert!(matches!(&error, StripeApiError::Api { status: 429, code: Some(code), .. } if code == "rate_limit"), "{error:?}");
+    assert!(
+        matches!(&error, StripeApiError::Api { status: 429, code: Some(code), .. } if code == "rate_limit"),
+        "{error:?}"
+    );
     assert!(error.is_retryable());
     // An idempotency key Stripe would refuse is refused before sending.
     let long = "k".repeat(256);
