@@ -259,7 +259,7 @@ async fn fake_stripe_answers_the_official_sdk() -> anyhow::Result<()> {
         .metadata(tags.clone())
         .send(&stripe)
         .await?;
-    assert_eq!((checkout.mode, checkout.metadata.as_ref()), (CheckoutSessionMode::Setup, Some(&tags)));
+    assert_eq!((&checkout.mode, checkout.metadata.as_ref()), (&CheckoutSessionMode::Setup, Some(&tags)));
     assert!(checkout.url.as_deref().is_some_and(|u| u.starts_with("https://checkout.stripe.com/")), "{checkout:?}");
     fake.save_portal_settings(CONNECTED);
     let portal = CreateBillingPortalSession::new()
