@@ -249,7 +249,9 @@ async fn fake_stripe_answers_the_official_sdk() -> anyhow::Result<()> {
     assert_eq!((status, kind, code), (429, Some(ApiErrorsType::InvalidRequestError), Some(ApiErrorsCode::LockTimeout)));
 
     // Paying: a Checkout session in setup mode, a customer portal session, and the invoice of
-    // the subscription's first period, listed and retrieved.
+    // the subscription's first period, listed and retrieved (a second on, below the test-mode
+    // limit of 25 requests a second the calls above reached).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let checkout = CreateCheckoutSession::new()
         .customer(customer.id.as_str())
         .mode(CheckoutSessionMode::Setup)
