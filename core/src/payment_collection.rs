@@ -49,15 +49,6 @@ impl Collection {
         }
     }
 
-    /// The subscription parameters Stripe needs for this collection method.
-    pub fn subscription_params(&self) -> Vec<(String, String)> {
-        let mut params = vec![("collection_method".to_owned(), self.method().to_owned())];
-        if let Some(days) = self.days_until_due() {
-            params.push(("days_until_due".to_owned(), days.to_string()));
-        }
-        params
-    }
-
     /// The setting from what a tenant chose (`method`, and `days_until_due` for sent invoices).
     pub fn parse(method: &str, days_until_due: Option<i64>) -> Result<Self, CollectionError> {
         match method.trim() {
@@ -167,14 +158,10 @@ mod tests {
         assert!(Collection::parse("send_invoice", Some(-1)).is_err());
         assert!(Collection::parse("send_invoice", Some(366)).is_err());
         assert!(Collection::parse("paypal", None).is_err());
-        assert_eq!(
-            Collection::SendInvoice { days_until_due: 14 }.subscription_params(),
-            vec![
-                ("collection_method".to_owned(), "send_invoice".to_owned()),
-                ("days_until_due".to_owned(), "14".to_owned())
-            ]
-        );
-        assert_eq!(Collection::ChargeAutomatically.subscription_params().len(), 1);
+        let sent = Collection::SendInvoice { days_until_due: 14 };
+        assert_eq!((sent.method(), sent.days_until_due()), ("send_invoice", Some(14)));
+        let charged = Collection::ChargeAutomatically;
+        assert_eq!((charged.method(), charged.days_until_due()), ("charge_automatically", None));
     }
 
     #[test]

@@ -11,6 +11,21 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use secrecy::SecretString;
+use stripe_billing::billing_meter::{
+    CreateBillingMeter, CreateBillingMeterCustomerMapping, CreateBillingMeterCustomerMappingType,
+    CreateBillingMeterDefaultAggregation, CreateBillingMeterDefaultAggregationFormula, CreateBillingMeterValueSettings,
+    ListBillingMeter,
+};
+use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
+use stripe_billing::billing_meter_event_summary::ListIdBillingMeterEventSummary;
+use stripe_billing::subscription::{CreateSubscription, CreateSubscriptionItems};
+use stripe_billing::{BillingMeterStatus, SubscriptionCollectionMethod};
+use stripe_core::customer::CreateCustomer;
+use stripe_product::PriceBillingScheme;
+use stripe_product::price::{
+    CreatePrice, CreatePriceRecurring, CreatePriceRecurringInterval, CreatePriceRecurringUsageType,
+};
+use stripe_product::product::CreateProduct;
 use tollgate_core::billing::{self, Attempt, DueBatch, Made, ProjectBilling, StepFailure};
 use tollgate_core::crypto::MasterKey;
 use tollgate_core::db::DbError;
@@ -20,9 +35,7 @@ use tollgate_core::stripe;
 use tollgate_core::time::UnixMillis;
 use tollgate_core::{Config, Db};
 
-use crate::stripe_api::{
-    Created, Credentials, EventSummary, List, Meter, StripeApi, StripeApiError, Subscription, form,
-};
+use crate::stripe_api::{Credentials, StripeApi, StripeApiError};
 
 /// What the billing jobs need besides the database.
 #[derive(Clone)]
@@ -241,67 +254,70 @@ async fn provision_project(
     // Keys are per connection (its creation time), so connecting again provisions afresh.
     let key = |what: &str| format!("tollgate-{what}-{id}-{}", project.billing_from);
     let event_name = project.event_name();
+    let stripe = api.on(credentials);
     let meter_id = match &project.meter_id {
         Some(meter) => meter.clone(),
         None => {
             // A meter made by an earlier connection of this project is found by its event name.
-            let query = [("status", "active".to_owned()), ("limit", "100".to_owned())];
-            let existing = match api.get::<List<Meter>>(credentials, "/billing/meters", &query).await {
+            let active = ListBillingMeter::new().status(BillingMeterStatus::Active).limit(100);
+            let existing = match active.send(&stripe).await {
                 Ok(list) => list.data.into_iter().find(|m| m.event_name == event_name),
                 Err(e) => return Ok(Err(step_failure("listing meters", &e, attempts))),
             };
             let meter = match existing {
                 Some(meter) => meter,
                 None => {
-                    let body = form([
-                        ("display_name", format!("{} LLM usage (Tollgate)", project.project_name)),
-                        ("event_name", event_name.clone()),
-                        ("default_aggregation[formula]", "sum".to_owned()),
-                        ("customer_mapping[type]", "by_id".to_owned()),
-                        ("customer_mapping[event_payload_key]", "stripe_customer_id".to_owned()),
-                        ("value_settings[event_payload_key]", "value".to_owned()),
-                    ]);
-                    match api.post::<Meter>(credentials, "/billing/meters", &body, &key("meter")).await {
+                    let create = CreateBillingMeter::new(
+                        CreateBillingMeterDefaultAggregation::new(CreateBillingMeterDefaultAggregationFormula::Sum),
+                        format!("{} LLM usage (Tollgate)", project.project_name),
+                        event_name.clone(),
+                    )
+                    .customer_mapping(CreateBillingMeterCustomerMapping::new(
+                        "stripe_customer_id",
+                        CreateBillingMeterCustomerMappingType::ById,
+                    ))
+                    .value_settings(CreateBillingMeterValueSettings::new("value"));
+                    match stripe.send_idempotent(&create, &key("meter")).await {
                         Ok(meter) => meter,
                         Err(e) => return Ok(Err(step_failure("creating the meter", &e, attempts))),
                     }
                 }
             };
-            billing::record_made(db, &project.project_id, Made::Meter { id: &meter.id, event_name: &meter.event_name })
-                .await?;
-            meter.id
+            let made = Made::Meter { id: meter.id.as_str(), event_name: &meter.event_name };
+            billing::record_made(db, &project.project_id, made).await?;
+            meter.id.to_string()
         }
     };
     let product_id = match &project.product_id {
         Some(product) => product.clone(),
         None => {
-            let body = form([
-                ("name", format!("{} LLM usage", project.project_name)),
-                ("metadata[tollgate_project]", id.to_owned()),
-            ]);
-            match api.post::<Created>(credentials, "/products", &body, &key("product")).await {
+            let create = CreateProduct::new(format!("{} LLM usage", project.project_name))
+                .metadata(HashMap::from([("tollgate_project".to_owned(), id.to_owned())]));
+            match stripe.send_idempotent(&create, &key("product")).await {
                 Ok(product) => {
-                    billing::record_made(db, &project.project_id, Made::Product(&product.id)).await?;
-                    product.id
+                    billing::record_made(db, &project.project_id, Made::Product(product.id.as_str())).await?;
+                    product.id.to_string()
                 }
                 Err(e) => return Ok(Err(step_failure("creating the product", &e, attempts))),
             }
         }
     };
     if project.price_id.is_none() {
-        let body = form([
-            ("currency", project.currency.to_ascii_lowercase()),
-            ("product", product_id),
-            ("unit_amount_decimal", unit_amount_decimal(&project.currency).to_owned()),
-            ("billing_scheme", "per_unit".to_owned()),
-            ("recurring[interval]", "month".to_owned()),
-            ("recurring[usage_type]", "metered".to_owned()),
-            ("recurring[meter]", meter_id.clone()),
-            ("nickname", "LLM usage, per nano-unit of the currency".to_owned()),
-            ("metadata[tollgate_project]", id.to_owned()),
-        ]);
-        match api.post::<Created>(credentials, "/prices", &body, &key(&format!("price-{meter_id}"))).await {
-            Ok(price) => billing::record_made(db, &project.project_id, Made::Price(&price.id)).await?,
+        let Ok(currency) = project.currency.to_ascii_lowercase().parse::<stripe_types::Currency>();
+        let recurring = CreatePriceRecurring {
+            usage_type: Some(CreatePriceRecurringUsageType::Metered),
+            meter: Some(meter_id.clone()),
+            ..CreatePriceRecurring::new(CreatePriceRecurringInterval::Month)
+        };
+        let create = CreatePrice::new(currency)
+            .product(product_id)
+            .unit_amount_decimal(unit_amount_decimal(&project.currency))
+            .billing_scheme(PriceBillingScheme::PerUnit)
+            .recurring(recurring)
+            .nickname("LLM usage, per nano-unit of the currency")
+            .metadata(HashMap::from([("tollgate_project".to_owned(), id.to_owned())]));
+        match stripe.send_idempotent(&create, &key(&format!("price-{meter_id}"))).await {
+            Ok(price) => billing::record_made(db, &project.project_id, Made::Price(price.id.as_str())).await?,
             Err(e) => return Ok(Err(step_failure("creating the metered price", &e, attempts))),
         }
     }
@@ -317,47 +333,46 @@ async fn provision_customer(
 ) -> Result<Result<(), StepFailure>, BillingError> {
     let attempts = customer.stripe_provision_attempts;
     let Some(price) = &project.price_id else { return Ok(Ok(())) };
+    let stripe = api.on(credentials);
     let stripe_customer = match &customer.stripe_customer_id {
         Some(id) => id.clone(),
         None => {
-            let mut body = form([
-                ("name", customer.external_id.clone()),
-                ("metadata[tollgate_customer]", customer.id.to_string()),
-                ("metadata[tollgate_external_id]", customer.external_id.clone()),
-                ("metadata[tollgate_project]", project.project_id.to_string()),
-            ]);
+            let mut create = CreateCustomer::new().name(customer.external_id.clone()).metadata(HashMap::from([
+                ("tollgate_customer".to_owned(), customer.id.to_string()),
+                ("tollgate_external_id".to_owned(), customer.external_id.clone()),
+                ("tollgate_project".to_owned(), project.project_id.to_string()),
+            ]));
             if let Some(email) = &customer.email {
-                body.push(("email".to_owned(), email.clone()));
+                create = create.email(email.clone());
             }
             let key = format!("tollgate-customer-{}", customer.idempotency_tag());
-            match api.post::<Created>(credentials, "/customers", &body, &key).await {
+            match stripe.send_idempotent(&create, &key).await {
                 Ok(made) => {
-                    billing::record_stripe_customer(db, &customer.id, &made.id).await?;
-                    made.id
+                    billing::record_stripe_customer(db, &customer.id, made.id.as_str()).await?;
+                    made.id.to_string()
                 }
                 Err(e) => return Ok(Err(step_failure("creating the Stripe customer", &e, attempts))),
             }
         }
     };
     if customer.stripe_subscription_id.is_none() {
-        let mut body = form([
-            ("customer", stripe_customer),
-            ("items[0][price]", price.clone()),
-            ("metadata[tollgate_customer]", customer.id.to_string()),
-            ("metadata[tollgate_project]", project.project_id.to_string()),
-        ]);
+        let item = CreateSubscriptionItems { price: Some(price.clone()), ..CreateSubscriptionItems::new() };
+        let create = CreateSubscription::new().customer(stripe_customer).items(vec![item]).metadata(HashMap::from([
+            ("tollgate_customer".to_owned(), customer.id.to_string()),
+            ("tollgate_project".to_owned(), project.project_id.to_string()),
+        ]));
         // The project's payment collection, as it is when the subscription is made.
         let collection = payment_collection::collection(db, &project.project_id).await?;
-        body.extend(collection.subscription_params());
+        let create = with_collection(create, collection);
         let key = format!("tollgate-subscription-{}-{price}", customer.idempotency_tag());
-        match api.post::<Subscription>(credentials, "/subscriptions", &body, &key).await {
+        match stripe.send_idempotent(&create, &key).await {
             Ok(subscription) => {
                 billing::record_subscription(
                     db,
                     &customer.id,
-                    &subscription.id,
-                    &subscription.status,
-                    subscription.start_date,
+                    subscription.id.as_str(),
+                    subscription.status.as_str(),
+                    Some(subscription.start_date),
                 )
                 .await?
             }
@@ -365,6 +380,23 @@ async fn provision_customer(
         }
     }
     Ok(Ok(()))
+}
+
+/// `create` with the project's payment collection: Stripe's `collection_method`, and
+/// `days_until_due` for sent invoices (Stripe refuses it when charging automatically).
+fn with_collection(create: CreateSubscription, collection: payment_collection::Collection) -> CreateSubscription {
+    use payment_collection::Collection;
+    match collection {
+        Collection::ChargeAutomatically => create.collection_method(SubscriptionCollectionMethod::ChargeAutomatically),
+        Collection::SendInvoice { days_until_due } => {
+            let create = create.collection_method(SubscriptionCollectionMethod::SendInvoice);
+            // Always within 0..=365 (`Collection::parse`).
+            match u32::try_from(days_until_due) {
+                Ok(days) => create.days_until_due(days),
+                Err(_) => create,
+            }
+        }
+    }
 }
 
 /// What one delivery run did.
@@ -528,18 +560,18 @@ async fn attempt_meter_event(api: &StripeApi, credentials: &Credentials, batch: 
             "more than 15 significant digits, which Stripe refuses in one meter event; bill it by hand".to_owned();
         return (Attempt::Failed { error }, false);
     }
-    let body = form([
-        ("event_name", batch.event_name.clone()),
-        ("payload[stripe_customer_id]", batch.stripe_customer_id.clone()),
-        ("payload[value]", batch.value_nanos.to_string()),
-        ("identifier", batch.id.to_string()),
-        ("timestamp", batch.timestamp().to_string()),
+    let payload = HashMap::from([
+        ("stripe_customer_id".to_owned(), batch.stripe_customer_id.clone()),
+        ("value".to_owned(), batch.value_nanos.to_string()),
     ]);
+    let event = CreateBillingMeterEvent::new(batch.event_name.clone(), payload)
+        .identifier(batch.id.to_string())
+        .timestamp(batch.timestamp());
     // A key per attempt: Stripe saves what an attempt's request ended with (a 500 included) and
     // would answer every retry with the same key from that record for 24 hours. The identifier,
     // the same on every attempt, is what keeps a retry from being counted twice.
     let idempotency_key = format!("{}-{}", batch.id, batch.attempts);
-    match api.post::<serde_json::Value>(credentials, "/billing/meter_events", &body, &idempotency_key).await {
+    match api.on(credentials).send_idempotent(&event, &idempotency_key).await {
         Ok(_) => (Attempt::Delivered, false),
         Err(e) if is_duplicate_identifier(&e) => (Attempt::Delivered, false),
         // A 429 (the rate limiter, or `lock_timeout` while another request for the customer and
@@ -573,19 +605,22 @@ pub async fn reconcile(db: &Db, services: &BillingServices) -> Result<usize, Bil
         let Some(meter) = &project.meter_id else { continue };
         let Ok(credentials) = credentials(db, services, &project.project_id).await? else { continue };
         for customer in billing::billed_customers(db, &project.project_id, window.0, window.1, settled_before).await? {
-            let query = [
-                ("customer", customer.stripe_customer_id.clone()),
-                ("start_time", (window.0 / 1000).to_string()),
-                ("end_time", (window.1 / 1000).to_string()),
-                ("limit", "100".to_owned()),
-            ];
-            let path = format!("/billing/meters/{meter}/event_summaries");
-            let stripe_total = match services.api.get::<List<EventSummary>>(&credentials, &path, &query).await {
+            let summaries = ListIdBillingMeterEventSummary::new(
+                meter.as_str(),
+                customer.stripe_customer_id.clone(),
+                window.1 / 1000,
+                window.0 / 1000,
+            )
+            .limit(100);
+            // `aggregated_value` is a floating-point number (stripe-node
+            // `Billing.MeterEventSummary.aggregated_value: number`, async-stripe `f64`): Stripe
+            // sums in doubles, so past 2^53 nano-units it is a rounded total.
+            let stripe_total = match summaries.send(&services.api.on(&credentials)).await {
                 Ok(list) if list.has_more => Err("Stripe returned more summaries than one page".to_owned()),
                 Ok(list) => list
                     .data
                     .iter()
-                    .try_fold(0.0, |sum, s| s.value().map(|v| sum + v))
+                    .try_fold(0.0, |sum, s| s.aggregated_value.is_finite().then(|| sum + s.aggregated_value))
                     .ok_or_else(|| "Stripe's summary is not a number".to_owned()),
                 Err(e) => Err(e.to_string()),
             };
@@ -662,6 +697,7 @@ mod tests {
             message: message.into(),
             retry_after: None,
             should_retry: None,
+            request_id: None,
         };
         assert!(is_duplicate_identifier(&api(400, Some("resource_already_exists"), "exists")));
         assert!(is_duplicate_identifier(&api(400, None, "An event with identifier mtb_1 already exists.")));

@@ -12,8 +12,16 @@ use tollgate_core::one_off::{self, DueOneOff};
 use tollgate_core::payment_collection::{self, Collection};
 use tollgate_core::time::UnixMillis;
 
+use std::collections::HashMap;
+
+use stripe_billing::invoice::{
+    CreateInvoice, CreateInvoiceAutomaticTax, CreateInvoicePendingInvoiceItemsBehavior, FinalizeInvoiceInvoice,
+};
+use stripe_billing::invoice_item::CreateInvoiceItem;
+use stripe_shared::InvoiceCollectionMethod;
+
 use crate::billing::{BillingError, BillingServices};
-use crate::stripe_api::{Created, Credentials, StripeApi, StripeApiError, form};
+use crate::stripe_api::{Credentials, StripeApi, StripeApiError};
 
 /// What one run did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +81,20 @@ async fn send_one(
     credentials: &Credentials,
     one: &DueOneOff,
 ) -> Result<Result<(), StepFailure>, BillingError> {
+    let stripe = api.on(credentials);
     let key = |step: &str| format!("tollgate-{step}-{}", one.id);
+    let metadata = || {
+        HashMap::from([
+            ("tollgate_one_off".to_owned(), one.id.to_string()),
+            ("tollgate_project".to_owned(), one.project_id.to_string()),
+        ])
+    };
+    let currency = match one.currency.parse::<stripe_types::Currency>() {
+        Ok(currency) => currency,
+        Err(_) => {
+            return Ok(Err(StepFailure { message: format!("unknown currency {}", one.currency), retry_in_ms: None }));
+        }
+    };
     if one.stripe_invoice_item_id.is_none() {
         let description = format!(
             "LLM usage not on a subscription invoice: {} calls, {} to {} (UTC)",
@@ -81,46 +102,52 @@ async fn send_one(
             date(one.first_at),
             date(one.last_at)
         );
-        let body = form([
-            ("customer", one.stripe_customer_id.clone()),
-            ("currency", one.currency.clone()),
-            ("amount", one.amount_minor.to_string()),
-            ("description", description),
-            ("metadata[tollgate_one_off]", one.id.to_string()),
-            ("metadata[tollgate_project]", one.project_id.to_string()),
-        ]);
-        match api.post::<Created>(credentials, "/invoiceitems", &body, &key("invoice-item")).await {
-            Ok(item) => one_off::record_item(db, &one.id, &item.id).await?,
+        let create = CreateInvoiceItem::new()
+            .customer(one.stripe_customer_id.clone())
+            .currency(currency.clone())
+            .amount(one.amount_minor)
+            .description(description)
+            .metadata(metadata());
+        match stripe.send_idempotent(&create, &key("invoice-item")).await {
+            Ok(item) => one_off::record_item(db, &one.id, item.id.as_str()).await?,
             Err(e) => return Ok(Err(failure("creating the invoice item", &e, one.attempts))),
         }
     }
     let invoice = match &one.stripe_invoice_id {
         Some(invoice) => invoice.clone(),
         None => {
-            let mut body = form([
-                ("customer", one.stripe_customer_id.clone()),
-                ("currency", one.currency.clone()),
-                ("pending_invoice_items_behavior", "include".to_owned()),
-                ("auto_advance", "true".to_owned()),
-                ("metadata[tollgate_one_off]", one.id.to_string()),
-                ("metadata[tollgate_project]", one.project_id.to_string()),
-            ]);
-            let collection = payment_collection::collection(db, &one.project_id).await?;
-            body.push(("collection_method".to_owned(), collection.method().to_owned()));
-            if let Collection::SendInvoice { days_until_due } = collection {
-                body.push(("days_until_due".to_owned(), days_until_due.to_string()));
+            let mut create = CreateInvoice::new()
+                .customer(one.stripe_customer_id.clone())
+                .currency(currency)
+                .pending_invoice_items_behavior(CreateInvoicePendingInvoiceItemsBehavior::Include)
+                .auto_advance(true)
+                .metadata(metadata());
+            create = match payment_collection::collection(db, &one.project_id).await? {
+                Collection::SendInvoice { days_until_due } => {
+                    let create = create.collection_method(InvoiceCollectionMethod::SendInvoice);
+                    match u32::try_from(days_until_due) {
+                        Ok(days) => create.days_until_due(days),
+                        Err(_) => create,
+                    }
+                }
+                Collection::ChargeAutomatically => {
+                    create.collection_method(InvoiceCollectionMethod::ChargeAutomatically)
+                }
+            };
+            if payment_collection::automatic_tax(db, &one.project_id).await? {
+                create = create.automatic_tax(CreateInvoiceAutomaticTax::new(true));
             }
-            match api.post::<Created>(credentials, "/invoices", &body, &key("invoice")).await {
+            match stripe.send_idempotent(&create, &key("invoice")).await {
                 Ok(invoice) => {
-                    one_off::record_invoice(db, &one.id, &invoice.id).await?;
-                    invoice.id
+                    let id = invoice.id.map(|id| id.to_string()).unwrap_or_default();
+                    one_off::record_invoice(db, &one.id, &id).await?;
+                    id
                 }
                 Err(e) => return Ok(Err(failure("creating the invoice", &e, one.attempts))),
             }
         }
     };
-    let path = format!("/invoices/{invoice}/finalize");
-    match api.post::<Created>(credentials, &path, &[], &key("finalize")).await {
+    match stripe.send_idempotent(&FinalizeInvoiceInvoice::new(invoice.as_str()), &key("finalize")).await {
         Ok(_) => Ok(Ok(())),
         Err(e) => Ok(Err(failure("finalizing the invoice", &e, one.attempts))),
     }

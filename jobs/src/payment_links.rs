@@ -4,14 +4,19 @@
 //! a session made on the project's Stripe account for the customer's Stripe customer; the
 //! dashboard and the management API both call [`create`].
 
+use std::collections::HashMap;
+
 use secrecy::SecretString;
+use stripe_billing::billing_portal_session::CreateBillingPortalSession;
+use stripe_checkout::checkout_session::CreateCheckoutSession;
+use stripe_shared::CheckoutSessionMode;
 use tollgate_core::billing;
 use tollgate_core::crypto::MasterKey;
 use tollgate_core::db::DbError;
 use tollgate_core::ids::{CustomerId, ProjectId};
 use tollgate_core::stripe;
 
-use crate::stripe_api::{Credentials, StripeApi, StripeApiError, form};
+use crate::stripe_api::{Credentials, StripeApi, StripeApiError};
 
 /// Which link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,11 +71,6 @@ pub async fn credentials(
         .map_err(|e| LinkError::NotConnected(e.to_string()))
 }
 
-#[derive(serde::Deserialize)]
-struct Session {
-    url: Option<String>,
-}
-
 /// Makes a session of `kind` for `customer` and returns its URL (single use; Checkout's
 /// expires after 24 hours, the portal's after a short while, so make one when the customer
 /// is about to go there).
@@ -89,28 +89,31 @@ pub async fn create(
     let credentials = credentials(db, master, platform_key, project).await?;
     let stripe_customer =
         billing::customer_stripe(db, project, customer).await?.stripe_customer_id.ok_or(LinkError::NoStripeCustomer)?;
-    let (path, body) = match kind {
-        LinkKind::PaymentSetup => (
-            "/checkout/sessions",
-            form([
-                ("customer", stripe_customer),
-                ("mode", "setup".to_owned()),
-                ("currency", currency.to_ascii_lowercase()),
-                ("success_url", urls.success_url.clone()),
-                ("cancel_url", urls.cancel_url.clone()),
-                ("metadata[tollgate_customer]", customer.to_string()),
-                ("metadata[tollgate_project]", project.to_string()),
-            ]),
-        ),
-        LinkKind::BillingPortal => (
-            "/billing_portal/sessions",
-            form([("customer", stripe_customer), ("return_url", urls.success_url.clone())]),
-        ),
-    };
     // Each session is a new one: the key only guards this request against being sent twice.
     let key = format!("tollgate-{}-{customer}-{}", kind.name(), uuid::Uuid::now_v7().simple());
-    let session: Session = api.post(&credentials, path, &body, &key).await?;
-    session.url.ok_or_else(|| LinkError::Stripe(StripeApiError::Decode("the session has no url".to_owned())))
+    let stripe = api.on(&credentials);
+    let url = match kind {
+        LinkKind::PaymentSetup => {
+            let Ok(currency) = currency.to_ascii_lowercase().parse::<stripe_types::Currency>();
+            let create = CreateCheckoutSession::new()
+                .customer(stripe_customer)
+                .mode(CheckoutSessionMode::Setup)
+                .currency(currency)
+                .success_url(urls.success_url.clone())
+                .cancel_url(urls.cancel_url.clone())
+                .metadata(HashMap::from([
+                    ("tollgate_customer".to_owned(), customer.to_string()),
+                    ("tollgate_project".to_owned(), project.to_string()),
+                ]));
+            stripe.send_idempotent(&create, &key).await?.url
+        }
+        LinkKind::BillingPortal => {
+            let create =
+                CreateBillingPortalSession::new().customer(stripe_customer).return_url(urls.success_url.clone());
+            Some(stripe.send_idempotent(&create, &key).await?.url)
+        }
+    };
+    url.ok_or_else(|| LinkError::Stripe(StripeApiError::Decode("the session has no url".to_owned())))
 }
 
 /// The customer's page in the dashboard: where Stripe sends the customer back unless the

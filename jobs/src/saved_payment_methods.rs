@@ -9,19 +9,14 @@
 //! SetupIntent (`GET /v1/setup_intents/{id}`: its `payment_method`, once `succeeded`) and sets
 //! it as the customer's `invoice_settings[default_payment_method]`.
 
-use serde::Deserialize;
+use stripe_core::customer::{UpdateCustomer, UpdateCustomerInvoiceSettings};
+use stripe_core::setup_intent::RetrieveSetupIntent;
+use stripe_shared::SetupIntentStatus;
 use tollgate_core::Db;
 use tollgate_core::billing;
 use tollgate_core::payment_collection::{self, SavedPaymentMethod};
 
 use crate::billing::{BillingError, BillingServices};
-use crate::stripe_api::{Created, form};
-
-#[derive(Deserialize)]
-struct SetupIntent {
-    status: String,
-    payment_method: Option<String>,
-}
 
 /// What one run did: payment methods made defaults, and attempts that failed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -67,21 +62,19 @@ async fn make_default(
     };
     let retry =
         |e: &crate::stripe_api::StripeApiError| e.is_retryable().then(|| billing::provision_backoff_ms(saved.attempts));
-    let path = format!("/setup_intents/{}", saved.setup_intent);
-    let intent: SetupIntent = match services.api.get(&credentials, &path, &[]).await {
+    let stripe = services.api.on(&credentials);
+    let intent = match RetrieveSetupIntent::new(saved.setup_intent.as_str()).send(&stripe).await {
         Ok(intent) => intent,
         Err(e) => return Ok(Err((format!("reading the SetupIntent: {e}"), retry(&e)))),
     };
-    let Some(method) = intent.payment_method.filter(|_| intent.status == "succeeded") else {
+    let method = intent.payment_method.as_ref().map(|m| m.id().to_string());
+    let Some(method) = method.filter(|_| intent.status == SetupIntentStatus::Succeeded) else {
         return Ok(Err((format!("the SetupIntent is {}, with no payment method saved", intent.status), None)));
     };
-    let body = form([("invoice_settings[default_payment_method]", method.clone())]);
+    let settings = UpdateCustomerInvoiceSettings { default_payment_method: Some(method.clone()), ..Default::default() };
+    let update = UpdateCustomer::new(saved.stripe_customer_id.as_str()).invoice_settings(settings);
     let key = format!("tollgate-default-payment-method-{}", saved.checkout_session);
-    match services
-        .api
-        .post::<Created>(&credentials, &format!("/customers/{}", saved.stripe_customer_id), &body, &key)
-        .await
-    {
+    match stripe.send_idempotent(&update, &key).await {
         Ok(_) => Ok(Ok(method)),
         Err(e) => Ok(Err((format!("making it the default: {e}"), retry(&e)))),
     }

@@ -1,10 +1,17 @@
-//! Calls to Stripe's API on a tenant's account, over the process's pooled HTTP client: one
-//! attempt per call (retries are the caller's, with its own backoff), and every error
-//! classified from the status and Stripe's headers so the caller knows whether retrying helps.
+//! Calls to Stripe's API on a tenant's account: async-stripe's typed requests (its split
+//! crates, `stripe_billing`, `stripe_core`, …) sent through our own implementation of its
+//! client trait ([`stripe_client_core::StripeClient`]) over the process's pooled HTTP client.
+//! One attempt per call (retries are the caller's, with its own backoff), and every error
+//! classified from the status and Stripe's headers (`Stripe-Should-Retry`, `Retry-After`,
+//! `Request-Id`) so the caller knows whether retrying helps.
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Deserialize;
+use stripe_client_core::{
+    CustomizedStripeRequest, IdempotencyKey, RequestBuilder, RequestStrategy, StripeMethod, StripeRequest,
+};
 
 /// Stripe's API (or a stand-in at another base URL).
 #[derive(Clone)]
@@ -18,7 +25,7 @@ pub struct StripeApi {
 pub enum StripeApiError {
     #[error("Stripe could not be reached: {0}")]
     Transport(String),
-    #[error("Stripe answered {status}: {message}")]
+    #[error("Stripe answered {status}: {message}{}", request_suffix(.request_id))]
     Api {
         status: u16,
         /// Stripe's error `type` (`invalid_request_error`, `api_error`, …) and `code`.
@@ -29,9 +36,18 @@ pub enum StripeApiError {
         retry_after: Option<u64>,
         /// `Stripe-Should-Retry`, when sent.
         should_retry: Option<bool>,
+        /// Stripe's `Request-Id`, which Stripe's support and the Dashboard's logs find the
+        /// request by.
+        request_id: Option<String>,
     },
     #[error("Stripe's answer could not be read: {0}")]
     Decode(String),
+    #[error("the request to Stripe could not be made: {0}")]
+    Request(String),
+}
+
+fn request_suffix(request_id: &Option<String>) -> String {
+    request_id.as_deref().map(|id| format!(" (request {id})")).unwrap_or_default()
 }
 
 impl StripeApiError {
@@ -42,11 +58,20 @@ impl StripeApiError {
             StripeApiError::Transport(_) => true,
             StripeApiError::Api { should_retry: Some(answer), .. } => *answer,
             StripeApiError::Api { status, .. } => matches!(status, 409 | 429) || *status >= 500,
-            StripeApiError::Decode(_) => false,
+            StripeApiError::Decode(_) | StripeApiError::Request(_) => false,
         }
     }
 }
 
+/// The typed requests' `send` hands over a body its types could not read through this.
+impl stripe_client_core::StripeClientErr for StripeApiError {
+    fn deserialize_err(msg: impl std::fmt::Display) -> Self {
+        StripeApiError::Decode(msg.to_string())
+    }
+}
+
+/// Stripe's error body (`{"error": {"type", "code", "message", …}}`), read leniently: a code
+/// this build does not know is still shown as Stripe sent it.
 #[derive(Deserialize)]
 struct ErrorBody {
     error: ErrorDetail,
@@ -58,18 +83,6 @@ struct ErrorDetail {
     kind: Option<String>,
     code: Option<String>,
     message: Option<String>,
-}
-
-/// What "test connection" shows of an account.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct AccountInfo {
-    pub id: String,
-    #[serde(default)]
-    pub email: Option<String>,
-    #[serde(default)]
-    pub country: Option<String>,
-    #[serde(default)]
-    pub charges_enabled: Option<bool>,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -86,58 +99,6 @@ impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials").field("key", &"***").field("account", &self.account).finish()
     }
-}
-
-/// Stripe's list envelope.
-#[derive(Debug, Clone, Deserialize)]
-pub struct List<T> {
-    pub data: Vec<T>,
-    #[serde(default)]
-    pub has_more: bool,
-}
-
-/// An object Tollgate only needs the id of (product, price, customer).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Created {
-    pub id: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Meter {
-    pub id: String,
-    pub event_name: String,
-    #[serde(default)]
-    pub status: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Subscription {
-    pub id: String,
-    pub status: String,
-    /// When the subscription began (Unix seconds): its first period starts here.
-    #[serde(default)]
-    pub start_date: Option<i64>,
-}
-
-/// One of a meter's event summaries. `aggregated_value` is a floating-point number (stripe-node
-/// `Billing.MeterEventSummary.aggregated_value: number`, async-stripe `f64`): Stripe sums in
-/// doubles, so past 2^53 nano-units it is a rounded total.
-#[derive(Debug, Clone, Deserialize)]
-pub struct EventSummary {
-    pub aggregated_value: serde_json::Number,
-    pub start_time: i64,
-    pub end_time: i64,
-}
-
-impl EventSummary {
-    pub fn value(&self) -> Option<f64> {
-        self.aggregated_value.as_f64().filter(|v| v.is_finite())
-    }
-}
-
-enum Method<'a> {
-    Get(&'a [(&'a str, String)]),
-    Post { form: &'a [(String, String)], idempotency_key: Option<&'a str> },
 }
 
 /// Why Tollgate cannot act on a project's Stripe account (shown to the tenant).
@@ -169,8 +130,9 @@ pub async fn credentials(
 }
 
 /// The API version every call names (`Stripe-Version`), so the shapes Tollgate reads do not
-/// change with each tenant account's default version: the one the async-stripe types in
-/// the tests were generated for (`stripe_shared::version::VERSION` in 1.0.0-rc.10).
+/// change with each tenant account's default version: the one the async-stripe types were
+/// generated for (`stripe_shared::version::VERSION`, 1.0.0-rc.10; a unit test holds the two
+/// together).
 pub const STRIPE_VERSION: &str = "2026-09-30.endive";
 
 impl StripeApi {
@@ -178,82 +140,114 @@ impl StripeApi {
         Self { http, base: base.trim_end_matches('/').to_owned() }
     }
 
-    async fn call<T: serde::de::DeserializeOwned>(
+    /// The client async-stripe's typed requests are sent through (`request.send(&client)`),
+    /// acting with `credentials`.
+    pub fn on<'a>(&'a self, credentials: &'a Credentials) -> OnAccount<'a> {
+        OnAccount { api: self, credentials }
+    }
+
+    /// Sends one request, as the SDK's client would: `Authorization: Bearer`, the pinned
+    /// `Stripe-Version`, `Stripe-Account` (the request's own, else the credentials'), and
+    /// `Idempotency-Key` when the request's strategy has one. Whatever the strategy, one
+    /// attempt: retrying is the caller's decision.
+    async fn execute(
         &self,
         credentials: &Credentials,
-        path: &str,
-        method: Method<'_>,
-    ) -> Result<T, StripeApiError> {
+        request: CustomizedStripeRequest,
+    ) -> Result<Bytes, StripeApiError> {
         use secrecy::ExposeSecret;
-        let url = format!("{}/v1{path}", self.base);
-        let mut request = match method {
-            Method::Get(query) => self.http.get(url).query(query),
-            Method::Post { form, idempotency_key } => {
-                let mut request = self.http.post(url).form(form);
-                if let Some(key) = idempotency_key {
-                    request = request.header("idempotency-key", key);
-                }
-                request
-            }
+        let (request, config) = request.into_pieces();
+        let method = match request.method {
+            StripeMethod::Get => reqwest::Method::GET,
+            StripeMethod::Post => reqwest::Method::POST,
+            StripeMethod::Delete => reqwest::Method::DELETE,
         };
-        request = request
+        let mut url = format!("{}/v1{}", self.base, request.path);
+        if let Some(query) = request.query.as_deref().filter(|q| !q.is_empty()) {
+            url.push('?');
+            url.push_str(query);
+        }
+        let mut http = self
+            .http
+            .request(method.clone(), url)
             .bearer_auth(credentials.key.expose_secret())
             .header("stripe-version", STRIPE_VERSION)
-            .timeout(TIMEOUT);
-        if let Some(account) = &credentials.account {
-            request = request.header("stripe-account", account);
+            .timeout(config.timeout.unwrap_or(TIMEOUT));
+        if let Some(body) = request.body {
+            http = http.header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(body);
         }
-        let response = request.send().await.map_err(|e| StripeApiError::Transport(e.without_url().to_string()))?;
+        let account = config.account_id.as_ref().map(|a| a.as_str()).or(credentials.account.as_deref());
+        if let Some(account) = account {
+            http = http.header("stripe-account", account);
+        }
+        if let Some(key) = config.request_strategy.as_ref().and_then(RequestStrategy::get_key) {
+            http = http.header("idempotency-key", key.as_str());
+        }
+        let response = http.send().await.map_err(|e| StripeApiError::Transport(e.without_url().to_string()))?;
         let status = response.status().as_u16();
         let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let retry_after = header("retry-after").and_then(|v| v.trim().parse().ok());
         let should_retry = header("stripe-should-retry").map(|v| v.trim() == "true");
+        let request_id = header("request-id");
+        // Stripe answered from its record of an earlier request with the same key.
+        let replayed = header("idempotent-replayed").is_some_and(|v| v.trim() == "true");
         let body = response.bytes().await.map_err(|e| StripeApiError::Transport(e.without_url().to_string()))?;
+        let path = request.path.as_str();
         if (200..300).contains(&status) {
-            return serde_json::from_slice(&body).map_err(|e| StripeApiError::Decode(e.to_string()));
+            tracing::debug!(%method, path, status, request_id, replayed, "stripe call");
+            return Ok(body);
         }
         let detail = serde_json::from_slice::<ErrorBody>(&body).ok().map(|b| b.error);
-        Err(StripeApiError::Api {
+        let error = StripeApiError::Api {
             status,
             kind: detail.as_ref().and_then(|d| d.kind.clone()),
             code: detail.as_ref().and_then(|d| d.code.clone()),
             message: detail.and_then(|d| d.message).unwrap_or_else(|| format!("HTTP {status}")),
             retry_after,
             should_retry,
-        })
+            request_id: request_id.clone(),
+        };
+        tracing::info!(%method, path, status, request_id, replayed, %error, "stripe refused a call");
+        Err(error)
     }
 
-    /// `GET /v1{path}?{query}`.
-    pub async fn get<T: serde::de::DeserializeOwned>(
-        &self,
-        credentials: &Credentials,
-        path: &str,
-        query: &[(&str, String)],
-    ) -> Result<T, StripeApiError> {
-        self.call(credentials, path, Method::Get(query)).await
-    }
-
-    /// `POST /v1{path}` with a form body (Stripe's bracket notation in the names) and an
-    /// `Idempotency-Key`, so that repeating a call whose answer was lost makes nothing twice.
-    pub async fn post<T: serde::de::DeserializeOwned>(
-        &self,
-        credentials: &Credentials,
-        path: &str,
-        form: &[(String, String)],
-        idempotency_key: &str,
-    ) -> Result<T, StripeApiError> {
-        self.call(credentials, path, Method::Post { form, idempotency_key: Some(idempotency_key) }).await
-    }
-
-    /// The account the credentials reach: what "test connection" calls.
-    pub async fn account(&self, credentials: &Credentials) -> Result<AccountInfo, StripeApiError> {
-        self.get(credentials, "/account", &[]).await
+    /// The account the credentials reach (`GET /v1/account`, async-stripe-connect's
+    /// `RetrieveForMyAccountAccount`, built here to spare a crate): what "test connection" calls.
+    pub async fn account(&self, credentials: &Credentials) -> Result<stripe_shared::Account, StripeApiError> {
+        RequestBuilder::new(StripeMethod::Get, "/account").customize().send(&self.on(credentials)).await
     }
 }
 
-/// Builds a form body from (name, value) pairs.
-pub fn form<const N: usize>(pairs: [(&str, String); N]) -> Vec<(String, String)> {
-    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+/// [`StripeApi`] acting with one set of credentials: what async-stripe's typed requests are
+/// sent through.
+#[derive(Clone, Copy)]
+pub struct OnAccount<'a> {
+    api: &'a StripeApi,
+    credentials: &'a Credentials,
+}
+
+impl stripe_client_core::StripeClient for OnAccount<'_> {
+    type Err = StripeApiError;
+
+    fn execute(
+        &self,
+        req: CustomizedStripeRequest,
+    ) -> impl std::future::Future<Output = Result<Bytes, StripeApiError>> + Send {
+        self.api.execute(self.credentials, req)
+    }
+}
+
+impl OnAccount<'_> {
+    /// Sends `request` once with `Idempotency-Key: key`, so that repeating a call whose
+    /// answer was lost makes nothing twice.
+    pub async fn send_idempotent<R>(&self, request: &R, key: &str) -> Result<R::Output, StripeApiError>
+    where
+        R: StripeRequest,
+        R::Output: miniserde::Deserialize,
+    {
+        let key = IdempotencyKey::new(key).map_err(|e| StripeApiError::Request(e.to_string()))?;
+        request.customize().request_strategy(RequestStrategy::Idempotent(key)).send(self).await
+    }
 }
 
 #[cfg(test)]
@@ -261,7 +255,15 @@ mod tests {
     use super::*;
 
     fn api(status: u16, should_retry: Option<bool>) -> StripeApiError {
-        StripeApiError::Api { status, kind: None, code: None, message: String::new(), retry_after: None, should_retry }
+        StripeApiError::Api {
+            status,
+            kind: None,
+            code: None,
+            message: String::new(),
+            retry_after: None,
+            should_retry,
+            request_id: None,
+        }
     }
 
     #[test]
@@ -274,5 +276,21 @@ mod tests {
         assert!(!api(500, Some(false)).is_retryable());
         assert!(api(400, Some(true)).is_retryable());
         assert!(StripeApiError::Transport("reset".into()).is_retryable());
+        assert!(!StripeApiError::Decode("no".into()).is_retryable());
+    }
+
+    #[test]
+    fn the_pinned_version_is_the_one_the_types_were_generated_for() {
+        assert_eq!(STRIPE_VERSION, stripe_client_core::VERSION.as_str());
+    }
+
+    #[test]
+    fn an_error_names_stripes_request_id() {
+        let mut error = api(400, None);
+        if let StripeApiError::Api { request_id, .. } = &mut error {
+            *request_id = Some("req_123".into());
+        }
+        assert!(error.to_string().ends_with("(request req_123)"), "{error}");
+        assert!(!api(400, None).to_string().contains("request"));
     }
 }

@@ -4,22 +4,71 @@
 //! each kind billing reads or writes (a write permission includes the read one); a secret key
 //! and a Connect account are checked with `GET /v1/account`, which names the account.
 
-use serde_json::Value;
+use stripe_billing::billing_meter::ListBillingMeter;
+use stripe_billing::invoice::ListInvoice;
+use stripe_billing::invoice_item::ListInvoiceItem;
+use stripe_billing::subscription::ListSubscription;
+use stripe_core::customer::ListCustomer;
+use stripe_core::setup_intent::ListSetupIntent;
+use stripe_product::price::ListPrice;
+use stripe_product::product::ListProduct;
 
-use crate::stripe_api::{Credentials, List, StripeApi, StripeApiError};
+use crate::stripe_api::{Credentials, OnAccount, StripeApi, StripeApiError};
+
+/// A list call that checks one permission (`GET /v1/{path}?limit=1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Meters,
+    Customers,
+    Products,
+    Prices,
+    Subscriptions,
+    Invoices,
+    InvoiceItems,
+    SetupIntents,
+}
+
+impl Probe {
+    pub fn path(&self) -> &'static str {
+        match self {
+            Probe::Meters => "/billing/meters",
+            Probe::Customers => "/customers",
+            Probe::Products => "/products",
+            Probe::Prices => "/prices",
+            Probe::Subscriptions => "/subscriptions",
+            Probe::Invoices => "/invoices",
+            Probe::InvoiceItems => "/invoiceitems",
+            Probe::SetupIntents => "/setup_intents",
+        }
+    }
+
+    /// Lists one object of the kind (what it is does not matter, only that Stripe lets the key see it).
+    async fn run(&self, stripe: &OnAccount<'_>) -> Result<(), StripeApiError> {
+        match self {
+            Probe::Meters => ListBillingMeter::new().limit(1).send(stripe).await.map(drop),
+            Probe::Customers => ListCustomer::new().limit(1).send(stripe).await.map(drop),
+            Probe::Products => ListProduct::new().limit(1).send(stripe).await.map(drop),
+            Probe::Prices => ListPrice::new().limit(1).send(stripe).await.map(drop),
+            Probe::Subscriptions => ListSubscription::new().limit(1).send(stripe).await.map(drop),
+            Probe::Invoices => ListInvoice::new().limit(1).send(stripe).await.map(drop),
+            Probe::InvoiceItems => ListInvoiceItem::new().limit(1).send(stripe).await.map(drop),
+            Probe::SetupIntents => ListSetupIntent::new().limit(1).send(stripe).await.map(drop),
+        }
+    }
+}
 
 /// The restricted key's permissions billing needs, as the README lists them: (the Dashboard's
-/// resource, Stripe's permission name, the list call checking it).
-pub const RESTRICTED_KEY_PERMISSIONS: &[(&str, &str, &str)] = &[
-    ("Billing meters: Write", "rak_billing_meter_write", "/billing/meters"),
-    ("Billing meter events: Write", "rak_billing_meter_event_write", ""),
-    ("Customers: Write", "rak_customer_write", "/customers"),
-    ("Products: Write", "rak_product_write", "/products"),
-    ("Prices: Write", "rak_plan_write", "/prices"),
-    ("Subscriptions: Write", "rak_subscription_write", "/subscriptions"),
-    ("Invoices: Write", "rak_invoice_write", "/invoices"),
-    ("Invoice items: Write", "rak_invoiceitem_write", "/invoiceitems"),
-    ("SetupIntents: Read", "rak_setup_intent_read", "/setup_intents"),
+/// resource, Stripe's permission name, the list call checking it; meter events cannot be listed).
+pub const RESTRICTED_KEY_PERMISSIONS: &[(&str, &str, Option<Probe>)] = &[
+    ("Billing meters: Write", "rak_billing_meter_write", Some(Probe::Meters)),
+    ("Billing meter events: Write", "rak_billing_meter_event_write", None),
+    ("Customers: Write", "rak_customer_write", Some(Probe::Customers)),
+    ("Products: Write", "rak_product_write", Some(Probe::Products)),
+    ("Prices: Write", "rak_plan_write", Some(Probe::Prices)),
+    ("Subscriptions: Write", "rak_subscription_write", Some(Probe::Subscriptions)),
+    ("Invoices: Write", "rak_invoice_write", Some(Probe::Invoices)),
+    ("Invoice items: Write", "rak_invoiceitem_write", Some(Probe::InvoiceItems)),
+    ("SetupIntents: Read", "rak_setup_intent_read", Some(Probe::SetupIntents)),
 ];
 
 /// What a passing check found, or why it failed (Stripe's message names a missing permission:
@@ -32,10 +81,13 @@ pub async fn check(api: &StripeApi, credentials: &Credentials, livemode: bool) -
         let account = api.account(credentials).await.map_err(|e| e.to_string())?;
         return Ok(format!("account {} ({mode} mode)", account.id));
     }
+    let stripe = api.on(credentials);
     let mut reached = Vec::new();
-    for (resource, _, path) in RESTRICTED_KEY_PERMISSIONS.iter().filter(|(_, _, path)| !path.is_empty()) {
-        match api.get::<List<Value>>(credentials, path, &[("limit", "1".to_owned())]).await {
-            Ok(_) => reached.push(path.trim_start_matches('/')),
+    for (resource, _, probe) in RESTRICTED_KEY_PERMISSIONS {
+        let Some(probe) = probe else { continue };
+        let path = probe.path();
+        match probe.run(&stripe).await {
+            Ok(()) => reached.push(path.trim_start_matches('/')),
             Err(StripeApiError::Api { status: 403, message, .. }) => {
                 return Err(format!("the key lacks {resource} (GET /v1{path}): {message}"));
             }

@@ -252,6 +252,7 @@ impl FakeStripe {
             .route("/v1/invoices/{id}/finalize", post(invoice_items::finalize_invoice))
             .route("/v1/subscriptions", post(create_subscription))
             .route("/v1/subscriptions/{id}", get(get_subscription))
+            .route("/v1/invoices/{id}", get(invoices::get_invoice))
             .route("/v1/checkout/sessions", post(payments::create_checkout_session))
             .route("/v1/billing_portal/sessions", post(payments::create_portal_session))
             .merge(connect::routes())
@@ -579,6 +580,19 @@ impl Drop for InFlight {
     }
 }
 
+/// Whether two form bodies carry the same parameters: "the idempotency layer compares incoming
+/// parameters to those of the original request" (https://docs.stripe.com/api/idempotent_requests),
+/// parameters, not the order they come in (an SDK serializing a map, metadata for one, sends its
+/// entries in the map's order, which differs between two maps with the same entries).
+fn same_parameters(a: &[(String, String)], b: &[(String, String)]) -> bool {
+    let sorted = |form: &[(String, String)]| {
+        let mut form = form.to_vec();
+        form.sort();
+        form
+    };
+    sorted(a) == sorted(b)
+}
+
 fn respond(inner: &mut Inner, status: StatusCode, body: Value) -> Response {
     let lock_timeout = body["error"]["code"] == "lock_timeout";
     let mut response = (status, Json(body)).into_response();
@@ -654,7 +668,7 @@ fn answer(
             return (respond(&mut inner, status, body), flight);
         }
         if let Some(saved) = inner.idempotency.get(slot) {
-            if saved.path != path || saved.form != form {
+            if saved.path != path || !same_parameters(&saved.form, &form) {
                 let (status, body) = stripe_error(
                     StatusCode::BAD_REQUEST,
                     "idempotency_error",

@@ -1,7 +1,9 @@
 //! The official Stripe SDK (async-stripe) pointed at the fake Stripe: every answer it gets must
 //! parse into the SDK's own types, so the fake answers as Stripe does — and the rules Tollgate
 //! relies on (identifier dedupe, the timestamp window, `Stripe-Account` scoping, Idempotency-Key
-//! replay, summaries) hold for Stripe's own client too.
+//! replay, summaries) hold for Stripe's own client too. Tollgate sends the same typed requests
+//! through its own client ([`tollgate_jobs::stripe_api`]), checked here for the headers it sends
+//! and the answers and errors it reads.
 
 use std::collections::HashMap;
 
@@ -15,7 +17,11 @@ use stripe_billing::billing_meter::{
 };
 use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
 use stripe_billing::billing_meter_event_summary::ListIdBillingMeterEventSummary;
+use stripe_billing::billing_portal_session::CreateBillingPortalSession;
+use stripe_billing::invoice::{ListInvoice, RetrieveInvoice};
 use stripe_billing::subscription::{CreateSubscription, CreateSubscriptionItems, RetrieveSubscription};
+use stripe_checkout::CheckoutSessionMode;
+use stripe_checkout::checkout_session::CreateCheckoutSession;
 use stripe_core::customer::{CreateCustomer, RetrieveCustomer, RetrieveCustomerReturned};
 use stripe_product::PriceBillingScheme;
 use stripe_product::price::{
@@ -29,7 +35,10 @@ use crate::helpers::PlainCase;
 use crate::plain_cases;
 
 pub fn cases() -> Vec<PlainCase> {
-    plain_cases![fake_stripe_answers_the_official_sdk]
+    plain_cases![
+        fake_stripe_answers_the_official_sdk,
+        tollgates_stripe_client_sends_stripes_headers_and_reads_its_errors
+    ]
 }
 
 const PLATFORM_KEY: &str = "sk_test_51Hplatformkey001";
@@ -238,8 +247,128 @@ async fn fake_stripe_answers_the_official_sdk() -> anyhow::Result<()> {
     assert_eq!(first?.identifier, "mtb_sdk_5");
     let (status, kind, code, _) = stripe_error(&refused(second, "a concurrent meter event")?);
     assert_eq!((status, kind, code), (429, Some(ApiErrorsType::InvalidRequestError), Some(ApiErrorsCode::LockTimeout)));
+
+    // Paying: a Checkout session in setup mode, a customer portal session, and the invoice of
+    // the subscription's first period, listed and retrieved (a second on, below the test-mode
+    // limit of 25 requests a second the calls above reached).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let checkout = CreateCheckoutSession::new()
+        .customer(customer.id.as_str())
+        .mode(CheckoutSessionMode::Setup)
+        .currency(Currency::USD)
+        .success_url("https://app.example.com/done")
+        .cancel_url("https://app.example.com/cancel")
+        .metadata(tags.clone())
+        .send(&stripe)
+        .await?;
+    assert_eq!((&checkout.mode, checkout.metadata.as_ref()), (&CheckoutSessionMode::Setup, Some(&tags)));
+    assert!(checkout.url.as_deref().is_some_and(|u| u.starts_with("https://checkout.stripe.com/")), "{checkout:?}");
+    fake.save_portal_settings(CONNECTED);
+    let portal = CreateBillingPortalSession::new()
+        .customer(customer.id.as_str())
+        .return_url("https://app.example.com/back")
+        .send(&stripe)
+        .await?;
+    assert_eq!(
+        (portal.customer.as_str(), portal.return_url.as_deref()),
+        (customer.id.as_str(), Some("https://app.example.com/back"))
+    );
+    let drafts = fake.end_periods(CONNECTED);
+    assert_eq!(drafts.len(), 1);
+    let draft = RetrieveInvoice::new(drafts[0].as_str()).send(&stripe).await?;
+    assert_eq!((draft.status, draft.lines.data.len()), (Some(stripe_billing::InvoiceStatus::Draft), 0));
+    assert_eq!(fake.finalize_invoices(CONNECTED).len(), 1);
+    let listed = ListInvoice::new().limit(1).send(&stripe).await?;
+    assert_eq!(listed.data.len(), 1);
+    let invoice = &listed.data[0];
+    assert_eq!(invoice.id.as_ref().map(|id| id.as_str()), Some(drafts[0].as_str()));
+    assert_eq!(invoice.lines.data.len(), 1);
+    assert_eq!(invoice.total, fake.invoiced(CONNECTED, customer.id.as_str()));
+    let missing = RetrieveInvoice::new("in_missing").send(&stripe).await;
+    let (status, _, code, _) = stripe_error(&refused(missing, "an unknown invoice")?);
+    assert_eq!((status, code), (404, Some(ApiErrorsCode::ResourceMissing)));
+
     // The SDK names the API version its types were generated for; Tollgate pins the same one.
     let versions: std::collections::HashSet<Option<String>> = fake.seen().into_iter().map(|r| r.version).collect();
     assert_eq!(versions, [Some(tollgate_jobs::stripe_api::STRIPE_VERSION.to_owned())].into(), "{versions:?}");
+    Ok(())
+}
+
+/// Tollgate's client under the same typed requests: `Stripe-Version`, `Stripe-Account` and
+/// `Idempotency-Key` on the wire, a replayed answer read as the first, and Stripe's refusal
+/// classified with its `Request-Id`.
+async fn tollgates_stripe_client_sends_stripes_headers_and_reads_its_errors() -> anyhow::Result<()> {
+    use tollgate_jobs::stripe_api::{Credentials, StripeApi, StripeApiError};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fake = FakeStripe::start(&[]).await?;
+    fake.add_platform_key(PLATFORM_KEY, "acct_platform");
+    fake.add_connected_account(PLATFORM_KEY, CONNECTED);
+    let api = StripeApi::new(reqwest::Client::new(), &fake.base_url());
+    let credentials = Credentials { key: PLATFORM_KEY.to_owned().into(), account: Some(CONNECTED.to_owned()) };
+    let stripe = api.on(&credentials);
+
+    let create = CreateCustomer::new().name("customer-7").metadata(HashMap::from([
+        ("tollgate_customer".to_owned(), "customer-7".to_owned()),
+        ("tollgate_project".to_owned(), "prj_7".to_owned()),
+        ("tollgate_external_id".to_owned(), "ext-7".to_owned()),
+    ]));
+    let first = stripe.send_idempotent(&create, "tollgate-customer-7").await?;
+    let again = stripe.send_idempotent(&create, "tollgate-customer-7").await?;
+    assert_eq!(first.id, again.id);
+    assert_eq!(fake.customers(CONNECTED).len(), 1);
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        assert_eq!(
+            (
+                request.method.as_str(),
+                request.path.as_str(),
+                request.key.as_deref(),
+                request.account.as_deref(),
+                request.idempotency_key.as_deref(),
+                request.version.as_deref(),
+            ),
+            (
+                "POST",
+                "/v1/customers",
+                Some(PLATFORM_KEY),
+                Some(CONNECTED),
+                Some("tollgate-customer-7"),
+                Some(tollgate_jobs::stripe_api::STRIPE_VERSION)
+            )
+        );
+        assert!(request.form.contains(&("metadata[tollgate_project]".to_owned(), "prj_7".to_owned())), "{request:?}");
+    }
+
+    // A refusal: Stripe's status, type, code and message, and the request id to quote.
+    match RetrieveCustomer::new("cus_missing").send(&stripe).await {
+        Err(StripeApiError::Api { status, kind, code, message, request_id, .. }) => {
+            assert_eq!(
+                (status, kind.as_deref(), code.as_deref()),
+                (404, Some("invalid_request_error"), Some("resource_missing"))
+            );
+            assert!(message.contains("cus_missing"), "{message}");
+            assert!(request_id.as_deref().is_some_and(|id| id.starts_with("req")), "{request_id:?}");
+        }
+        other => anyhow::bail!("an unknown customer read as {other:?}"),
+    }
+    // 429 from the rate limiter: retryable without `Stripe-Should-Retry`.
+    fake.set_rate_limit(1);
+    let payload =
+        HashMap::from([("stripe_customer_id".to_owned(), first.id.to_string()), ("value".to_owned(), "1".to_owned())]);
+    let event = CreateBillingMeterEvent::new("tollgate_usage_none", payload).identifier("mtb_client_1");
+    let error = match stripe.send_idempotent(&event, "mtb_client_1-1").await {
+        Err(error) => error,
+        Ok(answer) => anyhow::bail!("a meter event over the rate limit was accepted: {answer:?}"),
+    };
+    assert!(
+        matches!(&error, StripeApiError::Api { status: 429, code: Some(code), .. } if code == "rate_limit"),
+        "{error:?}"
+    );
+    assert!(error.is_retryable());
+    // An idempotency key Stripe would refuse is refused before sending.
+    let long = "k".repeat(256);
+    assert!(matches!(stripe.send_idempotent(&create, &long).await, Err(StripeApiError::Request(_))));
+    assert_eq!(fake.seen().len(), 4);
     Ok(())
 }

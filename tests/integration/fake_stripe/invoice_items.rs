@@ -154,9 +154,10 @@ pub(super) async fn finalize_invoice(
             i["collection_method"] == "charge_automatically"
                 && FakeStripe::can_be_charged(&data.customers, i["customer"].as_str().unwrap_or_default())
         });
-        let taxed = data.invoices.iter().find(|i| i["id"] == id.as_str()).map(|i| {
-            (i["automatic_tax"]["enabled"] == true, i["customer"].as_str().unwrap_or_default().to_owned())
-        });
+        let taxed =
+            data.invoices.iter().find(|i| i["id"] == id.as_str()).map(|i| {
+                (i["automatic_tax"]["enabled"] == true, i["customer"].as_str().unwrap_or_default().to_owned())
+            });
         if let Some((true, customer)) = &taxed
             && let Some(refusal) = super::payments::tax_location_refusal(data, customer)
         {

@@ -15,11 +15,31 @@
 //! Tests end periods and finalize invoices themselves (`end_periods`, `finalize_invoices`), so
 //! a month and its grace period take as long as the test wants; the invoices' shape follows
 //! stripe-node's `Invoice` type (API 2025-03-31.basil and later: the subscription is under
-//! `parent.subscription_details`, a line's price under `pricing.price_details`).
+//! `parent.subscription_details`, a line's price under `pricing.price_details`), with every
+//! field that is not nullable there present (https://docs.stripe.com/api/invoices/object;
+//! async-stripe 1.0.0-rc.10 `stripe_shared::Invoice` and `InvoiceLineItem`, generated from
+//! Stripe's OpenAPI spec, refuse an invoice without them: `amount_overpaid`, `amount_shipping`,
+//! `automatic_tax.enabled`, `default_tax_rates`, `discounts`, `issuer.type`,
+//! `payment_settings`, `post_payment_credit_notes_amount`, `pre_payment_credit_notes_amount`,
+//! `starting_balance`; a line's `discountable`, `discounts`, `metadata`, `subtotal`).
 
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, Uri};
+use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::{FakeStripe, MeterEvent, now};
+use super::{FakeStripe, MeterEvent, Shared, get_object, now};
+
+/// `GET /v1/invoices/{id}` (https://docs.stripe.com/api/invoices/retrieve).
+pub(super) async fn get_invoice(
+    State(inner): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    get_object(&inner, method, &uri, &headers, &id, "invoice", |a| &a.invoices)
+}
 
 /// `quantity × unit_amount_decimal`, rounded half up to a whole minor unit.
 pub fn line_amount(quantity: i64, unit_amount_decimal: &str) -> i64 {
@@ -62,6 +82,13 @@ impl FakeStripe {
                 "lines": {"object": "list", "has_more": false, "data": [],
                           "url": format!("/v1/invoices/{id}/lines")},
                 "metadata": {},
+                "amount_overpaid": 0, "amount_shipping": 0, "starting_balance": 0, "ending_balance": null,
+                "post_payment_credit_notes_amount": 0, "pre_payment_credit_notes_amount": 0,
+                "automatic_tax": {"enabled": false, "disabled_reason": null, "liability": null,
+                                  "provider": null, "status": null},
+                "default_tax_rates": [], "discounts": [], "issuer": {"type": "self"},
+                "payment_settings": {"default_mandate": null, "payment_method_options": null,
+                                     "payment_method_types": null},
             });
             let data = inner.accounts.entry(account.to_owned()).or_default();
             data.invoices.push(invoice);
@@ -113,7 +140,8 @@ impl FakeStripe {
                 "quantity": quantity, "period": {"start": start, "end": end}, "invoice": id,
                 "pricing": {"type": "price_details", "unit_amount_decimal": unit,
                             "price_details": {"price": price["id"], "product": price["product"]}},
-                "description": "Metered usage", "livemode": false,
+                "description": "Metered usage", "livemode": false, "subtotal": amount,
+                "discountable": true, "discounts": [], "metadata": {},
             });
             // Charging automatically: Stripe attempts payment with the customer's default
             // payment method when the invoice is finalized (see `payments`).

@@ -17,7 +17,10 @@
 //!   for a hosted session ("not allowed if ui_mode is `embedded` or `custom`", so required for
 //!   the default `hosted`); `cancel_url` is optional; `customer` must exist. The answer is a
 //!   `Checkout.Session` (`cs_test_…`, `object: "checkout.session"`, `status: "open"`, `url`,
-//!   `setup_intent`, `expires_at` 24 hours on);
+//!   `setup_intent`, `expires_at` 24 hours on), with the fields that are not nullable in
+//!   stripe-node's `Checkout.Session` (https://docs.stripe.com/api/checkout/sessions/object), which
+//!   async-stripe 1.0.0-rc.10's `stripe_shared::CheckoutSession` needs: `automatic_tax.enabled`,
+//!   `custom_fields`, `custom_text`, `shipping_options`;
 //! - a portal session: `customer` must exist; `return_url` is optional; without a
 //!   `configuration` the account's default one is used, which exists only once the portal
 //!   settings were saved in the Dashboard — otherwise Stripe answers 400 "No configuration
@@ -139,7 +142,11 @@ pub(super) async fn create_checkout_session(
         }
         let update_address = params["customer_update"]["address"].as_str().unwrap_or("never");
         if !matches!(update_address, "auto" | "never") {
-            return invalid("customer_update[address]", None, "Invalid customer_update[address]: must be auto or never");
+            return invalid(
+                "customer_update[address]",
+                None,
+                "Invalid customer_update[address]: must be auto or never",
+            );
         }
         let (id, setup_intent) = (format!("cs_test_{}", inner.id("a1")), inner.id("seti"));
         let created = now();
@@ -155,6 +162,10 @@ pub(super) async fn create_checkout_session(
             "amount_total": null, "amount_subtotal": null, "locale": null,
             "billing_address_collection": address_collection,
             "customer_update": {"address": update_address},
+            "automatic_tax": {"enabled": false, "liability": null, "provider": null, "status": null},
+            "custom_fields": [], "shipping_options": [],
+            "custom_text": {"after_submit": null, "shipping_address": null, "submit": null,
+                            "terms_of_service_acceptance": null},
         });
         inner.accounts.entry(account.to_owned()).or_default().checkout_sessions.push(session.clone());
         (StatusCode::OK, session)
@@ -331,7 +342,8 @@ impl FakeStripe {
             "client_secret": null, "description": null, "cancellation_reason": null, "application": null,
             "attach_to_self": null, "automatic_payment_methods": null, "flow_directions": null,
             "latest_attempt": null, "mandate": null, "on_behalf_of": null, "payment_method_configuration_details": null,
-            "payment_method_options": null, "single_use_mandate": null,
+            "payment_method_options": null, "single_use_mandate": null, "allowed_payment_method_types": null,
+            "customer_account": null, "excluded_payment_method_types": null, "managed_payments": null,
         }));
         Some(session)
     }
