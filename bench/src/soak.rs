@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -216,9 +216,9 @@ enum Connections {
 impl Connections {
     async fn open(db: &Database, url: &str) -> anyhow::Result<Self> {
         Ok(match db {
-            Database::Postgres { .. } => Connections::Postgres(
-                sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await?,
-            ),
+            Database::Postgres { .. } => {
+                Connections::Postgres(sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await?)
+            }
             Database::Sqlite { .. } => {
                 let path = url.strip_prefix("sqlite://").context("a sqlite:// URL")?;
                 let path = path.split('?').next().unwrap_or(path);
@@ -314,7 +314,10 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<()> {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     println!("{table}");
-    println!("Written: {}", files.iter().map(|(f, _)| config.out.join(f).display().to_string()).collect::<Vec<_>>().join(", "));
+    println!(
+        "Written: {}",
+        files.iter().map(|(f, _)| config.out.join(f).display().to_string()).collect::<Vec<_>>().join(", ")
+    );
     if checks.iter().any(|c| !c.pass) {
         bail!("ledger check failed on {}", db.label());
     }
@@ -444,7 +447,11 @@ async fn call(request: reqwest::RequestBuilder, due: Instant, kind: Kind) -> Out
     if !status.is_success() {
         // Read it whole, so the connection goes back to the pool.
         let _ = response.bytes().await;
-        return if status.as_u16() == 402 { Outcome::Refused } else { Outcome::Failed(format!("http {}", status.as_u16())) };
+        return if status.as_u16() == 402 {
+            Outcome::Refused
+        } else {
+            Outcome::Failed(format!("http {}", status.as_u16()))
+        };
     }
     if kind == Kind::Cancel {
         // The client goes away mid-stream: dropping the response closes its connection.
@@ -543,7 +550,9 @@ impl LedgerFigures {
                 .await?,
             recorded_twice: pool.scalar("SELECT COUNT(*) - COUNT(DISTINCT request_id) FROM usage_events").await?,
             reservations: pool.scalar("SELECT COUNT(*) FROM reservations").await?,
-            reserved_nanos: pool.scalar("SELECT CAST(COALESCE(SUM(reserved_nanos), 0) AS BIGINT) FROM customers").await?,
+            reserved_nanos: pool
+                .scalar("SELECT CAST(COALESCE(SUM(reserved_nanos), 0) AS BIGINT) FROM customers")
+                .await?,
             calls_in_flight: pool.scalar("SELECT COUNT(*) FROM calls_in_flight").await?,
             // Every budget in the soak is a lifetime one: its period is the whole run.
             over_budget: pool
@@ -664,7 +673,17 @@ fn render(config: &SoakConfig, samples: &[Sample], total: &Tally, checks: &[Ledg
         let _ = writeln!(
             out,
             "| {:.0} | {:.1} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |",
-            s.at, s.rss_mib, s.fds, s.db_connections, s.p50_ms, s.p99_ms, s.ok_rate, s.ok, s.refused, s.cancelled, s.error_kinds
+            s.at,
+            s.rss_mib,
+            s.fds,
+            s.db_connections,
+            s.p50_ms,
+            s.p99_ms,
+            s.ok_rate,
+            s.ok,
+            s.refused,
+            s.cancelled,
+            s.error_kinds
         );
     }
     if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
@@ -762,7 +781,8 @@ fn plot(title: &str, samples: &[Sample]) -> String {
         let y_max = nice_ceiling(panel.series.iter().flat_map(|(_, _, v)| v.iter().copied()).fold(0.0, f64::max));
         let x = |t: f64| LEFT + inner * t / t_max;
         let y = |v: f64| bottom - PANEL_HEIGHT * v / y_max;
-        let _ = writeln!(svg, r#"<text x="{LEFT}" y="{}" font-weight="bold">{}</text>"#, top - 6.0, escape(panel.title));
+        let _ =
+            writeln!(svg, r#"<text x="{LEFT}" y="{}" font-weight="bold">{}</text>"#, top - 6.0, escape(panel.title));
         let _ = writeln!(
             svg,
             r##"<rect x="{LEFT}" y="{top}" width="{inner}" height="{PANEL_HEIGHT}" fill="none" stroke="#999"/>"##
@@ -796,10 +816,7 @@ fn plot(title: &str, samples: &[Sample]) -> String {
                 .map(|(&t, &v)| format!("{:.1},{:.1}", x(t), y(v)))
                 .collect::<Vec<_>>()
                 .join(" ");
-            let _ = writeln!(
-                svg,
-                r#"<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>"#
-            );
+            let _ = writeln!(svg, r#"<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>"#);
             let lx = LEFT + inner - 120.0 + 60.0 * n as f64;
             let _ = writeln!(
                 svg,
