@@ -159,7 +159,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0.02)]
         refusal_share: f64,
         /// How many such customers.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 10)]
         refusal_customers: u64,
         /// How often to sample: `10s`.
         #[arg(long, default_value = "10s", value_parser = soak::parse_duration)]

@@ -22,8 +22,9 @@ use tokio::time::Instant;
 use crate::load;
 use crate::matrix::{self, Call, Database, Pool, Tollgate};
 
-/// What a refusal customer may spend in all: a handful of calls, then every call is refused.
-const REFUSAL_BUDGET: &str = "0.0001";
+/// What a refusal customer may spend in all: two calls (about 14,000 nanos each), then every
+/// call is refused.
+const REFUSAL_BUDGET: &str = "0.00003";
 
 /// What the soak runs.
 #[derive(Debug, Clone)]
@@ -868,7 +869,7 @@ mod tests {
             stream_share: 0.3,
             cancel_share: 0.02,
             refusal_share: 0.02,
-            refusal_customers: 100,
+            refusal_customers: 10,
             sample: Duration::from_secs(10),
             out: PathBuf::new(),
             latency_ms: 5,
