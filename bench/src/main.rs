@@ -6,10 +6,13 @@
 //!   with the correctness checks; prints markdown tables.
 //! - `sweep`: closed loops at rising concurrency, one busy customer and many, on each
 //!   database, with the same checks; prints markdown tables.
+//! - `soak`: a fixed rate of mixed calls for a long time on one database, sampled for leaks
+//!   and latency, then the ledger's checks; writes a CSV, a markdown table and an SVG plot.
 
 mod load;
 mod matrix;
 mod mock;
+mod soak;
 mod sweep;
 
 use std::net::SocketAddr;
@@ -122,6 +125,63 @@ enum Cmd {
         #[command(flatten)]
         pacing: Pacing,
     },
+    /// A fixed rate of mixed calls for a long time against a release build of tollgate on one
+    /// database, sampled every interval; then the ledger's checks. Writes CSV, markdown, SVG.
+    Soak {
+        /// The tollgate binary (build it with `cargo build --release -p tollgate`).
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/tollgate"))]
+        tollgate: PathBuf,
+        /// The database Tollgate runs on (`postgres` needs --postgres-url).
+        #[arg(long, value_enum, default_value_t = SoakDatabase::Sqlite)]
+        database: SoakDatabase,
+        /// A PostgreSQL server whose user may create databases (for `--database postgres`).
+        #[arg(long, env = "TOLLGATE_BENCH_POSTGRES_URL")]
+        postgres_url: Option<String>,
+        /// Calls per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// How long to send for: `90s`, `30m`, `1h` (plain numbers are seconds).
+        #[arg(long, default_value = "30m", value_parser = soak::parse_duration)]
+        duration: Duration,
+        /// Distinct customers among the calls that name neither the busy one nor a refusal one.
+        #[arg(long, default_value_t = 10_000)]
+        customers: u64,
+        /// Share of calls naming the one busy customer.
+        #[arg(long, default_value_t = 0.2)]
+        busy_share: f64,
+        /// Share of calls streamed to the end.
+        #[arg(long, default_value_t = 0.3)]
+        stream_share: f64,
+        /// Share of calls streamed and dropped by the client after the first chunk.
+        #[arg(long, default_value_t = 0.02)]
+        cancel_share: f64,
+        /// Share of calls naming a customer whose tiny budget runs out (then refused with 402).
+        #[arg(long, default_value_t = 0.02)]
+        refusal_share: f64,
+        /// How many such customers.
+        #[arg(long, default_value_t = 10)]
+        refusal_customers: u64,
+        /// How often to sample: `10s`.
+        #[arg(long, default_value = "10s", value_parser = soak::parse_duration)]
+        sample: Duration,
+        /// Where to write `soak-<database>.csv`, `.md` and `.svg`.
+        #[arg(long, default_value = "soak")]
+        out: PathBuf,
+        /// The mock's milliseconds before the answer (the first chunk when streaming).
+        #[arg(long, default_value_t = 5)]
+        latency_ms: u64,
+        /// The mock's milliseconds between stream chunks (so a cancel lands mid-stream).
+        #[arg(long, default_value_t = 2)]
+        chunk_interval_ms: u64,
+    },
+}
+
+/// The databases the soak runs on.
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum SoakDatabase {
+    /// SQLite, synchronous = FULL (the default configuration).
+    Sqlite,
+    Postgres,
 }
 
 /// The mock's timing.
@@ -216,6 +276,49 @@ async fn main() -> anyhow::Result<()> {
                 sqlite,
                 postgres_url,
                 cases,
+            })
+            .await
+        }
+        Cmd::Soak {
+            tollgate,
+            database,
+            postgres_url,
+            rate,
+            duration,
+            customers,
+            busy_share,
+            stream_share,
+            cancel_share,
+            refusal_share,
+            refusal_customers,
+            sample,
+            out,
+            latency_ms,
+            chunk_interval_ms,
+        } => {
+            let database = match database {
+                SoakDatabase::Sqlite => matrix::Database::Sqlite { synchronous: "full" },
+                SoakDatabase::Postgres => matrix::Database::Postgres {
+                    admin_url: postgres_url
+                        .context("--database postgres needs --postgres-url or TOLLGATE_BENCH_POSTGRES_URL")?,
+                },
+            };
+            soak::run(soak::SoakConfig {
+                tollgate,
+                database,
+                rate,
+                duration,
+                customers,
+                busy_share,
+                stream_share,
+                cancel_share,
+                refusal_share,
+                refusal_customers,
+                sample,
+                out,
+                latency_ms,
+                chunks: matrix::MAX_TOKENS,
+                chunk_interval_ms,
             })
             .await
         }

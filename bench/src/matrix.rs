@@ -306,7 +306,7 @@ pub(crate) struct Tollgate {
     child: Child,
     pub(crate) pid: u32,
     pub(crate) base: String,
-    key: String,
+    pub(crate) key: String,
     data_dir: PathBuf,
     pub(crate) database_url: String,
 }
@@ -712,13 +712,13 @@ pub(crate) async fn check(
 }
 
 /// A connection to Tollgate's database for the checks, either kind.
-enum Pool {
+pub(crate) enum Pool {
     Sqlite(sqlx::SqlitePool),
     Postgres(sqlx::PgPool),
 }
 
 impl Pool {
-    async fn connect(db: &Database, url: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn connect(db: &Database, url: &str) -> anyhow::Result<Self> {
         Ok(match db {
             Database::Sqlite { .. } => Pool::Sqlite(sqlx::SqlitePool::connect(url).await?),
             Database::Postgres { .. } => Pool::Postgres(sqlx::PgPool::connect(url).await?),
@@ -726,7 +726,7 @@ impl Pool {
     }
 
     /// The single integer `sql` selects.
-    async fn scalar(&self, sql: &'static str) -> anyhow::Result<i64> {
+    pub(crate) async fn scalar(&self, sql: &'static str) -> anyhow::Result<i64> {
         Ok(match self {
             Pool::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await?,
             Pool::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await?,
