@@ -131,17 +131,8 @@ async fn the_customer_cache_stays_bounded_and_a_budget_changed_while_evicted_hol
 
     // Evicted long ago: cust-0's budget cut to what it spent, cust-1's raised. Both hold at
     // once (no change goes through the cache that would forget them).
-    let set = |customer: &'static str, tokens: i64| {
-        projects::upsert_customer_budget(
-            &s.app.state.db,
-            &s.project.id,
-            customer,
-            Nanos(tokens * OUTPUT_NANOS_PER_TOKEN),
-            BudgetPeriod::Month,
-        )
-    };
-    set("cust-0", 20).await?;
-    set("cust-1", 1_000).await?;
+    s.budget("cust-0", 20).await?;
+    s.budget("cust-1", 1_000).await?;
     let refused = s.chat("cust-0", hello(20)).await?;
     assert_eq!(refused.status(), StatusCode::PAYMENT_REQUIRED, "{}", refused.text().await?);
     let served = s.chat("cust-1", hello(100)).await?;
@@ -287,17 +278,14 @@ async fn the_lease_table_empties_when_the_calls_are_done(db: TestDatabase) -> Te
         let response = result?;
         assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await?);
     }
-    let lease_gauge = |entries: &'static str| {
-        let app = &s.app;
-        async move { metric(app, "tollgate_lease_table_entries", &format!("entries=\"{entries}\"")).await }
-    };
     // Settled, every call is gone from the table (written ones once journaled).
     eventually(std::time::Duration::from_secs(10), || async {
         Ok(s.app.state.ledger.lease_table() == Default::default())
     })
     .await?;
     for entries in ["customers", "leases", "calls", "ended"] {
-        assert_eq!(lease_gauge(entries).await?, 0.0, "{entries}");
+        let labels = format!("entries=\"{entries}\"");
+        assert_eq!(metric(&s.app, "tollgate_lease_table_entries", &labels).await?, 0.0, "{entries}");
     }
     assert_eq!(s.ledger("hot").await?, (400 * OUTPUT_NANOS_PER_TOKEN, 0), "nothing held at rest");
     s.app.stop().await
