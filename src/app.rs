@@ -28,6 +28,8 @@ use tracing::Level;
 
 use crate::middleware::{hsts, http_metrics, request_id};
 use crate::routes::api::limits::RateLimiter;
+use crate::routes::proxy::auth::KeyCache;
+use crate::routes::proxy::cache::ProxyCache;
 use crate::routes::proxy::offload::Offload;
 use crate::routes::{api, dashboard, ops, proxy, stripe};
 use crate::serve::{self, Connections};
@@ -49,7 +51,7 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let master_key = config.resolve_master_key()?;
         let mailer = tollgate_jobs::mail::Mailer::from_config(&config)?;
-        let api_limits = RateLimiter::new(config.api_rate_per_second);
+        let api_limits = RateLimiter::new(config.api_rate_per_second, config.memory.api_rate_keys);
         let db = Db::connect(&config).await?;
         db.migrate().await?;
         tollgate_core::reseal::reseal_unbound_secrets(&db, &master_key).await?;
@@ -83,6 +85,7 @@ impl Application {
         }
         // The tokenizers load on a blocking thread now, not on the first request's worker.
         tokio::task::spawn_blocking(tollgate_core::estimate::load_tokenizers);
+        let memory = config.memory;
         let state = AppState {
             ledger,
             stripe,
@@ -93,8 +96,8 @@ impl Application {
             jobs,
             master_key,
             metrics: telemetry::metrics_handle(),
-            keys: Default::default(),
-            proxy_cache: Default::default(),
+            keys: Arc::new(KeyCache::new(memory.keys)),
+            proxy_cache: Arc::new(ProxyCache::new(memory.projects, memory.customers)),
             mailer: Arc::new(mailer),
             api_limits: Arc::new(api_limits),
             offload: Arc::new(Offload::per_core()),

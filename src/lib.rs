@@ -7,9 +7,11 @@
 //! - [`serve`]: the HTTP/1.1 server loop, its read timeouts; [`shutdown`]: signals, calls in flight.
 //! - [`routes`]: one module per face; [`middleware`]: request id, metrics.
 //! - [`mail`]: outgoing mail (SMTP, or the log).
+//! - [`memory`]: what the process keeps in memory, each structure's bound and its gauge.
 
 pub mod app;
 pub mod cli;
+pub mod memory;
 pub mod middleware;
 pub mod routes;
 pub mod serve;

@@ -23,7 +23,13 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// How often the recorder folds the samples recorded since into its histograms. It keeps each
+/// sample until then (there is no upkeep of its own with `build_recorder`), so without this a
+/// process nobody scrapes would hold every timing it ever took.
+pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The process-wide Prometheus recorder, installed on first use, with a thread that does its
+/// upkeep every [`UPKEEP_EVERY`].
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -38,6 +44,16 @@ pub fn metrics_handle() -> PrometheusHandle {
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+            }
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new().name("metrics-upkeep".to_owned()).spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the metrics upkeep; samples are folded in at each scrape only");
             }
             metrics::describe_counter!(
                 "tollgate_http_requests_total",
@@ -57,6 +73,15 @@ pub fn metrics_handle() -> PrometheusHandle {
                 "One ledger batch's transaction, first statement to commit"
             );
             metrics::describe_histogram!(ledger::BATCH_OPERATIONS, "Ledger operations per batch (one commit)");
+            metrics::describe_gauge!(
+                "tollgate_cache_entries",
+                "Entries an in-memory cache holds now, by cache (see tollgate::memory)"
+            );
+            metrics::describe_gauge!("tollgate_cache_capacity", "The most entries an in-memory cache holds, by cache");
+            metrics::describe_gauge!(
+                "tollgate_lease_table_entries",
+                "What the ledger keeps in memory about calls in flight: customers, leases, calls, ended calls"
+            );
             metrics::describe_gauge!(
                 "tollgate_worker_heartbeat_age_seconds",
                 "Seconds since any job worker last reported alive"

@@ -112,6 +112,29 @@ pub struct Config {
     pub accounts: AccountSettings,
     /// Bounds on what one request, or one upstream, may take of the server.
     pub limits: RequestLimits,
+    /// How many keys, projects and customers this process keeps in memory at most.
+    pub memory: MemoryBounds,
+}
+
+/// The most entries each in-memory cache of the server holds (see `tollgate::memory`): past
+/// it the entry written longest ago is dropped, and read again from the database when needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBounds {
+    /// Project keys the proxy looked up (live, revoked or unknown), and as many keys' last
+    /// recorded use.
+    pub keys: usize,
+    /// Projects' call configurations (providers with their keys, prices).
+    pub projects: usize,
+    /// Customers (id and budget period by external id), across projects.
+    pub customers: usize,
+    /// Management API keys with a rate-limit bucket.
+    pub api_rate_keys: usize,
+}
+
+impl Default for MemoryBounds {
+    fn default() -> Self {
+        Self { keys: 10_000, projects: 2_000, customers: 50_000, api_rate_keys: 10_000 }
+    }
 }
 
 /// Who may sign up, how long a dashboard session lives, and where a client's address is read.
@@ -282,6 +305,10 @@ struct RawConfig {
     body_read_timeout_seconds: Option<u64>,
     upstream_max_seconds: Option<u64>,
     stream_output_margin_percent: Option<u32>,
+    cache_max_keys: Option<usize>,
+    cache_max_projects: Option<usize>,
+    cache_max_customers: Option<usize>,
+    api_rate_max_keys: Option<usize>,
 }
 
 /// Raw settings plus where each came from, so errors can point at the right place.
@@ -328,6 +355,10 @@ const SETTINGS: &[(&str, &str)] = &[
     ("body_read_timeout_seconds", "TOLLGATE_BODY_READ_TIMEOUT_SECONDS"),
     ("upstream_max_seconds", "TOLLGATE_UPSTREAM_MAX_SECONDS"),
     ("stream_output_margin_percent", "TOLLGATE_STREAM_OUTPUT_MARGIN_PERCENT"),
+    ("cache_max_keys", "TOLLGATE_CACHE_MAX_KEYS"),
+    ("cache_max_projects", "TOLLGATE_CACHE_MAX_PROJECTS"),
+    ("cache_max_customers", "TOLLGATE_CACHE_MAX_CUSTOMERS"),
+    ("api_rate_max_keys", "TOLLGATE_API_RATE_MAX_KEYS"),
 ];
 
 fn env_name(key: &str) -> &'static str {
@@ -462,6 +493,17 @@ impl Sourced {
                     r.stream_output_margin_percent = Some(
                         value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
                     )
+                }
+                "cache_max_keys" | "cache_max_projects" | "cache_max_customers" | "api_rate_max_keys" => {
+                    let count = Some(
+                        value.trim().parse().map_err(|_| invalid(format!("expected a whole number, got {value:?}")))?,
+                    );
+                    match *key {
+                        "cache_max_keys" => r.cache_max_keys = count,
+                        "cache_max_projects" => r.cache_max_projects = count,
+                        "cache_max_customers" => r.cache_max_customers = count,
+                        _ => r.api_rate_max_keys = count,
+                    }
                 }
                 _ => {}
             }
@@ -629,6 +671,7 @@ impl Sourced {
         }
         let accounts = self.account_settings()?;
         let limits = self.request_limits()?;
+        let memory = self.memory_bounds()?;
         Ok(Config {
             mode,
             listen,
@@ -659,6 +702,23 @@ impl Sourced {
             stripe_meter_events_per_second: r.stripe_meter_events_per_second,
             accounts,
             limits,
+            memory,
+        })
+    }
+
+    fn memory_bounds(&self) -> Result<MemoryBounds, ConfigError> {
+        let r = &self.raw;
+        let default = MemoryBounds::default();
+        let count = |key: &'static str, value: Option<usize>, default: usize| match value {
+            Some(0) => Err(self.invalid(key, "must be at least 1")),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        Ok(MemoryBounds {
+            keys: count("cache_max_keys", r.cache_max_keys, default.keys)?,
+            projects: count("cache_max_projects", r.cache_max_projects, default.projects)?,
+            customers: count("cache_max_customers", r.cache_max_customers, default.customers)?,
+            api_rate_keys: count("api_rate_max_keys", r.api_rate_max_keys, default.api_rate_keys)?,
         })
     }
 
@@ -852,6 +912,18 @@ mod tests {
         assert_eq!((c.limits.header_read_timeout, c.limits.stream_output_margin_percent), (Duration::from_secs(5), 0));
         let e = Config::load(None, &env(&[("TOLLGATE_BODY_READ_TIMEOUT_SECONDS", "0")])).unwrap_err();
         assert!(e.to_string().contains("TOLLGATE_BODY_READ_TIMEOUT_SECONDS"), "{e}");
+    }
+
+    #[test]
+    fn memory_bounds_have_defaults_and_refuse_zero() {
+        assert_eq!(Config::load(None, &env(&[])).unwrap().memory, MemoryBounds::default());
+        let c = Config::load(None, &env(&[("TOLLGATE_CACHE_MAX_CUSTOMERS", "7"), ("TOLLGATE_API_RATE_MAX_KEYS", "3")]))
+            .unwrap();
+        assert_eq!((c.memory.customers, c.memory.api_rate_keys, c.memory.keys), (7, 3, MemoryBounds::default().keys));
+        let e = Config::load(None, &env(&[("TOLLGATE_CACHE_MAX_KEYS", "0")])).unwrap_err();
+        assert!(e.to_string().contains("TOLLGATE_CACHE_MAX_KEYS"), "{e}");
+        let e = Config::load(None, &env(&[("TOLLGATE_CACHE_MAX_PROJECTS", "lots")])).unwrap_err();
+        assert!(e.to_string().contains("TOLLGATE_CACHE_MAX_PROJECTS"), "{e}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! background jobs (`tollgate-jobs`) use. Nothing here serves HTTP or knows job queues.
 //!
 //! - [`money`] and [`ids`]: types that carry meaning (`Nanos`, `OrgId`, …).
+//! - [`bounded`]: the bounded map behind every per-key, per-customer and per-project cache.
 //! - [`config`]: settings from the environment and an optional TOML file, validated once.
 //! - [`crypto`]: the master key, encryption at rest, password hashing; [`reseal`] upgrades old sealed values.
 //! - [`db`]: the database handle for SQLite or PostgreSQL, and migrations.
@@ -25,6 +26,7 @@ pub mod accounts;
 pub mod alerts;
 pub mod audit;
 pub mod billing;
+pub mod bounded;
 pub mod config;
 pub mod crypto;
 pub mod currency;

@@ -97,9 +97,21 @@ const SUMMARY_SETTLE: Duration = Duration::from_secs(15 * 60);
 
 /// Spaces each project's meter event requests at its pace, and holds them back after Stripe
 /// asked to wait (a 429, an outage).
+///
+/// A project whose next turn has come and that is not paused is as good as one never seen, so
+/// such entries are dropped whenever the map has doubled since it was last swept: it holds
+/// about the projects delivering or paused now, not every project ever billed. Its size is the
+/// `tollgate_cache_entries{cache="stripe_pacer"}` gauge.
 #[derive(Debug, Default)]
 pub struct Pacer {
-    projects: Mutex<HashMap<ProjectId, Pace>>,
+    projects: Mutex<Paces>,
+}
+
+#[derive(Debug, Default)]
+struct Paces {
+    of: HashMap<ProjectId, Pace>,
+    /// Swept when it holds more than this (at least [`Pacer::SWEEP_ABOVE`]).
+    sweep_above: usize,
 }
 
 #[derive(Debug)]
@@ -109,11 +121,29 @@ struct Pace {
 }
 
 impl Pacer {
+    /// The fewest entries at which the map is swept.
+    const SWEEP_ABOVE: usize = 64;
+
     fn with<T>(&self, project: &ProjectId, f: impl FnOnce(&mut Pace, Instant) -> T) -> T {
         let now = Instant::now();
-        let mut projects = self.projects.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let pace = projects.entry(project.clone()).or_insert(Pace { next_turn: now, paused_until: now });
-        f(pace, now)
+        let mut paces = self.projects.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if paces.of.len() > paces.sweep_above.max(Self::SWEEP_ABOVE) {
+            paces.of.retain(|_, pace| pace.next_turn > now || pace.paused_until > now);
+            paces.sweep_above = paces.of.len() * 2;
+        }
+        let pace = paces.of.entry(project.clone()).or_insert(Pace { next_turn: now, paused_until: now });
+        let answer = f(pace, now);
+        metrics::gauge!("tollgate_cache_entries", "cache" => "stripe_pacer").set(paces.of.len() as f64);
+        answer
+    }
+
+    /// How many projects it keeps a pace for.
+    pub fn len(&self) -> usize {
+        self.projects.lock().unwrap_or_else(std::sync::PoisonError::into_inner).of.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Waits for the project's next turn at `per_second`; `false` (at once) while it is paused.
@@ -646,6 +676,21 @@ mod tests {
     fn delivery_paces_itself_below_stripes_limit_for_the_mode() {
         assert_eq!(default_meter_events_per_second(false), 20);
         assert_eq!(default_meter_events_per_second(true), 800);
+    }
+
+    #[tokio::test]
+    async fn the_pacer_forgets_projects_whose_turn_has_come() {
+        let pacer = Pacer::default();
+        for _ in 0..10 * Pacer::SWEEP_ABOVE {
+            assert!(pacer.turn(&ProjectId::generate(), 1_000_000).await);
+            assert!(pacer.len() <= 2 * Pacer::SWEEP_ABOVE + 1, "{}", pacer.len());
+        }
+        let paused = ProjectId::generate();
+        pacer.pause_until(&paused, Instant::now() + Duration::from_secs(60));
+        for _ in 0..10 * Pacer::SWEEP_ABOVE {
+            pacer.is_paused(&ProjectId::generate());
+        }
+        assert!(pacer.is_paused(&paused), "a paused project is kept");
     }
 
     #[tokio::test]

@@ -48,5 +48,5 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "metrics: cannot read worker heartbeats"),
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::memory::render_metrics(&state))
 }

@@ -13,6 +13,7 @@ mod alerts;
 mod api;
 mod apis;
 mod billing;
+mod bounded_maps;
 mod browser;
 mod cli;
 mod connect_onboarding;
@@ -80,6 +81,7 @@ fn main() -> ExitCode {
         schemathesis::cases(),
         browser::cases(),
         hostile_tenant::cases(),
+        bounded_maps::cases(),
     ]
     .into_iter()
     .flatten()

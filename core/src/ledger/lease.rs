@@ -35,6 +35,16 @@
 //! [`JOURNAL_AFTER`] are written to the `calls_in_flight` table off the hot path
 //! ([`Leases::journal`]), and removed from it once they end. Should the process die, each of
 //! them is recorded as an interrupted call of its own (see [`crate::instances`]).
+//!
+//! Nothing here needs a bound of its own: every entry belongs to a call in flight in this
+//! process, and goes with it. A customer is kept while it has calls in flight (or one taking a
+//! lease), and forgotten by the settlement, refusal or failure of its last; a lease is kept
+//! while it holds calls, and removed by the settlement of its last; each call is removed by its
+//! settlement (a call always ends in one: the proxy runs it on a task of its own). Calls written
+//! to `calls_in_flight` and ended since wait for the next journal (every
+//! [`JOURNAL_AFTER`]). Evicting any of it early would lose track of budget held in the
+//! database, so instead [`Leases::size`] says what it holds, exported in `/metrics`, and at
+//! rest it is empty.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -159,7 +169,31 @@ impl InFlight {
     }
 }
 
+/// What the lease table holds: all of it is about calls in flight.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseTableSize {
+    /// Customers with calls in flight here.
+    pub customers: usize,
+    /// Leases with calls in flight.
+    pub leases: usize,
+    /// Calls in flight held by leases.
+    pub calls: usize,
+    /// Calls written to `calls_in_flight` that ended, to be removed from it.
+    pub ended: usize,
+}
+
 impl Leases {
+    /// What the table holds now.
+    pub fn size(&self) -> LeaseTableSize {
+        let inner = self.lock();
+        LeaseTableSize {
+            customers: inner.customers.len(),
+            leases: inner.leases.len(),
+            calls: inner.leases.values().map(|l| l.calls.len()).sum(),
+            ended: inner.ended.len(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain data behind: still usable.
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -922,6 +922,11 @@ impl Ledger {
         ledger
     }
 
+    /// What this process keeps in memory about its calls in flight (see [`lease`]).
+    pub fn lease_table(&self) -> lease::LeaseTableSize {
+        self.leases.size()
+    }
+
     /// The process instance this ledger's holds belong to.
     pub fn instance(&self) -> &InstanceId {
         &self.instance

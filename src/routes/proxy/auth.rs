@@ -7,12 +7,16 @@
 //! the replica that made it ([`KeyCache::forget_project`]). Unknown
 //! keys are cached too, so a client hammering with a wrong key does not hammer the database.
 //! `last_used_at` is written at most once a minute per key, off the request's path.
+//!
+//! Both maps hold at most `cache_max_keys` entries ([`BoundedMap`]): past that the key looked
+//! up longest ago is dropped and, when it comes again, read again from the database — a
+//! revoked key stays refused, and at worst a key's last use is written once more.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::HeaderMap;
+use tollgate_core::bounded::BoundedMap;
 use tollgate_core::ids::{KeyId, ProjectId};
 use tollgate_core::projects::{self, Project};
 use tollgate_core::time::UnixMillis;
@@ -23,8 +27,6 @@ use super::error::ProxyError;
 use crate::state::AppState;
 
 const LAST_USED_EVERY: Duration = Duration::from_secs(60);
-/// Past this many entries the cache starts over (bounded memory under a flood of wrong keys).
-const MAX_ENTRIES: usize = 100_000;
 
 /// A live key and its project.
 #[derive(Debug, Clone)]
@@ -34,53 +36,61 @@ pub struct KeyGrant {
     pub project: Project,
 }
 
-struct Entry {
-    grant: Option<KeyGrant>,
-    fetched: Instant,
-}
-
-/// Key hash → grant, for [`CACHE_TTL`].
-#[derive(Default)]
+/// Key hash → grant (`None`: no live key has that hash), for [`CACHE_TTL`]; and the keys whose
+/// last use was written in the last [`LAST_USED_EVERY`].
 pub struct KeyCache {
-    entries: Mutex<HashMap<String, Entry>>,
-    last_used: Mutex<HashMap<KeyId, Instant>>,
+    entries: Mutex<BoundedMap<String, Option<KeyGrant>>>,
+    last_used: Mutex<BoundedMap<KeyId, ()>>,
 }
 
 impl KeyCache {
+    /// At most `capacity` keys in each map.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: Mutex::new(BoundedMap::with_ttl(capacity, CACHE_TTL)),
+            last_used: Mutex::new(BoundedMap::with_ttl(capacity, LAST_USED_EVERY)),
+        }
+    }
+
     fn cached(&self, hash: &str) -> Option<Option<KeyGrant>> {
         let entries = self.entries.lock().ok()?;
-        entries.get(hash).filter(|e| e.fetched.elapsed() < CACHE_TTL).map(|e| e.grant.clone())
+        entries.get(hash).cloned()
     }
 
     fn store(&self, hash: String, grant: Option<KeyGrant>) {
         if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() >= MAX_ENTRIES {
-                entries.clear();
-            }
-            entries.insert(hash, Entry { grant, fetched: Instant::now() });
+            entries.insert(hash, grant);
         }
     }
 
     /// Drops every cached key of `project` (after a revocation or a settings change).
     pub fn forget_project(&self, project: &ProjectId) {
         if let Ok(mut entries) = self.entries.lock() {
-            entries.retain(|_, e| e.grant.as_ref().is_none_or(|g| &g.project.id != project));
+            entries.retain(|_, grant| grant.as_ref().is_none_or(|g| &g.project.id != project));
         }
     }
 
     /// Whether `key`'s `last_used_at` is due a write (and notes that it is being written).
     fn last_used_due(&self, key: &KeyId) -> bool {
         let Ok(mut seen) = self.last_used.lock() else { return false };
-        match seen.get(key) {
-            Some(at) if at.elapsed() < LAST_USED_EVERY => false,
-            _ => {
-                if seen.len() >= MAX_ENTRIES {
-                    seen.clear();
-                }
-                seen.insert(key.clone(), Instant::now());
-                true
-            }
+        if seen.get(key).is_some() {
+            return false;
         }
+        seen.insert(key.clone(), ());
+        true
+    }
+
+    /// How many keys are cached, and how many have a recent last use noted (expired entries
+    /// dropped first).
+    pub fn sizes(&self) -> (usize, usize) {
+        let entries = self.entries.lock().map_or(0, |mut e| e.sweep());
+        let last_used = self.last_used.lock().map_or(0, |mut e| e.sweep());
+        (entries, last_used)
+    }
+
+    /// The most keys each map holds.
+    pub fn capacity(&self) -> usize {
+        self.entries.lock().map_or(0, |e| e.capacity())
     }
 }
 

@@ -9,13 +9,18 @@
 //! is stale (the row deleted, the period changed: [`ReserveOutcome::Unknown`]), so the caller
 //! forgets it and looks again; whether it is blocked is read by the reservation too.
 //!
+//! Each map holds at most as many entries as its bound (`cache_max_projects`,
+//! `cache_max_customers`, across projects: a [`BoundedMap`]); past it the entry read longest
+//! ago is dropped, and read again when needed. As only what the database says again is cached,
+//! eviction never changes an answer: a customer's budget, block and period are the database's.
+//!
 //! [`ReserveOutcome::Unknown`]: tollgate_core::ledger::ReserveOutcome::Unknown
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tollgate_core::Db;
+use tollgate_core::bounded::BoundedMap;
 use tollgate_core::crypto::MasterKey;
 use tollgate_core::db::DbError;
 use tollgate_core::ids::{CustomerId, ProjectId};
@@ -29,23 +34,6 @@ use crate::state::AppState;
 /// How long a cached key, project configuration or customer is trusted before the database
 /// is asked again.
 pub const CACHE_TTL: Duration = Duration::from_secs(2);
-/// Past this many entries a map starts over (bounded memory under a flood of new names).
-const MAX_ENTRIES: usize = 100_000;
-
-struct Timed<T> {
-    value: T,
-    fetched: Instant,
-}
-
-impl<T> Timed<T> {
-    fn new(value: T) -> Self {
-        Self { value, fetched: Instant::now() }
-    }
-
-    fn fresh(&self) -> Option<&T> {
-        (self.fetched.elapsed() < CACHE_TTL).then_some(&self.value)
-    }
-}
 
 /// The customer row a call is charged to, as far as the proxy needs to know it.
 #[derive(Debug, Clone)]
@@ -54,16 +42,35 @@ pub struct CustomerRef {
     pub period: BudgetPeriod,
 }
 
-type Customers = HashMap<String, Timed<CustomerRef>>;
-
-/// Project configurations and customers, per project, for [`CACHE_TTL`].
-#[derive(Default)]
+/// Project configurations, and customers by project and external id, for [`CACHE_TTL`].
 pub struct ProxyCache {
-    configs: Mutex<HashMap<ProjectId, Timed<Arc<CallConfig>>>>,
-    customers: Mutex<HashMap<ProjectId, Customers>>,
+    configs: Mutex<BoundedMap<ProjectId, Arc<CallConfig>>>,
+    customers: Mutex<BoundedMap<(ProjectId, String), CustomerRef>>,
 }
 
 impl ProxyCache {
+    /// At most `projects` configurations and `customers` customers.
+    pub fn new(projects: usize, customers: usize) -> Self {
+        Self {
+            configs: Mutex::new(BoundedMap::with_ttl(projects, CACHE_TTL)),
+            customers: Mutex::new(BoundedMap::with_ttl(customers, CACHE_TTL)),
+        }
+    }
+
+    /// How many configurations and customers are cached (expired entries dropped first).
+    pub fn sizes(&self) -> (usize, usize) {
+        let configs = self.configs.lock().map_or(0, |mut c| c.sweep());
+        let customers = self.customers.lock().map_or(0, |mut c| c.sweep());
+        (configs, customers)
+    }
+
+    /// The most configurations and customers held.
+    pub fn capacities(&self) -> (usize, usize) {
+        let configs = self.configs.lock().map_or(0, |c| c.capacity());
+        let customers = self.customers.lock().map_or(0, |c| c.capacity());
+        (configs, customers)
+    }
+
     /// The project's provider connections and prices.
     pub async fn config(
         &self,
@@ -72,16 +79,13 @@ impl ProxyCache {
         project: &ProjectId,
     ) -> Result<Arc<CallConfig>, DbError> {
         if let Ok(configs) = self.configs.lock()
-            && let Some(config) = configs.get(project).and_then(Timed::fresh)
+            && let Some(config) = configs.get(project)
         {
             return Ok(config.clone());
         }
         let config = Arc::new(projects::call_config(db, master_key, project).await?);
         if let Ok(mut configs) = self.configs.lock() {
-            if configs.len() >= MAX_ENTRIES {
-                configs.clear();
-            }
-            configs.insert(project.clone(), Timed::new(config.clone()));
+            configs.insert(project.clone(), config.clone());
         }
         Ok(config)
     }
@@ -97,8 +101,9 @@ impl ProxyCache {
         external_id: &str,
         unless_deleted_since: Option<UnixMillis>,
     ) -> Result<CustomerRef, ProjectError> {
+        let key = (project.id.clone(), external_id.to_owned());
         if let Ok(customers) = self.customers.lock()
-            && let Some(customer) = customers.get(&project.id).and_then(|c| c.get(external_id)).and_then(Timed::fresh)
+            && let Some(customer) = customers.get(&key)
         {
             return Ok(customer.clone());
         }
@@ -112,21 +117,15 @@ impl ProxyCache {
         };
         let customer = CustomerRef { period: row.period(), id: row.id };
         if let Ok(mut customers) = self.customers.lock() {
-            let of_project = customers.entry(project.id.clone()).or_default();
-            if of_project.len() >= MAX_ENTRIES {
-                of_project.clear();
-            }
-            of_project.insert(external_id.to_owned(), Timed::new(customer.clone()));
+            customers.insert(key, customer.clone());
         }
         Ok(customer)
     }
 
     /// Drops one customer (the ledger found it deleted or changed).
     pub fn forget_customer(&self, project: &ProjectId, external_id: &str) {
-        if let Ok(mut customers) = self.customers.lock()
-            && let Some(of_project) = customers.get_mut(project)
-        {
-            of_project.remove(external_id);
+        if let Ok(mut customers) = self.customers.lock() {
+            customers.remove(&(project.clone(), external_id.to_owned()));
         }
     }
 
@@ -135,7 +134,7 @@ impl ProxyCache {
             configs.remove(project);
         }
         if let Ok(mut customers) = self.customers.lock() {
-            customers.remove(project);
+            customers.retain(|(of_project, _), _| of_project != project);
         }
     }
 }
