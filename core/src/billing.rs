@@ -798,14 +798,12 @@ pub struct ProvisionStatus {
     pub provision_error: Option<String>,
     pub provision_attempts: i64,
     pub provision_next_at: i64,
-    pub meter_error: Option<String>,
-    pub meter_error_at: Option<i64>,
     pub created_at: i64,
 }
 
 pub async fn provision_status(db: &Db, project: &ProjectId) -> Result<Option<ProvisionStatus>, DbError> {
     const SQL: &str = "SELECT meter_id, product_id, price_id, provision_error, provision_attempts, provision_next_at, \
-        meter_error, meter_error_at, created_at FROM stripe_connections WHERE project_id = $1";
+        created_at FROM stripe_connections WHERE project_id = $1";
     Ok(with_db!(db, pool => sqlx::query_as::<_, ProvisionStatus>(SQL).bind(project).fetch_optional(pool).await)?)
 }
 

@@ -35,6 +35,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod instances;
 pub mod ledger;
+pub mod meter_errors;
 pub mod money;
 pub mod payment_collection;
 pub mod period;

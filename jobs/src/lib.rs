@@ -8,6 +8,7 @@
 //! - [`alerts`]: budget alerts found by a scan and delivered (webhook, mail) with retries.
 //! - [`billing`]: Stripe provisioning, the meter event outbox's delivery, reconciliation.
 //! - [`mail`]: outgoing mail.
+//! - [`meter_errors`]: thin events from event destinations (meter error reports), fetched and applied.
 //! - [`payment_links`]: payment-method setup and customer portal links for end-customers.
 //! - [`stripe_api`]: calls to Stripe's API, with errors classified for retries.
 
@@ -15,6 +16,7 @@ pub mod alerts;
 pub mod billing;
 pub mod housekeeping;
 pub mod mail;
+pub mod meter_errors;
 pub mod payment_links;
 mod store;
 pub mod stripe_api;

@@ -112,7 +112,6 @@ pub struct ProvisionView {
     price_id: String,
     error: Option<String>,
     next_attempt: String,
-    meter_error: Option<String>,
     billing_from: String,
 }
 
@@ -243,7 +242,6 @@ pub(super) async fn page(
             String::new()
         },
         error: p.provision_error,
-        meter_error: p.meter_error,
         billing_from: format::datetime(p.created_at),
     });
     let (period_start, _) = billing::reconcile_window(now);
