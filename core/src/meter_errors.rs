@@ -115,8 +115,11 @@ pub fn codes_text(types: &[ErrorType]) -> String {
 /// sends that batch back to failed (from delivered, or pending if its answer was lost) with
 /// Stripe's code and message; the report is recorded once by event id.
 pub async fn apply_report(db: &Db, project: &ProjectId, event: &ErrorReportEvent) -> Result<ReportOutcome, DbError> {
+    // Stripe keeps the identifier of an event it accepted, valid or not: sent again, the batch
+    // needs one of its own, or Stripe would take it for a duplicate of the failed one.
     const FAIL: &str = "UPDATE meter_batches SET status = 'failed', claimed_until = 0, last_error = $1, \
-            stripe_error_code = $2, reported_failed_at = $3, reported_by_event = $4 \
+            stripe_error_code = $2, reported_failed_at = $3, reported_by_event = $4, \
+            meter_identifier = id || '.r' || CAST(attempts AS TEXT) \
         WHERE project_id = $5 AND id = $6 AND status IN ('delivered', 'pending')";
     const EXISTS: &str = "SELECT CAST(COUNT(*) AS BIGINT) FROM meter_batches WHERE project_id = $1 AND id = $2";
     const NAMED: &str =

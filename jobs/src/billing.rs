@@ -532,7 +532,7 @@ async fn attempt_meter_event(api: &StripeApi, credentials: &Credentials, batch: 
         ("event_name", batch.event_name.clone()),
         ("payload[stripe_customer_id]", batch.stripe_customer_id.clone()),
         ("payload[value]", batch.value_nanos.to_string()),
-        ("identifier", batch.id.to_string()),
+        ("identifier", batch.identifier()),
         ("timestamp", batch.timestamp().to_string()),
     ]);
     // A key per attempt: Stripe saves what an attempt's request ended with (a 500 included) and
@@ -640,6 +640,7 @@ mod tests {
             last_at: 0,
             attempts: 1,
             meter_timestamp: None,
+            meter_identifier: None,
         };
         let claimed = vec![batch("cus_a"), batch("cus_b"), batch("cus_a"), batch("cus_c"), batch("cus_a")];
         let order: Vec<_> = claimed.iter().map(|b| b.id.clone()).collect();

@@ -15,6 +15,9 @@ CREATE INDEX stripe_events_thin_pending ON stripe_events (thin, processed_at, ne
 ALTER TABLE meter_batches ADD COLUMN stripe_error_code TEXT;
 ALTER TABLE meter_batches ADD COLUMN reported_failed_at BIGINT;
 ALTER TABLE meter_batches ADD COLUMN reported_by_event TEXT;
+-- Stripe keeps an accepted identifier even when the event fails validation later, so a batch
+-- sent again after such a report goes with an identifier of its own (NULL: the batch id).
+ALTER TABLE meter_batches ADD COLUMN meter_identifier TEXT;
 
 -- Each report as Stripe sent it: Stripe samples the failed requests, so a report may count
 -- errors Tollgate cannot tie to a batch; the report itself is shown, never dropped.
