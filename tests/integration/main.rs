@@ -28,6 +28,7 @@ mod invoicing;
 mod jobs;
 mod ledger;
 mod limits;
+mod meter_errors;
 mod mock_provider;
 mod ops;
 mod payment_collection;
@@ -72,6 +73,7 @@ fn main() -> ExitCode {
         alerts::cases(),
         stripe_webhooks::cases(),
         billing::cases(),
+        meter_errors::cases(),
         connect_onboarding::cases(),
         invoicing::cases(),
         payment_collection::cases(),
