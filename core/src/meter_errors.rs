@@ -155,7 +155,7 @@ pub async fn apply_report(db: &Db, project: &ProjectId, event: &ErrorReportEvent
                 .bind(now).bind(&event.id).bind(project).bind(&batch).execute(pool).await.map(|r| r.rows_affected()))?;
         }
     }
-    let total = data.reason.error_count.max(data.reason.error_types.iter().map(|t| t.error_count).sum());
+    let total = data.reason.error_count.max(data.reason.error_types.iter().map(|t| t.error_count).sum::<i64>());
     outcome.unidentified_errors = (total - identified).max(0);
     let named: i64 =
         with_db!(db, pool => sqlx::query_scalar::<_, i64>(NAMED).bind(project).bind(&event.id).fetch_one(pool).await)?;

@@ -136,12 +136,14 @@ impl FakeStripe {
                         .iter()
                         .map(|code| {
                             let of_code: Vec<&&AsyncMeterError> = of_meter.iter().filter(|e| e.code == *code).collect();
-                            json!({
-                                "code": code, "error_count": of_code.len(),
-                                "sample_errors": of_code.iter().take(samples).map(|e| json!({
-                                    "error_message": e.message, "request": {"identifier": e.request_identifier},
-                                })).collect::<Vec<_>>(),
-                            })
+                            let sampled: Vec<Value> = of_code
+                                .iter()
+                                .take(samples)
+                                .map(|e| {
+                                    json!({"error_message": e.message, "request": {"identifier": e.request_identifier}})
+                                })
+                                .collect();
+                            json!({"code": code, "error_count": of_code.len(), "sample_errors": sampled})
                         })
                         .collect();
                     let count = of_meter.len();
