@@ -219,9 +219,8 @@ pub async fn set_event_secret(
 ) -> Result<bool, StripeError> {
     let secret = secret.map(str::trim).filter(|s| !s.is_empty());
     if let Some(secret) = secret {
-        check_webhook_secret(secret).map_err(|_| {
-            invalid("event_secret", "must be the event destination's signing secret (whsec_…)")
-        })?;
+        check_webhook_secret(secret)
+            .map_err(|_| invalid("event_secret", "must be the event destination's signing secret (whsec_…)"))?;
         if webhook_secret(db, master, project).await?.is_some_and(|(webhook, _)| webhook == secret) {
             return Err(invalid(
                 "event_secret",
@@ -260,8 +259,7 @@ pub async fn event_secret(
 
 /// Whether the project's event destination secret is set (for pages; the secret stays sealed).
 pub async fn has_event_secret(db: &Db, project: &ProjectId) -> Result<bool, StripeError> {
-    const SQL: &str =
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_connections WHERE project_id = $1 AND event_secret_sealed IS NOT NULL";
+    const SQL: &str = "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_connections WHERE project_id = $1 AND event_secret_sealed IS NOT NULL";
     let n: i64 = with_db!(db, pool => sqlx::query_scalar::<_, i64>(SQL).bind(project).fetch_one(pool).await)?;
     Ok(n > 0)
 }

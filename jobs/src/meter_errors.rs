@@ -70,16 +70,20 @@ async fn process_one(
     if !is_event_id(&event.id) {
         return done(Some("not a Stripe event id".to_owned()));
     }
-    let credentials =
-        match crate::stripe_api::credentials(db, &services.master_key, services.platform_key.as_ref(), &event.project_id)
-            .await?
-        {
-            Ok(credentials) => credentials,
-            Err(e) => {
-                let next_at = UnixMillis::now().0 + backoff_ms(event.attempts);
-                return Ok(ThinOutcome::Retry { error: e.to_string(), next_at });
-            }
-        };
+    let credentials = match crate::stripe_api::credentials(
+        db,
+        &services.master_key,
+        services.platform_key.as_ref(),
+        &event.project_id,
+    )
+    .await?
+    {
+        Ok(credentials) => credentials,
+        Err(e) => {
+            let next_at = UnixMillis::now().0 + backoff_ms(event.attempts);
+            return Ok(ThinOutcome::Retry { error: e.to_string(), next_at });
+        }
+    };
     // The account the event happened on must be the one the project bills: a Connect project's
     // event names it in `context`; a project on its own key gets events without one.
     if credentials.account.as_deref() != event.context.as_deref() {

@@ -52,9 +52,7 @@ enum WebhookError {
     NotAnEvent(String),
     #[error("a {0} event sent to a {1} connection")]
     WrongMode(&'static str, &'static str),
-    #[error(
-        "a v2 thin event sent to a webhook endpoint: thin events go to the event destination (/stripe/events/…)"
-    )]
+    #[error("a v2 thin event sent to a webhook endpoint: thin events go to the event destination (/stripe/events/…)")]
     ThinAtWebhookEndpoint,
     #[error("a snapshot event sent to an event destination: it takes thin events (payload style \"thin\") only")]
     SnapshotAtEventDestination,

@@ -428,7 +428,9 @@ async fn refused_meter_events_are_shown_and_retried_on_request(db: TestDatabase)
     Ok(())
 }
 
-async fn subscription_events_are_mirrored_and_thin_events_refused_at_the_webhook_endpoint(db: TestDatabase) -> TestResult {
+async fn subscription_events_are_mirrored_and_thin_events_refused_at_the_webhook_endpoint(
+    db: TestDatabase,
+) -> TestResult {
     let b = billing_setup(&db).await?;
     b.connect_with_key().await?;
     b.calls("cust-a", 1, 10).await?;

@@ -770,8 +770,7 @@ impl Drop for Receiver {
 
 /// `GET /v2/core/events/{id}` with `key`, on `context` if given.
 async fn v2_event(fake: &FakeStripe, key: &str, context: Option<&str>, id: &str) -> anyhow::Result<Answer> {
-    let mut request =
-        reqwest::Client::new().get(format!("{}/v2/core/events/{id}", fake.base_url())).bearer_auth(key);
+    let mut request = reqwest::Client::new().get(format!("{}/v2/core/events/{id}", fake.base_url())).bearer_auth(key);
     if let Some(context) = context {
         request = request.header("stripe-context", context);
     }
@@ -814,7 +813,10 @@ async fn fake_stripe_reports_an_unknown_customer_later() -> anyhow::Result<()> {
     assert_eq!(data["reason"]["error_count"], 3);
     let types = data["reason"]["error_types"].as_array().cloned().unwrap_or_default();
     assert_eq!(types.len(), 1, "{data}");
-    assert_eq!((types[0]["code"].as_str(), types[0]["error_count"].as_i64()), (Some("meter_event_customer_not_found"), Some(3)));
+    assert_eq!(
+        (types[0]["code"].as_str(), types[0]["error_count"].as_i64()),
+        (Some("meter_event_customer_not_found"), Some(3))
+    );
     // Stripe samples: two of the three, each naming the request's idempotency key (the
     // identifier when the request had none).
     let samples: Vec<&str> = types[0]["sample_errors"]
@@ -849,7 +851,10 @@ async fn fake_stripe_sends_thin_events_signed_with_the_destinations_secret() -> 
 
     let (signature, body) = receiver.deliveries()[0].clone();
     tollgate_core::signature::verify(SECRET, &signature, body.as_bytes(), now(), 300)?;
-    assert!(tollgate_core::signature::verify("whsec_test_0123456789abcdef0123", &signature, body.as_bytes(), now(), 300).is_err());
+    assert!(
+        tollgate_core::signature::verify("whsec_test_0123456789abcdef0123", &signature, body.as_bytes(), now(), 300)
+            .is_err()
+    );
     let thin: Value = serde_json::from_str(&body)?;
     // A thin event: the envelope and a reference, no data.
     assert_eq!(thin["object"], "v2.core.event");
@@ -894,9 +899,15 @@ async fn fake_stripe_serves_a_v2_event_on_its_account_only() -> anyhow::Result<(
     assert_eq!(full.body["data"]["reason"]["error_types"][0]["sample_errors"][0]["request"]["identifier"], "mtb_c-1");
     // Anywhere else: 404 (the platform's own account, another connected account, another key's
     // account), or 403 for an account the key cannot act on.
-    for (key, context) in [(PLATFORM_KEY, None), (PLATFORM_KEY, Some("acct_connected_other")), (OTHER_KEY, None), (KEY, None)] {
+    for (key, context) in
+        [(PLATFORM_KEY, None), (PLATFORM_KEY, Some("acct_connected_other")), (OTHER_KEY, None), (KEY, None)]
+    {
         let elsewhere = v2_event(&fake, key, context, &id).await?;
-        assert_eq!((elsewhere.status, elsewhere.code()), (StatusCode::NOT_FOUND, "resource_missing"), "{key} {context:?}");
+        assert_eq!(
+            (elsewhere.status, elsewhere.code()),
+            (StatusCode::NOT_FOUND, "resource_missing"),
+            "{key} {context:?}"
+        );
     }
     let forbidden = v2_event(&fake, OTHER_KEY, Some(CONNECTED), &id).await?;
     assert_eq!(forbidden.status, StatusCode::FORBIDDEN);

@@ -92,8 +92,7 @@ async fn a_meter_event_stripe_reports_later_goes_back_to_failed_with_stripes_rea
     assert_eq!(thin.len(), 1);
     let done = process_thin_events(&b).await?;
     assert_eq!((done.processed, done.reports, done.batches_failed), (1, 1, 1), "{done:?}");
-    let fetched: Vec<_> =
-        b.fake.seen().into_iter().filter(|r| r.path.starts_with("/v2/core/events/")).collect();
+    let fetched: Vec<_> = b.fake.seen().into_iter().filter(|r| r.path.starts_with("/v2/core/events/")).collect();
     assert_eq!(fetched.len(), 1);
     assert_eq!((fetched[0].key.as_deref(), fetched[0].account.as_deref()), (Some(crate::billing::KEY), None));
 
@@ -111,7 +110,10 @@ async fn a_meter_event_stripe_reports_later_goes_back_to_failed_with_stripes_rea
     let problems = page.split("id=\"delivery-problems\"").nth(1).unwrap_or_default();
     assert!(problems.contains("cust-a") && problems.contains("meter_event_customer_not_found"), "{page}");
     let reports = page.split("id=\"meter-error-reports\"").nth(1).unwrap_or_default();
-    assert!(reports.contains("There is 1 invalid event") && reports.contains(&thin[0]["id"].as_str().unwrap_or("?")), "{page}");
+    assert!(
+        reports.contains("There is 1 invalid event") && reports.contains(&thin[0]["id"].as_str().unwrap_or("?")),
+        "{page}"
+    );
     assert!(page.contains(&format!("/stripe/events/{}", b.s.project.id)), "the destination URL: {page}");
     assert!(page.contains("v1.billing.meter.error_report_triggered"));
 
@@ -193,7 +195,8 @@ async fn a_connect_projects_report_is_routed_by_context(db: TestDatabase) -> Tes
     let browser = Browser::new(&b.s.app)?;
     browser.log_in("ada@example.com", crate::dashboard::PASSWORD).await?;
     let billing_path = format!("/projects/{}/billing", b.s.project.id);
-    let connected = crate::connect_onboarding::connect_through_oauth(&b, &browser, &billing_path, Some(CONNECTED)).await?;
+    let connected =
+        crate::connect_onboarding::connect_through_oauth(&b, &browser, &billing_path, Some(CONNECTED)).await?;
     assert_eq!(connected.status, StatusCode::SEE_OTHER, "{}", connected.body);
     // The platform's destination receives its connected accounts' thin events.
     let platform_destination = b.s.app.url("/stripe/events/connect");

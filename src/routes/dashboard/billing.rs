@@ -496,8 +496,8 @@ pub async fn set_event_secret(
         }
         Ok(false) => Err(WebError::BadRequest("Connect Stripe first".to_owned())),
         Err(StripeError::Invalid { reason, .. }) => {
-            let page = page(&state, me, project, vec![format!("Event destination signing secret: {reason}")], false)
-                .await?;
+            let page =
+                page(&state, me, project, vec![format!("Event destination signing secret: {reason}")], false).await?;
             Ok((StatusCode::BAD_REQUEST, page).into_response())
         }
         Err(e) => Err(stripe_error(e)),

@@ -66,7 +66,10 @@ pub fn rfc3339(seconds: i64) -> String {
 impl Inner {
     /// The platform account `account` is connected to, if any.
     fn platform_of(&self, account: &str) -> Option<String> {
-        self.connected.iter().find(|(_, accounts)| accounts.contains(account)).and_then(|(key, _)| self.keys.get(key).cloned())
+        self.connected
+            .iter()
+            .find(|(_, accounts)| accounts.contains(account))
+            .and_then(|(key, _)| self.keys.get(key).cloned())
     }
 }
 
@@ -151,9 +154,13 @@ impl FakeStripe {
                     let end = of_meter.iter().map(|e| e.at).max().unwrap_or_else(now) + 1;
                     let id = inner.id("evt_test");
                     let created = rfc3339(now());
-                    let related = json!({"id": meter, "type": "billing.meter", "url": format!("/v1/billing/meters/{meter}")});
-                    let summary =
-                        if count == 1 { "There is 1 invalid event".to_owned() } else { format!("There are {count} invalid events") };
+                    let related =
+                        json!({"id": meter, "type": "billing.meter", "url": format!("/v1/billing/meters/{meter}")});
+                    let summary = if count == 1 {
+                        "There is 1 invalid event".to_owned()
+                    } else {
+                        format!("There are {count} invalid events")
+                    };
                     let full = json!({
                         "id": id, "object": "v2.core.event", "type": ERROR_REPORT_TRIGGERED, "created": created,
                         "livemode": false, "context": context, "reason": null, "changes": null,
