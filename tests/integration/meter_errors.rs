@@ -111,7 +111,7 @@ async fn a_meter_event_stripe_reports_later_goes_back_to_failed_with_stripes_rea
     assert!(problems.contains("cust-a") && problems.contains("meter_event_customer_not_found"), "{page}");
     let reports = page.split("id=\"meter-error-reports\"").nth(1).unwrap_or_default();
     assert!(
-        reports.contains("There is 1 invalid event") && reports.contains(&thin[0]["id"].as_str().unwrap_or("?")),
+        reports.contains("There is 1 invalid event") && reports.contains(thin[0]["id"].as_str().unwrap_or("?")),
         "{page}"
     );
     assert!(page.contains(&format!("/stripe/events/{}", b.s.project.id)), "the destination URL: {page}");
