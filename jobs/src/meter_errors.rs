@@ -95,7 +95,9 @@ async fn process_one(
     }
     let full = match services.api.v2_event(&credentials, &event.id).await {
         Ok(full) => full,
-        Err(e) if e.is_retryable() => {
+        // A key without the permission to read events (401/403) can be fixed by the tenant: the
+        // report waits for it rather than being set aside.
+        Err(e) if e.is_retryable() || matches!(e, StripeApiError::Api { status: 401 | 403, .. }) => {
             let wait = match &e {
                 StripeApiError::Api { retry_after: Some(seconds), .. } => (*seconds as i64).saturating_mul(1000),
                 _ => 0,
