@@ -64,6 +64,10 @@ pub fn metrics_handle() -> PrometheusHandle {
                 "Time to answer an HTTP request (headers), by route"
             );
             metrics::describe_counter!("tollgate_jobs_total", "Background jobs finished, by job and outcome");
+            metrics::describe_counter!(
+                "tollgate_stripe_meter_error_reports_total",
+                "Meter error reports Stripe sent (v1.billing.meter.error_report_triggered), applied"
+            );
             metrics::describe_histogram!(
                 ledger::LEDGER_SECONDS,
                 "A ledger operation's wait on the proxy's path (queue, batch, commit), by op: reserve, settle, customer"

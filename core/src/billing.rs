@@ -391,9 +391,17 @@ pub struct DueBatch {
     /// Set when claimed (see [`meter_timestamp`]), kept while it is inside the late-usage
     /// window.
     pub meter_timestamp: Option<i64>,
+    /// The meter event's identifier when it is not the batch id: a batch Stripe accepted, then
+    /// reported as failed, is sent again under another (see [`crate::meter_errors`]).
+    pub meter_identifier: Option<String>,
 }
 
 impl DueBatch {
+    /// The meter event's `identifier`: the batch id, unless Stripe already has that one.
+    pub fn identifier(&self) -> String {
+        self.meter_identifier.clone().unwrap_or_else(|| self.id.to_string())
+    }
+
     /// The meter event's timestamp (Unix seconds).
     pub fn timestamp(&self) -> i64 {
         self.meter_timestamp.unwrap_or_else(|| self.last_at.div_euclid(1000))
@@ -450,7 +458,8 @@ pub async fn claim_due_batches(
           AND NOT EXISTS (SELECT 1 FROM meter_batches o WHERE o.project_id = meter_batches.project_id \
             AND o.stripe_customer_id = meter_batches.stripe_customer_id AND o.event_name = meter_batches.event_name \
             AND o.status = 'pending' AND o.claimed_until > $3 AND o.claimed_until <> $1) \
-        RETURNING id, project_id, stripe_customer_id, event_name, value_nanos, last_at, attempts, meter_timestamp";
+        RETURNING id, project_id, stripe_customer_id, event_name, value_nanos, last_at, attempts, meter_timestamp, \
+            meter_identifier";
     const STARTED: &str = "SELECT c.stripe_subscription_started_at FROM meter_batches b \
         JOIN customers c ON c.id = b.customer_id WHERE b.id = $1";
     const STAMP: &str = "UPDATE meter_batches SET meter_timestamp = $1 WHERE id = $2";
@@ -821,14 +830,12 @@ pub struct ProvisionStatus {
     pub provision_error: Option<String>,
     pub provision_attempts: i64,
     pub provision_next_at: i64,
-    pub meter_error: Option<String>,
-    pub meter_error_at: Option<i64>,
     pub created_at: i64,
 }
 
 pub async fn provision_status(db: &Db, project: &ProjectId) -> Result<Option<ProvisionStatus>, DbError> {
     const SQL: &str = "SELECT meter_id, product_id, price_id, provision_error, provision_attempts, provision_next_at, \
-        meter_error, meter_error_at, created_at FROM stripe_connections WHERE project_id = $1";
+        created_at FROM stripe_connections WHERE project_id = $1";
     Ok(with_db!(db, pool => sqlx::query_as::<_, ProvisionStatus>(SQL).bind(project).fetch_optional(pool).await)?)
 }
 

@@ -92,6 +92,10 @@ pub struct Config {
     /// The signing secret of the platform's Connect webhook endpoint (`whsec_…`), which
     /// receives the events of every connected account.
     pub stripe_connect_webhook_secret: Option<SecretString>,
+    /// The signing secret of the platform's event destination for connected accounts'
+    /// thin events (`whsec_…`; Stripe reports meter errors only there), which names each event's
+    /// account in `context`. It must differ from the Connect webhook endpoint's.
+    pub stripe_connect_event_secret: Option<SecretString>,
     /// The platform's Connect client id (`ca_…`): with the platform key, tenants connect their
     /// Stripe account through Stripe's OAuth.
     pub stripe_connect_client_id: Option<String>,
@@ -292,6 +296,7 @@ struct RawConfig {
     stripe_api_base: Option<String>,
     stripe_platform_key: Option<String>,
     stripe_connect_webhook_secret: Option<String>,
+    stripe_connect_event_secret: Option<String>,
     stripe_connect_client_id: Option<String>,
     stripe_oauth_base: Option<String>,
     stripe_reconcile_seconds: Option<u64>,
@@ -342,6 +347,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("stripe_api_base", "TOLLGATE_STRIPE_API_BASE"),
     ("stripe_platform_key", "TOLLGATE_STRIPE_PLATFORM_KEY"),
     ("stripe_connect_webhook_secret", "TOLLGATE_STRIPE_CONNECT_WEBHOOK_SECRET"),
+    ("stripe_connect_event_secret", "TOLLGATE_STRIPE_CONNECT_EVENT_SECRET"),
     ("stripe_connect_client_id", "TOLLGATE_STRIPE_CONNECT_CLIENT_ID"),
     ("stripe_oauth_base", "TOLLGATE_STRIPE_OAUTH_BASE"),
     ("stripe_reconcile_seconds", "TOLLGATE_STRIPE_RECONCILE_SECONDS"),
@@ -405,6 +411,7 @@ impl Sourced {
                 "stripe_api_base" => r.stripe_api_base = text,
                 "stripe_platform_key" => r.stripe_platform_key = text,
                 "stripe_connect_webhook_secret" => r.stripe_connect_webhook_secret = text,
+                "stripe_connect_event_secret" => r.stripe_connect_event_secret = text,
                 "stripe_connect_client_id" => r.stripe_connect_client_id = text,
                 "stripe_oauth_base" => r.stripe_oauth_base = text,
                 "stripe_late_usage_seconds" => {
@@ -642,6 +649,21 @@ impl Sourced {
         {
             return Err(self.invalid("stripe_connect_webhook_secret", "must be a webhook signing secret (whsec_…)"));
         }
+        let stripe_connect_event_secret = secret(&r.stripe_connect_event_secret);
+        if let Some(secret) = &stripe_connect_event_secret {
+            if !secret.starts_with("whsec_") {
+                return Err(self.invalid(
+                    "stripe_connect_event_secret",
+                    "must be the event destination's signing secret (whsec_…)",
+                ));
+            }
+            if stripe_connect_webhook_secret.as_ref() == Some(secret) {
+                return Err(self.invalid(
+                    "stripe_connect_event_secret",
+                    "is the Connect webhook endpoint's secret; the event destination has a secret of its own",
+                ));
+            }
+        }
         let egress_allow = EgressAllow::parse(r.egress_allow.as_deref().unwrap_or_default())
             .map_err(|e| self.invalid("egress_allow", e))?;
         let stripe_connect_client_id = secret(&r.stripe_connect_client_id);
@@ -695,6 +717,7 @@ impl Sourced {
             stripe_api_base,
             stripe_platform_key: stripe_platform_key.map(SecretString::from),
             stripe_connect_webhook_secret: stripe_connect_webhook_secret.map(SecretString::from),
+            stripe_connect_event_secret: stripe_connect_event_secret.map(SecretString::from),
             stripe_connect_client_id,
             stripe_oauth_base,
             stripe_reconcile_interval,

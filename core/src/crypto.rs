@@ -44,6 +44,11 @@ impl SealedFor {
         Self(format!("stripe_webhook_secret:{project}"))
     }
 
+    /// The signing secret of the project's Stripe event destination (thin events).
+    pub fn stripe_event_secret(project: &crate::ids::ProjectId) -> Self {
+        Self(format!("stripe_event_secret:{project}"))
+    }
+
     pub fn alert_webhook_secret(project: &crate::ids::ProjectId) -> Self {
         Self(format!("alert_webhook_secret:{project}"))
     }

@@ -38,6 +38,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod instances;
 pub mod ledger;
+pub mod meter_errors;
 pub mod money;
 pub mod one_off;
 pub mod payment_collection;

@@ -206,6 +206,64 @@ pub async fn webhook_secret(
     }
 }
 
+/// Sets (or, with `None`, removes) the signing secret of the project's event destination: the
+/// destination Stripe sends the v2 thin event `v1.billing.meter.error_report_triggered` to, whose
+/// secret is its own (`whsec_…`, not the webhook endpoint's: a secret shared by both would let
+/// either endpoint's deliveries pass at the other). Returns whether the project has a
+/// connection to set it on.
+pub async fn set_event_secret(
+    db: &Db,
+    master: &MasterKey,
+    project: &ProjectId,
+    secret: Option<&str>,
+) -> Result<bool, StripeError> {
+    let secret = secret.map(str::trim).filter(|s| !s.is_empty());
+    if let Some(secret) = secret {
+        check_webhook_secret(secret)
+            .map_err(|_| invalid("event_secret", "must be the event destination's signing secret (whsec_…)"))?;
+        if webhook_secret(db, master, project).await?.is_some_and(|(webhook, _)| webhook == secret) {
+            return Err(invalid(
+                "event_secret",
+                "is the webhook endpoint's signing secret; the event destination has a secret of its own",
+            ));
+        }
+    }
+    const SQL: &str = "UPDATE stripe_connections SET event_secret_sealed = $1, updated_at = $2 WHERE project_id = $3";
+    let sealed = secret.map(|s| master.seal(s, &SealedFor::stripe_event_secret(project)));
+    let now = UnixMillis::now().0;
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(&sealed).bind(now).bind(project)
+        .execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(n > 0)
+}
+
+/// The event destination's signing secret and the live mode of the project's connection (a
+/// project connected with its own key; Connect projects' thin events reach the platform's
+/// destination).
+pub async fn event_secret(
+    db: &Db,
+    master: &MasterKey,
+    project: &ProjectId,
+) -> Result<Option<(String, bool)>, StripeError> {
+    const SQL: &str = "SELECT event_secret_sealed, livemode FROM stripe_connections \
+        WHERE project_id = $1 AND mode = 'key' AND event_secret_sealed IS NOT NULL";
+    let row: Option<(String, bool)> =
+        with_db!(db, pool => sqlx::query_as::<_, (String, bool)>(SQL).bind(project).fetch_optional(pool).await)?;
+    match row {
+        Some((sealed, livemode)) => Ok(Some((
+            master.open(&sealed, &SealedFor::stripe_event_secret(project)).map_err(|_| StripeError::Secret)?,
+            livemode,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Whether the project's event destination secret is set (for pages; the secret stays sealed).
+pub async fn has_event_secret(db: &Db, project: &ProjectId) -> Result<bool, StripeError> {
+    const SQL: &str = "SELECT CAST(COUNT(*) AS BIGINT) FROM stripe_connections WHERE project_id = $1 AND event_secret_sealed IS NOT NULL";
+    let n: i64 = with_db!(db, pool => sqlx::query_scalar::<_, i64>(SQL).bind(project).fetch_one(pool).await)?;
+    Ok(n > 0)
+}
+
 /// The key Tollgate calls Stripe with for the project (`None` without a key connection).
 pub async fn secret_key(db: &Db, master: &MasterKey, project: &ProjectId) -> Result<Option<String>, StripeError> {
     const SQL: &str = "SELECT secret_key_sealed FROM stripe_connections WHERE project_id = $1";
@@ -246,6 +304,131 @@ pub struct EventEnvelope {
     /// The connected account it happened on (Connect events only).
     #[serde(default)]
     pub account: Option<String>,
+    /// `event` for a v1 snapshot event, `v2.core.event` for a thin event.
+    #[serde(default)]
+    pub object: Option<String>,
+}
+
+impl EventEnvelope {
+    /// Whether this is a v2 thin event (which goes to an event destination, not a webhook
+    /// endpoint).
+    pub fn is_thin(&self) -> bool {
+        self.object.as_deref() == Some(THIN_EVENT_OBJECT)
+    }
+}
+
+/// The `object` of a thin event ("v2.core.event", https://docs.stripe.com/api/v2/core/events/object).
+pub const THIN_EVENT_OBJECT: &str = "v2.core.event";
+
+/// A thin event as an event destination receives it: "a compact notification" without the
+/// object's data (https://docs.stripe.com/event-destinations#thin-events; stripe-python
+/// `stripe.v2._event.ThinEvent`: `id`, `type`, `created` (RFC 3339), `livemode`, `context`,
+/// `related_object {id, type, url}`, `reason`). `context` names the connected account an event
+/// of a Connect platform's destination happened on ("Authentication context needed to fetch the
+/// event or related object"): Connect thin events have no `account`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ThinEvent {
+    pub object: String,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub livemode: bool,
+    #[serde(deserialize_with = "unix_seconds")]
+    pub created: i64,
+    #[serde(default)]
+    pub context: Option<String>,
+    #[serde(default)]
+    pub related_object: Option<RelatedObject>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct RelatedObject {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// Stores a thin event once by id within `project`, for the job that fetches the full event
+/// from Stripe (`context`: the connected account to fetch it on).
+pub async fn store_thin_event(
+    db: &Db,
+    project: &ProjectId,
+    event: &ThinEvent,
+    payload: &str,
+) -> Result<Intake, StripeError> {
+    const SQL: &str = "INSERT INTO stripe_events (id, project_id, type, livemode, created, payload, received_at, \
+            thin, context) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (project_id, id) DO NOTHING";
+    let now = UnixMillis::now().0;
+    let inserted = with_db!(db, pool => sqlx::query(SQL).bind(&event.id).bind(project).bind(&event.kind)
+        .bind(event.livemode).bind(event.created).bind(payload).bind(now).bind(true).bind(&event.context)
+        .execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(if inserted == 1 { Intake::Stored } else { Intake::AlreadyStored })
+}
+
+/// A stored thin event whose full event has not been fetched and processed yet.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PendingThinEvent {
+    pub id: String,
+    pub project_id: ProjectId,
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub context: Option<String>,
+    pub attempts: i64,
+}
+
+/// Thin events due for fetching, oldest first, each claimed for a minute (its next attempt
+/// pushed back) so that two workers do not fetch it at once.
+pub async fn claim_thin_events(db: &Db, now: UnixMillis, limit: i64) -> Result<Vec<PendingThinEvent>, StripeError> {
+    const DUE: &str = "SELECT id, project_id, type, context, attempts FROM stripe_events \
+        WHERE thin AND processed_at IS NULL AND next_attempt_at <= $1 ORDER BY received_at, id LIMIT $2";
+    const CLAIM: &str = "UPDATE stripe_events SET next_attempt_at = $1 \
+        WHERE project_id = $2 AND id = $3 AND processed_at IS NULL AND next_attempt_at <= $4";
+    let due: Vec<PendingThinEvent> = with_db!(db, pool =>
+        sqlx::query_as::<_, PendingThinEvent>(DUE).bind(now.0).bind(limit).fetch_all(pool).await)?;
+    let mut claimed = Vec::with_capacity(due.len());
+    for event in due {
+        let n = with_db!(db, pool => sqlx::query(CLAIM).bind(now.0 + 60_000).bind(&event.project_id).bind(&event.id)
+            .bind(now.0).execute(pool).await.map(|r| r.rows_affected()))?;
+        if n == 1 {
+            claimed.push(event);
+        }
+    }
+    Ok(claimed)
+}
+
+/// How fetching and processing a thin event ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ThinOutcome {
+    /// Processed (or set aside with `error` when it cannot be: Stripe refused it for good).
+    Done { error: Option<String> },
+    /// Stripe could not be asked now: tried again at `next_at` (Unix ms).
+    Retry { error: String, next_at: i64 },
+}
+
+pub async fn record_thin_event(
+    db: &Db,
+    project: &ProjectId,
+    id: &str,
+    outcome: &ThinOutcome,
+) -> Result<(), StripeError> {
+    let now = UnixMillis::now().0;
+    let cut = |e: &str| e.chars().take(500).collect::<String>();
+    match outcome {
+        ThinOutcome::Done { error } => {
+            const DONE: &str = "UPDATE stripe_events SET processed_at = $1, attempts = attempts + 1, last_error = $2 \
+                WHERE project_id = $3 AND id = $4";
+            with_db!(db, pool => sqlx::query(DONE).bind(now).bind(error.as_deref().map(cut)).bind(project).bind(id)
+                .execute(pool).await.map(|_| ()))?;
+        }
+        ThinOutcome::Retry { error, next_at } => {
+            const RETRY: &str = "UPDATE stripe_events SET next_attempt_at = $1, attempts = attempts + 1, \
+                last_error = $2 WHERE project_id = $3 AND id = $4";
+            with_db!(db, pool => sqlx::query(RETRY).bind(next_at).bind(cut(error)).bind(project).bind(id)
+                .execute(pool).await.map(|_| ()))?;
+        }
+    }
+    Ok(())
 }
 
 fn unix_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
@@ -449,8 +632,6 @@ pub enum Processed {
     Invoice { id: String, applied: bool },
     /// A subscription's status was applied (or was older than the one held).
     Subscription { id: String, applied: bool },
-    /// Stripe reported meter events it accepted but could not count.
-    MeterError,
     /// A payment-method setup session was completed: its card is to become the customer's
     /// default for invoices (`recorded`: the first time it was reported).
     SetupCompleted { id: String, recorded: bool },
@@ -464,7 +645,7 @@ pub enum Processed {
 /// cannot be processed keeps its error and is tried again next time.
 pub async fn process_pending(db: &Db, limit: i64) -> Result<Vec<(String, Processed)>, StripeError> {
     const PENDING: &str = "SELECT id, project_id, type, payload FROM stripe_events \
-        WHERE processed_at IS NULL ORDER BY received_at, id LIMIT $1";
+        WHERE processed_at IS NULL AND NOT thin ORDER BY received_at, id LIMIT $1";
     let pending: Vec<(String, ProjectId, String, String)> = with_db!(db, pool =>
         sqlx::query_as::<_, (String, ProjectId, String, String)>(PENDING).bind(limit).fetch_all(pool).await)?;
     let mut done = Vec::new();
@@ -484,9 +665,6 @@ pub async fn process_pending(db: &Db, limit: i64) -> Result<Vec<(String, Process
             | "customer.subscription.resumed" => apply_subscription(db, &project, &payload).await,
             "customer.deleted" => apply_customer_deleted(db, &project, &payload).await,
             "checkout.session.completed" => apply_checkout_completed(db, &project, &payload).await,
-            "billing.meter.error_report_triggered" | "v1.billing.meter.error_report_triggered" => {
-                apply_meter_error(db, &project, &payload).await
-            }
             _ => Ok(Processed::Ignored),
         };
         let now = UnixMillis::now().0;
@@ -658,42 +836,6 @@ async fn apply_subscription(db: &Db, project: &ProjectId, payload: &str) -> Resu
     let applied = with_db!(db, pool => sqlx::query(SQL).bind(&subscription.id).bind(&status).bind(event.created)
         .bind(project).bind(&subscription.customer).execute(pool).await.map(|r| r.rows_affected()))?;
     Ok(Processed::Subscription { id: subscription.id, applied: applied > 0 })
-}
-
-/// Stripe's report of meter events it accepted and then could not count: a v1 snapshot or a
-/// v2 thin event (`related_object` names the meter; its details are in Stripe's dashboard).
-async fn apply_meter_error(db: &Db, project: &ProjectId, payload: &str) -> Result<Processed, StripeError> {
-    let event: serde_json::Value =
-        serde_json::from_str(payload).map_err(|e| invalid("payload", format!("not an event: {e}")))?;
-    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
-    let meter = text(&event["related_object"]["id"])
-        .or_else(|| text(&event["data"]["object"]["meter"]))
-        .or_else(|| text(&event["data"]["object"]["id"]).filter(|id| id.starts_with("mtr_")));
-    let summary = text(&event["data"]["developer_message_summary"])
-        .or_else(|| text(&event["data"]["object"]["developer_message_summary"]))
-        .or_else(|| {
-            let types = event["data"]["object"]["reason"]["error_types"].as_array()?;
-            let codes: Vec<String> = types
-                .iter()
-                .filter_map(|t| Some(format!("{} ×{}", t["code"].as_str()?, t["error_count"].as_i64().unwrap_or(1))))
-                .collect();
-            (!codes.is_empty()).then(|| codes.join(", "))
-        })
-        .unwrap_or_else(|| "see the meter's error reports in Stripe's dashboard".to_owned());
-    let message: String = format!(
-        "Stripe could not count some meter events{}: {summary}",
-        meter.as_deref().map(|m| format!(" of {m}")).unwrap_or_default()
-    )
-    .chars()
-    .take(500)
-    .collect();
-    const SQL: &str = "UPDATE stripe_connections SET meter_error = $1, meter_error_at = $2 \
-        WHERE project_id = $3 AND (meter_error_at IS NULL OR meter_error_at <= $2)";
-    let created =
-        event["created"].as_i64().or_else(|| event["created"].as_str().and_then(crate::period::rfc3339_utc_seconds));
-    let at = created.unwrap_or_else(|| UnixMillis::now().0 / 1000) * 1000;
-    with_db!(db, pool => sqlx::query(SQL).bind(&message).bind(at).bind(project).execute(pool).await.map(|_| ()))?;
-    Ok(Processed::MeterError)
 }
 
 /// Applies the project's policy to the customer billed by `stripe_customer`, from the state of

@@ -595,7 +595,7 @@ async fn attempt_meter_event(api: &StripeApi, credentials: &Credentials, batch: 
         ("value".to_owned(), batch.value_nanos.to_string()),
     ]);
     let event = CreateBillingMeterEvent::new(batch.event_name.clone(), payload)
-        .identifier(batch.id.to_string())
+        .identifier(batch.identifier())
         .timestamp(batch.timestamp());
     // A key per attempt: Stripe saves what an attempt's request ended with (a 500 included) and
     // would answer every retry with the same key from that record for 24 hours. The identifier,
@@ -720,6 +720,7 @@ mod tests {
             last_at: 0,
             attempts: 1,
             meter_timestamp: None,
+            meter_identifier: None,
         };
         let claimed = vec![batch("cus_a"), batch("cus_b"), batch("cus_a"), batch("cus_c"), batch("cus_a")];
         let order: Vec<_> = claimed.iter().map(|b| b.id.clone()).collect();

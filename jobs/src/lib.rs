@@ -9,6 +9,7 @@
 //! - [`billing`]: Stripe provisioning, the meter event outbox's delivery, reconciliation.
 //! - [`mail`]: outgoing mail.
 //! - [`one_off`]: one-off invoices for usage no subscription invoice would carry.
+//! - [`meter_errors`]: thin events from event destinations (meter error reports), fetched and applied.
 //! - [`payment_links`]: payment-method setup and customer portal links for end-customers.
 //! - [`stripe_api`]: calls to Stripe's API, with errors classified for retries.
 
@@ -16,6 +17,7 @@ pub mod alerts;
 pub mod billing;
 pub mod housekeeping;
 pub mod mail;
+pub mod meter_errors;
 pub mod one_off;
 pub mod payment_links;
 pub mod saved_payment_methods;

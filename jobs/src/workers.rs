@@ -243,11 +243,23 @@ async fn scan_alerts(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynErr
 }
 
 /// Stripe's webhook events, stored on arrival, processed in the order they arrived (their
-/// effect does not depend on it: see `tollgate_core::stripe`).
+/// effect does not depend on it: see `tollgate_core::stripe`), then the thin events of the
+/// event destinations (see [`crate::meter_errors`]).
 async fn process_stripe_events(_tick: Tick, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
     let processed = tollgate_core::stripe::process_pending(&ctx.db, 200).await.map_err(|e| e.to_string())?;
     if !processed.is_empty() {
         metrics::counter!("tollgate_stripe_events_processed_total").increment(processed.len() as u64);
+    }
+    // Thin events: the full event is fetched from Stripe first.
+    let thin = crate::meter_errors::process_thin_events(&ctx.db, &ctx.billing, 50).await.map_err(|e| e.to_string())?;
+    if thin.processed > 0 {
+        metrics::counter!("tollgate_stripe_events_processed_total").increment(thin.processed as u64);
+    }
+    if thin.reports > 0 {
+        metrics::counter!("tollgate_stripe_meter_error_reports_total").increment(thin.reports as u64);
+    }
+    if thin.batches_failed > 0 {
+        metrics::counter!("tollgate_meter_events_total", "outcome" => "reported_failed").increment(thin.batches_failed);
     }
     Ok(())
 }

@@ -27,7 +27,7 @@ pub fn cases() -> Vec<DbCase> {
         stripe_down_then_back_and_rate_limits_deliver_everything_once,
         a_worker_killed_mid_batch_sends_no_duplicate_and_loses_nothing,
         refused_meter_events_are_shown_and_retried_on_request,
-        subscription_and_meter_error_events_are_mirrored,
+        subscription_events_are_mirrored_and_thin_events_refused_at_the_webhook_endpoint,
         connect_mode_acts_on_the_connected_account,
         the_workers_provision_deliver_and_reconcile_on_their_own,
         a_worker_process_killed_mid_batch_and_restarted_delivers_once,
@@ -439,7 +439,9 @@ async fn refused_meter_events_are_shown_and_retried_on_request(db: TestDatabase)
     Ok(())
 }
 
-async fn subscription_and_meter_error_events_are_mirrored(db: TestDatabase) -> TestResult {
+async fn subscription_events_are_mirrored_and_thin_events_refused_at_the_webhook_endpoint(
+    db: TestDatabase,
+) -> TestResult {
     let b = billing_setup(&db).await?;
     b.connect_with_key().await?;
     b.calls("cust-a", 1, 10).await?;
@@ -461,18 +463,19 @@ async fn subscription_and_meter_error_events_are_mirrored(db: TestDatabase) -> T
         "SELECT stripe_subscription_status FROM customers WHERE external_id = 'cust-a'").fetch_one(pool).await)?;
     assert_eq!(shown.as_deref(), Some("canceled"));
 
-    // A v2 thin event: `created` is an RFC 3339 time, and the meter is the related object.
+    // A v2 thin event is not a webhook-endpoint event: refused there (it goes to the event
+    // destination, see `meter_errors`), and nothing is stored.
     let meter: String = with_db!(&b.s.app.state.db, pool => sqlx::query_scalar::<_, String>(
         "SELECT meter_id FROM stripe_connections").fetch_one(pool).await)?;
     let thin = json!({"id": "evt_thin_1", "object": "v2.core.event", "type": "v1.billing.meter.error_report_triggered",
         "created": "2026-11-22T10:15:30.123Z", "livemode": false,
         "related_object": {"id": meter, "type": "billing.meter", "url": format!("/v1/billing/meters/{meter}")}});
-    let (status, _) = b.fake.send_raw(&webhook, WHSEC, &thin).await?;
-    assert_eq!(status, StatusCode::OK);
-    let processed = b.process_events().await?;
-    assert!(processed.iter().any(|(_, p)| *p == stripe::Processed::MeterError), "{processed:?}");
+    let (status, body) = b.fake.send_raw(&webhook, WHSEC, &thin).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let stored: i64 = with_db!(&b.s.app.state.db, pool => sqlx::query_scalar::<_, i64>(
+        "SELECT COUNT(*) FROM stripe_events WHERE id = 'evt_thin_1'").fetch_one(pool).await)?;
+    assert_eq!(stored, 0);
     let page = b.billing_page().await?;
-    assert!(section(&page, "meter-error").contains(&meter), "{page}");
     assert!(page.contains("canceled"), "{page}");
     Ok(())
 }

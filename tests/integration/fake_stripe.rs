@@ -10,13 +10,15 @@
 //!   (parameter validation, rate limits), answers 409 `idempotency_key_in_use` while the first
 //!   request with the key is still being answered, and refuses the key with other parameters;
 //! - meters (event names unique), products, metered prices tied to a meter, customers,
-//!   subscriptions; meter events refused for an unknown meter or customer, a timestamp more than
-//!   35 days old or 5 minutes ahead, or an identifier already used (deduplicated); meter event
+//!   subscriptions; meter events refused for an unknown meter, a timestamp more than
+//!   35 days old or 5 minutes ahead, or an identifier already used (deduplicated), and accepted
+//!   for an unknown customer, then reported later (see `meter_errors`); meter event
 //!   summaries summing what was accepted, with minute-aligned bounds (hour or day with
 //!   `value_grouping_window`, one summary per window);
 //! - faults on demand: 429 rate limits and other statuses for the next meter events, going down
 //!   (connections refused) and coming back on the same port with the same state;
-//! - signed webhook events sent to a URL, as Stripe sends them.
+//! - signed webhook events sent to a URL, as Stripe sends them; thin events sent to an event
+//!   destination, and the full event served by `GET /v2/core/events/{id}` (see `meter_errors`).
 //!
 //! Within Stripe's limits, each rule from Stripe's documentation (cited where it is enforced):
 //!
@@ -34,9 +36,8 @@
 //! Every request is recorded for the test to inspect.
 //!
 //! Not modelled: pagination (`limit`, `starting_after`; every list is one page), `expand`,
-//! updates and deletions, API v2 meter event streams,
-//! meter errors that Stripe reports later (`v1.billing.meter.error_report_triggered`; here an
-//! unknown meter or customer is refused at once), the concurrency limiter across endpoints,
+//! updates and deletions (but `delete_customer`), API v2 meter event streams, async errors other
+//! than an unknown customer, the concurrency limiter across endpoints,
 //! key expiry after 24 hours (`forget_idempotency_keys` stands for it).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -55,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 pub mod connect;
 pub mod invoice_items;
 pub mod invoices;
+pub mod meter_errors;
 pub mod payments;
 
 /// One request as the fake saw it.
@@ -108,6 +110,12 @@ struct Account {
     /// SetupIntents of completed setup sessions, and the payment methods they attached.
     setup_intents: Vec<Value>,
     payment_methods: Vec<Value>,
+    /// Meter events accepted and found invalid, for the next error report (see `meter_errors`).
+    async_errors: Vec<meter_errors::AsyncMeterError>,
+    /// Full v2 events, served by `GET /v2/core/events/{id}`.
+    v2_events: Vec<Value>,
+    /// Identifiers of meter events accepted and found invalid later, and when.
+    reported_identifiers: Vec<(String, Instant)>,
 }
 
 struct Saved {
@@ -154,6 +162,10 @@ struct Inner {
     permissions: HashMap<String, HashSet<String>>,
     /// Connect OAuth (see `connect`).
     oauth: connect::OAuth,
+    /// Account → its event destination (URL, signing secret), thin payloads.
+    destinations: HashMap<String, (String, String)>,
+    /// Sampled errors per code in a meter error report.
+    error_samples: usize,
 }
 
 /// Stripe's rate limiters, per account: the basic one, and live mode's own for meter events.
@@ -223,6 +235,7 @@ impl FakeStripe {
             keys: keys.iter().map(|(k, a)| ((*k).to_owned(), (*a).to_owned())).collect(),
             test_mode_limit: TEST_MODE_LIMIT,
             identifier_window: IDENTIFIER_WINDOW,
+            error_samples: meter_errors::ERROR_SAMPLES,
             ..Inner::default()
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -255,6 +268,7 @@ impl FakeStripe {
             .route("/v1/invoices/{id}", get(invoices::get_invoice))
             .route("/v1/checkout/sessions", post(payments::create_checkout_session))
             .route("/v1/billing_portal/sessions", post(payments::create_portal_session))
+            .route("/v2/core/events/{id}", get(meter_errors::get_v2_event))
             .merge(connect::routes())
             .with_state(self.inner.clone());
         let stop = CancellationToken::new();
@@ -1099,6 +1113,7 @@ async fn create_meter_event(
 ) -> Response {
     let latency = inner.lock().unwrap().meter_event_latency;
     let mut held = MeterLock { inner: inner.clone(), lock: None };
+    let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let (response, flight) = answer(&inner, method, &uri, &headers, form.0, |inner, account, params| {
         let timestamp = match text(params, "timestamp") {
             Some(t) => match t.parse::<i64>() {
@@ -1176,9 +1191,9 @@ async fn create_meter_event(
                 "The payload must contain the meter's customer mapping key `stripe_customer_id`.",
             );
         }
-        if find(&data.customers, &event.stripe_customer_id).is_none() {
-            return with_param(no_such("customer", &event.stripe_customer_id), "payload[stripe_customer_id]");
-        }
+        // An unknown customer is found only after the event was accepted (see `meter_errors`):
+        // checked last, once the event has passed every synchronous rule.
+        let customer_known = find(&data.customers, &event.stripe_customer_id).is_some();
         // "Introduces validation that rejects billing meter event values with more than 15
         // significant digits. For the synchronous API, requests with such values now return a
         // 400 error … “The value in the event payload can have at most `max_digits` digits.
@@ -1212,7 +1227,11 @@ async fn create_meter_event(
         // `BillingMeterEventCreateParams.identifier`). An older identifier is a new event.
         let window = inner.identifier_window;
         let data = inner.accounts.entry(account.to_owned()).or_default();
-        if data.meter_events.iter().any(|e| e.identifier == identifier && e.received.elapsed() < window) {
+        // An event accepted and found invalid later was accepted all the same: its identifier is
+        // taken (a retry of it needs another one).
+        let taken = data.meter_events.iter().any(|e| e.identifier == identifier && e.received.elapsed() < window)
+            || data.reported_identifiers.iter().any(|(id, at)| *id == identifier && at.elapsed() < window);
+        if taken {
             return stripe_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -1220,7 +1239,25 @@ async fn create_meter_event(
                 &format!("An event with identifier `{identifier}` already exists."),
             );
         }
-        data.meter_events.push(event.clone());
+        if customer_known {
+            data.meter_events.push(event.clone());
+        } else {
+            let meter = data
+                .meters
+                .iter()
+                .find(|m| m["event_name"] == event.event_name.as_str())
+                .and_then(|m| m["id"].as_str())
+                .unwrap_or_default()
+                .to_owned();
+            data.reported_identifiers.push((identifier.clone(), event.received));
+            data.async_errors.push(meter_errors::AsyncMeterError {
+                meter,
+                code: "meter_event_customer_not_found",
+                message: format!("No customer found for stripe_customer_id `{}`.", event.stripe_customer_id),
+                request_identifier: idempotency_key.clone().unwrap_or_else(|| identifier.clone()),
+                at: now,
+            });
+        }
         (
             StatusCode::OK,
             json!({

@@ -24,6 +24,9 @@ pub fn cases() -> Vec<PlainCase> {
         fake_stripe_forgets_identifiers_after_its_window,
         fake_stripe_summaries_lag_and_sum_in_floating_point,
         fake_stripe_prices_need_a_lowercase_currency_and_at_most_12_decimals,
+        fake_stripe_reports_an_unknown_customer_later,
+        fake_stripe_sends_thin_events_signed_with_the_destinations_secret,
+        fake_stripe_serves_a_v2_event_on_its_account_only,
     ]
 }
 
@@ -172,7 +175,12 @@ async fn fake_stripe_dedupes_identifiers_and_keeps_the_timestamp_window() -> any
     }
     assert_eq!((oldest.status, newest.status), (StatusCode::OK, StatusCode::OK));
 
-    // An event for no meter of the account, a customer of no one, a value that is no whole number.
+    // An event for a customer of no one is accepted, as Stripe accepts it, and not counted: it
+    // waits for the next error report (see `fake_stripe_reports_an_unknown_customer_later`).
+    let nobody = stripe.meter_event(None, "cus_nobody", "mtb_nobody", 1, now).await?;
+    assert_eq!(nobody.status, StatusCode::OK, "{}", nobody.body);
+    assert_eq!(fake.pending_meter_errors(ACCOUNT).len(), 1);
+    // An event for no meter of the account, a value that is no whole number.
     let wrong = [
         stripe
             .post(
@@ -185,7 +193,6 @@ async fn fake_stripe_dedupes_identifiers_and_keeps_the_timestamp_window() -> any
                 ],
             )
             .await?,
-        stripe.meter_event(None, "cus_nobody", "mtb_nobody", 1, now).await?,
         stripe
             .post(
                 "/billing/meter_events",
@@ -202,7 +209,6 @@ async fn fake_stripe_dedupes_identifiers_and_keeps_the_timestamp_window() -> any
         assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
         assert_eq!(refused.body["error"]["type"], "invalid_request_error");
     }
-    assert_eq!(wrong[1].code(), "resource_missing");
 
     let accepted: Vec<_> = fake.meter_events(ACCOUNT).into_iter().map(|e| (e.identifier, e.value)).collect();
     assert_eq!(accepted, [("mtb_1".to_owned(), 7), ("mtb_oldest".to_owned(), 1), ("mtb_newest".to_owned(), 1)]);
@@ -287,9 +293,12 @@ async fn fake_stripe_scopes_objects_by_key_and_stripe_account() -> anyhow::Resul
     }
     let account = connected.get("/account").await?;
     assert_eq!(account.body["id"], CONNECTED);
-    // An event for the connected account's customer, sent to the tenant's account: no customer there.
+    // An event for the connected account's customer, sent to the tenant's account: no customer
+    // there, found later (accepted, counted nowhere, reported).
     let elsewhere = tenant.meter_event(None, &connected_customer, "mtb_x", 1, now()).await?;
-    assert_eq!(elsewhere.status, StatusCode::BAD_REQUEST, "{}", elsewhere.body);
+    assert_eq!(elsewhere.status, StatusCode::OK, "{}", elsewhere.body);
+    assert!(fake.meter_events(ACCOUNT).iter().all(|e| e.identifier != "mtb_x"));
+    assert_eq!(fake.pending_meter_errors(ACCOUNT)[0].code, "meter_event_customer_not_found");
 
     let unknown = Caller::new(&fake, "sk_test_unknown", None).get("/account").await?;
     assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
@@ -758,5 +767,187 @@ async fn fake_stripe_prices_need_a_lowercase_currency_and_at_most_12_decimals() 
         assert_eq!(refused.body["error"]["param"], param, "{}", refused.body);
     }
     assert_eq!(fake.prices(ACCOUNT).len(), 1);
+    Ok(())
+}
+
+/// A receiver of Stripe's deliveries: each one's `Stripe-Signature` and body.
+struct Receiver {
+    url: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Receiver {
+    async fn start() -> anyhow::Result<Self> {
+        let received: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+        let sink = received.clone();
+        let app = axum::Router::new().route(
+            "/events",
+            axum::routing::post(move |headers: HeaderMap, body: String| async move {
+                let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                sink.lock().unwrap().push((signature.to_owned(), body));
+                "ok"
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/events", listener.local_addr()?);
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(Self { url, received, server })
+    }
+
+    fn deliveries(&self) -> Vec<(String, String)> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// `GET /v2/core/events/{id}` with `key`, on `context` if given.
+async fn v2_event(fake: &FakeStripe, key: &str, context: Option<&str>, id: &str) -> anyhow::Result<Answer> {
+    let mut request = reqwest::Client::new().get(format!("{}/v2/core/events/{id}", fake.base_url())).bearer_auth(key);
+    if let Some(context) = context {
+        request = request.header("stripe-context", context);
+    }
+    let response = request.send().await?;
+    let (status, headers) = (response.status(), response.headers().clone());
+    Ok(Answer { status, headers, body: response.json().await? })
+}
+
+async fn fake_stripe_reports_an_unknown_customer_later() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let receiver = Receiver::start().await?;
+    fake.add_event_destination(ACCOUNT, &receiver.url, "whsec_destination_0123456789");
+    let stripe = Caller::new(&fake, KEY, None);
+    let (meter, customer) = stripe.provision().await?;
+    let now = now();
+    // Accepted with 200 (Stripe validates the customer asynchronously), counted nowhere.
+    let counted = stripe.meter_event(Some("mtb_ok-1"), &customer, "mtb_ok", 5, now).await?;
+    let unknown = stripe.meter_event(Some("mtb_lost-1"), "cus_deleted1", "mtb_lost", 7, now).await?;
+    assert_eq!((counted.status, unknown.status), (StatusCode::OK, StatusCode::OK), "{}", unknown.body);
+    assert_eq!(unknown.body["object"], "billing.meter_event");
+    assert_eq!(fake.meter_events(ACCOUNT).len(), 1, "only the known customer's event counts");
+    // Its identifier is taken all the same: sent again, it is a duplicate.
+    let again = stripe.meter_event(Some("mtb_lost-2"), "cus_deleted1", "mtb_lost", 7, now).await?;
+    assert_eq!((again.status, again.code()), (StatusCode::BAD_REQUEST, "resource_already_exists"));
+    // A deleted customer is unknown too; two more errors, of which one sample is kept.
+    fake.delete_customer(ACCOUNT, &customer);
+    stripe.meter_event(Some("mtb_gone-1"), &customer, "mtb_gone", 1, now).await?;
+    stripe.meter_event(None, &customer, "mtb_gone2", 1, now).await?;
+    fake.set_error_samples(2);
+
+    let answers = fake.report_meter_errors().await?;
+    assert_eq!(answers.len(), 1, "one report per account and meter");
+    assert!(fake.pending_meter_errors(ACCOUNT).is_empty(), "reported once");
+    let (_, body) = receiver.deliveries()[0].clone();
+    let thin: Value = serde_json::from_str(&body)?;
+    let id = thin["id"].as_str().unwrap_or_default().to_owned();
+    let full = v2_event(&fake, KEY, None, &id).await?;
+    assert_eq!(full.status, StatusCode::OK, "{}", full.body);
+    let data = &full.body["data"];
+    assert_eq!(data["reason"]["error_count"], 3);
+    let types = data["reason"]["error_types"].as_array().cloned().unwrap_or_default();
+    assert_eq!(types.len(), 1, "{data}");
+    assert_eq!(
+        (types[0]["code"].as_str(), types[0]["error_count"].as_i64()),
+        (Some("meter_event_customer_not_found"), Some(3))
+    );
+    // Stripe samples: two of the three, each naming the request's idempotency key (the
+    // identifier when the request had none).
+    let samples: Vec<&str> = types[0]["sample_errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["request"]["identifier"].as_str())
+        .collect();
+    assert_eq!(samples, ["mtb_lost-1", "mtb_gone-1"]);
+    assert!(types[0]["sample_errors"][0]["error_message"].as_str().unwrap_or_default().contains("cus_deleted1"));
+    assert_eq!(data["developer_message_summary"], "There are 3 invalid events");
+    for field in ["validation_start", "validation_end"] {
+        let text = data[field].as_str().unwrap_or_default();
+        assert!(tollgate_core::period::rfc3339_utc_seconds(text).is_some(), "{field}: {text}");
+    }
+    assert_eq!(full.body["related_object"]["id"].as_str(), Some(meter.as_str()));
+    // Nothing new, nothing sent.
+    assert!(fake.report_meter_errors().await?.is_empty());
+    Ok(())
+}
+
+async fn fake_stripe_sends_thin_events_signed_with_the_destinations_secret() -> anyhow::Result<()> {
+    const SECRET: &str = "whsec_destination_0123456789";
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let receiver = Receiver::start().await?;
+    fake.add_event_destination(ACCOUNT, &receiver.url, SECRET);
+    let stripe = Caller::new(&fake, KEY, None);
+    let (meter, _) = stripe.provision().await?;
+    stripe.meter_event(Some("mtb_1-1"), "cus_nobody", "mtb_1", 1, now()).await?;
+    let answers = fake.report_meter_errors().await?;
+    assert_eq!(answers, [(StatusCode::OK, "ok".to_owned())]);
+
+    let (signature, body) = receiver.deliveries()[0].clone();
+    tollgate_core::signature::verify(SECRET, &signature, body.as_bytes(), now(), 300)?;
+    assert!(
+        tollgate_core::signature::verify("whsec_test_0123456789abcdef0123", &signature, body.as_bytes(), now(), 300)
+            .is_err()
+    );
+    let thin: Value = serde_json::from_str(&body)?;
+    // A thin event: the envelope and a reference, no data.
+    assert_eq!(thin["object"], "v2.core.event");
+    assert_eq!(thin["type"], "v1.billing.meter.error_report_triggered");
+    assert!(thin["id"].as_str().unwrap_or_default().starts_with("evt_"));
+    assert!(thin["context"].is_null(), "the account's own destination: no context");
+    assert_eq!(thin["livemode"], false);
+    let created = thin["created"].as_str().unwrap_or_default();
+    assert!(tollgate_core::period::rfc3339_utc_seconds(created).is_some_and(|t| (t - now()).abs() < 60), "{created}");
+    assert_eq!(thin["related_object"]["id"].as_str(), Some(meter.as_str()));
+    assert_eq!(thin["related_object"]["type"], "billing.meter");
+    assert_eq!(thin["related_object"]["url"].as_str(), Some(format!("/v1/billing/meters/{meter}").as_str()));
+    assert!(thin.get("data").is_none() && thin.get("account").is_none(), "{thin}");
+    // What core reads of it.
+    let parsed: tollgate_core::stripe::ThinEvent = serde_json::from_str(&body)?;
+    assert_eq!((parsed.object.as_str(), parsed.context), (tollgate_core::stripe::THIN_EVENT_OBJECT, None));
+    Ok(())
+}
+
+async fn fake_stripe_serves_a_v2_event_on_its_account_only() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT), (OTHER_KEY, OTHER_ACCOUNT)]).await?;
+    fake.add_platform_key(PLATFORM_KEY, "acct_platform");
+    fake.add_connected_account(PLATFORM_KEY, CONNECTED);
+    fake.add_connected_account(PLATFORM_KEY, "acct_connected_other");
+    let receiver = Receiver::start().await?;
+    // The platform's destination gets its connected accounts' events, each naming its account.
+    fake.add_event_destination("acct_platform", &receiver.url, "whsec_platform_destination01");
+    let connected = Caller::new(&fake, PLATFORM_KEY, Some(CONNECTED));
+    connected.provision().await?;
+    connected.meter_event(Some("mtb_c-1"), "cus_nobody", "mtb_c", 1, now()).await?;
+    fake.report_meter_errors().await?;
+    let (signature, body) = receiver.deliveries()[0].clone();
+    tollgate_core::signature::verify("whsec_platform_destination01", &signature, body.as_bytes(), now(), 300)?;
+    let thin: Value = serde_json::from_str(&body)?;
+    assert_eq!(thin["context"].as_str(), Some(CONNECTED), "{thin}");
+    let id = thin["id"].as_str().unwrap_or_default().to_owned();
+
+    // On the connected account (Stripe-Context): the full event.
+    let full = v2_event(&fake, PLATFORM_KEY, Some(CONNECTED), &id).await?;
+    assert_eq!(full.status, StatusCode::OK, "{}", full.body);
+    assert_eq!(full.body["context"].as_str(), Some(CONNECTED));
+    assert_eq!(full.body["data"]["reason"]["error_types"][0]["sample_errors"][0]["request"]["identifier"], "mtb_c-1");
+    // Anywhere else: 404 (the platform's own account, another connected account, another key's
+    // account), or 403 for an account the key cannot act on.
+    for (key, context) in
+        [(PLATFORM_KEY, None), (PLATFORM_KEY, Some("acct_connected_other")), (OTHER_KEY, None), (KEY, None)]
+    {
+        let elsewhere = v2_event(&fake, key, context, &id).await?;
+        assert_eq!(
+            (elsewhere.status, elsewhere.code()),
+            (StatusCode::NOT_FOUND, "resource_missing"),
+            "{key} {context:?}"
+        );
+    }
+    let forbidden = v2_event(&fake, OTHER_KEY, Some(CONNECTED), &id).await?;
+    assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
     Ok(())
 }

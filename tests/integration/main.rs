@@ -30,6 +30,7 @@ mod invoicing;
 mod jobs;
 mod ledger;
 mod limits;
+mod meter_errors;
 mod mock_provider;
 mod ops;
 mod payment_collection;
@@ -74,6 +75,7 @@ fn main() -> ExitCode {
         alerts::cases(),
         stripe_webhooks::cases(),
         billing::cases(),
+        meter_errors::cases(),
         connect_onboarding::cases(),
         invoicing::cases(),
         currencies::cases(),

@@ -1,7 +1,8 @@
 //! A project's billing through Stripe: how it is connected (a pasted secret or restricted key,
 //! or a Stripe Connect account; test or live), what provisioning made, the meter delivery's lag
 //! and errors, each customer's subscription and drift against Stripe's meter summaries, the
-//! invoices, the webhook endpoint to register in Stripe, and the webhook events received.
+//! invoices, the webhook endpoint and the event destination to register in Stripe (with the
+//! meter error reports received there), and the events received.
 
 use askama::Template;
 use askama_web::WebTemplate;
@@ -40,6 +41,11 @@ pub const WEBHOOK_EVENTS: &[&str] = &[
     "customer.deleted",
     "checkout.session.completed",
 ];
+
+/// The thin event Tollgate acts on, sent to an event destination: Stripe reports meter errors it
+/// finds after accepting a meter event only this way ("Occurs when a Meter has invalid async
+/// usage events", https://docs.stripe.com/api/v2/core/events/event-types).
+pub const DESTINATION_EVENTS: &[&str] = &[tollgate_core::meter_errors::ERROR_REPORT_TRIGGERED];
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
@@ -116,8 +122,21 @@ pub struct ProvisionView {
     price_id: String,
     error: Option<String>,
     next_attempt: String,
-    meter_error: Option<String>,
     billing_from: String,
+}
+
+/// A meter error report Stripe sent, as received.
+pub struct ErrorReportView {
+    event_id: String,
+    meter_id: String,
+    summary: String,
+    errors: i64,
+    codes: String,
+    window: String,
+    batches_failed: i64,
+    /// Errors no sampled request ties to a batch: usage Stripe did not count, not shown above.
+    unidentified: i64,
+    received: String,
 }
 
 pub struct EventView {
@@ -137,6 +156,10 @@ pub struct BillingPage {
     checked_at: String,
     webhook_url: String,
     webhook_events: &'static [&'static str],
+    destination_url: String,
+    destination_events: &'static [&'static str],
+    event_secret_set: bool,
+    error_reports: Vec<ErrorReportView>,
     events: Vec<EventView>,
     invoices: Vec<InvoiceView>,
     provision: Option<ProvisionView>,
@@ -254,7 +277,6 @@ pub(super) async fn page(
             String::new()
         },
         error: p.provision_error,
-        meter_error: p.meter_error,
         billing_from: format::datetime(p.created_at),
     });
     let (period_start, _) = billing::reconcile_window(now);
@@ -286,6 +308,27 @@ pub(super) async fn page(
             }
         })
         .collect();
+    let error_reports = tollgate_core::meter_errors::reports(&state.db, &project.id, 20)
+        .await?
+        .into_iter()
+        .map(|r| ErrorReportView {
+            event_id: r.event_id,
+            meter_id: r.meter_id.unwrap_or_default(),
+            summary: r.summary,
+            errors: r.error_count,
+            codes: r.codes,
+            window: match (r.validation_start, r.validation_end) {
+                (Some(start), Some(end)) => {
+                    format!("{} – {}", format::datetime(start * 1000), format::datetime(end * 1000))
+                }
+                _ => String::new(),
+            },
+            batches_failed: r.batches_failed,
+            unidentified: (r.error_count - r.batches_failed).max(0),
+            received: format::datetime(r.created_at),
+        })
+        .collect();
+    let event_secret_set = stripe::has_event_secret(&state.db, &project.id).await.map_err(stripe_error)?;
     let base = state.config.public_url.trim_end_matches('/');
     let collection = tollgate_core::payment_collection::collection(&state.db, &project.id).await?;
     let one_offs = super::one_off::views(state, &project, None).await?;
@@ -306,6 +349,10 @@ pub(super) async fn page(
         connection,
         webhook_url: format!("{base}/stripe/webhooks/{}", project.id),
         webhook_events: WEBHOOK_EVENTS,
+        destination_url: format!("{base}/stripe/events/{}", project.id),
+        destination_events: DESTINATION_EVENTS,
+        event_secret_set,
+        error_reports,
         events,
         invoices,
         saved,
@@ -417,6 +464,40 @@ pub async fn connect(
                 other => other,
             };
             let page = page(&state, me, project, vec![format!("{label}: {reason}")], false).await?;
+            Ok((StatusCode::BAD_REQUEST, page).into_response())
+        }
+        Err(e) => Err(stripe_error(e)),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct EventSecretForm {
+    csrf: String,
+    event_secret: String,
+}
+
+/// Sets the event destination's signing secret (an empty one removes it).
+pub async fn set_event_secret(
+    State(state): State<AppState>,
+    me: Member,
+    Path(id): Path<String>,
+    Form(form): Form<EventSecretForm>,
+) -> Result<Response, WebError> {
+    me.verify_csrf(&form.csrf).await?;
+    me.require(Role::Admin)?;
+    let project = load_project(&state, &me, &id).await?;
+    let secret = Some(form.event_secret.as_str()).filter(|s| !s.trim().is_empty());
+    match stripe::set_event_secret(&state.db, &state.master_key, &project.id, secret).await {
+        Ok(true) => {
+            let detail = if secret.is_some() { "set" } else { "removed" };
+            audit::record(&state.db, me.org_id(), &me.actor(), "stripe.event_secret", &project.name, detail).await?;
+            Ok(Redirect::to(&format!("/projects/{}/billing?saved=1", project.id)).into_response())
+        }
+        Ok(false) => Err(WebError::BadRequest("Connect Stripe first".to_owned())),
+        Err(StripeError::Invalid { reason, .. }) => {
+            let page =
+                page(&state, me, project, vec![format!("Event destination signing secret: {reason}")], false).await?;
             Ok((StatusCode::BAD_REQUEST, page).into_response())
         }
         Err(e) => Err(stripe_error(e)),

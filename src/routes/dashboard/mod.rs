@@ -85,6 +85,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/billing", get(billing::show).post(billing::connect))
         .route("/projects/{id}/billing/disconnect", post(billing::disconnect))
         .route("/projects/{id}/billing/policy", post(billing::set_policy))
+        .route("/projects/{id}/billing/event-secret", post(billing::set_event_secret))
         .route("/projects/{id}/billing/check", post(billing::check))
         .route("/projects/{id}/billing/connect-stripe", post(billing::connect_stripe))
         .route("/stripe/connect/callback", get(billing::connect_callback))

@@ -41,6 +41,10 @@ pub(super) struct OAuth {
 
 /// The Dashboard's resource behind a path, as Stripe's permission names spell it.
 fn resource(path: &str) -> Option<&'static str> {
+    // API v2's events are read with the Events permission, as v1's (`rak_event_read`).
+    if path.starts_with("/v2/core/events") {
+        return Some("event");
+    }
     let rest = path.strip_prefix("/v1/")?;
     Some(match rest.split('/').next()? {
         "account" => return None,
