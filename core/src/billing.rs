@@ -241,6 +241,17 @@ pub async fn record_customer_failure(db: &Db, customer: &CustomerId, failure: &S
     Ok(())
 }
 
+/// Provisioning of the customer with this Stripe customer is due again now, if it still has
+/// no subscription: something Stripe needed (its billing address, for Stripe Tax) may have
+/// arrived.
+pub async fn provision_again(db: &Db, project: &ProjectId, stripe_customer: &str) -> Result<bool, DbError> {
+    const SQL: &str = "UPDATE customers SET stripe_provision_next_at = 0, stripe_provision_error = NULL \
+        WHERE project_id = $1 AND stripe_customer_id = $2 AND stripe_subscription_id IS NULL";
+    let n = with_db!(db, pool => sqlx::query(SQL).bind(project).bind(stripe_customer).execute(pool).await
+        .map(|r| r.rows_affected()))?;
+    Ok(n > 0)
+}
+
 /// "Retry now": provisioning and failed deliveries of the project are due again.
 pub async fn retry_now(db: &Db, project: &ProjectId) -> Result<u64, DbError> {
     let now = UnixMillis::now().0;

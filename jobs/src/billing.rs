@@ -18,7 +18,7 @@ use stripe_billing::billing_meter::{
 };
 use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
 use stripe_billing::billing_meter_event_summary::ListIdBillingMeterEventSummary;
-use stripe_billing::subscription::{CreateSubscription, CreateSubscriptionItems};
+use stripe_billing::subscription::{CreateSubscription, CreateSubscriptionAutomaticTax, CreateSubscriptionItems};
 use stripe_billing::{BillingMeterStatus, SubscriptionCollectionMethod};
 use stripe_core::customer::CreateCustomer;
 use stripe_product::PriceBillingScheme;
@@ -393,7 +393,10 @@ async fn provision_customer(
         ]));
         // The project's payment collection, as it is when the subscription is made.
         let collection = payment_collection::collection(db, &project.project_id).await?;
-        let create = with_collection(create, collection);
+        let mut create = with_collection(create, collection);
+        if payment_collection::automatic_tax(db, &project.project_id).await? {
+            create = create.automatic_tax(CreateSubscriptionAutomaticTax::new(true));
+        }
         let key = format!("tollgate-subscription-{}-{price}", customer.idempotency_tag());
         match stripe.send_idempotent(&create, &key).await {
             Ok(subscription) => {
@@ -405,6 +408,16 @@ async fn provision_customer(
                     Some(subscription.start_date),
                 )
                 .await?
+            }
+            Err(StripeApiError::Api { code: Some(code), .. }) if code == "customer_tax_location_invalid" => {
+                // Stripe Tax cannot place the customer: nothing is made, and the usage waits.
+                // The setup link asks for the billing address; once the customer saves one there,
+                // provisioning runs again (`saved_payment_methods`).
+                let message = "Stripe Tax needs this customer's location (customer_tax_location_invalid): send them \
+                    the payment-method setup link, which asks for their billing address, or set their address in \
+                    Stripe and press Retry"
+                    .to_owned();
+                return Ok(Err(StepFailure { message, retry_in_ms: None }));
             }
             Err(e) => return Ok(Err(step_failure("creating the subscription", &e, attempts))),
         }

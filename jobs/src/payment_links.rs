@@ -8,12 +8,15 @@ use std::collections::HashMap;
 
 use secrecy::SecretString;
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
-use stripe_checkout::checkout_session::CreateCheckoutSession;
-use stripe_shared::CheckoutSessionMode;
+use stripe_checkout::checkout_session::{
+    CreateCheckoutSession, CreateCheckoutSessionCustomerUpdate, CreateCheckoutSessionCustomerUpdateAddress,
+};
+use stripe_shared::{CheckoutSessionBillingAddressCollection, CheckoutSessionMode};
 use tollgate_core::billing;
 use tollgate_core::crypto::MasterKey;
 use tollgate_core::db::DbError;
 use tollgate_core::ids::{CustomerId, ProjectId};
+use tollgate_core::payment_collection;
 use tollgate_core::stripe;
 
 use crate::stripe_api::{Credentials, StripeApi, StripeApiError};
@@ -95,7 +98,7 @@ pub async fn create(
     let url = match kind {
         LinkKind::PaymentSetup => {
             let Ok(currency) = currency.to_ascii_lowercase().parse::<stripe_types::Currency>();
-            let create = CreateCheckoutSession::new()
+            let mut create = CreateCheckoutSession::new()
                 .customer(stripe_customer)
                 .mode(CheckoutSessionMode::Setup)
                 .currency(currency)
@@ -105,6 +108,18 @@ pub async fn create(
                     ("tollgate_customer".to_owned(), customer.to_string()),
                     ("tollgate_project".to_owned(), project.to_string()),
                 ]));
+            if payment_collection::automatic_tax(db, project).await? {
+                // Stripe Tax needs the customer's location: Checkout asks for the billing address
+                // and saves it on the customer ("Checkout handles the collection of customer
+                // addresses for you", https://docs.stripe.com/tax/customer-locations).
+                let update = CreateCheckoutSessionCustomerUpdate {
+                    address: Some(CreateCheckoutSessionCustomerUpdateAddress::Auto),
+                    ..CreateCheckoutSessionCustomerUpdate::new()
+                };
+                create = create
+                    .billing_address_collection(CheckoutSessionBillingAddressCollection::Required)
+                    .customer_update(update);
+            }
             stripe.send_idempotent(&create, &key).await?.url
         }
         LinkKind::BillingPortal => {

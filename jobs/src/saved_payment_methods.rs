@@ -75,7 +75,11 @@ async fn make_default(
     let update = UpdateCustomer::new(saved.stripe_customer_id.as_str()).invoice_settings(settings);
     let key = format!("tollgate-default-payment-method-{}", saved.checkout_session);
     match stripe.send_idempotent(&update, &key).await {
-        Ok(_) => Ok(Ok(method)),
+        Ok(_) => {
+            // The session may have saved the billing address Stripe Tax was waiting for.
+            billing::provision_again(db, &saved.project_id, &saved.stripe_customer_id).await?;
+            Ok(Ok(method))
+        }
         Err(e) => Ok(Err((format!("making it the default: {e}"), retry(&e)))),
     }
 }

@@ -22,6 +22,7 @@ pub fn cases() -> Vec<DbCase> {
         links_are_refused_for_an_unprovisioned_customer_or_an_unconnected_project,
         send_invoice_and_charge_automatically_each_reach_a_paid_invoice,
         a_card_saved_through_the_setup_link_pays_the_next_invoice,
+        stripe_tax_waits_for_the_location_the_setup_link_collects,
     ]
 }
 
@@ -325,5 +326,55 @@ async fn a_card_saved_through_the_setup_link_pays_the_next_invoice(db: TestDatab
         "{invoice}"
     );
     assert!(invoice["total"].as_i64() > Some(0), "{invoice}");
+    b.s.app.stop().await
+}
+
+/// Stripe Tax (issue 21), turned on in the dashboard: a customer whose location Stripe does
+/// not know gets no subscription (Stripe refuses automatic tax for it) and its usage waits,
+/// with what is missing on the billing page; the setup link asks for the billing address, and
+/// once the customer saved one there the subscription is made with automatic tax and the
+/// usage lands on its invoice.
+async fn stripe_tax_waits_for_the_location_the_setup_link_collects(db: TestDatabase) -> TestResult {
+    let b = setup(&db).await?;
+    b.connect_with_key().await?;
+    let browser = b.dashboard().await?;
+    let billing = format!("/projects/{}/billing", b.s.project.id);
+    let saved = browser
+        .submit(
+            &billing,
+            &format!("{billing}/collection"),
+            &[("collection_method", "send_invoice"), ("days_until_due", "30"), ("automatic_tax", "on")],
+        )
+        .await?;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    assert!(payment_collection::automatic_tax(&b.s.app.state.db, &b.s.project.id).await?);
+    assert!(browser.get(&billing).await?.body.contains("Stripe Tax: <strong>on</strong>"));
+
+    b.calls("taxed", 2, 10).await?;
+    b.provision().await?;
+    let customer = b.stripe_customer("taxed").await?;
+    assert!(b.fake.subscriptions(ACCOUNT).is_empty(), "a subscription without a tax location");
+    let page = b.billing_page().await?;
+    assert!(page.contains("Stripe Tax needs this customer") && page.contains("setup link"), "{page}");
+    assert_eq!(b.deliver().await?.delivered, 0, "nothing is sent before the subscription exists");
+
+    let (status, link) = b.s.api(Method::POST, "/api/v1/customers/taxed/payment-setup", Some(json!({}))).await?;
+    assert_eq!(status, StatusCode::CREATED, "{link}");
+    let session = b.fake.checkout_sessions(ACCOUNT).pop().ok_or_else(|| anyhow::anyhow!("no session"))?;
+    assert_eq!(session["billing_address_collection"], "required", "{session}");
+    let id = session["id"].as_str().unwrap_or_default().to_owned();
+    let completed = b.fake.complete_checkout_session(ACCOUNT, &id).ok_or_else(|| anyhow::anyhow!("not open"))?;
+    let webhook = b.s.app.url(&format!("/stripe/webhooks/{}", b.s.project.id));
+    let (status, body) = b.fake.send_event(&webhook, WHSEC, "checkout.session.completed", completed, None).await?;
+    assert!(status.is_success(), "{body}");
+    b.process_events().await?;
+    tollgate_jobs::saved_payment_methods::make_defaults(&b.s.app.state.db, &b.services).await?;
+    b.provision().await?;
+    let subscription = b.subscription("taxed").await?;
+    assert_eq!(subscription["automatic_tax"]["enabled"], true, "{subscription}");
+    assert_eq!(subscription["customer"], customer.as_str());
+    b.deliver().await?;
+    b.close_periods().await;
+    b.invoiced_as_billed("taxed").await?;
     b.s.app.stop().await
 }
