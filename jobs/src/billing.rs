@@ -663,7 +663,7 @@ pub async fn reconcile(db: &Db, services: &BillingServices) -> Result<usize, Bil
                 Ok(list) => list
                     .data
                     .iter()
-                    .try_fold(0.0, |sum, s| s.aggregated_value.is_finite().then(|| sum + s.aggregated_value))
+                    .try_fold(0.0, |sum, s| s.aggregated_value.is_finite().then_some(sum + s.aggregated_value))
                     .ok_or_else(|| "Stripe's summary is not a number".to_owned()),
                 Err(e) => Err(e.to_string()),
             };
