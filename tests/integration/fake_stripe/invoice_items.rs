@@ -62,7 +62,8 @@ pub(super) async fn create_invoice_item(
             "description": text(params, "description"), "invoice": null, "date": created, "livemode": false,
             "metadata": metadata(params), "period": {"start": created, "end": created}, "quantity": 1,
             "proration": false, "discountable": true, "pricing": null, "parent": null, "discounts": [],
-            "tax_rates": [], "test_clock": null,
+            "tax_rates": [], "test_clock": null, "customer_account": null, "frozen_fields": null,
+            "invoicing_rules": null, "net_amount": amount, "proration_details": null, "quantity_decimal": "1",
         });
         inner.accounts.entry(account.to_owned()).or_default().invoice_items.push(item.clone());
         (StatusCode::OK, item)
@@ -113,7 +114,8 @@ pub(super) async fn create_invoice(
                     "id": format!("il_{}", item["id"].as_str().unwrap_or_default()), "object": "line_item",
                     "amount": item["amount"], "currency": item["currency"], "description": item["description"],
                     "quantity": 1, "invoice": id, "livemode": false, "metadata": item["metadata"],
-                    "period": item["period"], "pricing": null,
+                    "period": item["period"], "pricing": null, "subtotal": item["amount"], "discountable": true,
+                    "discounts": [],
                     "parent": {"type": "invoice_item_details",
                                "invoice_item_details": {"invoice_item": item["id"], "proration": false}},
                 }));
@@ -126,7 +128,8 @@ pub(super) async fn create_invoice(
             "collection_method": collection_method, "days_until_due": days_until_due,
             "period_start": created, "period_end": created, "created": created, "livemode": false,
             "billing_reason": "manual", "auto_advance": text(params, "auto_advance") == Some("true"), "parent": null,
-            "automatic_tax": {"enabled": automatic_tax, "status": null, "liability": null, "disabled_reason": null},
+            "automatic_tax": {"enabled": automatic_tax, "status": null, "liability": null, "disabled_reason": null,
+                              "provider": null},
             "amount_due": total, "amount_paid": 0, "amount_remaining": total, "subtotal": total, "total": total,
             "attempted": false, "attempt_count": 0, "next_payment_attempt": null,
             "hosted_invoice_url": null, "number": null, "due_date": null,
@@ -135,6 +138,19 @@ pub(super) async fn create_invoice(
             "lines": {"object": "list", "has_more": false, "data": lines, "url": format!("/v1/invoices/{id}/lines")},
             "metadata": metadata(params),
         });
+        // The fields `stripe_shared::Invoice` needs (see `invoices`), apart: one `json!` of all
+        // of them is past the macro's recursion limit.
+        let more = json!({
+            "amount_overpaid": 0, "amount_shipping": 0, "starting_balance": 0, "ending_balance": null,
+            "post_payment_credit_notes_amount": 0, "pre_payment_credit_notes_amount": 0,
+            "default_tax_rates": [], "discounts": [], "issuer": {"type": "self"},
+            "payment_settings": {"default_mandate": null, "payment_method_options": null,
+                                 "payment_method_types": null},
+        });
+        let mut invoice = invoice;
+        if let (Some(fields), Some(extra)) = (invoice.as_object_mut(), more.as_object()) {
+            fields.extend(extra.clone());
+        }
         data.invoices.push(invoice.clone());
         (StatusCode::OK, invoice)
     })
