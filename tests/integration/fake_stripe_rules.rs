@@ -24,6 +24,7 @@ pub fn cases() -> Vec<PlainCase> {
         fake_stripe_forgets_identifiers_after_its_window,
         fake_stripe_summaries_lag_and_sum_in_floating_point,
         fake_stripe_prices_need_a_lowercase_currency_and_at_most_12_decimals,
+        fake_stripe_invoices_by_hand_and_deleted_customers_follow_stripes_rules,
         fake_stripe_reports_an_unknown_customer_later,
         fake_stripe_sends_thin_events_signed_with_the_destinations_secret,
         fake_stripe_serves_a_v2_event_on_its_account_only,
@@ -949,5 +950,75 @@ async fn fake_stripe_serves_a_v2_event_on_its_account_only() -> anyhow::Result<(
     }
     let forbidden = v2_event(&fake, OTHER_KEY, Some(CONNECTED), &id).await?;
     assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
+    Ok(())
+}
+
+/// Invoicing by hand (`fake_stripe::invoice_items`) and customers (`payments`): an invoice
+/// takes pending items only with `pending_invoice_items_behavior=include`; a sent invoice needs
+/// `days_until_due`; a finalized invoice cannot be finalized again; automatic tax is refused
+/// until the customer has an address; a default payment method must be the customer's own;
+/// a deleted customer is "No such customer" everywhere.
+async fn fake_stripe_invoices_by_hand_and_deleted_customers_follow_stripes_rules() -> anyhow::Result<()> {
+    let fake = FakeStripe::start(&[(KEY, ACCOUNT)]).await?;
+    let stripe = Caller::new(&fake, KEY, None);
+    let customer = stripe.customer("customer-1").await?.id();
+    let item = |amount: &'static str| {
+        let form = vec![("customer", customer.clone()), ("currency", "usd".to_owned()), ("amount", amount.to_owned())];
+        let stripe = &stripe;
+        async move { stripe.post("/invoiceitems", None, &form).await }
+    };
+    let made = item("250").await?;
+    assert_eq!((made.status, made.body["invoice"].clone()), (StatusCode::OK, Value::Null), "{}", made.body);
+    let invoice = |extra: Vec<(&'static str, String)>| {
+        let mut form = vec![("customer", customer.clone()), ("currency", "usd".to_owned())];
+        form.extend(extra);
+        let stripe = &stripe;
+        async move { stripe.post("/invoices", None, &form).await }
+    };
+    // Excluded by default: the item stays pending.
+    let empty = invoice(vec![("collection_method", "send_invoice".to_owned()), ("days_until_due", "30".to_owned())]).await?;
+    assert_eq!((empty.status, empty.body["total"].as_i64()), (StatusCode::OK, Some(0)), "{}", empty.body);
+    let no_due = invoice(vec![("collection_method", "send_invoice".to_owned())]).await?;
+    assert_eq!(no_due.status, StatusCode::BAD_REQUEST, "{}", no_due.body);
+    let taken = invoice(vec![
+        ("collection_method", "send_invoice".to_owned()),
+        ("days_until_due", "30".to_owned()),
+        ("pending_invoice_items_behavior", "include".to_owned()),
+    ])
+    .await?;
+    assert_eq!((taken.status, taken.body["total"].as_i64()), (StatusCode::OK, Some(250)), "{}", taken.body);
+    let finalize = |id: String| {
+        let stripe = &stripe;
+        async move { stripe.post(&format!("/invoices/{id}/finalize"), None, &[]).await }
+    };
+    let open = finalize(taken.id()).await?;
+    assert_eq!((open.status, open.body["status"].as_str()), (StatusCode::OK, Some("open")), "{}", open.body);
+    assert!(open.body["due_date"].as_i64().is_some());
+    assert_eq!(finalize(taken.id()).await?.status, StatusCode::BAD_REQUEST, "finalized twice");
+
+    // Automatic tax needs the customer's location.
+    let taxed = invoice(vec![
+        ("pending_invoice_items_behavior", "include".to_owned()),
+        ("automatic_tax[enabled]", "true".to_owned()),
+    ])
+    .await?;
+    let refused = finalize(taxed.id()).await?;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    assert_eq!(refused.body["error"]["code"], "customer_tax_location_invalid");
+
+    // A default payment method must be attached to the customer.
+    let foreign = stripe
+        .post(&format!("/customers/{customer}"), None, &[("invoice_settings[default_payment_method]", "pm_other".to_owned())])
+        .await?;
+    assert_eq!(foreign.status, StatusCode::BAD_REQUEST, "{}", foreign.body);
+    assert_eq!(foreign.body["error"]["code"], "resource_missing");
+    assert_eq!(foreign.body["error"]["param"], "invoice_settings[default_payment_method]");
+
+    // Deleted: gone from every call.
+    let deleted = stripe.send(stripe.http.delete(format!("{}/v1/customers/{customer}", fake.base_url()))).await?;
+    assert_eq!((deleted.status, deleted.body["deleted"].clone()), (StatusCode::OK, Value::Bool(true)), "{}", deleted.body);
+    let gone = item("100").await?;
+    assert_eq!((gone.status, gone.body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("resource_missing")));
+    assert_eq!(stripe.get(&format!("/customers/{customer}")).await?.status, StatusCode::NOT_FOUND);
     Ok(())
 }
