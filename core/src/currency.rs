@@ -132,7 +132,8 @@ mod tests {
     fn each_kind_of_minor_unit_is_written_its_way() {
         assert_eq!(display(n("1234.5"), "usd"), "1,234.50 USD");
         assert_eq!(display(n("0.6304312"), "usd"), "0.63 USD");
-        assert_eq!(display(n("0.005"), "usd"), "0.01 USD");
+        assert_eq!(display(n("0.015"), "usd"), "0.02 USD");
+        assert_eq!(display(n("0.014999"), "usd"), "0.01 USD");
         assert_eq!(display(n("0"), "usd"), "0.00 USD");
         assert_eq!(display(n("-2.5"), "eur"), "-2.50 EUR");
         assert_eq!(display(n("1234.5"), "jpy"), "1,235 JPY");
@@ -144,6 +145,7 @@ mod tests {
     #[test]
     fn dust_below_the_minor_unit_is_not_shown_as_zero() {
         assert_eq!(display(n("0.000006"), "usd"), "0.000006 USD");
+        assert_eq!(display(n("0.005"), "usd"), "0.005 USD");
         assert_eq!(display(n("0.4"), "jpy"), "0.40 JPY");
         assert_eq!(display(n("-0.000000001"), "usd"), "-0.000000001 USD");
         assert_eq!(exact(n("0.6304312"), "usd"), "0.6304312 USD");

@@ -976,7 +976,8 @@ async fn fake_stripe_invoices_by_hand_and_deleted_customers_follow_stripes_rules
         async move { stripe.post("/invoices", None, &form).await }
     };
     // Excluded by default: the item stays pending.
-    let empty = invoice(vec![("collection_method", "send_invoice".to_owned()), ("days_until_due", "30".to_owned())]).await?;
+    let empty =
+        invoice(vec![("collection_method", "send_invoice".to_owned()), ("days_until_due", "30".to_owned())]).await?;
     assert_eq!((empty.status, empty.body["total"].as_i64()), (StatusCode::OK, Some(0)), "{}", empty.body);
     let no_due = invoice(vec![("collection_method", "send_invoice".to_owned())]).await?;
     assert_eq!(no_due.status, StatusCode::BAD_REQUEST, "{}", no_due.body);
@@ -1008,7 +1009,11 @@ async fn fake_stripe_invoices_by_hand_and_deleted_customers_follow_stripes_rules
 
     // A default payment method must be attached to the customer.
     let foreign = stripe
-        .post(&format!("/customers/{customer}"), None, &[("invoice_settings[default_payment_method]", "pm_other".to_owned())])
+        .post(
+            &format!("/customers/{customer}"),
+            None,
+            &[("invoice_settings[default_payment_method]", "pm_other".to_owned())],
+        )
         .await?;
     assert_eq!(foreign.status, StatusCode::BAD_REQUEST, "{}", foreign.body);
     assert_eq!(foreign.body["error"]["code"], "resource_missing");
@@ -1016,7 +1021,12 @@ async fn fake_stripe_invoices_by_hand_and_deleted_customers_follow_stripes_rules
 
     // Deleted: gone from every call.
     let deleted = stripe.send(stripe.http.delete(format!("{}/v1/customers/{customer}", fake.base_url()))).await?;
-    assert_eq!((deleted.status, deleted.body["deleted"].clone()), (StatusCode::OK, Value::Bool(true)), "{}", deleted.body);
+    assert_eq!(
+        (deleted.status, deleted.body["deleted"].clone()),
+        (StatusCode::OK, Value::Bool(true)),
+        "{}",
+        deleted.body
+    );
     let gone = item("100").await?;
     assert_eq!((gone.status, gone.body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("resource_missing")));
     assert_eq!(stripe.get(&format!("/customers/{customer}")).await?.status, StatusCode::NOT_FOUND);

@@ -119,8 +119,8 @@ mod tests {
         ];
         let svg = spend_chart(&days, "u<s>d");
         assert!(svg.contains("1970-01-01") && svg.contains("1970-01-02"));
-        assert!(svg.contains("2.50 u&lt;s&gt;d"));
-        assert!(!svg.contains("<s>"));
+        assert!(svg.contains("2.50 U&lt;S&gt;D"));
+        assert!(!svg.contains("<S>"));
         assert!(svg.contains("role=\"img\""));
     }
 }
