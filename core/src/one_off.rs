@@ -303,11 +303,16 @@ pub struct Waiting {
 impl Waiting {
     /// Why, as the pages say it.
     pub fn reason(&self) -> String {
-        if self.customer_deleted {
-            "customer deleted in Stripe".to_owned()
-        } else {
-            format!("subscription {}", self.subscription_status.as_deref().unwrap_or_default().replace('_', " "))
-        }
+        reason(self.customer_deleted, self.subscription_status.as_deref())
+    }
+}
+
+/// Why Stripe would invoice a customer's usage nowhere, as the pages say it.
+pub fn reason(customer_deleted: bool, subscription_status: Option<&str>) -> String {
+    if customer_deleted {
+        "customer deleted in Stripe".to_owned()
+    } else {
+        format!("subscription {}", subscription_status.unwrap_or_default().replace('_', " "))
     }
 }
 

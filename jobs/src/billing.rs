@@ -256,23 +256,6 @@ pub async fn provision(db: &Db, services: &BillingServices) -> Result<ProvisionR
     Ok(report)
 }
 
-/// Minor units of the currency per nano-unit, as Stripe's `unit_amount_decimal` (at most 12
-/// decimals): the meter counts nano-units of the project's currency.
-pub fn unit_amount_decimal(currency: &str) -> &'static str {
-    const ZERO_DECIMAL: &[&str] = &[
-        "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf",
-    ];
-    const THREE_DECIMAL: &[&str] = &["bhd", "jod", "kwd", "omr", "tnd"];
-    let currency = currency.to_ascii_lowercase();
-    if ZERO_DECIMAL.contains(&currency.as_str()) {
-        "0.000000001"
-    } else if THREE_DECIMAL.contains(&currency.as_str()) {
-        "0.000001"
-    } else {
-        "0.0000001"
-    }
-}
-
 async fn provision_project(
     db: &Db,
     api: &StripeApi,
@@ -341,7 +324,7 @@ async fn provision_project(
         };
         let create = CreatePrice::new(currency)
             .product(product_id)
-            .unit_amount_decimal(unit_amount_decimal(&project.currency))
+            .unit_amount_decimal(tollgate_core::currency::unit_amount_decimal(&project.currency))
             .billing_scheme(PriceBillingScheme::PerUnit)
             .recurring(recurring)
             .nickname("LLM usage, per nano-unit of the currency")
@@ -677,13 +660,6 @@ pub async fn reconcile(db: &Db, services: &BillingServices) -> Result<usize, Bil
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_price_is_one_nano_unit_in_the_currency_minor_unit() {
-        assert_eq!(unit_amount_decimal("usd"), "0.0000001");
-        assert_eq!(unit_amount_decimal("JPY"), "0.000000001");
-        assert_eq!(unit_amount_decimal("kwd"), "0.000001");
-    }
 
     #[test]
     fn delivery_paces_itself_below_stripes_limit_for_the_mode() {

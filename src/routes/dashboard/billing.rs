@@ -253,11 +253,7 @@ pub(super) async fn page(
                     .map(|u| UninvoiceableView {
                         customer_id: u.customer_id.to_string(),
                         customer: u.external_id,
-                        reason: if u.customer_deleted {
-                            "customer deleted in Stripe".to_owned()
-                        } else {
-                            format!("subscription {}", u.subscription_status.unwrap_or_default().replace('_', " "))
-                        },
+                        reason: tollgate_core::one_off::reason(u.customer_deleted, u.subscription_status.as_deref()),
                         customer_deleted: u.customer_deleted,
                         calls: u.events,
                         amount: money(u.nanos),
