@@ -77,6 +77,10 @@ pub fn metrics_handle() -> PrometheusHandle {
                 "One ledger batch's transaction, first statement to commit"
             );
             metrics::describe_histogram!(ledger::BATCH_OPERATIONS, "Ledger operations per batch (one commit)");
+            metrics::describe_counter!(
+                ledger::HOLDS_TOTAL,
+                "Proxied calls' holds, by how: carved from a lease, taking a lease, alone, or waited for a lease"
+            );
             metrics::describe_gauge!(
                 "tollgate_cache_entries",
                 "Entries an in-memory cache holds now, by cache (see tollgate::memory)"

@@ -28,6 +28,7 @@ pub fn cases() -> Vec<crate::helpers::DbCase> {
         a_busy_customer_s_calls_share_a_lease_and_nothing_stays_held_at_rest,
         leased_calls_on_two_processes_never_spend_past_the_budget,
         a_lease_is_carved_no_more_once_its_customer_is_blocked,
+        a_call_waits_for_spare_another_process_gives_back_late,
     ]
 }
 
@@ -313,6 +314,8 @@ async fn a_busy_customer_s_calls_share_a_lease_and_nothing_stays_held_at_rest(db
     for remaining in join_all(settlements).await {
         remaining?;
     }
+    // The lease (its customer busy) lingers a moment for calls that would follow, then is freed.
+    tokio::time::sleep(lease::LINGER + std::time::Duration::from_millis(200)).await;
     let billed: i64 = (0..=100).map(|i| if i % 10 == 3 { 0 } else { unit.0 / 4 }).sum();
     assert_eq!(books(&s, &c).await?, (billed, 0, 0, 101), "(spent, reserved, rows, events) at rest");
 
@@ -417,5 +420,49 @@ async fn a_lease_is_carved_no_more_once_its_customer_is_blocked(db: TestDatabase
         ledger.settle(Settlement::new(Some(r), settled_call(&s, &c, i, unit, unit))).await?;
     }
     assert_eq!(books(&s, &c).await?, (5 * unit.0, 0, 0, 5), "(spent, reserved, rows, events)");
+    s.app.stop().await
+}
+
+/// Another process's lease holds spare past its due time (its process is slow: a busy
+/// machine), so a call that the budget covers without that spare finds it held on its first
+/// try and on a retry at the due time. It waits on — for as long as any spare is held — and
+/// is admitted once it is given back, not refused.
+async fn a_call_waits_for_spare_another_process_gives_back_late(db: TestDatabase) -> TestResult {
+    let s = setup(&db, BudgetPolicy::Clamp).await?;
+    let (pool, ledger) = (&s.app.state.db, &s.app.state.ledger);
+    let c = customer(&s, "late", 1_000).await?;
+    let budget = 1_000 * OUTPUT_NANOS_PER_TOKEN;
+    // The other process's lease: one call's share (a tenth) and spare for the rest, due back
+    // already.
+    let (share, spare) = (budget / 10, budget - budget / 10);
+    let now = UnixMillis::now().0;
+    with_db!(pool, pool => sqlx::query(
+        "INSERT INTO reservations (id, customer_id, amount_nanos, request_id, created_at, expires_at, spare_until) \
+         VALUES ('res_elsewhere', $1, $2, 'req-elsewhere', $3, $4, $5)")
+        .bind(&c.id).bind(budget).bind(now).bind(now + 60_000).bind(now - 1).execute(pool).await.map(drop))?;
+    with_db!(pool, pool => sqlx::query("UPDATE customers SET reserved_nanos = reserved_nanos + $1 WHERE id = $2")
+        .bind(budget).bind(&c.id).execute(pool).await.map(drop))?;
+
+    // It gives the spare back 700 ms late.
+    let giving_back = {
+        let (pool, id) = (pool.clone(), c.id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            // The budget first, then the mark, as one transaction would show them.
+            with_db!(&pool, pool => sqlx::query("UPDATE customers SET reserved_nanos = reserved_nanos - $1 WHERE id = $2")
+                .bind(spare).bind(&id).execute(pool).await.map(drop))?;
+            with_db!(&pool, pool => sqlx::query(
+                "UPDATE reservations SET amount_nanos = amount_nanos - $1, spare_until = NULL WHERE id = 'res_elsewhere'")
+                .bind(spare).execute(pool).await.map(drop))?;
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+    let started = std::time::Instant::now();
+    let call = reserve_leased(ledger, &c, Nanos(budget - share), 1).await?;
+    let waited = started.elapsed();
+    giving_back.await??;
+    let call = reserved(call);
+    assert!(waited >= std::time::Duration::from_millis(600), "admitted after {waited:?}, before the spare came back?");
+    ledger.settle(Settlement::new(Some(call), settled_call(&s, &c, 1, Nanos(budget - share), Nanos::ZERO))).await?;
     s.app.stop().await
 }

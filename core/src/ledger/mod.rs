@@ -865,8 +865,11 @@ struct Job {
     reply: oneshot::Sender<Result<Done, DbError>>,
 }
 
-/// How many operations one transaction takes at most.
-const MAX_BATCH: usize = 128;
+/// How many operations one transaction takes at most: enough for every call of hundreds of
+/// concurrent clients of one busy customer to settle in one commit (on PostgreSQL a batch of one
+/// customer waits for the previous one's commit, its row locked until then, so fewer
+/// operations per commit is fewer calls a second).
+const MAX_BATCH: usize = 512;
 /// Operations waiting beyond this make their callers wait to enqueue (backpressure).
 const QUEUE: usize = 8_192;
 
@@ -981,13 +984,20 @@ impl Ledger {
     /// Leases never refuse what a plain reservation would admit: before a call is refused,
     /// the spare of its customer's leases — this process's, given back at once, and other
     /// processes', given back within [`lease::FRESH`] — is waited for, and the call tried again.
+    ///
+    /// It is tried again for as long as any lease of the customer still holds spare (up to
+    /// [`SPARE_WAIT`]): once on a busy machine a lease may be trimmed late, or another
+    /// process may have taken its next lease meanwhile (which it does only while the
+    /// customer has many calls' worth left, see [`lease`]), and one retry would then refuse
+    /// a call that the budget covers.
     pub async fn reserve_leased(&self, hold: Hold) -> Result<ReserveOutcome, DbError> {
         let started = std::time::Instant::now();
         let mut outcome = self.hold_leased(hold.clone()).await;
-        if matches!(outcome, Ok(ReserveOutcome::Insufficient { .. }))
+        while matches!(outcome, Ok(ReserveOutcome::Insufficient { .. }))
+            && started.elapsed() < SPARE_WAIT
             && self.spare_given_back(&hold.customer_id).await?
         {
-            outcome = self.hold_leased(hold).await;
+            outcome = self.hold_leased(hold.clone()).await;
         }
         metrics::histogram!(LEDGER_SECONDS, "op" => "reserve").record(started.elapsed().as_secs_f64());
         outcome
@@ -1021,7 +1031,15 @@ impl Ledger {
         // as it would wait to hold alone) rather than hold alone beside it; once.
         let mut may_wait = true;
         let extra = loop {
-            match self.leases.plan(&hold, may_wait) {
+            let plan = self.leases.plan(&hold, may_wait);
+            let how = match &plan {
+                lease::Plan::Carved(_) => "carved",
+                lease::Plan::Alone => "alone",
+                lease::Plan::Lease(_) => "lease",
+                lease::Plan::Wait(_) => "waited",
+            };
+            metrics::counter!(HOLDS_TOTAL, "how" => how).increment(1);
+            match plan {
                 lease::Plan::Carved(outcome) => return Ok(outcome),
                 lease::Plan::Alone => break None,
                 lease::Plan::Lease(extra) => break Some(extra),
@@ -1077,7 +1095,14 @@ impl Ledger {
     /// it can never count twice. A call carved from a lease gives back to it what it did not
     /// bill (see [`lease`]).
     pub async fn settle(&self, mut settlement: Settlement) -> Result<Option<Nanos>, DbError> {
-        self.leases.settling(&mut settlement);
+        if let Some(lingering) = self.leases.settling(&mut settlement) {
+            // Its last call for now: unless calls carve from it meanwhile, it ends.
+            let (leases, db) = (self.leases.clone(), self.db.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(lease::LINGER).await;
+                end_lease_if_idle(&leases, &db, &lingering).await;
+            });
+        }
         let mut wait = std::time::Duration::from_millis(100);
         loop {
             match self.submit(Op::Settle(Box::new(settlement.clone())), true).await {
@@ -1160,6 +1185,14 @@ pub const LEDGER_SECONDS: &str = "tollgate_ledger_seconds";
 pub const COMMIT_SECONDS: &str = "tollgate_ledger_commit_seconds";
 /// Operations per batch (one transaction, one commit).
 pub const BATCH_OPERATIONS: &str = "tollgate_ledger_batch_operations";
+/// A proxied call's hold, by `how`: `carved` from a lease in memory, `lease` taken with it,
+/// `alone` (a row of its own), and `waited` for a lease being taken (then one of the others).
+pub const HOLDS_TOTAL: &str = "tollgate_ledger_holds_total";
+
+/// How long a call that only leases' spare would refuse waits at most for it to be given back
+/// (see [`Ledger::reserve_leased`]): a lease's spare is due back within [`lease::SPARE_FOR`],
+/// with room for a busy machine.
+const SPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a writer keeps its connection while nothing comes.
 const KEEP_IDLE: std::time::Duration = std::time::Duration::from_millis(200);
@@ -1294,12 +1327,28 @@ async fn journal(leases: std::sync::Weak<lease::Leases>, db: Db, instance: Insta
 /// Gives back what lease `id` holds for calls not made yet (see [`lease::Leases::trim`]).
 /// Returns whether it held any.
 async fn trim_lease(leases: &lease::Leases, db: &Db, id: &ReservationId) -> bool {
+    if end_lease_if_idle(leases, db, id).await {
+        return true;
+    }
     let Some(spare) = leases.trim(id) else { return false };
     if let Err(e) = give_back(db, id, spare).await {
         // Held until its last call settles (which deletes its row) instead.
         tracing::warn!(error = %e, reservation = %id, "could not give back a lease's spare");
     }
     spare.0 > 0
+}
+
+/// Ends lease `id` if no call is in flight on it (see [`lease::Leases::end_idle`]), freeing
+/// its row whole. Returns whether it did.
+async fn end_lease_if_idle(leases: &lease::Leases, db: &Db, id: &ReservationId) -> bool {
+    if !leases.end_idle(id) {
+        return false;
+    }
+    if let Err(e) = release(db, id).await {
+        // Released by its expiry instead.
+        tracing::warn!(error = %e, reservation = %id, "could not free a lease that ended");
+    }
+    true
 }
 
 /// Shrinks lease `id`'s row by `spare` and unholds it from its customer; marks the row as
