@@ -396,6 +396,13 @@ impl Egress {
         Ok(self.client.post(url))
     }
 
+    /// A GET of `url`, checked as [`Egress::post`] checks a POST (for testing a provider
+    /// connection with a models call).
+    pub fn get(&self, url: Url) -> Result<reqwest::RequestBuilder, Refused> {
+        self.policy.check_literal(&url)?;
+        Ok(self.client.get(url))
+    }
+
     /// Checks `url` as a request to it would be checked, resolving its host now: for telling
     /// a tenant at once when they save a destination. A name that does not resolve passes
     /// (it may later); every request is checked again when it is sent.

@@ -21,6 +21,7 @@
 //! - [`alerts`]: budget alerts, which fire once per customer and period, and their deliveries.
 //! - [`egress`]: where a tenant-chosen destination (provider, webhook) may be, and the one
 //!   client that calls it.
+//! - [`first_run`]: what a project still lacks before its first call works, and provider tests.
 
 pub mod accounts;
 pub mod alerts;
@@ -34,6 +35,7 @@ pub mod customers;
 pub mod db;
 pub mod egress;
 pub mod estimate;
+pub mod first_run;
 pub mod idempotency;
 pub mod ids;
 pub mod instances;

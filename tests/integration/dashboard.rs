@@ -412,7 +412,7 @@ async fn another_organizations_project_is_not_found(db: TestDatabase) -> TestRes
 }
 
 /// The secret shown once after creating a key.
-fn shown_key(html: &str) -> Option<String> {
+pub(crate) fn shown_key(html: &str) -> Option<String> {
     let start = html.find("id=\"new-key\">")? + "id=\"new-key\">".len();
     let end = html[start..].find('<')? + start;
     Some(html[start..end].trim().to_owned())

@@ -24,6 +24,7 @@ mod fake_smtp;
 mod fake_stripe;
 mod fake_stripe_payment_rules;
 mod fake_stripe_rules;
+mod first_run;
 mod helpers;
 mod hostile_tenant;
 mod invoicing;
@@ -84,6 +85,7 @@ fn main() -> ExitCode {
         browser::cases(),
         hostile_tenant::cases(),
         bounded_maps::cases(),
+        first_run::cases(),
     ]
     .into_iter()
     .flatten()

@@ -6,6 +6,8 @@
 //! streaming, and reports usage (10 input tokens; embeddings 5 per input) — plus what the real
 //! provider bills for what Tollgate cannot count itself: images (the provider's figures for the
 //! model, at the largest size, as for an image by URL) and hosted tools ([`HOSTED_TOOL_TOKENS`]).
+//! `GET /v1/models` lists [`MODELS`] in OpenAI's shape (Bearer) or Anthropic's (`x-api-key`),
+//! and refuses a credential containing `invalid` with 401, echoing it as a careless provider might.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -17,7 +19,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -44,6 +46,7 @@ impl MockProvider {
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/messages", post(messages))
             .route("/v1/messages/count_tokens", post(count_tokens))
+            .route("/v1/models", get(models))
             .layer(axum::middleware::from_fn_with_state(mock.clone(), record_credentials))
             .with_state(mock.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -229,6 +232,37 @@ async fn embeddings(State(mock): State<MockProvider>, Json(body): Json<Value>) -
     Json(json!({"object": "list", "data": data, "model": body["model"],
         "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}))
     .into_response()
+}
+
+/// The models `GET /v1/models` lists.
+pub const MODELS: [&str; 3] = ["mock-model", "mock-large", "mock-embed"];
+
+async fn models(headers: axum::http::HeaderMap) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    match (header("authorization"), header("x-api-key")) {
+        (_, Some(key)) if key.contains("invalid") => {
+            anthropic_error(StatusCode::UNAUTHORIZED, "authentication_error", &format!("invalid x-api-key {key}"))
+        }
+        (_, Some(_)) => {
+            let data: Vec<Value> = MODELS
+                .iter()
+                .map(|m| json!({"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}))
+                .collect();
+            Json(json!({"data": data, "has_more": false, "first_id": MODELS[0], "last_id": MODELS[2]})).into_response()
+        }
+        (Some(bearer), _) if !bearer.contains("invalid") => {
+            let data: Vec<Value> =
+                MODELS.iter().map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "mock"})).collect();
+            Json(json!({"object": "list", "data": data})).into_response()
+        }
+        (bearer, _) => {
+            let key = bearer.unwrap_or_default();
+            let message = format!("Incorrect API key provided: {}", key.trim_start_matches("Bearer "));
+            let error =
+                json!({"error": {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}});
+            (StatusCode::UNAUTHORIZED, Json(error)).into_response()
+        }
+    }
 }
 
 fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {

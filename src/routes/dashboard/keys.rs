@@ -1,4 +1,5 @@
-//! A project's keys: created (shown once, stored hashed), listed with prefix and last use,
+//! A project's keys: created (shown once, stored hashed, with a first call's snippets that
+//! carry it), listed with prefix and last use,
 //! revoked in one click with immediate effect on this process's proxy (and within the key
 //! cache's TTL on other replicas).
 
@@ -38,6 +39,8 @@ pub struct KeysPage {
     keys: Vec<KeyRow>,
     created: Option<String>,
     errors: Vec<String>,
+    /// A first call with the secret key just created, ready to paste.
+    snippets: Option<super::first_run::Snippets>,
 }
 
 async fn page(
@@ -60,7 +63,7 @@ async fn page(
             revoked: k.revoked_at.is_some(),
         })
         .collect();
-    Ok(KeysPage { me, project, keys, created, errors })
+    Ok(KeysPage { me, project, keys, created, errors, snippets: None })
 }
 
 pub async fn list(State(state): State<AppState>, me: Member, Path(id): Path<String>) -> Result<KeysPage, WebError> {
@@ -97,7 +100,13 @@ pub async fn create(
         Ok(created) => {
             let detail = format!("{} key {}…", form.kind_label(), created.prefix);
             audit::record(&state.db, me.org_id(), &me.actor(), "key.created", &project.name, &detail).await?;
-            Ok(page(&state, me, project, Some(created.plaintext), vec![]).await?.into_response())
+            // A publishable key needs a customer token beside it, so only a secret key gets snippets.
+            let snippets = match kind {
+                KeyKind::Secret => Some(super::first_run::snippets(&state, &project, Some(&created.plaintext)).await?),
+                KeyKind::Publishable => None,
+            };
+            let page = page(&state, me, project, Some(created.plaintext), vec![]).await?;
+            Ok(KeysPage { snippets, ..page }.into_response())
         }
         Err(ProjectError::Invalid { field, reason }) => {
             let errors = vec![format!("{}: {reason}", capitalized(field))];

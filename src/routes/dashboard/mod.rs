@@ -9,6 +9,7 @@
 //! - [`projects`], [`customers`], [`keys`], [`providers`], [`settings`], [`members`], [`audit_log`]:
 //!   the pages of an organization; [`api_reference`]: the management API's reference.
 //! - [`error`]: the one error type of this face, answered as an HTML page.
+//! - [`first_run`]: the overview's first-run checklist and the first call's snippets.
 
 pub mod accounts;
 pub mod alerts;
@@ -17,6 +18,7 @@ pub mod audit_log;
 pub mod billing;
 pub mod customers;
 pub mod error;
+pub mod first_run;
 pub mod format;
 pub mod keys;
 pub mod members;
@@ -107,6 +109,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/invite", get(members::show_invitation))
         .route("/invite/accept", post(members::accept))
         .route("/invite/signup", post(members::sign_up))
+        .route("/projects/{id}/providers/{provider_id}/test", post(providers::test))
         .layer(axum::middleware::from_fn(refuse_nul_in_forms))
         .layer(sessions)
         .layer(axum::middleware::from_fn_with_state(state.clone(), session::form_cookie))
@@ -164,6 +167,7 @@ async fn refuse_nul_in_forms(request: Request, next: Next) -> Response {
 async fn static_file(Path(file): Path<String>) -> Response {
     let (body, content_type): (&'static str, &'static str) = match file.as_str() {
         "app.css" => (include_str!("../../../static/app.css"), "text/css; charset=utf-8"),
+        "copy.js" => (include_str!("../../../static/copy.js"), "text/javascript; charset=utf-8"),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=3600")], body).into_response()

@@ -164,6 +164,8 @@ pub struct ProjectPage {
     chart: String,
     top: Vec<TopView>,
     calls: Vec<super::customers::CallView>,
+    checklist: super::first_run::Checklist,
+    snippets: super::first_run::Snippets,
 }
 
 /// The project `id` of the member's organization; 404 for anything else (another
@@ -199,6 +201,8 @@ pub async fn show(
         })
         .collect();
     let calls = super::customers::call_views(usage::recent_calls(&state.db, &project.id, None, 20).await?, &currency);
+    let checklist = super::first_run::checklist(&state, &project).await?;
+    let snippets = super::first_run::snippets(&state, &project, None).await?;
     Ok(ProjectPage {
         markup: format!("{} %", tollgate_core::money::Nanos(project.markup_bps * 10_000_000)),
         default_budget: super::format::money(project.default_budget_nanos, &currency),
@@ -208,6 +212,8 @@ pub async fn show(
         totals,
         top,
         calls,
+        checklist,
+        snippets,
         project,
         me,
     })

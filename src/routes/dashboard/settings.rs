@@ -13,7 +13,7 @@ use tollgate_core::accounts::Role;
 use tollgate_core::audit;
 use tollgate_core::money::Nanos;
 use tollgate_core::period::BudgetPeriod;
-use tollgate_core::pricing::{Price, Tokenizer, parse_per_million, shipped_price};
+use tollgate_core::pricing::{Price, Tokenizer, parse_per_million, shipped_models, shipped_price};
 use tollgate_core::projects::{self, BudgetPolicy, PriceOverride, Project, ProjectSettings};
 
 use super::error::WebError;
@@ -353,6 +353,45 @@ pub struct PricesPage {
     overrides: Vec<OverrideRow>,
     form: PriceForm,
     errors: Vec<String>,
+    /// Every shipped price, in the project's currency, with the project's own beside it.
+    shipped: Vec<ShippedRow>,
+}
+
+/// A shipped model's price and the project's override of it, input and output per million
+/// tokens in the project's currency.
+pub struct ShippedRow {
+    model: &'static str,
+    /// None: the project bills outside USD and set no USD rate.
+    shipped: Option<PerMillion>,
+    project: Option<PerMillion>,
+}
+
+/// Input and output prices per million tokens, as shown.
+pub struct PerMillion {
+    input: String,
+    output: String,
+}
+
+impl PerMillion {
+    fn of(input: i64, output: i64) -> Self {
+        Self { input: Nanos(input).to_string(), output: Nanos(output).to_string() }
+    }
+}
+
+/// Every shipped model, its price at the project's USD rate and the project's override.
+fn shipped_rows(project: &Project, overrides: &[PriceOverride]) -> Vec<ShippedRow> {
+    let rate = project.shipped_price_rate();
+    shipped_models()
+        .into_iter()
+        .map(|model| ShippedRow {
+            model,
+            shipped: rate.zip(shipped_price(model)).map(|(rate, price)| {
+                let price = price.converted(rate);
+                PerMillion::of(price.input, price.output)
+            }),
+            project: overrides.iter().find(|o| o.model == model).map(|o| PerMillion::of(o.input, o.output)),
+        })
+        .collect()
 }
 
 async fn prices_page(
@@ -362,10 +401,12 @@ async fn prices_page(
     form: PriceForm,
     errors: Vec<String>,
 ) -> Result<PricesPage, WebError> {
-    let overrides =
-        projects::list_price_overrides(&state.db, &project.id).await?.into_iter().map(OverrideRow::from).collect();
+    let listed = projects::list_price_overrides(&state.db, &project.id).await?;
+    let shipped = shipped_rows(&project, &listed);
+    let overrides = listed.into_iter().map(OverrideRow::from).collect();
     let usd_rate = project.usd_rate_nanos.map(|r| Nanos(r).to_string()).unwrap_or_default();
-    Ok(PricesPage { me, project, usd_rate, overrides, form: PriceForm { csrf: String::new(), ..form }, errors })
+    let form = PriceForm { csrf: String::new(), ..form };
+    Ok(PricesPage { me, project, usd_rate, overrides, form, errors, shipped })
 }
 
 pub async fn prices(State(state): State<AppState>, me: Member, Path(id): Path<String>) -> Result<PricesPage, WebError> {

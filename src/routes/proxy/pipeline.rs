@@ -67,7 +67,7 @@ const RENEW_EVERY: Duration = Duration::from_secs(5 * 60);
 /// A stream that sends nothing for this long is given up (and settled for what it sent).
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The `anthropic-version` sent upstream when the client named none.
-const ANTHROPIC_VERSION: &str = "2023-06-01";
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// The largest answer read from an upstream (a JSON answer, or an error's body): far above
 /// any provider's (a chat answer of 128 choices of 16k tokens is about 8 MB), far below
 /// what would strain the server.
