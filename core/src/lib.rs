@@ -19,6 +19,7 @@
 //! - [`payment_collection`]: how a project's subscriptions collect payment, and the return URLs
 //!   of payment-method setup and customer portal links.
 //! - [`alerts`]: budget alerts, which fire once per customer and period, and their deliveries.
+//! - [`health`]: a customer's budget health (ok, near limit, exhausted, payment failed, blocked).
 //! - [`egress`]: where a tenant-chosen destination (provider, webhook) may be, and the one
 //!   client that calls it.
 
@@ -34,6 +35,7 @@ pub mod customers;
 pub mod db;
 pub mod egress;
 pub mod estimate;
+pub mod health;
 pub mod idempotency;
 pub mod ids;
 pub mod instances;

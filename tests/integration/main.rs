@@ -15,6 +15,7 @@ mod apis;
 mod billing;
 mod bounded_maps;
 mod browser;
+mod budget_health;
 mod cli;
 mod connect_onboarding;
 mod currencies;
@@ -84,6 +85,7 @@ fn main() -> ExitCode {
         browser::cases(),
         hostile_tenant::cases(),
         bounded_maps::cases(),
+        budget_health::cases(),
     ]
     .into_iter()
     .flatten()
