@@ -14,6 +14,7 @@
 
 use crate::crypto::{MasterKey, SealedFor, random_token};
 use crate::db::{Db, DbError};
+use crate::health::Limits;
 use crate::ids::{AlertId, CustomerId, DeliveryId, ProjectId};
 use crate::money::Nanos;
 use crate::time::UnixMillis;
@@ -65,6 +66,19 @@ pub struct AlertSettings {
     pub email_to: Vec<String>,
     /// `None` until the settings are first saved (the secret is made then).
     pub webhook_secret: Option<String>,
+}
+
+impl AlertSettings {
+    /// Whether the project saved settings: until then no alert fires (the scan reads only
+    /// projects with settings), whatever the defaults say.
+    pub fn saved(&self) -> bool {
+        self.webhook_secret.is_some()
+    }
+
+    /// Whether anything can fire: settings saved, with a threshold or the refused alert.
+    pub fn on(&self) -> bool {
+        self.saved() && (!self.thresholds.is_empty() || self.on_refused)
+    }
 }
 
 impl Default for AlertSettings {
@@ -299,12 +313,23 @@ impl AlertKind {
 
 /// The alerts due for a customer in its current state: each threshold its spend has reached
 /// (a customer without budget has no percentages), and `Refused` when `refused` says a
-/// call was refused for budget in this period.
-pub fn due(settings_thresholds: &[i64], on_refused: bool, budget: i64, spent: i64, refused: bool) -> Vec<AlertKind> {
+/// call was refused for budget in this period. An `exhausted` customer (what is left pays for
+/// no call, see [`crate::health`]) has reached 100 %: under `clamp` its spend stops short of
+/// the budget, by less than a call.
+pub fn due(
+    settings_thresholds: &[i64],
+    on_refused: bool,
+    budget: i64,
+    spent: i64,
+    exhausted: bool,
+    refused: bool,
+) -> Vec<AlertKind> {
     let mut kinds: Vec<AlertKind> = if budget > 0 {
         settings_thresholds
             .iter()
-            .filter(|&&pct| i128::from(spent) * 100 >= i128::from(budget) * i128::from(pct))
+            .filter(|&&pct| {
+                i128::from(spent) * 100 >= i128::from(budget) * i128::from(pct) || (exhausted && pct <= 100)
+            })
             .map(|&pct| AlertKind::Threshold(pct))
             .collect()
     } else {
@@ -362,10 +387,27 @@ pub async fn scan(db: &Db, now: UnixMillis) -> Result<ScanReport, DbError> {
         .bind(from).bind(now.0).bind(BUDGET_REFUSAL).fetch_all(pool).await)?;
 
     let mut report = ScanReport { customers_checked: touched.len(), ..Default::default() };
+    // Each project's cheapest call, once per scan (for whether a customer is exhausted).
+    let mut limits: std::collections::HashMap<ProjectId, Limits> = std::collections::HashMap::new();
     for customer in touched {
         let thresholds = parse_thresholds(&customer.thresholds).unwrap_or_default();
-        let kinds =
-            due(&thresholds, customer.on_refused, customer.budget_nanos, customer.spent_nanos, customer.refused != 0);
+        let limit = match limits.get(&customer.project_id) {
+            Some(limit) => *limit,
+            None => {
+                let limit = project_limits(db, &customer.project_id).await?;
+                limits.insert(customer.project_id.clone(), limit);
+                limit
+            }
+        };
+        let exhausted = limit.exhausted(Nanos(customer.budget_nanos), Nanos(customer.spent_nanos));
+        let kinds = due(
+            &thresholds,
+            customer.on_refused,
+            customer.budget_nanos,
+            customer.spent_nanos,
+            exhausted,
+            customer.refused != 0,
+        );
         for kind in kinds {
             if let Some(deliveries) = fire(db, &customer, kind, now).await? {
                 report.alerts_fired += 1;
@@ -378,6 +420,19 @@ pub async fn scan(db: &Db, now: UnixMillis) -> Result<ScanReport, DbError> {
             THEN excluded.position ELSE scan_positions.position END";
     with_db!(db, pool => sqlx::query(ADVANCE).bind(SCANNER).bind(now.0).execute(pool).await.map(|_| ()))?;
     Ok(report)
+}
+
+/// The project's budget-health lines (the defaults for a project gone since).
+async fn project_limits(db: &Db, project: &ProjectId) -> Result<Limits, DbError> {
+    match crate::projects::get_project(db, project).await {
+        Ok(Some(project)) => crate::health::limits(db, &project).await,
+        Ok(None) => Ok(Limits::default()),
+        Err(crate::projects::ProjectError::Db(e)) => Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, %project, "cannot read a project for its alerts");
+            Ok(Limits::default())
+        }
+    }
 }
 
 /// Records `kind` for the customer's current period unless it already fired, with one
@@ -684,15 +739,30 @@ mod tests {
 
     #[test]
     fn due_alerts_follow_spend() {
-        assert_eq!(due(&[50, 80, 100], true, 1000, 499, false), vec![]);
+        assert_eq!(due(&[50, 80, 100], true, 1000, 499, false, false), vec![]);
         assert_eq!(
-            due(&[50, 80, 100], true, 1000, 800, false),
+            due(&[50, 80, 100], true, 1000, 800, false, false),
             vec![AlertKind::Threshold(50), AlertKind::Threshold(80)]
         );
-        assert_eq!(due(&[50], true, 0, 0, true), vec![AlertKind::Refused]);
-        assert_eq!(due(&[50], false, 0, 0, true), vec![]);
+        assert_eq!(due(&[50], true, 0, 0, false, true), vec![AlertKind::Refused]);
+        assert_eq!(due(&[50], false, 0, 0, false, true), vec![]);
         // No overflow on huge budgets.
-        assert_eq!(due(&[100], false, i64::MAX, i64::MAX, false), vec![AlertKind::Threshold(100)]);
+        assert_eq!(due(&[100], false, i64::MAX, i64::MAX, false, false), vec![AlertKind::Threshold(100)]);
+    }
+
+    #[test]
+    fn an_exhausted_customer_has_reached_100_percent() {
+        // Under clamp, dust is left: 95 % spent, and no call fits what is left.
+        assert_eq!(
+            due(&[50, 80, 100, 150], true, 1000, 950, true, false),
+            vec![AlertKind::Threshold(50), AlertKind::Threshold(80), AlertKind::Threshold(100)]
+        );
+        assert_eq!(
+            due(&[50, 80, 100], true, 1000, 950, false, false),
+            vec![AlertKind::Threshold(50), AlertKind::Threshold(80)]
+        );
+        // A customer without budget has no percentages, exhausted or not.
+        assert_eq!(due(&[100], true, 0, 0, true, false), vec![]);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! End-customers as their tenant manages them (the dashboard, and later the management API):
-//! listing with search, sorting and pages; creating and editing with name, email and budget in
-//! one statement; blocking. The proxy's own path to a customer is in [`crate::projects`].
+//! listing with search, a filter by budget health, sorting and pages; creating and editing with
+//! name, email and budget in one statement; blocking. The proxy's own path to a customer is in
+//! [`crate::projects`].
 
 use crate::db::{Db, DbError};
+use crate::health::{Health, Limits, Standing};
 use crate::ids::{CustomerId, ProjectId};
 use crate::money::Nanos;
 use crate::period::BudgetPeriod;
@@ -29,11 +31,38 @@ pub struct CustomerRow {
     pub reserved_nanos: i64,
     pub blocked: bool,
     pub created_at: i64,
+    /// Its Stripe subscription is past due or unpaid, or an open invoice's payment failed.
+    pub payment_failed: bool,
 }
 
 impl CustomerRow {
     pub fn remaining(&self) -> Nanos {
         Nanos((self.budget_nanos - self.spent_nanos - self.reserved_nanos).max(0))
+    }
+
+    /// What its budget health is decided from.
+    pub fn standing(&self) -> Standing {
+        Standing {
+            blocked: self.blocked,
+            payment_failed: self.payment_failed,
+            budget: Nanos(self.budget_nanos),
+            spent: Nanos(self.spent_nanos),
+        }
+    }
+
+    /// Its budget health against the project's `limits`.
+    pub fn health(&self, limits: &Limits) -> Health {
+        limits.health(&self.standing())
+    }
+
+    /// The share of its budget spent this period, in whole percent (rounded down; 100 for a
+    /// customer without budget).
+    pub fn percent_used(&self) -> i64 {
+        if self.budget_nanos <= 0 {
+            return 100;
+        }
+        let pct = i128::from(self.spent_nanos.max(0)) * 100 / i128::from(self.budget_nanos);
+        i64::try_from(pct).unwrap_or(i64::MAX)
     }
 }
 
@@ -47,6 +76,12 @@ pub enum Sort {
     Newest,
     /// By the tenant's id.
     Id,
+    /// Highest share of the budget spent first.
+    PercentUsed,
+    /// By name (the id for a customer without one).
+    Name,
+    /// Most pressing budget health first (see [`crate::health`]), then highest spend.
+    Status,
 }
 
 impl Sort {
@@ -55,6 +90,9 @@ impl Sort {
             "spend" => Some(Sort::Spend),
             "newest" => Some(Sort::Newest),
             "id" => Some(Sort::Id),
+            "used" => Some(Sort::PercentUsed),
+            "name" => Some(Sort::Name),
+            "status" => Some(Sort::Status),
             _ => None,
         }
     }
@@ -64,21 +102,37 @@ impl Sort {
             Sort::Spend => "spend",
             Sort::Newest => "newest",
             Sort::Id => "id",
+            Sort::PercentUsed => "used",
+            Sort::Name => "name",
+            Sort::Status => "status",
         }
     }
 
-    fn order_by(self) -> &'static str {
+    /// The ORDER BY of a list whose rows are [`COLUMNS`] (`rank`: the health's rank as SQL).
+    fn order_by(self, rank: &str) -> String {
         match self {
-            Sort::Spend => "spent_nanos DESC, external_id",
-            Sort::Newest => "created_at DESC, id DESC",
-            Sort::Id => "external_id",
+            Sort::Spend => "spent_nanos DESC, external_id".to_owned(),
+            Sort::Newest => "created_at DESC, id DESC".to_owned(),
+            Sort::Id => "external_id".to_owned(),
+            Sort::PercentUsed => {
+                "CASE WHEN budget_nanos > 0 THEN CAST(spent_nanos AS DOUBLE PRECISION) / budget_nanos \
+                ELSE 1.0 END DESC, spent_nanos DESC, external_id"
+                    .to_owned()
+            }
+            Sort::Name => "LOWER(COALESCE(name, external_id)), external_id".to_owned(),
+            Sort::Status => format!("{rank} DESC, spent_nanos DESC, external_id"),
         }
     }
 }
 
-/// The current period's spend as a column: 0 once the period has ended (`$1` is now).
+/// The current period's spend as a column: 0 once the period has ended (`$1` is now); and
+/// whether a payment failed (a Stripe subscription past due or unpaid, or an open invoice
+/// whose payment failed).
 const COLUMNS: &str = "id, external_id, name, email, budget_nanos, budget_period, period_start, period_end, \
-    CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END AS spent_nanos, reserved_nanos, blocked, created_at";
+    CASE WHEN period_end <= $1 THEN 0 ELSE spent_nanos END AS spent_nanos, reserved_nanos, blocked, created_at, \
+    (COALESCE(stripe_subscription_status, '') IN ('past_due', 'unpaid') \
+     OR EXISTS (SELECT 1 FROM stripe_invoices i WHERE i.project_id = customers.project_id \
+        AND i.customer_id = customers.id AND i.status = 'open' AND i.payment_failed)) AS payment_failed";
 
 /// `%`, `_` and `\` taken literally in a LIKE pattern (with `ESCAPE '\'`).
 fn like_pattern(search: &str) -> String {
@@ -93,23 +147,39 @@ fn like_pattern(search: &str) -> String {
     pattern
 }
 
-/// One page of a project's customers matching `search` (in their id, name or email), and
-/// how many match in all.
+/// Which customers a list shows.
+#[derive(Debug, Clone, Copy)]
+pub struct ListFilter<'a> {
+    /// Matched in their id, name or email.
+    pub search: &'a str,
+    /// Only customers of this budget health.
+    pub health: Option<Health>,
+    /// The project's lines, for the health filter and sort.
+    pub limits: Limits,
+}
+
+/// One page of a project's customers that `filter` selects, and how many it selects in all.
 pub async fn list(
     db: &Db,
     project: &ProjectId,
-    search: &str,
+    filter: &ListFilter<'_>,
     sort: Sort,
     limit: i64,
     offset: i64,
 ) -> Result<(Vec<CustomerRow>, i64), DbError> {
     const FILTER: &str = "project_id = $2 AND (LOWER(external_id) LIKE $3 ESCAPE '\\' \
         OR LOWER(COALESCE(name, '')) LIKE $3 ESCAPE '\\' OR LOWER(COALESCE(email, '')) LIKE $3 ESCAPE '\\')";
-    let page =
-        format!("SELECT {COLUMNS} FROM customers WHERE {FILTER} ORDER BY {} LIMIT $4 OFFSET $5", sort.order_by());
-    let total = format!("SELECT COUNT(*) FROM customers WHERE $1 = $1 AND {FILTER}");
+    // The health is computed over the rows as listed (spend of the current period).
+    let rank = filter.limits.rank_sql("c.blocked", "c.payment_failed", "c.budget_nanos", "c.spent_nanos");
+    let health = match filter.health {
+        Some(h) => format!("{rank} = {}", h.rank()),
+        None => "1 = 1".to_owned(),
+    };
+    let rows = format!("(SELECT {COLUMNS} FROM customers WHERE {FILTER}) c WHERE {health}");
+    let page = format!("SELECT c.* FROM {rows} ORDER BY {} LIMIT $4 OFFSET $5", sort.order_by(&rank));
+    let total = format!("SELECT COUNT(*) FROM {rows}");
     let now = UnixMillis::now().0;
-    let pattern = like_pattern(search);
+    let pattern = like_pattern(filter.search);
     let rows = with_db!(db, pool => sqlx::query_as::<_, CustomerRow>(sqlx::AssertSqlSafe(page.clone()))
         .bind(now).bind(project).bind(&pattern).bind(limit.clamp(1, 500)).bind(offset.max(0)).fetch_all(pool).await)?;
     let total = with_db!(db, pool => sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(total.clone()))

@@ -19,6 +19,7 @@
 //! - [`payment_collection`]: how a project's subscriptions collect payment, and the return URLs
 //!   of payment-method setup and customer portal links.
 //! - [`alerts`]: budget alerts, which fire once per customer and period, and their deliveries.
+//! - [`health`]: a customer's budget health (ok, near limit, exhausted, payment failed, blocked).
 //! - [`egress`]: where a tenant-chosen destination (provider, webhook) may be, and the one
 //!   client that calls it.
 //! - [`first_run`]: what a project still lacks before its first call works, and provider tests.
@@ -36,6 +37,7 @@ pub mod db;
 pub mod egress;
 pub mod estimate;
 pub mod first_run;
+pub mod health;
 pub mod idempotency;
 pub mod ids;
 pub mod instances;

@@ -511,7 +511,8 @@ impl Provider {
     }
 }
 
-fn serves(models: &[String], model: &str) -> bool {
+/// Whether a connection serving `models` (names, or prefixes ending in `*`) serves `model`.
+pub fn serves(models: &[String], model: &str) -> bool {
     models.iter().any(|m| match m.strip_suffix('*') {
         Some(prefix) => model.starts_with(prefix),
         None => m == model,

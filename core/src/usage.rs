@@ -78,8 +78,12 @@ pub struct CallRow {
     pub reason: Option<String>,
     pub input_tokens: i64,
     pub output_tokens: i64,
+    /// What the provider's prices make it; `billed_nanos` is with the markup.
+    pub cost_nanos: i64,
     pub billed_nanos: i64,
     pub latency_ms: i64,
+    /// Whether the budget lowered its max output (the `clamp` policy).
+    pub clamped: bool,
 }
 
 /// The newest calls, refused and failed ones included.
@@ -89,12 +93,26 @@ pub async fn recent_calls(
     customer: Option<&CustomerId>,
     limit: i64,
 ) -> Result<Vec<CallRow>, DbError> {
+    calls(db, project, customer, None, limit).await
+}
+
+/// The newest calls of the project (of one customer, if given), or only those of one request
+/// id (the `x-request-id` its client got), newest first.
+pub async fn calls(
+    db: &Db,
+    project: &ProjectId,
+    customer: Option<&CustomerId>,
+    request_id: Option<&str>,
+    limit: i64,
+) -> Result<Vec<CallRow>, DbError> {
     const SQL: &str = "SELECT u.created_at, u.request_id, c.external_id AS customer_external_id, u.endpoint, u.model, \
         u.status, u.reason, u.input_tokens + u.cached_input_tokens + u.cache_write_tokens AS input_tokens, \
-        u.output_tokens, u.billed_nanos, u.latency_ms FROM usage_events u LEFT JOIN customers c ON c.id = u.customer_id \
-        WHERE u.project_id = $1 AND ($2 IS NULL OR u.customer_id = $2) ORDER BY u.created_at DESC, u.id DESC LIMIT $3";
-    Ok(with_db!(db, pool => sqlx::query_as::<_, CallRow>(SQL).bind(project).bind(customer).bind(limit)
-        .fetch_all(pool).await)?)
+        u.output_tokens, u.cost_nanos, u.billed_nanos, u.latency_ms, u.clamped \
+        FROM usage_events u LEFT JOIN customers c ON c.id = u.customer_id \
+        WHERE u.project_id = $1 AND ($2 IS NULL OR u.customer_id = $2) AND ($3 IS NULL OR u.request_id = $3) \
+        ORDER BY u.created_at DESC, u.id DESC LIMIT $4";
+    Ok(with_db!(db, pool => sqlx::query_as::<_, CallRow>(SQL).bind(project).bind(customer).bind(request_id)
+        .bind(limit).fetch_all(pool).await)?)
 }
 
 /// A project's totals since a moment.

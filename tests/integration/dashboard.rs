@@ -1098,7 +1098,10 @@ async fn alerts_are_set_checked_and_their_deliveries_logged(db: TestDatabase) ->
     let alerts_page = format!("{project}/alerts");
     let shown = ada.get(&alerts_page).await?;
     assert_eq!(shown.status, StatusCode::OK);
-    assert_eq!(field_value(&shown.body, "thresholds").as_deref(), Some("50, 80, 100"), "{}", shown.body);
+    // Plainly off until saved: nothing filled in or checked that is not saved.
+    assert!(shown.body.contains("Alerts are off"), "{}", shown.body);
+    assert_eq!(field_value(&shown.body, "thresholds").as_deref(), Some(""), "{}", shown.body);
+    assert!(!shown.body.contains("value=\"on\" checked"), "{}", shown.body);
     assert!(shown.body.contains("No delivery yet"));
 
     // Each bad field gets a message, and nothing is saved.
@@ -1127,6 +1130,14 @@ async fn alerts_are_set_checked_and_their_deliveries_logged(db: TestDatabase) ->
     let saved = ada.submit(&alerts_page, &alerts_page, &fields).await?;
     assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
     let shown = ada.get(&alerts_page).await?;
+    // The saved state is what is shown.
+    assert!(
+        shown.body.contains("Alerts are on:") && shown.body.contains("reaches 50% of its budget"),
+        "{}",
+        shown.body
+    );
+    assert_eq!(field_value(&shown.body, "thresholds").as_deref(), Some("50"), "{}", shown.body);
+    assert!(shown.body.contains("value=\"on\" checked"), "{}", shown.body);
     let secret = shown
         .body
         .split("id=\"webhook-secret\">")

@@ -251,6 +251,7 @@ fn settled_call(s: &Setup, customer: &Customer, i: usize, reserved: Nanos, bille
         billed,
         source: UsageSource::Provider,
         latency_ms: 1,
+        clamped: false,
     }
 }
 

@@ -15,6 +15,7 @@ mod apis;
 mod billing;
 mod bounded_maps;
 mod browser;
+mod budget_health;
 mod cli;
 mod connect_onboarding;
 mod currencies;
@@ -86,6 +87,7 @@ fn main() -> ExitCode {
         hostile_tenant::cases(),
         bounded_maps::cases(),
         first_run::cases(),
+        budget_health::cases(),
     ]
     .into_iter()
     .flatten()

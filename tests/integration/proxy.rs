@@ -253,6 +253,7 @@ async fn a_failing_ledger_operation_does_not_fail_its_batch(db: TestDatabase) ->
         billed: Nanos::ZERO,
         source: UsageSource::None,
         latency_ms: 0,
+        clamped: false,
     };
     let (held, orphan) = tokio::join!(futures::future::join_all(holds), ledger.settle(Settlement::new(None, orphan)));
     assert!(orphan.is_err(), "an event for no customer must fail: {orphan:?}");

@@ -35,18 +35,20 @@ use super::batch::Answers;
 use super::{Done, Hold, ROLLING_MS, Settlement};
 use crate::time::UnixMillis;
 
-/// The statement. `$1`–`$20` and `$31`: the settlements (the usage event's 19 columns in
-/// `usage_events`' order, the reservation to free, and the share of it to free: null for all
-/// of it, the row deleted); `$21`–`$28` and `$32`–`$35`: the holds; `$29` now; `$30` the
+/// The statement. `$1`–`$20`, `$31` and `$36`: the settlements (the usage event's 19 columns in
+/// `usage_events`' order, the reservation to free, the share of it to free: null for all
+/// of it, the row deleted; and whether the call was clamped); `$21`–`$28` and `$32`–`$35`: the holds; `$29` now; `$30` the
 /// length of a rolling window.
 const BATCH_PG: &str = "\
 WITH s AS MATERIALIZED (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[],
-        $15::bigint[], $16::bigint[], $17::text[], $18::bigint[], $19::bigint[], $20::text[], $31::bigint[])
+        $15::bigint[], $16::bigint[], $17::text[], $18::bigint[], $19::bigint[], $20::text[], $31::bigint[],
+        $36::boolean[])
     WITH ORDINALITY AS s(id, project_id, customer_id, request_id, endpoint, model, status, reason,
         input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-        reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at, reservation_id, part, n)
+        reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at, reservation_id, part,
+        clamped, n)
 ), h AS MATERIALIZED (
     SELECT * FROM unnest($21::text[], $22::text[], $23::bigint[], $24::text[], $25::text[], $26::bigint[],
         $27::bigint[], $28::bigint[], $32::bigint[], $33::text[], $34::text[], $35::text[])
@@ -124,10 +126,10 @@ WITH s AS MATERIALIZED (
 ), events AS (
     INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, reason,
         input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-        reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at)
+        reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at, clamped)
     SELECT id, project_id, customer_id, request_id, endpoint, model, status, reason,
         input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-        reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at
+        reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at, clamped
     FROM s
 )
 SELECT FALSE AS hold, x.n, NULL::boolean AS held,
@@ -192,6 +194,7 @@ pub(super) async fn apply(
         .bind(holds.iter().map(|h| h.instance.as_ref().map(|i| i.to_string())).collect::<Vec<_>>())
         .bind(holds.iter().map(|h| h.call.as_ref().map(|c| c.0.clone())).collect::<Vec<_>>())
         .bind(holds.iter().map(|h| h.call.as_ref().map(|c| c.1.clone())).collect::<Vec<_>>())
+        .bind(settlements.iter().map(|s| s.record.clamped).collect::<Vec<bool>>())
         .fetch_all(conn)
         .await?;
     let mut answers = Answers::new(settlements.len(), holds);

@@ -27,7 +27,7 @@ use crate::time::UnixMillis;
 
 /// The statements (`FREED` stands for [`FREED`]). `$1`: the settlements, each `[the usage
 /// event's 19 columns in usage_events' order, the reservation to free, the share of it to
-/// free (null: all of it, the row deleted)]`; `$2`: the holds, each `[id, customer,
+/// free (null: all of it, the row deleted), whether the call was clamped (0 or 1)]`; `$2`: the holds, each `[id, customer,
 /// amount, period, request id, expires at, calendar start, calendar end, spare until, instance, endpoint, model]`;
 /// `$3` now; `$4`
 /// the length of a rolling window.
@@ -57,10 +57,10 @@ FROM (SELECT value ->> 19 AS id, SUM(value ->> 20) AS part FROM json_each($1) WH
 WHERE reservations.id = t.id;
 INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, reason,
     input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-    reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at)
+    reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at, clamped)
 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7,
     value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12, value ->> 13, value ->> 14, value ->> 15,
-    value ->> 16, value ->> 17, value ->> 18
+    value ->> 16, value ->> 17, value ->> 18, value ->> 21
 FROM json_each($1) ORDER BY key;
 WITH h AS (SELECT key + 1 AS n, value ->> 0 AS id, value ->> 1 AS customer_id, value ->> 2 AS amount,
                   value ->> 3 AS period, value ->> 4 AS request_id, value ->> 5 AS expires_at,
@@ -150,6 +150,7 @@ pub(super) async fn apply(
                     now.0,
                     s.reservation.as_ref().map(|r| r.id.as_str()),
                     s.part.map(|p| p.0),
+                    i64::from(r.clamped),
                 ])
             })
             .collect(),

@@ -370,6 +370,8 @@ pub struct UsageRecord {
     pub billed: Nanos,
     pub source: UsageSource,
     pub latency_ms: i64,
+    /// Whether the budget lowered the call's max output (the `clamp` policy).
+    pub clamped: bool,
 }
 
 /// A settlement to make: the call's reservation (if any) freed, its record charged and written.
@@ -391,13 +393,14 @@ impl Settlement {
     }
 }
 
-/// The usage event's insert, its 19 columns bound as `$1`–`$19` (see [`bind_event!`]).
+/// The usage event's insert, its 19 columns bound as `$1`–`$19` (see [`bind_event!`]), and
+/// `clamped` as `$22` (bound after the hold's `$20` and `$21`).
 macro_rules! event_sql {
     () => {
         "INSERT INTO usage_events (id, project_id, customer_id, request_id, endpoint, model, status, \
             reason, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
-            reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at) \
-          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+            reserved_nanos, cost_nanos, billed_nanos, usage_source, latency_ms, created_at, clamped) \
+          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $22)"
     };
 }
 
@@ -463,6 +466,7 @@ async fn settle_pg(conn: &mut PgConnection, s: &Settlement) -> Result<Option<Nan
     let remaining: Option<i64> = bind_event!(sqlx::query_scalar::<_, Option<i64>>(SETTLE_PG), s)
         .bind(reservation_id)
         .bind(s.part.map(|p| p.0))
+        .bind(s.record.clamped)
         .fetch_one(conn)
         .await?;
     Ok(remaining.map(Nanos))
@@ -478,6 +482,7 @@ async fn settle_sqlite(
     let rows = bind_event!(sqlx::query(SETTLE_SQLITE_FRAMED.get(frame)), s)
         .bind(reservation_id)
         .bind(s.part.map(|p| p.0))
+        .bind(s.record.clamped)
         .fetch_all(&mut *conn)
         .await?;
     Ok(rows.first().map(|charged| charged.try_get(0)).transpose()?.map(Nanos))

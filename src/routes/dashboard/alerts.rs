@@ -38,7 +38,17 @@ pub struct AlertsView {
 }
 
 impl AlertsView {
+    /// The saved settings; nothing for a project that saved none (its alerts are off, and the
+    /// form must not look as if they were on).
     fn of(settings: &AlertSettings) -> Self {
+        if !settings.saved() {
+            return Self {
+                thresholds: String::new(),
+                on_refused: false,
+                webhook_url: String::new(),
+                email_to: String::new(),
+            };
+        }
         Self {
             thresholds: settings.thresholds.iter().map(i64::to_string).collect::<Vec<_>>().join(", "),
             on_refused: settings.on_refused,
@@ -66,6 +76,11 @@ pub struct AlertsPage {
     me: Member,
     project: Project,
     form: AlertsView,
+    /// Whether the saved settings can fire an alert, and what they do, in a sentence.
+    on: bool,
+    state: String,
+    /// Suggested thresholds, shown as the empty field's placeholder.
+    suggested: String,
     /// Shown to admins only.
     secret: Option<String>,
     saved: bool,
@@ -110,6 +125,39 @@ fn describe(kind: AlertKind) -> String {
     }
 }
 
+/// What the saved settings do, as the top of the page says it.
+fn state_sentence(settings: &AlertSettings) -> String {
+    if !settings.saved() {
+        return "Alerts are off: none has been set for this project. Choose thresholds and where alerts go, \
+            then save."
+            .to_owned();
+    }
+    if !settings.on() {
+        return "Alerts are off: no threshold is set and refused calls are not alerted.".to_owned();
+    }
+    let mut what: Vec<String> = Vec::new();
+    if !settings.thresholds.is_empty() {
+        let pcts: Vec<String> = settings.thresholds.iter().map(|p| format!("{p}%")).collect();
+        what.push(format!("when a customer's spend reaches {} of its budget", pcts.join(", ")));
+    }
+    if settings.on_refused {
+        what.push("when a call is refused for want of budget".to_owned());
+    }
+    let mut channels: Vec<String> = Vec::new();
+    if let Some(url) = &settings.webhook_url {
+        channels.push(format!("the webhook {url}"));
+    }
+    if !settings.email_to.is_empty() {
+        channels.push(settings.email_to.join(", "));
+    }
+    let to = if channels.is_empty() {
+        "recorded in the log below, but sent nowhere: add a webhook URL or an address".to_owned()
+    } else {
+        format!("sent to {}", channels.join(" and "))
+    };
+    format!("Alerts are on: {}; {to}.", what.join(", and "))
+}
+
 async fn page(
     state: &AppState,
     me: Member,
@@ -147,7 +195,11 @@ async fn page(
         })
         .collect();
     let secret = if me.role().allows(Role::Admin) { settings.webhook_secret.clone() } else { None };
+    let suggested = AlertSettings::default().thresholds.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
     Ok(AlertsPage {
+        on: settings.on(),
+        state: state_sentence(&settings),
+        suggested,
         form: form.unwrap_or_else(|| AlertsView::of(&settings)),
         secret,
         saved: query.saved.is_some(),

@@ -1,6 +1,8 @@
-//! A project's customers: a searchable, sortable, paged list; creating and editing (id, name,
-//! email, budget, period); blocking; and each customer's page with spend against budget, a
-//! daily chart, spend by model and recent calls (refused ones marked, with why).
+//! A project's customers: a searchable, sortable, paged list with each one's spend as a bar
+//! against its budget and its budget health (filterable: a shareable URL); creating and
+//! editing (id, name, email, budget, period); blocking; and each customer's page with spend
+//! against budget, a daily chart, spend by model and recent calls (refused and clamped ones
+//! marked; searchable by request id).
 
 use askama::Template;
 use askama_web::WebTemplate;
@@ -11,7 +13,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use tollgate_core::accounts::Role;
 use tollgate_core::audit;
-use tollgate_core::customers::{self, CustomerInput, CustomerRow, Sort};
+use tollgate_core::customers::{self, CustomerInput, CustomerRow, ListFilter, Sort};
+use tollgate_core::health::{self, Health, Limits};
 use tollgate_core::ids::CustomerId;
 use tollgate_core::money::Nanos;
 use tollgate_core::period::BudgetPeriod;
@@ -94,7 +97,37 @@ pub struct ListRow {
     budget: String,
     remaining: String,
     period: String,
-    blocked: bool,
+    bar: SpendBar,
+}
+
+/// A customer's spend against its budget, as a bar and a badge.
+pub struct SpendBar {
+    /// The share spent, in whole percent (may pass 100 when the budget was lowered).
+    pub percent: i64,
+    /// The filled part of the bar, 0 to 100 (the SVG's width attribute: no inline style).
+    pub width: i64,
+    /// [`Health::as_str`], for CSS classes.
+    pub status: &'static str,
+    /// [`Health::label`].
+    pub label: &'static str,
+}
+
+impl SpendBar {
+    fn of(c: &CustomerRow, limits: &Limits) -> Self {
+        let health = c.health(limits);
+        let percent = c.percent_used();
+        Self { percent, width: percent.clamp(0, 100), status: health.as_str(), label: health.label() }
+    }
+}
+
+/// A status of the filter: its value in the URL and its label.
+pub struct StatusOption {
+    value: &'static str,
+    label: &'static str,
+}
+
+fn status_options() -> Vec<StatusOption> {
+    Health::ALL.into_iter().map(|h| StatusOption { value: h.as_str(), label: h.label() }).collect()
 }
 
 #[derive(Template, WebTemplate)]
@@ -107,6 +140,13 @@ pub struct CustomersPage {
     q: String,
     q_encoded: String,
     sort: &'static str,
+    /// The status filtered on ("" for all), and the choices.
+    status: &'static str,
+    status_label: &'static str,
+    statuses: Vec<StatusOption>,
+    /// Why the status asked for was not applied.
+    status_error: Option<String>,
+    near_limit_pct: i64,
     page: i64,
     pages: i64,
     prev_page: Option<i64>,
@@ -120,6 +160,8 @@ pub struct CustomersPage {
 pub struct ListQuery {
     q: String,
     sort: String,
+    /// A [`Health`] (`exhausted`, …); empty for all.
+    status: String,
     page: Option<i64>,
 }
 
@@ -133,13 +175,26 @@ async fn list_page(
 ) -> Result<CustomersPage, WebError> {
     let sort = Sort::parse(&query.sort).unwrap_or_default();
     let page = query.page.unwrap_or(1).max(1);
+    let (status, status_error) = match query.status.trim() {
+        "" => (None, None),
+        text => match Health::parse(text) {
+            Some(status) => (Some(status), None),
+            None => {
+                let choices = Health::ALL.map(Health::label).join(", ");
+                (None, Some(format!("Status: choose one of {choices}; all customers are shown.")))
+            }
+        },
+    };
+    let limits = health::limits(&state.db, &project).await?;
+    let filter = ListFilter { search: &query.q, health: status, limits };
     let (found, total) =
-        customers::list(&state.db, &project.id, &query.q, sort, PAGE_SIZE, (page - 1) * PAGE_SIZE).await?;
+        customers::list(&state.db, &project.id, &filter, sort, PAGE_SIZE, (page - 1) * PAGE_SIZE).await?;
     let pages = ((total + PAGE_SIZE - 1) / PAGE_SIZE).max(1);
     let currency = project.currency.clone();
     let rows = found
         .into_iter()
         .map(|c| ListRow {
+            bar: SpendBar::of(&c, &limits),
             spent: format::money(c.spent_nanos, &currency),
             budget: format::money(c.budget_nanos, &currency),
             remaining: format::money(c.remaining().0, &currency),
@@ -147,7 +202,6 @@ async fn list_page(
             external_id: c.external_id,
             name: c.name.unwrap_or_default(),
             period: c.budget_period,
-            blocked: c.blocked,
         })
         .collect();
     Ok(CustomersPage {
@@ -158,6 +212,11 @@ async fn list_page(
         q_encoded: urlencode(&query.q),
         q: query.q,
         sort: sort.as_str(),
+        status: status.map_or("", Health::as_str),
+        status_label: status.map_or("", Health::label),
+        status_error,
+        statuses: status_options(),
+        near_limit_pct: limits.near_limit_pct,
         page,
         pages,
         prev_page: (page > 1).then_some(page - 1),
@@ -213,14 +272,19 @@ pub struct CallView {
     pub reason: Option<String>,
     pub input_tokens: i64,
     pub output_tokens: i64,
+    pub cost: String,
     pub billed: String,
-    pub latency_ms: i64,
+    /// None when not recorded (a call interrupted by its process's end).
+    pub latency_ms: Option<i64>,
+    /// The budget lowered its max output.
+    pub clamped: bool,
 }
 
 pub fn call_views(calls: Vec<CallRow>, currency: &str) -> Vec<CallView> {
     calls
         .into_iter()
         .map(|c| CallView {
+            latency_ms: (c.status != "interrupted").then_some(c.latency_ms),
             when: format::datetime(c.created_at),
             request_id: c.request_id,
             customer: c.customer_external_id.unwrap_or_default(),
@@ -229,10 +293,53 @@ pub fn call_views(calls: Vec<CallRow>, currency: &str) -> Vec<CallView> {
             reason: c.reason,
             input_tokens: c.input_tokens,
             output_tokens: c.output_tokens,
+            cost: format::money(c.cost_nanos, currency),
             billed: format::money(c.billed_nanos, currency),
-            latency_ms: c.latency_ms,
+
+            clamped: c.clamped,
         })
         .collect()
+}
+
+/// The longest request id searched for (Tollgate's own are 36 characters; a client's may be
+/// longer).
+const MAX_REQUEST_ID_LEN: usize = 200;
+
+/// A search of a calls table by request id (`?request_id=…`).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct CallsQuery {
+    pub request_id: String,
+}
+
+impl CallsQuery {
+    /// The request id to look for (None: the newest calls), or a form message.
+    pub fn request_id(&self) -> Result<Option<&str>, String> {
+        let id = self.request_id.trim();
+        if id.chars().count() > MAX_REQUEST_ID_LEN || id.chars().any(char::is_control) {
+            return Err(format!(
+                "Request id: at most {MAX_REQUEST_ID_LEN} printable characters (the x-request-id header of the call)"
+            ));
+        }
+        Ok(Some(id).filter(|id| !id.is_empty()))
+    }
+}
+
+/// The calls a calls table shows: the newest `limit`, or those of the request id searched
+/// for; and the message for a search that cannot be made.
+pub async fn searched_calls(
+    state: &AppState,
+    project: &Project,
+    customer: Option<&CustomerId>,
+    query: &CallsQuery,
+    limit: i64,
+) -> Result<(Vec<CallView>, Option<String>), WebError> {
+    let (request_id, error) = match query.request_id() {
+        Ok(id) => (id, None),
+        Err(message) => (None, Some(message)),
+    };
+    let rows = usage::calls(&state.db, &project.id, customer, request_id, limit).await?;
+    Ok((call_views(rows, &project.currency), error))
 }
 
 pub struct ModelView {
@@ -258,6 +365,13 @@ pub struct CustomerPage {
     chart: String,
     models: Vec<ModelView>,
     calls: Vec<CallView>,
+    /// The spend bar and budget health.
+    bar: SpendBar,
+    /// The request id searched for in the calls (as typed), and why it could not be.
+    request_id: String,
+    request_id_error: Option<String>,
+    /// Where the calls search form goes.
+    calls_action: String,
     form: CustomerForm,
     pub(super) errors: Vec<String>,
     /// A payment link just made for the customer: what it is, and its URL.
@@ -279,6 +393,7 @@ pub async fn show(
     State(state): State<AppState>,
     me: Member,
     Path((id, customer_id)): Path<(String, String)>,
+    Query(calls_query): Query<CallsQuery>,
 ) -> Result<CustomerPage, WebError> {
     let project = load_project(&state, &me, &id).await?;
     let customer = load_customer(&state, &project, &customer_id).await?;
@@ -296,7 +411,8 @@ pub async fn show(
             billed: format::money(m.billed_nanos, &currency),
         })
         .collect();
-    let calls = call_views(usage::recent_calls(&state.db, &project.id, Some(&customer.id), 50).await?, &currency);
+    let (calls, request_id_error) = searched_calls(&state, &project, Some(&customer.id), &calls_query, 50).await?;
+    let limits = health::limits(&state.db, &project).await?;
     let lifetime = customer.budget_period == "lifetime";
     let stripe = tollgate_core::billing::customer_stripe(&state.db, &project.id, &customer.id).await?;
     let stripe_connected = tollgate_core::stripe::connection(&state.db, &project.id)
@@ -326,6 +442,10 @@ pub async fn show(
         chart: format::spend_chart(&days, &currency),
         models,
         calls,
+        bar: SpendBar::of(&customer, &limits),
+        request_id: calls_query.request_id,
+        request_id_error,
+        calls_action: format!("/projects/{}/customers/{}", project.id, customer.id),
         form: CustomerForm::of(&customer),
         errors: vec![],
         payment_link: None,
@@ -404,7 +524,8 @@ pub async fn link_stripe(
             Ok(Redirect::to(&format!("/projects/{}/customers/{}", project.id, customer.id)).into_response())
         }
         Err(tollgate_core::stripe::StripeError::Invalid { field: _, reason }) => {
-            let mut page = show(State(state.clone()), me, Path((id, customer_id))).await?;
+            let mut page =
+                show(State(state.clone()), me, Path((id, customer_id)), Query(CallsQuery::default())).await?;
             page.errors = vec![format!("Stripe customer: {reason}")];
             Ok((axum::http::StatusCode::BAD_REQUEST, page).into_response())
         }

@@ -16,6 +16,7 @@ pub mod alerts;
 pub mod api_reference;
 pub mod audit_log;
 pub mod billing;
+pub mod calls;
 pub mod customers;
 pub mod error;
 pub mod first_run;
@@ -84,6 +85,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/delete", post(settings::delete))
         .route("/projects/{id}/alerts", get(alerts::show).post(alerts::save))
         .route("/projects/{id}/alerts/secret", post(alerts::roll_secret))
+        .route("/projects/{id}/calls", get(calls::list))
         .route("/projects/{id}/billing", get(billing::show).post(billing::connect))
         .route("/projects/{id}/billing/disconnect", post(billing::disconnect))
         .route("/projects/{id}/billing/policy", post(billing::set_policy))

@@ -114,7 +114,8 @@ async fn link(
         Err(LinkError::Connection(e)) => return Err(super::billing::stripe_error(e)),
         Err(LinkError::Db(e)) => return Err(e.into()),
     };
-    let mut page = super::customers::show(State(state), me, Path((id, customer_id))).await?;
+    let calls = axum::extract::Query(super::customers::CallsQuery::default());
+    let mut page = super::customers::show(State(state), me, Path((id, customer_id)), calls).await?;
     page.payment_link = link;
     page.errors = error.into_iter().collect();
     Ok((status, page).into_response())

@@ -429,6 +429,7 @@ async fn run<D: Dialect>(
             billed: Nanos::ZERO,
             source: UsageSource::None,
             latency_ms: started.elapsed().as_millis() as i64,
+            clamped: false,
         };
         state.ledger.settle(Settlement::new(None, record))
     };
@@ -794,6 +795,7 @@ impl Call {
             billed: with_markup(cost, self.project.markup_bps),
             source,
             latency_ms: self.started.elapsed().as_millis() as i64,
+            clamped: self.budget.clamped,
         }
     }
 
