@@ -603,6 +603,7 @@ mod tests {
             billed: Nanos(5),
             source: crate::ledger::UsageSource::Provider,
             latency_ms: 1,
+            clamped: false,
         };
         Settlement::new(Some(reservation), record)
     }
