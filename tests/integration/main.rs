@@ -10,6 +10,7 @@
 mod accounts;
 mod admission;
 mod alerts;
+mod analytics;
 mod api;
 mod apis;
 mod billing;
@@ -84,6 +85,7 @@ fn main() -> ExitCode {
         browser::cases(),
         hostile_tenant::cases(),
         bounded_maps::cases(),
+        analytics::cases(),
     ]
     .into_iter()
     .flatten()
