@@ -158,7 +158,7 @@ pub struct ProjectPage {
     me: Member,
     project: Project,
     markup: String,
-    default_budget: String,
+    default_budget: super::format::Money,
     base_url: String,
     /// The range the figures, the chart and the top customers are of.
     range: super::analytics::RangeView,
@@ -211,7 +211,7 @@ pub async fn show(
     let calls = super::customers::call_views(usage::recent_calls(&state.db, &project.id, None, 20).await?, &currency);
     let page = ProjectPage {
         markup: format!("{} %", tollgate_core::money::Nanos(project.markup_bps * 10_000_000)),
-        default_budget: super::format::money(project.default_budget_nanos, &currency),
+        default_budget: super::format::amount(project.default_budget_nanos, &currency),
         base_url: state.config.public_url.trim_end_matches('/').to_owned(),
         range: RangeView::new(format!("/projects/{}", project.id), range, today),
         errors,
