@@ -963,6 +963,8 @@ async fn every_page_and_action_of_another_organization_is_not_found(db: TestData
         format!("{project}/alerts"),
         format!("{project}/billing"),
         format!("{project}/api"),
+        format!("{project}/analytics"),
+        format!("{project}/analytics.csv?by=customer"),
         customer.clone(),
     ] {
         let page = mallory.get(&path).await?;
