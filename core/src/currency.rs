@@ -75,15 +75,22 @@ pub fn unit_amount_decimal(code: &str) -> String {
 /// non-zero amount smaller than the minor unit, as many decimals as it needs
 /// (`0.000006 USD`) rather than a misleading `0.00`. [`exact`] gives every digit.
 pub fn display(amount: Nanos, code: &str) -> String {
-    let digits = minor_digits(code);
-    let unit = nanos_per_minor_unit(code);
+    let abs = amount.0.unsigned_abs();
+    if abs != 0 && abs < nanos_per_minor_unit(code).unsigned_abs() {
+        let sign = if amount.0 < 0 { "-" } else { "" };
+        return format!("{sign}{} {}", Nanos(abs as i64), code.to_ascii_uppercase());
+    }
+    display_decimals(amount, code, minor_digits(code))
+}
+
+/// An amount with exactly `decimals` decimals (at most 9), grouped thousands, rounded half
+/// away from zero: a chart's axis labels all share their step's decimals (`0.25 USD`, `0.50 USD`).
+pub fn display_decimals(amount: Nanos, code: &str, decimals: u32) -> String {
+    let digits = decimals.min(9);
+    let unit = 10_u64.pow(9 - digits);
     let abs = amount.0.unsigned_abs();
     let sign = if amount.0 < 0 { "-" } else { "" };
     let code = code.to_ascii_uppercase();
-    if abs != 0 && abs < unit.unsigned_abs() {
-        return format!("{sign}{} {code}", Nanos(abs as i64));
-    }
-    let unit = unit.unsigned_abs();
     let minor = (abs + unit / 2) / unit;
     let scale = 10_u64.pow(digits);
     let whole = grouped(minor / scale);
@@ -140,6 +147,19 @@ mod tests {
         assert_eq!(display(n("0"), "jpy"), "0 JPY");
         assert_eq!(display(n("0.1254"), "kwd"), "0.125 KWD");
         assert_eq!(display(n("1000000"), "kwd"), "1,000,000.000 KWD");
+        assert_eq!(display(n("0.01"), "usd"), "0.01 USD", "one cent");
+        assert_eq!(display(n("-0.0042"), "usd"), "-0.0042 USD", "a negative margin below a cent");
+        assert_eq!(display(n("-1234.5"), "usd"), "-1,234.50 USD", "a negative margin");
+    }
+
+    #[test]
+    fn a_fixed_number_of_decimals_for_axis_labels() {
+        assert_eq!(display_decimals(n("0.25"), "usd", 2), "0.25 USD");
+        assert_eq!(display_decimals(n("0.0025"), "usd", 4), "0.0025 USD");
+        assert_eq!(display_decimals(n("1500"), "jpy", 0), "1,500 JPY");
+        assert_eq!(display_decimals(n("0.125"), "usd", 2), "0.13 USD");
+        assert_eq!(display_decimals(n("-0.125"), "usd", 2), "-0.13 USD");
+        assert_eq!(display_decimals(n("0.000000001"), "usd", 12), "0.000000001 USD");
     }
 
     #[test]

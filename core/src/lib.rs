@@ -13,7 +13,8 @@
 //! - [`pricing`] and [`period`]: what a call costs, and the window a budget counts in.
 //! - [`ledger`]: reserve before a call, settle after it, and the usage events.
 //! - [`tokens`]: customer tokens, which make publishable keys safe in clients.
-//! - [`customers`] and [`usage`]: customers as tenants manage them, and the ledger read for people.
+//! - [`customers`] and [`usage`]: customers as tenants manage them, and the ledger read for people;
+//!   [`analytics`]: cost, billed and margin of a date range by day, model and customer.
 //! - [`signature`]: Stripe-style timestamped HMAC signatures (our alert webhooks, Stripe's webhooks).
 //! - [`stripe`]: each project's Stripe connection, and Stripe's webhook events as received.
 //! - [`payment_collection`]: how a project's subscriptions collect payment, and the return URLs
@@ -26,6 +27,7 @@
 
 pub mod accounts;
 pub mod alerts;
+pub mod analytics;
 pub mod audit;
 pub mod billing;
 pub mod bounded;

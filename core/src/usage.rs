@@ -1,5 +1,6 @@
-//! Reading the usage ledger (`usage_events`) for people: spend per day, per model, top
-//! customers, recent calls. Always scoped to one project, optionally to one customer.
+//! Reading the usage ledger (`usage_events`) for people: spend per day, per model, recent
+//! calls, the export by day, customer and model (date ranges with cost and margin are
+//! [`crate::analytics`]'s). Always scoped to one project, optionally to one customer.
 
 use crate::db::{Db, DbError};
 use crate::ids::{CustomerId, ProjectId};
@@ -113,47 +114,6 @@ pub async fn calls(
         ORDER BY u.created_at DESC, u.id DESC LIMIT $4";
     Ok(with_db!(db, pool => sqlx::query_as::<_, CallRow>(SQL).bind(project).bind(customer).bind(request_id)
         .bind(limit).fetch_all(pool).await)?)
-}
-
-/// A project's totals since a moment.
-#[derive(Debug, Clone, Default, sqlx::FromRow)]
-pub struct Totals {
-    pub calls: i64,
-    pub refused: i64,
-    pub failed: i64,
-    pub billed_nanos: i64,
-}
-
-pub async fn totals(db: &Db, project: &ProjectId, since: UnixMillis) -> Result<Totals, DbError> {
-    const SQL: &str = "SELECT COUNT(*) AS calls, \
-        CAST(COALESCE(SUM(CASE WHEN status = 'refused' THEN 1 ELSE 0 END), 0) AS BIGINT) AS refused, \
-        CAST(COALESCE(SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0) AS BIGINT) AS failed, \
-        CAST(COALESCE(SUM(billed_nanos), 0) AS BIGINT) AS billed_nanos \
-        FROM usage_events WHERE project_id = $1 AND created_at >= $2";
-    Ok(with_db!(db, pool => sqlx::query_as::<_, Totals>(SQL).bind(project).bind(since.0).fetch_one(pool).await)?)
-}
-
-/// The customers who spent most since a moment.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct TopCustomer {
-    pub id: CustomerId,
-    pub external_id: String,
-    pub calls: i64,
-    pub billed_nanos: i64,
-}
-
-pub async fn top_customers(
-    db: &Db,
-    project: &ProjectId,
-    since: UnixMillis,
-    limit: i64,
-) -> Result<Vec<TopCustomer>, DbError> {
-    const SQL: &str = "SELECT c.id, c.external_id, COUNT(*) AS calls, CAST(COALESCE(SUM(u.billed_nanos), 0) AS BIGINT) AS billed_nanos \
-        FROM usage_events u JOIN customers c ON c.id = u.customer_id \
-        WHERE u.project_id = $1 AND u.created_at >= $2 AND u.status = 'settled' \
-        GROUP BY c.id, c.external_id ORDER BY billed_nanos DESC, c.external_id LIMIT $3";
-    Ok(with_db!(db, pool => sqlx::query_as::<_, TopCustomer>(SQL).bind(project).bind(since.0).bind(limit)
-        .fetch_all(pool).await)?)
 }
 
 /// Usage of one customer, model and UTC day (the export of the ledger).

@@ -323,9 +323,24 @@ async fn usage_is_exported_as_json_and_csv(db: TestDatabase) -> TestResult {
     assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
     let text = csv.text().await?;
     let mut lines = text.lines();
-    assert_eq!(lines.next(), Some("day,customer,model,calls,refused,input_tokens,output_tokens,billed,currency"));
+    assert_eq!(
+        lines.next(),
+        Some("day,customer,model,calls,refused,input_tokens,output_tokens,billed,currency,day_ms")
+    );
     assert!(text.contains(",\"a,b\",mock-model,2,1,"), "a comma in an id is quoted: {text}");
-    assert!(text.contains(",c2,mock-model,1,0,") && text.contains(",0.02,usd"), "{text}");
+    assert!(text.contains(",c2,mock-model,1,0,") && text.contains(",0.02,usd,"), "{text}");
+    // Days are ISO 8601 dates (UTC), their Unix milliseconds last; the JSON has both too.
+    let today = tollgate::routes::dashboard::format::date(UnixMillis::now().0);
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        let day_ms = fields.last().and_then(|ms| ms.parse::<i64>().ok()).unwrap_or(-1);
+        assert_eq!(
+            (fields[0], tollgate::routes::dashboard::format::date(day_ms)),
+            (today.as_str(), today.clone()),
+            "{line}"
+        );
+    }
+    assert_eq!(ab["date"], json!(today), "{ab}");
     for bad in [
         "/api/v1/usage?from=abc",
         "/api/v1/usage?from=10&to=5",

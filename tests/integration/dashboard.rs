@@ -625,7 +625,10 @@ async fn settings_and_prices_are_checked_saved_and_audited(db: TestDatabase) -> 
 
 /// A project (made through the dashboard) with a mock connection, a price that makes a
 /// call's cost its output tokens × 0.001, and a key; returns (project path, key).
-async fn project_with_traffic(browser: &Browser<'_>, mock: &MockProvider) -> anyhow::Result<(String, String)> {
+pub(crate) async fn project_with_traffic(
+    browser: &Browser<'_>,
+    mock: &MockProvider,
+) -> anyhow::Result<(String, String)> {
     let project_path = browser
         .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
         .await?
@@ -722,8 +725,16 @@ async fn customers_are_managed_and_their_spend_shown(db: TestDatabase) -> TestRe
         "support matches a call by the request id its client saw: {}",
         page.body
     );
-    assert!(page.body.contains("id=\"spent\">0.04 USD"), "{}", page.body);
-    assert!(page.body.contains("id=\"remaining\">0.01 USD"), "{}", page.body);
+    assert!(
+        page.body.contains("id=\"spent\"><span class=\"money\" title=\"0.04 USD\">0.04 USD</span>"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body.contains("id=\"remaining\"><span class=\"money\" title=\"0.01 USD\">0.01 USD</span>"),
+        "{}",
+        page.body
+    );
     assert!(
         page.body.contains("refused</span> insufficient budget"),
         "the refused call is marked with why: {}",
@@ -952,6 +963,8 @@ async fn every_page_and_action_of_another_organization_is_not_found(db: TestData
         format!("{project}/alerts"),
         format!("{project}/billing"),
         format!("{project}/api"),
+        format!("{project}/analytics"),
+        format!("{project}/analytics.csv?by=customer"),
         customer.clone(),
     ] {
         let page = mallory.get(&path).await?;

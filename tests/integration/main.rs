@@ -10,6 +10,7 @@
 mod accounts;
 mod admission;
 mod alerts;
+mod analytics;
 mod api;
 mod apis;
 mod billing;
@@ -88,6 +89,7 @@ fn main() -> ExitCode {
         bounded_maps::cases(),
         first_run::cases(),
         budget_health::cases(),
+        analytics::cases(),
     ]
     .into_iter()
     .flatten()

@@ -48,6 +48,9 @@ pub enum UsageFormat {
 pub struct UsageDay {
     /// The day's start (Unix milliseconds, UTC midnight).
     day: i64,
+    /// The day, ISO 8601 (UTC).
+    #[schema(example = "2026-01-01")]
+    date: String,
     /// Your id for the customer; null for calls of a deleted customer or that named none.
     #[schema(required = true)]
     customer: Option<String>,
@@ -70,6 +73,7 @@ impl From<&UsageRow> for UsageDay {
     fn from(r: &UsageRow) -> Self {
         UsageDay {
             day: r.day,
+            date: iso_date(r.day),
             customer: r.customer.clone(),
             model: r.model.clone(),
             calls: r.calls,
@@ -108,8 +112,13 @@ fn millis(field: &str, text: Option<&str>, default: i64) -> Result<i64, ApiError
     }
 }
 
+/// `2026-01-01` for a day's start in Unix milliseconds (UTC).
+fn iso_date(ms: i64) -> String {
+    crate::routes::dashboard::format::date(ms)
+}
+
 /// A CSV field, quoted when it needs to be (and never starting a formula in a spreadsheet).
-fn csv_field(text: &str) -> String {
+pub(crate) fn csv_field(text: &str) -> String {
     let text = if text.starts_with(['=', '+', '-', '@']) { format!("'{text}") } else { text.to_owned() };
     if text.contains([',', '"', '\n', '\r']) { format!("\"{}\"", text.replace('"', "\"\"")) } else { text }
 }
@@ -118,7 +127,8 @@ fn csv_field(text: &str) -> String {
 ///
 /// The ledger by UTC day, customer and model for a window of at most 366 days, refused calls
 /// included: JSON, or CSV with `format=csv` or `Accept: text/csv` (the fields of `UsageDay`,
-/// without the nano-units, then `currency`).
+/// without the nano-units, then `currency`; `day` as an ISO 8601 date, and its Unix
+/// milliseconds last as `day_ms`).
 #[utoipa::path(
     get,
     path = "/api/v1/usage",
@@ -128,7 +138,7 @@ fn csv_field(text: &str) -> String {
     responses(
         (status = 200, description = "The usage", content(
             (UsageReport = "application/json"),
-            (String = "text/csv", example = "day,customer,model,calls,refused,input_tokens,output_tokens,billed,currency\n1767225600000,customer-42,gpt-4o-mini,3,0,1200,300,0.0125,usd\n"),
+            (String = "text/csv", example = "day,customer,model,calls,refused,input_tokens,output_tokens,billed,currency,day_ms\n2026-01-01,customer-42,gpt-4o-mini,3,0,1200,300,0.0125,usd,1767225600000\n"),
         )),
         (status = 401, response = Unauthorized),
         (status = 422, description = "`customer`, `from`, `to` or `format` is not valid", body = Problem,
@@ -168,11 +178,12 @@ pub async fn export(
     )
     .await?;
     if csv {
-        let mut out = String::from("day,customer,model,calls,refused,input_tokens,output_tokens,billed,currency\n");
+        let mut out =
+            String::from("day,customer,model,calls,refused,input_tokens,output_tokens,billed,currency,day_ms\n");
         for r in &rows {
             out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{}\n",
-                r.day,
+                "{},{},{},{},{},{},{},{},{},{}\n",
+                iso_date(r.day),
                 csv_field(r.customer.as_deref().unwrap_or("")),
                 csv_field(&r.model),
                 r.calls,
@@ -180,7 +191,8 @@ pub async fn export(
                 r.input_tokens,
                 r.output_tokens,
                 Nanos(r.billed_nanos),
-                project.currency
+                project.currency,
+                r.day
             ));
         }
         let mut response = out.into_response();

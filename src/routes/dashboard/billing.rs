@@ -76,18 +76,18 @@ pub struct UninvoiceableView {
     /// Deleted in Stripe: a new Stripe customer is offered instead of a one-off invoice.
     customer_deleted: bool,
     calls: i64,
-    amount: String,
+    amount: format::Money,
     since: String,
 }
 
 pub struct DeliveryView {
     waiting_events: i64,
-    waiting: String,
+    waiting: format::Money,
     lag: String,
     /// The lag is past [`billing::LAG_WARNING_MS`].
     lag_warning: bool,
     delivered_batches: i64,
-    delivered: String,
+    delivered: format::Money,
     last_delivered: String,
     failed_batches: i64,
     problems: Vec<ProblemView>,
@@ -97,7 +97,7 @@ pub struct DeliveryView {
 pub struct ProblemView {
     customer: String,
     status: String,
-    amount: String,
+    amount: format::Money,
     attempts: i64,
     error: String,
     next_attempt: String,
@@ -217,6 +217,7 @@ pub(super) async fn page(
     let invoices = invoice_views(state, &project, None).await?;
     let currency = project.currency.clone();
     let money = |nanos: i64| format::money(nanos, &currency);
+    let amount = |nanos: i64| format::amount(nanos, &currency);
     let now = UnixMillis::now();
     let provision_status = billing::provision_status(&state.db, &project.id).await?;
     let delivery = match &provision_status {
@@ -224,11 +225,11 @@ pub(super) async fn page(
             let d = billing::delivery_status(&state.db, &project.id, p.created_at).await?;
             Some(DeliveryView {
                 waiting_events: d.waiting_events,
-                waiting: money(d.waiting_nanos),
+                waiting: amount(d.waiting_nanos),
                 lag: d.oldest_waiting_at.map(|t| duration((now.0 - t).max(0))).unwrap_or_else(|| "none".to_owned()),
                 lag_warning: d.oldest_waiting_at.is_some_and(|t| now.0 - t > billing::LAG_WARNING_MS),
                 delivered_batches: d.delivered_batches,
-                delivered: money(d.delivered_nanos),
+                delivered: amount(d.delivered_nanos),
                 last_delivered: d.last_delivered_at.map(format::datetime).unwrap_or_else(|| "never".to_owned()),
                 failed_batches: d.failed_batches,
                 problems: d
@@ -237,7 +238,7 @@ pub(super) async fn page(
                     .map(|b| ProblemView {
                         customer: b.customer_external_id.unwrap_or_else(|| "(deleted customer)".to_owned()),
                         status: if b.status == "failed" { "refused".to_owned() } else { "retrying".to_owned() },
-                        amount: money(b.value_nanos),
+                        amount: amount(b.value_nanos),
                         attempts: b.attempts,
                         error: b.last_error.unwrap_or_default(),
                         next_attempt: if b.status == "failed" {
@@ -256,7 +257,7 @@ pub(super) async fn page(
                         reason: tollgate_core::one_off::reason(u.customer_deleted, u.subscription_status.as_deref()),
                         customer_deleted: u.customer_deleted,
                         calls: u.events,
-                        amount: money(u.nanos),
+                        amount: amount(u.nanos),
                         since: format::datetime(u.since),
                     })
                     .collect(),

@@ -93,9 +93,9 @@ pub struct ListRow {
     id: CustomerId,
     external_id: String,
     name: String,
-    spent: String,
-    budget: String,
-    remaining: String,
+    spent: format::Money,
+    budget: format::Money,
+    remaining: format::Money,
     period: String,
     bar: SpendBar,
 }
@@ -195,9 +195,9 @@ async fn list_page(
         .into_iter()
         .map(|c| ListRow {
             bar: SpendBar::of(&c, &limits),
-            spent: format::money(c.spent_nanos, &currency),
-            budget: format::money(c.budget_nanos, &currency),
-            remaining: format::money(c.remaining().0, &currency),
+            spent: format::amount(c.spent_nanos, &currency),
+            budget: format::amount(c.budget_nanos, &currency),
+            remaining: format::amount(c.remaining().0, &currency),
             id: c.id,
             external_id: c.external_id,
             name: c.name.unwrap_or_default(),
@@ -272,8 +272,8 @@ pub struct CallView {
     pub reason: Option<String>,
     pub input_tokens: i64,
     pub output_tokens: i64,
-    pub cost: String,
-    pub billed: String,
+    pub cost: format::Money,
+    pub billed: format::Money,
     /// None when not recorded (a call interrupted by its process's end).
     pub latency_ms: Option<i64>,
     /// The budget lowered its max output.
@@ -293,9 +293,8 @@ pub fn call_views(calls: Vec<CallRow>, currency: &str) -> Vec<CallView> {
             reason: c.reason,
             input_tokens: c.input_tokens,
             output_tokens: c.output_tokens,
-            cost: format::money(c.cost_nanos, currency),
-            billed: format::money(c.billed_nanos, currency),
-
+            cost: format::amount(c.cost_nanos, currency),
+            billed: format::amount(c.billed_nanos, currency),
             clamped: c.clamped,
         })
         .collect()
@@ -347,7 +346,7 @@ pub struct ModelView {
     calls: i64,
     input_tokens: i64,
     output_tokens: i64,
-    billed: String,
+    billed: format::Money,
 }
 
 #[derive(Template, WebTemplate)]
@@ -356,10 +355,10 @@ pub struct CustomerPage {
     me: Member,
     project: Project,
     customer: CustomerRow,
-    spent: String,
-    budget: String,
-    remaining: String,
-    reserved: String,
+    spent: format::Money,
+    budget: format::Money,
+    remaining: format::Money,
+    reserved: format::Money,
     period_start: String,
     period_end: String,
     chart: String,
@@ -408,7 +407,7 @@ pub async fn show(
             calls: m.calls,
             input_tokens: m.input_tokens,
             output_tokens: m.output_tokens,
-            billed: format::money(m.billed_nanos, &currency),
+            billed: format::amount(m.billed_nanos, &currency),
         })
         .collect();
     let (calls, request_id_error) = searched_calls(&state, &project, Some(&customer.id), &calls_query, 50).await?;
@@ -433,10 +432,10 @@ pub async fn show(
         stripe,
         stripe_connected,
         invoices,
-        spent: format::money(customer.spent_nanos, &currency),
-        budget: format::money(customer.budget_nanos, &currency),
-        remaining: format::money(customer.remaining().0, &currency),
-        reserved: format::money(customer.reserved_nanos, &currency),
+        spent: format::amount(customer.spent_nanos, &currency),
+        budget: format::amount(customer.budget_nanos, &currency),
+        remaining: format::amount(customer.remaining().0, &currency),
+        reserved: format::amount(customer.reserved_nanos, &currency),
         period_start: if lifetime { "the start".to_owned() } else { format::datetime(customer.period_start) },
         period_end: if lifetime { "forever".to_owned() } else { format::datetime(customer.period_end) },
         chart: format::spend_chart(&days, &currency),

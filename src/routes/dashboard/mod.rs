@@ -7,12 +7,14 @@
 //! - [`session_store`]: tower-sessions on our own database, ids stored hashed.
 //! - [`accounts`]: sign-up, email confirmation, login, logout, password change and reset.
 //! - [`projects`], [`customers`], [`keys`], [`providers`], [`settings`], [`members`], [`audit_log`]:
-//!   the pages of an organization; [`api_reference`]: the management API's reference.
+//!   the pages of an organization; [`api_reference`]: the management API's reference;
+//!   [`analytics`]: provider cost, billed and margin over a date range, and its CSV.
 //! - [`error`]: the one error type of this face, answered as an HTML page.
 //! - [`first_run`]: the overview's first-run checklist and the first call's snippets.
 
 pub mod accounts;
 pub mod alerts;
+pub mod analytics;
 pub mod api_reference;
 pub mod audit_log;
 pub mod billing;
@@ -102,6 +104,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/projects/{id}/prices", get(settings::prices).post(settings::set_price))
         .route("/projects/{id}/prices/delete", post(settings::delete_price))
         .route("/projects/{id}/api", get(api_reference::page))
+        .route("/projects/{id}/analytics", get(analytics::page))
+        .route("/projects/{id}/analytics.csv", get(analytics::csv))
         .route("/audit", get(audit_log::page))
         .route("/members", get(members::list))
         .route("/members/invite", post(members::invite))

@@ -148,7 +148,8 @@ pub struct TopView {
     id: tollgate_core::ids::CustomerId,
     external_id: String,
     calls: i64,
-    billed: String,
+    billed: super::format::Money,
+    margin: super::format::Money,
 }
 
 #[derive(Template, WebTemplate)]
@@ -157,10 +158,12 @@ pub struct ProjectPage {
     me: Member,
     project: Project,
     markup: String,
-    default_budget: String,
+    default_budget: super::format::Money,
     base_url: String,
-    billed: String,
-    totals: tollgate_core::usage::Totals,
+    /// The range the figures, the chart and the top customers are of.
+    range: super::analytics::RangeView,
+    errors: Vec<String>,
+    totals: super::analytics::FiguresView,
     chart: String,
     top: Vec<TopView>,
     calls: Vec<super::customers::CallView>,
@@ -175,46 +178,56 @@ pub async fn load_project(state: &AppState, me: &Member, id: &str) -> Result<Pro
     projects::get_project_in_org(&state.db, me.org_id(), &id).await.map_err(project_error)?.ok_or(WebError::NotFound)
 }
 
-/// The overview: spend, calls and refusals of the last 30 days, top customers, recent calls,
-/// and how to make a first call.
+/// The overview of a date range (`?from&to`, the last 30 days unless given): billed, provider
+/// cost, margin and calls (counted as the analytics count them), billed per day, top customers;
+/// then recent calls, and how to make a first call.
 pub async fn show(
     State(state): State<AppState>,
     me: Member,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<ProjectPage, WebError> {
-    use tollgate_core::time::UnixMillis;
-    use tollgate_core::usage;
+    query: Result<axum::extract::Query<super::analytics::RangeQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, WebError> {
+    use super::analytics::{FiguresView, RangeView, day_chart, page_range, today};
+    use tollgate_core::{analytics, usage};
     let project = load_project(&state, &me, &id).await?;
-    let now = UnixMillis::now();
-    let since = now.plus_secs(-30 * 86_400);
+    let today = today();
+    let (range, errors) = page_range(query, today);
+    let (from, to) = (range.start(), range.end());
     let currency = project.currency.clone();
-    let days = usage::daily_spend(&state.db, &project.id, None, 30, now).await?;
-    let totals = usage::totals(&state.db, &project.id, since).await?;
-    let top = usage::top_customers(&state.db, &project.id, since, 10)
+    let days = analytics::by_day(&state.db, &project.id, from, to).await?;
+    let totals = analytics::totals(&state.db, &project.id, from, to).await?;
+    let top = analytics::by_customer(&state.db, &project.id, from, to)
         .await?
         .into_iter()
-        .map(|t| TopView {
-            id: t.id,
-            external_id: t.external_id,
-            calls: t.calls,
-            billed: super::format::money(t.billed_nanos, &currency),
+        .filter_map(|c| {
+            Some(TopView {
+                id: c.customer_id?,
+                external_id: c.external_id?,
+                calls: c.figures.calls,
+                billed: super::format::amount(c.figures.billed_nanos, &currency),
+                margin: super::format::amount(c.figures.margin_nanos(), &currency),
+            })
         })
+        .take(10)
         .collect();
     let calls = super::customers::call_views(usage::recent_calls(&state.db, &project.id, None, 20).await?, &currency);
     let checklist = super::first_run::checklist(&state, &project).await?;
     let snippets = super::first_run::snippets(&state, &project, None).await?;
-    Ok(ProjectPage {
+    let page = ProjectPage {
         markup: format!("{} %", tollgate_core::money::Nanos(project.markup_bps * 10_000_000)),
-        default_budget: super::format::money(project.default_budget_nanos, &currency),
+        default_budget: super::format::amount(project.default_budget_nanos, &currency),
         base_url: state.config.public_url.trim_end_matches('/').to_owned(),
-        billed: super::format::money(totals.billed_nanos, &currency),
-        chart: super::format::spend_chart(&days, &currency),
-        totals,
+        range: RangeView::new(format!("/projects/{}", project.id), range, today),
+        errors,
+        totals: FiguresView::of(&totals, &currency),
+        chart: day_chart(&days, &currency),
         top,
         calls,
         checklist,
         snippets,
         project,
         me,
-    })
+    };
+    let status = if page.errors.is_empty() { StatusCode::OK } else { StatusCode::BAD_REQUEST };
+    Ok((status, page).into_response())
 }
