@@ -1409,14 +1409,17 @@ async fn price_and_provider_changes_apply_to_the_next_call(db: TestDatabase) -> 
     let (_, cost, body) = call().await?;
     assert_eq!(cost.as_deref(), Some("0.04"), "the new price, at once: {body}");
 
+    // Remove: the page links to the confirmation page, whose form does it.
     let page = ada.get(&format!("{project_path}/providers")).await?;
     let delete = page
         .body
-        .split("action=\"")
+        .split("href=\"")
         .map(|r| r.split('"').next().unwrap_or_default())
         .find(|a| a.ends_with("/delete") && a.contains("/providers/"));
     let delete = delete.ok_or_else(|| anyhow::anyhow!("no provider on the page"))?.to_owned();
-    let removed = ada.submit(&format!("{project_path}/providers"), &delete, &[]).await?;
+    let confirmation = ada.get(&delete).await?;
+    assert!(confirmation.body.contains(&format!("action=\"{delete}\"")), "{}", confirmation.body);
+    let removed = ada.submit(&delete, &delete, &[]).await?;
     assert_eq!(removed.status, StatusCode::SEE_OTHER, "{}", removed.body);
     let (status, _, body) = call().await?;
     assert_eq!(status, StatusCode::BAD_REQUEST);
