@@ -278,7 +278,21 @@ fn internal_error_after_panic(_: Box<dyn std::any::Any + Send + 'static>) -> Res
         .into_response()
 }
 
-async fn not_found() -> Response {
+/// An unknown URL: a browser (its `Accept` names `text/html`) gets the dashboard's HTML page,
+/// except under the proxy's `/v1`, the API's `/api` and Stripe's `/stripe`, whose clients
+/// always get JSON.
+async fn not_found(uri: axum::http::Uri, headers: axum::http::HeaderMap) -> Response {
+    let machine_face = ["/v1", "/api", "/stripe"]
+        .iter()
+        .any(|prefix| uri.path() == *prefix || uri.path().starts_with(&format!("{prefix}/")));
+    let browser = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("text/html"));
+    if browser && !machine_face {
+        return dashboard::not_found_page();
+    }
     (
         StatusCode::NOT_FOUND,
         axum::Json(serde_json::json!({ "error": { "message": "no such route", "type": "not_found" } })),

@@ -665,6 +665,23 @@ pub async fn delivery_status(db: &Db, project: &ProjectId, billing_from: i64) ->
     Ok(status)
 }
 
+/// Billable usage settled before Stripe was connected (`billing_from`, Unix ms): Tollgate never
+/// sends it to Stripe, so the billing page shows it apart from what waits for delivery.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BeforeConnection {
+    pub events: i64,
+    pub nanos: i64,
+}
+
+pub async fn before_connection(db: &Db, project: &ProjectId, billing_from: i64) -> Result<BeforeConnection, DbError> {
+    const SQL: &str = "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(billed_nanos), 0) AS BIGINT) \
+        FROM usage_events WHERE project_id = $1 AND meter_batch_id IS NULL AND status IN ('settled', 'interrupted') \
+          AND billed_nanos > 0 AND created_at < $2";
+    let (events, nanos): (i64, i64) = with_db!(db, pool =>
+        sqlx::query_as::<_, (i64, i64)>(SQL).bind(project).bind(billing_from).fetch_one(pool).await)?;
+    Ok(BeforeConnection { events, nanos })
+}
+
 // ---------------------------------------------------------------------------------------
 // Reconciliation.
 
@@ -679,7 +696,8 @@ pub struct BilledCustomer {
     pub delivered_events: i64,
     /// Of those, what was delivered too recently to be sure to count in Stripe's summaries.
     pub unsettled_nanos: i64,
-    /// Batched but not yet accepted, plus settled usage not yet batched, in the window.
+    /// Batched but not yet accepted, plus settled usage not yet batched, in the window (usage
+    /// settled before Stripe was connected is never sent: see [`before_connection`]).
     pub pending_nanos: i64,
 }
 
@@ -710,7 +728,8 @@ pub async fn billed_customers(
             CAST(COALESCE((SELECT SUM(b.value_nanos) FROM meter_batches b WHERE b.customer_id = c.id \
                 AND b.status <> 'delivered' AND b.last_at >= $2 AND b.last_at < $3), 0) \
               + COALESCE((SELECT SUM(u.billed_nanos) FROM usage_events u WHERE u.project_id = $1 AND u.customer_id = c.id \
-                AND u.meter_batch_id IS NULL AND u.status IN ('settled', 'interrupted') AND u.created_at >= $2 AND u.created_at < $3), 0) \
+                AND u.meter_batch_id IS NULL AND u.status IN ('settled', 'interrupted') AND u.created_at >= $2 AND u.created_at < $3 \
+                AND u.created_at >= (SELECT s.created_at FROM stripe_connections s WHERE s.project_id = $1)), 0) \
               AS BIGINT) AS pending_nanos \
         FROM customers c WHERE c.project_id = $1 AND c.stripe_customer_id IS NOT NULL ORDER BY c.id";
     Ok(with_db!(db, pool => sqlx::query_as::<_, BilledCustomer>(SQL).bind(project).bind(start).bind(end)

@@ -2,7 +2,8 @@
 //! permissions allow. A restricted key cannot read `GET /v1/account` (Stripe answers 403 naming
 //! `rak_accounts_kyc_id_numbers_read`), so a restricted key is checked by listing one object of
 //! each kind billing reads or writes (a write permission includes the read one); a secret key
-//! and a Connect account are checked with `GET /v1/account`, which names the account.
+//! and a Connect account are checked with `GET /v1/account`, which names the account (its id,
+//! display name and email).
 
 use stripe_billing::billing_meter::ListBillingMeter;
 use stripe_billing::invoice::ListInvoice;
@@ -71,6 +72,26 @@ pub const RESTRICTED_KEY_PERMISSIONS: &[(&str, &str, Option<Probe>)] = &[
     ("SetupIntents: Read", "rak_setup_intent_read", Some(Probe::SetupIntents)),
 ];
 
+/// What names the account to people, as its Dashboard shows it: its display name (or its
+/// business's name) and its email, when Stripe gives them (` "Acme" <billing@acme.example>`).
+fn account_names(account: &stripe_shared::Account) -> String {
+    let name = account
+        .settings
+        .as_ref()
+        .and_then(|s| s.dashboard.display_name.clone())
+        .or_else(|| account.business_profile.as_ref().and_then(|b| b.name.clone()))
+        .filter(|n| !n.trim().is_empty());
+    let email = account.email.as_ref().filter(|e| !e.trim().is_empty());
+    let mut names = String::new();
+    if let Some(name) = name {
+        names.push_str(&format!(" “{}”", name.trim()));
+    }
+    if let Some(email) = email {
+        names.push_str(&format!(" <{}>", email.trim()));
+    }
+    names
+}
+
 /// What a passing check found, or why it failed (Stripe's message names a missing permission:
 /// "Having the 'rak_…' permission would allow this request to continue").
 pub async fn check(api: &StripeApi, credentials: &Credentials, livemode: bool) -> Result<String, String> {
@@ -79,7 +100,7 @@ pub async fn check(api: &StripeApi, credentials: &Credentials, livemode: bool) -
     let restricted = credentials.account.is_none() && credentials.key.expose_secret().starts_with("rk_");
     if !restricted {
         let account = api.account(credentials).await.map_err(|e| e.to_string())?;
-        return Ok(format!("account {} ({mode} mode)", account.id));
+        return Ok(format!("account {}{} ({mode} mode)", account.id, account_names(&account)));
     }
     let stripe = api.on(credentials);
     let mut reached = Vec::new();

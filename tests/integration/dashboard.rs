@@ -36,6 +36,11 @@ pub fn cases() -> Vec<DbCase> {
         nul_characters_in_forms_get_a_message_not_an_error,
         test_connection_asks_stripe_and_shows_the_answer,
         price_and_provider_changes_apply_to_the_next_call,
+        irreversible_actions_are_confirmed_on_a_page_of_their_own,
+        the_current_tab_is_marked,
+        unknown_urls_answer_html_to_browsers_and_json_to_clients,
+        billing_shows_the_mode_the_account_reached_and_an_unreachable_public_url,
+        usage_from_before_stripe_was_connected_is_shown_apart,
     ]
 }
 
@@ -966,6 +971,12 @@ async fn every_page_and_action_of_another_organization_is_not_found(db: TestData
         format!("{project}/analytics"),
         format!("{project}/analytics.csv?by=customer"),
         customer.clone(),
+        format!("{project}/keys/{key_id}/revoke"),
+        format!("{project}/providers/{provider_id}/delete"),
+        format!("{customer}/block"),
+        format!("{project}/alerts/secret"),
+        format!("{project}/billing/disconnect"),
+        format!("{project}/delete"),
     ] {
         let page = mallory.get(&path).await?;
         assert_eq!(page.status, StatusCode::NOT_FOUND, "GET {path}");
@@ -1422,17 +1433,348 @@ async fn price_and_provider_changes_apply_to_the_next_call(db: TestDatabase) -> 
     let (_, cost, body) = call().await?;
     assert_eq!(cost.as_deref(), Some("0.04"), "the new price, at once: {body}");
 
+    // Remove: the page links to the confirmation page, whose form does it.
     let page = ada.get(&format!("{project_path}/providers")).await?;
     let delete = page
         .body
-        .split("action=\"")
+        .split("href=\"")
         .map(|r| r.split('"').next().unwrap_or_default())
         .find(|a| a.ends_with("/delete") && a.contains("/providers/"));
     let delete = delete.ok_or_else(|| anyhow::anyhow!("no provider on the page"))?.to_owned();
-    let removed = ada.submit(&format!("{project_path}/providers"), &delete, &[]).await?;
+    let confirmation = ada.get(&delete).await?;
+    assert!(confirmation.body.contains(&format!("action=\"{delete}\"")), "{}", confirmation.body);
+    let removed = ada.submit(&delete, &delete, &[]).await?;
     assert_eq!(removed.status, StatusCode::SEE_OTHER, "{}", removed.body);
     let (status, _, body) = call().await?;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body.contains("model_not_routed"), "{body}");
     app.stop().await
+}
+
+// ---------------------------------------------------------------------------------------
+// Polish: confirmation pages, the current tab, no inline styles, the HTML 404, billing's
+// warnings and modes.
+
+/// Templates carry no `style=` attribute (the CSP refuses inline styles): each is read from
+/// `templates/` as it is now.
+async fn no_template_has_an_inline_style() -> TestResult {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+    let mut read = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("html") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        read += 1;
+        let lower = text.to_ascii_lowercase();
+        assert!(!lower.contains("style="), "{} has an inline style attribute", path.display());
+        assert!(!lower.contains("<style"), "{} has a <style> element", path.display());
+        assert!(!lower.contains("<script>"), "{} has an inline script", path.display());
+    }
+    assert!(read > 20, "only {read} templates found in {}", dir.display());
+    Ok(())
+}
+
+pub fn plain_cases() -> Vec<crate::helpers::PlainCase> {
+    crate::plain_cases![no_template_has_an_inline_style]
+}
+
+/// The confirmation page at `action` (a GET): it explains, holds the real form posting to
+/// `action` with the session's CSRF token, a danger button and a Cancel link to `back`.
+async fn assert_confirmation_page(browser: &Browser<'_>, action: &str, back: &str, says: &str) -> TestResult {
+    let page = browser.get(action).await?;
+    assert_eq!(page.status, StatusCode::OK, "GET {action}: {}", page.body);
+    let form = page.body.split("id=\"confirm-form\"").nth(1).unwrap_or_default();
+    assert!(page.body.contains(&format!("<form method=\"post\" action=\"{action}\"")), "{action}: {}", page.body);
+    assert!(form.contains("name=\"csrf\" value=\"") && !page.csrf().is_empty(), "{action}: {form}");
+    assert!(form.contains("class=\"danger\""), "{action}: {form}");
+    assert!(form.contains(&format!("<a href=\"{back}\" class=\"cancel\">Cancel</a>")), "{action}: {form}");
+    assert!(page.body.contains(says), "{action} does not say {says:?}: {}", page.body);
+    // The POST still needs the session's token.
+    let forged = browser.post(action, &[("confirm", "x")]).await?;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN, "POST {action} without a CSRF token");
+    Ok(())
+}
+
+async fn irreversible_actions_are_confirmed_on_a_page_of_their_own(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let project = ada
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
+    let (keys, providers, alerts, billing, settings) = (
+        format!("{project}/keys"),
+        format!("{project}/providers"),
+        format!("{project}/alerts"),
+        format!("{project}/billing"),
+        format!("{project}/settings"),
+    );
+    ada.submit(&keys, &keys, &[("name", "backend"), ("kind", "secret")]).await?;
+    let added = ada
+        .submit(
+            &providers,
+            &providers,
+            &[("kind", "openai"), ("name", "main"), ("api_key", "sk-upstream"), ("models", "gpt-*")],
+        )
+        .await?;
+    assert_eq!(added.status, StatusCode::SEE_OTHER, "{}", added.body);
+    let customer = ada
+        .submit(
+            &format!("{project}/customers"),
+            &format!("{project}/customers"),
+            &[("external_id", "c1"), ("budget", "1"), ("period", "month")],
+        )
+        .await?
+        .location
+        .unwrap_or_default();
+    assert_eq!(ada.submit(&alerts, &alerts, &[("thresholds", "50")]).await?.status, StatusCode::SEE_OTHER);
+    let fields = [("secret_key", "rk_test_51Hgoodkey1234"), ("webhook_secret", "whsec_test_0123456789abcdef0123")];
+    assert_eq!(ada.submit(&billing, &billing, &fields).await?.status, StatusCode::SEE_OTHER);
+    let one = |sql: &'static str| {
+        let db = app.state.db.clone();
+        async move { anyhow::Ok(with_db!(&db, pool => sqlx::query_scalar::<_, String>(sql).fetch_one(pool).await)?) }
+    };
+    let key_id = one("SELECT id FROM api_keys").await?;
+    let provider_id = one("SELECT id FROM provider_connections").await?;
+    let secret = one("SELECT webhook_secret_sealed FROM alert_settings").await.unwrap_or_default();
+
+    let cases = [
+        (keys.clone(), format!("{keys}/{key_id}/revoke"), "are refused from now on"),
+        (providers.clone(), format!("{providers}/{provider_id}/delete"), "Its credential is deleted"),
+        (customer.clone(), format!("{customer}/block"), "Every call for this customer is refused"),
+        (alerts.clone(), format!("{alerts}/secret"), "the old one no longer verifies"),
+        (billing.clone(), format!("{billing}/disconnect"), "Usage not yet delivered to Stripe is not sent"),
+        (settings.clone(), format!("{project}/delete"), "name to confirm."),
+    ];
+    for (page, action, says) in &cases {
+        // The page links to the confirmation; no form there does it in one click.
+        let body = ada.get(page).await?.body;
+        assert!(body.contains(&format!("href=\"{action}\"")), "{page} has no link to {action}: {body}");
+        assert!(!body.contains(&format!("action=\"{action}\"")), "{page} still does {action} in one click");
+        assert_confirmation_page(&ada, action, page, says).await?;
+    }
+    // Nothing happened yet.
+    let state: (i64, i64, bool, i64, i64) = with_db!(&app.state.db, pool => sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL), (SELECT COUNT(*) FROM provider_connections), \
+         (SELECT blocked FROM customers), (SELECT COUNT(*) FROM stripe_connections), (SELECT COUNT(*) FROM projects)")
+        .fetch_one(pool).await)?;
+    assert_eq!(state, (1, 1, false, 1, 1));
+    assert_eq!(one("SELECT webhook_secret_sealed FROM alert_settings").await.unwrap_or_default(), secret);
+
+    // Confirmed: each form of a confirmation page does what the button said.
+    for (_, action, _) in cases.iter().filter(|(_, a, _)| !a.ends_with(&format!("{project}/delete"))) {
+        let done = ada.submit(action, action, &[]).await?;
+        assert_eq!(done.status, StatusCode::SEE_OTHER, "POST {action}: {}", done.body);
+    }
+    let state: (i64, i64, bool, i64) = with_db!(&app.state.db, pool => sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL), (SELECT COUNT(*) FROM provider_connections), \
+         (SELECT blocked FROM customers), (SELECT COUNT(*) FROM stripe_connections)").fetch_one(pool).await)?;
+    assert_eq!(state, (0, 0, true, 0));
+    assert_ne!(one("SELECT webhook_secret_sealed FROM alert_settings").await.unwrap_or_default(), secret);
+    // A revoked key, a removed provider, a blocked customer, no connection: nothing to confirm.
+    for action in [format!("{keys}/{key_id}/revoke"), format!("{billing}/disconnect")] {
+        assert_eq!(ada.get(&action).await?.status, StatusCode::NOT_FOUND, "GET {action}");
+    }
+    let body = ada.get(&customer).await?.body;
+    assert!(body.contains(&format!("action=\"{customer}/unblock\"")), "unblocking is one click: {body}");
+
+    // Deleting the project needs its name typed on the confirmation page.
+    let delete = format!("{project}/delete");
+    let wrong = ada.submit(&delete, &delete, &[("confirm", "Chatt")]).await?;
+    assert_eq!(wrong.status, StatusCode::BAD_REQUEST);
+    assert!(wrong.body.contains("Type the project&#39;s name exactly") || wrong.body.contains("name exactly"));
+    assert!(wrong.body.contains("id=\"confirm-form\""), "the confirmation page again: {}", wrong.body);
+    assert_eq!(count(&app, "projects").await?, 1);
+    let deleted = ada.submit(&delete, &delete, &[("confirm", "Chat")]).await?;
+    assert_eq!(deleted.location.as_deref(), Some("/projects"), "{}", deleted.body);
+    assert_eq!(count(&app, "projects").await?, 0);
+    app.stop().await
+}
+
+async fn the_current_tab_is_marked(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let project = ada
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
+    let customer = ada
+        .submit(
+            &format!("{project}/customers"),
+            &format!("{project}/customers"),
+            &[("external_id", "c1"), ("budget", "1"), ("period", "month")],
+        )
+        .await?
+        .location
+        .unwrap_or_default();
+    let tabs = ["", "/customers", "/keys", "/providers", "/prices", "/alerts", "/billing", "/settings", "/api"];
+    let marked = |body: &str| -> Vec<(String, String)> {
+        body.split("<a href=\"")
+            .skip(1)
+            .filter_map(|a| {
+                let (href, rest) = a.split_once('"')?;
+                let tag_end = rest.find('>')?;
+                let current = rest[..tag_end].split("aria-current=\"").nth(1)?.split('"').next()?;
+                Some((href.to_owned(), current.to_owned()))
+            })
+            .collect()
+    };
+    for tab in tabs {
+        let path = format!("{project}{tab}");
+        let page = ada.get(&path).await?;
+        assert_eq!(page.status, StatusCode::OK, "{path}");
+        let expected = vec![("/projects".to_owned(), "true".to_owned()), (path.clone(), "page".to_owned())];
+        assert_eq!(marked(&page.body), expected, "{path}");
+    }
+    // A page within a tab marks the tab as where the member is, not as the page.
+    let expected =
+        vec![("/projects".to_owned(), "true".to_owned()), (format!("{project}/customers"), "true".to_owned())];
+    assert_eq!(marked(&ada.get(&customer).await?.body), expected);
+    let expected =
+        vec![("/projects".to_owned(), "true".to_owned()), (format!("{project}/settings"), "true".to_owned())];
+    assert_eq!(marked(&ada.get(&format!("{project}/delete")).await?.body), expected);
+    // The main navigation.
+    for section in ["/projects", "/members", "/audit", "/account"] {
+        assert_eq!(marked(&ada.get(section).await?.body), vec![(section.to_owned(), "page".to_owned())], "{section}");
+    }
+    let css = app.get("/static/app.css").await?.text().await?;
+    assert!(css.contains("a[aria-current]"), "the current tab has no style");
+    app.stop().await
+}
+
+async fn unknown_urls_answer_html_to_browsers_and_json_to_clients(db: TestDatabase) -> TestResult {
+    let app = spawn_app(&db).await?;
+    let client = reqwest::Client::new();
+    let html = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+    let get = |path: &str, accept: Option<&'static str>| {
+        let mut request = client.get(app.url(path));
+        if let Some(accept) = accept {
+            request = request.header(reqwest::header::ACCEPT, accept);
+        }
+        request.send()
+    };
+    for path in ["/no/such/page", "/projects/prj_nope/keys/x/y/z", "/static-files"] {
+        let answer = get(path, Some(html)).await?;
+        assert_eq!(answer.status(), StatusCode::NOT_FOUND, "{path}");
+        let kind = answer.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        assert!(kind.starts_with("text/html"), "{path}: {kind}");
+        let csp = answer.headers().get("content-security-policy").and_then(|v| v.to_str().ok()).unwrap_or("");
+        assert!(csp.contains("default-src 'self'"), "{path}: {csp}");
+        let body = answer.text().await?;
+        assert!(body.contains("<h1>Not found</h1>") && body.contains("href=\"/\""), "{path}: {body}");
+    }
+    // API clients, and every path of the proxy, the API and Stripe's endpoints, get JSON.
+    for (path, accept) in [
+        ("/no/such/page", Some("application/json")),
+        ("/no/such/page", None),
+        ("/v1/no-such-endpoint", Some(html)),
+        ("/api/v1/no-such-thing", Some(html)),
+        ("/stripe/nothing", Some(html)),
+    ] {
+        let answer = get(path, accept).await?;
+        assert_eq!(answer.status(), StatusCode::NOT_FOUND, "{path} {accept:?}");
+        let kind = answer.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        assert!(kind.contains("json"), "{path} {accept:?}: {kind}");
+        let body: serde_json::Value = answer.json().await?;
+        // The API answers its own problem document; the others the error object.
+        let kind = if path.starts_with("/api/") { &body["title"] } else { &body["error"]["type"] };
+        assert!(kind == "not_found" || kind == "Not found", "{path} {accept:?}: {body}");
+    }
+    app.stop().await
+}
+
+async fn billing_shows_the_mode_the_account_reached_and_an_unreachable_public_url(db: TestDatabase) -> TestResult {
+    let fake = crate::fake_stripe::FakeStripe::start(&[("sk_test_51Hsecretkey0001", "acct_tenant7")]).await?;
+    let base = fake.base_url();
+    let app = spawn_app_with(&db, |env| {
+        env.insert("TOLLGATE_STRIPE_API_BASE".into(), base);
+    })
+    .await?;
+    assert!(app.state.config.public_url.starts_with("http://"), "{}", app.state.config.public_url);
+    let ada = Browser::new(&app)?;
+    ada.sign_up("Acme", "ada@example.com", PASSWORD).await?;
+    let project = ada
+        .submit("/projects", "/projects", &[("name", "Chat"), ("default_budget", "0")])
+        .await?
+        .location
+        .unwrap_or_default();
+    let billing = format!("{project}/billing");
+    let page = ada.get(&billing).await?.body;
+    let warning = page.split("id=\"public-url-warning\">").nth(1).and_then(|r| r.split("</p>").next());
+    let warning = warning.unwrap_or_default();
+    assert!(
+        warning.contains(&app.state.config.public_url) && warning.contains("public HTTPS URL"),
+        "no warning about an http public URL: {page}"
+    );
+    assert!(page.contains("Stripe cannot reach this URL"), "{page}");
+    assert!(!page.contains("id=\"stripe-mode\""), "a mode before any connection");
+
+    let fields = [("secret_key", "sk_test_51Hsecretkey0001"), ("webhook_secret", "whsec_test_0123456789abcdef0123")];
+    assert_eq!(ada.submit(&billing, &billing, &fields).await?.status, StatusCode::SEE_OTHER);
+    let page = ada.get(&billing).await?.body;
+    assert!(page.contains("<span class=\"badge test\" id=\"stripe-mode\">test mode</span>"), "{page}");
+    // Test connection names the account it reached.
+    let checked = ada.submit(&billing, &format!("{billing}/check"), &[]).await?;
+    assert_eq!(checked.status, StatusCode::SEE_OTHER, "{}", checked.body);
+    let page = ada.get(&billing).await?.body;
+    let shown = page.split("id=\"last-check\">").nth(1).and_then(|r| r.split("</dd>").next()).unwrap_or_default();
+    assert!(shown.contains("passed") && shown.contains("account acct_tenant7"), "{shown}");
+    assert!(shown.contains("Tenant Co") && shown.contains("billing@tenant.example"), "{shown}");
+    assert!(shown.contains("test mode"), "{shown}");
+    fake.stop();
+    app.stop().await
+}
+
+async fn usage_from_before_stripe_was_connected_is_shown_apart(db: TestDatabase) -> TestResult {
+    use tollgate_jobs::billing as jobs;
+    let b = crate::billing::billing_setup_with(&db, |_| {}).await?;
+    // Two calls before Stripe is connected, one after, all of one customer.
+    b.calls("cust-a", 2, 10).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    b.connect_with_key().await?;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    b.calls("cust-a", 1, 10).await?;
+    b.provision().await?;
+    let state = &b.s.app.state;
+    let billed: Vec<i64> = with_db!(&state.db, pool => sqlx::query_scalar::<_, i64>(
+        "SELECT billed_nanos FROM usage_events WHERE status = 'settled' ORDER BY created_at").fetch_all(pool).await)?;
+    assert_eq!(billed.len(), 3);
+    let before = tollgate_core::billing::before_connection(
+        &state.db,
+        &b.s.project.id,
+        tollgate_core::billing::provision_status(&state.db, &b.s.project.id)
+            .await?
+            .map(|p| p.created_at)
+            .unwrap_or_default(),
+    )
+    .await?;
+    assert_eq!((before.events, before.nanos), (2, billed[0] + billed[1]));
+
+    let page = b.billing_page().await?;
+    let shown = page.split("id=\"delivery-before\">").nth(1).and_then(|r| r.split("</dd>").next());
+    let shown = shown.unwrap_or_default();
+    assert!(shown.contains("2 calls") && shown.contains("not billed"), "{page}");
+    let waiting = page.split("id=\"delivery-waiting\">").nth(1).and_then(|r| r.split("</dd>").next());
+    assert!(waiting.unwrap_or_default().starts_with("1 calls"), "{page}");
+
+    // "Not yet delivered" counts only what is to be delivered: the call after the connection,
+    // then nothing once it is delivered.
+    jobs::reconcile(&state.db, &b.services).await?;
+    let pending = || async {
+        anyhow::Ok(with_db!(&state.db, pool => sqlx::query_scalar::<_, i64>(
+            "SELECT pending_nanos FROM billing_reconciliations").fetch_one(pool).await)?)
+    };
+    assert_eq!(pending().await?, billed[2]);
+    b.deliver().await?;
+    jobs::reconcile(&state.db, &b.services).await?;
+    assert_eq!(pending().await?, 0);
+    let page = b.billing_page().await?;
+    assert!(page.contains("id=\"delivery-before\""), "still shown apart after delivery: {page}");
+    Ok(())
 }

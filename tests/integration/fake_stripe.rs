@@ -792,9 +792,36 @@ async fn account(State(inner): State<Shared>, method: Method, uri: Uri, headers:
     request(&inner, method, &uri, &headers, vec![], |_, account, _| {
         (
             StatusCode::OK,
+            // Stripe's Account (stripe-node `Account`): the names a Dashboard shows are the
+            // settings' display name and the business profile's name.
             json!({
                 "id": account, "object": "account", "email": "billing@tenant.example", "country": "US",
-                "charges_enabled": true, "type": "standard"
+                "charges_enabled": true, "payouts_enabled": true, "details_submitted": true,
+                "default_currency": "usd", "created": 1_700_000_000, "type": "standard", "metadata": {},
+                "business_type": "company",
+                "business_profile": {
+                    "annual_revenue": null, "estimated_worker_count": null, "mcc": null,
+                    "minority_owned_business_designation": null, "monthly_estimated_revenue": null,
+                    "name": "Tenant Co LLC", "product_description": null,
+                    "specified_commercial_transactions_act_url": null, "support_address": null,
+                    "support_email": null, "support_phone": null, "support_url": null, "url": null
+                },
+                "settings": {
+                    "bacs_debit_payments": null, "card_issuing": null, "invoices": null, "payouts": null,
+                    "paypay_payments": null, "sepa_debit_payments": null, "treasury": null,
+                    "branding": { "icon": null, "logo": null, "primary_color": null, "secondary_color": null },
+                    "card_payments": {
+                        "decline_on": { "avs_failure": false, "cvc_failure": false },
+                        "statement_descriptor_prefix": null, "statement_descriptor_prefix_kana": null,
+                        "statement_descriptor_prefix_kanji": null
+                    },
+                    "dashboard": { "display_name": "Tenant Co", "timezone": "Etc/UTC" },
+                    "payments": {
+                        "statement_descriptor": null, "statement_descriptor_kana": null,
+                        "statement_descriptor_kanji": null, "statement_descriptor_prefix_kana": null,
+                        "statement_descriptor_prefix_kanji": null
+                    }
+                }
             }),
         )
     })

@@ -102,5 +102,6 @@ fn main() -> ExitCode {
     trials.extend(helpers::plain_trials(fake_stripe_payment_rules::cases()));
     trials.extend(helpers::plain_trials(connect_onboarding::plain_cases()));
     trials.extend(helpers::plain_trials(hostile_tenant::plain_cases()));
+    trials.extend(helpers::plain_trials(dashboard::plain_cases()));
     libtest_mimic::run(&args, trials).exit_code()
 }

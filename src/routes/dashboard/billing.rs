@@ -92,6 +92,10 @@ pub struct DeliveryView {
     failed_batches: i64,
     problems: Vec<ProblemView>,
     uninvoiceable: Vec<UninvoiceableView>,
+    /// Usage settled before Stripe was connected: never sent, shown apart.
+    before_calls: i64,
+    before: String,
+    billing_from: String,
 }
 
 pub struct ProblemView {
@@ -168,6 +172,10 @@ pub struct BillingPage {
     period: String,
     connect_available: bool,
     connect_mode: bool,
+    /// `live` or `test`, once connected.
+    mode: Option<&'static str>,
+    /// This server's public URL, when Stripe cannot reach it (not HTTPS, or loopback).
+    unreachable_public_url: Option<String>,
     saved: bool,
     errors: Vec<String>,
     collection: tollgate_core::payment_collection::Collection,
@@ -223,7 +231,11 @@ pub(super) async fn page(
     let delivery = match &provision_status {
         Some(p) => {
             let d = billing::delivery_status(&state.db, &project.id, p.created_at).await?;
+            let before = billing::before_connection(&state.db, &project.id, p.created_at).await?;
             Some(DeliveryView {
+                before_calls: before.events,
+                before: money(before.nanos),
+                billing_from: format::datetime(p.created_at),
                 waiting_events: d.waiting_events,
                 waiting: amount(d.waiting_nanos),
                 lag: d.oldest_waiting_at.map(|t| duration((now.0 - t).max(0))).unwrap_or_else(|| "none".to_owned()),
@@ -341,6 +353,9 @@ pub(super) async fn page(
         connect_available: state.config.stripe_platform_key.is_some()
             && state.config.stripe_connect_client_id.is_some(),
         connect_mode: connection.as_ref().is_some_and(|c| c.mode == "connect"),
+        mode: connection.as_ref().map(|c| if c.livemode { "live" } else { "test" }),
+        unreachable_public_url: (!reachable_by_stripe(&state.config.public_url))
+            .then(|| state.config.public_url.clone()),
         connected_at: connection.as_ref().map(|c| format::datetime(c.updated_at)).unwrap_or_default(),
         checked_at: connection.as_ref().and_then(|c| c.last_check_at).map(format::datetime).unwrap_or_default(),
         connection,
@@ -402,6 +417,25 @@ pub(super) async fn invoice_views(
             }
         })
         .collect())
+}
+
+/// Whether Stripe can send webhooks to (and Connect send members back to) `public_url`: it
+/// must be HTTPS ("Webhook endpoints must use HTTPS", and Connect's redirect URIs too) on a host
+/// that is not this machine's loopback.
+fn reachable_by_stripe(public_url: &str) -> bool {
+    let Some(rest) = public_url.trim().strip_prefix("https://") else { return false };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    }
+    .to_ascii_lowercase();
+    !(host.is_empty()
+        || host == "localhost"
+        || host.ends_with(".localhost")
+        || host.starts_with("127.")
+        || host == "::1")
 }
 
 /// A lag as people read it: `42 s`, `3 min`, `2 h 5 min`.
@@ -699,4 +733,26 @@ pub async fn retry(
     let detail = format!("{batches} refused meter events queued again");
     audit::record(&state.db, me.org_id(), &me.actor(), "stripe.retried", &project.name, &detail).await?;
     Ok(Redirect::to(&format!("/projects/{}/billing", project.id)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reachable_by_stripe;
+
+    #[test]
+    fn stripe_reaches_only_a_public_https_url() {
+        assert!(reachable_by_stripe("https://gateway.example.com"));
+        assert!(reachable_by_stripe("https://gateway.example.com:8443/base/"));
+        for url in [
+            "http://gateway.example.com",
+            "http://127.0.0.1:8080",
+            "https://127.0.0.1:8443",
+            "https://localhost",
+            "https://app.localhost:3000",
+            "https://[::1]:8443",
+            "https://",
+        ] {
+            assert!(!reachable_by_stripe(url), "{url}");
+        }
+    }
 }

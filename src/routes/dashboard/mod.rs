@@ -11,6 +11,7 @@
 //!   [`analytics`]: provider cost, billed and margin over a date range, and its CSV.
 //! - [`error`]: the one error type of this face, answered as an HTML page.
 //! - [`first_run`]: the overview's first-run checklist and the first call's snippets.
+//! - [`confirm`]: the confirmation pages of irreversible actions (a GET on the action's path).
 
 pub mod accounts;
 pub mod alerts;
@@ -19,6 +20,7 @@ pub mod api_reference;
 pub mod audit_log;
 pub mod billing;
 pub mod calls;
+pub mod confirm;
 pub mod customers;
 pub mod error;
 pub mod first_run;
@@ -116,6 +118,13 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/invite/accept", post(members::accept))
         .route("/invite/signup", post(members::sign_up))
         .route("/projects/{id}/providers/{provider_id}/test", post(providers::test))
+        // What cannot be undone is confirmed first: a GET on the action's own path.
+        .route("/projects/{id}/keys/{key_id}/revoke", get(confirm::revoke_key))
+        .route("/projects/{id}/providers/{provider_id}/delete", get(confirm::remove_provider))
+        .route("/projects/{id}/customers/{customer_id}/block", get(confirm::block_customer))
+        .route("/projects/{id}/alerts/secret", get(confirm::roll_alert_secret))
+        .route("/projects/{id}/billing/disconnect", get(confirm::disconnect_stripe))
+        .route("/projects/{id}/delete", get(confirm::delete_project))
         .layer(axum::middleware::from_fn(refuse_nul_in_forms))
         .layer(sessions)
         .layer(axum::middleware::from_fn_with_state(state.clone(), session::form_cookie))
@@ -133,7 +142,19 @@ async fn home(session: Session) -> Redirect {
 /// Headers every page carries: no framing, no sniffing, scripts and styles from here only.
 async fn security_headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
-    let headers = response.headers_mut();
+    add_security_headers(response.headers_mut());
+    response
+}
+
+/// The page a browser gets for a URL nothing serves (see `app::router`'s fallback), with the
+/// headers every page carries.
+pub fn not_found_page() -> Response {
+    let mut response = error::WebError::NotFound.into_response();
+    add_security_headers(response.headers_mut());
+    response
+}
+
+fn add_security_headers(headers: &mut axum::http::HeaderMap) {
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
@@ -146,7 +167,6 @@ async fn security_headers(request: Request, next: Next) -> Response {
     if !headers.contains_key(header::CACHE_CONTROL) {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
-    response
 }
 
 /// The largest form body the dashboard reads.

@@ -172,6 +172,8 @@ pub struct Member {
     pub orgs: Vec<Membership>,
     pub csrf: String,
     pub session: Session,
+    /// The path of the page asked for (no query): the navigation marks where the member is.
+    pub path: String,
 }
 
 impl Member {
@@ -206,6 +208,40 @@ impl Member {
     pub fn can_edit(&self) -> bool {
         self.role().allows(Role::Admin)
     }
+
+    /// The top navigation's section of this page: the path's first segment (`projects`).
+    pub fn section(&self) -> &str {
+        self.path.trim_start_matches('/').split('/').next().unwrap_or_default()
+    }
+
+    /// The project tab of this page: the segment after `/projects/{id}/` (`keys`, `billing`),
+    /// empty for the overview; a project's deletion is on its settings tab.
+    pub fn tab(&self) -> &str {
+        match self.path.trim_start_matches('/').split('/').nth(2).unwrap_or_default() {
+            "delete" => "settings",
+            tab => tab,
+        }
+    }
+
+    /// `aria-current` of the top navigation's link to `section`: `page` on the section's own
+    /// page, `true` on a page within it, none elsewhere.
+    pub fn current_section(&self, section: &str) -> Option<&'static str> {
+        current(self.section() == section, self.path.trim_start_matches('/') == section)
+    }
+
+    /// `aria-current` of the project navigation's link to `tab` (empty: the overview).
+    pub fn current_tab(&self, tab: &str) -> Option<&'static str> {
+        let deeper = self.path.trim_start_matches('/').split('/').filter(|s| !s.is_empty()).count() > 3;
+        current(self.tab() == tab, !deeper && self.tab() == tab && !self.path.ends_with("/delete"))
+    }
+}
+
+fn current(within: bool, on_it: bool) -> Option<&'static str> {
+    match (within, on_it) {
+        (_, true) => Some("page"),
+        (true, false) => Some("true"),
+        (false, false) => None,
+    }
 }
 
 impl FromRequestParts<AppState> for Member {
@@ -233,6 +269,7 @@ impl FromRequestParts<AppState> for Member {
             .or_else(|| orgs.first().cloned())
             .ok_or(WebError::Forbidden("You are not a member of any organization any more."))?;
         let csrf = csrf_token(&session).await?;
-        Ok(Member { user, org, orgs, csrf, session })
+        let path = parts.uri.path().to_owned();
+        Ok(Member { user, org, orgs, csrf, session, path })
     }
 }

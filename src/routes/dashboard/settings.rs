@@ -297,7 +297,7 @@ pub async fn delete(
     let project = load_project(&state, &me, &id).await?;
     if form.confirm.trim() != project.name {
         let errors = vec!["Type the project's name exactly to delete it.".to_owned()];
-        let page = SettingsPage { form: SettingsView::of(&project), me, project, saved: false, errors };
+        let page = super::confirm::delete_project_page(me, project, errors);
         return Ok((StatusCode::BAD_REQUEST, page).into_response());
     }
     projects::delete_project(&state.db, me.org_id(), &project.id).await?;
