@@ -315,8 +315,6 @@ async fn a_busy_customer_s_calls_share_a_lease_and_nothing_stays_held_at_rest(db
     for remaining in join_all(settlements).await {
         remaining?;
     }
-    // The lease (its customer busy) lingers a moment for calls that would follow, then is freed.
-    tokio::time::sleep(lease::LINGER + std::time::Duration::from_millis(200)).await;
     let billed: i64 = (0..=100).map(|i| if i % 10 == 3 { 0 } else { unit.0 / 4 }).sum();
     assert_eq!(books(&s, &c).await?, (billed, 0, 0, 101), "(spent, reserved, rows, events) at rest");
 

@@ -6,19 +6,13 @@
 //! `reserved_nanos`, renewed by a long stream, released by expiry should the process die),
 //! so every other process and replica sees it held. The calls that follow while it is
 //! fresh take their worst case out of it in memory, without waiting for the database
-//! ("carving"), as long as it has that much left. A lease running low is followed by the
-//! next before it runs out (see [`Leases::plan`]): one call takes it while the others carve on.
+//! ("carving"), as long as it has that much left.
 //!
 //! Settling a carved call charges what it billed and shrinks the lease's row by as much: the
 //! row holds what its calls in flight may still spend plus what is left to carve, never less.
 //! The settlement of a lease's last call in flight deletes the row, freeing what is left, so
 //! a lease lives only while its customer has calls in flight here: at rest a customer holds
-//! nothing. Only the current lease of a busy customer (it has had [`MIN_CALLS`] calls in
-//! flight at once), when still fresh, stays [`LINGER`] after its last call for the calls that
-//! follow, then its row is freed: calls that settle together (many clients answered by one
-//! commit) would otherwise end it just before the next ones come, which then all waited for a
-//! new one, or held alone, every time. Settlements stay durable before their calls are
-//! answered, as alone.
+//! nothing. Settlements stay durable before their calls are answered, as alone.
 //!
 //! The promise holds as without leases: whatever is carved was held in the database first,
 //! by one conditional update against the budget. What a lease costs is budget held for calls
@@ -66,17 +60,11 @@ use crate::period::BudgetPeriod;
 /// A lease is taken only when the customer has this many times it left.
 pub const HEADROOM: i64 = 4;
 /// A lease has room for at least this many calls like the one that takes it, and up to
-/// [`MAX_CALLS`]: eight per call in flight (so that it lasts several rounds of them even at
-/// hundreds of calls in flight; its spare stays within a [`HEADROOM`]th of what is left).
+/// [`MAX_CALLS`]: eight per call in flight.
 const MIN_CALLS: i64 = 16;
-const MAX_CALLS: i64 = 4096;
+const MAX_CALLS: i64 = 256;
 /// How long a lease is carved from after it was taken; then it gives back its spare.
 pub const FRESH: Duration = Duration::from_secs(1);
-/// How long a lease whose calls have all settled stays for the calls that follow (see
-/// [`Leases::settling`]) before its row is freed.
-pub const LINGER: Duration = Duration::from_millis(100);
-/// A lease this old is followed by the next before it goes stale (see [`Leases::plan`]).
-const RENEW_AFTER: Duration = Duration::from_millis(750);
 /// How long a lease's row may hold spare, as other processes are told (`spare_until`): a call
 /// they would refuse waits for it to be given back, up to this long.
 pub const SPARE_FOR: Duration = Duration::from_millis(1_500);
@@ -160,8 +148,6 @@ struct Lease {
     /// Its spare was given back ([`Leases::trim`]): carved no more, and each of its calls
     /// frees its whole share when it settles.
     trimmed: bool,
-    /// The most calls it has had in flight at once.
-    peak: usize,
 }
 
 impl InFlight {
@@ -215,12 +201,6 @@ impl Leases {
 
     /// Carves `hold` from its customer's lease, or says how to hold it (waiting for a lease
     /// being taken only if `may_wait`).
-    ///
-    /// A lease running low — less left than one more call for each call in flight, or about
-    /// to go stale — is followed by the next before it runs out: the call that finds it so
-    /// takes the next (holding through the database) while the others go on carving from
-    /// this one. Calls then never all wait together for a lease to be taken, which at high
-    /// concurrency made every lease's end a stall of everyone behind one database round trip.
     pub(super) fn plan(&self, hold: &Hold, may_wait: bool) -> Plan {
         let mut inner = self.lock();
         let Inner { customers, leases, .. } = &mut *inner;
@@ -234,21 +214,10 @@ impl Leases {
             } else if let Some(lease) = leases.get_mut(&id)
                 && lease.available >= hold.amount
             {
-                let left = lease.available.0 - hold.amount.0;
-                let low = left < hold.amount.0.saturating_mul(local.in_flight) || lease.taken.elapsed() >= RENEW_AFTER;
-                if low
-                    && local.taking.is_none()
-                    && let Some(extra) = next_lease(local, hold, local.in_flight + 1)
-                {
-                    local.in_flight += 1;
-                    local.taking = Some(watch::Sender::new(()));
-                    return Plan::Lease(extra);
-                }
-                lease.available = Nanos(left);
+                lease.available = Nanos(lease.available.0 - hold.amount.0);
                 let call = InFlight::new(&id, hold);
                 let number = call.call.clone();
                 lease.calls.insert(call.call.clone(), call);
-                lease.peak = lease.peak.max(lease.calls.len());
                 local.in_flight += 1;
                 let remaining = Nanos(local.remaining.unwrap_or(Nanos::ZERO).0.saturating_add(lease.available.0));
                 return Plan::Carved(ReserveOutcome::Reserved {
@@ -273,11 +242,14 @@ impl Leases {
         // From here the call counts among its customer's calls in flight (until it is
         // settled, or refused: see [`Leases::held`], [`Leases::gone`]).
         local.in_flight += 1;
-        if local.taking.is_none()
-            && let Some(extra) = next_lease(local, hold, local.in_flight)
-        {
-            local.taking = Some(watch::Sender::new(()));
-            return Plan::Lease(extra);
+        if local.taking.is_none() && local.in_flight > 1 && hold.amount.0 > 0 {
+            let calls = (local.in_flight.saturating_mul(8)).clamp(MIN_CALLS, MAX_CALLS);
+            let left = local.remaining.unwrap_or(Nanos::ZERO).0;
+            let extra = hold.amount.0.saturating_mul(calls).min(left / HEADROOM - hold.amount.0);
+            if extra >= hold.amount.0.saturating_mul(MIN_CALLS / 4) {
+                local.taking = Some(watch::Sender::new(()));
+                return Plan::Lease(Nanos(extra));
+            }
         }
         Plan::Alone
     }
@@ -309,7 +281,6 @@ impl Leases {
                             calls: HashMap::from([(call.call.clone(), call)]),
                             taken: Instant::now(),
                             trimmed: false,
-                            peak: 1,
                         },
                     );
                     local.current = Some(reservation.id.clone());
@@ -359,21 +330,15 @@ impl Leases {
     }
 
     /// Says what `settlement` frees of a lease: the call's share of what it held, less what
-    /// it billed (back to carve), or — its lease's last call — the whole row. Returns the
-    /// lease when it was its last call but the lease lingers, still its customer's current
-    /// one: end it with [`Leases::end_idle`] after [`LINGER`].
-    pub(super) fn settling(&self, settlement: &mut Settlement) -> Option<ReservationId> {
-        let reservation = settlement.reservation.as_ref()?;
+    /// it billed (back to carve), or — its lease's last call — the whole row.
+    pub(super) fn settling(&self, settlement: &mut Settlement) {
+        let Some(reservation) = &settlement.reservation else { return };
         if reservation.held == Held::Alone {
-            return None;
+            return;
         }
         let mut inner = self.lock();
         let Inner { customers, leases, ended, .. } = &mut *inner;
-        let mut lingers = None;
         if reservation.held == Held::Leased {
-            let current = customers
-                .get(&reservation.customer_id)
-                .is_some_and(|local| local.current.as_ref() == Some(&reservation.id));
             settlement.part = match leases.get_mut(&reservation.id) {
                 Some(lease) => {
                     if let Some(call) = reservation.call.as_ref().and_then(|c| lease.calls.remove(c))
@@ -381,21 +346,13 @@ impl Leases {
                     {
                         ended.push(call.call);
                     }
-                    // Calls that settle together (a burst) leave a lease without calls a moment
-                    // before the next ones come: the current one of a busy customer stays
-                    // for them a little.
-                    let busy = lease.peak >= MIN_CALLS as usize;
-                    let linger = busy && current && !lease.trimmed && lease.taken.elapsed() < FRESH;
-                    if lease.calls.is_empty() && !linger {
+                    if lease.calls.is_empty() {
                         leases.remove(&reservation.id);
                         None
                     } else if lease.trimmed {
                         // Nothing is carved from it any more: the call's whole share goes.
                         Some(reservation.amount)
                     } else {
-                        if lease.calls.is_empty() {
-                            lingers = Some(reservation.id.clone());
-                        }
                         // Its row holds this call's share and what is left to carve: what it
                         // billed beyond its share comes out of what is left.
                         let billed = settlement.record.billed.0.max(0);
@@ -415,25 +372,6 @@ impl Leases {
             }
         }
         forget_if_idle(customers, &reservation.customer_id);
-        lingers
-    }
-
-    /// Ends lease `id` if it has no call in flight (it lingered, see [`Leases::settling`]):
-    /// carved no more, forgotten here. Returns whether it did; its row is then the caller's
-    /// to free whole.
-    pub(super) fn end_idle(&self, id: &ReservationId) -> bool {
-        let mut inner = self.lock();
-        let Inner { customers, leases, .. } = &mut *inner;
-        let Some(lease) = leases.get(id).filter(|l| l.calls.is_empty()) else { return false };
-        let customer = lease.customer.clone();
-        leases.remove(id);
-        if let Some(local) = customers.get_mut(&customer)
-            && local.current.as_ref() == Some(id)
-        {
-            local.current = None;
-        }
-        forget_if_idle(customers, &customer);
-        true
     }
 
     /// What a settlement left its customer, as the database said.
@@ -508,137 +446,9 @@ impl Leases {
     }
 }
 
-/// How much more than `hold` asks a lease taken by it should hold, with `in_flight` calls of
-/// its customer in flight here (counting it): room for eight more calls like it per call in
-/// flight (at least [`MIN_CALLS`], at most [`MAX_CALLS`]), at most a [`HEADROOM`]th of what
-/// the customer has left. None: no lease (the call is alone, or too little to spare).
-fn next_lease(local: &Local, hold: &Hold, in_flight: i64) -> Option<Nanos> {
-    if in_flight <= 1 || hold.amount.0 <= 0 {
-        return None;
-    }
-    let calls = (in_flight.saturating_mul(8)).clamp(MIN_CALLS, MAX_CALLS);
-    let left = local.remaining.unwrap_or(Nanos::ZERO).0;
-    let extra = hold.amount.0.saturating_mul(calls).min(left / HEADROOM - hold.amount.0);
-    (extra >= hold.amount.0.saturating_mul(MIN_CALLS / 4)).then_some(Nanos(extra))
-}
-
 /// Forgets `customer` if it has nothing in flight here any more.
 fn forget_if_idle(customers: &mut HashMap<CustomerId, Local>, customer: &CustomerId) {
     if customers.get(customer).is_some_and(Local::idle) {
         customers.remove(customer);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::time::UnixMillis;
-
-    fn hold(customer: &CustomerId) -> Hold {
-        Hold::new(customer.clone(), BudgetPeriod::Month, Nanos(10), "r".into(), UnixMillis::now())
-    }
-
-    /// What the database answers a hold that fits, with plenty left beside it.
-    fn fits(hold: &Hold) -> ReserveOutcome {
-        let reservation = Reservation {
-            id: hold.id.clone(),
-            customer_id: hold.customer_id.clone(),
-            amount: hold.amount,
-            held: Held::Alone,
-            call: None,
-        };
-        ReserveOutcome::Reserved { reservation, remaining: Nanos(1_000_000_000) }
-    }
-
-    fn carved_from(plan: Plan) -> ReservationId {
-        match plan {
-            Plan::Carved(ReserveOutcome::Reserved { reservation, .. }) => reservation.id,
-            _ => panic!("not carved"),
-        }
-    }
-
-    #[test]
-    fn a_lease_running_low_is_followed_while_the_others_carve_on() {
-        let (leases, customer) = (Leases::default(), CustomerId::generate());
-        let first = hold(&customer);
-        assert!(matches!(leases.plan(&first, true), Plan::Alone));
-        leases.held(&first, None, fits(&first));
-        let second = hold(&customer);
-        let Plan::Lease(extra) = leases.plan(&second, true) else { panic!("no lease") };
-        leases.held(&second, Some(extra), fits(&second));
-
-        // Carved from until it has less left than a call per call in flight: that call takes
-        // the next lease...
-        let mut carved = 0;
-        let (taker, more) = loop {
-            let call = hold(&customer);
-            match leases.plan(&call, true) {
-                Plan::Carved(_) => carved += 1,
-                Plan::Lease(more) => break (call, more),
-                _ => panic!("neither carved nor a lease"),
-            }
-        };
-        assert!(carved > 0 && more.0 > extra.0, "{carved} carved, then a lease of {} after one of {}", more.0, extra.0);
-        // ... while the others go on carving from the first, none waiting for it.
-        for _ in 0..3 {
-            assert_eq!(carved_from(leases.plan(&hold(&customer), true)), second.id);
-        }
-        // Once it is taken, calls carve from it.
-        leases.held(&taker, Some(more), fits(&taker));
-        assert_eq!(carved_from(leases.plan(&hold(&customer), true)), taker.id);
-    }
-
-    fn settlement(reservation: Reservation) -> Settlement {
-        let record = crate::ledger::UsageRecord {
-            project_id: crate::ids::ProjectId::generate(),
-            customer_id: Some(reservation.customer_id.clone()),
-            request_id: "r".into(),
-            endpoint: "chat".into(),
-            model: "m".into(),
-            status: crate::ledger::CallStatus::Settled,
-            reason: None,
-            tokens: crate::pricing::TokenUsage::default(),
-            reserved: reservation.amount,
-            cost: Nanos(5),
-            billed: Nanos(5),
-            source: crate::ledger::UsageSource::Provider,
-            latency_ms: 1,
-            clamped: false,
-        };
-        Settlement::new(Some(reservation), record)
-    }
-
-    fn reservation(outcome: ReserveOutcome) -> Reservation {
-        match outcome {
-            ReserveOutcome::Reserved { reservation, .. } => reservation,
-            _ => panic!("not held"),
-        }
-    }
-
-    #[test]
-    fn a_busy_customer_s_lease_outlives_its_calls_settling_together_then_ends() {
-        let (leases, customer) = (Leases::default(), CustomerId::generate());
-        // Calls in flight together, each carved or taking a lease (the first: alone).
-        let next = || {
-            let call = hold(&customer);
-            match leases.plan(&call, true) {
-                Plan::Carved(outcome) => reservation(outcome),
-                Plan::Alone => reservation(leases.held(&call, None, fits(&call))),
-                Plan::Lease(extra) => reservation(leases.held(&call, Some(extra), fits(&call))),
-                Plan::Wait(_) => panic!("nothing is being taken"),
-            }
-        };
-        let calls: Vec<_> = (0..8 * MIN_CALLS).map(|_| next()).collect();
-        // All settle at once: the current lease's last call leaves it to the next calls...
-        let lingering: Vec<_> = calls.into_iter().filter_map(|r| leases.settling(&mut settlement(r))).collect();
-        let [lease] = &lingering[..] else { panic!("{} leases lingering", lingering.len()) };
-        let call = next();
-        assert_eq!(&call.id, lease, "carved from the lingering lease");
-        assert!(!leases.end_idle(lease), "a call is in flight on it");
-        // ... and once none is in flight, it ends (its row then freed whole).
-        assert_eq!(leases.settling(&mut settlement(call)).as_ref(), Some(lease));
-        assert!(leases.end_idle(lease));
-        assert!(!leases.end_idle(lease), "ended once");
-        assert!(!next().is_leased(), "nothing in flight: a hold of its own");
     }
 }

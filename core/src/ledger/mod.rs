@@ -870,11 +870,8 @@ struct Job {
     reply: oneshot::Sender<Result<Done, DbError>>,
 }
 
-/// How many operations one transaction takes at most: enough for every call of hundreds of
-/// concurrent clients of one busy customer to settle in one commit (on PostgreSQL a batch of one
-/// customer waits for the previous one's commit, its row locked until then, so fewer
-/// operations per commit is fewer calls a second).
-const MAX_BATCH: usize = 512;
+/// How many operations one transaction takes at most.
+const MAX_BATCH: usize = 128;
 /// Operations waiting beyond this make their callers wait to enqueue (backpressure).
 const QUEUE: usize = 8_192;
 
@@ -1100,14 +1097,7 @@ impl Ledger {
     /// it can never count twice. A call carved from a lease gives back to it what it did not
     /// bill (see [`lease`]).
     pub async fn settle(&self, mut settlement: Settlement) -> Result<Option<Nanos>, DbError> {
-        if let Some(lingering) = self.leases.settling(&mut settlement) {
-            // Its last call for now: unless calls carve from it meanwhile, it ends.
-            let (leases, db) = (self.leases.clone(), self.db.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(lease::LINGER).await;
-                end_lease_if_idle(&leases, &db, &lingering).await;
-            });
-        }
+        self.leases.settling(&mut settlement);
         let mut wait = std::time::Duration::from_millis(100);
         loop {
             match self.submit(Op::Settle(Box::new(settlement.clone())), true).await {
@@ -1332,28 +1322,12 @@ async fn journal(leases: std::sync::Weak<lease::Leases>, db: Db, instance: Insta
 /// Gives back what lease `id` holds for calls not made yet (see [`lease::Leases::trim`]).
 /// Returns whether it held any.
 async fn trim_lease(leases: &lease::Leases, db: &Db, id: &ReservationId) -> bool {
-    if end_lease_if_idle(leases, db, id).await {
-        return true;
-    }
     let Some(spare) = leases.trim(id) else { return false };
     if let Err(e) = give_back(db, id, spare).await {
         // Held until its last call settles (which deletes its row) instead.
         tracing::warn!(error = %e, reservation = %id, "could not give back a lease's spare");
     }
     spare.0 > 0
-}
-
-/// Ends lease `id` if no call is in flight on it (see [`lease::Leases::end_idle`]), freeing
-/// its row whole. Returns whether it did.
-async fn end_lease_if_idle(leases: &lease::Leases, db: &Db, id: &ReservationId) -> bool {
-    if !leases.end_idle(id) {
-        return false;
-    }
-    if let Err(e) = release(db, id).await {
-        // Released by its expiry instead.
-        tracing::warn!(error = %e, reservation = %id, "could not free a lease that ended");
-    }
-    true
 }
 
 /// Shrinks lease `id`'s row by `spare` and unholds it from its customer; marks the row as
