@@ -481,7 +481,18 @@ async fn first_run_steps(browser: &Browser, app: &TestApp, mock: &MockProvider) 
             ensure!(inner == u64::from(width), "{page}: the viewport is {inner} px wide, not {width}");
             let scroll = browser.execute("return document.documentElement.scrollWidth").await?.as_u64().unwrap_or(0);
             if scroll > inner {
-                overflowing.push(format!("{page} at {width} px: {scroll} px wide"));
+                // What sticks out: the outermost elements whose right edge passes the viewport.
+                let culprits = browser
+                    .execute(
+                        "const w = window.innerWidth; return [...document.querySelectorAll('body *')]\
+                         .filter(e => e.getBoundingClientRect().right > w + 0.5)\
+                         .filter(e => !(e.parentElement && e.parentElement.getBoundingClientRect().right > w + 0.5))\
+                         .slice(0, 5).map(e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') \
+                         + (e.className && typeof e.className === 'string' ? '.' + e.className.split(' ').join('.') : '') \
+                         + ' ' + Math.round(e.getBoundingClientRect().right))",
+                    )
+                    .await?;
+                overflowing.push(format!("{page} at {width} px: {scroll} px wide, past the edge: {culprits}"));
             }
             browser.save_screenshot(&dir.join(format!("{page}.png"))).await?;
         }
