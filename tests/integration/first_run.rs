@@ -65,7 +65,7 @@ fn code(html: &str, id: &str) -> Option<String> {
 
 /// The words a POSIX shell makes of `text`: quotes, backslash-newline continuations. A
 /// variable to expand is an error (the snippet would not be what runs).
-fn shell_words(text: &str) -> anyhow::Result<Vec<String>> {
+pub(crate) fn shell_words(text: &str) -> anyhow::Result<Vec<String>> {
     let (mut words, mut word, mut in_word) = (Vec::new(), String::new(), false);
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
@@ -128,7 +128,7 @@ fn shell_words(text: &str) -> anyhow::Result<Vec<String>> {
 }
 
 /// Sends the request a `curl URL -H … -d …` command line sends.
-async fn run_curl(client: &reqwest::Client, command: &str) -> anyhow::Result<reqwest::Response> {
+pub(crate) async fn run_curl(client: &reqwest::Client, command: &str) -> anyhow::Result<reqwest::Response> {
     let words = shell_words(command)?;
     anyhow::ensure!(words.first().map(String::as_str) == Some("curl"), "not a curl command: {command}");
     let (mut url, mut headers, mut body) = (None, Vec::new(), None);

@@ -253,6 +253,30 @@ impl Browser {
         self.post("/window/rect", json!({"width": rect["width"], "height": wanted})).await.map(drop)
     }
 
+    /// Resizes the window to `width` × `height` CSS pixels (the viewport is the window, headless).
+    pub async fn set_window_size(&self, width: u32, height: u32) -> anyhow::Result<()> {
+        self.post("/window/rect", json!({"width": width, "height": height})).await.map(drop)
+    }
+
+    /// Saves a PNG of the whole page (the window made as tall as the page) to `path`.
+    pub async fn save_screenshot(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        self.fit_window_to_page().await?;
+        std::fs::write(path, self.screenshot().await?)?;
+        Ok(())
+    }
+
+    /// The browser's cookies for the current page, as a `Cookie` header's value.
+    pub async fn cookie_header(&self) -> anyhow::Result<String> {
+        let value = self.get("/cookie").await?;
+        let cookies = value.as_array().ok_or_else(|| anyhow!("cookies are not a list: {value}"))?;
+        let pairs: Vec<String> =
+            cookies.iter().filter_map(|c| Some(format!("{}={}", c["name"].as_str()?, c["value"].as_str()?))).collect();
+        Ok(pairs.join("; "))
+    }
+
     /// A PNG of what the window shows.
     pub async fn screenshot(&self) -> anyhow::Result<Vec<u8>> {
         let value = self.get("/screenshot").await?;
