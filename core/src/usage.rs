@@ -94,16 +94,17 @@ pub async fn recent_calls(
     customer: Option<&CustomerId>,
     limit: i64,
 ) -> Result<Vec<CallRow>, DbError> {
-    calls(db, project, customer, None, limit).await
+    calls(db, project, customer, None, None, limit).await
 }
 
-/// The newest calls of the project (of one customer, if given), or only those of one request
-/// id (the `x-request-id` its client got), newest first.
+/// The newest calls of the project (of one customer, if given; made within `[from, to)`, if
+/// given), or only those of one request id (the `x-request-id` its client got), newest first.
 pub async fn calls(
     db: &Db,
     project: &ProjectId,
     customer: Option<&CustomerId>,
     request_id: Option<&str>,
+    within: Option<(UnixMillis, UnixMillis)>,
     limit: i64,
 ) -> Result<Vec<CallRow>, DbError> {
     const SQL: &str = "SELECT u.created_at, u.request_id, c.external_id AS customer_external_id, u.endpoint, u.model, \
@@ -111,9 +112,11 @@ pub async fn calls(
         u.output_tokens, u.cost_nanos, u.billed_nanos, u.latency_ms, u.clamped \
         FROM usage_events u LEFT JOIN customers c ON c.id = u.customer_id \
         WHERE u.project_id = $1 AND ($2 IS NULL OR u.customer_id = $2) AND ($3 IS NULL OR u.request_id = $3) \
+        AND ($5 IS NULL OR u.created_at >= $5) AND ($6 IS NULL OR u.created_at < $6) \
         ORDER BY u.created_at DESC, u.id DESC LIMIT $4";
+    let (from, to) = (within.map(|w| w.0.0), within.map(|w| w.1.0));
     Ok(with_db!(db, pool => sqlx::query_as::<_, CallRow>(SQL).bind(project).bind(customer).bind(request_id)
-        .bind(limit).fetch_all(pool).await)?)
+        .bind(limit).bind(from).bind(to).fetch_all(pool).await)?)
 }
 
 /// Usage of one customer, model and UTC day (the export of the ledger).

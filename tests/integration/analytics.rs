@@ -252,6 +252,24 @@ async fn the_date_range_bounds_every_figure_and_bad_dates_get_a_message(db: Test
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!((rows[0]["date"].clone(), nanos(&rows[0], "billed")), (day.clone(), Nanos(beta.billed)));
 
+    // The Calls tab takes the same range; a request id is found whenever it was made.
+    let beta_request: String = with_db!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT request_id FROM usage_events WHERE project_id = $1 \
+         AND customer_id = (SELECT id FROM customers WHERE external_id = 'beta' AND project_id = $1)")
+        .bind(&project).fetch_one(pool).await)?;
+    let shows_beta = |body: &str| body.contains(&format!("data-request-id=\"{beta_request}\""));
+    let calls = ada.get(&format!("{project_path}/calls")).await?;
+    assert_eq!(calls.status, StatusCode::OK);
+    assert!(!shows_beta(&calls.body) && calls.body.contains("id=\"date-range\""), "{}", calls.body);
+    let calls_then = ada.get(&format!("{project_path}/calls?from={day}&to={day}")).await?;
+    assert!(shows_beta(&calls_then.body), "{}", calls_then.body);
+    assert_eq!(calls_then.body.matches("<tr class=\"call ").count(), 1, "{}", calls_then.body);
+    let found = ada.get(&format!("{project_path}/calls?request_id={beta_request}")).await?;
+    assert!(shows_beta(&found.body), "{}", found.body);
+    let bad_calls = ada.get(&format!("{project_path}/calls?from=2026-02-30")).await?;
+    assert_eq!(bad_calls.status, StatusCode::BAD_REQUEST);
+    assert!(bad_calls.body.contains("From: must be a date"), "{}", bad_calls.body);
+
     // Bad dates: a message on the page (the default range shown), never a 500.
     for (query, message) in [
         ("from=2026-02-30", "From: must be a date"),

@@ -331,13 +331,16 @@ pub async fn searched_calls(
     project: &Project,
     customer: Option<&CustomerId>,
     query: &CallsQuery,
+    within: Option<(UnixMillis, UnixMillis)>,
     limit: i64,
 ) -> Result<(Vec<CallView>, Option<String>), WebError> {
     let (request_id, error) = match query.request_id() {
         Ok(id) => (id, None),
         Err(message) => (None, Some(message)),
     };
-    let rows = usage::calls(&state.db, &project.id, customer, request_id, limit).await?;
+    // A request id is looked for whenever it was made.
+    let within = if request_id.is_some() { None } else { within };
+    let rows = usage::calls(&state.db, &project.id, customer, request_id, within, limit).await?;
     Ok((call_views(rows, &project.currency), error))
 }
 
@@ -410,7 +413,8 @@ pub async fn show(
             billed: format::amount(m.billed_nanos, &currency),
         })
         .collect();
-    let (calls, request_id_error) = searched_calls(&state, &project, Some(&customer.id), &calls_query, 50).await?;
+    let (calls, request_id_error) =
+        searched_calls(&state, &project, Some(&customer.id), &calls_query, None, 50).await?;
     let limits = health::limits(&state.db, &project).await?;
     let lifetime = customer.budget_period == "lifetime";
     let stripe = tollgate_core::billing::customer_stripe(&state.db, &project.id, &customer.id).await?;
