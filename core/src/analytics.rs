@@ -139,22 +139,25 @@ pub struct CustomerFigures {
     pub figures: Figures,
 }
 
-/// The customers who called in `[from, to)`, most billed first.
+/// The customers who called in `[from, to)`, most billed first: the first `limit` of them (a
+/// project may have millions; None: all, for an export).
 pub async fn by_customer(
     db: &Db,
     project: &ProjectId,
     from: UnixMillis,
     to: UnixMillis,
+    limit: Option<i64>,
 ) -> Result<Vec<CustomerFigures>, DbError> {
     const SQL: &str = concat!(
         "SELECT u.customer_id, c.external_id, ",
         figures!(),
         " FROM usage_events u LEFT JOIN customers c ON c.id = u.customer_id AND c.project_id = u.project_id \
           WHERE u.project_id = $1 AND u.created_at >= $2 AND u.created_at < $3 \
-          GROUP BY u.customer_id, c.external_id ORDER BY billed_nanos DESC, c.external_id"
+          GROUP BY u.customer_id, c.external_id ORDER BY billed_nanos DESC, c.external_id LIMIT $4"
     );
+    let limit = limit.unwrap_or(i64::MAX);
     Ok(with_db!(db, pool => sqlx::query_as::<_, CustomerFigures>(SQL).bind(project).bind(from.0).bind(to.0)
-        .fetch_all(pool).await)?)
+        .bind(limit).fetch_all(pool).await)?)
 }
 
 #[cfg(test)]

@@ -250,7 +250,12 @@ pub struct AnalyticsPage {
     days: Vec<RowView>,
     models: Vec<RowView>,
     customers: Vec<RowView>,
+    /// More customers called than the page lists (the CSV has them all).
+    customers_cut: bool,
 }
+
+/// How many customers the page lists, most billed first.
+const PAGE_CUSTOMERS: i64 = 500;
 
 fn customer_label(c: &analytics::CustomerFigures) -> String {
     match (&c.external_id, &c.customer_id) {
@@ -274,7 +279,8 @@ pub async fn page(
     let total = analytics::totals(&state.db, &project.id, from, to).await?;
     let days = analytics::by_day(&state.db, &project.id, from, to).await?;
     let models = analytics::by_model(&state.db, &project.id, from, to).await?;
-    let customers = analytics::by_customer(&state.db, &project.id, from, to).await?;
+    let customers = analytics::by_customer(&state.db, &project.id, from, to, Some(PAGE_CUSTOMERS + 1)).await?;
+    let customers_cut = customers.len() as i64 > PAGE_CUSTOMERS;
     let page = AnalyticsPage {
         range: RangeView::new(format!("/projects/{}/analytics", project.id), range, today),
         errors,
@@ -290,8 +296,10 @@ pub async fn page(
             .iter()
             .map(|m| RowView { label: m.model.clone(), link: None, f: FiguresView::of(&m.figures, &currency) })
             .collect(),
+        customers_cut,
         customers: customers
             .iter()
+            .take(PAGE_CUSTOMERS as usize)
             .map(|c| RowView {
                 label: customer_label(c),
                 link: c.customer_id.as_ref().map(|cid| format!("/projects/{}/customers/{cid}", project.id)),
@@ -356,7 +364,7 @@ pub async fn csv(
         }
         "customer" => {
             out.push_str(&format!("customer,{CSV_FIGURES}\n"));
-            for c in analytics::by_customer(&state.db, &project.id, from, to).await? {
+            for c in analytics::by_customer(&state.db, &project.id, from, to, None).await? {
                 let label = c.external_id.clone().unwrap_or_default();
                 out.push_str(&format!("{},{}\n", csv_field(&label), csv_figures(&c.figures, currency)));
             }

@@ -196,7 +196,7 @@ pub async fn show(
     let currency = project.currency.clone();
     let days = analytics::by_day(&state.db, &project.id, from, to).await?;
     let totals = analytics::totals(&state.db, &project.id, from, to).await?;
-    let top = analytics::by_customer(&state.db, &project.id, from, to)
+    let top = analytics::by_customer(&state.db, &project.id, from, to, Some(11))
         .await?
         .into_iter()
         .filter_map(|c| {
